@@ -36,10 +36,7 @@ def load_spec(src: SpecLike, source: str | None = None) -> Spec:
     else:
         raise SpecError([Issue((), f"cannot load a spec from {type(src).__name__}: give a path, YAML text, "
                                "a dict or a Spec")], source or "<spec>")
-    issues = schema.check(located.data, located)
-    if issues:
-        raise SpecError(issues, located.source)
-    return build_spec(located.data, located)
+    return build_spec(located.data, located, schema.check(located.data, located))
 
 
 def validate_file(path: str | os.PathLike) -> Spec:

@@ -23,7 +23,7 @@ GATE_OPTIONS = {
     "topk": {"k", "normalize", "score", "jitter", "bias_balancing", *CAPACITY_KEYS},
     "switch": {"k", "jitter", "bias_balancing", *CAPACITY_KEYS},
     "gshard": {"k", "second_expert", "normalize", "jitter", "bias_balancing", *CAPACITY_KEYS},
-    "expert_choice": {"capacity_factor", "eval_capacity_factor", "min_capacity", "groups",
+    "expert_choice": {"capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy", "groups",
                       "max_experts_per_token", "jitter"},
     "hash": {"k", "hash_seed", *CAPACITY_KEYS},
 }
@@ -66,6 +66,10 @@ class _Checks:
             raise SpecError(self.issues, self.located.source)
 
 
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
 def _take(cls, data: dict | None, **resolved):
     """Build dataclass ``cls`` from the keys of ``data`` it has, plus resolved values."""
     names = {f.name for f in fields(cls)}
@@ -74,11 +78,24 @@ def _take(cls, data: dict | None, **resolved):
     return cls(**kwargs)
 
 
-def build_spec(data: dict, located) -> Spec:
-    """Check semantics and build the Spec. ``data`` already satisfies the schema."""
+def build_spec(data: dict, located, schema_issues=()) -> Spec:
+    """Check semantics and build the Spec.
+
+    With ``schema_issues`` (the data breaks the schema), the layers that the schema found
+    sound are still checked, so that one run reports every mistake it can; then all
+    issues are raised together.
+    """
     c = _Checks(located)
+    c.issues.extend(schema_issues)
+    bad = [i.path for i in schema_issues]
+    # the layer checks read these model fields; other model mistakes do not stop them
+    needed = ("d_model", "input", "vocab_size", "max_seq_len", "norm", "norm_eps", "tie_embeddings")
+    if any(p in ((), ("model",)) or (p[0] == "model" and p[1] in needed) or _structural(p) for p in bad):
+        c.raise_if_any()
     model = _model(data["model"], c)
-    layers = _layers(data, model, c)
+    layers = _layers(data, model, c, skip=bad)
+    if schema_issues:
+        c.raise_if_any()  # what follows needs the whole spec sound
     train = _train(data.get("train") or {}, model, c)
     placement = _placement(data.get("placement") or {}, layers, c)
     spec = Spec(version=data["moedsl"], name=data["name"], description=data.get("description", ""),
@@ -117,7 +134,7 @@ class _NoLocation:
 def _model(d: dict, c: _Checks) -> Model:
     m = _take(Model, d)
     if m.input == "tokens" and m.vocab_size is None:
-        c.error(("model",), "missing required key 'vocab_size'", "input: tokens embeds integer ids")
+        c.error(("model",), "missing required key 'vocab_size'", "input: tokens embeds integer ids", key=True)
     if m.input == "vectors":
         for key in ("vocab_size", "tie_embeddings"):
             if key in d:
@@ -142,7 +159,12 @@ def _count_expanded(items: list) -> int:
     return n
 
 
-def _layers(data: dict, model: Model, c: _Checks) -> tuple:
+def _structural(path: tuple) -> bool:
+    """A schema issue in the shape of the layer list (not inside one layer's settings)."""
+    return bool(path) and path[0] == "layers" and not any(part in _BUILDERS for part in path[1:])
+
+
+def _layers(data: dict, model: Model, c: _Checks, skip=()) -> tuple:
     items = data["layers"]
     total = _count_expanded(items)
     if total > MAX_LAYERS:
@@ -170,7 +192,8 @@ def _layers(data: dict, model: Model, c: _Checks) -> tuple:
             return
         kind = next(k for k in item if k in _BUILDERS)
         if p not in configs:
-            configs[p] = _BUILDERS[kind](item[kind] or {}, p + (kind,), model, c)
+            broken = any(b[:len(p)] == p for b in skip)  # the schema already reported this layer
+            configs[p] = None if broken else _BUILDERS[kind](item[kind] or {}, p + (kind,), model, c)
         expanded.append((kind, p))
 
     walk(items, ("layers",), 0)
@@ -180,7 +203,8 @@ def _layers(data: dict, model: Model, c: _Checks) -> tuple:
         layers.append(Layer(kind=kind, config=configs[p], index=index, path=p,
                             moe_index=moe_index if kind == "moe" else None))
         moe_index += kind == "moe"
-    _check_stack(layers, model, c)
+    if not skip:
+        _check_stack(layers, model, c)
     return tuple(layers)
 
 
@@ -270,7 +294,7 @@ def _moe(d, p, model, c) -> MoE:
             kinds = ", ".join(sorted(LOSSES_FOR[name]))
             why = {"expert_choice": "expert choice is balanced by construction",
                    "hash": "a hash gate has no router probabilities"}.get(gate.type, f"it is defined for: {kinds}")
-            c.error(p + ("losses", name), f"the {name} loss does not apply to a {gate.type} gate", why)
+            c.error(p + ("losses", name), f"the {name} loss does not apply to {_a(gate.type)} gate", why)
         elif weight and name == "load" and hierarchy and {hierarchy.primary.type, hierarchy.secondary.type} != {
                 "noisy_topk"}:
             c.error(p + ("losses", name), "the load loss's estimator uses the gate noise: "
@@ -283,7 +307,7 @@ def _gate(g: dict, p, experts: Experts, c: _Checks) -> Gate:
     for key in g:
         if key != "type" and key not in GATE_OPTIONS[t]:
             homes = sorted(name for name, opts in GATE_OPTIONS.items() if key in opts)
-            c.error(p + (key,), f"{key!r} does not apply to a {t} gate",
+            c.error(p + (key,), f"{key!r} does not apply to {_a(t)} gate",
                     f"it is an option of: {', '.join(homes)}" if homes else None, key=True)
     E = experts.count
     k = {"switch": 1, "gshard": 2, "hash": 1, "softmax": E, "expert_choice": 0}.get(t, g.get("k", 1))
@@ -332,7 +356,7 @@ def _sub_gate(g: dict, p, n: int, what: str, c: _Checks) -> SubGate:
     t = g["type"]
     for key in g:
         if key != "type" and key not in SUB_GATE_OPTIONS[t]:
-            c.error(p + (key,), f"{key!r} does not apply to a {t} gate", key=True)
+            c.error(p + (key,), f"{key!r} does not apply to {_a(t)} gate", key=True)
     k = n if t == "softmax" else g["k"]
     if k > n:
         c.error(p + ("k",), f"k = {k} exceeds the {n} {what.replace('_', ' ')}")

@@ -128,25 +128,43 @@ def load(text: str, source: str = "<spec>") -> Located:
         finally:
             composer.dispose()
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        what = (e.problem or e.context or "malformed YAML").strip()
-        if e.context and e.problem:
-            what = f"{e.problem} ({e.context})"
-        return_line = mark.line + 1 if mark else None
-        return_col = mark.column + 1 if mark else None
-        raise _err(source, f"malformed YAML: {what}", return_line, return_col) from None
+        raise _yaml_error(e, source) from None
     except yaml.YAMLError as e:
         raise _err(source, f"malformed YAML: {e}") from None
     except RecursionError:
         raise _err(source, f"nested too deeply (more than {MAX_DEPTH} levels)") from None
     if root is None:
         raise _err(source, "empty spec: expected a mapping with moedsl, name, model and layers", 1, 1)
-    return _Builder(source).build(root)
+    return _Builder(source, text).build(root)
+
+
+def _yaml_error(e: yaml.MarkedYAMLError, source: str) -> SpecError:
+    """Place a parse error where the user must look: an unclosed bracket or a key without
+    its ': ' at the line where that construct began, anything else where the parser stopped."""
+    problem = (e.problem or "").strip()
+    context = (e.context or "").strip()
+    mark = e.problem_mark
+    if e.context_mark is not None and ("simple key" in context or "flow" in context):
+        mark = e.context_mark
+        if e.problem_mark is not None and e.problem_mark.line != mark.line:
+            problem += f" at line {e.problem_mark.line + 1}"
+    if "'\\t'" in problem:  # PyYAML: found character '\t' that cannot start any token
+        text = "a tab character: YAML indents with spaces, not tabs"
+    elif "flow mapping" in context or "flow sequence" in context:
+        bracket = "{" if "mapping" in context else "["
+        text = f"the '{bracket}' opened here is not closed ({problem})"
+    elif "simple key" in context and "':'" in problem:
+        text = f"expected 'key: value' ({problem}); a ':' needs a space after it"
+    else:
+        text = f"{problem} ({context})" if context and problem else (problem or context or "cannot parse")
+    line, col = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+    return _err(source, f"malformed YAML: {text}", line, col)
 
 
 class _Builder:
-    def __init__(self, source: str):
+    def __init__(self, source: str, text: str = ""):
         self.source = source
+        self.text = text
         self.values: dict = {}
         self.keys: dict = {}
 
@@ -168,7 +186,8 @@ class _Builder:
         if key in sizes:
             return sizes[key]
         if key in open_nodes:
-            self.fail(node, path, "an alias refers to the mapping or list that contains it (a cycle)")
+            self.fail(self._alias_into(node), path,
+                      "an alias refers to the mapping or list that contains it (a cycle)")
         open_nodes.add(key)
         size = 1
         if isinstance(node, yaml.SequenceNode):
@@ -184,6 +203,22 @@ class _Builder:
                       "(YAML aliases that nest to blow up in size?)")
         sizes[key] = size
         return size
+
+    def _alias_into(self, node):
+        """The alias event (with its place) that refers back into ``node``, for a cycle's error;
+        the composed graph itself keeps only the anchor's place."""
+        anchor, found = None, node
+        try:
+            for ev in yaml.parse(self.text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+                if anchor is None and getattr(ev, "anchor", None) and ev.start_mark.index == node.start_mark.index:
+                    anchor = ev.anchor if not isinstance(ev, yaml.AliasEvent) else None
+                elif isinstance(ev, yaml.AliasEvent) and ev.anchor == anchor and \
+                        node.start_mark.index <= ev.start_mark.index <= node.end_mark.index:
+                    found = ev
+                    break
+        except yaml.YAMLError:  # pragma: no cover - the text composed once already
+            pass
+        return found
 
     def node(self, node, path, depth):
         # the first place a path is seen wins (aliases revisit nodes under new paths)

@@ -67,8 +67,21 @@ def _key_homes() -> dict[str, list[str]]:
     return homes
 
 
+# names other MoE code bases use for our keys
+SYNONYMS = {"learning_rate": "lr", "top_k": "k", "topk": "k", "num_experts": "count", "n_experts": "count",
+            "num_experts_per_tok": "k", "experts_per_token": "k", "d_ff": "hidden", "ffn_dim": "hidden",
+            "hidden_size": "d_model", "dim": "d_model", "n_heads": "heads", "num_heads": "heads",
+            "num_attention_heads": "heads", "num_key_value_heads": "kv_heads", "n_kv_heads": "kv_heads",
+            "vocab": "vocab_size", "seq_len": "max_seq_len", "batch": "batch_size", "iters": "steps",
+            "capacity": "capacity_factor", "aux_loss": "balance", "router_z_loss": "z_loss",
+            "num_layers": "repeat", "n_layers": "repeat", "router_jitter": "jitter", "act": "activation"}
+
+
 def did_you_mean(word: str, choices) -> str | None:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    choices = [str(c) for c in choices]
+    if SYNONYMS.get(str(word)) in choices:
+        return f"did you mean {SYNONYMS[str(word)]!r}?"
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}?" if close else None
 
 
@@ -134,7 +147,7 @@ def _translate(err, located) -> Iterator[Issue]:
             if isinstance(inst, dict) and key not in inst:
                 desc = _resolve(sub.get("properties", {}).get(key, {}))
                 hint = desc.get("description") if isinstance(desc, dict) else None
-                yield located.issue(path, f"missing required key {key!r}", hint)
+                yield located.issue(path, f"missing required key {key!r}", hint, key=True)
         return
     if kw == "type":
         want = err.validator_value
@@ -215,9 +228,10 @@ def _one_of(err, path, inst, located) -> Iterator[Issue]:
         return
     if isinstance(inst, dict) and {"gate", "hierarchy"} <= {k for b in branches for k in b.get("required", [])}:
         if "gate" in inst and "hierarchy" in inst:
-            yield located.issue(path, "a moe layer has a 'gate' or a 'hierarchy' of gates, not both")
+            yield located.issue(path, "a moe layer has a 'gate' or a 'hierarchy' of gates, not both", key=True)
         else:
-            yield located.issue(path, "missing required key 'gate' (or 'hierarchy' for a hierarchical MoE)")
+            yield located.issue(path, "missing required key 'gate' (or 'hierarchy' for a hierarchical MoE)",
+                                key=True)
         return
     # a rank list in an expert map: say what is wrong inside the list
     if isinstance(inst, list):
