@@ -42,3 +42,44 @@ def load_spec(src: SpecLike, source: str | None = None) -> Spec:
 def validate_file(path: str | os.PathLike) -> Spec:
     """``load_spec`` for a file path (never YAML text)."""
     return load_spec(Path(path))
+
+
+def compile(spec: SpecLike, rank: int = 0, world_size: int | None = None, *, device="meta", seed: int = 0,
+            batch: tuple | None = None):
+    """Compile a spec for one rank: returns ``(GraphModule, Plan)``.
+
+    ``world_size`` defaults to the spec's mesh (else 1). ``device="meta"`` (the default)
+    allocates no weights, so any spec compiles; use ``build_model`` for a module to run.
+    ``batch`` = (global batch, sequence length) for the static shapes and the plan."""
+    from .compiler import compile_graph
+    from .compiler.plan import make_plan
+
+    spec = load_spec(spec)
+    compiled = compile_graph(spec, rank, world_size, device=device, seed=seed, batch=batch)
+    return compiled.module, make_plan(spec, compiled)
+
+
+def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0, dtype=None):
+    """A ready ``nn.Module`` for ``spec`` (a torch.fx GraphModule).
+
+    ``model(tokens)`` (or ``model(x)`` for input: vectors) returns a ``ModelOutput`` with
+    ``.output`` (logits or hidden states), ``.aux_loss`` and ``.router_stats``. Weights are
+    a function of ``seed`` alone, whatever ``world_size``: expert e has the same values on
+    any rank. ``dtype`` defaults to the spec's. With ``world_size > 1`` (in a torchrun job
+    with torch.distributed initialised) the model holds this rank's experts and its
+    collectives are bound to process groups made from the spec's mesh."""
+    import torch
+
+    from .compiler import compile_graph
+
+    spec = load_spec(spec)
+    compiled = compile_graph(spec, rank, world_size, device=device, seed=seed)
+    gm = compiled.module
+    dtype = dtype or {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.model.dtype]
+    gm.to(dtype=dtype)
+    gm.compiled = compiled
+    if world_size > 1:
+        from .runtime.mesh import bind_model
+
+        bind_model(gm, compiled.mesh, rank)
+    return gm

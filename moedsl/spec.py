@@ -118,7 +118,7 @@ class Gate:
     min_capacity: int = 0
     drop_policy: str = "dropless"  # drop | dropless
     drop_priority: str = "position"  # position | score
-    groups: int = 1
+    routing_groups: int = 1
     jitter: float = 0.0
     noise_epsilon: float = 0.0
     second_expert: str = "random"

@@ -15,7 +15,7 @@ from .spec import (FFN, LSTM, Attention, Embedding, Experts, Gate, Head, Hierarc
 
 MAX_LAYERS = 10_000  # after repeat expansion
 
-CAPACITY_KEYS = ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy", "drop_priority", "groups")
+CAPACITY_KEYS = ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy", "drop_priority", "routing_groups")
 # which options mean something for which gate type (beyond `type`)
 GATE_OPTIONS = {
     "softmax": {"jitter"},
@@ -23,7 +23,7 @@ GATE_OPTIONS = {
     "topk": {"k", "normalize", "score", "jitter", "bias_balancing", *CAPACITY_KEYS},
     "switch": {"k", "jitter", "bias_balancing", *CAPACITY_KEYS},
     "gshard": {"k", "second_expert", "normalize", "jitter", "bias_balancing", *CAPACITY_KEYS},
-    "expert_choice": {"capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy", "groups",
+    "expert_choice": {"capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy", "routing_groups",
                       "max_experts_per_token", "jitter"},
     "hash": {"k", "hash_seed", *CAPACITY_KEYS},
 }
@@ -102,10 +102,10 @@ def build_spec(data: dict, located, schema_issues=()) -> Spec:
                 model=model, layers=layers, placement=placement, train=train,
                 source=located.source, located=located, data=data)
     for layer in spec.moe_layers:
-        if train.batch_size % layer.config.gate.groups:
+        if train.batch_size % layer.config.gate.routing_groups:
             owner = "hierarchy" if layer.config.hierarchy else "gate"
-            c.error(layer.path + ("moe", owner, "groups"),
-                    f"{layer.config.gate.groups} routing groups do not divide train.batch_size "
+            c.error(layer.path + ("moe", owner, "routing_groups"),
+                    f"{layer.config.gate.routing_groups} routing groups do not divide train.batch_size "
                     f"({train.batch_size} sequences)")
     if placement.mesh is not None:
         _check_mesh(spec, placement.mesh.size, c)
@@ -114,7 +114,10 @@ def build_spec(data: dict, located, schema_issues=()) -> Spec:
 
 
 def resolve_mesh(spec: Spec, world_size: int) -> MeshShape:
-    """The mesh a run of ``world_size`` processes uses, checked against the spec's placement."""
+    """The mesh a run of ``world_size`` processes uses, checked against the spec's placement.
+    One process can always run a spec: it hosts every expert."""
+    if world_size == 1:
+        return MeshShape(world=1, nodes=1, devices_per_node=1, expert_parallel=1, data_parallel=1)
     c = _Checks(spec.located or _NoLocation(spec.source))
     shape = _check_mesh(spec, world_size, c)
     c.raise_if_any()
@@ -349,7 +352,7 @@ def _capacity(g: dict, p, t: str, k: int, c: _Checks) -> Gate:
                     "add capacity_factor (e.g. 1.25), or use drop_policy: dropless")
     return Gate(type=t, k=k, capacity_factor=factor, eval_capacity_factor=g.get("eval_capacity_factor"),
                 min_capacity=g.get("min_capacity", 0), drop_policy=policy,
-                drop_priority=g.get("drop_priority", "position"), groups=g.get("groups", 1))
+                drop_priority=g.get("drop_priority", "position"), routing_groups=g.get("routing_groups", 1))
 
 
 def _sub_gate(g: dict, p, n: int, what: str, c: _Checks) -> SubGate:

@@ -68,7 +68,7 @@ def mutated(draw):
         elif op == "delete":
             del parent[key]
         elif op == "insert" and isinstance(parent, dict):
-            parent[draw(st.sampled_from(["k", "type", "repeat", "cycle", "groups", "shared", "x", "map"]))] = \
+            parent[draw(st.sampled_from(["k", "type", "repeat", "cycle", "groups", "routing_groups", "shared", "x", "map"]))] = \
                 draw(values)
         elif op == "duplicate" and isinstance(parent, list):
             parent.insert(key, copy.deepcopy(parent[key]))

@@ -1,0 +1,91 @@
+"""The compiler: a validated Spec -> a ``torch.fx.GraphModule`` for one rank, plus its Plan.
+
+    lower -> placement -> collective insertion -> static shapes -> verification
+
+Each pass is a function over the graph with one job (``moedsl.compiler.passes``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from moedsl import spec as S
+from moedsl.validate import MeshShape, resolve_mesh
+
+from .lower import Lowered, lower
+from .passes.collectives import LayerComm, insert_collectives
+from .passes.placement import LayerPlacement, placement_pass
+from .passes.static_shapes import StaticInfo, static_shapes_pass
+from .passes.verify import collective_signature, verify
+
+# the graphs of other ranks rebuilt to compare their collectives with this rank's (the runtime
+# compares every rank's digest at start-up); larger meshes: a spread sample of ranks
+MAX_RANKS_VERIFIED = 16
+
+
+@dataclass
+class Compiled:
+    module: fx.GraphModule
+    mesh: MeshShape
+    rank: int
+    placements: dict  # layer -> LayerPlacement
+    comms: dict  # layer -> LayerComm
+    static: StaticInfo
+
+
+def _build(spec: S.Spec, mesh: MeshShape, rank: int, device, seed: int, init: bool, batch, graph_only=False):
+    low: Lowered = lower(spec, device=device, seed=seed, graph_only=graph_only)
+    placements = placement_pass(low, spec, mesh, rank, device, seed, init)
+    comms = insert_collectives(low, spec, mesh, rank, placements)
+    static = None if graph_only else static_shapes_pass(low.graph, low, comms, placements, mesh, rank, batch)
+    return low, placements, comms, static
+
+
+def per_rank_batch(spec: S.Spec, mesh: MeshShape, batch: Optional[tuple] = None) -> tuple:
+    B, T = batch or (spec.train.batch_size, spec.train.seq_len)
+    return (max(B // mesh.world, 1), T)
+
+
+def compile_graph(spec: S.Spec, rank: int = 0, world_size: Optional[int] = None, *, device="meta", seed: int = 0,
+                  batch: Optional[tuple] = None, init: bool = True, verify_ranks: bool = True) -> Compiled:
+    """Compile ``spec`` for ``rank`` of ``world_size`` (default: the spec's mesh, else 1).
+
+    ``device="meta"`` builds the module without allocating weights (any size compiles);
+    ``batch`` = (global batch, sequence) for the static shapes (default: the spec's train)."""
+    if world_size is None:
+        world_size = spec.placement.mesh.size if spec.placement.mesh else 1
+    mesh = resolve_mesh(spec, world_size)
+    if not 0 <= rank < world_size:
+        from moedsl.errors import MoedslError
+
+        raise MoedslError(f"rank {rank} is not in a world of {world_size}")
+    local_batch = per_rank_batch(spec, mesh, batch)
+    low, placements, comms, static = _build(spec, mesh, rank, device, seed, init, local_batch)
+    others = []
+    if verify_ranks and world_size > 1:
+        for r in _ranks_to_verify(mesh, rank):
+            other = _build(spec, mesh, r, "meta", seed, False, local_batch, graph_only=True)[0]
+            others.append((r, collective_signature(other.graph)))
+    verify(low.graph, others)
+    gm = fx.GraphModule(low.modules, low.graph, class_name=_class_name(spec.name))
+    gm.meta = {"spec": spec.name, "rank": rank, "world": world_size}
+    return Compiled(module=gm, mesh=mesh, rank=rank, placements=placements, comms=comms, static=static)
+
+
+def _ranks_to_verify(mesh: MeshShape, rank: int) -> list:
+    ranks = list(range(mesh.world))
+    if mesh.world > MAX_RANKS_VERIFIED:
+        step = max(mesh.devices_per_node, mesh.world // MAX_RANKS_VERIFIED)
+        ranks = sorted({0, mesh.world - 1, *range(0, mesh.world, step)})[:MAX_RANKS_VERIFIED]
+    return [r for r in ranks if r != rank]
+
+
+def _class_name(name: str) -> str:
+    parts = [p for p in "".join(c if c.isalnum() else " " for c in name).split() if p]
+    return "".join(p[:1].upper() + p[1:] for p in parts) or "MoEModel"
+
+
+__all__ = ["compile_graph", "Compiled", "LayerComm", "LayerPlacement", "StaticInfo", "lower"]

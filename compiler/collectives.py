@@ -1,0 +1,293 @@
+"""The collectives a compiled graph calls, as modules the collective-insertion pass puts in.
+
+Each holds what the compiler knows (the layer's placement, this rank's place in the
+mesh) and, once the runtime binds it, the process groups (``Topology``). They are
+autograd-aware: the backward of an all-to-all is the all-to-all of the reverse trip,
+and the backward of the token gather sums the gradients of every rank's copy.
+
+The two-stage ("hierarchical") all-to-all first exchanges inside each node, so that
+every row bound for local rank l of any node sits on local rank l, then exchanges
+between nodes among ranks of equal local index; it delivers exactly what the flat one
+delivers, in the same order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from moedsl.nn.moe_ops import Packed
+
+from .passes.placement import LayerPlacement
+
+
+@dataclass
+class Topology:
+    """Process groups of one rank, made by the runtime from the mesh."""
+
+    world_group: Any  # every rank: the routing scope of a batch routed as a whole
+    ep_group: Any  # this rank's expert-parallel group
+    ep_rank: int
+    ep: int
+    intra_group: Any = None  # ranks of this EP group on this node (hierarchical all-to-all)
+    cross_group: Any = None  # ranks of this EP group with this local index, one per node
+    nodes: int = 1  # nodes the EP group spans
+    per_node: int = 1  # EP ranks per node
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.intra_group is not None and self.nodes > 1
+
+
+def _flat(x: torch.Tensor, out_rows: list, in_rows: list, group) -> torch.Tensor:
+    y = x.new_empty((sum(out_rows),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(y, x.contiguous(), out_rows, in_rows, group=group)
+    return y
+
+
+def _reorder(x: torch.Tensor, sizes: list, order: list) -> torch.Tensor:
+    """Chunks of ``x`` (consecutive, of ``sizes``) re-concatenated in ``order``."""
+    starts = [0]
+    for s in sizes:
+        starts.append(starts[-1] + s)
+    parts = [x[starts[i]:starts[i] + sizes[i]] for i in order]
+    return torch.cat(parts) if parts else x[:0]
+
+
+def all_to_all_rows(x: torch.Tensor, counts: list, topo: Topology) -> torch.Tensor:
+    """Rows of ``x`` in destination order -> rows received, in source order.
+
+    ``counts[s][d]``: rows EP rank s sends to EP rank d (the whole matrix, known to all)."""
+    me, P = topo.ep_rank, topo.ep
+    if not topo.hierarchical:
+        return _flat(x, [counts[s][me] for s in range(P)], counts[me], topo.ep_group)
+    n_nodes, per = topo.nodes, topo.per_node
+    node, local = divmod(me, per)
+    rank = lambda n, l: n * per + l  # noqa: E731
+    # stage 1, inside the node: to local rank l2 go the rows for (every node n2, l2), n2-major
+    order1 = [rank(n2, l2) for l2 in range(per) for n2 in range(n_nodes)]
+    send1 = _reorder(x, counts[me], order1)
+    in1 = [sum(counts[me][rank(n2, l2)] for n2 in range(n_nodes)) for l2 in range(per)]
+    out1 = [sum(counts[rank(node, l)][rank(n2, local)] for n2 in range(n_nodes)) for l in range(per)]
+    got1 = _flat(send1, out1, in1, topo.intra_group)  # (source l, dest node n2) order
+    # stage 2, between nodes: to node n2 go the rows of every local source l for (n2, local), l-major
+    sizes1 = [counts[rank(node, l)][rank(n2, local)] for l in range(per) for n2 in range(n_nodes)]
+    order2 = [l * n_nodes + n2 for n2 in range(n_nodes) for l in range(per)]
+    send2 = _reorder(got1, sizes1, order2)
+    in2 = [sum(counts[rank(node, l)][rank(n2, local)] for l in range(per)) for n2 in range(n_nodes)]
+    out2 = [sum(counts[rank(n, l)][me] for l in range(per)) for n in range(n_nodes)]
+    return _flat(send2, out2, in2, topo.cross_group)  # (source node, source local) = source rank order
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, counts, topo):
+        ctx.counts, ctx.topo = counts, topo
+        return all_to_all_rows(x, counts, topo)
+
+    @staticmethod
+    def backward(ctx, g):
+        back = [list(col) for col in zip(*ctx.counts)]  # the reverse trip: transpose
+        return all_to_all_rows(g.contiguous(), back, ctx.topo), None, None
+
+
+def all_to_all(x: torch.Tensor, counts: list, topo: Topology) -> torch.Tensor:
+    return _AllToAll.apply(x, counts, topo)
+
+
+class _Collective(nn.Module):
+    """Base: holds the Topology once the runtime binds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.topo: Optional[Topology] = None
+
+    def _need(self) -> Topology:
+        if self.topo is None:
+            raise RuntimeError(f"{type(self).__name__} is not bound to process groups: run the model through "
+                               "moedsl.runtime (or call moedsl.runtime.bind) in a torch.distributed job")
+        return self.topo
+
+
+class CapacityAllToAll(_Collective):
+    """Dispatch of a capacity buffer [E, C, d] (global expert order) to the EP ranks hosting the
+    experts; returns [E_local, P·C, d] (uniform placement) or rows grouped by local slot.
+    ``back`` is the combine trip. Static shapes: the splits follow from C alone."""
+
+    def __init__(self, lp: LayerPlacement, ep_rank: int):
+        super().__init__()
+        self.lp, self.ep_rank = lp, ep_rank
+        self._tables = False
+
+    def _make_tables(self) -> None:
+        """Send and receive tables, made on first use (a compile for inspection never needs them)."""
+        if self._tables:
+            return
+        self._tables = True
+        lp, ep_rank, P = self.lp, self.ep_rank, self.lp.ep
+        # blocks (experts) each source sends each destination
+        self.blocks = [lp.sends(s) for s in range(P)]
+        # send order: experts by destination rank, then by slot order on that rank
+        self.send_perm = [e for d in range(P) for e in lp.slots[d] if lp.host_for(e, ep_rank) == d]
+        # received blocks, in (source, slot order) order -> local slots
+        local = lp.slots[ep_rank]
+        recv = [(s, e) for s in range(P) for e in local if lp.host_for(e, s) == ep_rank]
+        self.recv_slot = [local.index(e) for _, e in recv]
+        self.uniform = lp.uniform
+        per_slot = [sum(1 for x in self.recv_slot if x == j) for j in range(len(local))]
+        self.per_slot = per_slot  # blocks each local slot receives
+        self.local_order = sorted(range(len(recv)), key=lambda i: (self.recv_slot[i], i))
+
+    def forward(self, buf: torch.Tensor):
+        topo = self._need()
+        self._make_tables()
+        E, C, d = buf.shape
+        send = buf.index_select(0, torch.tensor(self.send_perm, device=buf.device)).reshape(E * C, d)
+        counts = [[b * C for b in row] for row in self.blocks]
+        got = all_to_all(send, counts, topo).view(-1, C, d)  # [(source, slot), C, d]
+        if self.uniform:
+            P, E_local = self.lp.ep, len(self.lp.slots[self.ep_rank])
+            return got.view(P, E_local, C, d).transpose(0, 1).reshape(E_local, P * C, d)
+        rows = got.index_select(0, torch.tensor(self.local_order, device=buf.device)).reshape(-1, d)
+        return Packed(rows=rows, sizes=torch.tensor(self.per_slot, device=buf.device) * C,
+                      index=torch.empty(0, dtype=torch.int64))
+
+    def back(self, y, capacity: int) -> torch.Tensor:
+        topo = self._need()
+        self._make_tables()
+        C, P = capacity, self.lp.ep
+        if self.uniform:
+            E_local, d = y.shape[0], y.shape[-1]
+            got = y.view(E_local, P, C, d).transpose(0, 1).reshape(-1, d)
+        else:
+            d = y.shape[-1]
+            inv = torch.empty(len(self.local_order), dtype=torch.int64)
+            inv[torch.tensor(self.local_order)] = torch.arange(len(self.local_order))
+            got = y.view(-1, C, d).index_select(0, inv.to(y.device)).reshape(-1, d)
+        counts = [[b * C for b in row] for row in self.blocks]
+        back = [list(col) for col in zip(*counts)]
+        sent = all_to_all(got, back, topo).view(-1, C, d)  # in send_perm order
+        perm = torch.tensor(self.send_perm, device=y.device)
+        return sent.new_zeros(len(self.send_perm), C, d).index_copy(0, perm, sent)
+
+
+class CapacityAllToAllBack(nn.Module):
+    """The combine trip of a CapacityAllToAll (a separate node so the graph shows both)."""
+
+    def __init__(self, forward_module: CapacityAllToAll):
+        super().__init__()
+        self.fwd = [forward_module]  # a plain list: not a submodule, no duplicate in state_dict
+
+    def forward(self, y: torch.Tensor, routing) -> torch.Tensor:
+        return self.fwd[0].back(y, routing.capacity)
+
+
+@dataclass
+class Received:
+    """Rows received by the experts of this rank, grouped by local slot."""
+
+    rows: torch.Tensor
+    sizes: torch.Tensor  # [E_local]
+    order: torch.Tensor  # received (source, slot) order -> local-slot order
+    counts: list  # the count matrix of the trip
+
+
+class PackedAllToAll(_Collective):
+    """Dispatch of packed rows (sorted by global destination slot) to the hosting EP ranks; the
+    counts are exchanged first (a small all-to-all), so the row exchange has data-dependent splits."""
+
+    def __init__(self, lp: LayerPlacement, ep_rank: int):
+        super().__init__()
+        self.lp, self.ep_rank = lp, ep_rank
+        self.n_local = [len(s) for s in lp.slots]
+        self.register_buffer("send_slot", torch.tensor(lp.send_slots(ep_rank), dtype=torch.int64), persistent=False)
+
+    def forward(self, p: Packed) -> Received:
+        topo = self._need()
+        P, me = self.lp.ep, self.ep_rank
+        # how many rows of each of my slots every source sends me
+        recv_sizes = p.sizes.new_empty(P * self.n_local[me])
+        dist.all_to_all_single(recv_sizes, p.sizes.contiguous(), [self.n_local[me]] * P, self.n_local,
+                               group=topo.ep_group)
+        recv_sizes = recv_sizes.view(P, self.n_local[me])
+        # the whole count matrix: every rank's sends per destination rank
+        mine = torch.stack([c.sum() for c in torch.split(p.sizes, self.n_local)])
+        everyone = [torch.empty_like(mine) for _ in range(P)]
+        dist.all_gather(everyone, mine, group=topo.ep_group)
+        counts = torch.stack(everyone).tolist()
+        got = all_to_all(p.rows, counts, topo)  # (source, local slot) order
+        slot_of_row = torch.repeat_interleave(
+            torch.arange(self.n_local[me], device=got.device).repeat(P), recv_sizes.reshape(-1).to(got.device),
+            output_size=got.shape[0])
+        order = torch.sort(slot_of_row, stable=True).indices
+        return Received(rows=got.index_select(0, order), sizes=recv_sizes.sum(0).to(got.device), order=order,
+                        counts=counts)
+
+
+class PackedAllToAllBack(_Collective):
+    def __init__(self, forward_module: PackedAllToAll):
+        super().__init__()
+        self.fwd = [forward_module]
+
+    def forward(self, y: torch.Tensor, received: Received) -> torch.Tensor:
+        topo = self.fwd[0]._need()
+        unsorted = y.new_empty(y.shape).index_copy(0, received.order, y)
+        back = [list(col) for col in zip(*received.counts)]
+        return all_to_all(unsorted, back, topo)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, rank, world):
+        ctx.group, ctx.rank, ctx.world, ctx.n = group, rank, world, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        if dist.get_backend(ctx.group) == "nccl":
+            out = g.new_empty((ctx.n,) + tuple(g.shape[1:]))
+            dist.reduce_scatter_tensor(out, g, group=ctx.group)
+            return out, None, None, None
+        dist.all_reduce(g, group=ctx.group)  # gloo has no reduce-scatter
+        return g[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None, None, None
+
+
+class GatherTokens(_Collective):
+    """All-gather of every rank's tokens (and token ids), so a batch spread over ranks is routed
+    as one: capacity, expert choice and batch-level losses see the global batch. The gradient
+    of each rank's copy flows back to its owner."""
+
+    def __init__(self, world: int, rank: int):
+        super().__init__()
+        self.world, self.rank = world, rank
+
+    def forward(self, x: torch.Tensor, ids: Optional[torch.Tensor] = None):
+        topo = self._need()
+        xs = _GatherRows.apply(x, topo.world_group, self.rank, self.world)
+        if ids is None:
+            return xs, None
+        parts = [torch.empty_like(ids) for _ in range(self.world)]
+        dist.all_gather(parts, ids.contiguous(), group=topo.world_group)
+        return xs, torch.cat(parts)
+
+
+def localize(routing, x_local: torch.Tensor, rank: int):
+    """This rank's share of a routing computed over the gathered batch."""
+    n = x_local.shape[0]
+    return routing.localize(rank * n, n)
+
+
+def bind(gm: nn.Module, topo: Topology) -> int:
+    """Give every collective module of a compiled model its process groups; returns how many."""
+    n = 0
+    for mod in gm.modules():
+        if isinstance(mod, _Collective):
+            mod.topo = topo
+            n += 1
+    return n

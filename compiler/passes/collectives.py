@@ -1,0 +1,175 @@
+"""Collective insertion: make the single-process graph the graph of one rank.
+
+Per MoE layer it decides
+- the routing scope: ``local`` (each rank routes its own tokens; exact when the spec's
+  routing groups split evenly over the ranks, or when routing is per token: no capacity
+  and no batch-level loss) or ``global`` (the batch is routed as a whole: a token gather
+  before the gate and a ``localize`` after it);
+- the layout: a capacity layer routed locally keeps its static [E, C, d] buffer; one
+  routed globally becomes packed (its per-rank share is data-dependent);
+and puts ``all_to_all`` nodes between dispatch and experts and between experts and
+combine wherever the experts are spread over more than one rank. With one rank it
+changes nothing.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from moedsl.nn import moe_ops
+from moedsl.validate import MeshShape
+
+from .. import collectives as C
+from ..lower import Lowered
+
+
+@dataclass(frozen=True)
+class LayerComm:
+    """How one MoE layer runs on this rank."""
+
+    scope: str  # local | global
+    layout: str  # capacity | packed
+    groups: int  # routing groups in the batch this rank's gate sees
+    expert_parallel: bool  # all-to-alls present
+    algorithm: str  # flat | hierarchical
+
+
+def routing_scope(info, world: int) -> tuple[str, int]:
+    g = info.config.gate
+    lw = info.config.losses
+    per_token = not g.has_capacity and g.type != "expert_choice" and not (lw.importance or lw.load or lw.balance)
+    if world == 1:
+        return "local", g.routing_groups
+    if g.routing_groups % world == 0:
+        return "local", g.routing_groups // world
+    if per_token:
+        return "local", 1
+    return "global", g.routing_groups
+
+
+def _layer_nodes(graph: fx.Graph, name: str) -> dict:
+    return {n.meta["role"]: n for n in graph.nodes if n.meta.get("moe_layer") == name and "role" in n.meta}
+
+
+def _new(graph: fx.Graph, op: str, target, args, name: str, layer: str, role: str) -> fx.Node:
+    node = graph.create_node(op, target, args, {}, name=name)
+    node.meta.update(moe_layer=layer, role=role)
+    return node
+
+
+def insert_collectives(low: Lowered, spec, mesh: MeshShape, rank: int, placements: dict) -> dict:
+    g = low.graph
+    out = {}
+    ep, world = mesh.expert_parallel, mesh.world
+    ep_rank = rank % ep
+    for info in low.moe:
+        name, base = info.name, info.name.replace(".", "_")
+        nodes = _layer_nodes(g, name)
+        scope, groups = routing_scope(info, world)
+        layout = info.layout if scope == "local" else "packed"
+        route = nodes["route"]
+        flat, ids = route.args[0], route.args[1]
+        local_route = route
+        if scope == "local":
+            route.args = (flat, ids, rank, groups)
+        else:  # gather every rank's tokens, route them as one batch, keep this rank's share
+            if not low.graph_only:
+                low.modules[f"{name}.route_gather"] = C.GatherTokens(world, rank)
+            with g.inserting_before(route):
+                gathered = _new(g, "call_module", f"{name}.route_gather", (flat, ids), f"{base}_route_gather",
+                                name, "route_gather")
+                gx = _new(g, "call_function", operator.getitem, (gathered, 0), f"{base}_gathered_tokens",
+                          name, "gathered")
+                gids = _new(g, "call_function", operator.getitem, (gathered, 1), f"{base}_gathered_ids",
+                            name, "gathered_ids") if ids is not None else None
+            route.args = (gx, gids, 0, groups)
+            with g.inserting_after(route):
+                local_route = _new(g, "call_function", C.localize, (route, flat, rank), f"{base}_route_local",
+                                   name, "route_local")
+            route.replace_all_uses_with(local_route, delete_user_cb=lambda u: u is not local_route)
+        if layout != info.layout:  # capacity -> packed: rebuild dispatch / experts / combine
+            _to_packed(g, nodes, local_route, name, base)
+            nodes = _layer_nodes(g, name)
+        spread = ep > 1
+        algorithm = "flat"
+        if spread:
+            lp = placements[name]
+            algorithm = spec.placement.all_to_all
+            if layout == "capacity":
+                _insert_capacity_a2a(g, low, nodes, local_route, lp, ep_rank, name, base)
+            else:
+                _insert_packed_a2a(g, low, nodes, lp, ep_rank, name, base)
+        comm = LayerComm(scope=scope, layout=layout, groups=groups, expert_parallel=spread, algorithm=algorithm)
+        out[name] = comm
+        for node in g.nodes:
+            if node.meta.get("moe_layer") == name:
+                node.meta["comm"] = comm
+    g.lint()
+    return out
+
+
+def _to_packed(g: fx.Graph, nodes: dict, route: fx.Node, name: str, base: str) -> None:
+    disp, experts, combine = nodes["dispatch"], nodes["experts"], nodes["combine"]
+    flat = disp.args[0]
+    with g.inserting_before(disp):
+        packed = _new(g, "call_function", moe_ops.dispatch_packed, (flat, route), f"{base}_dispatch_packed",
+                      name, "dispatch")
+        rows = _new(g, "call_function", getattr, (packed, "rows"), f"{base}_rows", name, "rows")
+        sizes = _new(g, "call_function", getattr, (packed, "sizes"), f"{base}_sizes", name, "sizes")
+    experts.args = (rows, sizes)
+    with g.inserting_before(combine):
+        comb = _new(g, "call_function", moe_ops.combine_packed, (experts, packed, route), f"{base}_combine_packed",
+                    name, "combine")
+    combine.replace_all_uses_with(comb)
+    g.erase_node(combine)
+    g.erase_node(disp)
+
+
+def _insert_capacity_a2a(g, low, nodes, route, lp, ep_rank, name, base) -> None:
+    if not low.graph_only:
+        fwd = C.CapacityAllToAll(lp, ep_rank)
+        low.modules[f"{name}.a2a_dispatch"] = fwd
+        low.modules[f"{name}.a2a_combine"] = C.CapacityAllToAllBack(fwd)
+    disp, experts, combine = nodes["dispatch"], nodes["experts"], nodes["combine"]
+    with g.inserting_after(disp):
+        a2a = _new(g, "call_module", f"{name}.a2a_dispatch", (disp,), f"{base}_a2a_dispatch", name, "a2a_dispatch")
+    if lp.uniform:
+        experts.args = (a2a,)
+    else:  # uneven slots (replicas): rows grouped by local slot
+        with g.inserting_after(a2a):
+            rows = _new(g, "call_function", getattr, (a2a, "rows"), f"{base}_recv_rows", name, "rows")
+        with g.inserting_after(rows):
+            sizes = _new(g, "call_function", getattr, (a2a, "sizes"), f"{base}_recv_sizes", name, "sizes")
+        experts.args = (rows, sizes)
+    with g.inserting_after(experts):
+        back = _new(g, "call_module", f"{name}.a2a_combine", (experts, route), f"{base}_a2a_combine", name,
+                    "a2a_combine")
+    combine.args = (back,) + tuple(combine.args[1:])
+
+
+def _insert_packed_a2a(g, low, nodes, lp, ep_rank, name, base) -> None:
+    if not low.graph_only:
+        fwd = C.PackedAllToAll(lp, ep_rank)
+        low.modules[f"{name}.a2a_dispatch"] = fwd
+        low.modules[f"{name}.a2a_combine"] = C.PackedAllToAllBack(fwd)
+        low.modules[f"{name}.a2a_dispatch.send_slot"] = fwd.send_slot  # get_attr targets must be in the root
+    disp, experts, combine = nodes["dispatch"], nodes["experts"], nodes["combine"]
+    with g.inserting_before(disp):
+        slots = g.get_attr(f"{name}.a2a_dispatch.send_slot")
+        slots.meta.update(moe_layer=name, role="send_slots")
+    disp.args = (disp.args[0], disp.args[1], slots, sum(len(s) for s in lp.slots))
+    rows_node, sizes_node = nodes["rows"], nodes["sizes"]
+    with g.inserting_after(disp):
+        a2a = _new(g, "call_module", f"{name}.a2a_dispatch", (disp,),
+                   f"{base}_a2a_dispatch", name, "a2a_dispatch")
+    rows_node.args = (a2a, "rows")
+    sizes_node.args = (a2a, "sizes")
+    # rows/sizes must come after the a2a node
+    a2a.append(rows_node)
+    rows_node.append(sizes_node)
+    with g.inserting_after(experts):
+        back = _new(g, "call_module", f"{name}.a2a_combine", (experts, a2a), f"{base}_a2a_combine", name,
+                    "a2a_combine")
+    combine.args = (back,) + tuple(combine.args[1:])

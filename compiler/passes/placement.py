@@ -1,0 +1,122 @@
+"""Placement pass: which experts (and replicas) live on which rank, per MoE layer.
+
+Ranks form a mesh of expert_parallel (EP) × data_parallel (DP): rank = dp_index · EP +
+ep_rank, so an EP group is a run of consecutive ranks (inside a node when it fits). A
+layer's experts are sharded over the EP ranks by the spec's strategy; a replicated
+expert ("hot", FasterMoE's shadowing) is on several EP ranks, and source EP rank s sends
+its tokens to copy s mod copies. The pass records a ``LayerPlacement`` per MoE layer and
+makes each layer's ``Experts`` module with the experts this rank hosts.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from moedsl import spec as S
+from moedsl.validate import MeshShape
+
+from ..lower import Lowered, make_experts
+
+
+@dataclass(frozen=True)
+class LayerPlacement:
+    hosts: tuple  # per global expert: the EP ranks holding a copy
+    slots: tuple  # per EP rank: the global expert ids of its slots, in slot order
+    ep: int
+
+    def slot_index(self, ep_rank: int, expert: int) -> int:
+        """Global slot id (slots numbered rank-major over the EP group) of ``expert`` on ``ep_rank``."""
+        before = sum(len(self.slots[r]) for r in range(ep_rank))
+        return before + self.slots[ep_rank].index(expert)
+
+    def send_slots(self, source: int) -> list:
+        """For source EP rank ``source``: per global expert, the global slot id its tokens go to."""
+        return _send_slots(self, source)
+
+    def host_for(self, expert: int, source: int) -> int:
+        """The EP rank that takes ``expert``'s tokens from source EP rank ``source``."""
+        hosts = self.hosts[expert]
+        return hosts[source % len(hosts)]
+
+    @functools.cached_property
+    def _single_counts(self) -> tuple:
+        counts = [0] * self.ep
+        for hosts in self.hosts:
+            if len(hosts) == 1:
+                counts[hosts[0]] += 1
+        return tuple(counts)
+
+    @functools.cached_property
+    def _replicated(self) -> tuple:
+        return tuple(e for e, hosts in enumerate(self.hosts) if len(hosts) > 1)
+
+    def sends(self, source: int) -> list:
+        """Experts source EP rank ``source`` sends to each EP rank (one block of C rows each)."""
+        counts = list(self._single_counts)
+        for e in self._replicated:
+            counts[self.host_for(e, source)] += 1
+        return counts
+
+    def receives(self, dest: int) -> list:
+        """Experts EP rank ``dest`` receives from each source EP rank."""
+        single = sum(1 for e in self.slots[dest] if len(self.hosts[e]) == 1)
+        return [single + sum(1 for e in self.slots[dest] if len(self.hosts[e]) > 1 and self.host_for(e, s) == dest)
+                for s in range(self.ep)]
+
+    @functools.cached_property
+    def uniform(self) -> bool:
+        """Every EP rank hosts the same number of experts and no expert is replicated."""
+        return len({len(s) for s in self.slots}) == 1 and all(len(h) == 1 for h in self.hosts)
+
+
+@functools.lru_cache(maxsize=256)
+def place_layer(placement: S.Placement, moe_index: int, num_experts: int, ep: int) -> LayerPlacement:
+    """The same for every rank (and cached: a repeated layer is placed once)."""
+    strategy = placement.strategy
+    if ep == 1:  # one rank hosts every expert, once
+        hosts = [(0,)] * num_experts
+    elif strategy == "explicit":
+        hosts = [tuple(r) for r in placement.map_for(moe_index)]
+    else:
+        per = max(num_experts // ep, 1)
+        if strategy == "contiguous":
+            hosts = [(e // per,) for e in range(num_experts)]
+        else:
+            hosts = [(e % ep,) for e in range(num_experts)]
+        for e, copies in placement.replicas:
+            if e < num_experts:  # extra copies on the next ranks after the home rank
+                hosts[e] = tuple((hosts[e][0] + i) % ep for i in range(min(copies, ep)))
+    slots = [[] for _ in range(ep)]
+    for e, hs in enumerate(hosts):
+        for r in hs:
+            slots[r].append(e)
+    return LayerPlacement(hosts=tuple(hosts), slots=tuple(tuple(s) for s in slots), ep=ep)
+
+
+@functools.lru_cache(maxsize=4096)
+def _send_slots(lp: LayerPlacement, source: int) -> list:
+    offsets = [0]
+    for r in range(lp.ep):
+        offsets.append(offsets[-1] + len(lp.slots[r]))
+    where = {}
+    for r, slots in enumerate(lp.slots):
+        for i, e in enumerate(slots):
+            where[(r, e)] = offsets[r] + i
+    return [where[(hosts[source % len(hosts)], e)] for e, hosts in enumerate(lp.hosts)]
+
+
+def placement_pass(low: Lowered, spec: S.Spec, mesh: MeshShape, rank: int, device, seed: int,
+                   init: bool = True) -> dict:
+    """Make each MoE layer's Experts module for ``rank``; returns {layer name: LayerPlacement}.
+    (A graph-only lowering gets no modules.)"""
+    ep_rank = rank % mesh.expert_parallel
+    out = {}
+    for info in low.moe:
+        lp = place_layer(spec.placement, info.moe_index, info.config.experts.count, mesh.expert_parallel)
+        out[info.name] = lp
+        if not low.graph_only:
+            low.modules[f"{info.name}.experts"] = make_experts(spec, info, lp.slots[ep_rank], device, seed, init)
+        for node in low.graph.nodes:
+            if node.meta.get("moe_layer") == info.name:
+                node.meta["placement"] = lp
+    return out

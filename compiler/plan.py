@@ -1,0 +1,223 @@
+"""The Plan: what a compiled spec costs, from the spec and placement alone (no weights).
+
+- parameters: total, per device, and active per token (shared + k experts' parameters);
+- FLOPs per token: forward (2 per multiply-add of the active matmuls, plus attention
+  scores), training (3 × forward), and with capacity padding (an expert computes all C
+  slots of its buffer, filled or not);
+- memory per device: weights, gradients and AdamW state (fp32 master: 16 bytes per
+  parameter when training), and an activation estimate;
+- bytes each rank sends and receives per step in the all-to-alls (and the token gather of
+  layers routed as a whole), split by link kind (intra-node, inter-node) over a networkx
+  model of the mesh, assuming balanced routing for the data-dependent layouts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import networkx as nx
+
+from moedsl import spec as S
+from moedsl.params import count_parameters, expert_params, ffn_params, layer_params, norm_params, router_params
+from moedsl.validate import MeshShape
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class LayerTraffic:
+    layer: str
+    scope: str
+    layout: str
+    capacity: int | None  # slots per expert on this rank's buffer (per step)
+    send_bytes: dict = field(default_factory=dict)  # link kind -> bytes this rank sends per step
+    recv_bytes: dict = field(default_factory=dict)
+    messages: dict = field(default_factory=dict)  # link kind -> messages per step
+
+
+@dataclass
+class Plan:
+    spec: str
+    world: int
+    nodes: int
+    devices_per_node: int
+    expert_parallel: int
+    data_parallel: int
+    rank: int
+    batch: tuple  # (global batch, sequence)
+    dtype: str
+    params_total: int
+    params_active_per_token: int
+    params_on_device: int
+    expert_params_on_device: int
+    flops_per_token_forward: float
+    flops_per_token_train: float
+    flops_per_token_forward_padded: float
+    memory_weights: int  # bytes on this device for inference (dtype weights)
+    memory_train_states: int  # fp32 master + grads + AdamW m, v
+    memory_activations: int  # training activations, estimate
+    a2a_send_bytes: dict  # link kind -> bytes per training step (forward + backward)
+    a2a_recv_bytes: dict
+    capturable: bool
+    layers: list = field(default_factory=list)  # [LayerTraffic]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mesh_graph(mesh: MeshShape) -> nx.Graph:
+    """Devices as nodes (rank, with its node index); every pair linked, 'intra' within a node
+    (NVLink-class) and 'inter' across nodes (the network)."""
+    g = nx.Graph()
+    for r in range(mesh.world):
+        g.add_node(r, node=r // mesh.devices_per_node)
+    return g
+
+
+def link(g: nx.Graph, a: int, b: int) -> str:
+    return "intra" if g.nodes[a]["node"] == g.nodes[b]["node"] else "inter"
+
+
+def _attention_flops(spec: S.Spec, cfg, T: int) -> float:
+    d = spec.model.d_model
+    ctx = (T + 1) / 2 if cfg.causal else T  # mean keys a query attends to
+    return 2 * 2 * ctx * d  # QKᵀ and AV
+
+
+def make_plan(spec: S.Spec, compiled) -> Plan:
+    mesh, rank = compiled.mesh, compiled.rank
+    B_local, T = compiled.static.batch
+    m = spec.model
+    d, wb = m.d_model, BYTES[m.dtype]
+    total, active = count_parameters(spec)
+    flops = padded = 0.0
+    on_device = experts_here = 0
+    act_per_token = 0.0
+    ep_rank = rank % mesh.expert_parallel
+    for layer in spec.layers:
+        n, _ = layer_params(spec, layer)
+        cfg, kind = layer.config, layer.kind
+        pre = norm_params(m.norm, d) if getattr(cfg, "prenorm", False) else 0
+        if kind == "moe":
+            name = f"layers.{layer.index}"
+            e, g = cfg.experts, cfg.gate
+            per = expert_params(d, e)
+            local = len(compiled.placements[name].slots[ep_rank])
+            on_device += n - e.count * per + local * per
+            experts_here += local * per
+            shared = e.shared.count * ffn_params(d, e.shared.hidden, e.glu, e.bias) if e.shared else 0
+            fixed = 2 * (router_params(d, cfg)[1] + shared)
+            f = fixed + 2 * cfg.experts_per_token * per
+            flops += f
+            if g.has_capacity or g.type == "softmax":  # every slot of the buffer is computed
+                n_tok = B_local * T // compiled.comms[name].groups
+                C = n_tok if g.type == "softmax" else g.capacity(n_tok, e.count)
+                padded += fixed + 2 * per * C * e.count / n_tok
+            else:
+                padded += f
+            act_per_token += 3 * d + cfg.experts_per_token * (2 * d + (3 if e.glu else 2) * e.hidden)
+            continue
+        on_device += n
+        f = 0.0
+        if kind == "attention":
+            f = 2 * (n - pre) + _attention_flops(spec, cfg, T)
+            act_per_token += 8 * d
+        elif kind in ("ffn", "lstm"):
+            f = 2 * (n - pre)
+            act_per_token += 2 * d + (3 if cfg.glu else 2) * cfg.hidden if kind == "ffn" else 6 * d * cfg.layers
+        elif kind == "head":
+            f = 2 * d * m.vocab_size
+            act_per_token += m.vocab_size
+        else:  # embedding (a lookup), norm
+            act_per_token += d
+        flops += f
+        padded += f
+    layers, send, recv = _traffic(spec, compiled, B_local, T, wb)
+    return Plan(
+        spec=spec.name, world=mesh.world, nodes=mesh.nodes, devices_per_node=mesh.devices_per_node,
+        expert_parallel=mesh.expert_parallel, data_parallel=mesh.data_parallel, rank=rank,
+        batch=(B_local * mesh.world, T), dtype=m.dtype, params_total=total, params_active_per_token=active,
+        params_on_device=on_device, expert_params_on_device=experts_here,
+        flops_per_token_forward=flops, flops_per_token_train=3 * flops, flops_per_token_forward_padded=padded,
+        memory_weights=on_device * wb, memory_train_states=on_device * 16,
+        memory_activations=int(act_per_token * B_local * T * wb), a2a_send_bytes=send, a2a_recv_bytes=recv,
+        capturable=compiled.static.capturable, layers=layers)
+
+
+def _traffic(spec, compiled, B_local, T, wb):
+    mesh, rank = compiled.mesh, compiled.rank
+    g = mesh_graph(mesh)
+    P = mesh.expert_parallel
+    ep_rank, group0 = rank % P, rank - rank % P
+    d = spec.model.d_model
+    S_local = B_local * T
+    layers, send, recv = [], {"intra": 0, "inter": 0}, {"intra": 0, "inter": 0}
+    for info in spec.moe_layers:
+        name = f"layers.{info.index}"
+        comm, lp, cfg = compiled.comms[name], compiled.placements[name], info.config
+        t = LayerTraffic(layer=name, scope=comm.scope, layout=comm.layout, capacity=None,
+                         send_bytes={"intra": 0, "inter": 0}, recv_bytes={"intra": 0, "inter": 0},
+                         messages={"intra": 0, "inter": 0})
+        if comm.scope == "global":  # all-gather of tokens, and its gradient
+            for r in range(mesh.world):
+                if r != rank:
+                    kind = link(g, rank, r)
+                    t.send_bytes[kind] += 2 * S_local * d * wb
+                    t.recv_bytes[kind] += 2 * S_local * d * wb
+                    t.messages[kind] += 2
+        if comm.expert_parallel:
+            E = cfg.experts.count
+            if comm.layout == "capacity":
+                n_tok = S_local // comm.groups
+                C = comm.groups * (n_tok if cfg.gate.type == "softmax" else cfg.gate.capacity(n_tok, E))
+                t.capacity = C
+                rows_to = [C * n for n in lp.sends(ep_rank)]
+                rows_from = [C * n for n in lp.receives(ep_rank)]
+            else:  # balanced routing: k·S assignments spread over the experts' hosts
+                k = cfg.experts_per_token
+                share = [len(lp.slots[r]) / max(sum(len(s) for s in lp.slots), 1) for r in range(P)]
+                rows_to = [k * S_local * share[r] for r in range(P)]
+                rows_from = [k * S_local * share[ep_rank]] * P
+            # dispatch + combine, forward and backward: 4 trips of the same size each way
+            per_node = min(P, mesh.devices_per_node)
+            if comm.algorithm == "hierarchical" and P > per_node and P % per_node == 0:
+                node, local = divmod(ep_rank, per_node)
+                for r in range(P):  # stage 1 to the right local rank, stage 2 to the right node
+                    n2, l2 = divmod(r, per_node)
+                    for kind, moves in (("intra", l2 != local), ("inter", n2 != node)):
+                        if moves:
+                            t.send_bytes[kind] += 4 * rows_to[r] * d * wb
+                            t.recv_bytes[kind] += 4 * rows_from[r] * d * wb
+                t.messages["intra"] += 4 * (per_node - 1)
+                t.messages["inter"] += 4 * (P // per_node - 1)
+            else:
+                for r in range(P):
+                    if r == ep_rank:
+                        continue
+                    kind = link(g, rank, group0 + r)
+                    t.send_bytes[kind] += 4 * rows_to[r] * d * wb
+                    t.recv_bytes[kind] += 4 * rows_from[r] * d * wb
+                    t.messages[kind] += 4
+        for kind in ("intra", "inter"):
+            send[kind] += int(t.send_bytes[kind])
+            recv[kind] += int(t.recv_bytes[kind])
+            t.send_bytes[kind], t.recv_bytes[kind] = int(t.send_bytes[kind]), int(t.recv_bytes[kind])
+        layers.append(t)
+    return layers, send, recv
+
+
+def human_bytes(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def human_flops(n: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}FLOP"
+    return f"{n:.0f} FLOP"
+
+
+__all__ = ["Plan", "make_plan", "mesh_graph", "human_bytes", "human_flops", "math"]

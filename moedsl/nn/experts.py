@@ -1,0 +1,124 @@
+"""Experts as stacked weights: w_in [E, d, h], w_out [E, h, d] (and w_gate [E, d, h] for GLU).
+
+A 2048-expert layer is three parameters, not 2048 modules. An ``Experts`` module holds
+the experts one rank hosts (``expert_ids``: their global ids, a replica may appear on
+several ranks) and computes them as one batched GEMM over a capacity buffer
+[E_local, C, d], or as grouped GEMMs over rows grouped by expert (dropless).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import rng
+from .grouped import grouped_matmul
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu, "geglu": F.gelu}
+
+
+class Experts(nn.Module):
+    def __init__(self, d_model: int, hidden: int, activation: str, expert_ids: Sequence[int], *,
+                 bias: bool = False, dropout: float = 0.0, init_scale: float = 1.0, seed: int = 0,
+                 layer: int = 0, init: bool = True):
+        super().__init__()
+        E = len(expert_ids)
+        self.d_model, self.hidden, self.activation = d_model, hidden, activation
+        self.glu = activation in ("swiglu", "geglu")
+        self.act = ACTIVATIONS[activation]
+        self.dropout = dropout
+        self.init_scale, self.seed, self.layer = init_scale, seed, layer
+        self.register_buffer("expert_ids", torch.as_tensor(list(expert_ids), dtype=torch.int64))
+        self.w_in = nn.Parameter(torch.empty(E, d_model, hidden))
+        self.w_gate = nn.Parameter(torch.empty(E, d_model, hidden)) if self.glu else None
+        self.w_out = nn.Parameter(torch.empty(E, hidden, d_model))
+        self.b_in = nn.Parameter(torch.zeros(E, hidden)) if bias else None
+        self.b_gate = nn.Parameter(torch.zeros(E, hidden)) if bias and self.glu else None
+        self.b_out = nn.Parameter(torch.zeros(E, d_model)) if bias else None
+        if init and self.w_in.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Truncated normal with std = sqrt(init_scale / fan_in) (Switch: init_scale 0.1), each
+        expert's values a function of (seed, layer, global expert id): the same weights
+        whichever rank hosts the expert."""
+        for name, fan_in in (("w_in", self.d_model), ("w_gate", self.d_model), ("w_out", self.hidden)):
+            w = getattr(self, name)
+            if w is None:
+                continue
+            per = w[0].numel()
+            idx = self.expert_ids.to(w.device)[:, None] * per + torch.arange(per, device=w.device)
+            std = math.sqrt(self.init_scale / fan_in)
+            w.copy_(rng.truncated_normal(self.seed, rng.stream_id(self.layer, name), idx, std).view_as(w))
+        for b in (self.b_in, self.b_gate, self.b_out):
+            if b is not None:
+                b.zero_()
+
+    def _hidden(self, x: torch.Tensor, mm, b_in, b_gate) -> torch.Tensor:
+        h = mm(x, self.w_in)
+        if b_in is not None:
+            h = h + b_in
+        if self.glu:
+            g = mm(x, self.w_gate)
+            if b_gate is not None:
+                g = g + b_gate
+            h = self.act(g) * h  # SwiGLU: silu(x·W1) ⊙ (x·W3); GEGLU with gelu
+        else:
+            h = self.act(h)
+        return F.dropout(h, self.dropout, self.training) if self.dropout else h
+
+    def forward(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [E_local, T, d] (a capacity buffer) -> [E_local, T, d]; or x [N, d] rows grouped
+        by local expert with ``sizes`` [E_local] -> [N, d]."""
+        w = self.w_in
+        if x.dtype != w.dtype and not torch.is_autocast_enabled():
+            x = x.to(w.dtype)
+        if sizes is None:
+            bias = (lambda b: None if b is None else b[:, None, :])
+            h = self._hidden(x, torch.bmm, bias(self.b_in), bias(self.b_gate))
+            y = torch.bmm(h, self.w_out)
+            return y if self.b_out is None else y + self.b_out[:, None, :]
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+        def mm(a, b):
+            return grouped_matmul(a.to(dt), b.to(dt), sizes)
+
+        owner = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), sizes, output_size=x.shape[0]) \
+            if self.b_in is not None else None
+        bias = (lambda b: None if b is None else b[owner])
+        h = self._hidden(x, mm, bias(self.b_in), bias(self.b_gate))
+        y = mm(h, self.w_out)
+        return y if self.b_out is None else y + self.b_out[owner]
+
+    def extra_repr(self) -> str:
+        return (f"experts={len(self.expert_ids)}, d_model={self.d_model}, hidden={self.hidden}, "
+                f"activation={self.activation}")
+
+
+class DenseFFN(nn.Module):
+    """A position-wise FFN (dense layer, or the shared experts of a DeepSeekMoE layer)."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str, bias: bool = False, dropout: float = 0.0,
+                 init_std: float = 0.02):
+        super().__init__()
+        self.glu = activation in ("swiglu", "geglu")
+        self.act = ACTIVATIONS[activation]
+        self.dropout = dropout
+        self.w_in = nn.Linear(d_model, hidden, bias=bias)
+        self.w_gate = nn.Linear(d_model, hidden, bias=bias) if self.glu else None
+        self.w_out = nn.Linear(hidden, d_model, bias=bias)
+        for lin in (self.w_in, self.w_gate, self.w_out):
+            if lin is not None and lin.weight.device.type != "meta":
+                nn.init.normal_(lin.weight, std=init_std)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.w_gate(x)) * self.w_in(x) if self.glu else self.act(self.w_in(x))
+        if self.dropout:
+            h = F.dropout(h, self.dropout, self.training)
+        return self.w_out(h)

@@ -1,0 +1,472 @@
+"""Gates: every router of MOE_REFERENCE.md, each computing exactly its formulas.
+
+A gate maps the tokens x [S, d] of a routing batch (split into G groups) to a
+``Routing``. Routers compute in the spec's router dtype (float32: Switch's selective
+precision) outside autocast. All randomness comes from ``moedsl.nn.rng`` keyed by the
+token's index in the global batch (``offset`` + position), so it does not depend on
+how the batch is spread over ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import spec as S
+from . import rng
+from .grouped import grouped_matmul
+from .routing import (Routing, assign_slots, balance_loss, bucket_positions, cv_squared, load_estimate,
+                      z_loss)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Choice:
+    """What a top-k style gate chose for the tokens of G groups of n."""
+
+    expert: torch.Tensor  # [G, n, k] int64
+    weight: torch.Tensor  # [G, n, k] float
+    routed: Optional[torch.Tensor] = None  # [G, n, k] bool: the assignment exists (GShard's random 2nd)
+    losses: dict = field(default_factory=dict)  # unweighted, differentiable
+
+
+def _no_autocast(device: torch.device):
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class Gate(nn.Module):
+    """Base of the top-k style gates: capacity, drops, losses and statistics are shared."""
+
+    def __init__(self, gate: S.Gate, losses: S.Losses, d_model: int, num_experts: int,
+                 router_dtype: str = "float32", seed: int = 0, layer: int = 0):
+        super().__init__()
+        self.spec, self.loss_weights = gate, losses
+        self.d_model, self.num_experts = d_model, num_experts
+        self.router_dtype = DTYPES[router_dtype]
+        self.seed, self.layer = seed, layer
+        self.register_buffer("rng_step", torch.zeros((), dtype=torch.int64))
+        if gate.bias_balancing_rate is not None:
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
+            self.register_buffer("load_acc", torch.zeros(num_experts))
+
+    def _apply(self, fn, recurse=True):
+        """Casting the model (to bfloat16, say) leaves the balancing bias and load in float32:
+        rate-sized steps would vanish in 8 mantissa bits."""
+        super()._apply(fn, recurse)
+        for name in ("expert_bias", "load_acc"):
+            if name in self._buffers and self._buffers[name].is_floating_point():
+                self._buffers[name] = self._buffers[name].float()
+        return self
+
+    # -- helpers -------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        with _no_autocast(x.device):
+            return F.linear(x.to(self.router_dtype), weight.to(self.router_dtype)).float()
+
+    def stream(self, purpose: str) -> torch.Tensor:
+        return (self.rng_step * 0x9E3779B1 + rng.stream_id(self.layer, purpose)) & 0xFFFFFFFF
+
+    def jitter(self, x: torch.Tensor, gidx: torch.Tensor) -> torch.Tensor:
+        """Switch's router jitter: x · U(1 − ε, 1 + ε), training only."""
+        eps = self.spec.jitter
+        if not (self.training and eps > 0):
+            return x
+        d = x.shape[-1]
+        idx = gidx[..., None] * d + torch.arange(d, device=x.device)
+        u = rng.uniform(self.seed, self.stream("jitter"), idx)
+        return x * (1 - eps + 2 * eps * u).to(x.dtype)
+
+    def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """Indices of the top k of scores (+ the balancing bias, which only chooses)."""
+        if self.spec.bias_balancing_rate is not None:
+            scores = scores + self.expert_bias
+        return torch.topk(scores, k, dim=-1).indices
+
+    def importance(self, weight: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """CV² of Importance = Σ_x G(x) per group (G(x) zero off the chosen experts)."""
+        G = weight.shape[0]
+        imp = torch.zeros(G, self.num_experts, device=weight.device, dtype=torch.float32)
+        imp = imp.scatter_add(1, expert.reshape(G, -1), weight.reshape(G, -1).float())
+        return cv_squared(imp).mean()
+
+    # -- forward -------------------------------------------------------------------
+    def choose(self, x: torch.Tensor, ids: Optional[torch.Tensor], gidx: torch.Tensor) -> Choice:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None, rank: int = 0,
+                groups: int = 1) -> Routing:
+        """Route the S tokens of ``x`` [S, d] in ``groups`` groups. ``rank``: this batch is the
+        rank-th of equal shares of the global batch (its tokens start at rank · S there)."""
+        Sn, d = x.shape
+        G, n = groups, Sn // groups
+        E = self.num_experts
+        gidx = (rank * Sn + torch.arange(Sn, device=x.device)).view(G, n)
+        ids = token_ids.reshape(G, n) if token_ids is not None else None
+        choice = self.choose(x.reshape(G, n, d), ids, gidx)
+        k = choice.expert.shape[-1]
+        if self.spec.type == "softmax":
+            cap = n  # dense: every expert takes every token of its group
+        elif self.spec.has_capacity:
+            cap = self.spec.capacity(n, E, self.training)
+        else:
+            cap = None
+        priority = choice.weight.max(dim=-1).values if self.spec.drop_priority == "score" else None
+        slot = assign_slots(choice.expert, choice.routed, E, cap, priority)
+        routed = choice.routed if choice.routed is not None else torch.ones_like(slot, dtype=torch.bool)
+        weight = torch.where(slot >= 0, choice.weight, torch.zeros_like(choice.weight))
+        load = torch.zeros(E, device=x.device, dtype=torch.float32).scatter_add_(
+            0, choice.expert.reshape(-1), routed.reshape(-1).float())
+        if self.training and self.spec.bias_balancing_rate is not None:
+            self.load_acc += load.detach()
+        if self.training:
+            self.rng_step += 1
+        token = torch.arange(Sn, device=x.device).view(G, n, 1).expand(G, n, k)
+        return Routing(
+            token=token.reshape(-1), expert=choice.expert.reshape(-1), weight=weight.reshape(-1),
+            slot=slot.reshape(-1), num_tokens=Sn, num_experts=E,
+            capacity=None if cap is None else G * cap,
+            aux_loss=self.weigh(choice.losses, x), losses={k_: v.detach() for k_, v in choice.losses.items()},
+            expert_load=load.detach(), dropped=(routed & (slot < 0)).sum())
+
+    def weigh(self, losses: dict, x: torch.Tensor) -> torch.Tensor:
+        total = x.new_zeros((), dtype=torch.float32)
+        for name, value in losses.items():
+            w = getattr(self.loss_weights, name)
+            if w:
+                total = total + w * value
+        return total
+
+    @torch.no_grad()
+    def balance_step(self, load: Optional[torch.Tensor] = None) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): b_i += γ · sign(mean load − load_i), from the
+        assignments counted since the last step (``load``: those summed over ranks)."""
+        if self.spec.bias_balancing_rate is None:
+            return
+        load = self.load_acc if load is None else load
+        self.expert_bias += self.spec.bias_balancing_rate * torch.sign(load.mean() - load)
+        self.load_acc.zero_()
+
+    def extra_repr(self) -> str:
+        g = self.spec
+        cap = f"capacity_factor={g.capacity_factor}" if g.has_capacity else "dropless"
+        return f"type={g.type}, experts={self.num_experts}, k={g.k}, {cap}"
+
+
+class SoftmaxGate(Gate):
+    """Dense softmax gating: G(x) = softmax(x·W_g), every expert computes every token."""
+
+    def __init__(self, *a, init_std: float = 0.02, **kw):
+        super().__init__(*a, **kw)
+        self.weight = nn.Parameter(torch.randn(self.num_experts, self.d_model) * init_std)
+
+    def choose(self, x, ids, gidx):
+        logits = self.linear(self.jitter(x, gidx), self.weight)
+        probs = torch.softmax(logits, dim=-1)
+        G, n, E = probs.shape
+        expert = torch.arange(E, device=x.device).expand(G, n, E)
+        return Choice(expert, probs, losses=self._losses(logits, probs, expert))
+
+    def _losses(self, logits, probs, expert):
+        out = {}
+        if self.loss_weights.importance:
+            out["importance"] = self.importance(probs, expert)
+        if self.loss_weights.z_loss:
+            out["z_loss"] = z_loss(logits)
+        return out
+
+
+class NoisyTopKGate(Gate):
+    """Shazeer's noisy top-k: H = x·W_g + N(0,1)·softplus(x·W_noise) (training only),
+    G = softmax(KeepTopK(H, k)). W_g = W_noise = 0 at the start."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.d_model))
+        self.noise_weight = nn.Parameter(torch.zeros(self.num_experts, self.d_model))
+
+    def choose(self, x, ids, gidx):
+        x = self.jitter(x, gidx)
+        clean = self.linear(x, self.weight)
+        std = F.softplus(self.linear(x, self.noise_weight)) + self.spec.noise_epsilon
+        noisy = clean
+        if self.training:
+            E = self.num_experts
+            idx = gidx[..., None] * E + torch.arange(E, device=x.device)
+            noisy = clean + rng.normal(self.seed, self.stream("noise"), idx) * std
+        k = self.spec.k
+        expert = self.select(noisy, k)
+        weight = torch.softmax(noisy.gather(-1, expert), dim=-1)
+        lw, out = self.loss_weights, {}
+        if lw.importance:
+            out["importance"] = self.importance(weight, expert)
+        if lw.load:
+            if self.training:
+                load = load_estimate(clean, noisy, std, k).sum(dim=1)
+            else:  # no noise, no estimator: the load is the count
+                load = torch.zeros_like(clean[:, 0]).scatter_add(1, expert.flatten(1),
+                                                                 torch.ones_like(expert.flatten(1), dtype=clean.dtype))
+            out["load"] = cv_squared(load).mean()
+        if lw.balance:
+            out["balance"] = balance_loss(torch.softmax(clean, -1), expert, None)
+        if lw.z_loss:
+            out["z_loss"] = z_loss(clean)
+        return Choice(expert, weight, losses=out)
+
+
+class TopKGate(Gate):
+    """Top-k gating (Mixtral): weights = the scores of the k chosen experts, renormalised to
+    sum 1 (for softmax scores: the softmax over the selected logits). score: sigmoid gives
+    DeepSeek-V3's sigmoid affinities."""
+
+    def __init__(self, *a, init_std: float = 0.02, **kw):
+        super().__init__(*a, **kw)
+        self.weight = nn.Parameter(torch.randn(self.num_experts, self.d_model) * init_std)
+
+    def choose(self, x, ids, gidx):
+        logits = self.linear(self.jitter(x, gidx), self.weight)
+        if self.spec.score == "sigmoid":
+            scores = torch.sigmoid(logits)
+            probs = scores / scores.sum(-1, keepdim=True)
+        else:
+            scores = probs = torch.softmax(logits, dim=-1)
+        expert = self.select(scores, self.spec.k)
+        weight = scores.gather(-1, expert)
+        if self.spec.normalize:
+            weight = weight / weight.sum(-1, keepdim=True)
+        lw, out = self.loss_weights, {}
+        if lw.importance:
+            out["importance"] = self.importance(weight, expert)
+        if lw.balance:
+            out["balance"] = balance_loss(probs, expert, None)
+        if lw.z_loss:
+            out["z_loss"] = z_loss(logits)
+        return Choice(expert, weight, losses=out)
+
+
+class SwitchGate(Gate):
+    """Switch: p = softmax(x·W_r) in float32, expert = argmax p, weight = p_expert."""
+
+    def __init__(self, *a, init_std: float = 0.02, **kw):
+        super().__init__(*a, **kw)
+        self.weight = nn.Parameter(torch.randn(self.num_experts, self.d_model) * init_std)
+
+    def choose(self, x, ids, gidx):
+        logits = self.linear(self.jitter(x, gidx), self.weight)
+        probs = torch.softmax(logits, dim=-1)
+        expert = self.select(probs, 1)
+        weight = probs.gather(-1, expert)
+        lw, out = self.loss_weights, {}
+        if lw.importance:
+            out["importance"] = self.importance(weight, expert)
+        if lw.balance:
+            out["balance"] = balance_loss(probs, expert, None)
+        if lw.z_loss:
+            out["z_loss"] = z_loss(logits)
+        return Choice(expert, weight, losses=out)
+
+
+class GShardGate(Gate):
+    """GShard top-2: g1, g2 the two largest probabilities, normalised by g1 + g2; the second
+    expert is used only with probability min(1, 2·g2) (second_expert: random)."""
+
+    def __init__(self, *a, init_std: float = 0.02, **kw):
+        super().__init__(*a, **kw)
+        self.weight = nn.Parameter(torch.randn(self.num_experts, self.d_model) * init_std)
+
+    def choose(self, x, ids, gidx):
+        logits = self.linear(self.jitter(x, gidx), self.weight)
+        probs = torch.softmax(logits, dim=-1)
+        expert = self.select(probs, 2)
+        weight = probs.gather(-1, expert)
+        if self.spec.normalize:
+            weight = weight / weight.sum(-1, keepdim=True)
+        routed = torch.ones_like(expert, dtype=torch.bool)
+        if self.spec.second_expert == "random":
+            u = rng.uniform(self.seed, self.stream("second"), gidx)
+            routed = torch.stack([routed[..., 0], 2 * weight[..., 1].detach() > u], dim=-1)
+        lw, out = self.loss_weights, {}
+        if lw.importance:
+            out["importance"] = self.importance(weight * routed, expert)
+        if lw.balance:  # c_e: tokens whose first choice is e
+            out["balance"] = balance_loss(probs, expert[..., :1], None)
+        if lw.z_loss:
+            out["z_loss"] = z_loss(logits)
+        return Choice(expert, weight, routed=routed, losses=out)
+
+
+class HashGate(Gate):
+    """Hash layers: expert = hash(token id) mod E (a fixed random table over the vocabulary), weight 1."""
+
+    def __init__(self, *a, vocab_size: int, **kw):
+        super().__init__(*a, **kw)
+        ids = torch.arange(vocab_size, dtype=torch.int64)
+        table = (rng.uniform(self.spec.hash_seed, rng.stream_id("hash"), ids, torch.float64)
+                 * self.num_experts).long().clamp_(max=self.num_experts - 1)
+        self.register_buffer("table", table)
+
+    def choose(self, x, ids, gidx):
+        if ids is None:
+            raise ValueError("a hash gate needs the token ids")
+        expert = self.table[ids][..., None]
+        return Choice(expert, torch.ones_like(expert, dtype=torch.float32))
+
+
+class ExpertChoiceGate(Gate):
+    """Expert choice: S = softmax(X·W_g) over the n tokens of a group; each expert takes its top
+    k_e = capacity_factor·n/E tokens. A token no expert picked gets 0. Optional cap on the
+    experts per token (kept greedily by weight)."""
+
+    def __init__(self, *a, init_std: float = 0.02, **kw):
+        super().__init__(*a, **kw)
+        self.weight = nn.Parameter(torch.randn(self.num_experts, self.d_model) * init_std)
+
+    def forward(self, x, token_ids=None, rank=0, groups=1):
+        Sn, d = x.shape
+        G, n, E = groups, Sn // groups, self.num_experts
+        gidx = (rank * Sn + torch.arange(Sn, device=x.device)).view(G, n)
+        logits = self.linear(self.jitter(x.reshape(G, n, d), gidx), self.weight)
+        probs = torch.softmax(logits, dim=-1)
+        C = self.spec.capacity(n, E, self.training)
+        weight, idx = torch.topk(probs.transpose(1, 2), C, dim=-1)  # [G, E, C]
+        token = idx + n * torch.arange(G, device=x.device)[:, None, None]
+        expert = torch.arange(E, device=x.device)[None, :, None].expand(G, E, C)
+        slot = (C * torch.arange(G, device=x.device)[:, None, None] + torch.arange(C, device=x.device)).expand(G, E, C)
+        token, expert, weight, slot = (t.reshape(-1) for t in (token, expert, weight, slot))
+        dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+        cap = self.spec.max_experts_per_token
+        if cap is not None:  # keep each token's `cap` highest-weight experts
+            order = torch.sort(-weight.detach(), stable=True).indices
+            rank = torch.empty_like(token).scatter_(0, order, bucket_positions(token[order], Sn))
+            over = rank >= cap
+            slot = torch.where(over, torch.full_like(slot, -1), slot)
+            weight = torch.where(over, torch.zeros_like(weight), weight)
+            dropped = over.sum()
+        losses = {"z_loss": z_loss(logits)} if self.loss_weights.z_loss else {}
+        if self.training:
+            self.rng_step += 1
+        return Routing(token=token, expert=expert, weight=weight, slot=slot, num_tokens=Sn, num_experts=E,
+                       capacity=G * C, aux_loss=self.weigh(losses, x),
+                       losses={k: v.detach() for k, v in losses.items()},
+                       expert_load=torch.full((E,), float(G * C), device=x.device), dropped=dropped)
+
+
+class HierarchicalGate(Gate):
+    """Shazeer's hierarchical MoE: a primary gate over a groups, and in each group a secondary
+    gate over its b experts, applied only to the tokens sent to that group:
+    weight(i, j) = G_primary(x)_i · G_i(x)_j, expert id = i·b + j."""
+
+    def __init__(self, gate: S.Gate, losses: S.Losses, d_model: int, num_experts: int,
+                 hierarchy: S.Hierarchy, init_std: float = 0.02, **kw):
+        super().__init__(gate, losses, d_model, num_experts, **kw)
+        self.h = hierarchy
+        a, b, d = hierarchy.groups, hierarchy.experts_per_group, d_model
+
+        def weights(*shape, sub):
+            if sub.type == "noisy_topk":  # Shazeer: zero init for W_g and W_noise
+                return nn.Parameter(torch.zeros(*shape)), nn.Parameter(torch.zeros(*shape))
+            return nn.Parameter(torch.randn(*shape) * init_std), None
+
+        self.primary_weight, self.primary_noise_weight = weights(a, d, sub=hierarchy.primary)
+        self.secondary_weight, self.secondary_noise_weight = weights(a, b, d, sub=hierarchy.secondary)
+
+    def _level(self, sub: S.SubGate, clean, std, noise_idx, purpose):
+        """One level's choice: (top indices, weights, noisy logits)."""
+        noisy = clean
+        if std is not None and self.training:
+            noisy = clean + rng.normal(self.seed, self.stream(purpose), noise_idx) * std
+        if sub.type == "softmax":
+            probs = torch.softmax(noisy, dim=-1)
+            idx = torch.arange(clean.shape[-1], device=clean.device).expand_as(clean)
+            return idx, probs, noisy
+        idx = torch.topk(noisy, sub.k, dim=-1).indices
+        vals = noisy.gather(-1, idx)
+        if sub.type == "noisy_topk" or sub.normalize:
+            w = torch.softmax(vals, dim=-1)
+        else:
+            w = torch.softmax(noisy, dim=-1).gather(-1, idx)
+        return idx, w, noisy
+
+    def choose(self, x, ids, gidx):
+        h, lw = self.h, self.loss_weights
+        a, b = h.groups, h.experts_per_group
+        G, n, d = x.shape
+        x = self.jitter(x, gidx)
+        # primary
+        clean_p = self.linear(x, self.primary_weight)
+        std_p = (F.softplus(self.linear(x, self.primary_noise_weight)) + h.primary.noise_epsilon
+                 if self.primary_noise_weight is not None else None)
+        nidx = gidx[..., None] * a + torch.arange(a, device=x.device)
+        gi, gw, noisy_p = self._level(h.primary, clean_p, std_p, nidx, "primary")  # [G, n, k1]
+        k1 = gi.shape[-1]
+        # secondary, only for the (token, group) pairs the primary chose: grouped by group
+        rows_group = gi.reshape(-1)  # [R]
+        rows_token = torch.arange(G * n, device=x.device).repeat_interleave(k1)
+        order = torch.sort(rows_group, stable=True).indices
+        sizes = torch.bincount(rows_group, minlength=a)
+        xr = x.reshape(G * n, d)[rows_token[order]].to(self.router_dtype)
+        with _no_autocast(x.device):
+            clean_s = grouped_matmul(xr, self.secondary_weight.to(self.router_dtype).transpose(1, 2), sizes).float()
+            std_s = None
+            if self.secondary_noise_weight is not None:
+                raw = grouped_matmul(xr, self.secondary_noise_weight.to(self.router_dtype).transpose(1, 2), sizes)
+                std_s = F.softplus(raw.float()) + h.secondary.noise_epsilon
+        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        clean_s = clean_s[unsort]
+        std_s = std_s[unsort] if std_s is not None else None
+        row_gidx = gidx.reshape(-1).repeat_interleave(k1)
+        sidx = (row_gidx * a + rows_group)[:, None] * b + torch.arange(b, device=x.device)
+        ji, jw, noisy_s = self._level(h.secondary, clean_s, std_s, sidx, "secondary")  # [R, k2]
+        k2 = ji.shape[-1]
+        expert = (gi[..., None] * b + ji.view(G, n, k1, k2)).reshape(G, n, k1 * k2)
+        weight = (gw[..., None] * jw.view(G, n, k1, k2)).reshape(G, n, k1 * k2)
+        out = {}
+        if lw.importance:
+            out["importance"] = self.importance(weight, expert)
+        if lw.load:
+            out["load"] = self._load(clean_p, noisy_p, std_p, gi, clean_s, noisy_s, std_s, rows_group, G, n)
+        if lw.z_loss:
+            out["z_loss"] = z_loss(clean_p) + z_loss(clean_s)
+        return Choice(expert, weight, losses=out)
+
+    def _load(self, clean_p, noisy_p, std_p, gi, clean_s, noisy_s, std_s, rows_group, G, n):
+        """CV² of Load_H(X)_{i,j} = Load_primary(X)_i · Load_i(X^(i))_j / |X^(i)|."""
+        h = self.h
+        a, b = h.groups, h.experts_per_group
+        rg = rows_group.view(G, -1)  # the group of each row, per routing group
+        count = torch.zeros(G, a, device=clean_p.device).scatter_add_(1, rg, torch.ones_like(rg, dtype=torch.float32))
+        if self.training:
+            load_p = load_estimate(clean_p, noisy_p, std_p, h.primary.k).sum(dim=1)  # [G, a]
+            p_s = load_estimate(clean_s, noisy_s, std_s, h.secondary.k).view(G, -1, b)  # [G, n·k1, b]
+        else:  # without noise the loads are counts
+            load_p = count
+            top = torch.topk(clean_s, h.secondary.k, dim=-1).indices
+            p_s = torch.zeros_like(clean_s).scatter_(1, top, 1.0).view(G, -1, b)
+        load_s = torch.zeros(G, a, b, device=clean_p.device).index_put_(
+            (torch.arange(G, device=rg.device)[:, None].expand_as(rg), rg), p_s, accumulate=True)
+        load_h = load_p[..., None] * load_s / count.clamp(min=1)[..., None]
+        return cv_squared(load_h.reshape(G, a * b)).mean()
+
+
+GATES = {"softmax": SoftmaxGate, "noisy_topk": NoisyTopKGate, "topk": TopKGate, "switch": SwitchGate,
+         "gshard": GShardGate, "expert_choice": ExpertChoiceGate, "hash": HashGate}
+
+
+def make_gate(moe: S.MoE, d_model: int, router_dtype: str, seed: int, layer: int, init_std: float,
+              vocab_size: Optional[int] = None) -> Gate:
+    kw = dict(router_dtype=router_dtype, seed=seed, layer=layer)
+    E = moe.experts.count
+    if moe.hierarchy is not None:
+        return HierarchicalGate(moe.gate, moe.losses, d_model, E, moe.hierarchy, init_std=init_std, **kw)
+    cls = GATES[moe.gate.type]
+    if cls is HashGate:
+        return HashGate(moe.gate, moe.losses, d_model, E, vocab_size=vocab_size, **kw)
+    if cls is NoisyTopKGate:
+        return NoisyTopKGate(moe.gate, moe.losses, d_model, E, **kw)
+    return cls(moe.gate, moe.losses, d_model, E, init_std=init_std, **kw)

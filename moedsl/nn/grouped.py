@@ -1,0 +1,48 @@
+"""Grouped matrix products: rows of x, grouped by consecutive runs, each run times its own weight.
+
+``grouped_matmul(x [N, d], w [G, d, h], sizes [G])`` computes, for every group g, the rows
+of run g times w[g]. It uses ``torch._grouped_mm`` where the build has it for the dtype,
+device and alignment, and otherwise pads the runs to the longest into [G, max, d] for one
+``bmm`` (float64 for gradcheck, odd widths). No Python loop over groups either way.
+"""
+from __future__ import annotations
+
+import torch
+
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in _GROUPED_DTYPES or w.dtype != x.dtype:
+        return False
+    if x.device.type == "cpu":
+        align = 16 // x.element_size()  # strides must be multiples of 16 bytes
+        return x.shape[-1] % align == 0 and w.shape[-1] % align == 0
+    if x.device.type == "cuda":
+        # CUDA grouped GEMM takes 16-bit inputs on sm90+ (CUTLASS); others pad
+        return x.dtype in (torch.bfloat16,) and torch.cuda.get_device_capability(x.device)[0] >= 9 and \
+            x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0
+    return False
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, sizes: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """[N, d] rows in G consecutive runs of ``sizes`` (sum = N) times w [G, d, h] -> [N, h]."""
+    if method == "auto":
+        method = "grouped_mm" if _grouped_mm_ok(x, w) else "padded"
+    if method == "grouped_mm":
+        offs = torch.cumsum(sizes, 0).to(torch.int32)
+        return torch._grouped_mm(x, w, offs=offs)
+    return _padded(x, w, sizes)
+
+
+def _padded(x: torch.Tensor, w: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    G, N = w.shape[0], x.shape[0]
+    if N == 0:
+        return x.new_zeros(0, w.shape[-1])
+    longest = int(sizes.max())  # host sync: the padded path is for eager, dynamic shapes
+    group = torch.repeat_interleave(torch.arange(G, device=x.device), sizes, output_size=N)
+    starts = torch.cumsum(sizes, 0) - sizes
+    pos = torch.arange(N, device=x.device) - starts[group]
+    flat = group * longest + pos
+    xp = x.new_zeros(G * longest, x.shape[-1]).index_copy(0, flat, x).view(G, longest, -1)
+    return torch.bmm(xp, w).view(G * longest, -1).index_select(0, flat)

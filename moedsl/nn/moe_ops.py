@@ -1,0 +1,109 @@
+"""The MoE layer's data movement, as plain functions the compiled graph calls.
+
+Two layouts:
+- capacity: ``dispatch`` packs the kept assignments into a buffer [E, C, d] by slot
+  (static shape: CUDA-graph capturable); ``combine`` weights the expert outputs and
+  scatter-adds them back to their tokens. A dropped assignment reads a zero row and has
+  weight 0, so it contributes exactly 0.
+- packed (dropless, or routing over a batch spread across ranks): ``dispatch_packed``
+  sorts the kept assignments by destination slot into rows [N, d] with ``sizes`` per slot;
+  ``combine_packed`` undoes it. Shapes depend on the data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .routing import Routing
+
+
+def _flat_slot(r: Routing) -> torch.Tensor:
+    """Row of each assignment in the [E·C + 1, d] buffer; dropped ones go to the last (zero) row."""
+    E, C = r.num_experts, r.capacity
+    return torch.where(r.slot >= 0, r.expert * C + r.slot, torch.full_like(r.slot, E * C))
+
+
+def dispatch(x: torch.Tensor, r: Routing) -> torch.Tensor:
+    """x [S, d] -> capacity buffer [E, C, d] (empty slots are zero)."""
+    E, C, d = r.num_experts, r.capacity, x.shape[-1]
+    # which token fills each slot (S: a zero row); every kept slot has exactly one token
+    filler = torch.full((E * C + 1,), r.num_tokens, dtype=torch.int64, device=x.device)
+    filler = filler.scatter(0, _flat_slot(r), r.token)[: E * C]
+    padded = torch.cat([x, x.new_zeros(1, d)])
+    return padded.index_select(0, filler).view(E, C, d)
+
+
+def combine(y: torch.Tensor, r: Routing) -> torch.Tensor:
+    """Expert outputs [E, C, d] -> [S, d]: Σ over a token's kept assignments of weight · output."""
+    E, C, d = y.shape
+    rows = torch.cat([y.reshape(E * C, d), y.new_zeros(1, d)]).index_select(0, _flat_slot(r))
+    contrib = rows * r.weight.to(rows.dtype)[:, None]
+    return y.new_zeros(r.num_tokens, d).index_add(0, r.token, contrib)
+
+
+@dataclass
+class Packed:
+    """Kept assignments as rows sorted by destination slot."""
+
+    rows: torch.Tensor  # [N, d]
+    sizes: torch.Tensor  # [n_slots] rows per destination slot
+    index: torch.Tensor  # [N] which assignment of the Routing each row is
+
+
+def dispatch_packed(x: torch.Tensor, r: Routing, slot_of_expert: Optional[torch.Tensor] = None,
+                    n_slots: Optional[int] = None) -> Packed:
+    """x [S, d] -> rows of the kept assignments sorted by destination slot.
+
+    ``slot_of_expert`` [E] maps a global expert to the slot this rank sends it to (ranks'
+    slots numbered rank-major); by default slot = expert (one process)."""
+    if slot_of_expert is None:
+        dest, n_slots = r.expert, r.num_experts
+    else:
+        dest = slot_of_expert.to(r.expert.device)[r.expert]
+    kept = r.slot >= 0
+    key = torch.where(kept, dest, torch.full_like(dest, n_slots))
+    sizes = torch.bincount(key, minlength=n_slots + 1)
+    order = torch.sort(key, stable=True).indices
+    order = order[: int(sizes[:n_slots].sum())]  # drop the dropped (a data-dependent length)
+    return Packed(rows=x.index_select(0, r.token[order]), sizes=sizes[:n_slots], index=order)
+
+
+def combine_packed(y: torch.Tensor, p: Packed, r: Routing) -> torch.Tensor:
+    """Expert outputs in packed row order [N, d] -> [S, d]."""
+    w = r.weight.index_select(0, p.index).to(y.dtype)
+    return y.new_zeros(r.num_tokens, y.shape[-1]).index_add(0, r.token.index_select(0, p.index), y * w[:, None])
+
+
+@dataclass
+class RouterStats:
+    """One MoE layer's routing in one forward (on this rank's tokens)."""
+
+    layer: str
+    tokens_per_expert: torch.Tensor  # [E] assignments computed (after drops)
+    expert_load: torch.Tensor  # [E] assignments the router chose (before drops)
+    dropped: torch.Tensor  # scalar: assignments dropped past capacity
+    assignments: int  # assignments the router made
+    capacity: Optional[int]  # slots per expert, None = dropless
+    losses: dict  # unweighted auxiliary losses
+
+
+def router_stats(r: Routing, layer: str) -> RouterStats:
+    return RouterStats(layer=layer, tokens_per_expert=r.tokens_per_expert().detach(),
+                       expert_load=r.expert_load, dropped=r.dropped, assignments=r.token.numel(),
+                       capacity=r.capacity, losses=r.losses)
+
+
+@dataclass
+class ModelOutput:
+    output: torch.Tensor  # hidden states [B, T, d] or logits [B, T, vocab]
+    aux_loss: torch.Tensor  # scalar: every MoE layer's weighted auxiliary losses, summed
+    router_stats: list  # [RouterStats] per MoE layer
+
+
+def model_output(output: torch.Tensor, aux_losses: tuple, stats: tuple) -> ModelOutput:
+    aux = output.new_zeros((), dtype=torch.float32)
+    for a in aux_losses:
+        aux = aux + a
+    return ModelOutput(output=output, aux_loss=aux, router_stats=list(stats))

@@ -1,0 +1,116 @@
+"""Expert-parallel execution equals the single process (MOE_REFERENCE.md's invariant).
+
+``check(spec, world)`` runs one training forward/backward of ``spec`` on a global batch in
+one process, and the same spec, weights and batch on ``world`` gloo processes (each with
+its share of the batch and its experts), and reports the largest differences of the
+outputs, the aux loss and the gradient of every parameter.
+
+The distributed objective is the single-process one: rank r back-propagates
+(task loss on its tokens + its aux loss) / world; replicated parameters' gradients are
+summed over all ranks, experts' over the ranks holding the same experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .grads import GradSync
+
+
+@dataclass
+class Difference:
+    world: int
+    output: float  # max |distributed - single| over this check's outputs
+    aux_loss: float
+    grad: float  # max over every parameter's gradient
+    worst_param: str
+    params_checked: int
+    dropped: int  # assignments dropped (single process), so a check with drops is visible
+
+    def ok(self, atol: float = 2e-5, rtol: float = 1e-4) -> bool:
+        return max(self.output, self.aux_loss, self.grad) <= atol + rtol
+
+
+def _batch(spec, batch: int, seq: int, seed: int):
+    g = torch.Generator().manual_seed(seed + 1)
+    if spec.model.input == "tokens":
+        return torch.randint(0, spec.model.vocab_size, (batch, seq), generator=g)
+    return torch.randn(batch, seq, spec.model.d_model, generator=g)
+
+
+def _loss(spec, out, inputs) -> torch.Tensor:
+    if spec.model.input == "tokens" and out.output.shape[-1] == spec.model.vocab_size:
+        return F.cross_entropy(out.output.flatten(0, 1).float(), inputs.flatten())
+    return out.output.float().pow(2).mean()
+
+
+def _single(spec, inputs, seed):
+    from moedsl.api import build_model
+
+    model = build_model(spec, seed=seed, dtype=torch.float32)
+    model.train()
+    out = model(inputs)
+    (_loss(spec, out, inputs) + out.aux_loss).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    experts = {n: b.clone() for n, b in model.named_buffers() if n.endswith("expert_ids")}
+    dropped = sum(int(s.dropped) for s in out.router_stats)
+    return out.output.detach(), out.aux_loss.detach(), grads, experts, dropped
+
+
+def _worker(rank: int, world: int, spec_datas: list, batch: int, seq: int, seed: int):
+    torch.set_num_threads(1)
+    return [_check_one(rank, world, data, batch, seq, seed) for data in spec_datas]
+
+
+def _check_one(rank: int, world: int, spec_data, batch: int, seq: int, seed: int):
+    from moedsl.api import build_model, load_spec
+
+    spec = load_spec(spec_data)
+    inputs = _batch(spec, batch, seq, seed)
+    ref_out, ref_aux, ref_grads, ref_experts, dropped = _single(spec, inputs, seed)
+    model = build_model(spec, seed=seed, rank=rank, world_size=world, dtype=torch.float32)
+    model.train()
+    share = batch // world
+    local = inputs[rank * share:(rank + 1) * share]
+    out = model(local)
+    ((_loss(spec, out, local) + out.aux_loss) / world).backward()
+    GradSync(model, model.compiled.mesh, rank)()
+    d_out = (out.output.detach() - ref_out[rank * share:(rank + 1) * share]).abs().max().item()
+    aux = out.aux_loss.detach().clone()
+    dist.all_reduce(aux)
+    d_aux = (aux / world - ref_aux).abs().item()
+    worst, d_grad, checked = "", 0.0, 0
+    for name, p in model.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        if ".experts." in name:
+            ids = dict(model.named_buffers())[name.rsplit(".", 1)[0] + ".expert_ids"]
+            ref = ref_grads.get(name)
+            ref = torch.zeros_like(g) if ref is None else ref[ids]
+        else:
+            ref = ref_grads.get(name, torch.zeros_like(g))
+        diff = (g - ref).abs().max().item() if g.numel() else 0.0
+        checked += 1
+        if diff > d_grad:
+            d_grad, worst = diff, name
+    del ref_experts
+    return Difference(world=world, output=d_out, aux_loss=d_aux, grad=d_grad, worst_param=worst,
+                      params_checked=checked, dropped=dropped)
+
+
+def check(specs, world: int, batch: int = 8, seq: int = 16, seed: int = 0, timeout: float = 300.0) -> list:
+    """For each spec (one, or a list), the per-rank ``Difference``s between a ``world``-process
+    run and the single process: ``result[spec][rank]``. One set of processes checks them all."""
+    from moedsl.api import load_spec
+
+    from .launch import spawn
+
+    single = not isinstance(specs, (list, tuple))
+    datas = [load_spec(s).data for s in ([specs] if single else specs)]
+    if batch % world:
+        raise ValueError(f"batch {batch} does not split over {world} ranks")
+    per_rank = spawn(_worker, world, datas, batch, seq, seed, timeout=timeout)
+    result = [[per_rank[r][i] for r in range(world)] for i in range(len(datas))]
+    return result[0] if single else result
