@@ -48,6 +48,67 @@ def _cmd_schema(args) -> int:
     return 0
 
 
+def _compiled(args):
+    from .api import load_spec
+    from .compiler import compile_graph
+    from .compiler.plan import make_plan
+
+    spec = load_spec(_spec_path(args.spec))
+    batch = None
+    if args.batch or args.seq:
+        batch = (args.batch or spec.train.batch_size, args.seq or spec.train.seq_len)
+    compiled = compile_graph(spec, args.rank, args.world_size, device="meta", batch=batch)
+    return spec, compiled, make_plan(spec, compiled)
+
+
+def _spec_path(p: str):
+    from pathlib import Path
+
+    return Path(p)
+
+
+def _cmd_plan(args) -> int:
+    import json
+
+    from .report import print_plan
+
+    _, _, plan = _compiled(args)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print_plan(plan)
+    return 0
+
+
+def _cmd_compile(args) -> int:
+    from rich.console import Console
+
+    from .compiler.dot import to_dot
+    from .report import print_plan
+
+    spec, compiled, plan = _compiled(args)
+    console = Console()
+    print_plan(plan, console)
+    gm = compiled.module
+    console.rule(f"graph of rank {compiled.rank} of {compiled.mesh.world} (torch.fx)")
+    print(gm.code.strip())
+    if args.dot:
+        from pathlib import Path
+
+        Path(args.dot).write_text(to_dot(gm.graph, spec.name))
+        console.print(f"wrote {args.dot}")
+    return 0
+
+
+def _add_compile_options(p) -> None:
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--world-size", type=_positive, default=None,
+                   help="processes of the run (default: the spec's mesh, else 1)")
+    p.add_argument("--rank", type=int, default=0, help="the rank to compile for (default 0)")
+    p.add_argument("--batch", type=_positive, default=None, help="global batch (sequences; default: the spec's)")
+    p.add_argument("--seq", type=_positive, default=None, help="sequence length (default: the spec's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -63,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check the placement for a run of this many processes")
     v.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     v.set_defaults(func=_cmd_validate)
+
+    c = sub.add_parser("compile", help="compile a spec on the meta device: print its plan and its torch.fx graph")
+    _add_compile_options(c)
+    c.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz DOT")
+    c.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser("plan", help="parameters, FLOPs, memory and all-to-all bytes of a compiled spec")
+    _add_compile_options(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("schema", help="print the JSON Schema of a spec (for editors)")
     s.add_argument("--path", action="store_true", help="print where the schema file is installed instead")

@@ -31,7 +31,10 @@ class Experts(nn.Module):
         self.act = ACTIVATIONS[activation]
         self.dropout = dropout
         self.init_scale, self.seed, self.layer = init_scale, seed, layer
-        self.register_buffer("expert_ids", torch.as_tensor(list(expert_ids), dtype=torch.int64))
+        # which global experts the slots hold: real even on the meta device (it is metadata)
+        here = torch.get_default_device()
+        self.register_buffer("expert_ids", torch.tensor(list(expert_ids), dtype=torch.int64,
+                                                        device="cpu" if here.type == "meta" else here))
         self.w_in = nn.Parameter(torch.empty(E, d_model, hidden))
         self.w_gate = nn.Parameter(torch.empty(E, d_model, hidden)) if self.glu else None
         self.w_out = nn.Parameter(torch.empty(E, hidden, d_model))

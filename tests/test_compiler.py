@@ -1,0 +1,179 @@
+"""The compiler: graph structure, passes, the plan, and the compile / plan commands."""
+from __future__ import annotations
+
+import json
+import operator
+from pathlib import Path
+
+import pytest
+import torch
+
+import moedsl
+from moedsl.cli import main
+from moedsl.compiler import compile_graph
+from moedsl.compiler.passes.verify import GraphError, verify
+from moedsl.compiler.plan import make_plan
+from moedsl.params import count_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["shazeer-lstm-moe", "hierarchical-moe", "gshard", "switch", "st-moe", "glam", "expert-choice",
+         "mixtral", "dropless", "hash", "deepseek-shared"]
+
+
+def spec(name):
+    return moedsl.load_spec(ROOT / "specs" / f"{name}.yaml")
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_parameter_count_equals_the_modules(name):
+    s = spec(name)
+    model = moedsl.build_model(s)
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(s)[0]
+
+
+@pytest.mark.parametrize("name", ["switch-c-2048", "shazeer-131k", "mixtral-8x7b"])
+def test_full_size_specs_compile_on_meta(name):
+    s = spec(name)
+    compiled = compile_graph(s, world_size=1, device="meta")
+    n = sum(p.numel() for p in compiled.module.parameters())
+    assert n == count_parameters(s)[0]
+    assert all(p.device.type == "meta" for p in compiled.module.parameters())
+
+
+def test_experts_are_stacked_parameters_not_modules():
+    small = compile_graph(spec("switch"), device="meta").module
+    big = compile_graph(spec("switch-c-2048"), world_size=1, device="meta").module
+    n_small = sum(1 for _ in small.get_submodule("layers.2").parameters())
+    n_big = sum(1 for _ in big.get_submodule("layers.2").parameters())
+    assert n_small == n_big  # 8 or 2048 experts: the same few tensors
+    assert big.get_submodule("layers.2.experts").w_in.shape == (2048, 2080, 6144)
+
+
+def test_moe_layers_lower_to_named_nodes():
+    gm = compile_graph(spec("switch"), device="meta").module
+    names = [n.name for n in gm.graph.nodes]
+    for i in (2, 4, 6, 8):
+        seq = [f"layers_{i}_route", f"layers_{i}_dispatch", f"layers_{i}_experts", f"layers_{i}_combine"]
+        assert [names.index(n) for n in seq] == sorted(names.index(n) for n in seq)
+    assert not any("a2a" in n for n in names)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_collectives_inserted_where_experts_are_remote(world):
+    c = compile_graph(spec("switch"), rank=1, world_size=world, device="meta")
+    roles = [(n.meta.get("moe_layer"), n.meta.get("role")) for n in c.module.graph.nodes
+             if n.meta.get("role") in ("a2a_dispatch", "a2a_combine")]
+    assert len(roles) == 2 * 4
+    # static capacity layout, local routing (4 routing groups split over 2 and 4 ranks)
+    assert {(cm.scope, cm.layout) for cm in c.comms.values()} == {("local", "capacity")}
+    assert c.static.capturable
+    # the experts of rank 1
+    assert c.module.get_submodule("layers.2.experts").expert_ids.tolist() == (
+        [4, 5, 6, 7] if world == 2 else [2, 3])
+
+
+def test_global_routing_gathers_and_goes_packed():
+    c = compile_graph(spec("mixtral"), rank=0, world_size=2, device="meta")  # dropless + balance loss
+    comm = next(iter(c.comms.values()))
+    assert (comm.scope, comm.layout, comm.expert_parallel) == ("global", "packed", True)
+    roles = {n.meta.get("role") for n in c.module.graph.nodes}
+    assert {"route_gather", "route_local", "a2a_dispatch", "a2a_combine"} <= roles
+    assert not c.static.capturable
+
+
+def test_expert_parallel_one_has_no_all_to_all():
+    s = moedsl.load_spec({**spec("switch").data, "placement": {"expert_parallel": 1, "data_parallel": 2}})
+    c = compile_graph(s, rank=1, world_size=2, device="meta")
+    assert not any(n.meta.get("role", "").startswith("a2a") for n in c.module.graph.nodes)
+
+
+def test_static_shapes_recorded():
+    c = compile_graph(spec("switch"), rank=0, world_size=4, device="meta", batch=(16, 64))
+    shapes = c.static.shapes
+    # per rank 4 sequences × 64 tokens, 1 group: C = ceil(1.25 · 256 / 8) = 40
+    assert shapes["layers_2_dispatch"] == (8, 40, 128)
+    assert shapes["layers_2_experts"] == (2, 160, 128)
+    dyn = compile_graph(spec("dropless"), device="meta")
+    assert not dyn.static.capturable and len(dyn.static.dynamic_layers) == 4
+
+
+def test_verifier_catches_broken_graphs():
+    gm = compile_graph(spec("switch"), device="meta").module
+    g = gm.graph
+    combine = next(n for n in g.nodes if n.name == "layers_2_combine")
+    combine.meta["role"] = "something_else"
+    with pytest.raises(GraphError, match="no combine node"):
+        verify(g)
+    combine.meta["role"] = "combine"
+    verify(g)
+    fake = [("layers.2", "a2a_dispatch", "capacity", "flat")]
+    with pytest.raises(GraphError, match="would hang"):
+        verify(g, [(3, fake)])
+
+
+def test_model_output_and_router_stats():
+    model = moedsl.build_model(spec("switch"))
+    out = model(torch.randint(0, 256, (2, 32)))
+    assert out.output.shape == (2, 32, 256)
+    assert out.aux_loss.ndim == 0 and out.aux_loss > 0
+    assert len(out.router_stats) == 4
+    st = out.router_stats[0]
+    assert st.tokens_per_expert.sum() + st.dropped == st.assignments == 64
+    assert st.capacity == 4 * 3  # 4 groups of 16 tokens: ceil(1.25 · 16 / 8) = 3
+
+
+def test_weights_do_not_depend_on_world_size():
+    one = dict(moedsl.build_model(spec("switch"), seed=3).named_parameters())
+    c = compile_graph(spec("switch"), rank=1, world_size=2, device="cpu", seed=3)
+    two = dict(c.module.named_parameters())
+    for name, p in two.items():
+        if ".experts." in name:
+            ids = c.module.get_submodule(name.rsplit(".", 1)[0]).expert_ids
+            torch.testing.assert_close(p, one[name][ids])
+        else:
+            torch.testing.assert_close(p, one[name])
+
+
+def test_bfloat16_spec_keeps_router_in_float32():
+    data = spec("switch").data
+    s = moedsl.load_spec({**data, "model": {**data["model"], "dtype": "bfloat16"}})
+    model = moedsl.build_model(s)
+    assert model.get_submodule("layers.2.experts").w_in.dtype == torch.bfloat16
+    out = model(torch.randint(0, 256, (2, 16)))
+    assert out.output.dtype == torch.bfloat16 and out.aux_loss.dtype == torch.float32
+
+
+def test_compile_cli_shows_all_to_alls_only_with_several_ranks(capsys, tmp_path):
+    dot = tmp_path / "g.dot"
+    assert main(["compile", str(ROOT / "specs" / "switch.yaml"), "--world-size", "4", "--dot", str(dot)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("a2a_dispatch(") == 4 and out.count("a2a_combine(") == 4
+    assert "digraph" in dot.read_text() and "#fca5a5" in dot.read_text()
+    assert main(["compile", str(ROOT / "specs" / "switch.yaml"), "--world-size", "1"]) == 0
+    assert "a2a" not in capsys.readouterr().out
+
+
+def test_plan_cli_switch_c(capsys):
+    assert main(["plan", str(ROOT / "specs" / "switch-c-2048.yaml"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["params_total"] == pytest.approx(1.571e12, rel=0.01)
+    assert plan["world"] == 2048 and plan["expert_parallel"] == 2048
+    assert plan["a2a_send_bytes"]["inter"] > 0 and plan["capturable"]
+
+
+def test_plan_bytes_for_a_static_layer():
+    s = spec("switch")
+    c = compile_graph(s, rank=0, world_size=4, device="meta", batch=(16, 64))
+    plan = make_plan(s, c)
+    layer = plan.layers[0]
+    # rank 0 sends 6 of 8 experts' buffers (C = 40 slots × 128 × 4 bytes) to 3 ranks, 4 trips per step
+    assert layer.send_bytes["intra"] == 4 * 6 * 40 * 128 * 4
+    assert plan.params_on_device == plan.params_total - 4 * 6 * (2 * 128 * 256)
+
+
+def test_compile_errors_are_clear(capsys):
+    assert main(["compile", str(ROOT / "specs" / "switch.yaml"), "--world-size", "3"]) == 2
+    assert "expert-parallel ranks" in capsys.readouterr().err
+    assert main(["plan", str(ROOT / "specs" / "nope.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert operator is not None
