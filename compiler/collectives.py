@@ -121,6 +121,7 @@ class CapacityAllToAll(_Collective):
         super().__init__()
         self.lp, self.ep_rank = lp, ep_rank
         self._tables = False
+        self._cache: dict = {}
 
     def _make_tables(self) -> None:
         """Send and receive tables, made on first use (a compile for inspection never needs them)."""
@@ -140,20 +141,32 @@ class CapacityAllToAll(_Collective):
         per_slot = [sum(1 for x in self.recv_slot if x == j) for j in range(len(local))]
         self.per_slot = per_slot  # blocks each local slot receives
         self.local_order = sorted(range(len(recv)), key=lambda i: (self.recv_slot[i], i))
+        self.inverse_order = [0] * len(self.local_order)
+        for pos, i in enumerate(self.local_order):
+            self.inverse_order[i] = pos
+
+    def _index(self, name: str, device) -> torch.Tensor:
+        """An index table as a device tensor, made once (no host-to-device copy in a captured step)."""
+        key = (name, str(device))
+        if key not in self._cache:
+            values = {"send": self.send_perm, "local": self.local_order, "inverse": self.inverse_order,
+                      "per_slot": self.per_slot}[name]
+            self._cache[key] = torch.tensor(values, dtype=torch.int64, device=device)
+        return self._cache[key]
 
     def forward(self, buf: torch.Tensor):
         topo = self._need()
         self._make_tables()
         E, C, d = buf.shape
-        send = buf.index_select(0, torch.tensor(self.send_perm, device=buf.device)).reshape(E * C, d)
+        send = buf.index_select(0, self._index("send", buf.device)).reshape(E * C, d)
         counts = [[b * C for b in row] for row in self.blocks]
         got = all_to_all(send, counts, topo).view(-1, C, d)  # [(source, slot), C, d]
         if self.uniform:
             P, E_local = self.lp.ep, len(self.lp.slots[self.ep_rank])
             return got.view(P, E_local, C, d).transpose(0, 1).reshape(E_local, P * C, d)
-        rows = got.index_select(0, torch.tensor(self.local_order, device=buf.device)).reshape(-1, d)
-        return Packed(rows=rows, sizes=torch.tensor(self.per_slot, device=buf.device) * C,
-                      index=torch.empty(0, dtype=torch.int64))
+        rows = got.index_select(0, self._index("local", buf.device)).reshape(-1, d)
+        return Packed(rows=rows, sizes=self._index("per_slot", buf.device) * C,
+                      index=self._index("local", buf.device))
 
     def back(self, y, capacity: int) -> torch.Tensor:
         topo = self._need()
@@ -164,13 +177,11 @@ class CapacityAllToAll(_Collective):
             got = y.view(E_local, P, C, d).transpose(0, 1).reshape(-1, d)
         else:
             d = y.shape[-1]
-            inv = torch.empty(len(self.local_order), dtype=torch.int64)
-            inv[torch.tensor(self.local_order)] = torch.arange(len(self.local_order))
-            got = y.view(-1, C, d).index_select(0, inv.to(y.device)).reshape(-1, d)
+            got = y.view(-1, C, d).index_select(0, self._index("inverse", y.device)).reshape(-1, d)
         counts = [[b * C for b in row] for row in self.blocks]
         back = [list(col) for col in zip(*counts)]
         sent = all_to_all(got, back, topo).view(-1, C, d)  # in send_perm order
-        perm = torch.tensor(self.send_perm, device=y.device)
+        perm = self._index("send", y.device)
         return sent.new_zeros(len(self.send_perm), C, d).index_copy(0, perm, sent)
 
 

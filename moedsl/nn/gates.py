@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import spec as S
 from . import rng
 from .grouped import grouped_matmul
-from .routing import (Routing, assign_slots, balance_loss, bucket_positions, cv_squared, load_estimate,
+from .routing import (Routing, assign_slots, balance_loss, bucket_positions, counts, cv_squared, load_estimate,
                       z_loss)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,9 +66,14 @@ class Gate(nn.Module):
         return self
 
     # -- helpers -------------------------------------------------------------------
+    def dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The router computes in the spec's router dtype, or wider if the model is (float64)."""
+        return torch.promote_types(self.router_dtype, x.dtype)
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        dt = self.dtype(x)
         with _no_autocast(x.device):
-            return F.linear(x.to(self.router_dtype), weight.to(self.router_dtype)).float()
+            return F.linear(x.to(dt), weight.to(dt))
 
     def stream(self, purpose: str) -> torch.Tensor:
         return (self.rng_step * 0x9E3779B1 + rng.stream_id(self.layer, purpose)) & 0xFFFFFFFF
@@ -83,11 +88,13 @@ class Gate(nn.Module):
         u = rng.uniform(self.seed, self.stream("jitter"), idx)
         return x * (1 - eps + 2 * eps * u).to(x.dtype)
 
-    def select(self, scores: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices of the top k of scores (+ the balancing bias, which only chooses)."""
+    def select(self, scores: torch.Tensor, k: int, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Indices of the top k of scores (+ the balancing bias, which only chooses). Without a bias,
+        the top k of the logits when given: the same choice for a monotone score, without the ties
+        of scores that saturate (a sigmoid rounds to 1.0 above ~17)."""
         if self.spec.bias_balancing_rate is not None:
-            scores = scores + self.expert_bias
-        return torch.topk(scores, k, dim=-1).indices
+            return torch.topk(scores + self.expert_bias, k, dim=-1).indices
+        return torch.topk(scores if logits is None else logits, k, dim=-1).indices
 
     def importance(self, weight: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """CV² of Importance = Σ_x G(x) per group (G(x) zero off the chosen experts)."""
@@ -236,7 +243,7 @@ class TopKGate(Gate):
             probs = scores / scores.sum(-1, keepdim=True)
         else:
             scores = probs = torch.softmax(logits, dim=-1)
-        expert = self.select(scores, self.spec.k)
+        expert = self.select(scores, self.spec.k, logits)
         weight = scores.gather(-1, expert)
         if self.spec.normalize:
             weight = weight / weight.sum(-1, keepdim=True)
@@ -260,7 +267,7 @@ class SwitchGate(Gate):
     def choose(self, x, ids, gidx):
         logits = self.linear(self.jitter(x, gidx), self.weight)
         probs = torch.softmax(logits, dim=-1)
-        expert = self.select(probs, 1)
+        expert = self.select(probs, 1, logits)
         weight = probs.gather(-1, expert)
         lw, out = self.loss_weights, {}
         if lw.importance:
@@ -283,7 +290,7 @@ class GShardGate(Gate):
     def choose(self, x, ids, gidx):
         logits = self.linear(self.jitter(x, gidx), self.weight)
         probs = torch.softmax(logits, dim=-1)
-        expert = self.select(probs, 2)
+        expert = self.select(probs, 2, logits)
         weight = probs.gather(-1, expert)
         if self.spec.normalize:
             weight = weight / weight.sum(-1, keepdim=True)
@@ -409,14 +416,15 @@ class HierarchicalGate(Gate):
         rows_group = gi.reshape(-1)  # [R]
         rows_token = torch.arange(G * n, device=x.device).repeat_interleave(k1)
         order = torch.sort(rows_group, stable=True).indices
-        sizes = torch.bincount(rows_group, minlength=a)
-        xr = x.reshape(G * n, d)[rows_token[order]].to(self.router_dtype)
+        sizes = counts(rows_group, a)
+        dt = self.dtype(x)
+        xr = x.reshape(G * n, d)[rows_token[order]].to(dt)
         with _no_autocast(x.device):
-            clean_s = grouped_matmul(xr, self.secondary_weight.to(self.router_dtype).transpose(1, 2), sizes).float()
+            clean_s = grouped_matmul(xr, self.secondary_weight.to(dt).transpose(1, 2), sizes)
             std_s = None
             if self.secondary_noise_weight is not None:
-                raw = grouped_matmul(xr, self.secondary_noise_weight.to(self.router_dtype).transpose(1, 2), sizes)
-                std_s = F.softplus(raw.float()) + h.secondary.noise_epsilon
+                raw = grouped_matmul(xr, self.secondary_noise_weight.to(dt).transpose(1, 2), sizes)
+                std_s = F.softplus(raw) + h.secondary.noise_epsilon
         unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         clean_s = clean_s[unsort]
         std_s = std_s[unsort] if std_s is not None else None

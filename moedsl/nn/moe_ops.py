@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .routing import Routing
+from .routing import Routing, counts
 
 
 def _flat_slot(r: Routing) -> torch.Tensor:
@@ -64,7 +64,7 @@ def dispatch_packed(x: torch.Tensor, r: Routing, slot_of_expert: Optional[torch.
         dest = slot_of_expert.to(r.expert.device)[r.expert]
     kept = r.slot >= 0
     key = torch.where(kept, dest, torch.full_like(dest, n_slots))
-    sizes = torch.bincount(key, minlength=n_slots + 1)
+    sizes = counts(key, n_slots + 1)
     order = torch.sort(key, stable=True).indices
     order = order[: int(sizes[:n_slots].sum())]  # drop the dropped (a data-dependent length)
     return Packed(rows=x.index_select(0, r.token[order]), sizes=sizes[:n_slots], index=order)
@@ -85,7 +85,7 @@ class RouterStats:
     expert_load: torch.Tensor  # [E] assignments the router chose (before drops)
     dropped: torch.Tensor  # scalar: assignments dropped past capacity
     assignments: int  # assignments the router made
-    capacity: Optional[int]  # slots per expert, None = dropless
+    capacity: Optional[int]  # slots per expert over all routing groups (G · C), None = dropless
     losses: dict  # unweighted auxiliary losses
 
 

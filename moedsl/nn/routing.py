@@ -24,7 +24,7 @@ class Routing:
     slot: torch.Tensor  # [A] int64: position in the expert's buffer, -1 = dropped
     num_tokens: int  # S, tokens in the routing batch
     num_experts: int  # E
-    capacity: Optional[int]  # slots per expert buffer (G·C), None = dropless
+    capacity: Optional[int]  # slots per expert buffer over all G routing groups (G·C), None = dropless
     aux_loss: torch.Tensor  # scalar: the weighted sum of this layer's auxiliary losses
     losses: dict = field(default_factory=dict)  # name -> unweighted value (detached), for logging
     expert_load: Optional[torch.Tensor] = None  # [E] assignments the router chose per expert (before drops)
@@ -36,7 +36,7 @@ class Routing:
 
     def tokens_per_expert(self) -> torch.Tensor:
         """[E] assignments each expert computes (after drops)."""
-        return torch.bincount(self.expert[self.kept], minlength=self.num_experts)
+        return counts(self.expert, self.num_experts, self.kept)
 
     def localize(self, start: int, count: int) -> "Routing":
         """The assignments of tokens [start, start + count) of the batch, re-indexed from 0
@@ -48,14 +48,21 @@ class Routing:
                        expert_load=self.expert_load, dropped=self.dropped)
 
 
+def counts(index: torch.Tensor, n: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in ``index`` (where ``mask``): a bincount of fixed length,
+    without the host sync bincount needs to size its output (so CUDA graphs can capture it)."""
+    ones = torch.ones_like(index) if mask is None else mask.to(index.dtype)
+    return torch.zeros(n, dtype=index.dtype, device=index.device).scatter_add_(0, index.reshape(-1), ones.reshape(-1))
+
+
 def bucket_positions(bucket: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """For a sequence of bucket ids (in priority order), each element's position among the
     earlier elements of its bucket: a stable sort, no one-hot [A, E] tensor.
     Elements with bucket == num_buckets (a trash bucket) get positions too; callers ignore them."""
     n = bucket.numel()
     order = torch.sort(bucket, stable=True).indices
-    counts = torch.bincount(bucket, minlength=num_buckets + 1)
-    starts = torch.cumsum(counts, 0) - counts
+    sizes = counts(bucket, num_buckets + 1)
+    starts = torch.cumsum(sizes, 0) - sizes
     pos_sorted = torch.arange(n, device=bucket.device) - starts[bucket[order]]
     return torch.empty_like(bucket).scatter_(0, order, pos_sorted)
 
