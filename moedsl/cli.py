@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import MoedslError, SpecError
+from .errors import Issue, MoedslError, SpecError
 
 
 def _cmd_validate(args) -> int:
@@ -100,6 +100,53 @@ def _cmd_compile(args) -> int:
     return 0
 
 
+def _cmd_run(args) -> int:
+    import os
+
+    from .api import load_spec
+
+    spec = load_spec(_spec_path(args.spec))
+    in_job = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if args.nproc and args.nproc > 1 and not in_job:
+        from .runtime.launcher import launch
+
+        argv = [a for a in (args.raw or []) if a]
+        launch(args.nproc, argv)
+        return 0
+    from .runtime.train import RunOptions, run
+
+    opts = RunOptions.from_spec(
+        spec, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, warmup=args.warmup, seed=args.seed,
+        data=args.data, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        checkpoint_every=args.checkpoint_every, out=args.out or f"runs/{spec.name}", resume=args.resume,
+        device=args.device, cuda_graphs=args.cuda_graphs, progress=not args.no_progress, timeout=args.timeout)
+    if opts.seq > spec.model.max_seq_len:
+        raise SpecError([Issue(("train", "seq_len"), f"--seq {opts.seq} exceeds model.max_seq_len "
+                               f"{spec.model.max_seq_len}")], spec.source)
+    try:
+        summary = run(spec, opts)
+    except RuntimeError as e:  # a peer died or hung: one line, not a collective's traceback
+        from .runtime.train import collective_failure
+
+        failure = collective_failure(e)
+        if failure is None:
+            raise
+        raise MoedslError(failure) from None
+    if int(os.environ.get("RANK", 0)) == 0:
+        if args.json:
+            import json
+            from dataclasses import asdict
+
+            print(json.dumps({k: v for k, v in asdict(summary).items() if k != "losses"}, indent=2))
+        else:
+            from rich.console import Console
+
+            from .runtime.report import summary_table
+
+            Console().print(summary_table(summary))
+    return 0
+
+
 def _add_compile_options(p) -> None:
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--world-size", type=_positive, default=None,
@@ -135,10 +182,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_cmd_plan)
 
+    r = sub.add_parser("run", help="train a spec (CPU, one GPU, or N processes): metrics, plot, checkpoints")
+    r.add_argument("spec", metavar="SPEC")
+    r.add_argument("--nproc", type=_positive, default=None,
+                   help="start this many worker processes (torch's elastic launcher); under torchrun, omit it")
+    r.add_argument("--steps", type=_positive, help="training steps (default: the spec's train.steps)")
+    r.add_argument("--batch", type=_positive, help="global batch in sequences")
+    r.add_argument("--seq", type=_positive, help="tokens per sequence")
+    r.add_argument("--lr", type=float, help="peak learning rate")
+    r.add_argument("--warmup", type=int, help="warm-up steps")
+    r.add_argument("--seed", type=int, help="seed of weights, data and routing noise")
+    r.add_argument("--data", help="synthetic (default), pystdlib, or a text file (byte-level)")
+    r.add_argument("--eval-every", type=_positive, help="held-out evaluation every N steps")
+    r.add_argument("--eval-batches", type=_positive, help="batches per held-out evaluation")
+    r.add_argument("--checkpoint-every", type=_positive, help="save a checkpoint every N steps (and at the end)")
+    r.add_argument("--out", help="output folder (default: runs/SPEC-NAME)")
+    r.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in --out (or the given one)")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    r.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="capture the step as a CUDA graph (auto: when the graph is static and on CUDA)")
+    r.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait before the run fails")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    r.set_defaults(func=_cmd_run)
+
     s = sub.add_parser("schema", help="print the JSON Schema of a spec (for editors)")
     s.add_argument("--path", action="store_true", help="print where the schema file is installed instead")
     s.set_defaults(func=_cmd_schema)
     return ap
+
+
+def _without_nproc(argv: list) -> list:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    return out
 
 
 def _positive(text: str) -> int:
@@ -152,7 +239,10 @@ def _positive(text: str) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "run":  # what the workers of --nproc re-run: the same options without --nproc
+        args.raw = _without_nproc(argv)
     try:
         return args.func(args)
     except SpecError as e:

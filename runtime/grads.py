@@ -23,12 +23,17 @@ class GradSync:
         ep_rank = rank % P
         compiled = model.compiled
         self.shared = [p for n, p in model.named_parameters() if ".experts." not in n and p.requires_grad]
+        # for the global gradient norm: each distinct expert counted once, however many hold it
+        self.experts = []  # (param, [E_local] 1 / holders)
         # experts: (param, slot) grouped by the ranks holding that slot's expert
         by_holders: dict = defaultdict(list)
         for name, mod in model.named_modules():
             if not name.endswith(".experts"):
                 continue
             lp = compiled.placements[name.rsplit(".", 1)[0]]
+            share = torch.tensor([1.0 / (D * len(lp.hosts[e])) for e in lp.slots[ep_rank]])
+            for p in mod.parameters(recurse=False):
+                self.experts.append((p, share.to(p.device)))
             for slot, e in enumerate(lp.slots[ep_rank]):
                 holders = tuple(sorted(i * P + h for i in range(D) for h in lp.hosts[e]))
                 if len(holders) > 1:
@@ -86,3 +91,28 @@ class GradSync:
                 p.grad = torch.zeros_like(p)
             p.grad.copy_(flat[offset:offset + n].view_as(p))
             offset += n
+
+    @torch.no_grad()
+    def clip(self, max_norm: float) -> torch.Tensor:
+        """Clip by the global gradient norm, the norm of the single-process model's gradient:
+        replicated parameters once, every expert once. Returns the norm before clipping.
+        A non-finite norm zeroes every gradient (the same on every rank), so a NaN never
+        reaches the weights; the caller stops the run."""
+        dev = self.shared[0].device if self.shared else self.experts[0][0].device
+        sq = torch.zeros((), dtype=torch.float32, device=dev)
+        for p in self.shared:
+            if p.grad is not None:
+                sq = sq + p.grad.float().pow(2).sum()
+        ex = torch.zeros((), dtype=torch.float32, device=dev)
+        for p, share in self.experts:
+            if p.grad is not None:
+                ex = ex + (p.grad.float().pow(2).flatten(1).sum(1) * share).sum()
+        if self.world > 1:
+            dist.all_reduce(ex)
+        norm = (sq + ex).sqrt()
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm and max_norm > 0 else torch.ones_like(norm)
+        coef = torch.where(torch.isfinite(norm), coef, torch.zeros_like(coef))
+        for p in self.shared + [p for p, _ in self.experts]:
+            if p.grad is not None:  # NaN · 0 is NaN: nan_to_num makes the zeroing stick
+                p.grad.mul_(coef).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        return norm

@@ -1,0 +1,183 @@
+"""Training data. Every batch is a pure function of (seed, step, rank's share), so a resumed
+run sees exactly the batches the uninterrupted one saw, and N ranks see the single process's
+global batch split N ways.
+
+- ``synthetic``: a built-in mixture of sequence tasks (copying, counting, reversal, sorting,
+  and fixed random Markov chains), each in its own region of the vocabulary, so a model
+  learns quickly and experts have distinct things to specialise on. No download.
+- a path: a byte-level text file (vocab_size >= 256); the last 5% is held out.
+- ``pystdlib``: the installed Python's standard-library source, a real text corpus every
+  machine has; one file in 20 is held out (whole files, so nothing leaks).
+- for ``model.input: vectors``: a synthetic regression whose target is a fixed mixture of
+  linear maps chosen by a fixed clustering of the input.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moedsl.errors import MoedslError
+
+PYSTDLIB_MAX_BYTES = 24 * 2**20
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # [B, T] token ids, or [B, T, d] vectors
+    targets: torch.Tensor  # [B, T] next tokens, or [B, T, d]
+
+
+class Source:
+    name = "data"
+
+    def batch(self, step: int, batch: int, seq: int, rank: int = 0, world: int = 1, split: str = "train") -> Batch:
+        """Rank ``rank``'s share of the global batch of ``step`` (sequences [rank·B/N, (rank+1)·B/N))."""
+        share = batch // world
+        rows = range(rank * share, (rank + 1) * share)
+        return self.rows(step, rows, seq, split)
+
+    def rows(self, step: int, rows, seq: int, split: str) -> Batch:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _gen(seed: int, *parts) -> torch.Generator:
+    h = hashlib.blake2b(repr((seed,) + parts).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h, "little") & (2**63 - 1))
+
+
+class Synthetic(Source):
+    """Five task families; a sequence is one task, announced by its first token."""
+
+    name = "synthetic"
+    TASKS = ("copy", "count", "reverse", "sort", "markov")
+
+    def __init__(self, vocab: int, seed: int):
+        if vocab < 16:
+            raise MoedslError(f"the synthetic data needs vocab_size >= 16, the spec has {vocab}")
+        self.vocab, self.seed = vocab, seed
+        self.region = max((vocab - len(self.TASKS)) // len(self.TASKS), 2)  # tokens of one task's alphabet
+        g = _gen(seed, "markov")
+        probs = torch.rand(self.region, self.region, generator=g) ** 8  # peaked transitions
+        self.markov_cdf = (probs / probs.sum(-1, keepdim=True)).cumsum(-1).tolist()
+
+    def _one(self, g: torch.Generator, task: int, n: int) -> torch.Tensor:
+        R = self.region
+        base = len(self.TASKS) + task * R
+        if self.TASKS[task] == "copy":
+            k = int(torch.randint(2, 9, (1,), generator=g))
+            seg = torch.randint(0, R, (k,), generator=g)
+            body = seg.repeat(n // k + 1)[:n]
+        elif self.TASKS[task] == "count":
+            start, step = int(torch.randint(0, R, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+            body = (start + step * torch.arange(n)) % R
+        elif self.TASKS[task] == "reverse":
+            k = int(torch.randint(3, 9, (1,), generator=g))
+            seg = torch.randint(0, R, (k,), generator=g)
+            body = torch.cat([seg, seg.flip(0)]).repeat(n // (2 * k) + 1)[:n]
+        elif self.TASKS[task] == "sort":
+            k = int(torch.randint(3, 9, (1,), generator=g))
+            seg = torch.randint(0, R, (k,), generator=g)
+            body = torch.cat([seg, seg.sort().values]).repeat(n // (2 * k) + 1)[:n]
+        else:  # a walk of the task's Markov chain, by inverse CDF
+            state = int(torch.randint(0, R, (1,), generator=g))
+            walk = []
+            for u in torch.rand(n, generator=g).tolist():
+                walk.append(state)
+                state = min(bisect.bisect_left(self.markov_cdf[state], u), R - 1)
+            body = torch.tensor(walk)
+        return base + body
+
+    def rows(self, step, rows, seq, split):
+        out = torch.empty(len(rows), seq + 1, dtype=torch.int64)
+        for i, row in enumerate(rows):
+            g = _gen(self.seed, split, step, row)
+            task = int(torch.randint(0, len(self.TASKS), (1,), generator=g))
+            out[i, 0] = task
+            out[i, 1:] = self._one(g, task, seq)
+        return Batch(out[:, :-1], out[:, 1:])
+
+
+class Bytes(Source):
+    """Windows of a byte string (one token per byte)."""
+
+    def __init__(self, train: bytes, held_out: bytes, vocab: int, seed: int, name: str):
+        if vocab < 256:
+            raise MoedslError(f"byte-level data ({name}) needs model.vocab_size >= 256, the spec has {vocab}")
+        self.name, self.seed = name, seed
+        self.data = {"train": torch.frombuffer(bytearray(train), dtype=torch.uint8),
+                     "eval": torch.frombuffer(bytearray(held_out), dtype=torch.uint8)}
+
+    def rows(self, step, rows, seq, split):
+        data = self.data[split]
+        if data.numel() < seq + 2:
+            raise MoedslError(f"{self.name}: the {split} part has {data.numel()} bytes, fewer than a sequence "
+                              f"of {seq + 1}")
+        out = torch.empty(len(rows), seq + 1, dtype=torch.int64)
+        for i, row in enumerate(rows):
+            start = int(torch.randint(0, data.numel() - seq - 1, (1,), generator=_gen(self.seed, split, step, row)))
+            out[i] = data[start:start + seq + 1].long()
+        return Batch(out[:, :-1], out[:, 1:])
+
+
+def pystdlib_bytes(limit: int = PYSTDLIB_MAX_BYTES) -> tuple[bytes, bytes, int]:
+    """(train, held-out, files) from the standard library's .py files, in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
+    train, held, total = [], [], 0
+    for p in files:
+        try:
+            b = p.read_bytes()
+        except OSError:
+            continue
+        key = int(hashlib.md5(str(p.relative_to(root)).encode()).hexdigest(), 16)
+        (held if key % 20 == 0 else train).append(b)
+        total += len(b)
+        if total >= limit:
+            break
+    if not train or not held:
+        raise MoedslError(f"found no Python source under {root} for --data pystdlib")
+    return b"\n".join(train), b"\n".join(held), len(files)
+
+
+class Regression(Source):
+    """input: vectors. x ~ N(0, I); y = W_c · x with c = argmax(x · K), K fixed."""
+
+    name = "synthetic-regression"
+
+    def __init__(self, d: int, seed: int, clusters: int = 8):
+        g = _gen(seed, "teacher")
+        self.keys = torch.randn(d, clusters, generator=g)
+        self.maps = torch.randn(clusters, d, d, generator=g) / d ** 0.5
+        self.d, self.seed = d, seed
+
+    def rows(self, step, rows, seq, split):
+        x = torch.stack([torch.randn(seq, self.d, generator=_gen(self.seed, split, step, r)) for r in rows])
+        c = (x @ self.keys).argmax(-1)
+        y = torch.einsum("btd,bted->bte", x, self.maps[c])
+        return Batch(x, y)
+
+
+def make_source(spec, data: str, seed: int) -> Source:
+    m = spec.model
+    if m.input == "vectors":
+        if data not in ("synthetic", "synthetic-regression"):
+            raise MoedslError(f"a spec over vectors trains on the built-in regression task, not {data!r}")
+        return Regression(m.d_model, seed)
+    if data == "synthetic":
+        return Synthetic(m.vocab_size, seed)
+    if data == "pystdlib":
+        train, held, _ = pystdlib_bytes()
+        return Bytes(train, held, m.vocab_size, seed, "pystdlib")
+    path = Path(data)
+    if not path.is_file():
+        raise MoedslError(f"--data {data!r}: no such file (give a text file, 'synthetic' or 'pystdlib')")
+    raw = path.read_bytes()
+    if len(raw) < 1024:
+        raise MoedslError(f"--data {data!r} has {len(raw)} bytes: too little text to train on")
+    cut = int(len(raw) * 0.95)
+    return Bytes(raw[:cut], raw[cut:], m.vocab_size, seed, path.name)
