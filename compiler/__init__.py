@@ -36,8 +36,9 @@ class Compiled:
     static: StaticInfo
 
 
-def _build(spec: S.Spec, mesh: MeshShape, rank: int, device, seed: int, init: bool, batch, graph_only=False):
-    low: Lowered = lower(spec, device=device, seed=seed, graph_only=graph_only)
+def _build(spec: S.Spec, mesh: MeshShape, rank: int, device, seed: int, init: bool, batch, graph_only=False,
+           static: bool = True):
+    low: Lowered = lower(spec, device=device, seed=seed, graph_only=graph_only, static=static)
     placements = placement_pass(low, spec, mesh, rank, device, seed, init)
     comms = insert_collectives(low, spec, mesh, rank, placements)
     static = None if graph_only else static_shapes_pass(low.graph, low, comms, placements, mesh, rank, batch)
@@ -50,11 +51,18 @@ def per_rank_batch(spec: S.Spec, mesh: MeshShape, batch: Optional[tuple] = None)
 
 
 def compile_graph(spec: S.Spec, rank: int = 0, world_size: Optional[int] = None, *, device="meta", seed: int = 0,
-                  batch: Optional[tuple] = None, init: bool = True, verify_ranks: bool = True) -> Compiled:
+                  batch: Optional[tuple] = None, init: bool = True, verify_ranks: bool = True,
+                  layout: str = "auto") -> Compiled:
     """Compile ``spec`` for ``rank`` of ``world_size`` (default: the spec's mesh, else 1).
 
     ``device="meta"`` builds the module without allocating weights (any size compiles);
-    ``batch`` = (global batch, sequence) for the static shapes (default: the spec's train)."""
+    ``batch`` = (global batch, sequence) for the static shapes (default: the spec's train).
+    ``layout``: ``static`` (capacity layers as padded [E, C, d] buffers: CUDA-graph
+    capturable), ``grouped`` (they compute only their kept rows: less work), or ``auto``:
+    grouped on a CPU, where nothing is captured, static elsewhere."""
+    if layout not in ("auto", "static", "grouped"):
+        raise ValueError(f"layout must be auto, static or grouped, not {layout!r}")
+    static = layout == "static" or (layout == "auto" and torch.device(device).type != "cpu")
     if world_size is None:
         world_size = spec.placement.mesh.size if spec.placement.mesh else 1
     mesh = resolve_mesh(spec, world_size)
@@ -63,16 +71,16 @@ def compile_graph(spec: S.Spec, rank: int = 0, world_size: Optional[int] = None,
 
         raise MoedslError(f"rank {rank} is not in a world of {world_size}")
     local_batch = per_rank_batch(spec, mesh, batch)
-    low, placements, comms, static = _build(spec, mesh, rank, device, seed, init, local_batch)
+    low, placements, comms, shapes = _build(spec, mesh, rank, device, seed, init, local_batch, static=static)
     others = []
     if verify_ranks and world_size > 1:
         for r in _ranks_to_verify(mesh, rank):
-            other = _build(spec, mesh, r, "meta", seed, False, local_batch, graph_only=True)[0]
+            other = _build(spec, mesh, r, "meta", seed, False, local_batch, graph_only=True, static=static)[0]
             others.append((r, collective_signature(other.graph)))
     verify(low.graph, others)
     gm = fx.GraphModule(low.modules, low.graph, class_name=_class_name(spec.name))
     gm.meta = {"spec": spec.name, "rank": rank, "world": world_size}
-    return Compiled(module=gm, mesh=mesh, rank=rank, placements=placements, comms=comms, static=static)
+    return Compiled(module=gm, mesh=mesh, rank=rank, placements=placements, comms=comms, static=shapes)
 
 
 def _ranks_to_verify(mesh: MeshShape, rank: int) -> list:

@@ -51,7 +51,11 @@ def _node_name(layer: str, what: str) -> str:
     return f"{layer.replace('.', '_')}_{what}"
 
 
-def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph_only: bool = False) -> Lowered:
+def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph_only: bool = False,
+          static: bool = True) -> Lowered:
+    """``static``: capacity layers use the padded [E, C, d] buffer (fixed shapes, capturable as a
+    CUDA graph); otherwise they compute only their kept rows, grouped by expert (less work,
+    data-dependent shapes). The routing, drops included, is the same either way."""
     device = torch.device(device)
     m = spec.model
     g = fx.Graph()
@@ -123,7 +127,7 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
                 if token_ids is None and tokens is not None and cfg.gate.type == "hash":
                     token_ids = call_function(torch.flatten, (tokens,), "tokens_flat")
                 y, a, st = _lower_moe(spec, layer, x, token_ids if cfg.gate.type == "hash" else None,
-                                      module, call_module, call_function, low, seed)
+                                      module, call_module, call_function, low, seed, static)
                 aux.append(a)
                 stats.append(st)
             if m.dropout:
@@ -135,11 +139,13 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
     return low
 
 
-def _lower_moe(spec, layer, x, token_ids, module, call_module, call_function, low: Lowered, seed: int):
+def _lower_moe(spec, layer, x, token_ids, module, call_module, call_function, low: Lowered, seed: int,
+               static: bool):
     m, cfg = spec.model, layer.config
     name = f"layers.{layer.index}"
     meta = dict(moe_layer=name)
-    layout = "capacity" if (cfg.gate.has_capacity or cfg.gate.type == "softmax") else "packed"
+    # a dense softmax layer is uniform (every expert takes every token): always the batched buffer
+    layout = "capacity" if (cfg.gate.type == "softmax" or (cfg.gate.has_capacity and static)) else "packed"
     low.moe.append(MoEInfo(name=name, index=layer.index, moe_index=layer.moe_index, config=cfg,
                            layout=layout, groups=cfg.gate.routing_groups))
     module(f"{name}.gate", lambda: make_gate(cfg, m.d_model, m.router_dtype, seed, layer.index, m.init_std,

@@ -59,7 +59,8 @@ def compile(spec: SpecLike, rank: int = 0, world_size: int | None = None, *, dev
     return compiled.module, make_plan(spec, compiled)
 
 
-def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0, dtype=None):
+def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0, dtype=None,
+                layout: str = "auto"):
     """A ready ``nn.Module`` for ``spec`` (a torch.fx GraphModule).
 
     ``model(tokens)`` (or ``model(x)`` for input: vectors) returns a ``ModelOutput`` with
@@ -67,13 +68,15 @@ def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int 
     a function of ``seed`` alone, whatever ``world_size``: expert e has the same values on
     any rank. ``dtype`` defaults to the spec's. With ``world_size > 1`` (in a torchrun job
     with torch.distributed initialised) the model holds this rank's experts and its
-    collectives are bound to process groups made from the spec's mesh."""
+    collectives are bound to process groups made from the spec's mesh. ``layout``: how capacity
+    layers compute (see ``moedsl.compiler.compile_graph``): by default the padded static
+    buffers on a GPU (CUDA-graph capturable) and only the kept rows on a CPU."""
     import torch
 
     from .compiler import compile_graph
 
     spec = load_spec(spec)
-    compiled = compile_graph(spec, rank, world_size, device=device, seed=seed)
+    compiled = compile_graph(spec, rank, world_size, device=device, seed=seed, layout=layout)
     gm = compiled.module
     dtype = dtype or {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.model.dtype]
     gm.to(dtype=dtype)

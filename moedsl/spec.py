@@ -275,7 +275,7 @@ class Spec:
 
         moes = self.moe_layers
         counts = sorted({m.config.experts.count for m in moes})
-        experts = "/".join(str(c) for c in counts) if counts else "0"
+        experts = f", {'/'.join(str(c) for c in counts)} experts per MoE layer" if counts else ""
         total, active = count_parameters(self)
-        return (f"{self.name}: {len(self.layers)} layers ({len(moes)} MoE), {experts} experts per MoE layer, "
+        return (f"{self.name}: {len(self.layers)} layers ({len(moes) or 'no'} MoE){experts}, "
                 f"~{human(total)} parameters (~{human(active)} active per token)")

@@ -118,8 +118,9 @@ class Bytes(Source):
             raise MoedslError(f"{self.name}: the {split} part has {data.numel()} bytes, fewer than a sequence "
                               f"of {seq + 1}")
         out = torch.empty(len(rows), seq + 1, dtype=torch.int64)
+        seed = self.seed if split == "train" else 0  # one held-out set, whatever the training seed
         for i, row in enumerate(rows):
-            start = int(torch.randint(0, data.numel() - seq - 1, (1,), generator=_gen(self.seed, split, step, row)))
+            start = int(torch.randint(0, data.numel() - seq - 1, (1,), generator=_gen(seed, split, step, row)))
             out[i] = data[start:start + seq + 1].long()
         return Batch(out[:, :-1], out[:, 1:])
 

@@ -47,10 +47,10 @@ def _loss(spec, out, inputs) -> torch.Tensor:
     return out.output.float().pow(2).mean()
 
 
-def _single(spec, inputs, seed):
+def _single(spec, inputs, seed, layout):
     from moedsl.api import build_model
 
-    model = build_model(spec, seed=seed, dtype=torch.float32)
+    model = build_model(spec, seed=seed, dtype=torch.float32, layout=layout)
     model.train()
     out = model(inputs)
     (_loss(spec, out, inputs) + out.aux_loss).backward()
@@ -60,18 +60,18 @@ def _single(spec, inputs, seed):
     return out.output.detach(), out.aux_loss.detach(), grads, experts, dropped
 
 
-def _worker(rank: int, world: int, spec_datas: list, batch: int, seq: int, seed: int):
+def _worker(rank: int, world: int, spec_datas: list, batch: int, seq: int, seed: int, layout: str):
     torch.set_num_threads(1)
-    return [_check_one(rank, world, data, batch, seq, seed) for data in spec_datas]
+    return [_check_one(rank, world, data, batch, seq, seed, layout) for data in spec_datas]
 
 
-def _check_one(rank: int, world: int, spec_data, batch: int, seq: int, seed: int):
+def _check_one(rank: int, world: int, spec_data, batch: int, seq: int, seed: int, layout: str):
     from moedsl.api import build_model, load_spec
 
     spec = load_spec(spec_data)
     inputs = _batch(spec, batch, seq, seed)
-    ref_out, ref_aux, ref_grads, ref_experts, dropped = _single(spec, inputs, seed)
-    model = build_model(spec, seed=seed, rank=rank, world_size=world, dtype=torch.float32)
+    ref_out, ref_aux, ref_grads, ref_experts, dropped = _single(spec, inputs, seed, layout)
+    model = build_model(spec, seed=seed, rank=rank, world_size=world, dtype=torch.float32, layout=layout)
     model.train()
     share = batch // world
     local = inputs[rank * share:(rank + 1) * share]
@@ -100,9 +100,11 @@ def _check_one(rank: int, world: int, spec_data, batch: int, seq: int, seed: int
                       params_checked=checked, dropped=dropped)
 
 
-def check(specs, world: int, batch: int = 8, seq: int = 16, seed: int = 0, timeout: float = 300.0) -> list:
+def check(specs, world: int, batch: int = 8, seq: int = 16, seed: int = 0, timeout: float = 300.0,
+          layout: str = "auto") -> list:
     """For each spec (one, or a list), the per-rank ``Difference``s between a ``world``-process
-    run and the single process: ``result[spec][rank]``. One set of processes checks them all."""
+    run and the single process: ``result[spec][rank]``. One set of processes checks them all.
+    ``layout="static"`` checks the capacity layers' static buffers and all-to-alls on a CPU."""
     from moedsl.api import load_spec
 
     from .launch import spawn
@@ -111,6 +113,6 @@ def check(specs, world: int, batch: int = 8, seq: int = 16, seed: int = 0, timeo
     datas = [load_spec(s).data for s in ([specs] if single else specs)]
     if batch % world:
         raise ValueError(f"batch {batch} does not split over {world} ranks")
-    per_rank = spawn(_worker, world, datas, batch, seq, seed, timeout=timeout)
+    per_rank = spawn(_worker, world, datas, batch, seq, seed, layout, timeout=timeout)
     result = [[per_rank[r][i] for r in range(world)] for i in range(len(datas))]
     return result[0] if single else result

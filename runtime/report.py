@@ -26,6 +26,10 @@ def plot_expert_load(metrics: Path, png: Path, title: str):
     for ax, layer in zip(axes.flat, layers):
         load = np.array([r["expert_load"][layer] for r in rows]).T  # [E, steps]
         E = load.shape[0]
+        window = max(len(steps) // 60, 1)  # a moving average: the trend, not every step's noise
+        if window > 1:
+            kernel = np.ones(window) / window
+            load = np.stack([np.convolve(row, kernel, mode="same") for row in load])
         im = ax.imshow(load * E, aspect="auto", cmap="viridis", vmin=0, vmax=max(2.0, float(load.max() * E)),
                        extent=(steps[0] - 0.5, steps[-1] + 0.5, E - 0.5, -0.5), interpolation="nearest")
         ax.set_title(f"{layer} ({E} experts)")

@@ -38,12 +38,15 @@ def assert_equal(results, names):
             assert diff.ok(), f"{name}: {diff}"
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_examples_equal_single_process(world):
-    results = check([ROOT / "specs" / f"{n}.yaml" for n in EXAMPLES], world)
-    assert_equal(results, EXAMPLES)
+@pytest.mark.parametrize("world,layout", [(2, "grouped"), (4, "grouped"), (2, "static"), (4, "static")])
+def test_examples_equal_single_process(world, layout):
+    """Capacity layers both ways: their kept rows grouped (a CPU's default) and the padded
+    static buffers with their fixed-size all-to-alls (a GPU's, capturable)."""
+    names = EXAMPLES if layout == "grouped" else ["switch", "gshard", "st-moe", "expert-choice"]
+    results = check([ROOT / "specs" / f"{n}.yaml" for n in names], world, layout=layout)
+    assert_equal(results, names)
     # the checks exercised drops (capacity), not only dropless layers
-    assert results[EXAMPLES.index("switch")][0].dropped > 0
+    assert results[names.index("switch")][0].dropped > 0
 
 
 def test_placements_equal_single_process():
@@ -62,5 +65,7 @@ def test_placements_equal_single_process():
                                                        "replicas": {4: 2}}}),
         "expert-dp": variant("switch", {"expert_parallel": 2, "data_parallel": 2}, routing_groups=4),
     }
-    results = check(list(specs.values()), 4)
+    results = check(list(specs.values()), 4, layout="static")
     assert_equal(results, list(specs))
+    grouped = {k: v for k, v in specs.items() if "static" in k or "map" in k or "dp" in k}
+    assert_equal(check(list(grouped.values()), 4, layout="grouped"), list(grouped))

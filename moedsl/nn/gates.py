@@ -35,6 +35,18 @@ class Choice:
     losses: dict = field(default_factory=dict)  # unweighted, differentiable
 
 
+def top_indices(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values over the last dim, largest first (as torch.topk). For
+    k <= 2, repeated max is several times faster than topk on a CPU."""
+    if k > 2 or k >= v.shape[-1]:
+        return torch.topk(v, k, dim=-1).indices
+    first = v.argmax(dim=-1, keepdim=True)
+    if k == 1:
+        return first
+    second = v.scatter(-1, first, float("-inf")).argmax(dim=-1, keepdim=True)
+    return torch.cat([first, second], dim=-1)
+
+
 def _no_autocast(device: torch.device):
     if device.type in ("cpu", "cuda"):
         return torch.autocast(device_type=device.type, enabled=False)
@@ -92,9 +104,9 @@ class Gate(nn.Module):
         """Indices of the top k of scores (+ the balancing bias, which only chooses). Without a bias,
         the top k of the logits when given: the same choice for a monotone score, without the ties
         of scores that saturate (a sigmoid rounds to 1.0 above ~17)."""
-        if self.spec.bias_balancing_rate is not None:
-            return torch.topk(scores + self.expert_bias, k, dim=-1).indices
-        return torch.topk(scores if logits is None else logits, k, dim=-1).indices
+        v = scores + self.expert_bias if self.spec.bias_balancing_rate is not None else \
+            (scores if logits is None else logits)
+        return top_indices(v, k)
 
     def importance(self, weight: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """CV² of Importance = Σ_x G(x) per group (G(x) zero off the chosen experts)."""

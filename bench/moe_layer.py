@@ -1,0 +1,249 @@
+"""One MoE layer, forward + backward: moedsl vs the grouped-GEMM bound vs Hugging Face.
+
+    python bench/moe_layer.py                 # the full grid (long: see bench/README.md)
+    python bench/moe_layer.py --quick         # a few rows
+    python bench/moe_layer.py --tokens 4096 --experts 64 --topk 2 --act swiglu --mode dropless
+
+Each row: the same tokens and weights through
+- bound: the expert computation alone, tokens already grouped by expert, n = ceil(k·T/E)
+  rows per expert, as torch.bmm on [E, n, d] (forward and backward);
+- moedsl: the compiled layer (route, dispatch, experts, combine), top-k softmax gate;
+- HF eager / HF grouped_mm: transformers' MixtralSparseMoeBlock (SwiGLU experts) or its
+  MixtralTopKRouter with NemotronHExperts (non-gated ReLU experts), with
+  experts_implementation "eager" and "grouped_mm" (the fastest it offers on a CPU).
+Outputs are checked against a float64 reference (and HF against moedsl on dropless rows)
+before timing; timings are medians over repeats, the implementations interleaved within
+each repeat so drift cancels. Ratios are to the bound (and moedsl's to HF grouped_mm).
+Capacity rows (capacity factor 1.25) compute padded buffers: their target is 1.15 × 1.25.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import moedsl
+
+
+def moedsl_layer(d, h, E, k, act, mode, cf):
+    gate = {"type": "topk", "k": k}
+    if mode == "capacity":
+        gate["capacity_factor"] = cf
+    else:
+        gate["drop_policy"] = "dropless"
+    spec = {"moedsl": 1, "name": "bench", "model": {"input": "vectors", "d_model": d, "max_seq_len": 1 << 20},
+            "layers": [{"moe": {"residual": False, "prenorm": False, "gate": gate,
+                                "experts": {"count": E, "hidden": h, "activation": act}}}],
+            "train": {"batch_size": 1}}
+    model = moedsl.build_model(moedsl.load_spec(spec), seed=0, dtype=torch.float32)
+    with torch.no_grad():  # a router that spreads tokens like a trained one: random, not zero
+        model.get_parameter("layers.0.gate.weight").normal_(0, 1 / math.sqrt(d))
+    model.train()
+    return model
+
+
+def hf_block(model, E, k, act, impl):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, MixtralTopKRouter
+
+    p = dict(model.named_parameters())
+    w_in, w_out = p["layers.0.experts.w_in"], p["layers.0.experts.w_out"]
+    d, h = w_in.shape[1], w_in.shape[2]
+    cfg = MixtralConfig(hidden_size=d, intermediate_size=h, num_local_experts=E, num_experts_per_tok=k,
+                        hidden_act="silu", router_jitter_noise=0.0)
+    cfg._experts_implementation = impl
+    with torch.no_grad():
+        if act == "swiglu":
+            block = MixtralSparseMoeBlock(cfg)
+            block.gate.weight.copy_(p["layers.0.gate.weight"])
+            w_gate = p["layers.0.experts.w_gate"]
+            block.experts.gate_up_proj.copy_(torch.cat([w_gate.transpose(1, 2), w_in.transpose(1, 2)], dim=1))
+            block.experts.down_proj.copy_(w_out.transpose(1, 2))
+            return block
+        from transformers import NemotronHConfig
+        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+        ncfg = NemotronHConfig(hidden_size=d, moe_intermediate_size=h, n_routed_experts=E, mlp_hidden_act="relu")
+        ncfg._experts_implementation = impl
+        router = MixtralTopKRouter(cfg)
+        router.weight.copy_(p["layers.0.gate.weight"])
+        experts = NemotronHExperts(ncfg)
+        experts.up_proj.copy_(w_in.transpose(1, 2))
+        experts.down_proj.copy_(w_out.transpose(1, 2))
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.experts = router, experts
+
+        def forward(self, x):
+            B, T, d_ = x.shape
+            flat = x.reshape(-1, d_)
+            _, w, idx = self.gate(flat)
+            return self.experts(flat, idx, w).reshape(B, T, d_)
+    return Block()
+
+
+def bound(model, T, E, k, act):
+    """The expert GEMMs alone on a perfectly balanced, pre-grouped batch."""
+    p = dict(model.named_parameters())
+    n = max(math.ceil(k * T / E), 1)
+    w_in, w_out = p["layers.0.experts.w_in"].detach(), p["layers.0.experts.w_out"].detach()
+    w_gate = p["layers.0.experts.w_gate"].detach() if act == "swiglu" else None
+    ws = [w.clone().requires_grad_() for w in (w_in, w_out, w_gate) if w is not None]
+    xg = torch.randn(E, n, w_in.shape[1], requires_grad=True)
+    g = torch.randn(E, n, w_in.shape[1])
+
+    def run():
+        for t in ws + [xg]:
+            t.grad = None
+        hid = torch.bmm(xg, ws[0])
+        hid = F.silu(torch.bmm(xg, ws[2])) * hid if act == "swiglu" else F.relu(hid)
+        torch.bmm(hid, ws[1]).backward(g)
+    return run
+
+
+def reference(model, x):
+    """float64: Σ over kept assignments of weight · expert(x), from moedsl's own routing."""
+    gate = model.get_submodule("layers.0.gate")
+    flat = x.reshape(-1, x.shape[-1])
+    with torch.no_grad():
+        r = gate(flat, None, 0, 1)
+        ex = model.get_submodule("layers.0.experts")
+        out = torch.zeros(flat.shape, dtype=torch.float64)
+        kept = r.slot >= 0
+        for e in torch.unique(r.expert[kept]).tolist():
+            sel = kept & (r.expert == e)
+            xs = flat[r.token[sel]].double()
+            hid = xs @ ex.w_in[e].double()
+            hid = F.silu(xs @ ex.w_gate[e].double()) * hid if ex.glu else F.relu(hid)
+            out.index_add_(0, r.token[sel], (hid @ ex.w_out[e].double()) * r.weight[sel, None].double())
+    return out.view(x.shape)
+
+
+def timed(fn, reps_out: list):
+    t = time.perf_counter()
+    fn()
+    reps_out.append(time.perf_counter() - t)
+
+
+def row(T, E, k, act, mode, d, h, cf, repeats, hf=True):
+    if k > E:
+        return None
+    torch.manual_seed(0)
+    model = moedsl_layer(d, h, E, k, act, mode, cf)
+    x = torch.randn(1, T, d)
+    g = torch.randn(1, T, d)
+    ref = reference(model, x)
+    with torch.no_grad():
+        got = model(x).output.double()
+    err = float((got - ref).norm() / ref.norm().clamp(min=1e-30))
+    assert err < 1e-5, f"moedsl disagrees with the float64 reference: {err:.2e}"
+    xin = x.clone().requires_grad_()
+
+    def run_moedsl():
+        model.zero_grad(set_to_none=True)
+        xin.grad = None
+        model(xin).output.backward(g)
+
+    impls = {"bound": bound(model, T, E, k, act), "moedsl": run_moedsl}
+    agree = {}
+    if hf:
+        for impl in ("eager", "grouped_mm"):
+            block = hf_block(model, E, k, act, impl)
+            block.train()
+            with torch.no_grad():
+                hf_out = block(x).double()
+            if mode == "dropless":
+                agree[impl] = float((hf_out - got).norm() / got.norm())
+                assert agree[impl] < 1e-4, f"HF {impl} disagrees with moedsl: {agree[impl]:.2e}"
+
+            def run_hf(block=block):
+                block.zero_grad(set_to_none=True)
+                xin.grad = None
+                block(xin).backward(g)
+            impls[f"hf_{impl}"] = run_hf
+    times = {name: [] for name in impls}
+    for fn in impls.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in impls.items():
+            timed(fn, times[name])
+    med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    stats = model(x).router_stats[0]
+    out = {"tokens": T, "experts": E, "k": k, "act": act, "mode": mode, "ms": med, "err": err,
+           "dropped": int(stats.dropped), "max_over_mean_load": float(
+               stats.tokens_per_expert.max() / max(stats.tokens_per_expert.float().mean(), 1e-9))}
+    b = med["bound"]
+    out["moedsl/bound"] = med["moedsl"] / b
+    if hf:
+        out["hf_grouped_mm/bound"] = med["hf_grouped_mm"] / b
+        out["hf_eager/bound"] = med["hf_eager"] / b
+        out["moedsl/hf_grouped_mm"] = med["moedsl"] / med["hf_grouped_mm"]
+        out["hf_eager/moedsl"] = med["hf_eager"] / med["moedsl"]
+    target = 1.15 * (cf if mode == "capacity" else 1.0)
+    out["target"] = target if T >= 4096 else 1.5
+    return out
+
+
+def table(rows) -> str:
+    head = ("| tokens | E | k | act | mode | bound ms | moedsl ms | moedsl/bound | target | HF grouped_mm/bound "
+            "| HF eager/bound | moedsl vs HF grouped_mm | HF eager / moedsl |")
+    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "|".join(["---"] * 13) + "|"]
+    for r in rows:
+        ms = r["ms"]
+        hf = "hf_grouped_mm" in ms
+        lines.append(
+            f"| {r['tokens']} | {r['experts']} | {r['k']} | {r['act']} | {r['mode']} | {ms['bound']:.2f} | "
+            f"{ms['moedsl']:.2f} | {r['moedsl/bound']:.2f} | ≤{r['target']:.2f} | "
+            + (f"{r['hf_grouped_mm/bound']:.2f} | {r['hf_eager/bound']:.2f} | "
+               f"{r['moedsl/hf_grouped_mm']:.2f}× | {r['hf_eager/moedsl']:.1f}× |" if hf else "- | - | - | - |"))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="64,4096,16384")
+    ap.add_argument("--experts", default="8,64,256")
+    ap.add_argument("--topk", default="1,2,8")
+    ap.add_argument("--act", default="swiglu,relu")
+    ap.add_argument("--mode", default="dropless,capacity")
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--h", type=int, default=512)
+    ap.add_argument("--capacity-factor", type=float, default=1.25)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tokens 64,4096; experts 8,64; top-1,2; swiglu")
+    ap.add_argument("--json", help="also write the rows as JSON here")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.tokens, a.experts, a.topk, a.act = "64,4096", "8,64", "1,2", "swiglu"
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    grid = list(itertools.product(ints(a.tokens), ints(a.experts), ints(a.topk), a.act.split(","),
+                                  a.mode.split(",")))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d={a.d}, h={a.h}, fp32, "
+          f"forward + backward, {a.repeats} repeats", flush=True)
+    rows = []
+    for T, E, k, act, mode in grid:
+        r = row(T, E, k, act, mode, a.d, a.h, a.capacity_factor, a.repeats, hf=not a.no_hf)
+        if r is None:
+            continue
+        rows.append(r)
+        print(table([r]).splitlines()[-1], flush=True)
+    print()
+    print(table(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
