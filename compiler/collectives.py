@@ -42,6 +42,18 @@ class Topology:
         return self.intra_group is not None and self.nodes > 1
 
 
+class Traffic:
+    """Bytes this process sent to other ranks in all-to-alls (payload, both trips), for benchmarks
+    that hold measured traffic against the plan's prediction."""
+
+    sent = 0
+    calls = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.sent = cls.calls = 0
+
+
 def _flat(x: torch.Tensor, out_rows: list, in_rows: list, group) -> torch.Tensor:
     y = x.new_empty((sum(out_rows),) + tuple(x.shape[1:]))
     dist.all_to_all_single(y, x.contiguous(), out_rows, in_rows, group=group)
@@ -62,6 +74,9 @@ def all_to_all_rows(x: torch.Tensor, counts: list, topo: Topology) -> torch.Tens
 
     ``counts[s][d]``: rows EP rank s sends to EP rank d (the whole matrix, known to all)."""
     me, P = topo.ep_rank, topo.ep
+    row = x[0].numel() * x.element_size() if x.shape[0] else 0
+    Traffic.sent += row * (sum(counts[me]) - counts[me][me])
+    Traffic.calls += 1
     if not topo.hierarchical:
         return _flat(x, [counts[s][me] for s in range(P)], counts[me], topo.ep_group)
     n_nodes, per = topo.nodes, topo.per_node

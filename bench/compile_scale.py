@@ -1,0 +1,115 @@
+"""Compile time and memory as specs grow: load + validate, compile and plan on the meta device
+against the number of experts (8 … 131,072) and of layers (1 … 64); the full Switch-C spec;
+and the memory a built model takes against its parameters and buffers.
+
+    python bench/compile_scale.py
+
+Every configuration runs in a fresh process, so its peak memory (max RSS) is its own.
+Targets: cost growing linearly (or better) in experts × layers; Switch-C compiled and planned
+in under 5 s using under 1 GiB; a built model within 5% of parameters + buffers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHILD = textwrap.dedent("""
+    import json, resource, sys, time
+    t0 = time.perf_counter()
+    import torch, moedsl
+    from moedsl.compiler import compile_graph
+    from moedsl.compiler.plan import make_plan
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    src = sys.argv[1]
+    t = time.perf_counter(); spec = moedsl.load_spec(src); t_load = time.perf_counter() - t
+    t = time.perf_counter(); c = compile_graph(spec, device="meta"); t_compile = time.perf_counter() - t
+    t = time.perf_counter(); plan = make_plan(spec, c); t_plan = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps(dict(load=t_load, compile=t_compile, plan=t_plan, peak_mib=peak / 1024,
+                          grew_mib=(peak - base) / 1024, params=plan.params_total, world=plan.world)))
+""")
+
+BUILD = textwrap.dedent("""
+    import json, resource, sys, gc
+    import torch, moedsl
+    torch.set_num_threads(1)
+    spec = moedsl.load_spec(sys.argv[1])
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+    gc.collect(); before = rss()
+    model = moedsl.build_model(spec, dtype=torch.float32, layout="grouped")
+    gc.collect(); after = rss()
+    tensors = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    print(json.dumps(dict(rss=after - before, tensors=tensors)))
+""")
+
+
+def spec_text(experts: int, layers: int, k: int = 2) -> str:
+    return textwrap.dedent(f"""
+        moedsl: 1
+        name: scale-{experts}x{layers}
+        model: {{vocab_size: 32000, d_model: 1024, max_seq_len: 2048}}
+        layers:
+          - embedding: {{}}
+          - repeat: {layers}
+            block:
+              - attention: {{heads: 16}}
+              - moe:
+                  experts: {{count: {experts}, hidden: 2048, activation: swiglu}}
+                  gate: {{type: topk, k: {k}, capacity_factor: 1.25}}
+          - head: {{}}
+    """)
+
+
+def child(code: str, arg: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, cwd=ROOT, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    rows = []
+    print("| experts | layers | experts × layers | load+validate ms | compile ms | plan ms | total ms "
+          "| µs per expert-layer | peak RSS MiB | RSS grew MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    grid = [(e, 4) for e in (8, 64, 512, 4096, 32768, 131072)] + [(64, n) for n in (1, 16, 64)]
+    for experts, layers in grid:
+        r = child(CHILD, spec_text(experts, layers))
+        total = r["load"] + r["compile"] + r["plan"]
+        r.update(experts=experts, layers=layers, total=total)
+        rows.append(r)
+        print(f"| {experts} | {layers} | {experts * layers} | {r['load'] * 1e3:.0f} | {r['compile'] * 1e3:.0f} | "
+              f"{r['plan'] * 1e3:.0f} | {total * 1e3:.0f} | {total * 1e6 / (experts * layers):.1f} | "
+              f"{r['peak_mib']:.0f} | {r['grew_mib']:.0f} |", flush=True)
+    # linear or better: from the smallest to the largest expert count the time grows no faster
+    e_rows = [r for r in rows if r["layers"] == 4]
+    growth = (e_rows[-1]["total"] / e_rows[0]["total"]) / (e_rows[-1]["experts"] / e_rows[0]["experts"])
+    l_rows = [r for r in rows if r["experts"] == 64]
+    l_growth = (l_rows[-1]["total"] / l_rows[0]["total"]) / (l_rows[-1]["layers"] / l_rows[0]["layers"])
+    print(f"\ntime growth / experts growth (8 -> 131,072): {growth:.4f} (linear = 1, below = sub-linear)")
+    print(f"time growth / layers growth (1 -> 64 layers of 64 experts): {l_growth:.3f}")
+    sc = child(CHILD, os.path.join(ROOT, "specs", "switch-c-2048.yaml"))
+    total = sc["load"] + sc["compile"] + sc["plan"]
+    print(f"\nSwitch-C (specs/switch-c-2048.yaml, {sc['params'] / 1e12:.2f}T parameters, rank 0 of {sc['world']}): "
+          f"load {sc['load']:.2f} s + compile {sc['compile']:.2f} s + plan {sc['plan']:.2f} s = {total:.2f} s "
+          f"(target < 5 s); peak RSS {sc['peak_mib']:.0f} MiB (target < 1024 MiB)")
+    print("\n| built model | parameters + buffers MiB | RSS grew MiB | overhead |")
+    print("|---|---|---|---|")
+    for name in ("switch", "mixtral"):
+        b = child(BUILD, os.path.join(ROOT, "specs", f"{name}.yaml"))
+        print(f"| specs/{name}.yaml | {b['tensors'] / 2**20:.1f} | {b['rss'] / 2**20:.1f} | "
+              f"{b['rss'] / b['tensors'] - 1:+.1%} |")
+    big = spec_text(16, 2).replace("vocab_size: 32000", "vocab_size: 1024")
+    b = child(BUILD, big)
+    print(f"| 2 layers × 16 SwiGLU experts (d 1024, h 2048) | {b['tensors'] / 2**20:.1f} | {b['rss'] / 2**20:.1f} "
+          f"| {b['rss'] / b['tensors'] - 1:+.1%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
