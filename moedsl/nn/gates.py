@@ -178,27 +178,38 @@ class Gate(nn.Module):
         return f"type={g.type}, experts={self.num_experts}, k={g.k}, {cap}"
 
 
-class SoftmaxGate(Gate):
-    """Dense softmax gating: G(x) = softmax(x·W_g), every expert computes every token."""
+class RouterGate(Gate):
+    """A gate with a linear router W [E, d] (logits h = x·Wᵀ) and the standard losses."""
 
     def __init__(self, *a, init_std: float = 0.02, **kw):
         super().__init__(*a, **kw)
         self.weight = nn.Parameter(torch.randn(self.num_experts, self.d_model) * init_std)
 
+    def logits(self, x, gidx) -> torch.Tensor:
+        return self.linear(self.jitter(x, gidx), self.weight)
+
+    def losses(self, logits, probs, weight, expert, counted=None) -> dict:
+        """Unweighted importance, balance and z-loss, each only when the spec weighs it.
+        ``counted``: the choices the balance loss's f counts (default: all of them)."""
+        lw, out = self.loss_weights, {}
+        if lw.importance:
+            out["importance"] = self.importance(weight, expert)
+        if lw.balance:
+            out["balance"] = balance_loss(probs, expert if counted is None else counted, None)
+        if lw.z_loss:
+            out["z_loss"] = z_loss(logits)
+        return out
+
+
+class SoftmaxGate(RouterGate):
+    """Dense softmax gating: G(x) = softmax(x·W_g), every expert computes every token."""
+
     def choose(self, x, ids, gidx):
-        logits = self.linear(self.jitter(x, gidx), self.weight)
+        logits = self.logits(x, gidx)
         probs = torch.softmax(logits, dim=-1)
         G, n, E = probs.shape
         expert = torch.arange(E, device=x.device).expand(G, n, E)
-        return Choice(expert, probs, losses=self._losses(logits, probs, expert))
-
-    def _losses(self, logits, probs, expert):
-        out = {}
-        if self.loss_weights.importance:
-            out["importance"] = self.importance(probs, expert)
-        if self.loss_weights.z_loss:
-            out["z_loss"] = z_loss(logits)
-        return out
+        return Choice(expert, probs, losses=self.losses(logits, probs, probs, expert))
 
 
 class NoisyTopKGate(Gate):
@@ -239,17 +250,13 @@ class NoisyTopKGate(Gate):
         return Choice(expert, weight, losses=out)
 
 
-class TopKGate(Gate):
+class TopKGate(RouterGate):
     """Top-k gating (Mixtral): weights = the scores of the k chosen experts, renormalised to
     sum 1 (for softmax scores: the softmax over the selected logits). score: sigmoid gives
     DeepSeek-V3's sigmoid affinities."""
 
-    def __init__(self, *a, init_std: float = 0.02, **kw):
-        super().__init__(*a, **kw)
-        self.weight = nn.Parameter(torch.randn(self.num_experts, self.d_model) * init_std)
-
     def choose(self, x, ids, gidx):
-        logits = self.linear(self.jitter(x, gidx), self.weight)
+        logits = self.logits(x, gidx)
         if self.spec.score == "sigmoid":
             scores = torch.sigmoid(logits)
             probs = scores / scores.sum(-1, keepdim=True)
@@ -259,48 +266,26 @@ class TopKGate(Gate):
         weight = scores.gather(-1, expert)
         if self.spec.normalize:
             weight = weight / weight.sum(-1, keepdim=True)
-        lw, out = self.loss_weights, {}
-        if lw.importance:
-            out["importance"] = self.importance(weight, expert)
-        if lw.balance:
-            out["balance"] = balance_loss(probs, expert, None)
-        if lw.z_loss:
-            out["z_loss"] = z_loss(logits)
-        return Choice(expert, weight, losses=out)
+        return Choice(expert, weight, losses=self.losses(logits, probs, weight, expert))
 
 
-class SwitchGate(Gate):
+class SwitchGate(RouterGate):
     """Switch: p = softmax(x·W_r) in float32, expert = argmax p, weight = p_expert."""
 
-    def __init__(self, *a, init_std: float = 0.02, **kw):
-        super().__init__(*a, **kw)
-        self.weight = nn.Parameter(torch.randn(self.num_experts, self.d_model) * init_std)
-
     def choose(self, x, ids, gidx):
-        logits = self.linear(self.jitter(x, gidx), self.weight)
+        logits = self.logits(x, gidx)
         probs = torch.softmax(logits, dim=-1)
         expert = self.select(probs, 1, logits)
         weight = probs.gather(-1, expert)
-        lw, out = self.loss_weights, {}
-        if lw.importance:
-            out["importance"] = self.importance(weight, expert)
-        if lw.balance:
-            out["balance"] = balance_loss(probs, expert, None)
-        if lw.z_loss:
-            out["z_loss"] = z_loss(logits)
-        return Choice(expert, weight, losses=out)
+        return Choice(expert, weight, losses=self.losses(logits, probs, weight, expert))
 
 
-class GShardGate(Gate):
+class GShardGate(RouterGate):
     """GShard top-2: g1, g2 the two largest probabilities, normalised by g1 + g2; the second
     expert is used only with probability min(1, 2·g2) (second_expert: random)."""
 
-    def __init__(self, *a, init_std: float = 0.02, **kw):
-        super().__init__(*a, **kw)
-        self.weight = nn.Parameter(torch.randn(self.num_experts, self.d_model) * init_std)
-
     def choose(self, x, ids, gidx):
-        logits = self.linear(self.jitter(x, gidx), self.weight)
+        logits = self.logits(x, gidx)
         probs = torch.softmax(logits, dim=-1)
         expert = self.select(probs, 2, logits)
         weight = probs.gather(-1, expert)
@@ -310,14 +295,9 @@ class GShardGate(Gate):
         if self.spec.second_expert == "random":
             u = rng.uniform(self.seed, self.stream("second"), gidx)
             routed = torch.stack([routed[..., 0], 2 * weight[..., 1].detach() > u], dim=-1)
-        lw, out = self.loss_weights, {}
-        if lw.importance:
-            out["importance"] = self.importance(weight * routed, expert)
-        if lw.balance:  # c_e: tokens whose first choice is e
-            out["balance"] = balance_loss(probs, expert[..., :1], None)
-        if lw.z_loss:
-            out["z_loss"] = z_loss(logits)
-        return Choice(expert, weight, routed=routed, losses=out)
+        # the balance loss's c_e counts the tokens whose first choice is e
+        losses = self.losses(logits, probs, weight * routed, expert, counted=expert[..., :1])
+        return Choice(expert, weight, routed=routed, losses=losses)
 
 
 class HashGate(Gate):
@@ -337,20 +317,16 @@ class HashGate(Gate):
         return Choice(expert, torch.ones_like(expert, dtype=torch.float32))
 
 
-class ExpertChoiceGate(Gate):
+class ExpertChoiceGate(RouterGate):
     """Expert choice: S = softmax(X·W_g) over the n tokens of a group; each expert takes its top
     k_e = capacity_factor·n/E tokens. A token no expert picked gets 0. Optional cap on the
     experts per token (kept greedily by weight)."""
-
-    def __init__(self, *a, init_std: float = 0.02, **kw):
-        super().__init__(*a, **kw)
-        self.weight = nn.Parameter(torch.randn(self.num_experts, self.d_model) * init_std)
 
     def forward(self, x, token_ids=None, rank=0, groups=1):
         Sn, d = x.shape
         G, n, E = groups, Sn // groups, self.num_experts
         gidx = (rank * Sn + torch.arange(Sn, device=x.device)).view(G, n)
-        logits = self.linear(self.jitter(x.reshape(G, n, d), gidx), self.weight)
+        logits = self.logits(x.reshape(G, n, d), gidx)
         probs = torch.softmax(logits, dim=-1)
         C = self.spec.capacity(n, E, self.training)
         weight, idx = torch.topk(probs.transpose(1, 2), C, dim=-1)  # [G, E, C]
