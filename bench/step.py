@@ -51,7 +51,7 @@ def _cpu_worker(rank: int, world: int, spec_path: str, steps: int, batch: int, s
             times.append(time.perf_counter() - t)
             sent.append(Traffic.sent)
     plan = make_plan(spec, model.compiled)
-    predicted = sum(plan.a2a_send_bytes.values())
+    predicted = sum(plan.a2a_send_bytes.values())  # all-to-alls only (Traffic counts those)
     return dict(step_s=statistics.median(times), sent=statistics.mean(sent), predicted=predicted,
                 layouts=sorted({f"{c.scope}/{c.layout}" for c in model.compiled.comms.values()}))
 
@@ -59,7 +59,9 @@ def _cpu_worker(rank: int, world: int, spec_path: str, steps: int, batch: int, s
 def cpu(specs, steps, batch, seq):
     from moedsl.runtime.launch import spawn
 
-    print(f"| spec | processes | layout | step ms | tokens/s | a2a sent / rank / step | plan predicted | measured / plan |")
+    print("all-to-all payload sent per rank per step (forward + backward) against the plan's prediction, "
+          "which is exact for static layers and assumes balanced routing with nothing dropped otherwise\n")
+    print("| spec | processes | layout | step ms | tokens/s | a2a sent / rank / step | plan predicted | measured / plan |")
     print("|---|---|---|---|---|---|---|---|")
     for name in specs:
         path = str(ROOT / "specs" / f"{name}.yaml")

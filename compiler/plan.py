@@ -6,9 +6,10 @@
   slots of its buffer, filled or not);
 - memory per device: weights, gradients and AdamW state (fp32 master: 16 bytes per
   parameter when training), and an activation estimate;
-- bytes each rank sends and receives per step in the all-to-alls (and the token gather of
-  layers routed as a whole), split by link kind (intra-node, inter-node) over a networkx
-  model of the mesh, assuming balanced routing for the data-dependent layouts.
+- bytes each rank sends and receives per step in the all-to-alls, and separately in the
+  token gather of layers routed as one batch, split by link kind (intra-node, inter-node)
+  over a networkx model of the mesh; exact for static (capacity) layers, and assuming
+  balanced routing with nothing dropped for the data-dependent ones.
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ class LayerTraffic:
     scope: str
     layout: str
     capacity: int | None  # slots per expert on this rank's buffer (per step)
-    send_bytes: dict = field(default_factory=dict)  # link kind -> bytes this rank sends per step
+    send_bytes: dict = field(default_factory=dict)  # link kind -> all-to-all bytes this rank sends per step
     recv_bytes: dict = field(default_factory=dict)
+    gather_bytes: dict = field(default_factory=dict)  # link kind -> token all-gather bytes sent per step
     messages: dict = field(default_factory=dict)  # link kind -> messages per step
 
 
@@ -56,8 +58,9 @@ class Plan:
     memory_weights: int  # bytes on this device for inference (dtype weights)
     memory_train_states: int  # fp32 master + grads + AdamW m, v
     memory_activations: int  # training activations, estimate
-    a2a_send_bytes: dict  # link kind -> bytes per training step (forward + backward)
+    a2a_send_bytes: dict  # link kind -> all-to-all bytes per training step (forward + backward)
     a2a_recv_bytes: dict
+    gather_send_bytes: dict  # link kind -> token all-gather bytes (layers routed as one batch)
     capturable: bool
     layers: list = field(default_factory=list)  # [LayerTraffic]
 
@@ -132,7 +135,7 @@ def make_plan(spec: S.Spec, compiled) -> Plan:
             act_per_token += d
         flops += f
         padded += f
-    layers, send, recv = _traffic(spec, compiled, B_local, T, wb)
+    layers, send, recv, gather = _traffic(spec, compiled, B_local, T, wb)
     return Plan(
         spec=spec.name, world=mesh.world, nodes=mesh.nodes, devices_per_node=mesh.devices_per_node,
         expert_parallel=mesh.expert_parallel, data_parallel=mesh.data_parallel, rank=rank,
@@ -141,6 +144,7 @@ def make_plan(spec: S.Spec, compiled) -> Plan:
         flops_per_token_forward=flops, flops_per_token_train=3 * flops, flops_per_token_forward_padded=padded,
         memory_weights=on_device * wb, memory_train_states=on_device * 16,
         memory_activations=int(act_per_token * B_local * T * wb), a2a_send_bytes=send, a2a_recv_bytes=recv,
+        gather_send_bytes=gather,
         capturable=compiled.static.capturable, layers=layers)
 
 
@@ -151,19 +155,18 @@ def _traffic(spec, compiled, B_local, T, wb):
     ep_rank, group0 = rank % P, rank - rank % P
     d = spec.model.d_model
     S_local = B_local * T
-    layers, send, recv = [], {"intra": 0, "inter": 0}, {"intra": 0, "inter": 0}
+    layers, send, recv, gather = [], {"intra": 0, "inter": 0}, {"intra": 0, "inter": 0}, {"intra": 0, "inter": 0}
     for info in spec.moe_layers:
         name = f"layers.{info.index}"
         comm, lp, cfg = compiled.comms[name], compiled.placements[name], info.config
         t = LayerTraffic(layer=name, scope=comm.scope, layout=comm.layout, capacity=None,
                          send_bytes={"intra": 0, "inter": 0}, recv_bytes={"intra": 0, "inter": 0},
-                         messages={"intra": 0, "inter": 0})
+                         gather_bytes={"intra": 0, "inter": 0}, messages={"intra": 0, "inter": 0})
         if comm.scope == "global":  # all-gather of tokens, and its gradient
             for r in range(mesh.world):
                 if r != rank:
                     kind = link(g, rank, r)
-                    t.send_bytes[kind] += 2 * S_local * d * wb
-                    t.recv_bytes[kind] += 2 * S_local * d * wb
+                    t.gather_bytes[kind] += 2 * S_local * d * wb
                     t.messages[kind] += 2
         if comm.expert_parallel:
             E = cfg.experts.count
@@ -201,9 +204,10 @@ def _traffic(spec, compiled, B_local, T, wb):
         for kind in ("intra", "inter"):
             send[kind] += int(t.send_bytes[kind])
             recv[kind] += int(t.recv_bytes[kind])
+            gather[kind] += int(t.gather_bytes[kind])
             t.send_bytes[kind], t.recv_bytes[kind] = int(t.send_bytes[kind]), int(t.recv_bytes[kind])
         layers.append(t)
-    return layers, send, recv
+    return layers, send, recv, gather
 
 
 def human_bytes(n: float) -> str:

@@ -147,6 +147,29 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_verify(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .api import load_spec
+    from .runtime.equivalence import check
+
+    spec = load_spec(_spec_path(args.spec))
+    from .validate import resolve_mesh
+
+    resolve_mesh(spec, args.nproc)  # a placement error is a SpecError, before any process starts
+    diffs = check(spec, args.nproc, batch=args.batch, seq=args.seq, layout=args.layout)
+    t = Table(title=f"{spec.name}: {args.nproc} processes against one (batch {args.batch} × {args.seq}, "
+              f"layout {args.layout})", title_justify="left")
+    for col in ("rank", "max |Δ output|", "|Δ aux loss|", "max |Δ gradient|", "worst parameter", "ok"):
+        t.add_column(col)
+    for rank, d in enumerate(diffs):
+        t.add_row(str(rank), f"{d.output:.2e}", f"{d.aux_loss:.2e}", f"{d.grad:.2e}", d.worst_param,
+                  "yes" if d.ok() else "[red]NO[/red]")
+    Console().print(t)
+    return 0 if all(d.ok() for d in diffs) else 1
+
+
 def _add_compile_options(p) -> None:
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--world-size", type=_positive, default=None,
@@ -206,6 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
     r.set_defaults(func=_cmd_run)
+
+    vf = sub.add_parser("verify", help="check that N processes compute what one does: outputs, aux loss, "
+                        "every gradient")
+    vf.add_argument("spec", metavar="SPEC")
+    vf.add_argument("--nproc", type=_positive, default=2, help="processes (gloo, CPU; default 2)")
+    vf.add_argument("--batch", type=_positive, default=8, help="global batch in sequences (default 8)")
+    vf.add_argument("--seq", type=_positive, default=16, help="sequence length (default 16)")
+    vf.add_argument("--layout", choices=["auto", "static", "grouped"], default="auto",
+                    help="static: check the capacity layers' padded buffers and fixed-size all-to-alls")
+    vf.set_defaults(func=_cmd_verify)
 
     s = sub.add_parser("schema", help="print the JSON Schema of a spec (for editors)")
     s.add_argument("--path", action="store_true", help="print where the schema file is installed instead")

@@ -32,6 +32,7 @@ def plan_tables(plan) -> list:
         ("activations, training (estimate)", human_bytes(plan.memory_activations)),
         ("all-to-all sent per training step", both(plan.a2a_send_bytes)),
         ("all-to-all received per training step", both(plan.a2a_recv_bytes)),
+        ("token all-gather sent per training step", both(plan.gather_send_bytes)),
         ("CUDA-graph capturable", "yes (static shapes)" if plan.capturable else "no (data-dependent shapes)"),
     ]
     for k, v in rows:

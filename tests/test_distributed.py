@@ -69,3 +69,14 @@ def test_placements_equal_single_process():
     assert_equal(results, list(specs))
     grouped = {k: v for k, v in specs.items() if "static" in k or "map" in k or "dp" in k}
     assert_equal(check(list(grouped.values()), 4, layout="grouped"), list(grouped))
+
+
+def test_verify_command(capsys):
+    from moedsl.cli import main
+
+    assert main(["verify", str(ROOT / "specs" / "gshard.yaml"), "--nproc", "2", "--layout", "static"]) == 0
+    out = capsys.readouterr().out
+    assert "2 processes against one" in out and "NO" not in out
+    assert main(["verify", str(ROOT / "specs" / "switch.yaml"), "--nproc", "3"]) == 2  # 8 experts on 3 ranks
+    assert "expert-parallel ranks" in capsys.readouterr().err
+

@@ -54,9 +54,15 @@ class Experts(nn.Module):
             if w is None:
                 continue
             per = w[0].numel()
-            idx = self.expert_ids.to(w.device)[:, None] * per + torch.arange(per, device=w.device)
             std = math.sqrt(self.init_scale / fan_in)
-            w.copy_(rng.truncated_normal(self.seed, rng.stream_id(self.layer, name), idx, std).view_as(w))
+            stream = rng.stream_id(self.layer, name)
+            ids = self.expert_ids.to(w.device)
+            flat = w.view(-1)
+            # in chunks of ~16M values: the draw's int64/float64 temporaries stay small however big w is
+            step = max(1, (1 << 24) // per)
+            for lo in range(0, len(ids), step):
+                idx = ids[lo:lo + step, None] * per + torch.arange(per, device=w.device)
+                flat[lo * per:(lo + idx.shape[0]) * per] = rng.truncated_normal(self.seed, stream, idx, std).view(-1)
         for b in (self.b_in, self.b_gate, self.b_out):
             if b is not None:
                 b.zero_()
