@@ -87,10 +87,12 @@ class Experts(nn.Module):
     def _pad_is_cheaper(self, sizes: torch.Tensor, longest: int) -> bool:
         """Rows zero-padded into one batched GEMM, or each expert's rows a GEMM call of its own:
         padding wins when the groups are small or even (the calls dominate), grouping when
-        they are large and skewed (the padding does)."""
+        they are large and skewed (the padding does), or when many experts get no rows: the
+        grouped GEMM skips them (their weights are never read), the padded one computes them all."""
         E, rows = sizes.numel(), int(sizes.sum())
+        hit = int(torch.count_nonzero(sizes))
         call_rows = self.CALL_ROWS_AT_256x512 * (256 * 512) / (self.d_model * self.hidden)
-        return E * longest <= rows + call_rows * E
+        return E * longest <= rows + call_rows * hit
 
     def _padded(self, x: torch.Tensor, sizes: torch.Tensor, longest: int) -> torch.Tensor:
         E, N = sizes.numel(), x.shape[0]
