@@ -47,6 +47,14 @@ def top_indices(v: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([first, second], dim=-1)
 
 
+def normal_init(*shape: int, std: float) -> torch.Tensor:
+    """N(0, std²) from the global RNG, on the current default device; on the meta device an empty
+    tensor (there is nothing to draw, and drawing there imports torch's tracing machinery: 1.6 s)."""
+    if torch.get_default_device().type == "meta":
+        return torch.empty(*shape)
+    return torch.randn(*shape) * std
+
+
 def _no_autocast(device: torch.device):
     if device.type in ("cpu", "cuda"):
         return torch.autocast(device_type=device.type, enabled=False)
@@ -183,7 +191,7 @@ class RouterGate(Gate):
 
     def __init__(self, *a, init_std: float = 0.02, **kw):
         super().__init__(*a, **kw)
-        self.weight = nn.Parameter(torch.randn(self.num_experts, self.d_model) * init_std)
+        self.weight = nn.Parameter(normal_init(self.num_experts, self.d_model, std=init_std))
 
     def logits(self, x, gidx) -> torch.Tensor:
         return self.linear(self.jitter(x, gidx), self.weight)
@@ -366,7 +374,7 @@ class HierarchicalGate(Gate):
         def weights(*shape, sub):
             if sub.type == "noisy_topk":  # Shazeer: zero init for W_g and W_noise
                 return nn.Parameter(torch.zeros(*shape)), nn.Parameter(torch.zeros(*shape))
-            return nn.Parameter(torch.randn(*shape) * init_std), None
+            return nn.Parameter(normal_init(*shape, std=init_std)), None
 
         self.primary_weight, self.primary_noise_weight = weights(a, d, sub=hierarchy.primary)
         self.secondary_weight, self.secondary_noise_weight = weights(a, b, d, sub=hierarchy.secondary)
