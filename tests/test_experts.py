@@ -36,28 +36,19 @@ def reference(ex: Experts, x: torch.Tensor, sizes: list) -> torch.Tensor:
 
 
 def run(ex: Experts, x: torch.Tensor, sizes: torch.Tensor, gy: torch.Tensor, mode: str):
+    """Forward and backward through ``Experts.forward``, its cost model forced to pad (``padded``),
+    forced not to (``grouped``), or left to choose (``auto``)."""
     ex.zero_grad(set_to_none=True)
     xi = x.clone().requires_grad_()
-    if mode == "padded":
-        longest = -(-max(int(sizes.max()), 1) // 8) * 8
-        y = ex._padded(xi, sizes, longest)
-    elif mode == "grouped":
-        y = grouped_matmul_experts(ex, xi, sizes)
-    else:
+    saved = Experts.CALL_ROWS_AT_256x512
+    Experts.CALL_ROWS_AT_256x512 = {"padded": 1e12, "grouped": -1e12, "auto": saved}[mode]
+    try:
         y = ex(xi, sizes)
+    finally:
+        Experts.CALL_ROWS_AT_256x512 = saved
     y.backward(gy)
     grads = {n: p.grad.clone() for n, p in ex.named_parameters()}
     return y.detach(), xi.grad, grads
-
-
-def grouped_matmul_experts(ex: Experts, x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """The per-expert-GEMM path, whatever the cost model would pick."""
-    saved = Experts.CALL_ROWS_AT_256x512
-    Experts.CALL_ROWS_AT_256x512 = -1e12  # padding never looks cheaper
-    try:
-        return ex(x, sizes)
-    finally:
-        Experts.CALL_ROWS_AT_256x512 = saved
 
 
 @settings(**SETTINGS)
