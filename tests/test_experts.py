@@ -1,8 +1,9 @@
-"""The experts' two ways of computing rows grouped by expert agree with each other and with a
-per-expert float64 reference, outputs and gradients: zero-padded into one batched GEMM, and
-one GEMM per expert (``torch._grouped_mm`` where the build has it, else padded). On a CPU
-``Experts.forward`` picks between them by a cost model; whichever it picks must compute the
-same thing, for any split of the rows, experts with no rows included."""
+"""The experts' ways of computing rows grouped by expert agree with each other and with a
+per-expert float64 reference, outputs and gradients: zero-padded into one batched GEMM,
+moedsl's CPU grouped-GEMM kernel (``cpu_gemm``), and torch's grouped GEMM
+(``torch._grouped_mm`` where the build has it, else padded). On a CPU ``Experts.forward``
+picks one; whichever it picks must compute the same thing, for any split of the rows,
+experts with no rows included."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from moedsl.nn import cpu_gemm
 from moedsl.nn.experts import Experts
 from moedsl.nn.grouped import grouped_matmul
 
@@ -35,17 +37,18 @@ def reference(ex: Experts, x: torch.Tensor, sizes: list) -> torch.Tensor:
     return torch.cat(out)
 
 
+MODES = ["padded", "torch", "auto"] + (["kernel"] if cpu_gemm.available() else [])
+
+
 def run(ex: Experts, x: torch.Tensor, sizes: torch.Tensor, gy: torch.Tensor, mode: str):
-    """Forward and backward through ``Experts.forward``, its cost model forced to pad (``padded``),
-    forced not to (``grouped``), or left to choose (``auto``)."""
+    """Forward and backward through ``Experts.forward`` on the path ``mode``."""
     ex.zero_grad(set_to_none=True)
     xi = x.clone().requires_grad_()
-    saved = Experts.CALL_ROWS_AT_256x512
-    Experts.CALL_ROWS_AT_256x512 = {"padded": 1e12, "grouped": -1e12, "auto": saved}[mode]
+    ex.cpu_path = mode
     try:
         y = ex(xi, sizes)
     finally:
-        Experts.CALL_ROWS_AT_256x512 = saved
+        ex.cpu_path = "auto"
     y.backward(gy)
     grads = {n: p.grad.clone() for n, p in ex.named_parameters()}
     return y.detach(), xi.grad, grads
@@ -70,7 +73,7 @@ def test_padded_and_grouped_experts_agree(seed, experts, activation, bias, empty
     x = torch.randn(n, d, generator=g)
     gy = torch.randn(n, d, generator=g)
     ref = reference(ex, x, sizes.tolist())
-    results = {mode: run(ex, x, sizes, gy, mode) for mode in ("padded", "grouped", "auto")}
+    results = {mode: run(ex, x, sizes, gy, mode) for mode in MODES}
     _, gx0, grads0 = results["padded"]
     for mode, (y, gx, grads) in results.items():
         if n:

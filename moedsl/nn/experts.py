@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import rng
+from . import cpu_gemm
 from .grouped import grouped_matmul
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu, "geglu": F.gelu}
@@ -80,8 +81,13 @@ class Experts(nn.Module):
             h = self.act(h)
         return F.dropout(h, self.dropout, self.training) if self.dropout else h
 
-    # CPU: one GEMM call costs about as much as computing this many rows of all 9 GEMMs of
-    # an expert (forward and backward) at d·h = 256·512; it scales as 1 / (d·h)
+    # How rows grouped by expert are computed on a CPU: "auto" picks "kernel" (moedsl's grouped
+    # GEMM, cpu_gemm) for float32 where it could be built, else by the cost model below between
+    # "padded" (one batched GEMM over zero-padded groups) and "torch" (torch._grouped_mm).
+    cpu_path = "auto"
+
+    # torch._grouped_mm on a CPU: one GEMM call costs about as much as computing this many rows
+    # of all 9 GEMMs of an expert (forward and backward) at d·h = 256·512; it scales as 1 / (d·h)
     CALL_ROWS_AT_256x512 = 27
 
     def _pad_is_cheaper(self, sizes: torch.Tensor, longest: int) -> bool:
@@ -94,8 +100,15 @@ class Experts(nn.Module):
         call_rows = self.CALL_ROWS_AT_256x512 * (256 * 512) / (self.d_model * self.hidden)
         return E * longest <= rows + call_rows * hit
 
-    def _padded(self, x: torch.Tensor, sizes: torch.Tensor, longest: int) -> torch.Tensor:
-        E, N = sizes.numel(), x.shape[0]
+    def _cpu_choice(self, x: torch.Tensor, sizes: torch.Tensor, dt: torch.dtype) -> str:
+        if self.cpu_path != "auto":
+            return self.cpu_path
+        if dt == torch.float32 and self.w_in.dtype == torch.float32 and cpu_gemm.available():
+            return "kernel"  # measured: never slower than padding, faster on uneven groups
+        return "padded" if self._pad_is_cheaper(sizes, _longest(sizes)) else "torch"
+
+    def _padded(self, x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        E, N, longest = sizes.numel(), x.shape[0], _longest(sizes)
         group = torch.repeat_interleave(torch.arange(E, device=x.device), sizes, output_size=N)
         pos = torch.arange(N, device=x.device) - (torch.cumsum(sizes, 0) - sizes)[group]
         flat = group * longest + pos
@@ -105,10 +118,6 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [E_local, T, d] (a capacity buffer) -> [E_local, T, d]; or x [N, d] rows grouped
         by local expert with ``sizes`` [E_local] -> [N, d]."""
-        if sizes is not None and x.device.type == "cpu" and x.shape[0]:
-            longest = -(-int(sizes.max()) // 8) * 8  # a multiple of 8 rows: aligned GEMM blocks
-            if self._pad_is_cheaper(sizes, longest):
-                return self._padded(x, sizes, longest)
         w = self.w_in
         if x.dtype != w.dtype and not torch.is_autocast_enabled():
             x = x.to(w.dtype)
@@ -118,9 +127,14 @@ class Experts(nn.Module):
             y = torch.bmm(h, self.w_out)
             return y if self.b_out is None else y + self.b_out[:, None, :]
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        method = "auto"
+        if x.device.type == "cpu" and x.shape[0]:
+            method = {"kernel": "cpu_kernel", "torch": "torch"}.get(self._cpu_choice(x, sizes, dt), "padded")
+            if method == "padded":
+                return self._padded(x, sizes)
 
         def mm(a, b):
-            return grouped_matmul(a.to(dt), b.to(dt), sizes)
+            return grouped_matmul(a.to(dt), b.to(dt), sizes, method)
 
         owner = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), sizes, output_size=x.shape[0]) \
             if self.b_in is not None else None
@@ -132,6 +146,11 @@ class Experts(nn.Module):
     def extra_repr(self) -> str:
         return (f"experts={len(self.expert_ids)}, d_model={self.d_model}, hidden={self.hidden}, "
                 f"activation={self.activation}")
+
+
+def _longest(sizes: torch.Tensor) -> int:
+    """The largest group rounded up to a multiple of 8 rows (aligned GEMM blocks)."""
+    return -(-int(sizes.max()) // 8) * 8
 
 
 class DenseFFN(nn.Module):

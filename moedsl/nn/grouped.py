@@ -1,13 +1,16 @@
 """Grouped matrix products: rows of x, grouped by consecutive runs, each run times its own weight.
 
 ``grouped_matmul(x [N, d], w [G, d, h], sizes [G])`` computes, for every group g, the rows
-of run g times w[g]. It uses ``torch._grouped_mm`` where the build has it for the dtype,
-device and alignment, and otherwise pads the runs to the longest into [G, max, d] for one
-``bmm`` (float64 for gradcheck, odd widths). No Python loop over groups either way.
+of run g times w[g]. On a CPU in float32 it uses moedsl's kernel (``cpu_gemm``: the threads
+split the work, not each GEMM) where it could be built; else ``torch._grouped_mm`` where the
+build has it for the dtype, device and alignment; else it pads the runs to the longest into
+[G, max, d] for one ``bmm`` (float64 for gradcheck, odd widths). No Python loop over groups.
 """
 from __future__ import annotations
 
 import torch
+
+from . import cpu_gemm
 
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -26,8 +29,15 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, sizes: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """[N, d] rows in G consecutive runs of ``sizes`` (sum = N) times w [G, d, h] -> [N, h]."""
+    """[N, d] rows in G consecutive runs of ``sizes`` (sum = N) times w [G, d, h] -> [N, h].
+
+    method: "auto"; "cpu_kernel"; "torch" (torch._grouped_mm where it applies, else padded);
+    "grouped_mm"; "padded"."""
     if method == "auto":
+        method = "cpu_kernel" if cpu_gemm.usable(x, w) else "grouped_mm" if _grouped_mm_ok(x, w) else "padded"
+    if method == "cpu_kernel":
+        return cpu_gemm.grouped_mm(x, w, sizes)
+    if method == "torch":  # torch's own ops only
         method = "grouped_mm" if _grouped_mm_ok(x, w) else "padded"
     if method == "grouped_mm":
         offs = torch.cumsum(sizes, 0).to(torch.int32)

@@ -1,0 +1,141 @@
+"""moedsl's CPU grouped-GEMM kernel (moedsl/nn/cpu_gemm.*): every group's rows times its own
+weight, and both gradients, equal a float64 per-group reference for any split of the rows
+(empty groups, a group split between threads, more threads than rows), on both ways of
+splitting the weight gradient; where it cannot be built, moedsl says why once and falls
+back to torch's ops with the same results."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moedsl.nn import cpu_gemm
+
+SETTINGS = dict(deadline=None, database=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow],
+                derandomize=not os.environ.get("MOEDSL_HYPOTHESIS_RANDOM"))
+
+needs_kernel = pytest.mark.skipif(not cpu_gemm.available(), reason=f"kernel unavailable: {cpu_gemm.why_unavailable()}")
+
+
+def test_kernel_builds_where_it_can():
+    """Not a silent fallback: on Linux with an MKL/OpenMP torch and a C++ compiler it must load."""
+    reason = cpu_gemm._unsupported()
+    if reason:
+        pytest.skip(reason)
+    assert cpu_gemm.available(), cpu_gemm.why_unavailable()
+
+
+def reference(x, w, sizes, dy):
+    """float64 per group: y, dx, dw."""
+    xd = x.detach().double().requires_grad_()
+    wd = w.detach().double().requires_grad_()
+    parts = [xs @ wd[g] for g, xs in enumerate(xd.split(sizes))]
+    y = torch.cat(parts) if parts else xd.new_zeros(0, w.shape[-1])
+    (y * dy.double()).sum().backward()
+    return y, xd.grad, wd.grad if wd.grad is not None else torch.zeros_like(wd)
+
+
+@needs_kernel
+@settings(**SETTINGS)
+@given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 40), K=st.integers(1, 70), n=st.integers(1, 90),
+       empty=st.floats(0.0, 0.9), threads=st.integers(1, 5), big=st.booleans())
+def test_grouped_mm_equals_per_group_products(seed, groups, K, n, empty, threads, big):
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 200 if big else 12, (groups,), generator=g)
+    sizes[torch.rand(groups, generator=g) < empty] = 0
+    N = int(sizes.sum())
+    x = torch.randn(N, K, generator=g)
+    w = torch.randn(groups, K, n, generator=g)
+    dy = torch.randn(N, n, generator=g)
+    want_y, want_dx, want_dw = reference(x, w, sizes.tolist(), dy)
+    lib = cpu_gemm.library()
+    offs = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+    # the primitives with any thread count (a group split between threads; threads > rows)
+    y = cpu_gemm._rows(lib, x, w, offs, transpose=False, threads=threads)
+    dx = cpu_gemm._rows(lib, dy, w, offs, transpose=True, threads=threads)
+    dw = cpu_gemm._wgrad(lib, x, dy, offs, groups, threads)  # by groups when groups >= 4·threads, else by columns
+    tol = dict(rtol=1e-4, atol=1e-4 * max(1.0, K ** 0.5))
+    torch.testing.assert_close(y.double(), want_y, **tol)
+    torch.testing.assert_close(dx.double(), want_dx, **dict(tol, atol=1e-4 * max(1.0, n ** 0.5)))
+    torch.testing.assert_close(dw.double(), want_dw, **dict(tol, atol=1e-4 * max(1.0, float(sizes.max()) ** 0.5)))
+    for e in torch.nonzero(sizes == 0).flatten().tolist():
+        assert torch.count_nonzero(dw[e]) == 0, f"empty group {e} got a weight gradient"
+    # and through autograd
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    cpu_gemm.grouped_mm(xa, wa, sizes).backward(dy)
+    torch.testing.assert_close(xa.grad.double(), want_dx, **dict(tol, atol=1e-4 * max(1.0, n ** 0.5)))
+    torch.testing.assert_close(wa.grad.double(), want_dw, **dict(tol, atol=1e-4 * max(1.0, float(sizes.max()) ** 0.5)))
+
+
+@needs_kernel
+def test_grouped_mm_takes_strided_operands_and_partial_grads():
+    g = torch.Generator().manual_seed(1)
+    sizes = torch.tensor([5, 0, 9, 2])
+    xt = torch.randn(24, 16, generator=g).t()  # [16, 24] rows not contiguous
+    wt = torch.randn(4, 32, 24, generator=g).transpose(1, 2)  # [4, 24, 32]: w[g] transposed views
+    dy = torch.randn(16, 32, generator=g)
+    want_y, want_dx, want_dw = reference(xt, wt, sizes.tolist(), dy)
+    x = xt.clone().requires_grad_()
+    y = cpu_gemm.grouped_mm(x, wt, sizes)  # w needs no gradient: only dx is computed
+    y.backward(dy)
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), want_dx, rtol=1e-4, atol=1e-4)
+    w = wt.detach().clone().requires_grad_()
+    cpu_gemm.grouped_mm(xt, w, sizes).backward(dy)  # x needs none: only dw
+    torch.testing.assert_close(w.grad.double(), want_dw, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_grouped_mm_rejects_what_it_cannot_take():
+    sizes = torch.tensor([2, 1])
+    with pytest.raises(ValueError, match="sizes sum to 3"):
+        cpu_gemm.grouped_mm(torch.randn(4, 8), torch.randn(2, 8, 8), sizes)
+    with pytest.raises(ValueError, match="float32 CPU operands"):
+        cpu_gemm.grouped_mm(torch.randn(3, 8, dtype=torch.float64), torch.randn(2, 8, 8, dtype=torch.float64), sizes)
+
+
+FALLBACK = textwrap.dedent("""
+    import warnings, torch
+    warnings.simplefilter("always")
+    from moedsl.nn import cpu_gemm
+    from moedsl.nn.experts import Experts
+    with warnings.catch_warnings(record=True) as caught:
+        ok = cpu_gemm.available()
+        cpu_gemm.available()
+    print("available", ok)
+    print("why", cpu_gemm.why_unavailable())
+    print("warnings", len(caught), *[str(w.message) for w in caught])
+    torch.manual_seed(0)
+    ex = Experts(16, 32, "swiglu", list(range(5)))
+    sizes = torch.tensor([3, 0, 7, 1, 4])
+    x = torch.randn(15, 16)
+    y = ex(x, sizes)
+    want = torch.cat([torch.nn.functional.silu(xs @ ex.w_gate[e]) * (xs @ ex.w_in[e]) @ ex.w_out[e]
+                      for e, xs in enumerate(x.split(sizes.tolist()))])
+    print("max_err", float((y - want).abs().max()))
+""")
+
+
+@pytest.mark.parametrize("env, reason, warns", [
+    ({"MOEDSL_CPU_KERNEL": "0"}, "disabled by MOEDSL_CPU_KERNEL=0", 0),
+    ({"CXX": "/bin/false"}, "/bin/false failed", 1),
+])
+def test_without_the_kernel_moedsl_says_why_and_computes_the_same(tmp_path, env, reason, warns):
+    if sys.platform != "linux":
+        pytest.skip("the kernel is built on Linux only")
+    run_env = dict(os.environ, MOEDSL_CACHE_DIR=str(tmp_path), **env)
+    out = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, env=run_env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines["available"] == "False"
+    if cpu_gemm._unsupported() is None or "MOEDSL_CPU_KERNEL" in env:
+        assert reason in lines["why"], lines["why"]
+        assert lines["warnings"].startswith(str(warns)), lines["warnings"]  # warned once, not per call
+    assert float(lines["max_err"]) < 1e-4
+    assert not list(tmp_path.rglob("*.so")), "a failed build left a library behind"
