@@ -17,6 +17,8 @@ each repeat so drift cancels: a ratio is the median over repeats of the ratio wi
 repeat (the machine's speed drifts by 25% over minutes; pairs share its state). Ratios are
 to the bound, and moedsl's to HF grouped_mm.
 Capacity rows (capacity factor 1.25) compute padded buffers: their target is 1.15 × 1.25.
+The process keeps freed memory (moedsl.runtime.cpu.keep_freed_memory, what `moedsl run`
+does on a CPU) for every implementation alike; --no-keep-memory times glibc's default.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import moedsl
+from moedsl.runtime.cpu import keep_freed_memory
 
 
 def moedsl_layer(d, h, E, k, act, mode, cf):
@@ -238,14 +241,17 @@ def main(argv=None):
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tokens 64,4096; experts 8,64; top-1,2; swiglu")
     ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--no-keep-memory", action="store_true",
+                    help="glibc malloc's default: freed large blocks go back to the system (page faults every run)")
     a = ap.parse_args(argv)
+    kept = False if a.no_keep_memory else keep_freed_memory()
     if a.quick:
         a.tokens, a.experts, a.topk, a.act = "64,4096", "8,64", "1,2", "swiglu"
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     grid = list(itertools.product(ints(a.tokens), ints(a.experts), ints(a.topk), a.act.split(","),
                                   a.mode.split(",")))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d={a.d}, h={a.h}, fp32, "
-          f"forward + backward, {a.repeats} repeats", flush=True)
+          f"forward + backward, {a.repeats} repeats, malloc keeps freed memory: {kept}", flush=True)
     rows = []
     for T, E, k, act, mode in grid:
         r = row(T, E, k, act, mode, a.d, a.h, a.capacity_factor, a.repeats, hf=not a.no_hf)

@@ -25,9 +25,11 @@ def _cpu_worker(rank: int, world: int, spec_path: str, steps: int, batch: int, s
     from moedsl.compiler.plan import make_plan
     from moedsl.runtime.data import make_source
     from moedsl.runtime.grads import GradSync
+    from moedsl.runtime.cpu import keep_freed_memory
     from moedsl.runtime.train import RunOptions, _optimizer, task_loss
 
     torch.set_num_threads(max(1, 2 // world))
+    keep_freed_memory()  # as `moedsl run` does on a CPU
     spec = moedsl.load_spec(spec_path)
     model = moedsl.build_model(spec, rank=rank, world_size=world, dtype=torch.float32, layout=layout)
     o = RunOptions.from_spec(spec, steps=steps, batch=batch, seq=seq)

@@ -119,7 +119,8 @@ def _cmd_run(args) -> int:
         spec, steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, warmup=args.warmup, seed=args.seed,
         data=args.data, eval_every=args.eval_every, eval_batches=args.eval_batches,
         checkpoint_every=args.checkpoint_every, out=args.out or f"runs/{spec.name}", resume=args.resume,
-        device=args.device, cuda_graphs=args.cuda_graphs, progress=not args.no_progress, timeout=args.timeout)
+        device=args.device, cuda_graphs=args.cuda_graphs, progress=not args.no_progress, timeout=args.timeout,
+        keep_memory=not args.no_keep_memory)
     if opts.seq > spec.model.max_seq_len:
         raise SpecError([Issue(("train", "seq_len"), f"--seq {opts.seq} exceeds model.max_seq_len "
                                f"{spec.model.max_seq_len}")], spec.source)
@@ -227,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="capture the step as a CUDA graph (auto: when the graph is static and on CUDA)")
     r.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait before the run fails")
     r.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    r.add_argument("--no-keep-memory", action="store_true",
+                   help="on a CPU, let malloc return freed memory to the system (slower steps: every step "
+                        "page-faults its activations in again; default: keep it, as a GPU's caching allocator does)")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
     r.set_defaults(func=_cmd_run)
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from moedsl.errors import MoedslError
 
 from . import checkpoint as ckpt
+from .cpu import keep_freed_memory
 from .data import make_source
 from .grads import GradSync
 
@@ -54,6 +55,7 @@ class RunOptions:
     timeout: float = 300.0  # seconds a collective may wait before the run fails
     log_every: int = 1
     eval_only: bool = False
+    keep_memory: bool = True  # on a CPU: malloc keeps freed memory (runtime/cpu.py)
 
     @staticmethod
     def from_spec(spec, **overrides) -> "RunOptions":
@@ -254,6 +256,8 @@ def run(spec, o: RunOptions) -> Summary:
 
     rank, world, local_rank = _env()
     device = _device(o.device, local_rank)
+    if device.type == "cpu" and o.keep_memory:
+        keep_freed_memory()  # no page faults on every step's activations
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=o.timeout))
     if o.batch % world:
