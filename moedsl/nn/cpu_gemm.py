@@ -143,10 +143,10 @@ def why_unavailable() -> Optional[str]:
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether grouped_mm below takes these operands (float32 CPU tensors, int32 sizes)."""
-    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.float32
-            and w.dtype == torch.float32 and x.dim() == 2 and w.dim() == 3
-            and max(x.shape[0], x.shape[1], w.shape[1], w.shape[2]) < 2**31 and available())
+    """Whether grouped_mm below takes these operands (float32 CPU tensors, sizes that fit an int)."""
+    return (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
+            and w.device.type == "cpu" and x.dim() == 2 and w.dim() == 3
+            and max(x.shape[0], x.shape[1], w.shape[1], w.shape[2]) < 2**31 and (_lib is not None or available()))
 
 
 def _rows(lib, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transpose: bool, threads: int) -> torch.Tensor:
@@ -188,16 +188,30 @@ class _GroupedMM(torch.autograd.Function):
         return dx, dw, None
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+def offsets(sizes: torch.Tensor) -> torch.Tensor:
+    """Group sizes [G] -> row offsets [G + 1] (int64 on the CPU), what ``grouped_mm`` takes."""
+    offs = torch.zeros(sizes.numel() + 1, dtype=torch.int64)
+    torch.cumsum(sizes.to("cpu", torch.int64), 0, out=offs[1:])
+    return offs
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, sizes: Optional[torch.Tensor] = None, *,
+               offs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [N, K] rows in G consecutive runs of ``sizes`` (sum = N) times w [G, K, n] -> [N, n],
-    differentiable in x and w. Call only where ``usable(x, w)``."""
+    differentiable in x and w. Takes the runs as ``sizes`` or as ``offs = offsets(sizes)``
+    (computed once for several products over the same runs)."""
     if library() is None:
         raise RuntimeError(f"moedsl's CPU grouped-GEMM kernel is unavailable: {why_unavailable()}")
     if not usable(x, w):
         raise ValueError(f"grouped_mm takes float32 CPU operands x [N, K], w [G, K, n]; got x "
                          f"{x.dtype} {tuple(x.shape)} on {x.device}, w {w.dtype} {tuple(w.shape)} on {w.device}")
-    offs = torch.zeros(sizes.numel() + 1, dtype=torch.int64)
-    torch.cumsum(sizes.to("cpu", torch.int64), 0, out=offs[1:])
-    if int(offs[-1]) != x.shape[0]:
-        raise ValueError(f"grouped_mm: sizes sum to {int(offs[-1])}, x has {x.shape[0]} rows")
+    if offs is None:
+        offs = offsets(sizes)
+    if offs.dtype != torch.int64 or offs.device.type != "cpu" or offs.shape != (w.shape[0] + 1,):
+        raise ValueError(f"grouped_mm: offsets must be int64 [{w.shape[0] + 1}] on the CPU, got "
+                         f"{offs.dtype} {tuple(offs.shape)} on {offs.device}")
+    if int(offs[-1]) != x.shape[0] or int(offs[0]) != 0:
+        raise ValueError(f"grouped_mm: sizes sum to {int(offs[-1]) - int(offs[0])}, x has {x.shape[0]} rows")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"grouped_mm: x has {x.shape[1]} columns, w[g] has {w.shape[1]} rows")
     return _GroupedMM.apply(x, w, offs)
