@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import moedsl
-from moedsl.runtime.cpu import keep_freed_memory
+from moedsl.runtime.cpu import keep_freed_memory, release_freed_memory
 
 
 def moedsl_layer(d, h, E, k, act, mode, cf):
@@ -207,21 +207,26 @@ def row(T, E, k, act, mode, d, h, cf, repeats, hf=True):
         out["hf_eager/bound"] = pair["hf_eager"]
         out["moedsl/hf_grouped_mm"] = pair["moedsl_vs_hf"]
         out["hf_eager/moedsl"] = pair["hf_eager"] / pair["moedsl"]
+    # the router's GEMM (T·d·E, forward and backward) against the bound's expert GEMMs
+    # (E·n·m·d·h, m = 3 for SwiGLU, 2 for ReLU): work the bound leaves out but a layer must do
+    n = max(math.ceil(k * T / E), 1)
+    out["router/bound_flops"] = T / (n * (3 if act == "swiglu" else 2) * h)
     target = 1.15 * (cf if mode == "capacity" else 1.0)
     out["target"] = target if T >= 4096 else 1.5
     return out
 
 
 def table(rows) -> str:
-    head = ("| tokens | E | k | act | mode | bound ms | moedsl ms | moedsl/bound | target | HF grouped_mm/bound "
-            "| HF eager/bound | moedsl vs HF grouped_mm | HF eager / moedsl |")
-    lines = [head, "|" + "|".join(["---"] * 13) + "|"]
+    head = ("| tokens | E | k | act | mode | bound ms | moedsl ms | moedsl/bound | target | router FLOPs/bound "
+            "| HF grouped_mm/bound | HF eager/bound | moedsl vs HF grouped_mm | HF eager / moedsl |")
+    lines = [head, "|" + "|".join(["---"] * 14) + "|"]
     for r in rows:
         ms = r["ms"]
         hf = "hf_grouped_mm" in ms
         lines.append(
             f"| {r['tokens']} | {r['experts']} | {r['k']} | {r['act']} | {r['mode']} | {ms['bound']:.2f} | "
             f"{ms['moedsl']:.2f} | {r['moedsl/bound']:.2f} | ≤{r['target']:.2f} | "
+            + (f"{r['router/bound_flops']:.1%} | " if "router/bound_flops" in r else "- | ")
             + (f"{r['hf_grouped_mm/bound']:.2f} | {r['hf_eager/bound']:.2f} | "
                f"{r['moedsl/hf_grouped_mm']:.2f}× | {r['hf_eager/moedsl']:.1f}× |" if hf else "- | - | - | - |"))
     return "\n".join(lines)
@@ -255,6 +260,7 @@ def main(argv=None):
     rows = []
     for T, E, k, act, mode in grid:
         r = row(T, E, k, act, mode, a.d, a.h, a.capacity_factor, a.repeats, hf=not a.no_hf)
+        release_freed_memory()  # each row's shapes are new: the last row's kept heap goes back
         if r is None:
             continue
         rows.append(r)

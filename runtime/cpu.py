@@ -6,10 +6,15 @@ and frees the same large activations and gradients every step, so each step page
 them all in again: measured on the project's 2-core machine, 14-32 thousand faults (64-128
 MiB touched fresh) and 36-86 ms of system time per forward+backward of one 4096-token MoE
 layer, a quarter of its time. ``keep_freed_memory`` makes malloc keep freed memory for
-reuse, as the CUDA caching allocator does on a GPU: the process holds its peak, and the
-steps after the first touch no new pages. ``moedsl run`` calls it on a CPU (unless
-``--no-keep-memory``); ``bench/moe_layer.py`` and ``bench/step.py`` call it for every
-implementation they time.
+reuse, as the CUDA caching allocator does on a GPU: the steps after the first touch no
+new pages. ``moedsl run`` calls it on a CPU (unless ``--no-keep-memory``);
+``bench/moe_layer.py`` and ``bench/step.py`` call it for every implementation they time.
+
+What is kept is bounded only by reuse: a process that goes on to new shapes (a benchmark's
+next row, an evaluation batch of another size) can fragment the kept heap and grow it past
+its live peak (a whole layer grid without a release grew to 24 GiB). ``release_freed_memory``
+hands the free pages back (malloc_trim); callers do so where the shapes change: the
+layer benchmark between rows, ``moedsl run`` after each evaluation.
 """
 from __future__ import annotations
 
@@ -40,3 +45,17 @@ def keep_freed_memory(max_block: int = 1 << 30) -> bool:
           and mallopt(_M_TOP_PAD, 64 << 20) == 1)
     _done = ok
     return ok
+
+
+def release_freed_memory() -> bool:
+    """Give the kept free pages back to the kernel (glibc malloc_trim): call it where the
+    shapes change, so what ``keep_freed_memory`` keeps stays near the live peak."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

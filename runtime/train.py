@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from moedsl.errors import MoedslError
 
 from . import checkpoint as ckpt
-from .cpu import keep_freed_memory
+from .cpu import keep_freed_memory, release_freed_memory
 from .data import make_source
 from .grads import GradSync
 
@@ -325,6 +325,8 @@ def run(spec, o: RunOptions) -> Summary:
                    "expert_load": per_layer, "time": time.time()}
             if (step + 1) % o.eval_every == 0 or step + 1 == o.steps:
                 eval_loss = evaluate(model, spec, source, o, rank, world, device, amp, eval_graphs)
+                if device.type == "cpu" and o.keep_memory:
+                    release_freed_memory()  # the evaluation's own shapes: not kept past it
                 row.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)) if spec.model.input == "tokens"
                            else None)
             if log is not None and ((step + 1) % o.log_every == 0 or "eval_loss" in row):

@@ -41,3 +41,30 @@ def test_kept_memory_is_reused_without_page_faults():
     pages = 5 * (80 << 20) // 4096  # what five steps touch
     assert default > pages // 2, f"glibc's default should fault the blocks in again: {default} faults"
     assert kept < pages // 50, f"kept memory still faulted {kept} pages in five steps"
+
+
+RELEASE = textwrap.dedent("""
+    import torch
+    from moedsl.runtime.cpu import keep_freed_memory, release_freed_memory
+    keep_freed_memory()
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 >> 20
+    base = rss()
+    for n in range(8, 40):  # new shapes every time, as a benchmark's rows: the kept heap fragments
+        a = torch.ones(n * 1024, 1024)
+        b = torch.ones(n * 512, 1000 + n)
+        del a, b
+    kept = rss() - base
+    release_freed_memory()
+    print(kept, rss() - base)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_released_memory_goes_back():
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    kept, after = map(int, out.stdout.split())
+    assert kept > 150, f"the kept heap should hold the freed blocks (grew {kept} MiB)"
+    assert after < 40, f"release_freed_memory left {after} MiB of {kept} MiB"
