@@ -23,6 +23,7 @@ does on a CPU) for every implementation alike; --no-keep-memory times glibc's de
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import math
@@ -260,7 +261,8 @@ def main(argv=None):
     rows = []
     for T, E, k, act, mode in grid:
         r = row(T, E, k, act, mode, a.d, a.h, a.capacity_factor, a.repeats, hf=not a.no_hf)
-        release_freed_memory()  # each row's shapes are new: the last row's kept heap goes back
+        gc.collect()  # the row's models and graphs (some in reference cycles), then their memory:
+        release_freed_memory()  # each row's shapes are new, the last row's kept heap goes back
         if r is None:
             continue
         rows.append(r)
