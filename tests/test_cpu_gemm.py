@@ -139,3 +139,33 @@ def test_without_the_kernel_moedsl_says_why_and_computes_the_same(tmp_path, env,
         assert lines["warnings"].startswith(str(warns)), lines["warnings"]  # warned once, not per call
     assert float(lines["max_err"]) < 1e-4
     assert not list(tmp_path.rglob("*.so")), "a failed build left a library behind"
+
+
+@needs_kernel
+@settings(**SETTINGS)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(0, 300), tokens=st.integers(1, 120), d=st.integers(1, 80),
+       threads=st.integers(1, 4), grad_w=st.booleans())
+def test_weighted_scatter_is_the_combine(seed, rows, tokens, d, threads, grad_w):
+    """out[tok[i]] += w[i]·y[i] (tokens hit several times, or never) and both gradients, against
+    index_add in float64, for any thread count."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(rows, d, generator=g).requires_grad_()
+    w = torch.rand(rows, generator=g).requires_grad_(grad_w)
+    tok = torch.randint(0, tokens, (rows,), generator=g)
+    gout = torch.randn(tokens, d, generator=g)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cpu_gemm.weighted_scatter(y, w, tok, tokens)
+        out.backward(gout)
+    finally:
+        torch.set_num_threads(saved)
+    yd, wd = y.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.zeros(tokens, d, dtype=torch.float64).index_add(0, tok, yd * wd[:, None])
+    ref.backward(gout.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.grad.double(), yd.grad, rtol=1e-5, atol=1e-5)
+    if grad_w:
+        torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-4, atol=1e-4 * max(1.0, d ** 0.5))
+    else:
+        assert w.grad is None

@@ -111,4 +111,48 @@ void moedsl_gmm_wgrad(const float* x, int ldx, const float* dy, int ldy, const i
   }
 }
 
+// The MoE combine: out[tok[i]] += w[i] · y[i] for every row i (out [S, d], zeroed by the
+// caller). Threads take equal column ranges, so no two write the same element.
+void moedsl_combine_fwd(const float* y, int ldy, const float* w, const int64_t* tok, int64_t N, int d, float* out,
+                        int ldo, int nthreads) {
+  const int chunks = std::max(1, std::min(nthreads, d / 16));
+#pragma omp parallel num_threads(chunks)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    int c0 = (int)((int64_t)d * t / T), c1 = (int)((int64_t)d * (t + 1) / T);
+    if (t) c0 = c0 / 16 * 16;
+    if (t + 1 < T) c1 = c1 / 16 * 16;
+    for (int64_t i = 0; i < N; ++i) {
+      const float wi = w[i];
+      const float* yi = y + i * ldy;
+      float* o = out + tok[i] * ldo;
+#pragma omp simd
+      for (int c = c0; c < c1; ++c) o[c] += wi * yi[c];
+    }
+  }
+}
+
+// Its backward, one pass over the rows: dy[i] = w[i] · g[tok[i]] and dw[i] = <y[i], g[tok[i]]>
+// (dy [N, d] contiguous; either output may be null when not needed).
+void moedsl_combine_bwd(const float* y, int ldy, const float* w, const int64_t* tok, int64_t N, int d,
+                        const float* g, int ldg, float* dy, float* dw, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    const float* gi = g + tok[i] * ldg;
+    if (dy) {
+      const float wi = w[i];
+      float* di = dy + i * d;
+#pragma omp simd
+      for (int c = 0; c < d; ++c) di[c] = wi * gi[c];
+    }
+    if (dw) {
+      const float* yi = y + i * ldy;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int c = 0; c < d; ++c) s += yi[c] * gi[c];
+      dw[i] = s;
+    }
+  }
+}
+
 }  // extern "C"

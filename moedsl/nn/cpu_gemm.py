@@ -103,6 +103,10 @@ def _load() -> ctypes.CDLL:
     lib.moedsl_gmm_rows.restype = None
     lib.moedsl_gmm_wgrad.argtypes = [_p, _i, _p, _i, _p, _i, _i, _i, _p, _i, _i, _i64]
     lib.moedsl_gmm_wgrad.restype = None
+    lib.moedsl_combine_fwd.argtypes = [_p, _i, _p, _p, _i64, _i, _p, _i, _i]
+    lib.moedsl_combine_fwd.restype = None
+    lib.moedsl_combine_bwd.argtypes = [_p, _i, _p, _p, _i64, _i, _p, _i, _p, _p, _i]
+    lib.moedsl_combine_bwd.restype = None
     # check it computes what it should before trusting it (a BLAS ABI mismatch would not)
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(37, 24, generator=g), torch.randn(3, 24, 40, generator=g)
@@ -215,3 +219,44 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, sizes: Optional[torch.Tensor] =
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"grouped_mm: x has {x.shape[1]} columns, w[g] has {w.shape[1]} rows")
     return _GroupedMM.apply(x, w, offs)
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, w, tok, num_tokens):
+        y, w, tok = _dense(y), w.contiguous(), tok.contiguous()
+        out = y.new_zeros(num_tokens, y.shape[1])
+        _lib.moedsl_combine_fwd(y.data_ptr(), y.stride(0), w.data_ptr(), tok.data_ptr(), y.shape[0], y.shape[1],
+                                out.data_ptr(), out.stride(0), torch.get_num_threads())
+        ctx.save_for_backward(y, w, tok)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        y, w, tok = ctx.saved_tensors
+        g = _dense(g)
+        dy = torch.empty_like(y) if ctx.needs_input_grad[0] else None
+        dw = torch.empty_like(w) if ctx.needs_input_grad[1] else None
+        if dy is not None or dw is not None:
+            _lib.moedsl_combine_bwd(y.data_ptr(), y.stride(0), w.data_ptr(), tok.data_ptr(), y.shape[0], y.shape[1],
+                                    g.data_ptr(), g.stride(0), 0 if dy is None else dy.data_ptr(),
+                                    0 if dw is None else dw.data_ptr(), torch.get_num_threads())
+        return dy, dw, None, None
+
+
+def combine_usable(y: torch.Tensor, w: torch.Tensor, tok: torch.Tensor) -> bool:
+    """Whether ``weighted_scatter`` takes these (float32 rows and weights, int64 token ids, CPU)."""
+    return (y.dtype == torch.float32 and w.dtype == torch.float32 and tok.dtype == torch.int64
+            and y.device.type == "cpu" and y.dim() == 2 and w.shape == (y.shape[0],) and tok.shape == w.shape
+            and y.shape[1] < 2**31 and (_lib is not None or available()))
+
+
+def weighted_scatter(y: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The MoE combine in one pass each way: out [num_tokens, d] with out[tok[i]] += w[i] · y[i],
+    differentiable in y and w. ``tok`` must hold ids in [0, num_tokens) (the router's)."""
+    if not combine_usable(y, w, tok):
+        raise ValueError(f"weighted_scatter takes float32 rows [N, d], float32 weights [N] and int64 token ids "
+                         f"[N] on the CPU; got {y.dtype} {tuple(y.shape)}, {w.dtype} {tuple(w.shape)}, "
+                         f"{tok.dtype} {tuple(tok.shape)}")
+    return _Combine.apply(y, w, tok, num_tokens)

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from . import cpu_gemm
 from .routing import Routing, counts
 
 
@@ -73,7 +74,10 @@ def dispatch_packed(x: torch.Tensor, r: Routing, slot_of_expert: Optional[torch.
 def combine_packed(y: torch.Tensor, p: Packed, r: Routing) -> torch.Tensor:
     """Expert outputs in packed row order [N, d] -> [S, d]."""
     w = r.weight.index_select(0, p.index).to(y.dtype)
-    return y.new_zeros(r.num_tokens, y.shape[-1]).index_add(0, r.token.index_select(0, p.index), y * w[:, None])
+    tok = r.token.index_select(0, p.index)
+    if y.device.type == "cpu" and cpu_gemm.combine_usable(y, w, tok):  # one pass each way
+        return cpu_gemm.weighted_scatter(y, w, tok, r.num_tokens)
+    return y.new_zeros(r.num_tokens, y.shape[-1]).index_add(0, tok, y * w[:, None])
 
 
 @dataclass
