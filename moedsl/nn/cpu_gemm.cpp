@@ -46,6 +46,14 @@ void gemm(bool ta, bool tb, int m, int n, int k, const float* A, int lda, const 
   sgemm_(&opb, &opa, &n, &m, &k, &one, B, &ldb, A, &lda, &beta, C, &ldc);
 }
 
+// Thread t of T's share of n columns: [c0, c1), inner bounds on 64-byte (16-float) boundaries.
+void column_range(int n, int t, int T, int* c0, int* c1) {
+  *c0 = (int)((int64_t)n * t / T);
+  *c1 = (int)((int64_t)n * (t + 1) / T);
+  if (t) *c0 = *c0 / 16 * 16;
+  if (t + 1 < T) *c1 = *c1 / 16 * 16;
+}
+
 }  // namespace
 
 extern "C" {
@@ -99,10 +107,8 @@ void moedsl_gmm_wgrad(const float* x, int ldx, const float* dy, int ldy, const i
 #pragma omp parallel num_threads(chunks)
   {
     SingleThreadedBlas single;
-    const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    int c0 = (int)((int64_t)n * t / T), c1 = (int)((int64_t)n * (t + 1) / T);
-    if (t) c0 = c0 / 16 * 16;  // 64-byte aligned column blocks
-    if (t + 1 < T) c1 = c1 / 16 * 16;
+    int c0, c1;
+    column_range(n, omp_get_thread_num(), omp_get_num_threads(), &c0, &c1);
     for (int g = 0; g < G; ++g) {
       const int64_t rows = offs[g + 1] - offs[g];
       gemm(true, false, K, c1 - c0, (int)rows, x + offs[g] * ldx, ldx, dy + offs[g] * ldy + c0, ldy,
@@ -118,10 +124,8 @@ void moedsl_combine_fwd(const float* y, int ldy, const float* w, const int64_t* 
   const int chunks = std::max(1, std::min(nthreads, d / 16));
 #pragma omp parallel num_threads(chunks)
   {
-    const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    int c0 = (int)((int64_t)d * t / T), c1 = (int)((int64_t)d * (t + 1) / T);
-    if (t) c0 = c0 / 16 * 16;
-    if (t + 1 < T) c1 = c1 / 16 * 16;
+    int c0, c1;
+    column_range(d, omp_get_thread_num(), omp_get_num_threads(), &c0, &c1);
     for (int64_t i = 0; i < N; ++i) {
       const float wi = w[i];
       const float* yi = y + i * ldy;
