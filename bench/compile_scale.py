@@ -41,18 +41,18 @@ CHILD = textwrap.dedent("""
 """)
 
 BUILD = textwrap.dedent("""
-    import ctypes, json, resource, sys, gc
+    import json, resource, sys, gc
     import torch, moedsl
     torch.set_num_threads(1)
     spec = moedsl.load_spec(sys.argv[1])
     warm = {"moedsl": 1, "name": "w", "model": {"vocab_size": 16, "d_model": 8}, "layers": [{"embedding": {}},
             {"moe": {"experts": {"count": 2, "hidden": 8}, "gate": {"type": "switch"}}}, {"head": {}}]}
     moedsl.build_model(warm, layout="grouped")  # imports and first-use costs
-    libc = ctypes.CDLL("libc.so.6")
+    from moedsl.runtime.cpu import release_freed_memory
     def rss():
         # what the process holds: freed temporaries (the initialisation's draws) handed back
         # to the OS first, or the allocator's free lists would count as the model's
-        gc.collect(); libc.malloc_trim(0)
+        gc.collect(); release_freed_memory()
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * 4096
     before = rss()

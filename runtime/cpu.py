@@ -21,9 +21,22 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from typing import Optional
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _done = False
+
+
+def _libc() -> Optional[ctypes.CDLL]:
+    """The C library, where it is glibc on Linux (the settings below are glibc's); else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - musl has neither
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def keep_freed_memory(max_block: int = 1 << 30) -> bool:
@@ -33,13 +46,10 @@ def keep_freed_memory(max_block: int = 1 << 30) -> bool:
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux"):
+    libc = _libc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = (mallopt(_M_MMAP_THRESHOLD, max_block) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
           and mallopt(_M_TOP_PAD, 64 << 20) == 1)
@@ -50,12 +60,10 @@ def keep_freed_memory(max_block: int = 1 << 30) -> bool:
 def release_freed_memory() -> bool:
     """Give the kept free pages back to the kernel (glibc malloc_trim): call it where the
     shapes change, so what ``keep_freed_memory`` keeps stays near the live peak."""
-    if not sys.platform.startswith("linux"):
+    libc = _libc()
+    if libc is None:
         return False
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
+    trim = libc.malloc_trim
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
     return True
