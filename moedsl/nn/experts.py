@@ -100,7 +100,7 @@ class Experts(nn.Module):
         call_rows = self.CALL_ROWS_AT_256x512 * (256 * 512) / (self.d_model * self.hidden)
         return E * longest <= rows + call_rows * hit
 
-    def _cpu_choice(self, x: torch.Tensor, sizes: torch.Tensor, dt: torch.dtype) -> str:
+    def _cpu_choice(self, sizes: torch.Tensor, dt: torch.dtype) -> str:
         if self.cpu_path != "auto":
             return self.cpu_path
         if dt == torch.float32 and self.w_in.dtype == torch.float32 and cpu_gemm.available():
@@ -127,19 +127,17 @@ class Experts(nn.Module):
             y = torch.bmm(h, self.w_out)
             return y if self.b_out is None else y + self.b_out[:, None, :]
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        method = "auto"
-        if x.device.type == "cpu" and x.shape[0]:
-            method = {"kernel": "cpu_kernel", "torch": "torch"}.get(self._cpu_choice(x, sizes, dt), "padded")
-            if method == "padded":
-                return self._padded(x, sizes)
-        if method == "cpu_kernel":  # float32: the row offsets once for the layer's 2-3 products
+        choice = self._cpu_choice(sizes, dt) if x.device.type == "cpu" and x.shape[0] else "auto"
+        if choice == "padded":
+            return self._padded(x, sizes)
+        if choice == "kernel":  # float32: the row offsets once for the layer's 2-3 products
             offs = cpu_gemm.offsets(sizes)
 
             def mm(a, b):
                 return cpu_gemm.grouped_mm(a, b, offs=offs)
-        else:
+        else:  # "torch", or "auto" off the CPU: grouped_matmul's own choice
             def mm(a, b):
-                return grouped_matmul(a.to(dt), b.to(dt), sizes, method)
+                return grouped_matmul(a.to(dt), b.to(dt), sizes, choice)
 
         owner = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), sizes, output_size=x.shape[0]) \
             if self.b_in is not None else None
