@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from . import rng
 from . import cpu_gemm
 from .grouped import grouped_matmul
+from .layers import _normal
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu, "geglu": F.gelu}
 
@@ -169,10 +170,8 @@ class DenseFFN(nn.Module):
         self.w_gate = nn.Linear(d_model, hidden, bias=bias) if self.glu else None
         self.w_out = nn.Linear(hidden, d_model, bias=bias)
         for lin in (self.w_in, self.w_gate, self.w_out):
-            if lin is not None and lin.weight.device.type != "meta":
-                nn.init.normal_(lin.weight, std=init_std)
-                if lin.bias is not None:
-                    nn.init.zeros_(lin.bias)
+            if lin is not None:
+                _normal(lin, init_std)  # weight N(0, std²), bias 0; nothing drawn on meta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.w_gate(x)) * self.w_in(x) if self.glu else self.act(self.w_in(x))
