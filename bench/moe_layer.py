@@ -97,10 +97,15 @@ def hf_block(model, E, k, act, impl):
     return Block()
 
 
+def rows_per_expert(T: int, E: int, k: int) -> int:
+    """The bound's perfectly balanced group: ceil(k·T / E) rows, at least one."""
+    return max(math.ceil(k * T / E), 1)
+
+
 def bound(model, T, E, k, act):
     """The expert GEMMs alone on a perfectly balanced, pre-grouped batch."""
     p = dict(model.named_parameters())
-    n = max(math.ceil(k * T / E), 1)
+    n = rows_per_expert(T, E, k)
     w_in, w_out = p["layers.0.experts.w_in"].detach(), p["layers.0.experts.w_out"].detach()
     w_gate = p["layers.0.experts.w_gate"].detach() if act == "swiglu" else None
     ws = [w.clone().requires_grad_() for w in (w_in, w_out, w_gate) if w is not None]
@@ -210,8 +215,7 @@ def row(T, E, k, act, mode, d, h, cf, repeats, hf=True):
         out["hf_eager/moedsl"] = pair["hf_eager"] / pair["moedsl"]
     # the router's GEMM (T·d·E, forward and backward) against the bound's expert GEMMs
     # (E·n·m·d·h, m = 3 for SwiGLU, 2 for ReLU): work the bound leaves out but a layer must do
-    n = max(math.ceil(k * T / E), 1)
-    out["router/bound_flops"] = T / (n * (3 if act == "swiglu" else 2) * h)
+    out["router/bound_flops"] = T / (rows_per_expert(T, E, k) * (3 if act == "swiglu" else 2) * h)
     target = 1.15 * (cf if mode == "capacity" else 1.0)
     out["target"] = target if T >= 4096 else 1.5
     return out
