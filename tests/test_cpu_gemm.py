@@ -43,9 +43,20 @@ def reference(x, w, sizes, dy):
 
 @needs_kernel
 @settings(**SETTINGS)
-@given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 40), K=st.integers(1, 70), n=st.integers(1, 90),
-       empty=st.floats(0.0, 0.9), threads=st.integers(1, 5), big=st.booleans())
-def test_grouped_mm_equals_per_group_products(seed, groups, K, n, empty, threads, big):
+@given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 40), K=st.integers(1, 70),
+       n=st.one_of(st.integers(1, 90), st.sampled_from([16, 32, 48, 64])), empty=st.floats(0.0, 0.9),
+       threads=st.integers(1, 5), big=st.booleans(), small=st.booleans())
+def test_grouped_mm_equals_per_group_products(seed, groups, K, n, empty, threads, big, small):
+    """small: groups of <= 64 rows through the kernel's AVX2 code (where the CPU has it), or
+    every product through MKL."""
+    previous = cpu_gemm.set_small_kernels(small)
+    try:
+        check_grouped_mm(seed, groups, K, n, empty, threads, big)
+    finally:
+        cpu_gemm.set_small_kernels(previous)
+
+
+def check_grouped_mm(seed, groups, K, n, empty, threads, big):
     g = torch.Generator().manual_seed(seed)
     sizes = torch.randint(0, 200 if big else 12, (groups,), generator=g)
     sizes[torch.rand(groups, generator=g) < empty] = 0
@@ -71,6 +82,28 @@ def test_grouped_mm_equals_per_group_products(seed, groups, K, n, empty, threads
     cpu_gemm.grouped_mm(xa, wa, sizes).backward(dy)
     torch.testing.assert_close(xa.grad.double(), want_dx, **dict(tol, atol=1e-4 * max(1.0, n ** 0.5)))
     torch.testing.assert_close(wa.grad.double(), want_dw, **dict(tol, atol=1e-4 * max(1.0, float(sizes.max()) ** 0.5)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("K,n", [(7, 16), (33, 40), (64, 48), (130, 21)])
+def test_small_row_kernels_every_tile_shape(K, n):
+    """Every row count the AVX2 code tiles differently (1-17 rows: 6-row, 3-row and 16-row
+    panels and their remainders; 63-65 around the switch to MKL), columns with and without a
+    tail, on one thread (whole groups) and two (groups cut between threads)."""
+    g = torch.Generator().manual_seed(K * n)
+    sizes = torch.tensor(list(range(1, 18)) + [63, 64, 65])
+    N, G = int(sizes.sum()), len(sizes)
+    x, w, dy = torch.randn(N, K, generator=g), torch.randn(G, K, n, generator=g), torch.randn(N, n, generator=g)
+    want_y, want_dx, want_dw = reference(x, w, sizes.tolist(), dy)
+    offs = cpu_gemm.offsets(sizes)
+    lib = cpu_gemm.library()
+    for threads in (1, 2):
+        torch.testing.assert_close(cpu_gemm._rows(lib, x, w, offs, False, threads).double(), want_y,
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cpu_gemm._rows(lib, dy, w, offs, True, threads).double(), want_dx,
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cpu_gemm._wgrad(lib, x, dy, offs, G, threads).double(), want_dw,
+                                   rtol=1e-4, atol=1e-4)
 
 
 @needs_kernel

@@ -9,12 +9,19 @@
 //   - weight gradients: each thread takes whole groups, balanced by rows plus a per-group
 //     cost (writing the group's [K, n] gradient); with fewer groups than 4 per thread,
 //     each thread takes an equal range of every group's columns instead.
-// The GEMMs are torch's MKL sgemm, forced single-threaded inside the team.
+// The GEMMs are torch's MKL sgemm, forced single-threaded inside the team, except for few rows:
+// a group of m <= SMALL_ROWS rows (an expert's share of a small batch: 16 rows at 4096 tokens,
+// 256 experts, top-1) uses its weights m times, and MKL packs those weights into its panel
+// format for every call, which costs as much as the product. The AVX2 kernels below (runtime
+// checked) read the weights once, in place, and stream weight gradients past the cache; on 2
+// cores they take 0.6-0.9x MKL's time at m = 8..64 (bench/README.md, "CPU kernel").
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
@@ -31,6 +38,210 @@ struct SingleThreadedBlas {  // inside the team each GEMM runs on its own thread
   ~SingleThreadedBlas() { if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev); }
 };
 
+// ---- small-row kernels (AVX2 + FMA; compiled for it, called only where the CPU has it) ----
+#define MOEDSL_AVX2 __attribute__((target("avx2,fma")))
+constexpr int SMALL_ROWS = 64;  // measured crossover with MKL (d = 256, h = 512, 2 cores)
+constexpr int PREFETCH_ROWS = 16;
+bool small_enabled = true;      // moedsl_small_kernels(0): MKL only (tests, A/B benchmarks)
+
+bool have_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+MOEDSL_AVX2 inline __m256i first_lanes(int w) {  // mask of lanes 0 .. w-1 (w <= 0: none)
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(w), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// C[R, w] = A[R, K] · B[K, w] for one tile of w <= 16 columns (FULL: w = 16, no masks in the
+// loop); A rows lda apart, B rows ldb apart.
+template <int R, bool FULL>
+MOEDSL_AVX2 void nn_tile(int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc, int w) {
+  __m256 c0[R], c1[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
+  const __m256i m0 = first_lanes(w), m1 = first_lanes(w - 8);
+  for (int k = 0; k < K; ++k) {
+    const float* b = B + (int64_t)k * ldb;
+    // B's panel is a column of lines a row apart, which the hardware prefetchers do not follow
+    _mm_prefetch((const char*)(b + PREFETCH_ROWS * (int64_t)ldb), _MM_HINT_T0);
+    const __m256 b0 = FULL ? _mm256_loadu_ps(b) : _mm256_maskload_ps(b, m0);
+    const __m256 b1 = FULL ? _mm256_loadu_ps(b + 8) : _mm256_maskload_ps(b + 8, m1);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + (int64_t)r * lda + k);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    if (FULL) {
+      _mm256_storeu_ps(C + (int64_t)r * ldc, c0[r]);
+      _mm256_storeu_ps(C + (int64_t)r * ldc + 8, c1[r]);
+    } else {
+      _mm256_maskstore_ps(C + (int64_t)r * ldc, m0, c0[r]);
+      _mm256_maskstore_ps(C + (int64_t)r * ldc + 8, m1, c1[r]);
+    }
+  }
+}
+
+template <int R>
+MOEDSL_AVX2 void nn_tile(int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc, int w) {
+  if (w == 16) nn_tile<R, true>(K, A, lda, B, ldb, C, ldc, w);
+  else nn_tile<R, false>(K, A, lda, B, ldb, C, ldc, w);
+}
+
+// the tile for rows = 1..6 (a switch: R must be a compile-time constant)
+MOEDSL_AVX2 void nn_rows(int rows, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc, int w) {
+  switch (rows) {
+    case 6: nn_tile<6>(K, A, lda, B, ldb, C, ldc, w); break;
+    case 5: nn_tile<5>(K, A, lda, B, ldb, C, ldc, w); break;
+    case 4: nn_tile<4>(K, A, lda, B, ldb, C, ldc, w); break;
+    case 3: nn_tile<3>(K, A, lda, B, ldb, C, ldc, w); break;
+    case 2: nn_tile<2>(K, A, lda, B, ldb, C, ldc, w); break;
+    case 1: nn_tile<1>(K, A, lda, B, ldb, C, ldc, w); break;
+  }
+}
+
+// C[m, n] = A[m, K] · B[K, n]: each 16-column panel of B (K x 64 bytes) comes from memory once
+// and from L1 for the next 6 rows of A.
+MOEDSL_AVX2 void small_nn(int m, int n, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
+  for (int j = 0; j < n; j += 16)
+    for (int r = 0; r < m; r += 6)
+      nn_rows(std::min(6, m - r), K, A + (int64_t)r * lda, lda, B + j, ldb, C + (int64_t)r * ldc + j, ldc,
+              std::min(16, n - j));
+}
+
+MOEDSL_AVX2 inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {  // [Σa, Σb, Σc, Σd]
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// C[R, cols <= 4] = A[R, K] · B[cols, K]^T as dot products of rows (for very few rows of A)
+template <int R>
+MOEDSL_AVX2 void dot_tile(int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc, int cols) {
+  __m256 acc[R][4];
+  const float* b[4];
+  for (int i = 0; i < 4; ++i) b[i] = B + (int64_t)(i < cols ? i : 0) * ldb;
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_ps();
+  int k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 bv[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) bv[i] = _mm256_loadu_ps(b[i] + k);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_loadu_ps(A + (int64_t)r * lda + k);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_fmadd_ps(av, bv[i], acc[r][i]);
+    }
+  }
+  if (k < K) {  // the last K % 8 columns, masked (lanes past K read nothing, hold 0)
+    const __m256i mk = first_lanes(K - k);
+    __m256 bv[4];
+    for (int i = 0; i < 4; ++i) bv[i] = _mm256_maskload_ps(b[i] + k, mk);
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_maskload_ps(A + (int64_t)r * lda + k, mk);
+      for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_fmadd_ps(av, bv[i], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float s[4];
+    _mm_storeu_ps(s, sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+    for (int i = 0; i < cols; ++i) C[(int64_t)r * ldc + i] = s[i];
+  }
+}
+
+// C[m, n] = A[m, K] · B[n, K]^T (the input gradient: dy · w^T). Up to 8 rows: dot products;
+// more: A's rows transposed into 16-column panels, then the product as small_nn's tiles with
+// B's rows broadcast, so B is read once.
+MOEDSL_AVX2 void small_nt(int m, int n, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
+  if (m <= 8) {
+    for (int c = 0; c < n; c += 4) {
+      const int cols = std::min(4, n - c);
+      int r = 0;
+      for (; r + 3 <= m; r += 3) dot_tile<3>(K, A + (int64_t)r * lda, lda, B + (int64_t)c * ldb, ldb, C + (int64_t)r * ldc + c, ldc, cols);
+      if (m - r == 2) dot_tile<2>(K, A + (int64_t)r * lda, lda, B + (int64_t)c * ldb, ldb, C + (int64_t)r * ldc + c, ldc, cols);
+      if (m - r == 1) dot_tile<1>(K, A + (int64_t)r * lda, lda, B + (int64_t)c * ldb, ldb, C + (int64_t)r * ldc + c, ldc, cols);
+    }
+    return;
+  }
+  static thread_local std::vector<float> panel;  // A^T for 16 rows of A: [K, 16]
+  if (panel.size() < (size_t)K * 16) panel.resize((size_t)K * 16);
+  float tile[6 * 16];
+  for (int r0 = 0; r0 < m; r0 += 16) {
+    const int rows = std::min(16, m - r0);
+    for (int k = 0; k < K; ++k) {
+      float* p = panel.data() + (size_t)k * 16;
+      for (int q = 0; q < rows; ++q) p[q] = A[(int64_t)(r0 + q) * lda + k];
+      for (int q = rows; q < 16; ++q) p[q] = 0.f;
+    }
+    for (int c = 0; c < n; c += 6) {  // tile[i, q] = C[r0 + q, c + i]
+      const int cols = std::min(6, n - c);
+      nn_rows(cols, K, B + (int64_t)c * ldb, ldb, panel.data(), 16, tile, 16, 16);
+      for (int q = 0; q < rows; ++q)
+        for (int i = 0; i < cols; ++i) C[(int64_t)(r0 + q) * ldc + c + i] = tile[i * 16 + q];
+    }
+  }
+}
+
+// C[R, 16] = X[m, R]^T · D[m, 16]; written with streaming stores
+// when aligned (a weight gradient is not read again soon: it would only evict the weights).
+template <int R>
+MOEDSL_AVX2 void tn_tile(int m, const float* X, int ldx, const float* D, int ldd, float* C, int ldc, bool stream) {
+  __m256 c0[R], c1[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
+  for (int k = 0; k < m; ++k) {
+    const float* d = D + (int64_t)k * ldd;
+    const __m256 b0 = _mm256_loadu_ps(d), b1 = _mm256_loadu_ps(d + 8);
+    const float* x = X + (int64_t)k * ldx;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(x + r);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* c = C + (int64_t)r * ldc;
+    if (stream) {
+      _mm256_stream_ps(c, c0[r]);
+      _mm256_stream_ps(c + 8, c1[r]);
+    } else {
+      _mm256_storeu_ps(c, c0[r]);
+      _mm256_storeu_ps(c + 8, c1[r]);
+    }
+  }
+}
+
+// C[n_rows, n] = X[m, n_rows]^T · D[m, n] (a weight gradient over m <= SMALL_ROWS rows), n a
+// multiple of 16.
+MOEDSL_AVX2 void small_tn(int n_rows, int n, int m, const float* X, int ldx, const float* D, int ldd, float* C,
+                          int ldc) {
+  const bool aligned = (uintptr_t)C % 32 == 0 && ldc % 8 == 0;
+  for (int c = 0; c < n_rows; c += 6) {
+    const float* x = X + c;
+    for (int j = 0; j < n; j += 16) {
+      const float* d = D + j;
+      float* o = C + (int64_t)c * ldc + j;
+      switch (std::min(6, n_rows - c)) {
+        case 6: tn_tile<6>(m, x, ldx, d, ldd, o, ldc, aligned); break;
+        case 5: tn_tile<5>(m, x, ldx, d, ldd, o, ldc, aligned); break;
+        case 4: tn_tile<4>(m, x, ldx, d, ldd, o, ldc, aligned); break;
+        case 3: tn_tile<3>(m, x, ldx, d, ldd, o, ldc, aligned); break;
+        case 2: tn_tile<2>(m, x, ldx, d, ldd, o, ldc, aligned); break;
+        case 1: tn_tile<1>(m, x, ldx, d, ldd, o, ldc, aligned); break;
+      }
+    }
+  }
+  _mm_sfence();  // streaming stores are weakly ordered: done before anyone reads C
+}
+
 // row-major C[m, n] = op(A)[m, k] · op(B)[k, n], or C += that when accumulate
 void gemm(bool ta, bool tb, int m, int n, int k, const float* A, int lda, const float* B, int ldb, bool accumulate,
           float* C, int ldc) {
@@ -39,6 +250,11 @@ void gemm(bool ta, bool tb, int m, int n, int k, const float* A, int lda, const 
     if (!accumulate)
       for (int i = 0; i < m; ++i) std::memset(C + (int64_t)i * ldc, 0, sizeof(float) * n);
     return;
+  }
+  if (small_enabled && !accumulate && have_avx2()) {
+    if (!ta && !tb && m <= SMALL_ROWS) return small_nn(m, n, k, A, lda, B, ldb, C, ldc);
+    if (!ta && tb && m <= SMALL_ROWS) return small_nt(m, n, k, A, lda, B, ldb, C, ldc);
+    if (ta && !tb && k <= SMALL_ROWS && n % 16 == 0) return small_tn(m, n, k, A, lda, B, ldb, C, ldc);
   }
   // column-major BLAS on row-major data: C^T = op(B)^T · op(A)^T
   const char opb = tb ? 'T' : 'N', opa = ta ? 'T' : 'N';
@@ -57,6 +273,13 @@ void column_range(int n, int t, int T, int* c0, int* c1) {
 }  // namespace
 
 extern "C" {
+
+// 0: MKL for every product (tests and A/B benchmarks); returns the previous setting
+int moedsl_small_kernels(int enable) {
+  const int prev = small_enabled;
+  small_enabled = enable != 0;
+  return prev;
+}
 
 // out[rows of g] = x[rows of g] · op(w[g]) for every group g, out [N, n] with row stride ldo.
 // w[g] is [K, n] (trans_w = 0) or [n, K] (trans_w = 1) with row stride ldw, groups w_gstride apart.

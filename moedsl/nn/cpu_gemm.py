@@ -30,7 +30,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 _SRC = Path(__file__).with_name("cpu_gemm.cpp")
-_FLAGS = ["-O2", "-std=c++17", "-fopenmp", "-fPIC", "-shared"]
+_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared"]
 # one group's call and [K, n] output cost about as much as this many rows of its GEMM
 GROUP_ROWS = 16
 
@@ -107,6 +107,8 @@ def _load() -> ctypes.CDLL:
     lib.moedsl_combine_fwd.restype = None
     lib.moedsl_combine_bwd.argtypes = [_p, _i, _p, _p, _i64, _i, _p, _i, _p, _p, _i]
     lib.moedsl_combine_bwd.restype = None
+    lib.moedsl_small_kernels.argtypes = [_i]
+    lib.moedsl_small_kernels.restype = _i
     # check it computes what it should before trusting it (a BLAS ABI mismatch would not)
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(37, 24, generator=g), torch.randn(3, 24, 40, generator=g)
@@ -144,6 +146,15 @@ def available() -> bool:
 def why_unavailable() -> Optional[str]:
     library()
     return _why
+
+
+def set_small_kernels(enabled: bool) -> bool:
+    """Whether products over few rows (<= 64) use the kernel's own AVX2 code (the default, where
+    the CPU has AVX2 and FMA) or MKL's sgemm like every other product. Returns the previous
+    setting. For tests and side-by-side timing."""
+    if library() is None:
+        raise RuntimeError(f"moedsl's CPU grouped-GEMM kernel is unavailable: {why_unavailable()}")
+    return bool(_lib.moedsl_small_kernels(int(enabled)))
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
