@@ -144,12 +144,20 @@ class Gate(nn.Module):
             cap = self.spec.capacity(n, E, self.training)
         else:
             cap = None
-        priority = choice.weight.max(dim=-1).values if self.spec.drop_priority == "score" else None
-        slot = assign_slots(choice.expert, choice.routed, E, cap, priority)
-        routed = choice.routed if choice.routed is not None else torch.ones_like(slot, dtype=torch.bool)
-        weight = torch.where(slot >= 0, choice.weight, torch.zeros_like(choice.weight))
-        load = torch.zeros(E, device=x.device, dtype=torch.float32).scatter_add_(
-            0, choice.expert.reshape(-1), routed.reshape(-1).float())
+        all_kept = cap is None and choice.routed is None
+        if all_kept:  # dropless and every choice routed: slot 0 each, nothing dropped (fewer ops)
+            slot, weight = torch.zeros_like(choice.expert), choice.weight
+            load = counts(choice.expert.reshape(-1), E).float()
+            dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+        else:
+            priority = choice.weight.max(dim=-1).values if cap is not None and self.spec.drop_priority == "score" \
+                else None
+            slot = assign_slots(choice.expert, choice.routed, E, cap, priority)
+            routed = choice.routed if choice.routed is not None else torch.ones_like(slot, dtype=torch.bool)
+            weight = torch.where(slot >= 0, choice.weight, torch.zeros_like(choice.weight))
+            load = torch.zeros(E, device=x.device, dtype=torch.float32).scatter_add_(
+                0, choice.expert.reshape(-1), routed.reshape(-1).float())
+            dropped = (routed & (slot < 0)).sum()
         if self.training and self.spec.bias_balancing_rate is not None:
             self.load_acc += load.detach()
         if self.training:
@@ -160,7 +168,7 @@ class Gate(nn.Module):
             slot=slot.reshape(-1), num_tokens=Sn, num_experts=E,
             capacity=None if cap is None else G * cap,
             aux_loss=self.weigh(choice.losses, x), losses={k_: v.detach() for k_, v in choice.losses.items()},
-            expert_load=load.detach(), dropped=(routed & (slot < 0)).sum())
+            expert_load=load.detach(), dropped=dropped, all_kept=all_kept)
 
     def weigh(self, losses: dict, x: torch.Tensor) -> torch.Tensor:
         total = x.new_zeros((), dtype=torch.float32)

@@ -63,12 +63,15 @@ def dispatch_packed(x: torch.Tensor, r: Routing, slot_of_expert: Optional[torch.
         dest, n_slots = r.expert, r.num_experts
     else:
         dest = slot_of_expert.to(r.expert.device)[r.expert]
-    kept = r.slot >= 0
-    key = torch.where(kept, dest, torch.full_like(dest, n_slots))
-    sizes = counts(key, n_slots + 1)
-    order = torch.sort(key, stable=True).indices
-    order = order[: int(sizes[:n_slots].sum())]  # drop the dropped (a data-dependent length)
-    return Packed(rows=x.index_select(0, r.token[order]), sizes=sizes[:n_slots], index=order)
+    if r.all_kept:
+        sizes = counts(dest, n_slots)
+        order = torch.sort(dest, stable=True).indices
+    else:
+        key = torch.where(r.slot >= 0, dest, torch.full_like(dest, n_slots))
+        sizes = counts(key, n_slots + 1)[:n_slots]
+        order = torch.sort(key, stable=True).indices
+        order = order[: int(sizes.sum())]  # drop the dropped (a data-dependent length)
+    return Packed(rows=x.index_select(0, r.token.index_select(0, order)), sizes=sizes, index=order)
 
 
 def combine_packed(y: torch.Tensor, p: Packed, r: Routing) -> torch.Tensor:

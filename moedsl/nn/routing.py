@@ -29,6 +29,7 @@ class Routing:
     losses: dict = field(default_factory=dict)  # name -> unweighted value (detached), for logging
     expert_load: Optional[torch.Tensor] = None  # [E] assignments the router chose per expert (before drops)
     dropped: Optional[torch.Tensor] = None  # scalar int64: assignments dropped past capacity
+    all_kept: bool = False  # known without looking: every assignment has a slot (dropless, all routed)
 
     @property
     def kept(self) -> torch.Tensor:
@@ -36,7 +37,7 @@ class Routing:
 
     def tokens_per_expert(self) -> torch.Tensor:
         """[E] assignments each expert computes (after drops)."""
-        return counts(self.expert, self.num_experts, self.kept)
+        return counts(self.expert, self.num_experts, None if self.all_kept else self.kept)
 
     def localize(self, start: int, count: int) -> "Routing":
         """The assignments of tokens [start, start + count) of the batch, re-indexed from 0
@@ -45,7 +46,7 @@ class Routing:
         return Routing(token=self.token[mine] - start, expert=self.expert[mine], weight=self.weight[mine],
                        slot=self.slot[mine], num_tokens=count, num_experts=self.num_experts,
                        capacity=self.capacity, aux_loss=self.aux_loss, losses=self.losses,
-                       expert_load=self.expert_load, dropped=self.dropped)
+                       expert_load=self.expert_load, dropped=self.dropped, all_kept=self.all_kept)
 
 
 def counts(index: torch.Tensor, n: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
