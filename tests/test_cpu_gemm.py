@@ -127,6 +127,8 @@ def test_grouped_mm_takes_strided_operands_and_partial_grads():
 @needs_kernel
 def test_grouped_mm_rejects_what_it_cannot_take():
     sizes = torch.tensor([2, 1])
+    with pytest.raises(ValueError, match=r"not decrease; offset 2 is 2 after 3"):
+        cpu_gemm.grouped_mm(torch.randn(4, 8), torch.randn(3, 8, 8), torch.tensor([3, -1, 2]))
     with pytest.raises(ValueError, match="sizes sum to 3"):
         cpu_gemm.grouped_mm(torch.randn(4, 8), torch.randn(2, 8, 8), sizes)
     with pytest.raises(ValueError, match="float32 CPU operands"):

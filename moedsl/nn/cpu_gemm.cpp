@@ -281,6 +281,15 @@ int moedsl_small_kernels(int enable) {
   return prev;
 }
 
+// -1 when offs [G + 1] are row offsets of N rows (offs[0] = 0, non-decreasing, offs[G] = N), else
+// the first index that is not
+int64_t moedsl_check_offsets(const int64_t* offs, int G, int64_t N) {
+  if (offs[0] != 0) return 0;
+  for (int g = 0; g < G; ++g)
+    if (offs[g + 1] < offs[g]) return g + 1;
+  return offs[G] == N ? -1 : G;
+}
+
 // out[rows of g] = x[rows of g] · op(w[g]) for every group g, out [N, n] with row stride ldo.
 // w[g] is [K, n] (trans_w = 0) or [n, K] (trans_w = 1) with row stride ldw, groups w_gstride apart.
 void moedsl_gmm_rows(const float* x, int ldx, const float* w, int64_t w_gstride, int ldw, int trans_w,

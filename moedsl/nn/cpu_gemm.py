@@ -107,6 +107,8 @@ def _load() -> ctypes.CDLL:
     lib.moedsl_combine_fwd.restype = None
     lib.moedsl_combine_bwd.argtypes = [_p, _i, _p, _p, _i64, _i, _p, _i, _p, _p, _i]
     lib.moedsl_combine_bwd.restype = None
+    lib.moedsl_check_offsets.argtypes = [_p, _i, _i64]
+    lib.moedsl_check_offsets.restype = _i64
     lib.moedsl_small_kernels.argtypes = [_i]
     lib.moedsl_small_kernels.restype = _i
     # check it computes what it should before trusting it (a BLAS ABI mismatch would not)
@@ -222,11 +224,16 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, sizes: Optional[torch.Tensor] =
                          f"{x.dtype} {tuple(x.shape)} on {x.device}, w {w.dtype} {tuple(w.shape)} on {w.device}")
     if offs is None:
         offs = offsets(sizes)
-    if offs.dtype != torch.int64 or offs.device.type != "cpu" or offs.shape != (w.shape[0] + 1,):
-        raise ValueError(f"grouped_mm: offsets must be int64 [{w.shape[0] + 1}] on the CPU, got "
+    if offs.dtype != torch.int64 or offs.device.type != "cpu" or offs.shape != (w.shape[0] + 1,) \
+            or not offs.is_contiguous():
+        raise ValueError(f"grouped_mm: offsets must be contiguous int64 [{w.shape[0] + 1}] on the CPU, got "
                          f"{offs.dtype} {tuple(offs.shape)} on {offs.device}")
-    if int(offs[-1]) != x.shape[0] or int(offs[0]) != 0:
-        raise ValueError(f"grouped_mm: sizes sum to {int(offs[-1]) - int(offs[0])}, x has {x.shape[0]} rows")
+    bad = _lib.moedsl_check_offsets(offs.data_ptr(), w.shape[0], x.shape[0])  # in C: no host reads of a tensor
+    if bad >= 0:
+        if bad == w.shape[0] and int(offs[0]) == 0 and bool((offs.diff() >= 0).all()):
+            raise ValueError(f"grouped_mm: sizes sum to {int(offs[-1])}, x has {x.shape[0]} rows")
+        raise ValueError(f"grouped_mm: offsets must start at 0 and not decrease; offset {bad} is "
+                         f"{int(offs[bad])}" + (f" after {int(offs[bad - 1])}" if bad else ""))
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"grouped_mm: x has {x.shape[1]} columns, w[g] has {w.shape[1]} rows")
     return _GroupedMM.apply(x, w, offs)

@@ -147,9 +147,11 @@ class Gate(nn.Module):
         all_kept = cap is None and choice.routed is None
         if all_kept:  # dropless and every choice routed: slot 0 each, nothing dropped (fewer ops)
             slot, weight = torch.zeros_like(choice.expert), choice.weight
-            load = counts(choice.expert.reshape(-1), E).float()
+            kept_counts = counts(choice.expert.reshape(-1), E)  # also the dispatch's group sizes
+            load = kept_counts.float()
             dropped = torch.zeros((), dtype=torch.int64, device=x.device)
         else:
+            kept_counts = None
             priority = choice.weight.max(dim=-1).values if cap is not None and self.spec.drop_priority == "score" \
                 else None
             slot = assign_slots(choice.expert, choice.routed, E, cap, priority)
@@ -168,7 +170,8 @@ class Gate(nn.Module):
             slot=slot.reshape(-1), num_tokens=Sn, num_experts=E,
             capacity=None if cap is None else G * cap,
             aux_loss=self.weigh(choice.losses, x), losses={k_: v.detach() for k_, v in choice.losses.items()},
-            expert_load=load.detach(), dropped=dropped, all_kept=all_kept)
+            expert_load=load.detach(), dropped=dropped, all_kept=all_kept,
+            kept_counts=kept_counts)
 
     def weigh(self, losses: dict, x: torch.Tensor) -> torch.Tensor:
         total = x.new_zeros((), dtype=torch.float32)

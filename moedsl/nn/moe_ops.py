@@ -64,7 +64,7 @@ def dispatch_packed(x: torch.Tensor, r: Routing, slot_of_expert: Optional[torch.
     else:
         dest = slot_of_expert.to(r.expert.device)[r.expert]
     if r.all_kept:
-        sizes = counts(dest, n_slots)
+        sizes = r.kept_counts if slot_of_expert is None and r.kept_counts is not None else counts(dest, n_slots)
         order = torch.sort(dest, stable=True).indices
     else:
         key = torch.where(r.slot >= 0, dest, torch.full_like(dest, n_slots))

@@ -30,6 +30,7 @@ class Routing:
     expert_load: Optional[torch.Tensor] = None  # [E] assignments the router chose per expert (before drops)
     dropped: Optional[torch.Tensor] = None  # scalar int64: assignments dropped past capacity
     all_kept: bool = False  # known without looking: every assignment has a slot (dropless, all routed)
+    kept_counts: Optional[torch.Tensor] = None  # [E] int64 kept assignments per expert, if the gate counted them
 
     @property
     def kept(self) -> torch.Tensor:
@@ -37,6 +38,8 @@ class Routing:
 
     def tokens_per_expert(self) -> torch.Tensor:
         """[E] assignments each expert computes (after drops)."""
+        if self.kept_counts is not None:
+            return self.kept_counts
         return counts(self.expert, self.num_experts, None if self.all_kept else self.kept)
 
     def localize(self, start: int, count: int) -> "Routing":
