@@ -6,7 +6,8 @@ and the memory a built model takes against its parameters and buffers.
 
 Every configuration runs in a fresh process, so its peak memory (max RSS) is its own; the
 process first compiles (or builds) a two-expert spec, so imports and first-use costs are
-not counted against the spec measured.
+not counted against the spec measured. A built model's memory is that of a second build of
+its spec in the process (the first, also shown, pays the one-time costs of its layer types).
 Targets: cost growing linearly (or better) in experts × layers; Switch-C compiled and planned
 in under 5 s using under 1 GiB; a built model within 5% of parameters + buffers.
 """
@@ -55,11 +56,14 @@ BUILD = textwrap.dedent("""
         gc.collect(); release_freed_memory()
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * 4096
-    before = rss()
-    model = moedsl.build_model(spec, dtype=torch.float32, layout="grouped")
-    after = rss()
-    tensors = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    print(json.dumps(dict(rss=after - before, tensors=tensors)))
+    grew = []
+    for _ in range(2):  # the first build of a spec in a process also pays one-time costs (lazy imports and
+        before = rss()  # first uses of its layer types); the second is what each built model holds
+        model = moedsl.build_model(spec, dtype=torch.float32, layout="grouped")
+        grew.append(rss() - before)
+        tensors = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        del model
+    print(json.dumps(dict(rss_first=grew[0], rss=grew[1], tensors=tensors)))
 """)
 
 
@@ -111,12 +115,15 @@ def main() -> int:
     print(f"\nSwitch-C (specs/switch-c-2048.yaml, {sc['params'] / 1e12:.2f}T parameters, rank 0 of {sc['world']}): "
           f"load {sc['load']:.2f} s + compile {sc['compile']:.2f} s + plan {sc['plan']:.2f} s = {total:.2f} s "
           f"(target < 5 s); peak RSS {sc['peak_mib']:.0f} MiB (target < 1024 MiB)")
-    print("\n| built model | parameters + buffers MiB | RSS grew MiB | overhead |")
-    print("|---|---|---|---|")
+    print("\n| built model | parameters + buffers MiB | RSS grew MiB | overhead | first build in the process: "
+          "RSS grew MiB | overhead |")
+    print("|---|---|---|---|---|---|")
+
+    def built(label, b):
+        print(f"| {label} | {b['tensors'] / 2**20:.1f} | {b['rss'] / 2**20:.1f} | {b['rss'] / b['tensors'] - 1:+.1%} | "
+              f"{b['rss_first'] / 2**20:.1f} | {b['rss_first'] / b['tensors'] - 1:+.1%} |", flush=True)
     for name in ("switch", "mixtral"):
-        b = child(BUILD, os.path.join(ROOT, "specs", f"{name}.yaml"))
-        print(f"| specs/{name}.yaml | {b['tensors'] / 2**20:.1f} | {b['rss'] / 2**20:.1f} | "
-              f"{b['rss'] / b['tensors'] - 1:+.1%} |")
+        built(f"specs/{name}.yaml", child(BUILD, os.path.join(ROOT, "specs", f"{name}.yaml")))
     for label, text in (
             ("2 layers × 16 SwiGLU experts (d 1024, h 2048)",
              spec_text(16, 2).replace("vocab_size: 32000", "vocab_size: 1024")),
@@ -124,8 +131,7 @@ def main() -> int:
             ("2 layers × 2048 SwiGLU experts (d 64, h 128)",
              spec_text(2048, 2).replace("vocab_size: 32000", "vocab_size: 1024").replace("d_model: 1024", "d_model: 64")
              .replace("heads: 16", "heads: 4").replace("hidden: 2048", "hidden: 128"))):
-        b = child(BUILD, text)
-        print(f"| {label} | {b['tensors'] / 2**20:.1f} | {b['rss'] / 2**20:.1f} | {b['rss'] / b['tensors'] - 1:+.1%} |")
+        built(label, child(BUILD, text))
     return 0
 
 
