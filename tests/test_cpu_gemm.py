@@ -204,3 +204,30 @@ def test_weighted_scatter_is_the_combine(seed, rows, tokens, d, threads, grad_w)
         torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-4, atol=1e-4 * max(1.0, d ** 0.5))
     else:
         assert w.grad is None
+
+
+@needs_kernel
+@settings(**SETTINGS)
+@given(seed=st.integers(0, 2**31 - 1), G=st.integers(1, 4), S=st.integers(1, 40), k=st.integers(1, 4),
+       E=st.integers(1, 9), C=st.integers(0, 12), unrouted=st.floats(0.0, 0.6), mask=st.booleans())
+def test_assign_slots_kernel_is_the_torch_algorithm(seed, G, S, k, E, C, unrouted, mask):
+    """The one-pass slots (CPU, position priority) equal routing's sort-based ones exactly."""
+    from moedsl.nn.routing import assign_slots, assign_slots_torch
+
+    g = torch.Generator().manual_seed(seed)
+    expert = torch.randint(0, E, (G, S, k), generator=g)
+    routed = torch.rand(G, S, k, generator=g) >= unrouted if mask else None
+    want = assign_slots_torch(expert, routed, E, C)
+    assert torch.equal(cpu_gemm.assign_slots(expert, routed, E, C), want)
+    assert torch.equal(assign_slots(expert, routed, E, C), want)  # what the gates call
+    # strided choices (a transposed view) are read as their values
+    tr = expert.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(cpu_gemm.assign_slots(tr, routed, E, C), want)
+
+
+@needs_kernel
+def test_assign_slots_kernel_rejects_bad_ids():
+    with pytest.raises(ValueError, match=r"expert id 5 at choice 3 is outside \[0, 4\)"):
+        cpu_gemm.assign_slots(torch.tensor([[[0], [1], [2], [5]]]), None, 4, 2)
+    with pytest.raises(ValueError, match="int64 choices"):
+        cpu_gemm.assign_slots(torch.zeros(2, 3, dtype=torch.int32), None, 4, 2)

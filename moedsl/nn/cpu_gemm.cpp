@@ -281,6 +281,32 @@ int moedsl_small_kernels(int enable) {
   return prev;
 }
 
+// Capacity slots for top-k choices expert [G, S, k] in GShard's priority order (every first
+// choice of a group before any second choice, then token order): slot = g * C + the choice's
+// position among its group's choices of the same expert, or -1 past C or not routed (routed may
+// be null: all are). What routing.assign_slots computes with a stable sort, in one pass.
+// Returns -1, or the index of an expert id outside [0, E).
+int64_t moedsl_assign_slots(const int64_t* expert, const bool* routed, int64_t G, int64_t S, int k, int64_t E,
+                            int64_t C, int64_t* slot) {
+  std::vector<int64_t> used(E);
+  for (int64_t g = 0; g < G; ++g) {
+    std::fill(used.begin(), used.end(), 0);
+    for (int j = 0; j < k; ++j)
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t i = (g * S + s) * k + j;
+        if (routed && !routed[i]) {
+          slot[i] = -1;
+          continue;
+        }
+        const int64_t e = expert[i];
+        if (e < 0 || e >= E) return i;
+        const int64_t pos = used[e]++;
+        slot[i] = pos < C ? g * C + pos : -1;
+      }
+  }
+  return -1;
+}
+
 // -1 when offs [G + 1] are row offsets of N rows (offs[0] = 0, non-decreasing, offs[G] = N), else
 // the first index that is not
 int64_t moedsl_check_offsets(const int64_t* offs, int G, int64_t N) {

@@ -107,6 +107,8 @@ def _load() -> ctypes.CDLL:
     lib.moedsl_combine_fwd.restype = None
     lib.moedsl_combine_bwd.argtypes = [_p, _i, _p, _p, _i64, _i, _p, _i, _p, _p, _i]
     lib.moedsl_combine_bwd.restype = None
+    lib.moedsl_assign_slots.argtypes = [_p, _p, _i64, _i64, _i, _i64, _i64, _p]
+    lib.moedsl_assign_slots.restype = _i64
     lib.moedsl_check_offsets.argtypes = [_p, _i, _i64]
     lib.moedsl_check_offsets.restype = _i64
     lib.moedsl_small_kernels.argtypes = [_i]
@@ -278,3 +280,30 @@ def weighted_scatter(y: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, num_to
                          f"[N] on the CPU; got {y.dtype} {tuple(y.shape)}, {w.dtype} {tuple(w.shape)}, "
                          f"{tok.dtype} {tuple(tok.shape)}")
     return _Combine.apply(y, w, tok, num_tokens)
+
+
+def slots_usable(expert: torch.Tensor, routed: Optional[torch.Tensor]) -> bool:
+    """Whether ``assign_slots`` takes these (int64 choices [G, S, k], bool routed, on the CPU)."""
+    return (expert.dtype == torch.int64 and expert.device.type == "cpu" and expert.dim() == 3
+            and (routed is None or (routed.dtype == torch.bool and routed.shape == expert.shape))
+            and (_lib is not None or available()))
+
+
+def assign_slots(expert: torch.Tensor, routed: Optional[torch.Tensor], num_experts: int,
+                 capacity: int) -> torch.Tensor:
+    """routing.assign_slots for position priority (GShard's order) in one pass: slot [G, S, k],
+    g·C + the choice's position among its group's choices of that expert, -1 past C or not routed."""
+    if not slots_usable(expert, routed):
+        raise ValueError(f"assign_slots takes int64 choices [G, S, k] and a bool mask of that shape on the CPU; "
+                         f"got {expert.dtype} {tuple(expert.shape)}"
+                         + ("" if routed is None else f", {routed.dtype} {tuple(routed.shape)}"))
+    G, S, k = expert.shape
+    expert = expert.contiguous()
+    routed = None if routed is None else routed.contiguous()
+    slot = torch.empty_like(expert)
+    bad = _lib.moedsl_assign_slots(expert.data_ptr(), None if routed is None else routed.data_ptr(), G, S, k,
+                                   num_experts, capacity, slot.data_ptr())
+    if bad >= 0:
+        raise ValueError(f"assign_slots: expert id {int(expert.view(-1)[bad])} at choice {bad} is outside "
+                         f"[0, {num_experts})")
+    return slot

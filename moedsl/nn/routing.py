@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from . import cpu_gemm
+
 
 @dataclass
 class Routing:
@@ -81,6 +83,14 @@ def assign_slots(expert: torch.Tensor, routed: Optional[torch.Tensor], num_exper
     g·C + position within (group, expert), or -1 when past the capacity C (or not routed).
     Dropless (capacity None): every routed assignment gets slot 0.
     """
+    if capacity is not None and priority is None and cpu_gemm.slots_usable(expert, routed):
+        return cpu_gemm.assign_slots(expert, routed, num_experts, capacity)  # the same, in one pass
+    return assign_slots_torch(expert, routed, num_experts, capacity, priority)
+
+
+def assign_slots_torch(expert: torch.Tensor, routed: Optional[torch.Tensor], num_experts: int,
+                       capacity: Optional[int], priority: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """assign_slots in torch ops: any device, any priority; no host sync (CUDA-graph capturable)."""
     G, S, k = expert.shape
     routed = torch.ones_like(expert, dtype=torch.bool) if routed is None else routed
     if capacity is None:
