@@ -231,3 +231,19 @@ def test_assign_slots_kernel_rejects_bad_ids():
         cpu_gemm.assign_slots(torch.tensor([[[0], [1], [2], [5]]]), None, 4, 2)
     with pytest.raises(ValueError, match="int64 choices"):
         cpu_gemm.assign_slots(torch.zeros(2, 3, dtype=torch.int32), None, 4, 2)
+
+
+@needs_kernel
+@settings(**SETTINGS)
+@given(seed=st.integers(0, 2**31 - 1), A=st.integers(0, 200), n_dest=st.integers(1, 12), dropped=st.floats(0, 1))
+def test_pack_order_is_the_masked_stable_sort(seed, A, n_dest, dropped):
+    g = torch.Generator().manual_seed(seed)
+    dest = torch.randint(0, n_dest, (A,), generator=g)
+    slot = torch.where(torch.rand(A, generator=g) < dropped, -1, torch.randint(0, 5, (A,), generator=g))
+    key = torch.where(slot >= 0, dest, n_dest)
+    want = torch.sort(key, stable=True).indices[: int((slot >= 0).sum())]
+    order, sizes = cpu_gemm.pack_order(dest, slot, n_dest)
+    assert torch.equal(order, want)
+    assert torch.equal(sizes, torch.bincount(dest[slot >= 0], minlength=n_dest))
+    with pytest.raises(ValueError, match="outside"):
+        cpu_gemm.pack_order(torch.full((3,), n_dest), torch.zeros(3, dtype=torch.int64), n_dest)

@@ -307,6 +307,28 @@ int64_t moedsl_assign_slots(const int64_t* expert, const bool* routed, int64_t G
   return -1;
 }
 
+// The kept assignments (slot >= 0) in order of destination, stable: order[0 .. N) and sizes[d]
+// per destination d in [0, n_dest); a counting sort. Returns N, or -1 - i for an assignment i
+// whose destination is outside [0, n_dest).
+int64_t moedsl_pack_order(const int64_t* dest, const int64_t* slot, int64_t A, int64_t n_dest, int64_t* order,
+                          int64_t* sizes) {
+  std::fill(sizes, sizes + n_dest, 0);
+  for (int64_t i = 0; i < A; ++i) {
+    if (slot[i] < 0) continue;
+    if (dest[i] < 0 || dest[i] >= n_dest) return -1 - i;
+    ++sizes[dest[i]];
+  }
+  std::vector<int64_t> next(n_dest);
+  int64_t N = 0;
+  for (int64_t d = 0; d < n_dest; ++d) {
+    next[d] = N;
+    N += sizes[d];
+  }
+  for (int64_t i = 0; i < A; ++i)
+    if (slot[i] >= 0) order[next[dest[i]]++] = i;
+  return N;
+}
+
 // -1 when offs [G + 1] are row offsets of N rows (offs[0] = 0, non-decreasing, offs[G] = N), else
 // the first index that is not
 int64_t moedsl_check_offsets(const int64_t* offs, int G, int64_t N) {

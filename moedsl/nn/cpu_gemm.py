@@ -109,6 +109,8 @@ def _load() -> ctypes.CDLL:
     lib.moedsl_combine_bwd.restype = None
     lib.moedsl_assign_slots.argtypes = [_p, _p, _i64, _i64, _i, _i64, _i64, _p]
     lib.moedsl_assign_slots.restype = _i64
+    lib.moedsl_pack_order.argtypes = [_p, _p, _i64, _i64, _p, _p]
+    lib.moedsl_pack_order.restype = _i64
     lib.moedsl_check_offsets.argtypes = [_p, _i, _i64]
     lib.moedsl_check_offsets.restype = _i64
     lib.moedsl_small_kernels.argtypes = [_i]
@@ -307,3 +309,27 @@ def assign_slots(expert: torch.Tensor, routed: Optional[torch.Tensor], num_exper
         raise ValueError(f"assign_slots: expert id {int(expert.view(-1)[bad])} at choice {bad} is outside "
                          f"[0, {num_experts})")
     return slot
+
+
+def pack_usable(dest: torch.Tensor, slot: torch.Tensor) -> bool:
+    """Whether ``pack_order`` takes these (int64 [A] destinations and slots on the CPU)."""
+    return (dest.dtype == torch.int64 and slot.dtype == torch.int64 and dest.device.type == "cpu"
+            and slot.device.type == "cpu" and dest.dim() == 1 and slot.shape == dest.shape
+            and (_lib is not None or available()))
+
+
+def pack_order(dest: torch.Tensor, slot: torch.Tensor, n_dest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept assignments (slot >= 0) sorted by destination, stably, and their count per
+    destination: (order [N], sizes [n_dest]), what dispatch_packed's masked stable sort gives."""
+    if not pack_usable(dest, slot):
+        raise ValueError(f"pack_order takes int64 destinations and slots [A] on the CPU; got "
+                         f"{dest.dtype} {tuple(dest.shape)}, {slot.dtype} {tuple(slot.shape)}")
+    dest, slot = dest.contiguous(), slot.contiguous()
+    order = torch.empty_like(dest)
+    sizes = torch.empty(n_dest, dtype=torch.int64)
+    n = _lib.moedsl_pack_order(dest.data_ptr(), slot.data_ptr(), dest.numel(), n_dest, order.data_ptr(),
+                               sizes.data_ptr())
+    if n < 0:
+        i = -1 - n
+        raise ValueError(f"pack_order: destination {int(dest[i])} of assignment {i} is outside [0, {n_dest})")
+    return order[:n], sizes

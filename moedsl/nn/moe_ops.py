@@ -66,6 +66,8 @@ def dispatch_packed(x: torch.Tensor, r: Routing, slot_of_expert: Optional[torch.
     if r.all_kept:
         sizes = r.kept_counts if slot_of_expert is None and r.kept_counts is not None else counts(dest, n_slots)
         order = torch.sort(dest, stable=True).indices
+    elif cpu_gemm.pack_usable(dest, r.slot):  # the masked sort below as one counting sort
+        order, sizes = cpu_gemm.pack_order(dest, r.slot, n_slots)
     else:
         key = torch.where(r.slot >= 0, dest, torch.full_like(dest, n_slots))
         sizes = counts(key, n_slots + 1)[:n_slots]
