@@ -19,6 +19,8 @@ to the bound, and moedsl's to HF grouped_mm.
 Capacity rows (capacity factor 1.25) compute padded buffers: their target is 1.15 × 1.25.
 The process keeps freed memory (moedsl.runtime.cpu.keep_freed_memory, what `moedsl run`
 does on a CPU) for every implementation alike; --no-keep-memory times glibc's default.
+--mkl-only adds moedsl with MKL for every expert product (its small-row kernels off) to the
+interleaved set: what those kernels are worth, row by row.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import moedsl
+from moedsl.nn import cpu_gemm
 from moedsl.runtime.cpu import keep_freed_memory, release_freed_memory
 
 
@@ -145,7 +148,7 @@ def timed(fn, reps_out: list):
     reps_out.append(time.perf_counter() - t)
 
 
-def row(T, E, k, act, mode, d, h, cf, repeats, hf=True):
+def row(T, E, k, act, mode, d, h, cf, repeats, hf=True, mkl_only=False):
     if k > E:
         return None
     torch.manual_seed(0)
@@ -165,6 +168,14 @@ def row(T, E, k, act, mode, d, h, cf, repeats, hf=True):
         model(xin).output.backward(g)
 
     impls = {"bound": bound(model, T, E, k, act), "moedsl": run_moedsl}
+    if mkl_only:  # the same layer with MKL for every expert product (no small-row AVX2 kernels)
+        def run_mkl_only():
+            previous = cpu_gemm.set_small_kernels(False)
+            try:
+                run_moedsl()
+            finally:
+                cpu_gemm.set_small_kernels(previous)
+        impls["moedsl_mkl_only"] = run_mkl_only
     agree = {}
     if hf:
         for impl in ("eager", "grouped_mm"):
@@ -208,6 +219,8 @@ def row(T, E, k, act, mode, d, h, cf, repeats, hf=True):
            "dropped": int(stats.dropped), "max_over_mean_load": float(
                stats.tokens_per_expert.max() / max(stats.tokens_per_expert.float().mean(), 1e-9))}
     out["moedsl/bound"] = pair["moedsl"]
+    if mkl_only:
+        out["moedsl_mkl_only/bound"] = pair["moedsl_mkl_only"]
     if hf:
         out["hf_grouped_mm/bound"] = pair["hf_grouped_mm"]
         out["hf_eager/bound"] = pair["hf_eager"]
@@ -222,9 +235,11 @@ def row(T, E, k, act, mode, d, h, cf, repeats, hf=True):
 
 
 def table(rows) -> str:
+    ablate = any("moedsl_mkl_only/bound" in r for r in rows)
     head = ("| tokens | E | k | act | mode | bound ms | moedsl ms | moedsl/bound | target | router FLOPs/bound "
-            "| HF grouped_mm/bound | HF eager/bound | moedsl vs HF grouped_mm | HF eager / moedsl |")
-    lines = [head, "|" + "|".join(["---"] * 14) + "|"]
+            + ("| moedsl, MKL only/bound " if ablate else "")
+            + "| HF grouped_mm/bound | HF eager/bound | moedsl vs HF grouped_mm | HF eager / moedsl |")
+    lines = [head, "|" + "|".join(["---"] * (15 if ablate else 14)) + "|"]
     for r in rows:
         ms = r["ms"]
         hf = "hf_grouped_mm" in ms
@@ -232,6 +247,7 @@ def table(rows) -> str:
             f"| {r['tokens']} | {r['experts']} | {r['k']} | {r['act']} | {r['mode']} | {ms['bound']:.2f} | "
             f"{ms['moedsl']:.2f} | {r['moedsl/bound']:.2f} | ≤{r['target']:.2f} | "
             + (f"{r['router/bound_flops']:.1%} | " if "router/bound_flops" in r else "- | ")
+            + (f"{r.get('moedsl_mkl_only/bound', float('nan')):.2f} | " if ablate else "")
             + (f"{r['hf_grouped_mm/bound']:.2f} | {r['hf_eager/bound']:.2f} | "
                f"{r['moedsl/hf_grouped_mm']:.2f}× | {r['hf_eager/moedsl']:.1f}× |" if hf else "- | - | - | - |"))
     return "\n".join(lines)
@@ -251,9 +267,13 @@ def main(argv=None):
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tokens 64,4096; experts 8,64; top-1,2; swiglu")
     ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--mkl-only", action="store_true",
+                    help="also time moedsl with MKL for every expert product (no small-row kernels), interleaved")
     ap.add_argument("--no-keep-memory", action="store_true",
                     help="glibc malloc's default: freed large blocks go back to the system (page faults every run)")
     a = ap.parse_args(argv)
+    if a.mkl_only and not cpu_gemm.available():
+        ap.error(f"--mkl-only compares against moedsl's CPU kernel, which is unavailable: {cpu_gemm.why_unavailable()}")
     kept = False if a.no_keep_memory else keep_freed_memory()
     if a.quick:
         a.tokens, a.experts, a.topk, a.act = "64,4096", "8,64", "1,2", "swiglu"
@@ -264,7 +284,7 @@ def main(argv=None):
           f"forward + backward, {a.repeats} repeats, malloc keeps freed memory: {kept}", flush=True)
     rows = []
     for T, E, k, act, mode in grid:
-        r = row(T, E, k, act, mode, a.d, a.h, a.capacity_factor, a.repeats, hf=not a.no_hf)
+        r = row(T, E, k, act, mode, a.d, a.h, a.capacity_factor, a.repeats, hf=not a.no_hf, mkl_only=a.mkl_only)
         gc.collect()  # the row's models and graphs (some in reference cycles), then their memory:
         release_freed_memory()  # each row's shapes are new, the last row's kept heap goes back
         if r is None:

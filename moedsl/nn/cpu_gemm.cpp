@@ -14,7 +14,8 @@
 // 256 experts, top-1) uses its weights m times, and MKL packs those weights into its panel
 // format for every call, which costs as much as the product. The AVX2 kernels below (runtime
 // checked) read the weights once, in place, and stream weight gradients past the cache; on 2
-// cores they take 0.6-0.9x MKL's time at m = 8..64 (bench/README.md, "CPU kernel").
+// cores they take 0.5-0.95x MKL's time at m = 8..64 (bench/cpu_gemm.py).
+// Below the GEMMs: the MoE combine and its backward, capacity slots, and the dispatch order.
 #include <immintrin.h>
 #include <omp.h>
 

@@ -4,7 +4,11 @@ torch's CPU ``_grouped_mm`` runs one multi-threaded GEMM per group; small or une
 leave threads idle, and the weight gradients are the worst (measured on 2 cores: 1.2x-1.4x
 the time of ``bmm`` on equal groups). The kernel here splits the work, not each GEMM:
 equal row ranges per thread for the products over rows, whole groups per thread for the
-weight gradients, with torch's own single-threaded MKL sgemm inside (see the .cpp).
+weight gradients, with torch's own single-threaded MKL sgemm inside, or for groups of up
+to 64 rows the library's own AVX2 code (see the .cpp). The same library holds the MoE
+layer's other CPU loops that torch would run as many small ops: the one-pass weighted
+combine (``weighted_scatter``), capacity slots in GShard's priority order (``assign_slots``)
+and the kept assignments' dispatch order (``pack_order``).
 
 It is compiled once per (source, torch build, compiler) on first use, in about a second,
 into ``$MOEDSL_CACHE_DIR`` (default ``~/.cache/moedsl``), and loaded with ctypes: no
