@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 extern "C" {
@@ -93,16 +94,21 @@ MOEDSL_AVX2 void nn_tile(int K, const float* A, int lda, const float* B, int ldb
   else nn_tile<R, false>(K, A, lda, B, ldb, C, ldc, w);
 }
 
-// the tile for rows = 1..6 (a switch: R must be a compile-time constant)
-MOEDSL_AVX2 void nn_rows(int rows, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc, int w) {
+// f(std::integral_constant<int, R>{}) for R = rows in 1..6: a tile's height is a compile-time constant
+template <typename F>
+void with_rows(int rows, F&& f) {
   switch (rows) {
-    case 6: nn_tile<6>(K, A, lda, B, ldb, C, ldc, w); break;
-    case 5: nn_tile<5>(K, A, lda, B, ldb, C, ldc, w); break;
-    case 4: nn_tile<4>(K, A, lda, B, ldb, C, ldc, w); break;
-    case 3: nn_tile<3>(K, A, lda, B, ldb, C, ldc, w); break;
-    case 2: nn_tile<2>(K, A, lda, B, ldb, C, ldc, w); break;
-    case 1: nn_tile<1>(K, A, lda, B, ldb, C, ldc, w); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
   }
+}
+
+MOEDSL_AVX2 void nn_rows(int rows, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc, int w) {
+  with_rows(rows, [&](auto R) { nn_tile<decltype(R)::value>(K, A, lda, B, ldb, C, ldc, w); });
 }
 
 // C[m, n] = A[m, K] · B[K, n]: each 16-column panel of B (K x 64 bytes) comes from memory once
@@ -230,14 +236,8 @@ MOEDSL_AVX2 void small_tn(int n_rows, int n, int m, const float* X, int ldx, con
     for (int j = 0; j < n; j += 16) {
       const float* d = D + j;
       float* o = C + (int64_t)c * ldc + j;
-      switch (std::min(6, n_rows - c)) {
-        case 6: tn_tile<6>(m, x, ldx, d, ldd, o, ldc, aligned); break;
-        case 5: tn_tile<5>(m, x, ldx, d, ldd, o, ldc, aligned); break;
-        case 4: tn_tile<4>(m, x, ldx, d, ldd, o, ldc, aligned); break;
-        case 3: tn_tile<3>(m, x, ldx, d, ldd, o, ldc, aligned); break;
-        case 2: tn_tile<2>(m, x, ldx, d, ldd, o, ldc, aligned); break;
-        case 1: tn_tile<1>(m, x, ldx, d, ldd, o, ldc, aligned); break;
-      }
+      with_rows(std::min(6, n_rows - c),
+                [&](auto R) { tn_tile<decltype(R)::value>(m, x, ldx, d, ldd, o, ldc, aligned); });
     }
   }
   _mm_sfence();  // streaming stores are weakly ordered: done before anyone reads C
