@@ -7,7 +7,7 @@ For E groups of n rows each (what an expert gets on a balanced router) and weigh
 [E, d, h], the three products of an expert GEMM: forward x·w, input gradient dy·wᵀ and
 weight gradient xᵀ·dy, timed three ways, interleaved in each repeat: torch.bmm on [E, n, ·]
 (the bound's way), moedsl's kernel as the layer runs it (AVX2 code for groups of <= 64 rows,
-MKL above), and the same kernel with MKL for every product (``set_small_kernels(False)``).
+MKL above), and the same kernel with MKL for every product (``with cpu_gemm.small_kernels(False)``).
 The weights rotate over enough copies to overflow the last-level cache, as one layer's
 experts do in a model. Outputs are checked against bmm first. Ratios are medians over
 repeats of the ratio within a repeat.
@@ -49,11 +49,8 @@ def shape_rows(E, n, d, h, repeats, copies_bytes=96 << 20):
     rows = []
     for name, (bmm_of, kernel_of) in products.items():
         def mkl_only_of(wt, kernel_of=kernel_of):
-            previous = cpu_gemm.set_small_kernels(False)
-            try:
+            with cpu_gemm.small_kernels(False):
                 return kernel_of(wt)
-            finally:
-                cpu_gemm.set_small_kernels(previous)
         want = bmm_of(ws[0]).reshape(-1)
         for fn in (kernel_of, mkl_only_of):
             err = float((fn(ws[0]).reshape(-1) - want).norm() / want.norm())

@@ -170,11 +170,8 @@ def row(T, E, k, act, mode, d, h, cf, repeats, hf=True, mkl_only=False):
     impls = {"bound": bound(model, T, E, k, act), "moedsl": run_moedsl}
     if mkl_only:  # the same layer with MKL for every expert product (no small-row AVX2 kernels)
         def run_mkl_only():
-            previous = cpu_gemm.set_small_kernels(False)
-            try:
+            with cpu_gemm.small_kernels(False):
                 run_moedsl()
-            finally:
-                cpu_gemm.set_small_kernels(previous)
         impls["moedsl_mkl_only"] = run_mkl_only
     agree = {}
     if hf:

@@ -49,11 +49,8 @@ def reference(x, w, sizes, dy):
 def test_grouped_mm_equals_per_group_products(seed, groups, K, n, empty, threads, big, small):
     """small: groups of <= 64 rows through the kernel's AVX2 code (where the CPU has it), or
     every product through MKL."""
-    previous = cpu_gemm.set_small_kernels(small)
-    try:
+    with cpu_gemm.small_kernels(small):
         check_grouped_mm(seed, groups, K, n, empty, threads, big)
-    finally:
-        cpu_gemm.set_small_kernels(previous)
 
 
 def check_grouped_mm(seed, groups, K, n, empty, threads, big):

@@ -330,13 +330,13 @@ int64_t moedsl_pack_order(const int64_t* dest, const int64_t* slot, int64_t A, i
   return N;
 }
 
-// -1 when offs [G + 1] are row offsets of N rows (offs[0] = 0, non-decreasing, offs[G] = N), else
-// the first index that is not
+// -1 when offs [G + 1] are row offsets of N rows (offs[0] = 0, non-decreasing, offs[G] = N); else
+// the first offset that breaks the first two (0 .. G), or G + 1 when only the total is not N
 int64_t moedsl_check_offsets(const int64_t* offs, int G, int64_t N) {
   if (offs[0] != 0) return 0;
   for (int g = 0; g < G; ++g)
     if (offs[g + 1] < offs[g]) return g + 1;
-  return offs[G] == N ? -1 : G;
+  return offs[G] == N ? -1 : G + 1;
 }
 
 // out[rows of g] = x[rows of g] · op(w[g]) for every group g, out [N, n] with row stride ldo.

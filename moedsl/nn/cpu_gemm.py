@@ -18,6 +18,7 @@ False, the reason is in ``why_unavailable()``, and callers fall back to torch's 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -158,13 +159,25 @@ def why_unavailable() -> Optional[str]:
     return _why
 
 
-def set_small_kernels(enabled: bool) -> bool:
-    """Whether products over few rows (<= 64) use the kernel's own AVX2 code (the default, where
-    the CPU has AVX2 and FMA) or MKL's sgemm like every other product. Returns the previous
-    setting. For tests and side-by-side timing."""
-    if library() is None:
+def _required() -> ctypes.CDLL:
+    """The loaded kernel, or an error saying why there is none."""
+    lib = library()
+    if lib is None:
         raise RuntimeError(f"moedsl's CPU grouped-GEMM kernel is unavailable: {why_unavailable()}")
-    return bool(_lib.moedsl_small_kernels(int(enabled)))
+    return lib
+
+
+@contextlib.contextmanager
+def small_kernels(enabled: bool):
+    """Within: products over few rows (<= 64) use the kernel's own AVX2 code (the default, where
+    the CPU has AVX2 and FMA), or with ``enabled=False`` MKL's sgemm like every other product.
+    The previous setting comes back on exit. For tests and side-by-side timing."""
+    lib = _required()
+    previous = lib.moedsl_small_kernels(int(enabled))
+    try:
+        yield
+    finally:
+        lib.moedsl_small_kernels(previous)
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -225,8 +238,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, sizes: Optional[torch.Tensor] =
     """x [N, K] rows in G consecutive runs of ``sizes`` (sum = N) times w [G, K, n] -> [N, n],
     differentiable in x and w. Takes the runs as ``sizes`` or as ``offs = offsets(sizes)``
     (computed once for several products over the same runs)."""
-    if library() is None:
-        raise RuntimeError(f"moedsl's CPU grouped-GEMM kernel is unavailable: {why_unavailable()}")
+    _required()
     if not usable(x, w):
         raise ValueError(f"grouped_mm takes float32 CPU operands x [N, K], w [G, K, n]; got x "
                          f"{x.dtype} {tuple(x.shape)} on {x.device}, w {w.dtype} {tuple(w.shape)} on {w.device}")
@@ -237,9 +249,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, sizes: Optional[torch.Tensor] =
         raise ValueError(f"grouped_mm: offsets must be contiguous int64 [{w.shape[0] + 1}] on the CPU, got "
                          f"{offs.dtype} {tuple(offs.shape)} on {offs.device}")
     bad = _lib.moedsl_check_offsets(offs.data_ptr(), w.shape[0], x.shape[0])  # in C: no host reads of a tensor
+    if bad == w.shape[0] + 1:
+        raise ValueError(f"grouped_mm: sizes sum to {int(offs[-1])}, x has {x.shape[0]} rows")
     if bad >= 0:
-        if bad == w.shape[0] and int(offs[0]) == 0 and bool((offs.diff() >= 0).all()):
-            raise ValueError(f"grouped_mm: sizes sum to {int(offs[-1])}, x has {x.shape[0]} rows")
         raise ValueError(f"grouped_mm: offsets must start at 0 and not decrease; offset {bad} is "
                          f"{int(offs[bad])}" + (f" after {int(offs[bad - 1])}" if bad else ""))
     if x.shape[1] != w.shape[1]:
