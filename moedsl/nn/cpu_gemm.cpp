@@ -167,13 +167,12 @@ MOEDSL_AVX2 void dot_tile(int K, const float* A, int lda, const float* B, int ld
 // B's rows broadcast, so B is read once.
 MOEDSL_AVX2 void small_nt(int m, int n, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
   if (m <= 8) {
-    for (int c = 0; c < n; c += 4) {
-      const int cols = std::min(4, n - c);
-      int r = 0;
-      for (; r + 3 <= m; r += 3) dot_tile<3>(K, A + (int64_t)r * lda, lda, B + (int64_t)c * ldb, ldb, C + (int64_t)r * ldc + c, ldc, cols);
-      if (m - r == 2) dot_tile<2>(K, A + (int64_t)r * lda, lda, B + (int64_t)c * ldb, ldb, C + (int64_t)r * ldc + c, ldc, cols);
-      if (m - r == 1) dot_tile<1>(K, A + (int64_t)r * lda, lda, B + (int64_t)c * ldb, ldb, C + (int64_t)r * ldc + c, ldc, cols);
-    }
+    for (int c = 0; c < n; c += 4)
+      for (int r = 0; r < m; r += 3)  // tiles of 3 rows (12 accumulators), the last 1 or 2
+        with_rows(std::min(3, m - r), [&](auto R) {
+          dot_tile<decltype(R)::value>(K, A + (int64_t)r * lda, lda, B + (int64_t)c * ldb, ldb,
+                                       C + (int64_t)r * ldc + c, ldc, std::min(4, n - c));
+        });
     return;
   }
   static thread_local std::vector<float> panel;  // A^T for 16 rows of A: [K, 16]
