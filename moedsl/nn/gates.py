@@ -157,8 +157,7 @@ class Gate(nn.Module):
             slot = assign_slots(choice.expert, choice.routed, E, cap, priority)
             routed = choice.routed if choice.routed is not None else torch.ones_like(slot, dtype=torch.bool)
             weight = torch.where(slot >= 0, choice.weight, torch.zeros_like(choice.weight))
-            load = torch.zeros(E, device=x.device, dtype=torch.float32).scatter_add_(
-                0, choice.expert.reshape(-1), routed.reshape(-1).float())
+            load = counts(choice.expert.reshape(-1), E, routed.reshape(-1)).float()
             dropped = (routed & (slot < 0)).sum()
         if self.training and self.spec.bias_balancing_rate is not None:
             self.load_acc += load.detach()
