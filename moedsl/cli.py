@@ -162,11 +162,12 @@ def _cmd_verify(args) -> int:
     diffs = check(spec, args.nproc, batch=args.batch, seq=args.seq, layout=args.layout)
     t = Table(title=f"{spec.name}: {args.nproc} processes against one (batch {args.batch} × {args.seq}, "
               f"layout {args.layout})", title_justify="left")
-    for col in ("rank", "max |Δ output|", "|Δ aux loss|", "max |Δ gradient|", "worst parameter", "ok"):
+    for col in ("rank", "max |Δ output|", "|Δ aux loss|", "max |Δ gradient|", "worst parameter", "router counts",
+                "ok"):
         t.add_column(col)
     for rank, d in enumerate(diffs):
         t.add_row(str(rank), f"{d.output:.2e}", f"{d.aux_loss:.2e}", f"{d.grad:.2e}", d.worst_param,
-                  "yes" if d.ok() else "[red]NO[/red]")
+                  "equal" if d.router == 0 else f"[red]{d.worst_router}[/red]", "yes" if d.ok() else "[red]NO[/red]")
     Console().print(t)
     return 0 if all(d.ok() for d in diffs) else 1
 

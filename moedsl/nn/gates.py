@@ -170,7 +170,7 @@ class Gate(nn.Module):
             capacity=None if cap is None else G * cap,
             aux_loss=self.weigh(choice.losses, x), losses={k_: v.detach() for k_, v in choice.losses.items()},
             expert_load=load.detach(), dropped=dropped, all_kept=all_kept,
-            kept_counts=kept_counts)
+            kept_counts=kept_counts, routed=None if choice.routed is None else choice.routed.reshape(-1))
 
     def weigh(self, losses: dict, x: torch.Tensor) -> torch.Tensor:
         total = x.new_zeros((), dtype=torch.float32)

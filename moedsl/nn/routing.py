@@ -33,6 +33,7 @@ class Routing:
     dropped: Optional[torch.Tensor] = None  # scalar int64: assignments dropped past capacity
     all_kept: bool = False  # known without looking: every assignment has a slot (dropless, all routed)
     kept_counts: Optional[torch.Tensor] = None  # [E] int64 kept assignments per expert, if the gate counted them
+    routed: Optional[torch.Tensor] = None  # [A] bool: the router chose this assignment (None: all were chosen)
 
     @property
     def kept(self) -> torch.Tensor:
@@ -48,10 +49,15 @@ class Routing:
         """The assignments of tokens [start, start + count) of the batch, re-indexed from 0
         (a rank's share of a batch routed as a whole)."""
         mine = (self.token >= start) & (self.token < start + count)
-        return Routing(token=self.token[mine] - start, expert=self.expert[mine], weight=self.weight[mine],
-                       slot=self.slot[mine], num_tokens=count, num_experts=self.num_experts,
+        expert, slot = self.expert[mine], self.slot[mine]
+        routed = None if self.routed is None else self.routed[mine]
+        # the share's own load and drops: summed over the ranks' shares they are the batch's
+        dropped = (slot < 0) if routed is None else routed & (slot < 0)
+        return Routing(token=self.token[mine] - start, expert=expert, weight=self.weight[mine],
+                       slot=slot, num_tokens=count, num_experts=self.num_experts,
                        capacity=self.capacity, aux_loss=self.aux_loss, losses=self.losses,
-                       expert_load=self.expert_load, dropped=self.dropped, all_kept=self.all_kept)
+                       expert_load=counts(expert, self.num_experts, routed).float(), dropped=dropped.sum(),
+                       all_kept=self.all_kept, routed=routed)
 
 
 def counts(index: torch.Tensor, n: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
