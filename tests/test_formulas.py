@@ -1,7 +1,8 @@
-"""Independent checks of moedsl's MoE formulas against /work/shared/MOE_REFERENCE.md.
+"""Independent checks of moedsl's MoE formulas against the papers' equations.
 
-Every reference below is written from the reference document (and the documented
-conventions where the papers leave a choice), in plain float64 torch, on fixed seeded
+Every reference below is written from the papers (Shazeer et al. 2017 eq. 1-10; GShard
+Algorithm 1; Switch eq. 4-6; ST-MoE eq. 5; Expert Choice §3.1; Mixtral §2.1), with the documented
+conventions where the papers leave a choice, in plain float64 torch, on fixed seeded
 inputs; moedsl runs in float32 and must agree to 1e-5.
 
 Conventions used (documented by moedsl):

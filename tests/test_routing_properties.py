@@ -1,4 +1,5 @@
-"""Property tests of moedsl's routing invariants (MOE_REFERENCE.md, "The invariants").
+"""Property tests of moedsl's routing invariants: capacity (GShard §2.2, Switch §2.2), counted
+drops, and outputs that sum only the kept assignments (Shazeer et al. 2017, eq. 1).
 
 For random shapes, gate types and capacity settings, one MoE layer over bare vectors is
 run, the Routing its gate returned inside the forward is captured, and checked against:

@@ -1,4 +1,8 @@
-"""Gates: every router of MOE_REFERENCE.md, each computing exactly its formulas.
+"""Gates: every router the spec language names, each computing exactly its paper's formulas
+(Shazeer et al. 2017 §2.1 and Appendix A-B; GShard, Lepikhin et al. 2020, §2.2 and Algorithm 1;
+Switch, Fedus et al. 2021, §2.1-2.2; ST-MoE, Zoph et al. 2022, §3; Expert Choice, Zhou et al.
+2022, §3.1; Mixtral, Jiang et al. 2024, §2.1; hash layers, Roller et al. 2021; DeepSeek-V3,
+Liu et al. 2024, §2.1.2).
 
 A gate maps the tokens x [S, d] of a routing batch (split into G groups) to a
 ``Routing``. Routers compute in the spec's router dtype (float32: Switch's selective
