@@ -23,39 +23,28 @@ def _cpu_worker(rank: int, world: int, spec_path: str, steps: int, batch: int, s
     import moedsl
     from moedsl.compiler.collectives import Traffic
     from moedsl.compiler.plan import make_plan
-    from moedsl.runtime.data import make_source
-    from moedsl.runtime.grads import GradSync
-    from moedsl.runtime.cpu import keep_freed_memory
-    from moedsl.runtime.train import RunOptions, _optimizer, task_loss
+    from moedsl.runtime.train import RunOptions, Trainer
 
     torch.set_num_threads(max(1, 2 // world))
-    keep_freed_memory()  # as `moedsl run` does on a CPU
     spec = moedsl.load_spec(spec_path)
-    model = moedsl.build_model(spec, rank=rank, world_size=world, dtype=torch.float32, layout=layout)
-    o = RunOptions.from_spec(spec, steps=steps, batch=batch, seq=seq)
-    opt = _optimizer(model, o, capturable=False)
-    sync = GradSync(model, model.compiled.mesh, rank)
-    src = make_source(spec, "synthetic", 0)
+    o = RunOptions.from_spec(spec, steps=steps, batch=batch, seq=seq, device="cpu", data="synthetic", seed=0,
+                             progress=False)
+    trainer = Trainer(spec, o, layout=layout)  # keeps freed memory on a CPU, as `moedsl run` does
     times, sent = [], []
     for step in range(steps + 2):  # two warm-up steps
-        b = src.batch(step, batch, seq, rank, world)
+        b = trainer.source.batch(step, batch, seq, rank, world)
         Traffic.reset()
         t = time.perf_counter()
-        out = model(b.inputs)
-        ((task_loss(spec, out, b.targets) + out.aux_loss) / world).backward()
-        sync()
-        sync.clip(1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        trainer.step(b, o.lr)
         if world > 1:
             torch.distributed.barrier()
         if step >= 2:
             times.append(time.perf_counter() - t)
             sent.append(Traffic.sent)
-    plan = make_plan(spec, model.compiled)
+    plan = make_plan(spec, trainer.model.compiled)
     predicted = sum(plan.a2a_send_bytes.values())  # all-to-alls only (Traffic counts those)
     return dict(step_s=statistics.median(times), sent=statistics.mean(sent), predicted=predicted,
-                layouts=sorted({f"{c.scope}/{c.layout}" for c in model.compiled.comms.values()}))
+                layouts=sorted({f"{c.scope}/{c.layout}" for c in trainer.model.compiled.comms.values()}))
 
 
 def cpu(specs, steps, batch, seq):
@@ -86,10 +75,7 @@ def cuda(specs, steps, batch, seq):
         print("no CUDA device here: the GPU section (eager vs CUDA-graph replay, bf16 layer vs bound) is skipped")
         return
     import moedsl
-    from moedsl.runtime.cudagraph import GraphedTrainStep
-    from moedsl.runtime.data import make_source
-    from moedsl.runtime.grads import GradSync
-    from moedsl.runtime.train import RunOptions, _Say, _make_step, _optimizer
+    from moedsl.runtime.train import RunOptions, Trainer
 
     print(f"\n{torch.cuda.get_device_name()}: training step, eager vs CUDA-graph replay (batch {batch} × {seq})")
     print("| spec | dtype | eager ms | graph replay ms | speed-up |")
@@ -98,29 +84,21 @@ def cuda(specs, steps, batch, seq):
         spec = moedsl.load_spec(ROOT / "specs" / f"{name}.yaml")
         res = {}
         for graphs in (False, True):
-            model = moedsl.build_model(spec, device="cuda", dtype=torch.float32, layout="static")
-            o = RunOptions.from_spec(spec, steps=steps, batch=batch, seq=seq, cuda_graphs="on" if graphs else "off")
-            opt = _optimizer(model, o, capturable=graphs)
-            sync = GradSync(model, model.compiled.mesh, 0)
-            src = make_source(spec, "synthetic", 0)
-            amp = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.model.dtype]
-            step = _make_step(model, spec, opt, sync, [], o, 1, amp, graphs, src, torch.device("cuda"), _Say(0, False))
-            if graphs and getattr(step, "graph", None) is None:
-                res[graphs] = float("nan")
-                continue
+            o = RunOptions.from_spec(spec, steps=steps, batch=batch, seq=seq, device="cuda", data="synthetic", seed=0,
+                                     cuda_graphs="auto" if graphs else "off", progress=False)
+            trainer = Trainer(spec, o, layout="static")
             ts = []
             for i in range(steps + 3):
-                b = src.batch(i, batch, seq)
+                b = trainer.source.batch(i, batch, seq)
                 torch.cuda.synchronize()
                 t = time.perf_counter()
-                step(b, o.lr)
+                trainer.step(b, o.lr)
                 torch.cuda.synchronize()
                 if i >= 3:
                     ts.append(time.perf_counter() - t)
-            res[graphs] = statistics.median(ts)
+            res[graphs] = statistics.median(ts) if trainer.captured == graphs else float("nan")  # nan: not capturable
         print(f"| {name} | {spec.model.dtype} | {res[False] * 1e3:.2f} | {res[True] * 1e3:.2f} | "
               f"{res[False] / res[True]:.2f}× |", flush=True)
-    del GraphedTrainStep
 
 
 def main(argv=None) -> int:

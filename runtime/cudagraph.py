@@ -2,21 +2,21 @@
 
 A graph the compiler marked static (every MoE layer with a capacity, routed per rank) has
 shapes fixed by the batch shape, no host syncs and only static collectives, so one step
-(forward, backward, gradient sync, clipping, AdamW, the balancing bias) is captured once
-and replayed: each step copies its batch into the static input buffers and sets the
-learning rate tensor. Warm-up steps run on a side stream first (as capture requires);
-the weights, buffers and optimizer state are restored afterwards, so the graphed run
-follows exactly the trajectory of the eager one.
+(forward, backward, gradient sync, clipping, AdamW, the balancing bias, the loss scale) is
+captured once and replayed. The step is runtime/step.py's ``TrainStep``, the code eager
+mode runs: a non-finite gradient skips the update inside the graph as it does eagerly.
 """
 from __future__ import annotations
 
 import torch
 
-from moedsl.errors import MoedslError
+from .optim import prime_optimizer
 
 
-def _snapshot(model, opt) -> dict:
+def _snapshot(model, opt, loss_scale=None) -> dict:
     state = {("p", n): p.detach().clone() for n, p in model.named_parameters()}
+    if loss_scale is not None:
+        state.update({("s", k): v.clone() for k, v in loss_scale.state().items()})
     state.update({("b", n): b.detach().clone() for n, b in model.named_buffers()})
     for i, (p, st) in enumerate(opt.state.items()):
         for k, v in st.items():
@@ -26,7 +26,10 @@ def _snapshot(model, opt) -> dict:
 
 
 @torch.no_grad()
-def _restore(model, opt, state: dict) -> None:
+def _restore(model, opt, loss_scale, state: dict) -> None:
+    if loss_scale is not None:
+        for k, v in loss_scale.state().items():
+            v.copy_(state[("s", k)])
     for n, p in model.named_parameters():
         p.copy_(state[("p", n)])
     for n, b in model.named_buffers():
@@ -38,64 +41,43 @@ def _restore(model, opt, state: dict) -> None:
 
 
 class GraphedTrainStep:
-    """``step(batch, lr) -> (loss, aux, grad norm, router stats)``, replaying a captured graph."""
+    """A ``TrainStep`` (runtime/step.py) captured once and replayed: ``graphed(inputs, targets)``
+    copies the batch into static buffers, replays, and returns the captured ``StepOutputs``.
+    The caller sets the learning-rate tensor before each call, as in eager mode.
+
+    Warm-up steps run on a side stream first (as capture requires); the weights, buffers,
+    optimizer state and loss scale are restored afterwards, so the graphed run follows the
+    eager one's trajectory. ``capture`` raises what made capture fail."""
 
     WARMUP = 3
 
-    def __init__(self, model, spec, opt, sync, gates, o, world, amp, example, device, say, fallback):
-        from .train import _balance_bias, task_loss
-
-        self.model, self.opt, self.fallback, self.say = model, opt, fallback, say
-        self.static_in = example.inputs.to(device).clone()
-        self.static_tgt = example.targets.to(device).clone()
-        self.lr = torch.tensor(o.lr, dtype=torch.float32, device=device)
-        for g in opt.param_groups:
-            g["lr"] = self.lr
-
-        def body():
-            model.train()
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = model(self.static_in)
-                loss = task_loss(spec, out, self.static_tgt)
-            ((loss + out.aux_loss) / world).backward()
-            sync()
-            norm = sync.clip(o.grad_clip)
-            opt.step()
-            _balance_bias(gates, world)
-            return loss.detach(), out.aux_loss.detach(), norm, out.router_stats
-
-        self.graph = None
-        saved = _snapshot(model, opt)
+    def __init__(self, step, example_inputs: torch.Tensor, example_targets: torch.Tensor):
+        self.step = step
+        self.static_in = example_inputs.clone()
+        self.static_tgt = example_targets.clone()
+        model, opt = step.model, step.opt
+        prime_optimizer(opt)  # the snapshot must hold the optimizer's state as it is before any step
+        saved = _snapshot(model, opt, step.loss_scale)
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(self.WARMUP):
                     opt.zero_grad(set_to_none=True)
-                    body()
+                    step(self.static_in, self.static_tgt)
             torch.cuda.current_stream().wait_stream(side)
             opt.zero_grad(set_to_none=True)  # backward in the graph then writes (not adds) the grads
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.outputs = body()
-            _restore(model, opt, saved)
-            self.graph = graph
-            say.once("CUDA graphs on: the training step is captured and replayed")
-        except Exception as e:  # noqa: BLE001 - any capture failure: fall back, or fail in `on` mode
-            if o.cuda_graphs == "on":
-                raise MoedslError(f"--cuda-graphs on: capturing the training step failed: {e}") from e
-            _restore(model, opt, saved)
-            say.once(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]}); running eager")
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = step(self.static_in, self.static_tgt)
+        finally:
+            _restore(model, opt, step.loss_scale, saved)
 
-    def __call__(self, batch, lr: float):
-        if self.graph is None:
-            return self.fallback(batch, lr)
-        self.static_in.copy_(batch.inputs, non_blocking=True)
-        self.static_tgt.copy_(batch.targets, non_blocking=True)
-        self.lr.fill_(lr)
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor):
+        self.static_in.copy_(inputs, non_blocking=True)
+        self.static_tgt.copy_(targets, non_blocking=True)
         self.graph.replay()
-        loss, aux, norm, stats = self.outputs
-        return float(loss), float(aux), float(norm), stats
+        return self.outputs
 
 
 class GraphedForward:

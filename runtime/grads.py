@@ -11,6 +11,7 @@ all-reduce.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -93,11 +94,12 @@ class GradSync:
             offset += n
 
     @torch.no_grad()
-    def clip(self, max_norm: float) -> torch.Tensor:
+    def clip(self, max_norm: float, inv_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Clip by the global gradient norm, the norm of the single-process model's gradient:
         replicated parameters once, every expert once. Returns the norm before clipping.
-        A non-finite norm zeroes every gradient (the same on every rank), so a NaN never
-        reaches the weights; the caller stops the run."""
+        ``inv_scale``: the gradients hold (loss · S)'s gradient; they are divided by S here and
+        the norm is that of the unscaled gradient. A non-finite norm zeroes every gradient (the
+        same on every rank), so a NaN never reaches the weights."""
         dev = self.shared[0].device if self.shared else self.experts[0][0].device
         sq = torch.zeros((), dtype=torch.float32, device=dev)
         for p in self.shared:
@@ -110,7 +112,11 @@ class GradSync:
         if self.world > 1:
             dist.all_reduce(ex)
         norm = (sq + ex).sqrt()
+        if inv_scale is not None:
+            norm = norm * inv_scale
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm and max_norm > 0 else torch.ones_like(norm)
+        if inv_scale is not None:
+            coef = coef * inv_scale
         coef = torch.where(torch.isfinite(norm), coef, torch.zeros_like(coef))
         for p in self.shared + [p for p, _ in self.experts]:
             if p.grad is not None:  # NaN · 0 is NaN: nan_to_num makes the zeroing stick

@@ -1,17 +1,22 @@
-"""The training loop: a compiled spec, one rank, from start (or a checkpoint) to the end.
+"""The trainer: one object that trains a spec on this rank, from the start or a checkpoint.
 
-    for step: batch -> forward (autocast) -> task loss + aux loss -> backward (÷ world)
-              -> gradient sync -> clip -> AdamW -> aux-loss-free bias -> metrics
+    trainer = Trainer(spec, RunOptions.from_spec(spec, steps=100))
+    summary = trainer.fit()          # the loop below; or drive it: trainer.step(batch, lr)
+
+    for step: batch -> Trainer.step (runtime/step.py: forward, backward, gradient sync, clip,
+              AdamW, balancing bias; eager, or replayed as a CUDA graph) -> metrics over ranks
               (-> held-out eval, -> checkpoint)
 
-Read top to bottom; the pieces it calls are in this folder.
+Read top to bottom; the pieces it calls are in this folder: step.py (the step itself),
+optim.py (AdamW, schedule, loss scale), cudagraph.py (capture), metrics.py (one collective
+per step), checkpoint.py, data.py, diagnose.py (where a NaN came from), faults.py (tests'
+fault injection), progress.py (what rank 0 prints).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -20,35 +25,42 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from moedsl.errors import MoedslError
 
 from . import checkpoint as ckpt
 from .cpu import keep_freed_memory, release_freed_memory
 from .data import make_source
+from .diagnose import first_nonfinite
+from .faults import inject_fault
 from .grads import GradSync
+from .metrics import reduce_step
+from .optim import LossScale, lr_at, make_optimizer
+from .progress import Reporter
+from .step import TrainStep, task_loss
 
 AMP = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class RunOptions:
+    """Everything a run needs besides the spec; ``from_spec`` fills it from the spec's ``train``."""
+
     steps: int
-    batch: int
+    batch: int  # global batch, in sequences; each rank takes batch / world of them
     seq: int
-    lr: float
-    min_lr: float
-    warmup: int
+    lr: float  # peak learning rate
+    min_lr: float  # the cosine decay ends at min_lr · lr
+    warmup: int  # linear warm-up steps
     weight_decay: float
-    grad_clip: float
-    seed: int
+    grad_clip: float  # max global gradient norm (0: no clipping)
+    seed: int  # weights, data and routing noise
     data: str
     eval_every: int
     eval_batches: int
     checkpoint_every: Optional[int]
     out: Path = Path("runs/run")
-    resume: bool = False
+    resume: bool = False  # True: the latest checkpoint under out; a path: that checkpoint
     device: str = "auto"  # auto | cpu | cuda
     cuda_graphs: str = "auto"  # auto | on | off
     progress: bool = True
@@ -86,22 +98,248 @@ class Summary:
     plot: Optional[str]
     world: int
     cuda_graphs: bool
+    skipped_steps: int = 0  # float16: steps skipped because the scaled gradient overflowed
     losses: list = field(default_factory=list)
 
 
-def lr_at(step: int, o: RunOptions) -> float:
-    """Linear warm-up to lr, then cosine decay to min_lr · lr at the last step."""
-    if step < o.warmup:
-        return o.lr * (step + 1) / o.warmup
-    span = max(o.steps - o.warmup, 1)
-    cos = 0.5 * (1 + math.cos(math.pi * min(step - o.warmup, span) / span))
-    return o.lr * (o.min_lr + (1 - o.min_lr) * cos)
+class Trainer:
+    """Trains ``spec`` on this rank (one of WORLD_SIZE launched by torchrun or ``moedsl run --nproc``,
+    or alone).
+
+    Building it: (1) picks the device and joins the process group, (2) builds this rank's
+    share of the model, (3) makes the fused AdamW, the gradient sync, the loss scale
+    (float16) and the one ``TrainStep`` both modes run, (4) decides on CUDA graphs and
+    (5) opens the data source. Nothing is written to disk before ``fit``.
+    """
+
+    def __init__(self, spec, options: RunOptions, layout: str = "auto"):
+        from moedsl.api import build_model
+
+        o = self.options = options
+        self.spec = spec
+        self.rank, self.world, local_rank = _env()
+        self.device = _device(o.device, local_rank)
+        if self.device.type == "cpu" and o.keep_memory:
+            keep_freed_memory()  # no page faults on every step's activations
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=timedelta(seconds=o.timeout))
+        if o.batch % self.world:
+            raise MoedslError(f"batch {o.batch} does not split over {self.world} processes")
+        torch.manual_seed(o.seed + self.rank)
+        self.say = Reporter(self.rank, o.progress)
+        self.model = build_model(spec, device=self.device, rank=self.rank, world_size=self.world, seed=o.seed,
+                                 dtype=torch.float32, layout=layout)
+        self.amp = AMP[spec.model.dtype]
+        self.graphs = _use_cuda_graphs(o, self.device, self.model.compiled, self.say)
+        self.lr = torch.tensor(o.lr, dtype=torch.float32, device=self.device)
+        self.opt = make_optimizer(self.model, o, self.lr, capturable=self.graphs)
+        self.sync = GradSync(self.model, self.model.compiled.mesh, self.rank)
+        self.loss_scale = LossScale(self.device) if spec.model.dtype == "float16" else None
+        self.train_step = TrainStep(self.model, spec, self.opt, self.sync, self.world, self.amp, o.grad_clip,
+                                    self.loss_scale)
+        self.source = make_source(spec, o.data, o.seed)
+        self._graphed = None  # the captured step, made at the first step in graph mode
+        self._eval_graph = None
+        self.start_step = 0
+
+    # ------------------------------------------------------------------ one step
+
+    @property
+    def captured(self) -> bool:
+        """Whether steps replay a captured CUDA graph (known after the first step)."""
+        return self._graphed is not None
+
+    def step(self, batch, lr: float):
+        """One training step on this rank's ``batch`` at learning rate ``lr``: the ``StepOutputs``
+        (device tensors). A step whose gradient is not finite updates nothing (``skipped``)."""
+        self.lr.fill_(lr)
+        inputs = batch.inputs.to(self.device, non_blocking=True)
+        targets = batch.targets.to(self.device, non_blocking=True)
+        if self.graphs and self._graphed is None:
+            self._graphed = self._capture(inputs, targets)
+        if self._graphed is not None:
+            return self._graphed(inputs, targets)
+        self.opt.zero_grad(set_to_none=True)  # the last step's gradients stay readable until now
+        return self.train_step(inputs, targets)
+
+    def _capture(self, inputs, targets):
+        from .cudagraph import GraphedTrainStep
+
+        try:
+            graphed = GraphedTrainStep(self.train_step, inputs, targets)
+        except Exception as e:  # noqa: BLE001 - any capture failure: fall back, or fail in `on` mode
+            if self.options.cuda_graphs == "on":
+                raise MoedslError(f"--cuda-graphs on: capturing the training step failed: {e}") from e
+            self.say.once(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]}); running eager")
+            self.graphs = False
+            return None
+        self.say.once("CUDA graphs on: the training step is captured and replayed")
+        return graphed
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean held-out loss over ``eval_batches`` batches, averaged over ranks (with CUDA graphs:
+        a captured forward)."""
+        o, model = self.options, self.model
+        was = model.training
+        model.eval()
+        total = 0.0
+        for i in range(o.eval_batches):
+            b = self.source.batch(i, o.batch, o.seq, self.rank, self.world, split="eval")
+            inputs = b.inputs.to(self.device)
+            if self.graphs:
+                from .cudagraph import GraphedForward
+
+                if self._eval_graph is None:
+                    self._eval_graph = GraphedForward(model, inputs, self.amp)
+                out = self._eval_graph(inputs)
+            else:
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    out = model(inputs)
+            total += float(task_loss(self.spec, out, b.targets.to(self.device)))
+        model.train(was)
+        return _mean(total / o.eval_batches, self.world, self.device)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _extra(self) -> dict:
+        """This rank's RNG states (dropout) and the loss scale; routing noise is counter-based and
+        lives in the gates' buffers."""
+        extra = {f"rng_cpu_{self.rank}": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            extra[f"rng_cuda_{self.rank}"] = torch.cuda.get_rng_state()
+        if self.loss_scale is not None:
+            extra.update(self.loss_scale.state())
+        return extra
+
+    def resume(self, where) -> int:
+        """Load ``where`` (True: the latest checkpoint under ``out``; else a checkpoint's path) into
+        the model, the optimizer and the RNGs; returns the step to continue from."""
+        ckpt_dir = Path(self.options.out) / "checkpoints"
+        found = ckpt.latest(ckpt_dir) if where is True else Path(where)
+        if found is None:
+            raise MoedslError(f"--resume: no checkpoint under {ckpt_dir}")
+        meta = ckpt.load(found, self.model, self.opt, self.spec, self._extra())
+        restored = meta["extra"]
+        if f"rng_cpu_{self.rank}" in restored:
+            torch.set_rng_state(restored[f"rng_cpu_{self.rank}"])
+        if torch.cuda.is_available() and f"rng_cuda_{self.rank}" in restored:
+            torch.cuda.set_rng_state(restored[f"rng_cuda_{self.rank}"])
+        if self.loss_scale is not None:
+            for k, v in self.loss_scale.state().items():
+                if k in restored:
+                    v.copy_(restored[k])
+        self.start_step = int(meta["step"])
+        self.say.once(f"resumed from {found} at step {self.start_step}")
+        return self.start_step
+
+    def save(self, step: int) -> Path:
+        return ckpt.save(Path(self.options.out) / "checkpoints", step, self.model, self.opt, self.spec, self._extra(),
+                         self.rank, self.world)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> Summary:
+        """Train from ``start_step`` (or the checkpoint ``options.resume`` names) to ``options.steps``:
+        metrics to ``out/metrics.jsonl`` (rank 0), held-out loss every ``eval_every`` steps,
+        checkpoints every ``checkpoint_every`` steps and at the end, the expert-load plot."""
+        o, spec, rank, world = self.options, self.spec, self.rank, self.world
+        if o.resume:
+            self.resume(o.resume)
+        start = self.start_step
+        out_dir = Path(o.out)
+        metrics_path = out_dir / "metrics.jsonl"
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _trim_metrics(metrics_path, start)
+        _verify_collectives(self.model, world)
+        self.say.once(f"{spec.name}: {world} process(es) on {self.device.type}, batch {o.batch} × {o.seq}, "
+                      f"steps {start}..{o.steps}, data {self.source.name}, {spec.model.dtype}"
+                      f"{', loss scaling' if self.loss_scale is not None else ''}"
+                      f"{', CUDA graphs' if self.graphs else ''}")
+        log = open(metrics_path, "a") if rank == 0 else None
+        losses, last_ckpt, eval_loss, first, skipped = [], None, None, None, 0
+        balance = dropped = float("nan")
+        t0, tokens = time.perf_counter(), 0
+        bar = self.say.progress(o.steps, start)
+        try:
+            for step in range(start, o.steps):
+                inject_fault(step, rank, self.model)
+                b = self.source.batch(step, o.batch, o.seq, rank, world)
+                ts = time.perf_counter()
+                lr = lr_at(step, o)
+                m = reduce_step(self.step(b, lr), world)
+                if m.skipped or not (math.isfinite(m.loss) and math.isfinite(m.aux_loss)):
+                    if not self._overflow(m):
+                        raise self._nonfinite_error(m, step, b, last_ckpt)
+                    skipped += 1
+                    self.say.once("float16: a step's scaled gradient overflowed; the step was skipped and the "
+                                  "loss scale halved (this repeats quietly; metrics.jsonl marks such steps)")
+                first = m.loss if first is None else first
+                balance, dropped = m.balance, m.dropped
+                dt = time.perf_counter() - ts
+                tokens += o.batch * o.seq
+                losses.append(m.loss)
+                row = {"step": step + 1, "loss": m.loss, "aux_loss": m.aux_loss, "lr": lr, "grad_norm": m.grad_norm,
+                       "tokens_per_s": o.batch * o.seq / dt, "balance": balance, "dropped": dropped,
+                       "expert_load": m.expert_load, "time": time.time()}
+                if self.loss_scale is not None:
+                    row.update(loss_scale=float(self.loss_scale.scale), skipped=m.skipped)
+                if (step + 1) % o.eval_every == 0 or step + 1 == o.steps:
+                    eval_loss = self.evaluate()
+                    if self.device.type == "cpu" and o.keep_memory:
+                        release_freed_memory()  # the evaluation's own shapes: not kept past it
+                    row.update(eval_loss=eval_loss, eval_ppl=_ppl(spec, eval_loss))
+                if log is not None and ((step + 1) % o.log_every == 0 or "eval_loss" in row):
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                bar(step + 1, m.loss, row["tokens_per_s"], balance, eval_loss)
+                if o.checkpoint_every and (step + 1) % o.checkpoint_every == 0 and step + 1 < o.steps:
+                    last_ckpt = self.save(step + 1)
+            if o.steps > start:
+                last_ckpt = self.save(o.steps)
+        finally:
+            bar(None, None, None, None, None)
+            if log is not None:
+                log.close()
+        seconds = time.perf_counter() - t0
+        plot = None
+        if rank == 0:
+            from .report import plot_expert_load
+
+            plot = plot_expert_load(metrics_path, out_dir / "expert_load.png", spec.name)
+        return Summary(spec=spec.name, steps=o.steps, tokens=tokens, seconds=seconds,
+                       tokens_per_s=tokens / max(seconds, 1e-9), train_loss=losses[-1] if losses else float("nan"),
+                       eval_loss=eval_loss, eval_ppl=_ppl(spec, eval_loss), balance=balance, dropped=dropped,
+                       first_loss=first if first is not None else float("nan"),
+                       checkpoint=str(last_ckpt) if last_ckpt else None, metrics=str(metrics_path),
+                       plot=str(plot) if plot else None, world=world, cuda_graphs=self.graphs,
+                       skipped_steps=skipped, losses=losses)
+
+    def _overflow(self, m) -> bool:
+        """A float16 step whose loss was finite but whose scaled gradient overflowed: expected now
+        and then with loss scaling, and handled (skipped, scale halved)."""
+        return self.loss_scale is not None and math.isfinite(m.loss) and math.isfinite(m.aux_loss)
+
+    def _nonfinite_error(self, m, step: int, batch, last_ckpt) -> MoedslError:
+        where = first_nonfinite(self.model, batch.inputs.to(self.device), self.amp)
+        what, value = next((w, v) for w, v in (("loss", m.loss), ("aux loss", m.aux_loss),
+                                                ("gradient norm", m.grad_norm)) if not math.isfinite(v))
+        return MoedslError(f"the {what} is {value} at step {step + 1}: the first non-finite values come from "
+                           f"{where}. The run stopped before updating the weights"
+                           + (f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""))
 
 
-def task_loss(spec, out, targets) -> torch.Tensor:
-    if spec.model.input == "tokens":
-        return F.cross_entropy(out.output.flatten(0, 1).float(), targets.flatten())
-    return F.mse_loss(out.output.float(), targets.float())
+def run(spec, o: RunOptions) -> Summary:
+    """Train ``spec`` on this rank: ``Trainer(spec, o).fit()``."""
+    return Trainer(spec, o).fit()
+
+
+def _ppl(spec, eval_loss: Optional[float]) -> Optional[float]:
+    if eval_loss is None or spec.model.input != "tokens":
+        return None
+    return math.exp(min(eval_loss, 50))
 
 
 def _env() -> tuple[int, int, int]:
@@ -125,265 +363,6 @@ def _mean(x: float, world: int, device) -> float:
     return float(t) / world
 
 
-def _optimizer(model, o: RunOptions, capturable: bool):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kw = dict(lr=torch.tensor(o.lr) if capturable else o.lr, betas=(0.9, 0.95), eps=1e-8)
-    if capturable:
-        kw["capturable"] = True
-    return torch.optim.AdamW(groups, **kw)
-
-
-def _gates(model):
-    from moedsl.nn.gates import Gate
-
-    return [m for m in model.modules() if isinstance(m, Gate) and m.spec.bias_balancing_rate is not None]
-
-
-def _balance_bias(gates, world: int) -> None:
-    for g in gates:
-        load = g.load_acc.clone()
-        if world > 1:
-            dist.all_reduce(load)
-        g.balance_step(load)
-
-
-def _router_summary(stats, world: int) -> tuple[float, float, dict]:
-    """(balance = mean over layers of max/mean load, dropped fraction, per-layer load fractions)."""
-    if not stats:
-        return 1.0, 0.0, {}
-    loads = torch.stack([s.tokens_per_expert.float() for s in stats]) if len({
-        s.tokens_per_expert.numel() for s in stats}) == 1 else None
-    dropped = torch.stack([s.dropped.float() for s in stats])
-    assigned = torch.tensor([float(s.assignments) for s in stats], device=dropped.device)
-    per_layer = {}
-    if loads is not None:
-        if world > 1:
-            dist.all_reduce(loads)
-        for s, row in zip(stats, loads):
-            per_layer[s.layer] = (row / row.sum().clamp(min=1)).tolist()
-        balance = float((loads.max(1).values / loads.mean(1).clamp(min=1e-9)).mean())
-    else:
-        balance = float("nan")
-    if world > 1:
-        both = torch.stack([dropped.sum(), assigned.sum()])
-        dist.all_reduce(both)
-        frac = float(both[0] / both[1].clamp(min=1))
-    else:
-        frac = float(dropped.sum() / assigned.sum().clamp(min=1))
-    return balance, frac, per_layer
-
-
-def _first_nonfinite(model, inputs, amp) -> str:
-    """The first module (in execution order) whose output has a NaN or inf."""
-    found: list = []
-
-    def bad(obj) -> bool:
-        if torch.is_tensor(obj):
-            return obj.is_floating_point() and not bool(torch.isfinite(obj).all())
-        if isinstance(obj, (tuple, list)):
-            return any(bad(o) for o in obj)
-        if hasattr(obj, "__dataclass_fields__"):
-            return any(bad(getattr(obj, f)) for f in obj.__dataclass_fields__)
-        return False
-
-    hooks = []
-    for name, mod in model.named_modules():
-        if name and not list(mod.children()):
-            hooks.append(mod.register_forward_hook(
-                lambda m, a, out, name=name: found.append(name) if not found and bad(out) else None))
-        elif name.endswith((".gate", ".experts", ".attention", ".lstm")):
-            hooks.append(mod.register_forward_hook(
-                lambda m, a, out, name=name: found.append(name) if not found and bad(out) else None))
-    try:
-        with torch.no_grad(), torch.autocast(inputs.device.type, dtype=amp, enabled=amp is not None):
-            model(inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    if found:
-        return found[0]
-    bad_params = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    return f"parameter {bad_params[0]}" if bad_params else "the loss (activations are finite)"
-
-
-@torch.no_grad()
-def evaluate(model, spec, source, o: RunOptions, rank: int, world: int, device, amp, graphs: dict = None) -> float:
-    """Mean held-out loss over ``eval_batches`` batches (with CUDA graphs: a captured forward)."""
-    was = model.training
-    model.eval()
-    total = 0.0
-    for i in range(o.eval_batches):
-        b = source.batch(i, o.batch, o.seq, rank, world, split="eval")
-        inputs = b.inputs.to(device)
-        if graphs is not None:
-            from .cudagraph import GraphedForward
-
-            if "eval" not in graphs:
-                graphs["eval"] = GraphedForward(model, inputs, amp)
-            out = graphs["eval"](inputs)
-        else:
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = model(inputs)
-        total += float(task_loss(spec, out, b.targets.to(device)))
-    model.train(was)
-    return _mean(total / o.eval_batches, world, device)
-
-
-def _inject_fault(step: int, rank: int, model) -> None:
-    """A testing hook: MOEDSL_FAULT="exit@STEP[:RANK]" ends the process abruptly at that step,
-    "nan@STEP[:RANK]" puts a NaN into the first expert weight (to test detection)."""
-    spec = os.environ.get("MOEDSL_FAULT")
-    if not spec:
-        return
-    kind, _, where = spec.partition("@")
-    at, _, who = where.partition(":")
-    if int(at) != step + 1 or (who and int(who) != rank):
-        return
-    if kind == "exit":
-        os._exit(3)
-    if kind == "nan":
-        with torch.no_grad():
-            name, p = next((n, p) for n, p in model.named_parameters() if ".experts." in n)
-            p.view(-1)[0] = float("nan")
-
-
-def run(spec, o: RunOptions) -> Summary:
-    """Train ``spec`` on this rank (one of WORLD_SIZE launched by torchrun, or alone)."""
-    from moedsl.api import build_model
-
-    rank, world, local_rank = _env()
-    device = _device(o.device, local_rank)
-    if device.type == "cpu" and o.keep_memory:
-        keep_freed_memory()  # no page faults on every step's activations
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=o.timeout))
-    if o.batch % world:
-        raise MoedslError(f"batch {o.batch} does not split over {world} processes")
-    torch.manual_seed(o.seed + rank)
-    say = _Say(rank, o.progress)
-    model = build_model(spec, device=device, rank=rank, world_size=world, seed=o.seed, dtype=torch.float32)
-    compiled = model.compiled
-    amp = AMP[spec.model.dtype]
-    graphs = _use_cuda_graphs(o, device, compiled, say)
-    opt = _optimizer(model, o, capturable=graphs)
-    sync = GradSync(model, compiled.mesh, rank)
-    gates = _gates(model)
-    source = make_source(spec, o.data, o.seed)
-    out_dir = Path(o.out)
-    ckpt_dir = out_dir / "checkpoints"
-    metrics_path = out_dir / "metrics.jsonl"
-    start = 0
-    if o.resume:
-        found = ckpt.latest(ckpt_dir) if o.resume is True else Path(o.resume)
-        if found is None:
-            raise MoedslError(f"--resume: no checkpoint under {ckpt_dir}")
-        meta = ckpt.load(found, model, opt, spec, _extra(rank))
-        start = int(meta["step"])
-        _restore_rng(meta["extra"], rank)
-        say.once(f"resumed from {found} at step {start}")
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _trim_metrics(metrics_path, start)
-        _verify_collectives(model, world, device)
-    elif world > 1:
-        _verify_collectives(model, world, device)
-    say.once(f"{spec.name}: {world} process(es) on {device.type}, batch {o.batch} × {o.seq}, steps {start}..{o.steps}, "
-             f"data {source.name}, {spec.model.dtype}{', CUDA graphs' if graphs else ''}")
-    step_fn = _make_step(model, spec, opt, sync, gates, o, world, amp, graphs, source, device, say)
-    log = open(metrics_path, "a") if rank == 0 else None
-    losses, last_ckpt, eval_loss = [], None, None
-    eval_graphs = {} if graphs else None
-    balance = dropped = float("nan")
-    t0, tokens = time.perf_counter(), 0
-    first = None
-    bar = say.progress(o.steps, start)
-    try:
-        for step in range(start, o.steps):
-            _inject_fault(step, rank, model)
-            b = source.batch(step, o.batch, o.seq, rank, world)
-            ts = time.perf_counter()
-            lr = lr_at(step, o)
-            loss, aux, norm, stats = step_fn(b, lr)
-            loss, aux = _mean(loss, world, device), _mean(aux, world, device)
-            if not (math.isfinite(loss) and math.isfinite(aux) and math.isfinite(norm)):
-                where = _first_nonfinite(model, b.inputs.to(device), amp)
-                what = "loss" if not math.isfinite(loss) else "aux loss" if not math.isfinite(aux) else "gradient norm"
-                value = loss if what == "loss" else aux if what == "aux loss" else norm
-                raise MoedslError(f"the {what} is {value} at step {step + 1}: the first non-finite values come from "
-                                  f"{where}. The run stopped before updating the weights"
-                                  + (f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""))
-            first = loss if first is None else first
-            balance, dropped, per_layer = _router_summary(stats, world)
-            dt = time.perf_counter() - ts
-            tokens += o.batch * o.seq
-            losses.append(loss)
-            row = {"step": step + 1, "loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": norm,
-                   "tokens_per_s": o.batch * o.seq / dt, "balance": balance, "dropped": dropped,
-                   "expert_load": per_layer, "time": time.time()}
-            if (step + 1) % o.eval_every == 0 or step + 1 == o.steps:
-                eval_loss = evaluate(model, spec, source, o, rank, world, device, amp, eval_graphs)
-                if device.type == "cpu" and o.keep_memory:
-                    release_freed_memory()  # the evaluation's own shapes: not kept past it
-                row.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)) if spec.model.input == "tokens"
-                           else None)
-            if log is not None and ((step + 1) % o.log_every == 0 or "eval_loss" in row):
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-            bar(step + 1, loss, row["tokens_per_s"], balance, eval_loss)
-            if o.checkpoint_every and (step + 1) % o.checkpoint_every == 0 and step + 1 < o.steps:
-                last_ckpt = ckpt.save(ckpt_dir, step + 1, model, opt, spec, _extra(rank), rank, world)
-        if o.steps > start:
-            last_ckpt = ckpt.save(ckpt_dir, o.steps, model, opt, spec, _extra(rank), rank, world)
-    finally:
-        bar(None, None, None, None, None)
-        if log is not None:
-            log.close()
-    seconds = time.perf_counter() - t0
-    plot = None
-    if rank == 0:
-        from .report import plot_expert_load
-
-        plot = plot_expert_load(metrics_path, out_dir / "expert_load.png", spec.name)
-    return Summary(spec=spec.name, steps=o.steps, tokens=tokens, seconds=seconds,
-                   tokens_per_s=tokens / max(seconds, 1e-9), train_loss=losses[-1] if losses else float("nan"),
-                   eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)) if eval_loss is not None and
-                   spec.model.input == "tokens" else None, balance=balance, dropped=dropped,
-                   first_loss=first if first is not None else float("nan"),
-                   checkpoint=str(last_ckpt) if last_ckpt else None, metrics=str(metrics_path),
-                   plot=str(plot) if plot else None, world=world, cuda_graphs=graphs, losses=losses)
-
-
-def _make_step(model, spec, opt, sync, gates, o, world, amp, graphs, source, device, say):
-    """One training step: (batch, lr) -> (loss, aux loss, grad norm, router stats)."""
-
-    def eager(b, lr):
-        for g in opt.param_groups:
-            g["lr"] = lr
-        model.train()
-        inputs, targets = b.inputs.to(device, non_blocking=True), b.targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = model(inputs)
-            loss = task_loss(spec, out, targets)
-        ((loss + out.aux_loss) / world).backward()
-        sync()
-        norm = float(sync.clip(o.grad_clip))
-        if math.isfinite(norm):  # the same on every rank: the norm is global
-            opt.step()
-            _balance_bias(gates, world)
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach()), float(out.aux_loss.detach()), norm, out.router_stats
-
-    if not graphs:
-        return eager
-    from .cudagraph import GraphedTrainStep
-
-    example = source.batch(0, o.batch, o.seq, 0, world)
-    return GraphedTrainStep(model, spec, opt, sync, gates, o, world, amp, example, device, say, fallback=eager)
-
-
 def _use_cuda_graphs(o: RunOptions, device, compiled, say) -> bool:
     if o.cuda_graphs == "off":
         return False
@@ -398,21 +377,6 @@ def _use_cuda_graphs(o: RunOptions, device, compiled, say) -> bool:
         raise MoedslError(f"--cuda-graphs on: cannot capture, {why}")
     say.once(f"CUDA graphs off: {why}; running eager")
     return False
-
-
-def _extra(rank: int) -> dict:
-    """This rank's RNG states (dropout); routing noise is counter-based and in the gates' buffers."""
-    extra = {f"rng_cpu_{rank}": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        extra[f"rng_cuda_{rank}"] = torch.cuda.get_rng_state()
-    return extra
-
-
-def _restore_rng(extra: dict, rank: int) -> None:
-    if f"rng_cpu_{rank}" in extra:
-        torch.set_rng_state(extra[f"rng_cpu_{rank}"])
-    if torch.cuda.is_available() and f"rng_cuda_{rank}" in extra:
-        torch.cuda.set_rng_state(extra[f"rng_cuda_{rank}"])
 
 
 def _trim_metrics(path: Path, start: int) -> None:
@@ -438,7 +402,7 @@ def collective_failure(e: BaseException):
             f"({first.strip()[:160]})")
 
 
-def _verify_collectives(model, world: int, device) -> None:
+def _verify_collectives(model, world: int) -> None:
     """Every rank must issue the same collectives in the same order; compare digests first."""
     if world == 1:
         return
@@ -452,45 +416,4 @@ def _verify_collectives(model, world: int, device) -> None:
                           "that would hang")
 
 
-class _Say:
-    """Rank 0's messages and progress bar (a rich bar on a terminal, a line per log step otherwise)."""
-
-    def __init__(self, rank: int, progress: bool):
-        self.rank, self.progress_on, self.seen = rank, progress, set()
-
-    def once(self, text: str) -> None:
-        if self.rank == 0 and text not in self.seen:
-            self.seen.add(text)
-            print(f"moedsl: {text}", flush=True)
-
-    def progress(self, total: int, start: int):
-        if self.rank != 0 or not self.progress_on:
-            return lambda *a: None
-        if sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                           TimeRemainingColumn(), transient=False)
-            task = bar.add_task("train", total=total, completed=start, info="")
-            bar.start()
-
-            def update(step, loss, tps, balance, eval_loss):
-                if step is None:
-                    bar.stop()
-                    return
-                info = f"loss {loss:.3f}  {tps:,.0f} tok/s  balance {balance:.2f}"
-                if eval_loss is not None:
-                    info += f"  eval {eval_loss:.3f}"
-                bar.update(task, completed=step, info=info)
-            return update
-        every = max(total // 20, 1)
-
-        def lines(step, loss, tps, balance, eval_loss):
-            if step is None or (step % every and step != total):
-                return
-            extra = f"  eval {eval_loss:.4f}" if eval_loss is not None else ""
-            print(f"step {step:>6}/{total}  loss {loss:.4f}  {tps:,.0f} tok/s  balance {balance:.2f}{extra}", flush=True)
-        return lines
-
-
-__all__ = ["RunOptions", "Summary", "run", "lr_at", "evaluate", "asdict"]
+__all__ = ["RunOptions", "Summary", "Trainer", "run", "lr_at", "task_loss", "asdict"]

@@ -13,22 +13,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _steps(name: str, graphs: bool, steps: int = 6):
-    from moedsl.runtime.data import make_source
-    from moedsl.runtime.grads import GradSync
-    from moedsl.runtime.train import RunOptions, _gates, _make_step, _optimizer, _Say
+    from moedsl.runtime.train import RunOptions, Trainer
 
     spec = moedsl.load_spec(ROOT / "specs" / f"{name}.yaml")
-    model = moedsl.build_model(spec, device="cuda", dtype=torch.float32, layout="static")
-    assert model.compiled.static.capturable
-    o = RunOptions.from_spec(spec, steps=steps, cuda_graphs="on" if graphs else "off")
-    opt = _optimizer(model, o, capturable=graphs)
-    src = make_source(spec, "synthetic", 0)
-    step = _make_step(model, spec, opt, GradSync(model, model.compiled.mesh, 0), _gates(model), o, 1, None,
-                      graphs, src, torch.device("cuda"), _Say(1, False))
-    if graphs:
-        assert step.graph is not None, "capture fell back to eager"
-    losses = [step(src.batch(i, o.batch, o.seq), o.lr)[0] for i in range(steps)]
-    return losses, {n: p.detach().cpu() for n, p in model.named_parameters()}
+    o = RunOptions.from_spec(spec, steps=steps, device="cuda", cuda_graphs="on" if graphs else "off", progress=False)
+    trainer = Trainer(spec, o, layout="static")
+    assert trainer.model.compiled.static.capturable
+    losses = [float(trainer.step(trainer.source.batch(i, o.batch, o.seq), o.lr).loss) for i in range(steps)]
+    assert trainer.captured == graphs, "capture fell back to eager"
+    return losses, {n: p.detach().cpu() for n, p in trainer.model.named_parameters()}
 
 
 @pytest.mark.parametrize("name", ["switch", "gshard", "st-moe", "expert-choice"])

@@ -185,13 +185,15 @@ class Gate(nn.Module):
         return total
 
     @torch.no_grad()
-    def balance_step(self, load: Optional[torch.Tensor] = None) -> None:
+    def balance_step(self, load: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None) -> None:
         """Aux-loss-free balancing (DeepSeek-V3): b_i += γ · sign(mean load − load_i), from the
-        assignments counted since the last step (``load``: those summed over ranks)."""
+        assignments counted since the last step (``load``: those summed over ranks). ``keep``
+        (0-dim, 1 or 0): 0 leaves the bias as it was (a skipped step), without a host sync."""
         if self.spec.bias_balancing_rate is None:
             return
         load = self.load_acc if load is None else load
-        self.expert_bias += self.spec.bias_balancing_rate * torch.sign(load.mean() - load)
+        move = self.spec.bias_balancing_rate * torch.sign(load.mean() - load)
+        self.expert_bias += move if keep is None else move * keep
         self.load_acc.zero_()
 
     def extra_repr(self) -> str:

@@ -1,0 +1,83 @@
+"""One training step as tensor operations only: what eager mode calls and what a CUDA graph
+captures. Both modes run this same code, so they skip, scale and update alike.
+
+    forward (autocast) → task loss + aux loss → backward of (loss + aux) / world (· S in float16)
+    → gradient sync → clip by the global norm (÷ S) → found_inf = norm is not finite
+    → fused AdamW (skips in its kernel when found_inf) → aux-loss-free bias (not when found_inf)
+    → loss scale update (float16)
+
+No value goes to the host here: the caller decides what to read back and when.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def task_loss(spec, out, targets) -> torch.Tensor:
+    """Next-token cross-entropy (token models) or mean squared error (vector models)."""
+    if spec.model.input == "tokens":
+        return F.cross_entropy(out.output.flatten(0, 1).float(), targets.flatten())
+    return F.mse_loss(out.output.float(), targets.float())
+
+
+@dataclass
+class StepOutputs:
+    """Device tensors of one step (0-dim), and the per-layer router statistics."""
+
+    loss: torch.Tensor  # this rank's task loss
+    aux_loss: torch.Tensor  # this rank's weighted auxiliary losses
+    grad_norm: torch.Tensor  # global gradient norm before clipping (unscaled)
+    skipped: torch.Tensor  # 1.0 when the gradient was not finite: nothing was updated
+    router_stats: list
+
+
+def balancing_gates(model) -> list:
+    """The gates with aux-loss-free balancing (DeepSeek-V3 §2.1.2): their bias moves each step."""
+    from moedsl.nn.gates import Gate
+
+    return [m for m in model.modules() if isinstance(m, Gate) and m.spec.bias_balancing_rate is not None]
+
+
+class TrainStep:
+    """``step(inputs, targets) -> StepOutputs`` on this rank; ``lr`` is a tensor set before each call."""
+
+    def __init__(self, model, spec, optimizer, sync, world: int, amp, grad_clip: float,
+                 loss_scale: Optional["LossScale"] = None):  # noqa: F821 - runtime.optim.LossScale
+        self.model, self.spec, self.opt, self.sync = model, spec, optimizer, sync
+        self.world, self.amp, self.grad_clip, self.loss_scale = world, amp, grad_clip, loss_scale
+        self.gates = balancing_gates(model)
+        self.device_type = next(model.parameters()).device.type
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutputs:
+        self.model.train()
+        with torch.autocast(self.device_type, dtype=self.amp, enabled=self.amp is not None):
+            out = self.model(inputs)
+            loss = task_loss(self.spec, out, targets)
+        objective = (loss + out.aux_loss) / self.world
+        if self.loss_scale is not None:
+            objective = objective * self.loss_scale.scale
+        objective.backward()
+        self.sync()
+        inv_scale = None if self.loss_scale is None else 1.0 / self.loss_scale.scale
+        norm = self.sync.clip(self.grad_clip, inv_scale)  # non-finite: every gradient zeroed
+        skipped = (~torch.isfinite(norm)).to(torch.float32)  # the same on every rank: the norm is global
+        self.opt.found_inf = skipped
+        self.opt.step()
+        self._move_bias(1.0 - skipped)
+        if self.loss_scale is not None:
+            self.loss_scale.update(skipped)
+        return StepOutputs(loss.detach(), out.aux_loss.detach(), norm, skipped, out.router_stats)
+
+    @torch.no_grad()
+    def _move_bias(self, keep: torch.Tensor) -> None:
+        """The balancing bias from the load of every rank, left as it was when the step is skipped."""
+        for g in self.gates:
+            load = g.load_acc.clone()
+            if self.world > 1:
+                dist.all_reduce(load)
+            g.balance_step(load, keep)
