@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import operator
 from pathlib import Path
 
 import pytest
@@ -176,4 +175,3 @@ def test_compile_errors_are_clear(capsys):
     assert "expert-parallel ranks" in capsys.readouterr().err
     assert main(["plan", str(ROOT / "specs" / "nope.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert operator is not None
