@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .optim import LossScale
+
 
 def task_loss(spec, out, targets) -> torch.Tensor:
     """Next-token cross-entropy (token models) or mean squared error (vector models)."""
@@ -47,7 +49,7 @@ class TrainStep:
     """``step(inputs, targets) -> StepOutputs`` on this rank; ``lr`` is a tensor set before each call."""
 
     def __init__(self, model, spec, optimizer, sync, world: int, amp, grad_clip: float,
-                 loss_scale: Optional["LossScale"] = None):  # noqa: F821 - runtime.optim.LossScale
+                 loss_scale: Optional[LossScale] = None):
         self.model, self.spec, self.opt, self.sync = model, spec, optimizer, sync
         self.world, self.amp, self.grad_clip, self.loss_scale = world, amp, grad_clip, loss_scale
         self.gates = balancing_gates(model)
