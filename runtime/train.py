@@ -66,7 +66,6 @@ class RunOptions:
     progress: bool = True
     timeout: float = 300.0  # seconds a collective may wait before the run fails
     log_every: int = 1
-    eval_only: bool = False
     keep_memory: bool = True  # on a CPU: malloc keeps freed memory (runtime/cpu.py)
 
     @staticmethod
