@@ -277,13 +277,12 @@ def run(spec, o: RunOptions) -> Summary:
     metrics_path = out_dir / "metrics.jsonl"
     start = 0
     if o.resume:
-        found = ckpt.latest(ckpt_dir) if o.resume is True else Path(o.resume)
-        if found is None:
-            raise MoedslError(f"--resume: no checkpoint under {ckpt_dir}")
-        meta = ckpt.load(found, model, opt, spec, _extra(rank))
+        meta = ckpt.resume(ckpt_dir, o.resume, model, opt, spec, _extra(rank), rank, world, options=o)
         start = int(meta["step"])
         _restore_rng(meta["extra"], rank)
-        say.once(f"resumed from {found} at step {start}")
+        for note in meta["notes"]:
+            say.once(note)
+        say.once(f"resumed from {meta['path']} at step {start}")
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         _trim_metrics(metrics_path, start)
@@ -334,9 +333,9 @@ def run(spec, o: RunOptions) -> Summary:
                 log.flush()
             bar(step + 1, loss, row["tokens_per_s"], balance, eval_loss)
             if o.checkpoint_every and (step + 1) % o.checkpoint_every == 0 and step + 1 < o.steps:
-                last_ckpt = ckpt.save(ckpt_dir, step + 1, model, opt, spec, _extra(rank), rank, world)
+                last_ckpt = ckpt.save(ckpt_dir, step + 1, model, opt, spec, _extra(rank), rank, world, options=o)
         if o.steps > start:
-            last_ckpt = ckpt.save(ckpt_dir, o.steps, model, opt, spec, _extra(rank), rank, world)
+            last_ckpt = ckpt.save(ckpt_dir, o.steps, model, opt, spec, _extra(rank), rank, world, options=o)
     finally:
         bar(None, None, None, None, None)
         if log is not None:
