@@ -105,6 +105,8 @@ def training_only(names: tuple, old, new, gate_type=None) -> bool:
     parent, key = names[-2], names[-1]
     if parent == "losses":
         return True
+    if parent == "bias_balancing":  # as written in a spec: bias_balancing: {rate: ...}
+        return key == "rate" and old is not None and new is not None
     if parent == "gate":
         if key == "capacity_factor" and gate_type == "expert_choice":
             return False
@@ -306,10 +308,9 @@ def _nbytes(sd: dict) -> int:
 
 def _not_saved(directory: Path, tmp: Path, final: Path, failure: BaseException, estimate: int) -> str:
     """Remove the partial save; the one line saying why it failed and what is left."""
-    free_before = _free(directory)
+    reason, full = _reason(failure, tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     (directory / "latest.tmp").unlink(missing_ok=True)
-    reason, full = _reason(failure, free_before)
     good = latest(directory)
     text = f"checkpoint {final.name} not saved: {reason}"
     if full:
@@ -322,30 +323,62 @@ def _not_saved(directory: Path, tmp: Path, final: Path, failure: BaseException, 
     return text
 
 
-def _reason(failure: BaseException, free_before) -> tuple[str, bool]:
-    """(why, whether the disk is full) from the exception DCP or the filesystem raised."""
-    causes, seen = [failure], set()
-    while causes:
-        e = causes.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return ("no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"), True
-        if isinstance(e, OSError) and e.errno is not None:
-            return f"{os.strerror(e.errno).lower()} ({e.__class__.__name__}, errno {errno.errorcode.get(e.errno, e.errno)})", False
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict):
-            causes += [pair[0] for pair in failures.values() if isinstance(pair, tuple) and pair]
-        causes += [e.__cause__, e.__context__]
-    if free_before is not None and free_before < 1 << 20:  # torch.save reports a short write as "unexpected pos"
-        return "no space left on device", True
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _reason(failure: BaseException, tmp: Path) -> tuple[str, bool]:
+    """(why, whether the disk is full) for a failed save. torch.save turns a failed write into
+    ``RuntimeError: ... unexpected pos``, losing the errno; then a 1 MB probe written where the
+    shards went, through DCP's own file layer, tells a full disk or quota from other failures."""
+    oserror = _oserror(failure) or _probe(tmp)
+    if oserror is not None:
+        if oserror.errno in _FULL:
+            return _FULL[oserror.errno], True
+        return f"{os.strerror(oserror.errno).lower()} (errno {errno.errorcode.get(oserror.errno, oserror.errno)})", False
     inner = failure
     failures = getattr(failure, "failures", None)
     if isinstance(failures, dict) and failures:
         inner = next(iter(failures.values()))[0]
     first = (str(inner).strip().splitlines() or [""])[0][:300]
     return f"{type(inner).__name__}: {first}", False
+
+
+def _oserror(failure: BaseException):
+    """The first OSError with an errno in ``failure``, its causes and DCP's per-rank failures."""
+    todo, seen = [failure], set()
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [pair[0] for pair in failures.values() if isinstance(pair, tuple) and pair]
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def _probe(tmp: Path, size: int = 1 << 20):
+    """The OSError writing ``size`` bytes into ``tmp`` raises, or None if it fits."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    probe = tmp / "space-probe"
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        with FileSystem().create_stream(probe, "wb") as stream:
+            stream.write(bytes(size))
+            stream.flush()
+            os.fsync(stream.fileno())
+    except OSError as e:
+        return e if e.errno is not None else None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return None
 
 
 def _free(directory: Path):
