@@ -263,15 +263,18 @@ def save(directory: Path, step: int, model, optimizer, spec, extra: dict, rank: 
             dcp.save(sd, checkpoint_id=str(tmp))
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
             failure = e
+    reasons = None
+    if failure is not None:  # every rank tells why, from its own disk: a rank's full disk may be its own
+        reasons = _gather(_reason(failure, tmp), world)
     message = None
     if rank == 0:
         if failure is None:
             try:
                 _finish(directory, tmp, final, step, spec, world, options)
             except Exception as e:  # noqa: BLE001 - meta.json or the rename failed: the save did not happen
-                failure = e
-        if failure is not None:
-            message = _not_saved(directory, tmp, final, failure, _nbytes(sd) * world)
+                reasons = [_reason(e, tmp)]
+        if reasons:
+            message = _not_saved(directory, tmp, final, reasons, _nbytes(sd) * world)
     message = _agree(message, rank, world)
     if message:
         raise MoedslError(message)
@@ -306,12 +309,13 @@ def _nbytes(sd: dict) -> int:
     return sum(v.numel() * v.element_size() for v in sd.values() if torch.is_tensor(v))
 
 
-def _not_saved(directory: Path, tmp: Path, final: Path, failure: BaseException, estimate: int) -> str:
-    """Remove the partial save; the one line saying why it failed and what is left."""
-    reason, full = _reason(failure, tmp)
+def _not_saved(directory: Path, tmp: Path, final: Path, reasons: list, estimate: int) -> str:
+    """Remove the partial save; the one line saying why it failed (a full disk first, if any
+    rank's was) and what is left."""
+    reason, full = next((r for r in reasons if r[1]), reasons[0])
     shutil.rmtree(tmp, ignore_errors=True)
     (directory / "latest.tmp").unlink(missing_ok=True)
-    good = latest(directory)
+    good = newest_whole(directory)
     text = f"checkpoint {final.name} not saved: {reason}"
     if full:
         needed = _size(good) if good is not None else estimate
@@ -488,6 +492,11 @@ def candidates(directory: Path) -> list[Path]:
     return sorted(done, key=order)
 
 
+def newest_whole(directory: Path) -> Path | None:
+    """The newest checkpoint under ``directory`` that ``problem`` finds nothing wrong with."""
+    return next((p for p in candidates(directory) if problem(p) is None), None) if Path(directory).is_dir() else None
+
+
 def _step(path: Path) -> int:
     try:
         return int(path.name.split("-", 1)[1])
@@ -606,6 +615,15 @@ def _first_line(e: BaseException) -> str:
         e = next(iter(failures.values()))[0]
     text = (str(e).strip().splitlines() or [""])[0][:300]
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _gather(value, world: int) -> list:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if world > 1 and dist.is_initialized():
+        out = [None] * world
+        dist.all_gather_object(out, value)
+        return out
+    return [value]
 
 
 def _agree(value, rank: int, world: int):

@@ -61,8 +61,8 @@ def losses(out: Path) -> dict:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
-def truncate(path: Path, keep: float = 0.4) -> None:
-    shard = path / "__0_0.distcp"
+def truncate(path: Path, keep: float = 0.4, shard: str = "__0_0.distcp") -> None:
+    shard = path / shard
     with open(shard, "r+b") as f:
         f.truncate(int(shard.stat().st_size * keep))
 
@@ -214,7 +214,7 @@ def test_a_checkpoint_without_recorded_run_options_still_resumes(tmp_path, capsy
 class FullDisk:
     """DCP's file layer over a disk with ``free`` bytes left for paths containing ``where``."""
 
-    def __init__(self, monkeypatch, where: str, free: int):
+    def __init__(self, setattr, where: str, free: int):
         from torch.distributed.checkpoint.filesystem import FileSystem
 
         self.where, self.free = where, free
@@ -228,7 +228,7 @@ class FullDisk:
                     stream.write = disk.writer(stream.write)
                 yield stream
 
-        monkeypatch.setattr(FileSystem, "create_stream", create_stream)
+        setattr(FileSystem, "create_stream", create_stream)
 
     def writer(self, write):
         def limited(data):
@@ -243,7 +243,7 @@ class FullDisk:
 
 
 def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    FullDisk(monkeypatch, "step-00000004.tmp", free=20_000)
+    FullDisk(monkeypatch.setattr, "step-00000004.tmp", free=20_000)
     assert train(tmp_path, tiny(), "--checkpoint-every", "2") == 1
     err = capsys.readouterr().err
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -304,3 +304,43 @@ def test_a_partial_save_left_by_a_killed_run_is_removed_on_resume_and_said(tmp_p
     assert train(tmp_path, tiny(), "--steps", "3", "--resume") == 0
     assert "removed step-00000004.tmp, a save that did not finish (5.0 KB)" in capsys.readouterr().out
     assert not stale.exists()
+
+
+def _two_ranks(rank: int, world: int, directory: Path):
+    """On each of 2 ranks: two saves, a resume past a truncated shard of rank 1, then a save
+    that fills rank 1's disk."""
+    import torch.distributed as dist
+
+    s = moedsl.load_spec(tiny())
+    model = moedsl.build_model(s, rank=rank, world_size=world)
+    for step in (2, 4):
+        ckpt.save(directory, step, model, None, s, {}, rank, world)
+    if rank == 0:
+        truncate(directory / "step-00000004", shard="__1_0.distcp")
+    dist.barrier()
+    meta = ckpt.resume(directory, True, model, None, s, {}, rank, world)
+    if rank == 1:
+        FullDisk(setattr, "step-00000006.tmp", free=5_000)
+    try:
+        ckpt.save(directory, 6, model, None, s, {}, rank, world)
+        error = None
+    except MoedslError as e:
+        error = str(e)
+    dist.barrier()
+    return meta["path"].name, meta["notes"], error, sorted(p.name for p in directory.iterdir())
+
+
+def test_two_ranks_resume_from_the_same_checkpoint_and_fail_a_save_together(tmp_path):
+    from moedsl.runtime.launch import spawn
+
+    r0, r1 = spawn(_two_ranks, 2, tmp_path)
+    assert r0 == r1  # the same checkpoint, the same notes, the same error, on both ranks
+    path, notes, error, left = r0
+    assert path == "step-00000002"
+    assert notes == ["checkpoint step-00000004 is broken: its shard __1_0.distcp is truncated "
+                     f"({int(0.4 * (tmp_path / 'step-00000002' / '__1_0.distcp').stat().st_size):,} of "
+                     f"{(tmp_path / 'step-00000002' / '__1_0.distcp').stat().st_size:,} bytes); "
+                     "resuming from step-00000002 instead"]
+    assert error.startswith("checkpoint step-00000006 not saved: no space left on device")
+    assert error.endswith(f"the last good checkpoint is {tmp_path / 'step-00000002'}")
+    assert left == ["latest", "step-00000002", "step-00000004"]
