@@ -36,9 +36,9 @@ import torch.distributed as dist
 from moedsl.errors import MoedslError, format_path
 
 KEEP = 3  # complete checkpoints kept
+# The run options a checkpoint records (meta.json "train"): those that change the training
+# trajectory after a resume, each named in a note when it changed.
 TRAJECTORY = ("steps", "batch", "seq", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "seed", "data")
-"""The run options a checkpoint records (``meta.json`` ``train``): those that change the
-training trajectory after a resume, each named in a note when it changed."""
 
 
 class BrokenCheckpoint(MoedslError):
@@ -168,18 +168,18 @@ def compare(meta: dict, spec, path, options=None) -> list[str]:
     ``spec``'s (``training_only``), naming the first difference; otherwise return one note
     naming each training-only change (``path old -> new``), and each changed run option of
     ``TRAJECTORY`` when ``options`` (the run's options) is given and the checkpoint recorded them."""
-    diffs = _spec_differences(meta, spec)
+    diffs, seen = [], set()
+    for d in _spec_differences(meta, spec):  # a repeated block: one difference for its copies
+        if (d[0], repr(d[2]), repr(d[3])) not in seen:
+            seen.add((d[0], repr(d[2]), repr(d[3])))
+            diffs.append(d)
     refused = [d for d in diffs if not training_only(d[1], d[2], d[3], d[4])]
     if refused:
         where, _, old, new, _ = refused[0]
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
         raise MoedslError(f"checkpoint {path} was saved from spec {meta.get('spec')!r}, whose architecture differs "
                           f"from {spec.name!r}: {where}: {old!r} in the checkpoint, {new!r} in the spec{more}")
-    changes = []
-    for where, _, old, new, _ in diffs:
-        text = f"{where} {old!r} -> {new!r}"
-        if text not in changes:  # a repeated block: one note for its copies
-            changes.append(text)
+    changes = [f"{where} {old!r} -> {new!r}" for where, _, old, new, _ in diffs]
     saved = meta.get("train") or {}
     for k in TRAJECTORY:
         if options is not None and k in saved and saved[k] != getattr(options, k, saved[k]):
@@ -187,10 +187,6 @@ def compare(meta: dict, spec, path, options=None) -> list[str]:
     if not changes:
         return []
     return [f"resuming with training-only changes since {Path(path).name}: {', '.join(changes)}"]
-
-
-def check_compatible(meta: dict, spec, path) -> None:
-    compare(meta, spec, path)
 
 
 def _expert_slots(model) -> dict:
@@ -574,7 +570,8 @@ def load(path: Path, model, optimizer, spec, extra: dict | None = None, options=
     if the checkpoint has them (a checkpoint from another world size has other ranks').
     Returns the meta data (``step``, ``world``, ...) with the restored ``extra`` keys and
     ``notes`` (``compare``'s). Raises ``BrokenCheckpoint`` if the files cannot be read back,
-    having changed nothing: the tensors are read into new ones and copied over once all are read."""
+    having changed nothing: the tensors are read into new host tensors and copied over once all
+    are read (the model's own tensors keep their storage, so captured CUDA graphs stay valid)."""
     path = Path(path)
     why = problem(path)
     if why is not None:
@@ -596,7 +593,8 @@ def load(path: Path, model, optimizer, spec, extra: dict | None = None, options=
         missing = [k for k in sd if k not in saved]
         if missing:
             raise MoedslError(f"checkpoint {path} lacks {len(missing)} tensors this model needs, e.g. {missing[0]}")
-        fresh = {k: torch.empty_like(v) if torch.is_tensor(v) else v for k, v in sd.items()}
+        # read into host memory first: a failed read changes nothing, and costs no device memory
+        fresh = {k: torch.empty_like(v, device="cpu") if torch.is_tensor(v) else v for k, v in sd.items()}
         try:
             dcp.load(fresh, checkpoint_id=str(path))
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises assorted errors for bad files
@@ -605,7 +603,7 @@ def load(path: Path, model, optimizer, spec, extra: dict | None = None, options=
         for k, v in sd.items():
             if torch.is_tensor(v):
                 v.copy_(fresh[k])
-    meta["extra"] = {k: fresh[f"extra/{k}"] for k in wanted}
+    meta["extra"] = {k: sd[f"extra/{k}"] for k in wanted}
     return meta
 
 

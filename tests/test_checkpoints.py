@@ -344,3 +344,13 @@ def test_two_ranks_resume_from_the_same_checkpoint_and_fail_a_save_together(tmp_
     assert error.startswith("checkpoint step-00000006 not saved: no space left on device")
     assert error.endswith(f"the last good checkpoint is {tmp_path / 'step-00000002'}")
     assert left == ["latest", "step-00000002", "step-00000004"]
+
+
+def test_a_save_removes_a_partial_save_a_killed_run_left_and_says_so(tmp_path, capsys):
+    s = moedsl.load_spec(tiny())
+    stale = tmp_path / "step-00000009.tmp"
+    stale.mkdir()
+    (stale / ".metadata").write_bytes(bytes(300))
+    ckpt.save(tmp_path, 2, moedsl.build_model(s), None, s, {}, 0, 1)
+    assert "moedsl: removed step-00000009.tmp, a save that did not finish (300 bytes)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000002"]
