@@ -216,10 +216,10 @@ class Trainer:
         """Load ``where`` (True: the latest checkpoint under ``out``; else a checkpoint's path) into
         the model, the optimizer and the RNGs; returns the step to continue from."""
         ckpt_dir = Path(self.options.out) / "checkpoints"
-        found = ckpt.latest(ckpt_dir) if where is True else Path(where)
-        if found is None:
-            raise MoedslError(f"--resume: no checkpoint under {ckpt_dir}")
-        meta = ckpt.load(found, self.model, self.opt, self.spec, self._extra())
+        meta = ckpt.resume(ckpt_dir, where, self.model, self.opt, self.spec, self._extra(), self.rank, self.world,
+                           options=self.options)  # the newest whole one; notes name what was skipped or changed
+        for note in meta["notes"]:
+            self.say.once(note)
         restored = meta["extra"]
         if f"rng_cpu_{self.rank}" in restored:
             torch.set_rng_state(restored[f"rng_cpu_{self.rank}"])
@@ -230,12 +230,12 @@ class Trainer:
                 if k in restored:
                     v.copy_(restored[k])
         self.start_step = int(meta["step"])
-        self.say.once(f"resumed from {found} at step {self.start_step}")
+        self.say.once(f"resumed from {meta['path']} at step {self.start_step}")
         return self.start_step
 
     def save(self, step: int) -> Path:
         return ckpt.save(Path(self.options.out) / "checkpoints", step, self.model, self.opt, self.spec, self._extra(),
-                         self.rank, self.world)
+                         self.rank, self.world, options=self.options)
 
     # ------------------------------------------------------------------ the loop
 
