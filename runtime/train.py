@@ -28,6 +28,7 @@ from . import checkpoint as ckpt
 from .cpu import keep_freed_memory, release_freed_memory
 from .data import make_source
 from .grads import GradSync
+from .preflight import check_run
 
 AMP = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -255,6 +256,7 @@ def run(spec, o: RunOptions) -> Summary:
     from moedsl.api import build_model
 
     rank, world, local_rank = _env()
+    check_run(spec, o, world)  # every reason it cannot start, before anything is built (once more under the CLI)
     device = _device(o.device, local_rank)
     if device.type == "cpu" and o.keep_memory:
         keep_freed_memory()  # no page faults on every step's activations
