@@ -23,7 +23,7 @@ import uuid
 from moedsl.errors import MoedslError
 
 LAUNCHER_PID = "MOEDSL_LAUNCHER_PID"  # set for the workers this launcher starts
-SIGNALS = "TORCHELASTIC_SIGNALS_TO_HANDLE"  # the signals the elastic agent turns into its SignalException
+SIGNALS = "TORCHELASTIC_SIGNALS_TO_HANDLE"  # the elastic launcher sets it from LaunchConfig.signals_to_handle
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -37,13 +37,12 @@ def launch(nproc: int, argv: list, monitor_interval: float = 0.5) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // nproc, 1)))
     saved = {k: os.environ.get(k) for k in (LAUNCHER_PID, SIGNALS)}
     os.environ[LAUNCHER_PID] = str(os.getpid())
-    # SIGINT stays Python's KeyboardInterrupt here (the agent would otherwise turn it into its own
-    # SignalException, print a traceback and send SIGINT on to the workers, each of which would print)
-    os.environ[SIGNALS] = "SIGTERM,SIGHUP,SIGQUIT"
-
+    # SIGINT stays Python's KeyboardInterrupt here: the agent would otherwise turn it into its own
+    # SignalException (a traceback) and send SIGINT on to the workers, each of which would say so
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"moedsl-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                          monitor_interval=monitor_interval, start_method="spawn")
+                          monitor_interval=monitor_interval, start_method="spawn",
+                          signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "moedsl", *argv)
     except ChildFailedError as e:
