@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     ap = _Parser(prog="moedsl", description="Declarative Mixture-of-Experts models: "
-                                 "validate, compile, plan and run YAML specs.")
+                 "validate, compile, plan and run YAML specs.")
     ap.add_argument("--version", action="version", version=f"moedsl {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     r.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                    help="capture the step as a CUDA graph (auto: when the graph is static and on CUDA)")
-    r.add_argument("--timeout", type=_seconds, default=300.0,
+    r.add_argument("--timeout", type=_number, default=300.0,
                    help="seconds a collective may wait before the run fails")
     r.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     r.add_argument("--no-keep-memory", action="store_true",
@@ -322,17 +322,11 @@ def _whole(text: str) -> int:
 
 
 def _number(text: str) -> float:
+    """A number (nan and inf too: the preflight names them with every other problem at once)."""
     try:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def _seconds(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
 
 
 def _in_job_rank() -> int:

@@ -188,16 +188,12 @@ def existing_run(out: Path) -> str | None:
     """What an earlier run left in ``out`` ("metrics up to step 130, checkpoint step-00000130"),
     or None when there is none."""
     found = []
-    metrics = out / "metrics.jsonl"
-    try:
-        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError):
-        lines = []
+    lines = _last_lines(out / "metrics.jsonl")
     if lines:
         try:
             found.append(f"metrics up to step {json.loads(lines[-1])['step']}")
         except (ValueError, KeyError, TypeError):
-            found.append(f"metrics.jsonl of {len(lines)} lines")
+            found.append("a metrics.jsonl")
     ckpt_dir = out / "checkpoints"
     if ckpt_dir.is_dir():
         from . import checkpoint as ckpt
@@ -208,6 +204,16 @@ def existing_run(out: Path) -> str | None:
         elif any(ckpt_dir.iterdir()):
             found.append("an incomplete checkpoint")
     return ", ".join(found) or None
+
+
+def _last_lines(path: Path, tail: int = 1 << 16) -> list:
+    """The non-empty lines of the last ``tail`` bytes of ``path`` (a long run's metrics are large)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - tail, 0))
+            return [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return []
 
 
 def make_out(out: Path) -> tuple:
@@ -253,10 +259,7 @@ class Replaced:
                 self.moved.append(name)
 
     def started(self) -> bool:
-        try:
-            return any(line.strip() for line in (self.out / "metrics.jsonl").read_text().splitlines())
-        except OSError:
-            return False
+        return bool(_last_lines(self.out / "metrics.jsonl"))
 
     def settle(self) -> None:
         if not self.moved:
