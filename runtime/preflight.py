@@ -203,6 +203,8 @@ def existing_run(out: Path) -> str | None:
             found.append(f"checkpoint {latest.name}")
         elif any(ckpt_dir.iterdir()):
             found.append("an incomplete checkpoint")
+    if (out / REPLACED).is_dir() and any((out / REPLACED).iterdir()):  # a launcher killed while starting over it
+        found.append(f"an earlier run set aside in {out / REPLACED} by an --overwrite that never started")
     return ", ".join(found) or None
 
 
@@ -250,7 +252,7 @@ class Replaced:
     def __init__(self, out: Path):
         self.out, self.aside = Path(out), Path(out) / REPLACED
         self.moved = []
-        if self.aside.exists():  # left by a launcher killed mid-start: the run it replaced is gone by now
+        if self.aside.exists():  # left by a start that was killed: this --overwrite replaces it too
             shutil.rmtree(self.aside)
         for name in RUN_FILES:
             if (self.out / name).exists():

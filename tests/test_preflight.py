@@ -153,3 +153,11 @@ def test_a_new_run_into_an_earlier_one_is_refused_unless_resumed_or_overwritten(
 def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
     lines = refused(capsys, SWITCH, "--resume", "--overwrite", "--out", tmp_path)
     assert lines == ["moedsl: error: --resume and --overwrite: choose one (continue the run in --out, or replace it)"]
+
+
+def test_a_run_set_aside_by_a_start_that_was_killed_is_not_forgotten(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / ".replaced" / "checkpoints").mkdir(parents=True)  # what a launcher killed mid-start leaves
+    lines = refused(capsys, SWITCH, "--out", out)
+    assert len(lines) == 1 and f"set aside in {out / '.replaced'}" in lines[0]
+    assert (out / ".replaced" / "checkpoints").is_dir()
