@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import Issue, MoedslError, SpecError
+from .errors import MoedslError, SpecError
 
 
 def _cmd_validate(args) -> int:
@@ -100,19 +100,24 @@ def _cmd_compile(args) -> int:
     return 0
 
 
+# the RunOptions field each `moedsl run` option sets, as the user writes it
+_RUN_FLAGS = {"steps": "--steps", "batch": "--batch", "seq": "--seq", "lr": "--lr", "warmup": "--warmup",
+              "seed": "--seed", "eval_every": "--eval-every", "eval_batches": "--eval-batches",
+              "checkpoint_every": "--checkpoint-every", "timeout": "--timeout"}
+
+
 def _cmd_run(args) -> int:
     import os
 
+    from .runtime.launcher import bind_to_launcher, launched_worker
+
+    bind_to_launcher()  # a worker of `--nproc`: stop when the launcher dies
     from .api import load_spec
 
     spec = load_spec(_spec_path(args.spec))
     in_job = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    if args.nproc and args.nproc > 1 and not in_job:
-        from .runtime.launcher import launch
-
-        argv = [a for a in (args.raw or []) if a]
-        launch(args.nproc, argv)
-        return 0
+    launching = bool(args.nproc and args.nproc > 1 and not in_job)
+    from .runtime.preflight import Replaced, check_run
     from .runtime.train import RunOptions, run
 
     opts = RunOptions.from_spec(
@@ -121,19 +126,26 @@ def _cmd_run(args) -> int:
         checkpoint_every=args.checkpoint_every, out=args.out or f"runs/{spec.name}", resume=args.resume,
         device=args.device, cuda_graphs=args.cuda_graphs, progress=not args.no_progress, timeout=args.timeout,
         keep_memory=not args.no_keep_memory)
-    if opts.seq > spec.model.max_seq_len:
-        raise SpecError([Issue(("train", "seq_len"), f"--seq {opts.seq} exceeds model.max_seq_len "
-                               f"{spec.model.max_seq_len}")], spec.source)
+    rank = int(os.environ.get("RANK", 0))
+    if not launched_worker():  # the launcher has checked for its workers, before starting them
+        world = args.nproc if launching else int(os.environ.get("WORLD_SIZE", 1))
+        here = args.nproc if launching else int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        given = {k: v for k, v in _RUN_FLAGS.items() if getattr(args, k, None) is not None}
+        check_run(spec, opts, world, names=given, overwrite=args.overwrite, memory=not args.ignore_memory_check,
+                  processes_here=here, world_name=f"{world} processes ({'--nproc' if launching else 'WORLD_SIZE'} "
+                  f"{world})")
+    replaced = Replaced(opts.out) if args.overwrite and rank == 0 and not launched_worker() else None
     try:
-        summary = run(spec, opts)
-    except RuntimeError as e:  # a peer died or hung: one line, not a collective's traceback
-        from .runtime.train import collective_failure
+        if launching:
+            from .runtime.launcher import launch
 
-        failure = collective_failure(e)
-        if failure is None:
-            raise
-        raise MoedslError(failure) from None
-    if int(os.environ.get("RANK", 0)) == 0:
+            launch(args.nproc, [a for a in (args.raw or []) if a])
+            return 0
+        summary = _run_one(run, spec, opts)
+    finally:
+        if replaced is not None:
+            replaced.settle()
+    if rank == 0:
         if args.json:
             import json
             from dataclasses import asdict
@@ -146,6 +158,18 @@ def _cmd_run(args) -> int:
 
             Console().print(summary_table(summary))
     return 0
+
+
+def _run_one(run, spec, opts):
+    try:
+        return run(spec, opts)
+    except RuntimeError as e:  # a peer died or hung: one line, not a collective's traceback
+        from .runtime.train import collective_failure
+
+        failure = collective_failure(e)
+        if failure is None:
+            raise
+        raise MoedslError(failure) from None
 
 
 def _cmd_verify(args) -> int:
@@ -181,11 +205,18 @@ def _add_compile_options(p) -> None:
     p.add_argument("--seq", type=_positive, default=None, help="sequence length (default: the spec's)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line said in one line (not the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    ap = argparse.ArgumentParser(prog="moedsl", description="Declarative Mixture-of-Experts models: "
-                                 "validate, compile, plan and run YAML specs.")
+    ap = _Parser(prog="moedsl", description="Declarative Mixture-of-Experts models: "
+                 "validate, compile, plan and run YAML specs.")
     ap.add_argument("--version", action="version", version=f"moedsl {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -211,23 +242,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("spec", metavar="SPEC")
     r.add_argument("--nproc", type=_positive, default=None,
                    help="start this many worker processes (torch's elastic launcher); under torchrun, omit it")
-    r.add_argument("--steps", type=_positive, help="training steps (default: the spec's train.steps)")
-    r.add_argument("--batch", type=_positive, help="global batch in sequences")
-    r.add_argument("--seq", type=_positive, help="tokens per sequence")
-    r.add_argument("--lr", type=float, help="peak learning rate")
-    r.add_argument("--warmup", type=int, help="warm-up steps")
-    r.add_argument("--seed", type=int, help="seed of weights, data and routing noise")
+    r.add_argument("--steps", type=_whole, help="training steps (default: the spec's train.steps)")
+    r.add_argument("--batch", type=_whole, help="global batch in sequences")
+    r.add_argument("--seq", type=_whole, help="tokens per sequence")
+    r.add_argument("--lr", type=_number, help="peak learning rate")
+    r.add_argument("--warmup", type=_whole, help="warm-up steps")
+    r.add_argument("--seed", type=_whole, help="seed of weights, data and routing noise")
     r.add_argument("--data", help="synthetic (default), pystdlib, or a text file (byte-level)")
-    r.add_argument("--eval-every", type=_positive, help="held-out evaluation every N steps")
-    r.add_argument("--eval-batches", type=_positive, help="batches per held-out evaluation")
-    r.add_argument("--checkpoint-every", type=_positive, help="save a checkpoint every N steps (and at the end)")
+    r.add_argument("--eval-every", type=_whole, help="held-out evaluation every N steps")
+    r.add_argument("--eval-batches", type=_whole, help="batches per held-out evaluation")
+    r.add_argument("--checkpoint-every", type=_whole, help="save a checkpoint every N steps (and at the end)")
     r.add_argument("--out", help="output folder (default: runs/SPEC-NAME)")
     r.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in --out (or the given one)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, moedsl refuses to write over one); the old "
+                        "run waits in OUT/.replaced until the new one has trained a step, and comes back if it "
+                        "fails before")
+    r.add_argument("--ignore-memory-check", action="store_true",
+                   help="start even when the plan needs more memory per process than this machine has free")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     r.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                    help="capture the step as a CUDA graph (auto: when the graph is static and on CUDA)")
-    r.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait before the run fails")
+    r.add_argument("--timeout", type=_number, default=300.0,
+                   help="seconds a collective may wait before the run fails")
     r.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     r.add_argument("--no-keep-memory", action="store_true",
                    help="on a CPU, let malloc return freed memory to the system (slower steps: every step "
@@ -276,6 +314,28 @@ def _positive(text: str) -> int:
     return n
 
 
+def _whole(text: str) -> int:
+    """A whole number; its range is the preflight's to check, with every other problem at once."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    """A number (nan and inf too: the preflight names them with every other problem at once)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _in_job_rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", 0)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -287,6 +347,12 @@ def main(argv=None) -> int:
         print(str(e), file=sys.stderr)
         return 2
     except MoedslError as e:
+        from .runtime.preflight import RunRefused
+
+        if isinstance(e, RunRefused):  # the same on every rank of a job: rank 0 says it
+            if _in_job_rank() == 0:
+                print(str(e), file=sys.stderr)
+            return e.exit_code
         print(f"moedsl: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

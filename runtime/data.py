@@ -163,6 +163,55 @@ class Regression(Source):
         return Batch(x, y)
 
 
+MIN_TEXT_BYTES = 1024
+HELD_OUT = 0.05  # the last 5% of a text file is held out
+
+
+def source_problems(spec, data: str, seq: int) -> list:
+    """What is wrong with ``data`` as the source of a run of ``spec`` with sequences of ``seq``
+    tokens: one message per problem, each naming --data and its value (empty: nothing).
+    Cheap: a text file is looked at (os.stat) but not read, pystdlib is not gathered."""
+    m = spec.model
+    if m.input == "vectors":
+        if data not in ("synthetic", "synthetic-regression"):
+            return [f"--data {data!r}: a spec over vectors (model.input: vectors) trains on the built-in "
+                    "regression task: use synthetic"]
+        return []
+    if data == "synthetic":
+        return [] if m.vocab_size >= 16 else [
+            f"--data synthetic needs model.vocab_size >= 16, the spec has {m.vocab_size}"]
+    problems = []
+    if m.vocab_size < 256:
+        problems.append(f"--data {data!r}: byte-level data needs model.vocab_size >= 256, the spec has "
+                        f"{m.vocab_size}")
+    if data == "pystdlib":
+        return problems
+    path = Path(data)
+    try:
+        st = path.stat()
+    except OSError as e:
+        what = "no such file" if isinstance(e, FileNotFoundError) else e.strerror or str(e)
+        return problems + [f"--data {data!r}: {what} (give a text file, synthetic or pystdlib)"]
+    if path.is_dir():
+        return problems + [f"--data {data!r} is a directory: give a text file, synthetic or pystdlib"]
+    if not path.is_file():
+        return problems + [f"--data {data!r} is not a regular file: give a text file, synthetic or pystdlib"]
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return problems + [f"--data {data!r}: cannot be read ({e.strerror or e})"]
+    held = st.st_size - int(st.st_size * (1 - HELD_OUT))
+    if st.st_size < MIN_TEXT_BYTES:
+        problems.append(f"--data {data!r} has {st.st_size} bytes: too little text to train on (at least "
+                        f"{MIN_TEXT_BYTES})")
+    elif held < seq + 2:
+        problems.append(f"--data {data!r} has {st.st_size} bytes: its held-out last {HELD_OUT:.0%} "
+                        f"({held} bytes) is shorter than a sequence of {seq} tokens plus its target; give "
+                        f"at least {int((seq + 2) / HELD_OUT) + 1} bytes or a shorter --seq")
+    return problems
+
+
 def make_source(spec, data: str, seed: int) -> Source:
     m = spec.model
     if m.input == "vectors":
@@ -175,10 +224,12 @@ def make_source(spec, data: str, seed: int) -> Source:
         train, held, _ = pystdlib_bytes()
         return Bytes(train, held, m.vocab_size, seed, "pystdlib")
     path = Path(data)
+    if path.is_dir():
+        raise MoedslError(f"--data {data!r} is a directory: give a text file, synthetic or pystdlib")
     if not path.is_file():
         raise MoedslError(f"--data {data!r}: no such file (give a text file, 'synthetic' or 'pystdlib')")
     raw = path.read_bytes()
-    if len(raw) < 1024:
+    if len(raw) < MIN_TEXT_BYTES:
         raise MoedslError(f"--data {data!r} has {len(raw)} bytes: too little text to train on")
-    cut = int(len(raw) * 0.95)
+    cut = int(len(raw) * (1 - HELD_OUT))
     return Bytes(raw[:cut], raw[cut:], m.vocab_size, seed, path.name)

@@ -36,6 +36,7 @@ from .faults import inject_fault
 from .grads import GradSync
 from .metrics import reduce_step
 from .optim import LossScale, lr_at, make_optimizer
+from .preflight import check_run
 from .progress import Reporter
 from .step import TrainStep, task_loss
 
@@ -331,7 +332,9 @@ class Trainer:
 
 
 def run(spec, o: RunOptions) -> Summary:
-    """Train ``spec`` on this rank: ``Trainer(spec, o).fit()``."""
+    """Train ``spec`` on this rank: every reason it cannot start refused first (runtime/preflight.py;
+    the CLI has checked already, a run from torchrun or Python has not), then ``Trainer(spec, o).fit()``."""
+    check_run(spec, o, _env()[1])
     return Trainer(spec, o).fit()
 
 

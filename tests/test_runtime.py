@@ -139,9 +139,9 @@ def test_bad_run_options_are_clear_errors(tmp_path, capsys):
     assert main(["run", str(ROOT / "specs" / "switch.yaml"), "--seq", "1000", "--out", str(tmp_path)]) == 2
     assert "exceeds model.max_seq_len" in capsys.readouterr().err
     assert main(["run", str(ROOT / "specs" / "switch.yaml"), "--data", str(tmp_path / "none.txt"),
-                 "--out", str(tmp_path)]) == 1
+                 "--out", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert main(["run", str(ROOT / "specs" / "switch.yaml"), "--resume", "--out", str(tmp_path / "x")]) == 1
+    assert main(["run", str(ROOT / "specs" / "switch.yaml"), "--resume", "--out", str(tmp_path / "x")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
 

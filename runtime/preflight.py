@@ -1,0 +1,333 @@
+"""What a run checks before it builds a model or starts a worker.
+
+A run that cannot work should say so in a second, once, with every reason at once, and
+leave nothing behind: not after minutes of building a model, not once per rank, not as a
+traceback from AdamW, the allocator or the rendezvous. ``check_run`` looks at
+
+- the options (learning rate, warm-up, timeout, evaluation, sequence length, device);
+- what depends on the number of processes (the batch split, the experts' placement);
+- the data source (``--data``);
+- ``--resume`` and the output folder (created here; an earlier run in it is refused unless
+  the run resumes it or ``--overwrite`` replaces it);
+- memory: the plan's bytes per process (``moedsl.compiler.plan``, computed on the meta
+  device, so nothing is allocated) against the memory this machine has free.
+
+and raises ``RunRefused`` with one line per problem. The CLI calls it before it starts
+workers, with the world of ``--nproc``; ``runtime.train.run`` calls it again on every rank
+(for runs started by torchrun or from Python), and only rank 0 prints it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+from moedsl.errors import MoedslError, SpecError
+
+# the files of a run in its output folder (runtime/train.py writes them)
+RUN_FILES = ("metrics.jsonl", "checkpoints", "expert_load.png")
+REPLACED = ".replaced"  # where --overwrite keeps the old run until the new one has started
+MAX_TIMEOUT_S = 10**9  # torch keeps a timeout in milliseconds as a 64-bit int; far below that
+
+
+class RunRefused(MoedslError):
+    """A run that must not start: every reason, one line each. A user's mistake: exit 2."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def _err(text: str) -> str:
+    return f"moedsl: error: {text}"
+
+
+def check_run(spec, o, world: int, *, names: dict | None = None, world_name: str | None = None,
+              overwrite: bool | None = None, memory: bool = False, processes_here: int | None = None) -> None:
+    """Raise ``RunRefused`` listing every reason the run ``o`` of ``spec`` on ``world``
+    processes cannot start; create the output folder when there is none.
+
+    ``names``: option field -> how the user wrote it (``{"lr": "--lr"}``); fields not in it
+    came from the spec (``train.lr``). ``overwrite``: None does not look for an earlier run
+    in the output folder; False refuses one (unless ``o.resume``); True lets it be replaced.
+    ``memory``: also compare the plan's memory per process, times ``processes_here`` (the
+    processes on this machine, default ``world``), with the memory available."""
+    names = names or {}
+    world_name = world_name or f"{world} processes"
+    options = option_problems(spec, o, names)
+    placement = placement_problems(spec, o, world, names, world_name)
+    problems = options + placement
+    from .data import source_problems
+
+    problems += [_err(p) for p in source_problems(spec, o.data, o.seq)]
+    problems += resume_problems(o, overwrite)
+    if overwrite is not None and not o.resume and not overwrite:
+        held = existing_run(Path(o.out))
+        if held:
+            problems.append(_err(f"--out {o.out} already holds a run ({held}): --resume to continue it, "
+                                 "--overwrite to replace it, or another --out"))
+    if memory and not options and not placement:  # the plan needs a sound batch and placement
+        problem = memory_problem(spec, o, world, processes_here or world)
+        if problem:
+            problems.append(_err(problem))
+    created = []
+    if not problems:
+        problem, created = make_out(Path(o.out))
+        if problem:
+            problems.append(_err(problem))
+    if problems:
+        for d in reversed(created):  # a refused run leaves nothing behind
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise RunRefused(problems)
+
+
+# ----------------------------------------------------------------------------- options
+
+_SPEC_FIELD = {"batch": "batch_size", "seq": "seq_len"}  # RunOptions field -> train.* key of the spec
+
+
+def _name(names: dict, field: str) -> str:
+    return names.get(field, f"train.{_SPEC_FIELD.get(field, field)}")
+
+
+def _whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def option_problems(spec, o, names: dict) -> list:
+    """The options on their own (and the sequence length against the model)."""
+    out = []
+
+    def bad(field: str, why: str) -> None:
+        out.append(_err(f"{_name(names, field)} {getattr(o, field)!r}: {why}"))
+
+    for field in ("steps", "batch", "seq", "eval_every", "eval_batches", "log_every"):
+        v = getattr(o, field)
+        if not _whole(v) or v < 1:
+            bad(field, "must be a whole number >= 1")
+    if o.checkpoint_every is not None and (not _whole(o.checkpoint_every) or o.checkpoint_every < 1):
+        bad("checkpoint_every", "must be a whole number >= 1")
+    if not _finite(o.lr) or o.lr <= 0:
+        bad("lr", "the learning rate must be a finite number > 0")
+    if not _finite(o.min_lr) or not 0 <= o.min_lr <= 1:
+        bad("min_lr", "the final learning rate, a fraction of lr, must be between 0 and 1")
+    if not _whole(o.warmup) or o.warmup < 0:
+        bad("warmup", "the warm-up steps must be a whole number >= 0")
+    if not _finite(o.weight_decay) or o.weight_decay < 0:
+        bad("weight_decay", "must be a finite number >= 0")
+    if not _finite(o.grad_clip) or o.grad_clip <= 0:
+        bad("grad_clip", "must be a finite number > 0")
+    if not _finite(o.timeout) or not 0 < o.timeout <= MAX_TIMEOUT_S:
+        bad("timeout", "the seconds a collective may wait must be a finite number > 0")
+    if not _whole(o.seed) or not -2**63 <= o.seed < 2**63 - 2**20:
+        bad("seed", "must be a whole number that fits in 64 bits")
+    if _whole(o.seq) and o.seq > spec.model.max_seq_len:
+        bad("seq", f"exceeds model.max_seq_len {spec.model.max_seq_len}")
+    if o.device == "cuda" or o.cuda_graphs == "on":
+        import torch
+
+        if not torch.cuda.is_available():
+            if o.device == "cuda":
+                out.append(_err("--device cuda: no CUDA device is available here"))
+            elif o.cuda_graphs == "on":
+                out.append(_err("--cuda-graphs on: CUDA graphs need a CUDA device, and none is available here"))
+        elif o.cuda_graphs == "on" and o.device == "cpu":
+            out.append(_err("--cuda-graphs on: the run is on the CPU (--device cpu)"))
+    return out
+
+
+def placement_problems(spec, o, world: int, names: dict, world_name: str) -> list:
+    """What the number of processes breaks: the batch split, the experts' placement."""
+    from moedsl.validate import resolve_mesh
+
+    out = []
+    if world > 1 and _whole(o.batch) and o.batch >= 1 and o.batch % world:
+        low = o.batch // world * world
+        out.append(_err(f"{_name(names, 'batch')} {o.batch} does not split over {world_name}: give a multiple "
+                        f"of {world} ({low or world} or {low + world})"))
+    try:
+        resolve_mesh(spec, world)
+    except SpecError as e:
+        out += str(e).splitlines()
+    return out
+
+
+# ----------------------------------------------------------------------------- output folder
+
+def resume_problems(o, overwrite) -> list:
+    if not o.resume:
+        return []
+    if overwrite:
+        return [_err("--resume and --overwrite: choose one (continue the run in --out, or replace it)")]
+    if o.resume is True:
+        from . import checkpoint as ckpt
+
+        ckpt_dir = Path(o.out) / "checkpoints"
+        if ckpt.latest(ckpt_dir) is None:
+            return [_err(f"--resume: no checkpoint under {ckpt_dir}")]
+        return []
+    path = Path(o.resume)
+    if not (path / "meta.json").is_file():
+        what = "no such checkpoint" if not path.exists() else "not a checkpoint (no meta.json in it)"
+        return [_err(f"--resume {o.resume}: {what}")]
+    return []
+
+
+def existing_run(out: Path) -> str | None:
+    """What an earlier run left in ``out`` ("metrics up to step 130, checkpoint step-00000130"),
+    or None when there is none."""
+    found = []
+    lines = _last_lines(out / "metrics.jsonl")
+    if lines:
+        try:
+            found.append(f"metrics up to step {json.loads(lines[-1])['step']}")
+        except (ValueError, KeyError, TypeError):
+            found.append("a metrics.jsonl")
+    ckpt_dir = out / "checkpoints"
+    if ckpt_dir.is_dir():
+        from . import checkpoint as ckpt
+
+        latest = ckpt.latest(ckpt_dir)
+        if latest is not None:
+            found.append(f"checkpoint {latest.name}")
+        elif any(ckpt_dir.iterdir()):
+            found.append("an incomplete checkpoint")
+    if (out / REPLACED).is_dir() and any((out / REPLACED).iterdir()):  # a launcher killed while starting over it
+        found.append(f"an earlier run set aside in {out / REPLACED} by an --overwrite that never started")
+    return ", ".join(found) or None
+
+
+def _last_lines(path: Path, tail: int = 1 << 16) -> list:
+    """The non-empty lines of the last ``tail`` bytes of ``path`` (a long run's metrics are large)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - tail, 0))
+            return [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def make_out(out: Path) -> tuple:
+    """Create the output folder (and its parents): (problem or None, folders created)."""
+    missing = []
+    p = out
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder", []
+    created = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            if not d.is_dir():
+                return f"--out {out}: cannot create it, {d} is a file", created
+        except OSError as e:
+            why = "is a file" if isinstance(e, NotADirectoryError) else e.strerror or str(e)
+            where = d.parent if isinstance(e, NotADirectoryError) else d
+            return f"--out {out}: cannot create it ({where}: {why})", created
+        created.append(d)
+    if not os.access(out, os.W_OK | os.X_OK):
+        return f"--out {out}: cannot write in it (permission denied)", created
+    return None, created
+
+
+class Replaced:
+    """``--overwrite``: the old run's files wait in ``OUT/.replaced/`` while the new run starts.
+    ``settle()`` deletes them once the new run has written a step, and puts them back when it
+    failed before its first step, so a run that never started loses nothing."""
+
+    def __init__(self, out: Path):
+        self.out, self.aside = Path(out), Path(out) / REPLACED
+        self.moved = []
+        if self.aside.exists():  # left by a start that was killed: this --overwrite replaces it too
+            shutil.rmtree(self.aside)
+        for name in RUN_FILES:
+            if (self.out / name).exists():
+                self.aside.mkdir(exist_ok=True)
+                (self.out / name).rename(self.aside / name)
+                self.moved.append(name)
+
+    def started(self) -> bool:
+        return bool(_last_lines(self.out / "metrics.jsonl"))
+
+    def settle(self) -> None:
+        if not self.moved:
+            return
+        if self.started():
+            shutil.rmtree(self.aside, ignore_errors=True)
+            return
+        for name in self.moved:  # the new run never wrote a step: its leftovers go, the old run comes back
+            new = self.out / name
+            if new.is_dir():
+                shutil.rmtree(new)
+            elif new.exists():
+                new.unlink()
+            (self.aside / name).rename(new)
+        shutil.rmtree(self.aside, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def memory_needed(spec, o, world: int) -> int:
+    """Bytes one process of the run holds at most: fp32 weights, gradients and AdamW's two
+    moments (16 bytes a parameter) and the training activations, from the plan of the rank
+    with the most (compiled on the meta device: nothing is allocated)."""
+    from moedsl.compiler import compile_graph
+    from moedsl.compiler.plan import make_plan
+
+    worst = 0
+    for rank in range(min(world, 8)):  # ranks differ only by the experts they hold
+        compiled = compile_graph(spec, rank, world, device="meta", batch=(o.batch, o.seq), verify_ranks=False)
+        plan = make_plan(spec, compiled)
+        worst = max(worst, plan.memory_train_states + plan.memory_activations)
+    return worst
+
+
+def memory_available(o, processes_here: int) -> tuple:
+    """(bytes available to the processes of this run on this machine, what they are, processes
+    sharing them). A GPU run has one device per process; a CPU run shares MemAvailable."""
+    import torch
+
+    if o.device in ("auto", "cuda") and torch.cuda.is_available():
+        if "LOCAL_RANK" in os.environ or processes_here == 1:  # this process trains: free memory of its device
+            free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0)))
+            return free, "free on the GPU", 1
+        # the launcher: no CUDA context here (it would hold GPU memory for the whole run)
+        total = min(torch.cuda.get_device_properties(i).total_memory
+                    for i in range(min(processes_here, torch.cuda.device_count())))
+        return total, "on each GPU", 1
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024, "available", processes_here
+
+
+def memory_problem(spec, o, world: int, processes_here: int) -> str | None:
+    from moedsl.compiler.plan import human_bytes
+
+    try:
+        available, what, sharing = memory_available(o, processes_here)
+    except (OSError, KeyError, ValueError):
+        return None  # nothing to compare with (not Linux): the run goes ahead
+    need = memory_needed(spec, o, world)
+    if need * sharing <= available:
+        return None
+    times = f" per process × {sharing} processes" if sharing > 1 else " per process"
+    return (f"{spec.name} needs about {human_bytes(need)}{times} (weights, gradients, AdamW state and "
+            f"activations at batch {o.batch} × {o.seq}), {human_bytes(available)} {what}: "
+            "--ignore-memory-check to run anyway")
+
+
+__all__ = ["RunRefused", "check_run", "existing_run", "make_out", "Replaced", "memory_needed", "memory_available"]
