@@ -316,7 +316,8 @@ def _not_saved(directory: Path, tmp: Path, final: Path, reasons: list, estimate:
     if full:
         needed = _size(good) if good is not None else estimate
         free = _free(directory)
-        text += f" (it needs about {_human(needed)}" + (f", {_human(free)} free in {directory}" if free is not None else "") + ")"
+        text += f" (it needs about {_human(needed)}"
+        text += f", {_human(free)} free in {directory})" if free is not None else ")"
     if tmp.exists():
         text += f"; its partial save {tmp} could not be removed"
     text += f"; the last good checkpoint is {good}" if good is not None else "; there is no earlier checkpoint"
@@ -334,7 +335,8 @@ def _reason(failure: BaseException, tmp: Path) -> tuple[str, bool]:
     if oserror is not None:
         if oserror.errno in _FULL:
             return _FULL[oserror.errno], True
-        return f"{os.strerror(oserror.errno).lower()} (errno {errno.errorcode.get(oserror.errno, oserror.errno)})", False
+        name = errno.errorcode.get(oserror.errno, oserror.errno)
+        return f"{os.strerror(oserror.errno).lower()} (errno {name})", False
     inner = failure
     failures = getattr(failure, "failures", None)
     if isinstance(failures, dict) and failures:
@@ -364,7 +366,7 @@ def _probe(tmp: Path, size: int = 1 << 20):
     """The OSError writing ``size`` bytes into ``tmp`` raises, or None if it fits."""
     from torch.distributed.checkpoint.filesystem import FileSystem
 
-    probe = tmp / "space-probe"
+    probe = tmp / f"space-probe-{os.getpid()}"  # one per rank
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         with FileSystem().create_stream(probe, "wb") as stream:

@@ -168,7 +168,8 @@ def test_training_only_changes_are_allowed_and_named(change, named):
     (lambda d: moe(d)["experts"].update(hidden=32), "layers[1].block[1].moe.experts.hidden: 16 in the checkpoint, 32"),
     (lambda d: moe(d)["experts"].update(activation="gelu"), "moe.experts.activation: 'relu' in the checkpoint"),
     (lambda d: moe(d)["gate"].update(type="topk", k=2), "moe.gate.k: 1 in the checkpoint, 2 in the spec"),
-    (lambda d: moe(d)["gate"].update(bias_balancing={"rate": 1e-3}), "moe.gate.bias_balancing_rate: None in the checkpoint"),
+    (lambda d: moe(d)["gate"].update(bias_balancing={"rate": 1e-3}),
+     "moe.gate.bias_balancing_rate: None in the checkpoint"),
     (lambda d: d["layers"][1].update(repeat=3), "layers: '7 layers' in the checkpoint, '9 layers' in the spec"),
     (lambda d: d["model"].update(d_model=32), "model.d_model: 16 in the checkpoint, 32 in the spec"),
 ])
