@@ -354,7 +354,7 @@ def main(argv=None) -> int:
                 print(str(e), file=sys.stderr)
             return e.exit_code
         print(f"moedsl: error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except KeyboardInterrupt:
         print("moedsl: interrupted", file=sys.stderr)
         return 130

@@ -61,4 +61,14 @@ class SpecError(ValueError):
 
 
 class MoedslError(RuntimeError):
-    """A clear, user-facing failure outside the spec itself (a run, a checkpoint)."""
+    """A clear, user-facing failure outside the spec itself (a run, a checkpoint). The CLI
+    prints it in one line and exits with ``exit_code``: 1, a run that failed."""
+
+    exit_code = 1
+
+
+class UserError(MoedslError):
+    """A user's mistake outside the spec (an option, a path, a checkpoint that does not fit
+    the spec): the CLI exits 2, as for a spec error."""
+
+    exit_code = 2

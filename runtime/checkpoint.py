@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moedsl.errors import MoedslError, format_path
+from moedsl.errors import MoedslError, UserError, format_path
+
+from .optim import prime_optimizer
 
 KEEP = 3  # complete checkpoints kept
 # The run options a checkpoint records (meta.json "train"): those that change the training
@@ -177,7 +179,7 @@ def compare(meta: dict, spec, path, options=None) -> list[str]:
     if refused:
         where, _, old, new, _ = refused[0]
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
-        raise MoedslError(f"checkpoint {path} was saved from spec {meta.get('spec')!r}, whose architecture differs "
+        raise UserError(f"checkpoint {path} was saved from spec {meta.get('spec')!r}, whose architecture differs "
                           f"from {spec.name!r}: {where}: {old!r} in the checkpoint, {new!r} in the spec{more}")
     changes = [f"{where} {old!r} -> {new!r}" for where, _, old, new, _ in diffs]
     saved = meta.get("train") or {}
@@ -217,18 +219,6 @@ def state_dict(model, optimizer, extra: dict) -> dict:
     for k, v in extra.items():
         sd[f"extra/{k}"] = v
     return sd
-
-
-def _prime_optimizer(model, optimizer) -> None:
-    """AdamW makes its state lazily; make it now so a load has tensors to fill."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state[p]
-            if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device) \
-                    if group.get("capturable") or group.get("fused") else torch.tensor(0.0)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def save(directory: Path, step: int, model, optimizer, spec, extra: dict, rank: int, world: int,
@@ -506,7 +496,7 @@ def read_meta(path: Path) -> dict:
     try:
         return json.loads((Path(path) / "meta.json").read_text())
     except (OSError, ValueError) as e:
-        raise MoedslError(f"{path} is not a moedsl checkpoint (no readable meta.json: {e})") from None
+        raise UserError(f"{path} is not a moedsl checkpoint (no readable meta.json: {e})") from None
 
 
 def resume(directory: Path, choice, model, optimizer, spec, extra: dict | None = None, rank: int = 0,
@@ -518,8 +508,8 @@ def resume(directory: Path, choice, model, optimizer, spec, extra: dict | None =
     every rank follows, so all load the same one."""
     plan = _resume_plan(Path(directory), choice) if rank == 0 else None
     paths, notes, error = _agree(plan, rank, world)
-    if error:
-        raise MoedslError(error)
+    if error:  # no checkpoint there, or the one named is not whole: the --resume given does not fit
+        raise UserError(error)
     broken = list(notes.pop("broken"))
     notes = notes["removed"]
     for path in paths:
@@ -527,7 +517,7 @@ def resume(directory: Path, choice, model, optimizer, spec, extra: dict | None =
             meta = load(path, model, optimizer, spec, extra, options=options)
         except BrokenCheckpoint as e:
             if choice is not True:
-                raise MoedslError(f"--resume {path}: {e.reason}") from None
+                raise UserError(f"--resume {path}: {e.reason}") from None
             broken.append((path, e.reason))
             continue
         if broken:
@@ -583,7 +573,7 @@ def load(path: Path, model, optimizer, spec, extra: dict | None = None, options=
     meta = read_meta(path)
     meta["notes"] = compare(meta, spec, path, options)
     if optimizer is not None:
-        _prime_optimizer(model, optimizer)
+        prime_optimizer(optimizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import torch.distributed.checkpoint as dcp

@@ -24,7 +24,7 @@ import os
 import shutil
 from pathlib import Path
 
-from moedsl.errors import MoedslError, SpecError
+from moedsl.errors import SpecError, UserError
 
 # the files of a run in its output folder (runtime/train.py writes them)
 RUN_FILES = ("metrics.jsonl", "checkpoints", "expert_load.png")
@@ -32,10 +32,8 @@ REPLACED = ".replaced"  # where --overwrite keeps the old run until the new one 
 MAX_TIMEOUT_S = 10**9  # torch keeps a timeout in milliseconds as a 64-bit int; far below that
 
 
-class RunRefused(MoedslError):
+class RunRefused(UserError):
     """A run that must not start: every reason, one line each. A user's mistake: exit 2."""
-
-    exit_code = 2
 
     def __init__(self, problems: list):
         self.problems = list(problems)

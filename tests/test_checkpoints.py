@@ -88,7 +88,7 @@ def test_resume_from_a_named_truncated_checkpoint_is_one_clear_error(tmp_path, c
     broken = tmp_path / "run" / "checkpoints" / "step-00000002"
     truncate(broken)
     capsys.readouterr()
-    assert train(tmp_path, tiny(), "--resume", str(broken)) == 1  # no fallback from a named one
+    assert train(tmp_path, tiny(), "--resume", str(broken)) == 2  # a user's mistake, and no fallback from a named one
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"--resume {broken}: its shard __0_0.distcp is truncated" in err
