@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 from datetime import timedelta
 
@@ -28,6 +29,14 @@ def _entry(rank: int, fn, world: int, port: int, backend: str, timeout: float, a
         raise
     finally:
         dist.destroy_process_group()
+    # The result is reported; leave without the interpreter's teardown, where a C++ thread
+    # still joinable at exit (a backend's) can abort the process ("terminate called without
+    # an active exception") after its work succeeded. Flush the queue's feeder thread first.
+    queue.close()
+    queue.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, world: int, *args, backend: str = "gloo", timeout: float = 120.0) -> list:
