@@ -23,6 +23,7 @@ from moedsl.nn import layers as L
 from moedsl.nn import moe_ops
 from moedsl.nn.experts import DenseFFN
 from moedsl.nn.gates import make_gate
+from moedsl.validate import BatchError
 
 
 @dataclass
@@ -139,6 +140,18 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
     return low
 
 
+def routing_tokens(x: torch.Tensor, gate: str, groups: int, world: int) -> torch.Tensor:
+    """x [B, T, d] -> the tokens [B·T, d] the gate routes. The tokens of the global batch (B·T on
+    each of ``world`` ranks) split into ``groups`` equal routing groups: refuse a batch whose do not,
+    naming the gate, before the gate's reshape fails on it."""
+    B, T = x.shape[0], x.shape[1]
+    if (B * T * world) % groups:
+        ranks = f"{world} ranks × " if world > 1 else ""
+        raise BatchError(f"{gate}.routing_groups = {groups} does not divide the batch of {ranks}{B} sequences "
+                         f"× {T} tokens ({B * T * world} tokens)")
+    return torch.flatten(x, 0, 1)
+
+
 def _lower_moe(spec, layer, x, token_ids, module, call_module, call_function, low: Lowered, seed: int,
                static: bool):
     m, cfg = spec.model, layer.config
@@ -150,7 +163,9 @@ def _lower_moe(spec, layer, x, token_ids, module, call_module, call_function, lo
                            layout=layout, groups=cfg.gate.routing_groups))
     module(f"{name}.gate", lambda: make_gate(cfg, m.d_model, m.router_dtype, seed, layer.index, m.init_std,
                                              m.vocab_size))
-    flat = call_function(torch.flatten, (x, 0, 1), _node_name(name, "tokens"), **meta, role="tokens")
+    owner = "hierarchy" if cfg.hierarchy is not None else "gate"
+    flat = call_function(routing_tokens, (x, f"{name}.moe.{owner}", cfg.gate.routing_groups, 1),
+                         _node_name(name, "tokens"), **meta, role="tokens")
     route = call_module(f"{name}.gate", (flat, token_ids, 0, cfg.gate.routing_groups), _node_name(name, "route"),
                         **meta, role="route")
     if layout == "capacity":

@@ -62,6 +62,8 @@ class Plan:
     a2a_recv_bytes: dict
     gather_send_bytes: dict  # link kind -> token all-gather bytes (layers routed as one batch)
     capturable: bool
+    layout: str = "static"  # static (padded [E, C, d] buffers) | grouped (only the kept rows, packed)
+    device: str = "cuda"  # the device type the layout is the one of
     layers: list = field(default_factory=list)  # [LayerTraffic]
 
     def to_dict(self) -> dict:
@@ -145,7 +147,7 @@ def make_plan(spec: S.Spec, compiled) -> Plan:
         memory_weights=on_device * wb, memory_train_states=on_device * 16,
         memory_activations=int(act_per_token * B_local * T * wb), a2a_send_bytes=send, a2a_recv_bytes=recv,
         gather_send_bytes=gather,
-        capturable=compiled.static.capturable, layers=layers)
+        capturable=compiled.static.capturable, layout=compiled.layout, device=compiled.target, layers=layers)
 
 
 def _traffic(spec, compiled, B_local, T, wb):

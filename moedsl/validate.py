@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .errors import Issue, SpecError, format_path
+from .errors import Issue, MoedslError, SpecError, format_path
 from .spec import (FFN, LSTM, Attention, Embedding, Experts, Gate, Head, Hierarchy, Layer, Losses, Mesh, Model,
                    MoE, Norm, Placement, SharedExperts, Spec, SubGate, Train)
 
@@ -101,16 +101,46 @@ def build_spec(data: dict, located, schema_issues=()) -> Spec:
     spec = Spec(version=data["moedsl"], name=data["name"], description=data.get("description", ""),
                 model=model, layers=layers, placement=placement, train=train,
                 source=located.source, located=located, data=data)
-    for layer in spec.moe_layers:
-        if train.batch_size % layer.config.gate.routing_groups:
-            owner = "hierarchy" if layer.config.hierarchy else "gate"
-            c.error(layer.path + ("moe", owner, "routing_groups"),
-                    f"{layer.config.gate.routing_groups} routing groups do not divide train.batch_size "
-                    f"({train.batch_size} sequences)")
+    c.issues.extend(i for i in check_batch(spec, train.batch_size, origin="train.batch_size") if i not in c.issues)
     if placement.mesh is not None:
         _check_mesh(spec, placement.mesh.size, c)
     c.raise_if_any()
     return spec
+
+
+class BatchError(MoedslError, ValueError):
+    """A batch the model cannot route: its sequences do not split into a layer's routing groups."""
+
+
+def routing_groups_issue(layer, batch: int) -> str | None:
+    """What is wrong with routing ``batch`` sequences through MoE ``layer`` (None: nothing). The
+    batch splits into routing_groups groups of whole sequences (GShard's local groups)."""
+    groups = layer.config.gate.routing_groups
+    if batch % groups == 0:
+        return None
+    return f"routing_groups = {groups} does not divide the batch of {batch} sequences"
+
+
+def check_batch(spec: Spec, batch: int, world: int = 1, origin: str = "the batch") -> list[Issue]:
+    """Every reason a global batch of ``batch`` sequences on ``world`` processes cannot run
+    ``spec``, as located issues (empty: it can). ``origin`` says where the batch came from
+    (``--batch``, ``train.batch_size``) in the hints."""
+    located = spec.located or _NoLocation(spec.source)
+    issues: list[Issue] = []
+    for layer in spec.moe_layers:
+        problem = routing_groups_issue(layer, batch)
+        if problem is None:
+            continue
+        owner = "hierarchy" if layer.config.hierarchy else "gate"
+        groups = layer.config.gate.routing_groups
+        issue = located.issue(layer.path + ("moe", owner, "routing_groups"), problem,
+                              f"{origin} is {batch}: use a multiple of {groups}, or other routing_groups")
+        if issue not in issues:  # a repeated layer is reported once
+            issues.append(issue)
+    if world > 1 and batch % world:
+        issues.append(located.issue(("train", "batch_size"), f"the batch of {batch} sequences does not split "
+                                    f"over {world} processes", f"{origin} is {batch}: use a multiple of {world}"))
+    return issues
 
 
 def resolve_mesh(spec: Spec, world_size: int) -> MeshShape:

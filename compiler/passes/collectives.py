@@ -69,6 +69,8 @@ def insert_collectives(low: Lowered, spec, mesh: MeshShape, rank: int, placement
         nodes = _layer_nodes(g, name)
         scope, groups = routing_scope(info, world)
         layout = info.layout if scope == "local" else "packed"
+        tokens = nodes["tokens"]  # the batch check counts the sequences of every rank
+        tokens.args = tokens.args[:3] + (world,)
         route = nodes["route"]
         flat, ids = route.args[0], route.args[1]
         local_route = route
