@@ -14,7 +14,8 @@ import torch.fx as fx
 
 from moedsl import spec as S
 from moedsl.errors import SpecError
-from moedsl.validate import MeshShape, check_batch, resolve_mesh
+from moedsl.mesh import MeshShape, resolve_mesh
+from moedsl.validate import check_batch
 
 from .lower import Lowered, lower
 from .passes.collectives import LayerComm, insert_collectives

@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass, field
 
 import networkx as nx
 
+from moedsl import dtypes
 from moedsl import spec as S
 from moedsl.params import count_parameters, expert_params, ffn_params, layer_params, norm_params, router_params
-from moedsl.validate import MeshShape
+from moedsl.mesh import MeshShape
 
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BYTES = dtypes.BYTES  # the name runtime code imports; the table lives in moedsl.dtypes
 
 
 @dataclass

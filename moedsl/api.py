@@ -78,11 +78,12 @@ def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int 
     import torch
 
     from .compiler import compile_graph
+    from .dtypes import torch_dtype
 
     spec = load_spec(spec)
     compiled = compile_graph(spec, rank, world_size, device=device, seed=seed, layout=layout)
     gm = compiled.module
-    dtype = dtype or {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.model.dtype]
+    dtype = dtype or torch_dtype(spec.model.dtype)
     gm.to(dtype=dtype)
     gm.compiled = compiled
     if world_size > 1:

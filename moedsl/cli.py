@@ -13,7 +13,7 @@ from .errors import Issue, MoedslError, SpecError
 
 def _cmd_validate(args) -> int:
     from .api import load_spec
-    from .validate import resolve_mesh
+    from .mesh import resolve_mesh
 
     status = 0
     for path in args.files:
@@ -182,7 +182,7 @@ def _cmd_verify(args) -> int:
     from .runtime.equivalence import check
 
     spec = load_spec(_spec_path(args.spec))
-    from .validate import resolve_mesh
+    from .mesh import resolve_mesh
 
     resolve_mesh(spec, args.nproc)  # a placement error is a SpecError, before any process starts
     diffs = check(spec, args.nproc, batch=args.batch, seq=args.seq, layout=args.layout)

@@ -9,7 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .checks import Checks as _Checks
+from .checks import NoLocation
+from .checks import a as _a
 from .errors import Issue, MoedslError, SpecError, format_path
+from .mesh import MeshShape, check_mesh, resolve_mesh  # noqa: F401 - their home is moedsl.mesh; kept importable here
 from .spec import (FFN, LSTM, Attention, Embedding, Experts, Gate, Head, Hierarchy, Layer, Losses, Mesh, Model,
                    MoE, Norm, Placement, SharedExperts, Spec, SubGate, Train)
 
@@ -38,36 +42,6 @@ LOSSES_FOR = {
     "balance": {"noisy_topk", "topk", "switch", "gshard"},
     "z_loss": {"softmax", "noisy_topk", "topk", "switch", "gshard", "expert_choice", "hierarchical"},
 }
-
-
-@dataclass(frozen=True)
-class MeshShape:
-    """The device mesh of a run: world = nodes × devices_per_node = expert_parallel × data_parallel."""
-
-    world: int
-    nodes: int
-    devices_per_node: int
-    expert_parallel: int
-    data_parallel: int
-
-
-class _Checks:
-    def __init__(self, located):
-        self.located = located
-        self.issues: list[Issue] = []
-
-    def error(self, path, message, hint=None, key=False):
-        issue = self.located.issue(tuple(path), message, hint, key=key)
-        if issue not in self.issues:  # a repeated layer is reported once
-            self.issues.append(issue)
-
-    def raise_if_any(self):
-        if self.issues:
-            raise SpecError(self.issues, self.located.source)
-
-
-def _a(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 def _take(cls, data: dict | None, **resolved):
@@ -103,7 +77,7 @@ def build_spec(data: dict, located, schema_issues=()) -> Spec:
                 source=located.source, located=located, data=data)
     c.issues.extend(i for i in check_batch(spec, train.batch_size, origin="train.batch_size") if i not in c.issues)
     if placement.mesh is not None:
-        _check_mesh(spec, placement.mesh.size, c)
+        check_mesh(spec, placement.mesh.size, c)
     c.raise_if_any()
     return spec
 
@@ -125,7 +99,7 @@ def check_batch(spec: Spec, batch: int, world: int = 1, origin: str = "the batch
     """Every reason a global batch of ``batch`` sequences on ``world`` processes cannot run
     ``spec``, as located issues (empty: it can). ``origin`` says where the batch came from
     (``--batch``, ``train.batch_size``) in the hints."""
-    located = spec.located or _NoLocation(spec.source)
+    located = spec.located or NoLocation(spec.source)
     issues: list[Issue] = []
     for layer in spec.moe_layers:
         problem = routing_groups_issue(layer, batch)
@@ -141,25 +115,6 @@ def check_batch(spec: Spec, batch: int, world: int = 1, origin: str = "the batch
         issues.append(located.issue(("train", "batch_size"), f"the batch of {batch} sequences does not split "
                                     f"over {world} processes", f"{origin} is {batch}: use a multiple of {world}"))
     return issues
-
-
-def resolve_mesh(spec: Spec, world_size: int) -> MeshShape:
-    """The mesh a run of ``world_size`` processes uses, checked against the spec's placement.
-    One process can always run a spec: it hosts every expert."""
-    if world_size == 1:
-        return MeshShape(world=1, nodes=1, devices_per_node=1, expert_parallel=1, data_parallel=1)
-    c = _Checks(spec.located or _NoLocation(spec.source))
-    shape = _check_mesh(spec, world_size, c)
-    c.raise_if_any()
-    return shape
-
-
-class _NoLocation:
-    def __init__(self, source):
-        self.source = source
-
-    def issue(self, path, message, hint=None, key=False):
-        return Issue(tuple(path), message, None, None, hint)
 
 
 # ----------------------------------------------------------------------------- model
@@ -453,58 +408,6 @@ def _placement(d: dict, layers: tuple, c: _Checks) -> Placement:
     return Placement(mesh=mesh, expert_parallel=d.get("expert_parallel"), data_parallel=d.get("data_parallel"),
                      strategy=strategy, map=emap, layer_maps=layer_maps, replicas=replicas,
                      all_to_all=d.get("all_to_all", "flat"))
-
-
-def _check_mesh(spec: Spec, world: int, c: _Checks) -> MeshShape | None:
-    """ep × dp = world; experts fit the strategy; explicit ranks exist. Reports into ``c``."""
-    pl = spec.placement
-    p = ("placement",)
-    before = len(c.issues)
-    if pl.mesh is not None and pl.mesh.size != world:
-        c.error(p + ("mesh",), f"the mesh is {pl.mesh.nodes} × {pl.mesh.devices_per_node} = {pl.mesh.size} "
-                f"devices, but the run has {world} processes")
-        return None
-    nodes, per_node = (pl.mesh.nodes, pl.mesh.devices_per_node) if pl.mesh else (1, world)
-    ep, dp = pl.expert_parallel, pl.data_parallel
-    if ep is None and dp is None:
-        ep, dp = world, 1
-    elif ep is None:
-        ep = world // dp if world % dp == 0 else None
-    elif dp is None:
-        dp = world // ep if world % ep == 0 else None
-    if ep is None or dp is None or ep * dp != world:
-        given = " × ".join(f"{n} {v}" for n, v in (("expert_parallel", pl.expert_parallel),
-                                                      ("data_parallel", pl.data_parallel)) if v is not None)
-        where = p + ("expert_parallel" if pl.expert_parallel is not None else "data_parallel",)
-        c.error(where, f"{given} does not make the mesh of {world} devices",
-                "expert_parallel × data_parallel must equal nodes × devices_per_node")
-        return None
-    ex = p + ("experts",)
-    for layer in spec.moe_layers:
-        E = layer.config.experts.count
-        at = format_path(layer.path)
-        if pl.strategy == "contiguous" and E % ep:
-            c.error(ex, f"contiguous placement splits experts evenly, but the {E} experts of the MoE layer at "
-                    f"{at} do not divide over {ep} expert-parallel ranks",
-                    "use round_robin or explicit, or a count divisible by expert_parallel")
-        elif pl.strategy == "round_robin" and E < ep:
-            c.error(ex, f"round_robin leaves ranks {E}..{ep - 1} without experts: the MoE layer at {at} has "
-                    f"only {E} experts for {ep} expert-parallel ranks")
-        m = pl.map_for(layer.moe_index)
-        if pl.strategy == "explicit" and m is not None:
-            where = ex + (("layers", str(layer.moe_index)) if layer.moe_index in dict(pl.layer_maps) else ("map",))
-            for e, ranks in enumerate(m):
-                bad = [r for r in ranks if r >= ep]
-                if bad:
-                    c.error(where + (e,), f"expert {e} is placed on rank {bad[0]}, which does not exist "
-                            f"(expert-parallel ranks are 0..{ep - 1})")
-    for e, n in pl.replicas:
-        if n > ep:
-            c.error(ex + ("replicas", str(e)), f"{n} copies of expert {e} need {n} distinct ranks; "
-                    f"there are {ep} expert-parallel ranks")
-    if len(c.issues) > before:
-        return None
-    return MeshShape(world=world, nodes=nodes, devices_per_node=per_node, expert_parallel=ep, data_parallel=dp)
 
 
 # ----------------------------------------------------------------------------- train

@@ -259,3 +259,24 @@ def test_validate_world_size_option(capsys):
     assert main(["validate", "--world-size", "4", str(ROOT / "specs" / "switch.yaml")]) == 0
     assert main(["validate", "--world-size", "3", str(ROOT / "specs" / "switch.yaml")]) == 2
     assert "expert-parallel ranks" in capsys.readouterr().err
+
+
+def test_dtype_names_are_one_table_that_the_schema_enum_lists():
+    import torch
+
+    from moedsl import dtypes
+    from moedsl.compiler.plan import BYTES
+
+    assert tuple(schema()["$defs"]["dtype"]["enum"]) == dtypes.NAMES
+    for name in dtypes.NAMES:
+        assert torch.tensor([], dtype=dtypes.torch_dtype(name)).element_size() == dtypes.itemsize(name) == BYTES[name]
+    assert dtypes.autocast_dtype("float32") is None and dtypes.autocast_dtype("bfloat16") is torch.bfloat16
+
+
+def test_the_mesh_lives_in_moedsl_mesh_and_validate_keeps_its_old_names():
+    from moedsl import mesh, validate
+
+    assert validate.MeshShape is mesh.MeshShape and validate.resolve_mesh is mesh.resolve_mesh
+    code = "import sys, moedsl.mesh; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

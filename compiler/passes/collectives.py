@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from moedsl.nn import moe_ops
-from moedsl.validate import MeshShape
+from moedsl.mesh import MeshShape
 
 from .. import collectives as C
 from ..lower import Lowered

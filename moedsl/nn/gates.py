@@ -17,12 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import spec as S
+from ..dtypes import torch_dtype
 from . import rng
 from .grouped import grouped_matmul
 from .routing import (Routing, assign_slots, balance_loss, bucket_positions, counts, cv_squared, load_estimate,
                       z_loss)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Gate(nn.Module):
         super().__init__()
         self.spec, self.loss_weights = gate, losses
         self.d_model, self.num_experts = d_model, num_experts
-        self.router_dtype = DTYPES[router_dtype]
+        self.router_dtype = torch_dtype(router_dtype)
         self.seed, self.layer = seed, layer
         self.register_buffer("rng_step", torch.zeros((), dtype=torch.int64))
         if gate.bias_balancing_rate is not None:
