@@ -11,6 +11,7 @@ import pytest
 
 import moedsl
 from moedsl import SpecError, load_spec
+from moedsl.errors import format_path
 from moedsl import spec as S
 from moedsl.cli import main
 from moedsl.params import count_parameters
@@ -280,3 +281,10 @@ def test_the_mesh_lives_in_moedsl_mesh_and_validate_keeps_its_old_names():
     code = "import sys, moedsl.mesh; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_layer_that_is_also_a_repeat_inside_a_block_is_one_located_error():
+    text = BASE.replace("  - moe:\n", "  - repeat: 1\n    block:\n    - attention: {heads: 2}\n      repeat: 2\n  - moe:\n")
+    issues = errors_of(text)
+    assert [(format_path(i.path), i.message) for i in issues] == [
+        ("layers[1].block[0]", "a layer cannot be both 'attention' and 'repeat'")]

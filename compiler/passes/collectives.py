@@ -39,7 +39,7 @@ class LayerComm:
 def routing_scope(info, world: int) -> tuple[str, int]:
     g = info.config.gate
     lw = info.config.losses
-    per_token = not g.has_capacity and g.type != "expert_choice" and not (lw.importance or lw.load or lw.balance)
+    per_token = not g.has_capacity and not (lw.importance or lw.load or lw.balance)  # (expert choice: a capacity)
     if world == 1:
         return "local", g.routing_groups
     if g.routing_groups % world == 0:
