@@ -269,6 +269,10 @@ def test_dtype_names_are_one_table_that_the_schema_enum_lists():
     from moedsl.compiler.plan import BYTES
 
     assert tuple(schema()["$defs"]["dtype"]["enum"]) == dtypes.NAMES
+    assert BYTES is dtypes.BYTES  # the old name, the same table
+    spelled = [p.relative_to(ROOT).as_posix() for folder in ("moedsl", "compiler") for p in (ROOT / folder).rglob("*.py")
+               if '"bfloat16"' in p.read_text() and p.name != "dtypes.py"]
+    assert not spelled, f"dtype names written again in {spelled}"
     for name in dtypes.NAMES:
         assert torch.tensor([], dtype=dtypes.torch_dtype(name)).element_size() == dtypes.itemsize(name) == BYTES[name]
     assert dtypes.autocast_dtype("float32") is None and dtypes.autocast_dtype("bfloat16") is torch.bfloat16
