@@ -13,14 +13,19 @@ from .errors import Issue, MoedslError, SpecError
 
 def _cmd_validate(args) -> int:
     from .api import load_spec
-    from .mesh import resolve_mesh
+    from .checks import Checks
+    from .mesh import check_mesh
+    from .validate import check_batch
 
     status = 0
     for path in args.files:
         try:
             spec = load_spec(path if path.endswith((".yaml", ".yml", ".json")) else _as_path(path))
-            if args.world_size:
-                resolve_mesh(spec, args.world_size)
+            if args.world_size and args.world_size > 1:  # the placement and the batch on that many processes
+                c = Checks.of(spec)
+                check_mesh(spec, args.world_size, c)
+                c.issues += check_batch(spec, spec.train.batch_size, args.world_size, origin="train.batch_size")
+                c.raise_if_any()
         except SpecError as e:
             print(str(e), file=sys.stderr)
             status = 2

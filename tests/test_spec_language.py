@@ -292,3 +292,14 @@ def test_a_layer_that_is_also_a_repeat_inside_a_block_is_one_located_error():
     issues = errors_of(text)
     assert [(format_path(i.path), i.message) for i in issues] == [
         ("layers[1].block[0]", "a layer cannot be both 'attention' and 'repeat'")]
+
+
+def test_validate_world_size_also_checks_that_the_batch_splits_over_the_processes(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(BASE.replace("gate: {type: switch}", "gate: {type: switch, routing_groups: 2}")
+                    + "train: {batch_size: 6}\n")
+    assert main(["validate", "--world-size", "2", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["validate", "--world-size", "4", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.batch_size: the batch of 6 sequences does not split over 4 processes" in err[0]
