@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from moedsl import spec as S
 from moedsl.kinds import layer_kind
-from moedsl.kinds.moe import MOE, routing_tokens  # noqa: F401 - routing_tokens: the MoE layer's batch check
+from moedsl.kinds.moe import MOE
 from moedsl.nn import layers as L
 from moedsl.nn import moe_ops
 

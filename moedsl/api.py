@@ -75,8 +75,6 @@ def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int 
     collectives are bound to process groups made from the spec's mesh. ``layout``: how capacity
     layers compute (see ``moedsl.compiler.compile_graph``): by default the padded static
     buffers on a GPU (CUDA-graph capturable) and only the kept rows on a CPU."""
-    import torch
-
     from .compiler import compile_graph
     from .dtypes import torch_dtype
 

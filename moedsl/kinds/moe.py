@@ -22,9 +22,9 @@ from moedsl.schema import defaults
 
 from . import LayerKind, register, take
 from .ffn import GLU_ACTIVATIONS
-from .gates import ALL_LOSSES, gate_type, gate_types
+from .gates import gate_type, gate_types
 
-_EXPERTS, _SHARED, _GATE, _SUB = defaults("experts"), defaults("experts"), defaults("gate"), defaults("sub_gate")
+_EXPERTS, _GATE, _SUB = defaults("experts"), defaults("gate"), defaults("sub_gate")
 _LOSSES, _MOE = defaults("losses"), defaults("moe")
 
 
