@@ -163,7 +163,7 @@ def _capacity(g: dict, p, t: str, k: int, c) -> Gate:
         policy = "drop" if (factor is not None or gt.default_capacity is not None) else "dropless"
     if policy == "dropless":
         if not gt.can_be_dropless:
-            c.error(p + ("drop_policy",), "expert choice is defined by its capacity: it cannot be dropless")
+            c.error(p + ("drop_policy",), f"{_a(t)} gate is defined by its capacity: it cannot be dropless")
         for key in ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_priority"):
             if key in g:
                 c.error(p + (key,), f"{key} conflicts with dropless routing (no capacity, nothing dropped)",
