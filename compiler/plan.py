@@ -161,7 +161,8 @@ def _traffic(spec, compiled, B_local, T, wb):
                 rows_from = [C * n for n in lp.receives(ep_rank)]
             else:  # balanced routing: k·S assignments spread over the experts' hosts
                 k = cfg.experts_per_token
-                share = [len(lp.slots[r]) / max(sum(len(s) for s in lp.slots), 1) for r in range(P)]
+                slots = max(sum(len(s) for s in lp.slots), 1)
+                share = [len(lp.slots[r]) / slots for r in range(P)]
                 rows_to = [k * S_local * share[r] for r in range(P)]
                 rows_from = [k * S_local * share[ep_rank]] * P
             # dispatch + combine, forward and backward: 4 trips of the same size each way
