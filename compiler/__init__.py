@@ -13,7 +13,9 @@ import torch
 import torch.fx as fx
 
 from moedsl import spec as S
-from moedsl.validate import MeshShape, resolve_mesh
+from moedsl.errors import SpecError
+from moedsl.mesh import MeshShape, resolve_mesh
+from moedsl.validate import check_batch
 
 from .lower import Lowered, lower
 from .passes.collectives import LayerComm, insert_collectives
@@ -34,6 +36,22 @@ class Compiled:
     placements: dict  # layer -> LayerPlacement
     comms: dict  # layer -> LayerComm
     static: StaticInfo
+    layout: str = "static"  # static | grouped: how its capacity layers compute (resolve_layout)
+    target: str = "cuda"  # the device type the layout was chosen for
+
+
+LAYOUTS = ("auto", "static", "grouped")
+
+
+def resolve_layout(layout: str, device) -> str:
+    """``auto`` follows the device a run executes on: ``grouped`` (only the kept rows, packed) on a
+    CPU, where nothing is captured; ``static`` (padded [E, C, d] buffers, CUDA-graph capturable)
+    elsewhere."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be auto, static or grouped, not {layout!r}")
+    if layout == "auto":
+        return "grouped" if torch.device(device).type == "cpu" else "static"
+    return layout
 
 
 def _build(spec: S.Spec, mesh: MeshShape, rank: int, device, seed: int, init: bool, batch, graph_only=False,
@@ -52,17 +70,19 @@ def per_rank_batch(spec: S.Spec, mesh: MeshShape, batch: Optional[tuple] = None)
 
 def compile_graph(spec: S.Spec, rank: int = 0, world_size: Optional[int] = None, *, device="meta", seed: int = 0,
                   batch: Optional[tuple] = None, init: bool = True, verify_ranks: bool = True,
-                  layout: str = "auto") -> Compiled:
+                  layout: str = "auto", target=None) -> Compiled:
     """Compile ``spec`` for ``rank`` of ``world_size`` (default: the spec's mesh, else 1).
 
     ``device="meta"`` builds the module without allocating weights (any size compiles);
     ``batch`` = (global batch, sequence) for the static shapes (default: the spec's train).
     ``layout``: ``static`` (capacity layers as padded [E, C, d] buffers: CUDA-graph
     capturable), ``grouped`` (they compute only their kept rows: less work), or ``auto``:
-    grouped on a CPU, where nothing is captured, static elsewhere."""
-    if layout not in ("auto", "static", "grouped"):
-        raise ValueError(f"layout must be auto, static or grouped, not {layout!r}")
-    static = layout == "static" or (layout == "auto" and torch.device(device).type != "cpu")
+    grouped on a CPU, where nothing is captured, static elsewhere. ``target``: the device the
+    graph is for when it differs from ``device`` (a graph built on the meta device, shown as a CPU
+    run would execute it: ``target="cpu"``); default ``device``."""
+    target = torch.device(target if target is not None else device).type
+    layout = resolve_layout(layout, target)
+    static = layout == "static"
     if world_size is None:
         world_size = spec.placement.mesh.size if spec.placement.mesh else 1
     mesh = resolve_mesh(spec, world_size)
@@ -70,6 +90,10 @@ def compile_graph(spec: S.Spec, rank: int = 0, world_size: Optional[int] = None,
         from moedsl.errors import MoedslError
 
         raise MoedslError(f"rank {rank} is not in a world of {world_size}")
+    if batch is not None:  # the spec's own batch was checked with the spec
+        issues = check_batch(spec, batch[0], world_size, origin="the batch")
+        if issues:
+            raise SpecError(issues, spec.source)
     local_batch = per_rank_batch(spec, mesh, batch)
     low, placements, comms, shapes = _build(spec, mesh, rank, device, seed, init, local_batch, static=static)
     others = []
@@ -80,7 +104,8 @@ def compile_graph(spec: S.Spec, rank: int = 0, world_size: Optional[int] = None,
     verify(low.graph, others)
     gm = fx.GraphModule(low.modules, low.graph, class_name=_class_name(spec.name))
     gm.meta = {"spec": spec.name, "rank": rank, "world": world_size}
-    return Compiled(module=gm, mesh=mesh, rank=rank, placements=placements, comms=comms, static=shapes)
+    return Compiled(module=gm, mesh=mesh, rank=rank, placements=placements, comms=comms, static=shapes,
+                    layout=layout, target=target)
 
 
 def _ranks_to_verify(mesh: MeshShape, rank: int) -> list:
@@ -96,4 +121,4 @@ def _class_name(name: str) -> str:
     return "".join(p[:1].upper() + p[1:] for p in parts) or "MoEModel"
 
 
-__all__ = ["compile_graph", "Compiled", "LayerComm", "LayerPlacement", "StaticInfo", "lower"]
+__all__ = ["compile_graph", "resolve_layout", "LAYOUTS", "Compiled", "LayerComm", "LayerPlacement", "StaticInfo", "lower"]

@@ -1,6 +1,7 @@
 """Lowering: a Spec becomes an ``fx.Graph`` built node by node, plus the modules it calls.
 
-The graph is the single-process model. Every MoE layer is explicit nodes,
+The graph is the single-process model; each layer's nodes come from its kind's ``lower``
+(``moedsl.kinds``). Every MoE layer is explicit nodes,
 
     layers_i_route (gate) -> layers_i_dispatch -> layers_i_experts -> layers_i_combine
 
@@ -19,10 +20,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from moedsl import spec as S
+from moedsl.kinds import layer_kind
+from moedsl.kinds.moe import MOE
 from moedsl.nn import layers as L
 from moedsl.nn import moe_ops
-from moedsl.nn.experts import DenseFFN
-from moedsl.nn.gates import make_gate
 
 
 @dataclass
@@ -51,32 +52,62 @@ def _node_name(layer: str, what: str) -> str:
     return f"{layer.replace('.', '_')}_{what}"
 
 
+class LowerContext:
+    """What a layer kind's ``lower`` builds with: the graph under construction, the modules
+    it calls, and the state shared between layers (the token ids, the aux losses, the router
+    statistics)."""
+
+    def __init__(self, spec: S.Spec, low: Lowered, seed: int, static: bool, tokens: Optional[fx.Node]):
+        self.spec, self.model, self.low = spec, spec.model, low
+        self.graph, self.modules = low.graph, low.modules
+        self.seed, self.static = seed, static
+        self.tokens = tokens  # the [B, T] token ids placeholder (None for input: vectors)
+        self._token_ids: Optional[fx.Node] = None
+        self.aux: list = []  # each MoE layer's aux loss node
+        self.stats: list = []  # each MoE layer's router statistics node
+
+    def module(self, name: str, make) -> str:
+        """Register the module ``make()`` under ``name`` (not made for a graph-only lowering)."""
+        if not self.low.graph_only:
+            self.modules[name] = make()
+        return name
+
+    def call_module(self, target: str, args: tuple, name: str, **meta) -> fx.Node:
+        node = self.graph.create_node("call_module", target, args, {}, name=name)
+        node.meta.update(meta)
+        return node
+
+    def call_function(self, fn, args: tuple, name: str, **meta) -> fx.Node:
+        node = self.graph.create_node("call_function", fn, args, {}, name=name)
+        node.meta.update(meta)
+        return node
+
+    @staticmethod
+    def node_name(layer, what: str) -> str:
+        return _node_name(f"layers.{layer.index}", what)
+
+    def token_ids(self) -> Optional[fx.Node]:
+        """The token ids flattened to [B·T] (made once, where first needed); None without tokens."""
+        if self._token_ids is None and self.tokens is not None:
+            self._token_ids = self.call_function(torch.flatten, (self.tokens,), "tokens_flat")
+        return self._token_ids
+
+    def add_moe(self, **info) -> None:
+        self.low.moe.append(MoEInfo(**info))
+
+
 def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph_only: bool = False,
           static: bool = True) -> Lowered:
     """``static``: capacity layers use the padded [E, C, d] buffer (fixed shapes, capturable as a
     CUDA graph); otherwise they compute only their kept rows, grouped by expert (less work,
-    data-dependent shapes). The routing, drops included, is the same either way."""
+    data-dependent shapes). The routing, drops included, is the same either way.
+
+    Each layer is lowered by its kind (``moedsl.kinds``); a residual sublayer is wrapped here in
+    its pre-norm, dropout and residual add."""
     device = torch.device(device)
     m = spec.model
     g = fx.Graph()
-    modules: dict[str, nn.Module] = {}
-    low = Lowered(graph=g, modules=modules, input_kind=m.input, graph_only=graph_only, d_model=m.d_model)
-
-    def module(name: str, make) -> str:
-        if not graph_only:
-            modules[name] = make()
-        return name
-
-    def call_module(target: str, args: tuple, name: str, **meta) -> fx.Node:
-        node = g.create_node("call_module", target, args, {}, name=name)
-        node.meta.update(meta)
-        return node
-
-    def call_function(fn, args: tuple, name: str, **meta) -> fx.Node:
-        node = g.create_node("call_function", fn, args, {}, name=name)
-        node.meta.update(meta)
-        return node
-
+    low = Lowered(graph=g, modules={}, input_kind=m.input, graph_only=graph_only, d_model=m.d_model)
     # dense weights come from the global RNG: seed it, without disturbing the caller's state
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
@@ -88,99 +119,27 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
             tokens = None
             h = g.placeholder("x")
             h.meta["doc"] = "[B, T, d_model] input vectors"
-        token_ids = None
-        aux, stats = [], []
+        ctx = LowerContext(spec, low, seed, static, tokens)
         for layer in spec.layers:
-            name, cfg, kind = f"layers.{layer.index}", layer.config, layer.kind
-            if kind == "embedding":
-                module("embedding", lambda: L.Embedding(m.vocab_size, m.d_model, m.max_seq_len, cfg.positions, m.init_std))
-                h = call_module("embedding", (h,), "embedding")
+            kind, cfg, name = layer_kind(layer.kind), layer.config, f"layers.{layer.index}"
+            if not kind.sublayer:
+                h = kind.lower(ctx, layer, h)
                 continue
-            if kind == "head":
-                tied = modules.get("embedding") if m.tie_embeddings else None
-                module("head", lambda: L.Head(m.d_model, m.vocab_size, cfg.bias, m.init_std, tied=tied))
-                args = (h, g.get_attr("embedding.weight")) if m.tie_embeddings else (h,)
-                h = call_module("head", args, "head")
-                continue
-            if kind == "norm":
-                module(f"{name}.norm", lambda: L.make_norm(cfg.type, m.d_model, cfg.eps))
-                h = call_module(f"{name}.norm", (h,), _node_name(name, "norm"))
-                continue
-            # residual sublayers: attention, lstm, ffn, moe
             x = h
             if cfg.prenorm:
-                module(f"{name}.norm", lambda: L.make_norm(m.norm, m.d_model, m.norm_eps))
-                x = call_module(f"{name}.norm", (x,), _node_name(name, "norm"))
-            if kind == "attention":
-                module(f"{name}.attention", lambda: L.Attention(m.d_model, cfg.heads, cfg.kv_heads, cfg.positions,
-                                                       cfg.rope_theta, cfg.causal, cfg.dropout, cfg.bias,
-                                                       m.init_std))
-                y = call_module(f"{name}.attention", (x,), _node_name(name, "attention"))
-            elif kind == "lstm":
-                module(f"{name}.lstm", lambda: L.LSTMBlock(m.d_model, cfg.layers, cfg.dropout))
-                y = call_module(f"{name}.lstm", (x,), _node_name(name, "lstm"))
-            elif kind == "ffn":
-                module(f"{name}.ffn", lambda: DenseFFN(m.d_model, cfg.hidden, cfg.activation, cfg.bias, cfg.dropout,
-                                              m.init_std))
-                y = call_module(f"{name}.ffn", (x,), _node_name(name, "ffn"))
-            else:  # moe
-                if token_ids is None and tokens is not None and cfg.gate.type == "hash":
-                    token_ids = call_function(torch.flatten, (tokens,), "tokens_flat")
-                y, a, st = _lower_moe(spec, layer, x, token_ids if cfg.gate.type == "hash" else None,
-                                      module, call_module, call_function, low, seed, static)
-                aux.append(a)
-                stats.append(st)
+                ctx.module(f"{name}.norm", lambda: L.make_norm(m.norm, m.d_model, m.norm_eps))
+                x = ctx.call_module(f"{name}.norm", (x,), _node_name(name, "norm"))
+            y = kind.lower(ctx, layer, x)
             if m.dropout:
-                module(f"{name}.dropout", lambda: nn.Dropout(m.dropout))
-                y = call_module(f"{name}.dropout", (y,), _node_name(name, "dropout"))
-            h = call_function(operator.add, (h, y), _node_name(name, "residual")) if cfg.residual else y
-        out = call_function(moe_ops.model_output, (h, tuple(aux), tuple(stats)), "model_output")
+                ctx.module(f"{name}.dropout", lambda: nn.Dropout(m.dropout))
+                y = ctx.call_module(f"{name}.dropout", (y,), _node_name(name, "dropout"))
+            h = ctx.call_function(operator.add, (h, y), _node_name(name, "residual")) if cfg.residual else y
+        out = ctx.call_function(moe_ops.model_output, (h, tuple(ctx.aux), tuple(ctx.stats)), "model_output")
         g.output(out)
     return low
 
 
-def _lower_moe(spec, layer, x, token_ids, module, call_module, call_function, low: Lowered, seed: int,
-               static: bool):
-    m, cfg = spec.model, layer.config
-    name = f"layers.{layer.index}"
-    meta = dict(moe_layer=name)
-    # a dense softmax layer is uniform (every expert takes every token): always the batched buffer
-    layout = "capacity" if (cfg.gate.type == "softmax" or (cfg.gate.has_capacity and static)) else "packed"
-    low.moe.append(MoEInfo(name=name, index=layer.index, moe_index=layer.moe_index, config=cfg,
-                           layout=layout, groups=cfg.gate.routing_groups))
-    module(f"{name}.gate", lambda: make_gate(cfg, m.d_model, m.router_dtype, seed, layer.index, m.init_std,
-                                             m.vocab_size))
-    flat = call_function(torch.flatten, (x, 0, 1), _node_name(name, "tokens"), **meta, role="tokens")
-    route = call_module(f"{name}.gate", (flat, token_ids, 0, cfg.gate.routing_groups), _node_name(name, "route"),
-                        **meta, role="route")
-    if layout == "capacity":
-        disp = call_function(moe_ops.dispatch, (flat, route), _node_name(name, "dispatch"), **meta, role="dispatch")
-        ye = call_module(f"{name}.experts", (disp,), _node_name(name, "experts"), **meta, role="experts")
-        y = call_function(moe_ops.combine, (ye, route), _node_name(name, "combine"), **meta, role="combine")
-    else:
-        disp = call_function(moe_ops.dispatch_packed, (flat, route), _node_name(name, "dispatch"),
-                             **meta, role="dispatch")
-        rows = call_function(getattr, (disp, "rows"), _node_name(name, "rows"), **meta, role="rows")
-        sizes = call_function(getattr, (disp, "sizes"), _node_name(name, "sizes"), **meta, role="sizes")
-        ye = call_module(f"{name}.experts", (rows, sizes), _node_name(name, "experts"), **meta, role="experts")
-        y = call_function(moe_ops.combine_packed, (ye, disp, route), _node_name(name, "combine"),
-                          **meta, role="combine")
-    e = cfg.experts
-    if e.shared is not None:  # shared experts: one FFN of count × hidden (the sum of count FFNs)
-        module(f"{name}.shared", lambda: DenseFFN(m.d_model, e.shared.count * e.shared.hidden, e.activation, e.bias,
-                                          e.dropout, m.init_std))
-        sh = call_module(f"{name}.shared", (flat,), _node_name(name, "shared"), **meta, role="shared")
-        y = call_function(operator.add, (y, sh), _node_name(name, "moe_out"), **meta, role="moe_out")
-    y = call_function(torch.Tensor.view_as, (y, x), _node_name(name, "unflatten"), **meta, role="unflatten")
-    aux = call_function(getattr, (route, "aux_loss"), _node_name(name, "aux_loss"), **meta, role="aux")
-    st = call_function(moe_ops.router_stats, (route, name), _node_name(name, "router_stats"), **meta, role="stats")
-    return y, aux, st
-
-
 def make_experts(spec: S.Spec, info: MoEInfo, expert_ids, device, seed: int, init: bool = True):
-    from moedsl.nn.experts import Experts
-
-    e, m = info.config.experts, spec.model
+    """The experts module of MoE layer ``info`` holding ``expert_ids`` (the placement pass's call)."""
     with torch.device(device):
-        return Experts(m.d_model, e.hidden, e.activation, expert_ids, bias=e.bias, dropout=e.dropout,
-                       init_scale=e.init_scale, seed=seed, layer=info.index, init=init)
+        return MOE.experts_module(info.config, spec.model, expert_ids, seed=seed, layer=info.index, init=init)

@@ -18,11 +18,14 @@ from dataclasses import asdict, dataclass, field
 
 import networkx as nx
 
+from moedsl import dtypes
 from moedsl import spec as S
-from moedsl.params import count_parameters, expert_params, ffn_params, layer_params, norm_params, router_params
-from moedsl.validate import MeshShape
+from moedsl.kinds import layer_kind
+from moedsl.kinds.gates import gate_type
+from moedsl.params import count_parameters, layer_params
+from moedsl.mesh import MeshShape
 
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BYTES = dtypes.BYTES  # the name runtime code imports; the table lives in moedsl.dtypes
 
 
 @dataclass
@@ -62,6 +65,8 @@ class Plan:
     a2a_recv_bytes: dict
     gather_send_bytes: dict  # link kind -> token all-gather bytes (layers routed as one batch)
     capturable: bool
+    layout: str = "static"  # static (padded [E, C, d] buffers) | grouped (only the kept rows, packed)
+    device: str = "cuda"  # the device type the layout is the one of
     layers: list = field(default_factory=list)  # [LayerTraffic]
 
     def to_dict(self) -> dict:
@@ -81,17 +86,11 @@ def link(g: nx.Graph, a: int, b: int) -> str:
     return "intra" if g.nodes[a]["node"] == g.nodes[b]["node"] else "inter"
 
 
-def _attention_flops(spec: S.Spec, cfg, T: int) -> float:
-    d = spec.model.d_model
-    ctx = (T + 1) / 2 if cfg.causal else T  # mean keys a query attends to
-    return 2 * 2 * ctx * d  # QKᵀ and AV
-
-
 def make_plan(spec: S.Spec, compiled) -> Plan:
     mesh, rank = compiled.mesh, compiled.rank
     B_local, T = compiled.static.batch
     m = spec.model
-    d, wb = m.d_model, BYTES[m.dtype]
+    wb = BYTES[m.dtype]
     total, active = count_parameters(spec)
     flops = padded = 0.0
     on_device = experts_here = 0
@@ -99,42 +98,26 @@ def make_plan(spec: S.Spec, compiled) -> Plan:
     ep_rank = rank % mesh.expert_parallel
     for layer in spec.layers:
         n, _ = layer_params(spec, layer)
-        cfg, kind = layer.config, layer.kind
-        pre = norm_params(m.norm, d) if getattr(cfg, "prenorm", False) else 0
-        if kind == "moe":
-            name = f"layers.{layer.index}"
-            e, g = cfg.experts, cfg.gate
-            per = expert_params(d, e)
-            local = len(compiled.placements[name].slots[ep_rank])
-            on_device += n - e.count * per + local * per
-            experts_here += local * per
-            shared = e.shared.count * ffn_params(d, e.shared.hidden, e.glu, e.bias) if e.shared else 0
-            fixed = 2 * (router_params(d, cfg)[1] + shared)
-            f = fixed + 2 * cfg.experts_per_token * per
-            flops += f
-            if g.has_capacity or g.type == "softmax":  # every slot of the buffer is computed
-                n_tok = B_local * T // compiled.comms[name].groups
-                C = n_tok if g.type == "softmax" else g.capacity(n_tok, e.count)
-                padded += fixed + 2 * per * C * e.count / n_tok
-            else:
-                padded += f
-            act_per_token += 3 * d + cfg.experts_per_token * (2 * d + (3 if e.glu else 2) * e.hidden)
-            continue
-        on_device += n
-        f = 0.0
-        if kind == "attention":
-            f = 2 * (n - pre) + _attention_flops(spec, cfg, T)
-            act_per_token += 8 * d
-        elif kind in ("ffn", "lstm"):
-            f = 2 * (n - pre)
-            act_per_token += 2 * d + (3 if cfg.glu else 2) * cfg.hidden if kind == "ffn" else 6 * d * cfg.layers
-        elif kind == "head":
-            f = 2 * d * m.vocab_size
-            act_per_token += m.vocab_size
-        else:  # embedding (a lookup), norm
-            act_per_token += d
+        cfg, kind = layer.config, layer_kind(layer.kind)
+        f = kind.flops(cfg, m, T)
+        act_per_token += kind.activations(cfg, m)
         flops += f
-        padded += f
+        if layer.kind != "moe":
+            on_device += n
+            padded += f
+            continue
+        name = f"layers.{layer.index}"
+        e, g = cfg.experts, cfg.gate
+        per = kind.parts(cfg, m).per_expert
+        local = len(compiled.placements[name].slots[ep_rank])
+        on_device += n - e.count * per + local * per
+        experts_here += local * per
+        if g.has_capacity or gate_type(g.type).dense:  # every slot of the buffer is computed
+            n_tok = B_local * T // compiled.comms[name].groups
+            C = n_tok if gate_type(g.type).dense else g.capacity(n_tok, e.count)
+            padded += kind.fixed_flops(cfg, m) + 2 * per * C * e.count / n_tok
+        else:
+            padded += f
     layers, send, recv, gather = _traffic(spec, compiled, B_local, T, wb)
     return Plan(
         spec=spec.name, world=mesh.world, nodes=mesh.nodes, devices_per_node=mesh.devices_per_node,
@@ -145,7 +128,7 @@ def make_plan(spec: S.Spec, compiled) -> Plan:
         memory_weights=on_device * wb, memory_train_states=on_device * 16,
         memory_activations=int(act_per_token * B_local * T * wb), a2a_send_bytes=send, a2a_recv_bytes=recv,
         gather_send_bytes=gather,
-        capturable=compiled.static.capturable, layers=layers)
+        capturable=compiled.static.capturable, layout=compiled.layout, device=compiled.target, layers=layers)
 
 
 def _traffic(spec, compiled, B_local, T, wb):
@@ -172,13 +155,14 @@ def _traffic(spec, compiled, B_local, T, wb):
             E = cfg.experts.count
             if comm.layout == "capacity":
                 n_tok = S_local // comm.groups
-                C = comm.groups * (n_tok if cfg.gate.type == "softmax" else cfg.gate.capacity(n_tok, E))
+                C = comm.groups * (n_tok if gate_type(cfg.gate.type).dense else cfg.gate.capacity(n_tok, E))
                 t.capacity = C
                 rows_to = [C * n for n in lp.sends(ep_rank)]
                 rows_from = [C * n for n in lp.receives(ep_rank)]
             else:  # balanced routing: k·S assignments spread over the experts' hosts
                 k = cfg.experts_per_token
-                share = [len(lp.slots[r]) / max(sum(len(s) for s in lp.slots), 1) for r in range(P)]
+                slots = max(sum(len(s) for s in lp.slots), 1)
+                share = [len(lp.slots[r]) / slots for r in range(P)]
                 rows_to = [k * S_local * share[r] for r in range(P)]
                 rows_from = [k * S_local * share[ep_rank]] * P
             # dispatch + combine, forward and backward: 4 trips of the same size each way

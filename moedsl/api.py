@@ -45,17 +45,21 @@ def validate_file(path: str | os.PathLike) -> Spec:
 
 
 def compile(spec: SpecLike, rank: int = 0, world_size: int | None = None, *, device="meta", seed: int = 0,
-            batch: tuple | None = None):
+            batch: tuple | None = None, layout: str = "auto", target=None):
     """Compile a spec for one rank: returns ``(GraphModule, Plan)``.
 
     ``world_size`` defaults to the spec's mesh (else 1). ``device="meta"`` (the default)
     allocates no weights, so any spec compiles; use ``build_model`` for a module to run.
-    ``batch`` = (global batch, sequence length) for the static shapes and the plan."""
+    ``batch`` = (global batch, sequence length) for the static shapes and the plan.
+    ``layout`` (auto, static, grouped) and ``target`` (the device the graph is for, default
+    ``device``): which graph, as in ``moedsl.compiler.compile_graph``; ``target="cpu"`` gives
+    the packed layout a CPU run executes, ``"cuda"`` the padded one."""
     from .compiler import compile_graph
     from .compiler.plan import make_plan
 
     spec = load_spec(spec)
-    compiled = compile_graph(spec, rank, world_size, device=device, seed=seed, batch=batch)
+    compiled = compile_graph(spec, rank, world_size, device=device, seed=seed, batch=batch, layout=layout,
+                             target=target)
     return compiled.module, make_plan(spec, compiled)
 
 
@@ -71,14 +75,13 @@ def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int 
     collectives are bound to process groups made from the spec's mesh. ``layout``: how capacity
     layers compute (see ``moedsl.compiler.compile_graph``): by default the padded static
     buffers on a GPU (CUDA-graph capturable) and only the kept rows on a CPU."""
-    import torch
-
     from .compiler import compile_graph
+    from .dtypes import torch_dtype
 
     spec = load_spec(spec)
     compiled = compile_graph(spec, rank, world_size, device=device, seed=seed, layout=layout)
     gm = compiled.module
-    dtype = dtype or {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.model.dtype]
+    dtype = dtype or torch_dtype(spec.model.dtype)
     gm.to(dtype=dtype)
     gm.compiled = compiled
     if world_size > 1:

@@ -13,14 +13,19 @@ from .errors import MoedslError, SpecError
 
 def _cmd_validate(args) -> int:
     from .api import load_spec
-    from .validate import resolve_mesh
+    from .checks import Checks
+    from .mesh import check_mesh
+    from .validate import check_batch
 
     status = 0
     for path in args.files:
         try:
             spec = load_spec(path if path.endswith((".yaml", ".yml", ".json")) else _as_path(path))
-            if args.world_size:
-                resolve_mesh(spec, args.world_size)
+            if args.world_size and args.world_size > 1:  # the placement and the batch on that many processes
+                c = Checks.of(spec)
+                check_mesh(spec, args.world_size, c)
+                c.issues += check_batch(spec, spec.train.batch_size, args.world_size, origin="train.batch_size")
+                c.raise_if_any()
         except SpecError as e:
             print(str(e), file=sys.stderr)
             status = 2
@@ -53,12 +58,31 @@ def _compiled(args):
     from .compiler import compile_graph
     from .compiler.plan import make_plan
 
+    from .validate import check_batch
+
     spec = load_spec(_spec_path(args.spec))
     batch = None
     if args.batch or args.seq:
         batch = (args.batch or spec.train.batch_size, args.seq or spec.train.seq_len)
-    compiled = compile_graph(spec, args.rank, args.world_size, device="meta", batch=batch)
+    if args.batch:  # a mistake of --batch, said as one, before compiling
+        world = args.world_size or (spec.placement.mesh.size if spec.placement.mesh else 1)
+        issues = check_batch(spec, args.batch, world, origin="--batch")
+        if issues:
+            raise SpecError(issues, spec.source)
+    # built on the meta device (no weights), in the layout a run on --device executes
+    compiled = compile_graph(spec, args.rank, args.world_size, device="meta", batch=batch, layout=args.layout,
+                             target=args.device)
     return spec, compiled, make_plan(spec, compiled)
+
+
+def _layout_line(compiled) -> str:
+    """Which graph is shown: the layout of its capacity layers, and which run executes it."""
+    name = {"grouped": "packed", "static": "padded [E, C, d]"}
+    runs = {"cpu": "a CPU run", "cuda": "a GPU run"}.get(compiled.target, f"a {compiled.target} run")
+    auto = "grouped" if compiled.target == "cpu" else "static"
+    note = f"as {runs} executes" if compiled.layout == auto else f"--layout {compiled.layout}; {runs} executes " \
+        f"{name[auto]}"
+    return f"layout {name[compiled.layout]} ({note})"
 
 
 def _spec_path(p: str):
@@ -72,11 +96,16 @@ def _cmd_plan(args) -> int:
 
     from .report import print_plan
 
-    _, _, plan = _compiled(args)
+    _, compiled, plan = _compiled(args)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
-        print_plan(plan)
+        from rich.console import Console
+
+        console = Console()
+        print_plan(plan, console)
+        console.print(f"plan of the graph of rank {compiled.rank} of {compiled.mesh.world}, {_layout_line(compiled)}",
+                      highlight=False, soft_wrap=True)
     return 0
 
 
@@ -90,7 +119,9 @@ def _cmd_compile(args) -> int:
     console = Console()
     print_plan(plan, console)
     gm = compiled.module
-    console.rule(f"graph of rank {compiled.rank} of {compiled.mesh.world} (torch.fx)")
+    console.rule()
+    console.print(f"graph of rank {compiled.rank} of {compiled.mesh.world} (torch.fx), {_layout_line(compiled)}",
+                  highlight=False, soft_wrap=True)
     print(gm.code.strip())
     if args.dot:
         from pathlib import Path
@@ -180,7 +211,7 @@ def _cmd_verify(args) -> int:
     from .runtime.equivalence import check
 
     spec = load_spec(_spec_path(args.spec))
-    from .validate import resolve_mesh
+    from .mesh import resolve_mesh
 
     resolve_mesh(spec, args.nproc)  # a placement error is a SpecError, before any process starts
     diffs = check(spec, args.nproc, batch=args.batch, seq=args.seq, layout=args.layout)
@@ -203,6 +234,12 @@ def _add_compile_options(p) -> None:
     p.add_argument("--rank", type=int, default=0, help="the rank to compile for (default 0)")
     p.add_argument("--batch", type=_positive, default=None, help="global batch (sequences; default: the spec's)")
     p.add_argument("--seq", type=_positive, default=None, help="sequence length (default: the spec's)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="the device the graph is for: its layout is the one a run there executes "
+                        "(default: cpu; weights are never allocated, the graph is built on the meta device)")
+    p.add_argument("--layout", choices=["auto", "static", "grouped"], default="auto",
+                   help="how capacity layers compute: static (padded [E, C, d] buffers, CUDA-graph capturable), "
+                        "grouped (only the kept rows, packed), or auto: grouped on cpu, static on cuda (default)")
 
 
 class _Parser(argparse.ArgumentParser):

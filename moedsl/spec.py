@@ -3,204 +3,49 @@
 A ``Spec`` is what the compiler consumes. Its ``layers`` are the expanded stack
 (``repeat`` and ``cycle`` unrolled); each ``Layer`` keeps the path of the YAML
 item it came from, so that later stages can still point at the user's line.
-Defaults here equal the ``default`` annotations of the JSON Schema (a test
-holds them together).
+Each layer kind's config (``LSTM``, ``MoE``, ...) is defined in its module of
+``moedsl.kinds`` and importable from here. Defaults are the JSON Schema's
+``default`` annotations, read from it (``moedsl.schema.defaults``).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
-GLU_ACTIVATIONS = ("swiglu", "geglu")
+from .kinds.attention import Attention  # noqa: F401 - the layer kinds' configs, importable from here
+from .kinds.embedding import Embedding  # noqa: F401
+from .kinds.ffn import FFN, GLU_ACTIVATIONS  # noqa: F401
+from .kinds.head import Head  # noqa: F401
+from .kinds.lstm import LSTM  # noqa: F401
+from .kinds.moe import Experts, Gate, Hierarchy, Losses, MoE, SharedExperts, SubGate  # noqa: F401
+from .kinds.norm import Norm  # noqa: F401
+from .schema import defaults, schema
+
+_MODEL, _TRAIN, _PLACEMENT = defaults("model"), defaults("train"), defaults("placement")
+_STRATEGY = schema()["$defs"]["placement"]["properties"]["experts"]["properties"]["strategy"]["default"]
 
 
 @dataclass(frozen=True)
 class Model:
     d_model: int
-    input: str = "tokens"  # tokens | vectors
+    input: str = _MODEL["input"]  # tokens | vectors
     vocab_size: Optional[int] = None
-    max_seq_len: int = 512
-    dtype: str = "float32"
-    router_dtype: str = "float32"
-    norm: str = "rmsnorm"
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    init_std: float = 0.02
-    tie_embeddings: bool = False
+    max_seq_len: int = _MODEL["max_seq_len"]
+    dtype: str = _MODEL["dtype"]
+    router_dtype: str = _MODEL["router_dtype"]
+    norm: str = _MODEL["norm"]
+    norm_eps: float = _MODEL["norm_eps"]
+    dropout: float = _MODEL["dropout"]
+    init_std: float = _MODEL["init_std"]
+    tie_embeddings: bool = _MODEL["tie_embeddings"]
 
 
-@dataclass(frozen=True)
-class Embedding:
-    positions: str = "none"  # none | learned
-
-
-@dataclass(frozen=True)
-class Attention:
-    heads: int
-    kv_heads: int  # resolved: defaults to heads
-    positions: str = "rotary"
-    rope_theta: float = 10000.0
-    causal: bool = True
-    dropout: float = 0.0
-    bias: bool = False
-    residual: bool = True
-    prenorm: bool = True
-
-
-@dataclass(frozen=True)
-class LSTM:
-    layers: int = 1
-    dropout: float = 0.0
-    residual: bool = True
-    prenorm: bool = True
-
-
-@dataclass(frozen=True)
-class FFN:
-    hidden: int
-    activation: str = "relu"
-    dropout: float = 0.0
-    bias: bool = False
-    residual: bool = True
-    prenorm: bool = True
-
-    @property
-    def glu(self) -> bool:
-        return self.activation in GLU_ACTIVATIONS
-
-
-@dataclass(frozen=True)
-class Norm:
-    type: str  # resolved: defaults to model.norm
-    eps: float  # resolved: defaults to model.norm_eps
-
-
-@dataclass(frozen=True)
-class Head:
-    bias: bool = False
-
-
-@dataclass(frozen=True)
-class SharedExperts:
-    count: int
-    hidden: int  # resolved: defaults to experts.hidden
-
-
-@dataclass(frozen=True)
-class Experts:
-    count: int
-    hidden: int
-    activation: str = "relu"
-    bias: bool = False
-    dropout: float = 0.0
-    init_scale: float = 1.0
-    shared: Optional[SharedExperts] = None
-
-    @property
-    def glu(self) -> bool:
-        return self.activation in GLU_ACTIVATIONS
-
-
-@dataclass(frozen=True)
-class Gate:
-    """The routing of one MoE layer.
-
-    For a hierarchical MoE, ``type == "hierarchical"``, ``k`` is the total number of
-    experts per token (primary k × secondary k) and the sub-gates live in ``Hierarchy``.
-    ``capacity_factor is None`` means no capacity (dropless, or a dense softmax gate).
-    """
-
-    type: str
-    k: int  # experts per token; expert_choice: 0 (experts pick tokens); softmax: experts.count
-    capacity_factor: Optional[float] = None
-    eval_capacity_factor: Optional[float] = None
-    min_capacity: int = 0
-    drop_policy: str = "dropless"  # drop | dropless
-    drop_priority: str = "position"  # position | score
-    routing_groups: int = 1
-    jitter: float = 0.0
-    noise_epsilon: float = 0.0
-    second_expert: str = "random"
-    normalize: bool = True
-    score: str = "softmax"
-    bias_balancing_rate: Optional[float] = None
-    max_experts_per_token: Optional[int] = None
-    hash_seed: int = 0
-
-    @property
-    def has_capacity(self) -> bool:
-        return self.capacity_factor is not None
-
-    def capacity(self, tokens: int, experts: int, training: bool = True) -> int:
-        """C = ceil(capacity_factor · k · tokens / experts), at least min_capacity.
-
-        For expert choice k is 1 (each expert takes capacity_factor · tokens / E), and no
-        expert can take more tokens than there are; without a capacity, every token fits.
-        """
-        if self.capacity_factor is None:
-            return tokens
-        factor = self.capacity_factor if training else (self.eval_capacity_factor or self.capacity_factor)
-        k = self.k if self.k > 0 else 1
-        c = max(math.ceil(factor * k * tokens / experts - 1e-9), self.min_capacity)
-        if self.type == "expert_choice":
-            c = min(c, tokens)
-        return c
-
-
-@dataclass(frozen=True)
-class SubGate:
-    """A gate of one hierarchy level."""
-
-    type: str  # softmax | noisy_topk | topk
-    k: int
-    noise_epsilon: float = 0.0
-    jitter: float = 0.0
-    normalize: bool = True
-
-
-@dataclass(frozen=True)
-class Hierarchy:
-    groups: int
-    experts_per_group: int
-    primary: SubGate
-    secondary: SubGate
-
-
-@dataclass(frozen=True)
-class Losses:
-    importance: float = 0.0
-    load: float = 0.0
-    balance: float = 0.0
-    z_loss: float = 0.0
-
-    def active(self) -> dict[str, float]:
-        return {k: v for k, v in self.__dict__.items() if v}
-
-
-@dataclass(frozen=True)
-class MoE:
-    experts: Experts
-    gate: Gate
-    hierarchy: Optional[Hierarchy] = None
-    losses: Losses = field(default_factory=Losses)
-    residual: bool = True
-    prenorm: bool = True
-
-    @property
-    def experts_per_token(self) -> float:
-        """Routed experts that compute one token on average (expert choice: the capacity factor)."""
-        if self.gate.type == "expert_choice":
-            return min(float(self.gate.capacity_factor), float(self.experts.count))
-        return float(self.gate.k)
-
-
-LayerConfig = Union[Embedding, Attention, LSTM, FFN, MoE, Norm, Head]
+LayerConfig = Any  # the config dataclass of a registered layer kind (moedsl.kinds)
 
 
 @dataclass(frozen=True)
 class Layer:
-    kind: str  # embedding | attention | lstm | ffn | moe | norm | head
+    kind: str  # a registered layer kind (moedsl.kinds): embedding, attention, lstm, ffn, moe, norm, head
     config: Any  # LayerConfig
     index: int  # position in the expanded stack
     path: tuple  # JSON path of the YAML item it came from
@@ -226,11 +71,11 @@ class Placement:
     mesh: Optional[Mesh] = None  # None: 1 node × the world size of the run
     expert_parallel: Optional[int] = None
     data_parallel: Optional[int] = None
-    strategy: str = "contiguous"  # contiguous | round_robin | explicit
+    strategy: str = _STRATEGY  # contiguous | round_robin | explicit
     map: Optional[tuple] = None  # explicit: per expert, a tuple of EP ranks
     layer_maps: tuple = ()  # explicit: ((moe_index, map), ...)
     replicas: tuple = ()  # ((expert, copies), ...)
-    all_to_all: str = "flat"
+    all_to_all: str = _PLACEMENT["all_to_all"]
 
     def map_for(self, moe_index: int) -> Optional[tuple]:
         return dict(self.layer_maps).get(moe_index, self.map)
@@ -238,18 +83,18 @@ class Placement:
 
 @dataclass(frozen=True)
 class Train:
-    batch_size: int = 16
+    batch_size: int = _TRAIN["batch_size"]
     seq_len: int = 64  # resolved: min(max_seq_len, 64) by default
-    steps: int = 200
-    lr: float = 0.001
-    min_lr: float = 0.1
-    warmup: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    data: str = "synthetic"
-    eval_every: int = 50
-    eval_batches: int = 4
+    steps: int = _TRAIN["steps"]
+    lr: float = _TRAIN["lr"]
+    min_lr: float = _TRAIN["min_lr"]
+    warmup: int = _TRAIN["warmup"]
+    weight_decay: float = _TRAIN["weight_decay"]
+    grad_clip: float = _TRAIN["grad_clip"]
+    seed: int = _TRAIN["seed"]
+    data: str = _TRAIN["data"]
+    eval_every: int = _TRAIN["eval_every"]
+    eval_batches: int = _TRAIN["eval_batches"]
     checkpoint_every: Optional[int] = None
 
 

@@ -6,76 +6,19 @@ together as one ``SpecError``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Any
 
-from .errors import Issue, SpecError, format_path
-from .spec import (FFN, LSTM, Attention, Embedding, Experts, Gate, Head, Hierarchy, Layer, Losses, Mesh, Model,
-                   MoE, Norm, Placement, SharedExperts, Spec, SubGate, Train)
+from .checks import Checks as _Checks
+from .checks import NoLocation
+from .checks import a as _a
+from .errors import Issue, MoedslError, format_path
+from .kinds import layer_kind, layer_kinds, take
+from .mesh import MeshShape, check_mesh, resolve_mesh  # noqa: F401 - their home is moedsl.mesh; kept importable here
+from .spec import Layer, Mesh, Model, Placement, Spec, Train
 
 MAX_LAYERS = 10_000  # after repeat expansion
 
-CAPACITY_KEYS = ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy", "drop_priority", "routing_groups")
-# which options mean something for which gate type (beyond `type`)
-GATE_OPTIONS = {
-    "softmax": {"jitter"},
-    "noisy_topk": {"k", "noise_epsilon", "jitter", "bias_balancing", *CAPACITY_KEYS},
-    "topk": {"k", "normalize", "score", "jitter", "bias_balancing", *CAPACITY_KEYS},
-    "switch": {"k", "jitter", "bias_balancing", *CAPACITY_KEYS},
-    "gshard": {"k", "second_expert", "normalize", "jitter", "bias_balancing", *CAPACITY_KEYS},
-    "expert_choice": {"capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy", "routing_groups",
-                      "max_experts_per_token", "jitter"},
-    "hash": {"k", "hash_seed", *CAPACITY_KEYS},
-}
-SUB_GATE_OPTIONS = {"softmax": {"jitter"}, "noisy_topk": {"k", "noise_epsilon", "jitter"},
-                    "topk": {"k", "normalize", "jitter"}}
-# the papers' capacity factors: gate types that drop by default
-DEFAULT_CAPACITY = {"switch": 1.25, "gshard": 1.0, "expert_choice": 2.0}
-# which auxiliary losses each gate type defines
-LOSSES_FOR = {
-    "importance": {"softmax", "noisy_topk", "topk", "switch", "gshard", "hierarchical"},
-    "load": {"noisy_topk", "hierarchical"},
-    "balance": {"noisy_topk", "topk", "switch", "gshard"},
-    "z_loss": {"softmax", "noisy_topk", "topk", "switch", "gshard", "expert_choice", "hierarchical"},
-}
-
-
-@dataclass(frozen=True)
-class MeshShape:
-    """The device mesh of a run: world = nodes × devices_per_node = expert_parallel × data_parallel."""
-
-    world: int
-    nodes: int
-    devices_per_node: int
-    expert_parallel: int
-    data_parallel: int
-
-
-class _Checks:
-    def __init__(self, located):
-        self.located = located
-        self.issues: list[Issue] = []
-
-    def error(self, path, message, hint=None, key=False):
-        issue = self.located.issue(tuple(path), message, hint, key=key)
-        if issue not in self.issues:  # a repeated layer is reported once
-            self.issues.append(issue)
-
-    def raise_if_any(self):
-        if self.issues:
-            raise SpecError(self.issues, self.located.source)
-
-
-def _a(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
-def _take(cls, data: dict | None, **resolved):
-    """Build dataclass ``cls`` from the keys of ``data`` it has, plus resolved values."""
-    names = {f.name for f in fields(cls)}
-    kwargs = {k: v for k, v in (data or {}).items() if k in names}
-    kwargs.update(resolved)
-    return cls(**kwargs)
+_take = take  # the layer kinds' configs are built in their modules (moedsl.kinds)
 
 
 def build_spec(data: dict, located, schema_issues=()) -> Spec:
@@ -101,35 +44,46 @@ def build_spec(data: dict, located, schema_issues=()) -> Spec:
     spec = Spec(version=data["moedsl"], name=data["name"], description=data.get("description", ""),
                 model=model, layers=layers, placement=placement, train=train,
                 source=located.source, located=located, data=data)
-    for layer in spec.moe_layers:
-        if train.batch_size % layer.config.gate.routing_groups:
-            owner = "hierarchy" if layer.config.hierarchy else "gate"
-            c.error(layer.path + ("moe", owner, "routing_groups"),
-                    f"{layer.config.gate.routing_groups} routing groups do not divide train.batch_size "
-                    f"({train.batch_size} sequences)")
+    c.issues.extend(i for i in check_batch(spec, train.batch_size, origin="train.batch_size") if i not in c.issues)
     if placement.mesh is not None:
-        _check_mesh(spec, placement.mesh.size, c)
+        check_mesh(spec, placement.mesh.size, c)
     c.raise_if_any()
     return spec
 
 
-def resolve_mesh(spec: Spec, world_size: int) -> MeshShape:
-    """The mesh a run of ``world_size`` processes uses, checked against the spec's placement.
-    One process can always run a spec: it hosts every expert."""
-    if world_size == 1:
-        return MeshShape(world=1, nodes=1, devices_per_node=1, expert_parallel=1, data_parallel=1)
-    c = _Checks(spec.located or _NoLocation(spec.source))
-    shape = _check_mesh(spec, world_size, c)
-    c.raise_if_any()
-    return shape
+class BatchError(MoedslError, ValueError):
+    """A batch the model cannot route: its sequences do not split into a layer's routing groups."""
 
 
-class _NoLocation:
-    def __init__(self, source):
-        self.source = source
+def routing_groups_issue(layer, batch: int) -> str | None:
+    """What is wrong with routing ``batch`` sequences through MoE ``layer`` (None: nothing). The
+    batch splits into routing_groups groups of whole sequences (GShard's local groups)."""
+    groups = layer.config.gate.routing_groups
+    if batch % groups == 0:
+        return None
+    return f"routing_groups = {groups} does not divide the batch of {batch} sequences"
 
-    def issue(self, path, message, hint=None, key=False):
-        return Issue(tuple(path), message, None, None, hint)
+
+def check_batch(spec: Spec, batch: int, world: int = 1, origin: str = "the batch") -> list[Issue]:
+    """Every reason a global batch of ``batch`` sequences on ``world`` processes cannot run
+    ``spec``, as located issues (empty: it can). ``origin`` says where the batch came from
+    (``--batch``, ``train.batch_size``) in the hints."""
+    located = spec.located or NoLocation(spec.source)
+    issues: list[Issue] = []
+    for layer in spec.moe_layers:
+        problem = routing_groups_issue(layer, batch)
+        if problem is None:
+            continue
+        owner = "hierarchy" if layer.config.hierarchy else "gate"
+        groups = layer.config.gate.routing_groups
+        issue = located.issue(layer.path + ("moe", owner, "routing_groups"), problem,
+                              f"{origin} is {batch}: use a multiple of {groups}, or other routing_groups")
+        if issue not in issues:  # a repeated layer is reported once
+            issues.append(issue)
+    if world > 1 and batch % world:
+        issues.append(located.issue(("train", "batch_size"), f"the batch of {batch} sequences does not split "
+                                    f"over {world} processes", f"{origin} is {batch}: use a multiple of {world}"))
+    return issues
 
 
 # ----------------------------------------------------------------------------- model
@@ -162,13 +116,32 @@ def _count_expanded(items: list) -> int:
     return n
 
 
+def _mixed_items(items: list, path: tuple, c: _Checks) -> bool:
+    """Report items that are both a layer and a repeat / block / cycle (the schema's oneOf admits
+    `{moe: ..., repeat: 2}` inside a block: a kind branch matches, the repeat branch does not)."""
+    found = False
+    for i, item in enumerate(items):
+        kinds = [k for k in item if k in layer_kinds()]
+        structural = [k for k in ("repeat", "block", "cycle") if k in item]
+        if kinds and structural:
+            c.error(path + (i,), f"a layer cannot be both {kinds[0]!r} and {structural[0]!r}",
+                    "write the repeat as its own item, with the layer in its block")
+            found = True
+        for key in ("block", "cycle"):
+            if isinstance(item.get(key), list):
+                found |= _mixed_items(item[key], path + (i, key), c)
+    return found
+
+
 def _structural(path: tuple) -> bool:
     """A schema issue in the shape of the layer list (not inside one layer's settings)."""
-    return bool(path) and path[0] == "layers" and not any(part in _BUILDERS for part in path[1:])
+    return bool(path) and path[0] == "layers" and not any(part in layer_kinds() for part in path[1:])
 
 
 def _layers(data: dict, model: Model, c: _Checks, skip=()) -> tuple:
     items = data["layers"]
+    if _mixed_items(items, ("layers",), c):
+        c.raise_if_any()
     total = _count_expanded(items)
     if total > MAX_LAYERS:
         c.error(("layers",), f"the stack expands to more than {MAX_LAYERS:,} layers")
@@ -193,10 +166,10 @@ def _layers(data: dict, model: Model, c: _Checks, skip=()) -> tuple:
             for r in range(item["repeat"]):
                 walk(item["block"], p + ("block",), r)
             return
-        kind = next(k for k in item if k in _BUILDERS)
+        kind = next(k for k in item if k in layer_kinds())
         if p not in configs:
             broken = any(b[:len(p)] == p for b in skip)  # the schema already reported this layer
-            configs[p] = None if broken else _BUILDERS[kind](item[kind] or {}, p + (kind,), model, c)
+            configs[p] = None if broken else layer_kind(kind).build(item[kind] or {}, p + (kind,), model, c)
         expanded.append((kind, p))
 
     walk(items, ("layers",), 0)
@@ -212,6 +185,7 @@ def _layers(data: dict, model: Model, c: _Checks, skip=()) -> tuple:
 
 
 def _check_stack(layers: list, model: Model, c: _Checks) -> None:
+    """Where each kind may stand (first, last, only with token ids), then each kind's own checks."""
     reported: set = set()
 
     def once(path, message, hint=None):
@@ -220,16 +194,16 @@ def _check_stack(layers: list, model: Model, c: _Checks) -> None:
             c.error(path, message, hint)
 
     for layer in layers:
+        kind = layer_kind(layer.kind)
         p = layer.path + (layer.kind,)
-        if model.input == "vectors" and layer.kind in ("embedding", "head"):
+        if model.input == "vectors" and kind.needs_tokens:
             once(p, f"input: vectors has no token ids, so no {layer.kind} layer",
                  "set model.input: tokens, or remove this layer")
-        elif layer.kind == "embedding" and layer.index != 0:
-            once(p, "an embedding can only be the first layer of the stack")
-        elif layer.kind == "head" and layer.index != len(layers) - 1:
-            once(p, "a head can only be the last layer of the stack")
-        if layer.kind == "moe" and layer.config.gate.type == "hash" and model.input != "tokens":
-            once(p + ("gate", "type"), "a hash gate hashes token ids: it needs model.input: tokens")
+        elif kind.place == "first" and layer.index != 0:
+            once(p, f"{_a(layer.kind)} can only be the first layer of the stack")
+        elif kind.place == "last" and layer.index != len(layers) - 1:
+            once(p, f"{_a(layer.kind)} can only be the last layer of the stack")
+        kind.check_stack(layer, model, once)
     if model.input == "tokens" and layers[0].kind != "embedding":
         once(layers[0].path, "input: tokens needs an embedding as the first layer",
              "add '- embedding: {}' at the top of layers")
@@ -237,141 +211,12 @@ def _check_stack(layers: list, model: Model, c: _Checks) -> None:
         c.error(("model", "tie_embeddings"), "tie_embeddings needs an embedding first and a head last")
 
 
-def _embedding(d, p, model, c) -> Embedding:
-    return _take(Embedding, d)
-
-
-def _attention(d, p, model, c) -> Attention:
-    a = _take(Attention, d, kv_heads=d.get("kv_heads", d["heads"]))
-    if model.d_model % a.heads:
-        c.error(p + ("heads",), f"d_model {model.d_model} is not divisible by {a.heads} heads")
-    elif a.positions == "rotary" and (model.d_model // a.heads) % 2:
-        c.error(p + ("positions",), f"rotary positions need an even head width, got "
-                f"{model.d_model} / {a.heads} = {model.d_model // a.heads}")
-    if a.kv_heads > a.heads or a.heads % a.kv_heads:
-        c.error(p + ("kv_heads",), f"{a.heads} heads are not divisible by {a.kv_heads} kv_heads",
-                "in grouped-query attention kv_heads divides heads")
-    return a
-
-
-def _lstm(d, p, model, c) -> LSTM:
-    return _take(LSTM, d)
-
-
-def _ffn(d, p, model, c) -> FFN:
-    return _take(FFN, d)
-
-
-def _norm(d, p, model, c) -> Norm:
-    return Norm(type=d.get("type", model.norm), eps=d.get("eps", model.norm_eps))
-
-
-def _head(d, p, model, c) -> Head:
-    return _take(Head, d)
-
-
-def _moe(d, p, model, c) -> MoE:
-    e = d["experts"]
-    shared = None
-    if "shared" in e:
-        shared = SharedExperts(count=e["shared"]["count"], hidden=e["shared"].get("hidden", e["hidden"]))
-    experts = _take(Experts, e, shared=shared)
-    hierarchy = None
-    if "hierarchy" in d:
-        h = d["hierarchy"]
-        hp = p + ("hierarchy",)
-        primary = _sub_gate(h["primary"], hp + ("primary",), h["groups"], "groups", c)
-        secondary = _sub_gate(h["secondary"], hp + ("secondary",), h["experts_per_group"], "experts_per_group", c)
-        hierarchy = Hierarchy(groups=h["groups"], experts_per_group=h["experts_per_group"],
-                              primary=primary, secondary=secondary)
-        if h["groups"] * h["experts_per_group"] != experts.count:
-            c.error(p + ("experts", "count"),
-                    f"experts.count {experts.count} != hierarchy groups {h['groups']} × experts_per_group "
-                    f"{h['experts_per_group']} = {h['groups'] * h['experts_per_group']}")
-        gate = _capacity(h, hp, "hierarchical", primary.k * secondary.k, c)
-    else:
-        gate = _gate(d["gate"], p + ("gate",), experts, c)
-    losses = _take(Losses, d.get("losses"))
-    for name, weight in (d.get("losses") or {}).items():
-        if weight and gate.type not in LOSSES_FOR[name]:
-            kinds = ", ".join(sorted(LOSSES_FOR[name]))
-            why = {"expert_choice": "expert choice is balanced by construction",
-                   "hash": "a hash gate has no router probabilities"}.get(gate.type, f"it is defined for: {kinds}")
-            c.error(p + ("losses", name), f"the {name} loss does not apply to {_a(gate.type)} gate", why)
-        elif weight and name == "load" and hierarchy and {hierarchy.primary.type, hierarchy.secondary.type} != {
-                "noisy_topk"}:
-            c.error(p + ("losses", name), "the load loss's estimator uses the gate noise: "
-                    "both hierarchy levels must be noisy_topk")
-    return _take(MoE, d, experts=experts, gate=gate, hierarchy=hierarchy, losses=losses)
-
-
-def _gate(g: dict, p, experts: Experts, c: _Checks) -> Gate:
-    t = g["type"]
-    for key in g:
-        if key != "type" and key not in GATE_OPTIONS[t]:
-            homes = sorted(name for name, opts in GATE_OPTIONS.items() if key in opts)
-            c.error(p + (key,), f"{key!r} does not apply to {_a(t)} gate",
-                    f"it is an option of: {', '.join(homes)}" if homes else None, key=True)
-    E = experts.count
-    k = {"switch": 1, "gshard": 2, "hash": 1, "softmax": E, "expert_choice": 0}.get(t, g.get("k", 1))
-    if t in ("topk", "noisy_topk") and k > E:
-        c.error(p + ("k",), f"k = {k} exceeds the {E} experts", "k must be at most experts.count")
-    if t == "gshard" and E < 2:
-        c.error(p + ("type",), f"gshard routes to 2 experts but the layer has {E}")
-    mept = g.get("max_experts_per_token")
-    if mept is not None and mept > E:
-        c.error(p + ("max_experts_per_token",), f"max_experts_per_token {mept} exceeds the {E} experts")
-    bias = g.get("bias_balancing")
-    gate = _capacity(g, p, t, k, c)
-    extra = {key: g[key] for key in ("jitter", "noise_epsilon", "second_expert", "normalize", "score",
-                                     "max_experts_per_token", "hash_seed") if key in g}
-    return Gate(**{**gate.__dict__, **extra, "bias_balancing_rate": bias["rate"] if bias else None,
-                   "jitter": g.get("jitter", 0.01 if t == "switch" else 0.0)})
-
-
-def _capacity(g: dict, p, t: str, k: int, c: _Checks) -> Gate:
-    """Resolve capacity_factor / drop_policy with the papers' defaults, and refuse contradictions."""
-    policy = g.get("drop_policy")
-    factor = g.get("capacity_factor")
-    if t == "softmax":
-        policy = "dropless"
-    elif policy is None:
-        policy = "drop" if (factor is not None or t in DEFAULT_CAPACITY) else "dropless"
-    if policy == "dropless":
-        if t == "expert_choice":
-            c.error(p + ("drop_policy",), "expert choice is defined by its capacity: it cannot be dropless")
-        for key in ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_priority"):
-            if key in g:
-                c.error(p + (key,), f"{key} conflicts with dropless routing (no capacity, nothing dropped)",
-                        "remove it, or set drop_policy: drop", key=True)
-        factor = None
-    elif factor is None:
-        factor = DEFAULT_CAPACITY.get(t)
-        if factor is None:
-            c.error(p + ("drop_policy",), "drop_policy: drop needs a capacity_factor",
-                    "add capacity_factor (e.g. 1.25), or use drop_policy: dropless")
-    return Gate(type=t, k=k, capacity_factor=factor, eval_capacity_factor=g.get("eval_capacity_factor"),
-                min_capacity=g.get("min_capacity", 0), drop_policy=policy,
-                drop_priority=g.get("drop_priority", "position"), routing_groups=g.get("routing_groups", 1))
-
-
-def _sub_gate(g: dict, p, n: int, what: str, c: _Checks) -> SubGate:
-    t = g["type"]
-    for key in g:
-        if key != "type" and key not in SUB_GATE_OPTIONS[t]:
-            c.error(p + (key,), f"{key!r} does not apply to {_a(t)} gate", key=True)
-    k = n if t == "softmax" else g["k"]
-    if k > n:
-        c.error(p + ("k",), f"k = {k} exceeds the {n} {what.replace('_', ' ')}")
-    return _take(SubGate, g, k=k)
-
-
 # ----------------------------------------------------------------------------- placement
 
 def _placement(d: dict, layers: tuple, c: _Checks) -> Placement:
     p = ("placement",)
     ex = d.get("experts") or {}
-    strategy = ex.get("strategy", "contiguous")
+    strategy = ex.get("strategy", Placement.strategy)
     moes = [layer for layer in layers if layer.kind == "moe"]
     ep = ("placement", "experts")
 
@@ -422,59 +267,7 @@ def _placement(d: dict, layers: tuple, c: _Checks) -> Placement:
     mesh = Mesh(**d["mesh"]) if "mesh" in d else None
     return Placement(mesh=mesh, expert_parallel=d.get("expert_parallel"), data_parallel=d.get("data_parallel"),
                      strategy=strategy, map=emap, layer_maps=layer_maps, replicas=replicas,
-                     all_to_all=d.get("all_to_all", "flat"))
-
-
-def _check_mesh(spec: Spec, world: int, c: _Checks) -> MeshShape | None:
-    """ep × dp = world; experts fit the strategy; explicit ranks exist. Reports into ``c``."""
-    pl = spec.placement
-    p = ("placement",)
-    before = len(c.issues)
-    if pl.mesh is not None and pl.mesh.size != world:
-        c.error(p + ("mesh",), f"the mesh is {pl.mesh.nodes} × {pl.mesh.devices_per_node} = {pl.mesh.size} "
-                f"devices, but the run has {world} processes")
-        return None
-    nodes, per_node = (pl.mesh.nodes, pl.mesh.devices_per_node) if pl.mesh else (1, world)
-    ep, dp = pl.expert_parallel, pl.data_parallel
-    if ep is None and dp is None:
-        ep, dp = world, 1
-    elif ep is None:
-        ep = world // dp if world % dp == 0 else None
-    elif dp is None:
-        dp = world // ep if world % ep == 0 else None
-    if ep is None or dp is None or ep * dp != world:
-        given = " × ".join(f"{n} {v}" for n, v in (("expert_parallel", pl.expert_parallel),
-                                                      ("data_parallel", pl.data_parallel)) if v is not None)
-        where = p + ("expert_parallel" if pl.expert_parallel is not None else "data_parallel",)
-        c.error(where, f"{given} does not make the mesh of {world} devices",
-                "expert_parallel × data_parallel must equal nodes × devices_per_node")
-        return None
-    ex = p + ("experts",)
-    for layer in spec.moe_layers:
-        E = layer.config.experts.count
-        at = format_path(layer.path)
-        if pl.strategy == "contiguous" and E % ep:
-            c.error(ex, f"contiguous placement splits experts evenly, but the {E} experts of the MoE layer at "
-                    f"{at} do not divide over {ep} expert-parallel ranks",
-                    "use round_robin or explicit, or a count divisible by expert_parallel")
-        elif pl.strategy == "round_robin" and E < ep:
-            c.error(ex, f"round_robin leaves ranks {E}..{ep - 1} without experts: the MoE layer at {at} has "
-                    f"only {E} experts for {ep} expert-parallel ranks")
-        m = pl.map_for(layer.moe_index)
-        if pl.strategy == "explicit" and m is not None:
-            where = ex + (("layers", str(layer.moe_index)) if layer.moe_index in dict(pl.layer_maps) else ("map",))
-            for e, ranks in enumerate(m):
-                bad = [r for r in ranks if r >= ep]
-                if bad:
-                    c.error(where + (e,), f"expert {e} is placed on rank {bad[0]}, which does not exist "
-                            f"(expert-parallel ranks are 0..{ep - 1})")
-    for e, n in pl.replicas:
-        if n > ep:
-            c.error(ex + ("replicas", str(e)), f"{n} copies of expert {e} need {n} distinct ranks; "
-                    f"there are {ep} expert-parallel ranks")
-    if len(c.issues) > before:
-        return None
-    return MeshShape(world=world, nodes=nodes, devices_per_node=per_node, expert_parallel=ep, data_parallel=dp)
+                     all_to_all=d.get("all_to_all", Placement.all_to_all))
 
 
 # ----------------------------------------------------------------------------- train
@@ -484,7 +277,3 @@ def _train(d: dict, model: Model, c: _Checks) -> Train:
     if seq > model.max_seq_len:
         c.error(("train", "seq_len"), f"seq_len {seq} exceeds model.max_seq_len {model.max_seq_len}")
     return _take(Train, d, seq_len=seq)
-
-
-_BUILDERS = {"embedding": _embedding, "attention": _attention, "lstm": _lstm, "ffn": _ffn, "moe": _moe,
-             "norm": _norm, "head": _head}

@@ -153,11 +153,75 @@ def test_compile_cli_shows_all_to_alls_only_with_several_ranks(capsys, tmp_path)
 
 
 def test_plan_cli_switch_c(capsys):
-    assert main(["plan", str(ROOT / "specs" / "switch-c-2048.yaml"), "--json"]) == 0
+    assert main(["plan", str(ROOT / "specs" / "switch-c-2048.yaml"), "--json", "--device", "cuda"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["params_total"] == pytest.approx(1.571e12, rel=0.01)
     assert plan["world"] == 2048 and plan["expert_parallel"] == 2048
     assert plan["a2a_send_bytes"]["inter"] > 0 and plan["capturable"]
+
+
+def test_compile_cli_prints_the_packed_graph_a_cpu_run_executes_by_default(capsys):
+    assert main(["compile", str(ROOT / "specs" / "switch.yaml"), "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "graph of rank 0 of 2 (torch.fx), layout packed (as a CPU run executes)" in out
+    assert "dispatch_packed(" in out and "combine_packed(" in out and "ops_dispatch(" not in out
+    # the model a CPU run builds has the same nodes
+    cpu = moedsl.build_model(spec("switch"))
+    assert "dispatch_packed(" in cpu.code
+
+
+def test_compile_cli_device_cuda_prints_the_padded_graph(capsys):
+    assert main(["compile", str(ROOT / "specs" / "switch.yaml"), "--world-size", "2", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "layout padded [E, C, d] (as a GPU run executes)" in out
+    assert "ops_dispatch(" in out and "dispatch_packed(" not in out
+    assert main(["compile", str(ROOT / "specs" / "switch.yaml"), "--layout", "static"]) == 0
+    out = capsys.readouterr().out
+    assert "layout padded [E, C, d] (--layout static; a CPU run executes packed)" in out
+    assert "ops_dispatch(" in out
+
+
+def test_plan_json_says_which_layout_and_device(capsys):
+    for argv, want in ((["--json"], ("grouped", "cpu", False, "packed")),
+                       (["--json", "--device", "cuda"], ("static", "cuda", True, "capacity")),
+                       (["--json", "--device", "cuda", "--layout", "grouped"], ("grouped", "cuda", False, "packed"))):
+        assert main(["plan", str(ROOT / "specs" / "switch.yaml"), *argv]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        assert (plan["layout"], plan["device"], plan["capturable"], plan["layers"][0]["layout"]) == want
+    assert main(["plan", str(ROOT / "specs" / "switch.yaml")]) == 0
+    assert "layout packed (as a CPU run executes)" in capsys.readouterr().out
+
+
+def test_forward_on_a_batch_the_routing_groups_do_not_divide_names_the_gate():
+    model = moedsl.build_model(spec("switch"))  # routing_groups: 4
+    with pytest.raises(ValueError, match=r"^layers\.2\.moe\.gate\.routing_groups = 4 does not divide the batch "
+                       r"of 21 sequences × 5 tokens \(105 tokens\)$") as ei:
+        model(torch.randint(0, 256, (21, 5)))
+    assert isinstance(ei.value, moedsl.MoedslError)
+    assert model(torch.randint(0, 256, (2, 32))).output.shape == (2, 32, 256)  # 64 tokens: 4 groups of 16
+
+
+def test_compile_cli_batch_the_routing_groups_do_not_divide_is_one_line_exit_2(capsys):
+    assert main(["plan", str(ROOT / "specs" / "switch.yaml"), "--batch", "21"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert "layers[1].block[1].moe.gate.routing_groups: routing_groups = 4 does not divide the batch of 21 " \
+           "sequences (--batch is 21" in err[0]
+    assert main(["compile", str(ROOT / "specs" / "switch.yaml"), "--batch", "8", "--world-size", "4"]) == 0
+    capsys.readouterr()
+
+
+def test_check_batch_returns_every_issue_of_a_batch():
+    from moedsl.validate import check_batch
+
+    s = spec("switch")
+    assert check_batch(s, 16, 4) == []
+    issues = check_batch(s, 6, 4, origin="--batch")
+    assert [i.message for i in issues] == ["routing_groups = 4 does not divide the batch of 6 sequences",
+                                          "the batch of 6 sequences does not split over 4 processes"]
+    assert issues[0].line == 25 and "--batch is 6" in issues[0].hint
+    with pytest.raises(moedsl.SpecError, match="routing_groups = 4 does not divide the batch of 6"):
+        compile_graph(s, world_size=1, batch=(6, 32))
 
 
 def test_plan_bytes_for_a_static_layer():

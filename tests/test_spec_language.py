@@ -11,6 +11,7 @@ import pytest
 
 import moedsl
 from moedsl import SpecError, load_spec
+from moedsl.errors import format_path
 from moedsl import spec as S
 from moedsl.cli import main
 from moedsl.params import count_parameters
@@ -259,3 +260,46 @@ def test_validate_world_size_option(capsys):
     assert main(["validate", "--world-size", "4", str(ROOT / "specs" / "switch.yaml")]) == 0
     assert main(["validate", "--world-size", "3", str(ROOT / "specs" / "switch.yaml")]) == 2
     assert "expert-parallel ranks" in capsys.readouterr().err
+
+
+def test_dtype_names_are_one_table_that_the_schema_enum_lists():
+    import torch
+
+    from moedsl import dtypes
+    from moedsl.compiler.plan import BYTES
+
+    assert tuple(schema()["$defs"]["dtype"]["enum"]) == dtypes.NAMES
+    assert BYTES is dtypes.BYTES  # the old name, the same table
+    spelled = [p.relative_to(ROOT).as_posix() for folder in ("moedsl", "compiler") for p in (ROOT / folder).rglob("*.py")
+               if '"bfloat16"' in p.read_text() and p.name != "dtypes.py"]
+    assert not spelled, f"dtype names written again in {spelled}"
+    for name in dtypes.NAMES:
+        assert torch.tensor([], dtype=dtypes.torch_dtype(name)).element_size() == dtypes.itemsize(name) == BYTES[name]
+    assert dtypes.autocast_dtype("float32") is None and dtypes.autocast_dtype("bfloat16") is torch.bfloat16
+
+
+def test_the_mesh_lives_in_moedsl_mesh_and_validate_keeps_its_old_names():
+    from moedsl import mesh, validate
+
+    assert validate.MeshShape is mesh.MeshShape and validate.resolve_mesh is mesh.resolve_mesh
+    code = "import sys, moedsl.mesh; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_layer_that_is_also_a_repeat_inside_a_block_is_one_located_error():
+    text = BASE.replace("  - moe:\n", "  - repeat: 1\n    block:\n    - attention: {heads: 2}\n      repeat: 2\n  - moe:\n")
+    issues = errors_of(text)
+    assert [(format_path(i.path), i.message) for i in issues] == [
+        ("layers[1].block[0]", "a layer cannot be both 'attention' and 'repeat'")]
+
+
+def test_validate_world_size_also_checks_that_the_batch_splits_over_the_processes(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(BASE.replace("gate: {type: switch}", "gate: {type: switch, routing_groups: 2}")
+                    + "train: {batch_size: 6}\n")
+    assert main(["validate", "--world-size", "2", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["validate", "--world-size", "4", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.batch_size: the batch of 6 sequences does not split over 4 processes" in err[0]

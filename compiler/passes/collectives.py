@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from moedsl.nn import moe_ops
-from moedsl.validate import MeshShape
+from moedsl.mesh import MeshShape
 
 from .. import collectives as C
 from ..lower import Lowered
@@ -39,7 +39,7 @@ class LayerComm:
 def routing_scope(info, world: int) -> tuple[str, int]:
     g = info.config.gate
     lw = info.config.losses
-    per_token = not g.has_capacity and g.type != "expert_choice" and not (lw.importance or lw.load or lw.balance)
+    per_token = not g.has_capacity and not (lw.importance or lw.load or lw.balance)  # (expert choice: a capacity)
     if world == 1:
         return "local", g.routing_groups
     if g.routing_groups % world == 0:
@@ -69,6 +69,8 @@ def insert_collectives(low: Lowered, spec, mesh: MeshShape, rank: int, placement
         nodes = _layer_nodes(g, name)
         scope, groups = routing_scope(info, world)
         layout = info.layout if scope == "local" else "packed"
+        tokens = nodes["tokens"]  # the batch check counts the sequences of every rank
+        tokens.args = tokens.args[:3] + (world,)
         route = nodes["route"]
         flat, ids = route.args[0], route.args[1]
         local_route = route

@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass
 
 from moedsl import spec as S
-from moedsl.validate import MeshShape
+from moedsl.mesh import MeshShape
 
 from ..lower import Lowered, make_experts
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+from moedsl.kinds.gates import gate_type
+
 
 @dataclass(frozen=True)
 class StaticInfo:
@@ -30,7 +32,7 @@ def static_shapes_pass(graph: fx.Graph, low, comms: dict, placements: dict, mesh
         S = B * T
         if static:
             n = S // comm.groups
-            c = n if gate.type == "softmax" else gate.capacity(n, info.config.experts.count)
+            c = n if gate_type(gate.type).dense else gate.capacity(n, info.config.experts.count)
             C = comm.groups * c
             E = info.config.experts.count
             E_local = len(placements[info.name].slots[ep_rank])

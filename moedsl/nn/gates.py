@@ -21,12 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import spec as S
+from ..dtypes import torch_dtype
 from . import rng
 from .grouped import grouped_matmul
 from .routing import (Routing, assign_slots, balance_loss, bucket_positions, counts, cv_squared, load_estimate,
                       z_loss)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Gate(nn.Module):
         super().__init__()
         self.spec, self.loss_weights = gate, losses
         self.d_model, self.num_experts = d_model, num_experts
-        self.router_dtype = DTYPES[router_dtype]
+        self.router_dtype = torch_dtype(router_dtype)
         self.seed, self.layer = seed, layer
         self.register_buffer("rng_step", torch.zeros((), dtype=torch.int64))
         if gate.bias_balancing_rate is not None:
@@ -329,9 +329,12 @@ class HashGate(Gate):
 
     def __init__(self, *a, vocab_size: int, **kw):
         super().__init__(*a, **kw)
-        ids = torch.arange(vocab_size, dtype=torch.int64)
-        table = (rng.uniform(self.spec.hash_seed, rng.stream_id("hash"), ids, torch.float64)
-                 * self.num_experts).long().clamp_(max=self.num_experts - 1)
+        if torch.get_default_device().type == "meta":  # nothing to draw (and no tracing machinery to import)
+            table = torch.empty(vocab_size, dtype=torch.int64)
+        else:
+            ids = torch.arange(vocab_size, dtype=torch.int64)
+            table = (rng.uniform(self.spec.hash_seed, rng.stream_id("hash"), ids, torch.float64)
+                     * self.num_experts).long().clamp_(max=self.num_experts - 1)
         self.register_buffer("table", table)
 
     def choose(self, x, ids, gidx):
@@ -474,17 +477,15 @@ class HierarchicalGate(Gate):
         return cv_squared(load_h.reshape(G, a * b)).mean()
 
 
-GATES = {"softmax": SoftmaxGate, "noisy_topk": NoisyTopKGate, "topk": TopKGate, "switch": SwitchGate,
-         "gshard": GShardGate, "expert_choice": ExpertChoiceGate, "hash": HashGate}
-
-
 def make_gate(moe: S.MoE, d_model: int, router_dtype: str, seed: int, layer: int, init_std: float,
               vocab_size: Optional[int] = None) -> Gate:
     kw = dict(router_dtype=router_dtype, seed=seed, layer=layer)
     E = moe.experts.count
     if moe.hierarchy is not None:
         return HierarchicalGate(moe.gate, moe.losses, d_model, E, moe.hierarchy, init_std=init_std, **kw)
-    cls = GATES[moe.gate.type]
+    from ..kinds.gates import gate_type
+
+    cls = gate_type(moe.gate.type).module_class()
     if cls is HashGate:
         return HashGate(moe.gate, moe.losses, d_model, E, vocab_size=vocab_size, **kw)
     if cls is NoisyTopKGate:

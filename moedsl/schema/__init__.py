@@ -13,7 +13,6 @@ from typing import Any, Iterator
 from ..errors import Issue, format_path
 
 SCHEMA_FILE = "moedsl.schema.json"
-LAYER_KINDS = ("embedding", "attention", "lstm", "ffn", "moe", "norm", "head")
 
 
 @functools.cache
@@ -33,6 +32,39 @@ def _validator():
     cls = jsonschema.Draft202012Validator
     cls.check_schema(schema())
     return cls(schema())
+
+
+def __getattr__(name: str):
+    if name == "LAYER_KINDS":  # the kinds the schema admits, read from it (its `layer_kinds` enum)
+        return layer_kinds()
+    raise AttributeError(name)
+
+
+@functools.cache
+def layer_kinds() -> tuple:
+    return tuple(schema()["$defs"]["layer_kinds"]["enum"])
+
+
+@functools.cache
+def _defaults(name: str) -> tuple:
+    found: dict = {}
+    stack = [schema()["$defs"][name]]
+    while stack:
+        s = stack.pop()
+        for key, sub in s.get("properties", {}).items():
+            if isinstance(sub, dict) and "default" in sub:
+                found.setdefault(key, sub["default"])
+        if "$ref" in s:
+            stack.append(schema()["$defs"][s["$ref"].rsplit("/", 1)[-1]])
+        stack += s.get("allOf", [])
+    return tuple(found.items())
+
+
+def defaults(name: str) -> dict:
+    """The ``default`` annotations of definition ``name``'s properties, through ``$ref`` (a
+    sublayer's ``residual`` and ``prenorm``): the one place a default is written. The typed
+    spec's dataclasses take their defaults from here."""
+    return dict(_defaults(name))
 
 
 def _resolve(sub: Any) -> Any:
@@ -208,8 +240,8 @@ def _translate(err, located) -> Iterator[Issue]:
 def _one_of(err, path, inst, located) -> Iterator[Issue]:
     branches = err.validator_value
     # a layer item: exactly one kind key, or repeat + block, or cycle
-    if isinstance(inst, dict) and any("required" in b and b["required"][0] in LAYER_KINDS for b in branches):
-        kinds = [k for k in inst if k in LAYER_KINDS]
+    if isinstance(inst, dict) and any("required" in b and b["required"][0] in layer_kinds() for b in branches):
+        kinds = [k for k in inst if k in layer_kinds()]
         structural = [k for k in ("repeat", "block", "cycle") if k in inst]
         if len(kinds) > 1:
             yield located.issue(path, f"a layer has exactly one kind, this one has {len(kinds)}: "
@@ -223,7 +255,7 @@ def _one_of(err, path, inst, located) -> Iterator[Issue]:
         elif "cycle" in inst and ("repeat" in inst or "block" in inst):
             yield located.issue(path, "'cycle' is a layer of its own inside a block, not part of a repeat")
         elif not inst:
-            yield located.issue(path, f"empty layer: expected one of {_choices(LAYER_KINDS)}, or a repeat block")
+            yield located.issue(path, f"empty layer: expected one of {_choices(layer_kinds())}, or a repeat block")
         # else: only unknown keys; additionalProperties reports them
         return
     if isinstance(inst, dict) and {"gate", "hierarchy"} <= {k for b in branches for k in b.get("required", [])}:

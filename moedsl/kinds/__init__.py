@@ -1,0 +1,130 @@
+"""The words of the spec language: every layer kind in one module of this package, registered
+by its YAML key; every gate type in one module of ``moedsl.kinds.gates``.
+
+A layer kind's module says, in one place,
+
+- its fields: a frozen dataclass whose defaults are the JSON Schema's ``default`` annotations
+  (``moedsl.schema.defaults``), so a default is written once;
+- its checks: ``build`` turns the YAML mapping into the dataclass and reports what the schema
+  cannot express through ``Checks.error(path, message, hint)``;
+- its ``nn.Module`` (``module``), its parameters (counted from that module built on the meta
+  device) and its forward FLOPs and activations per token (for the Plan);
+- its lowering into the ``torch.fx`` graph (``lower``).
+
+Its schema entry (the ``$defs`` definition named like the kind, and the kind's name in the
+``layer_kinds`` enum and the ``layer`` / ``block_layer`` properties) stays in
+``moedsl/schema/moedsl.schema.json``, the one file editors read. Importing this package does
+not import torch: modules and lowerings import it when called.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import fields
+from typing import Any, Optional
+
+_KINDS: dict[str, "LayerKind"] = {}
+
+
+def take(cls, data: Optional[dict], **resolved):
+    """Build dataclass ``cls`` from the keys of ``data`` it has, plus resolved values."""
+    names = {f.name for f in fields(cls)}
+    kwargs = {k: v for k, v in (data or {}).items() if k in names}
+    kwargs.update(resolved)
+    return cls(**kwargs)
+
+
+class LayerKind:
+    """One layer kind. A kind's module subclasses this, sets the class attributes, overrides what
+    differs from the defaults below, and calls ``register`` with an instance."""
+
+    name: str  # the YAML key, e.g. "attention"
+    config: type  # its frozen dataclass
+    sublayer: bool = False  # a pre-norm residual sublayer: `residual` and `prenorm` apply
+    place: Optional[str] = None  # "first" / "last": the only place in the stack it may stand
+    needs_tokens: bool = False  # only with model.input: tokens
+
+    # -- the spec ------------------------------------------------------------------------------
+    def build(self, data: dict, path: tuple, model, checks) -> Any:
+        """The typed config of one YAML item (``data``: its schema-valid mapping, at ``path``);
+        semantic mistakes go to ``checks.error(path + (key,), message, hint)``."""
+        return take(self.config, data)
+
+    def check_stack(self, layer, model, once) -> None:
+        """Checks that need the layer's neighbours or the model; ``once(path, message, hint)``."""
+
+    # -- the module ----------------------------------------------------------------------------
+    def module(self, cfg, model):
+        """The ``nn.Module`` of one layer of this kind (made on torch's current default device)."""
+        raise NotImplementedError
+
+    def parameters(self, cfg, model) -> tuple[int, int]:
+        """(parameters, those one token uses), counted from the module on the meta device."""
+        n = meta_numel(self, cfg, model)
+        return n, n
+
+    # -- the plan ------------------------------------------------------------------------------
+    def flops(self, cfg, model, seq: int) -> float:
+        """Forward FLOPs per token: 2 per multiply-add of its weights (override what differs)."""
+        return 2.0 * self.parameters(cfg, model)[1]
+
+    def activations(self, cfg, model) -> float:
+        """Activation elements per token kept for the backward (the Plan's estimate)."""
+        return float(model.d_model)
+
+    # -- the graph -----------------------------------------------------------------------------
+    def target(self, layer) -> str:
+        """The qualified name of its module in the GraphModule."""
+        return f"layers.{layer.index}.{self.name}"
+
+    def lower(self, ctx, layer, x):
+        """Add the layer's nodes to ``ctx``'s graph (``moedsl.compiler.lower.LowerContext``); return
+        its output node. A sublayer gets its (pre-normed) input; the residual is added around it."""
+        target = ctx.module(self.target(layer), lambda: self.module(layer.config, ctx.model))
+        return ctx.call_module(target, (x,), ctx.node_name(layer, self.name))
+
+
+def register(kind: LayerKind) -> LayerKind:
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def layer_kind(name: str) -> LayerKind:
+    return _KINDS[name]
+
+
+def layer_kinds() -> dict[str, LayerKind]:
+    return dict(_KINDS)
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_numel(kind: LayerKind, cfg, model) -> int:
+    import torch
+
+    with torch.device("meta"):
+        module = kind.module(cfg, model)
+    return sum(p.numel() for p in module.parameters())
+
+
+def meta_numel(kind: LayerKind, cfg, model) -> int:
+    """Parameters of ``kind.module(cfg, model)``, built on the meta device (nothing allocated;
+    cached: the repeated layers of a stack share their config)."""
+    return _meta_numel(kind, cfg, model)
+
+
+def norm_numel(kind: str, model) -> int:
+    """Parameters of a norm of type ``kind`` over d_model (a sublayer's pre-norm)."""
+    from .norm import Norm, NORM
+
+    return meta_numel(NORM, Norm(type=kind, eps=model.norm_eps), model)
+
+
+def import_all(package: str, path) -> None:
+    """Import every module of a package: each registers its kind (adding one is adding a file)."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(path), key=lambda m: m.name):
+        importlib.import_module(f"{package}.{info.name}")
+
+
+import_all(__name__, __path__)  # the gates (a subpackage) come first: the MoE layer uses them

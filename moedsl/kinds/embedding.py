@@ -1,0 +1,45 @@
+"""``embedding``: the token embedding (model.input: tokens), optionally with learned absolute
+positions (Vaswani et al. 2017, §3.5's learned variant)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moedsl.schema import defaults
+
+from . import LayerKind, register
+
+_D = defaults("embedding")
+
+
+@dataclass(frozen=True)
+class Embedding:
+    positions: str = _D["positions"]  # none | learned
+
+
+class EmbeddingKind(LayerKind):
+    name = "embedding"
+    config = Embedding
+    place = "first"
+    needs_tokens = True
+
+    def module(self, cfg: Embedding, model):
+        from moedsl.nn.layers import Embedding as Module
+
+        return Module(model.vocab_size, model.d_model, model.max_seq_len, cfg.positions, model.init_std)
+
+    def parameters(self, cfg, model) -> tuple[int, int]:
+        n = super().parameters(cfg, model)[0]
+        return n, n  # counted whole, as the papers count "active" (Mixtral: 13B of 47B)
+
+    def flops(self, cfg, model, seq: int) -> float:
+        return 0.0  # a lookup
+
+    def target(self, layer) -> str:
+        return "embedding"
+
+    def lower(self, ctx, layer, x):
+        target = ctx.module("embedding", lambda: self.module(layer.config, ctx.model))
+        return ctx.call_module(target, (x,), "embedding")
+
+
+register(EmbeddingKind())

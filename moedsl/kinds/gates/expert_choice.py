@@ -1,0 +1,30 @@
+"""``expert_choice``: each expert picks its top capacity_factor·n/E tokens (Zhou et al. 2022,
+§3.1, capacity factor 2 in their main results); an optional cap on the experts per token (§3.2)."""
+from __future__ import annotations
+
+from . import GateType, register
+
+
+class ExpertChoice(GateType):
+    name = "expert_choice"
+    module = "ExpertChoiceGate"
+    options = frozenset({"capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy", "routing_groups",
+                         "max_experts_per_token", "jitter"})
+    losses = frozenset({"z_loss"})
+    losses_note = "expert choice is balanced by construction"
+    default_capacity = 2.0
+    can_be_dropless = False
+
+    def k(self, g, experts):
+        return 0  # experts pick tokens
+
+    def experts_per_token(self, gate, experts):
+        return min(float(gate.capacity_factor), float(experts))
+
+    def check(self, g, path, experts, checks):
+        cap = g.get("max_experts_per_token")
+        if cap is not None and cap > experts:
+            checks.error(path + ("max_experts_per_token",), f"max_experts_per_token {cap} exceeds the {experts} experts")
+
+
+register(ExpertChoice())

@@ -1,0 +1,23 @@
+"""``gshard``: GShard's top-2 gating (Lepikhin et al. 2021, Algorithm 1): g1, g2 normalised, the
+second expert kept with probability min(1, 2·g2), capacity factor 1."""
+from __future__ import annotations
+
+from . import CAPACITY_KEYS, GateType, register
+
+
+class GShard(GateType):
+    name = "gshard"
+    module = "GShardGate"
+    options = frozenset({"k", "second_expert", "normalize", "jitter", "bias_balancing", *CAPACITY_KEYS})
+    losses = frozenset({"importance", "balance", "z_loss"})
+    default_capacity = 1.0
+
+    def k(self, g, experts):
+        return 2
+
+    def check(self, g, path, experts, checks):
+        if experts < 2:
+            checks.error(path + ("type",), f"gshard routes to 2 experts but the layer has {experts}")
+
+
+register(GShard())

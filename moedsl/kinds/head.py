@@ -1,0 +1,49 @@
+"""``head``: the output projection to vocabulary logits (model.input: tokens); with
+``model.tie_embeddings`` it multiplies by the embedding's weight (Press & Wolf 2017)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moedsl.schema import defaults
+
+from . import LayerKind, register
+
+_D = defaults("head")
+
+
+@dataclass(frozen=True)
+class Head:
+    bias: bool = _D["bias"]
+
+
+class HeadKind(LayerKind):
+    name = "head"
+    config = Head
+    place = "last"
+    needs_tokens = True
+
+    def module(self, cfg: Head, model, tied=None):
+        from moedsl.nn.layers import Head as Module
+
+        if model.tie_embeddings and tied is None:  # counting: the embedding holds the weight
+            tied = object()
+        return Module(model.d_model, model.vocab_size, cfg.bias, model.init_std, tied=tied)
+
+    def flops(self, cfg, model, seq: int) -> float:
+        return 2.0 * model.d_model * model.vocab_size  # tied or not, the projection is computed
+
+    def activations(self, cfg, model) -> float:
+        return float(model.vocab_size)
+
+    def target(self, layer) -> str:
+        return "head"
+
+    def lower(self, ctx, layer, x):
+        m = ctx.model
+        tied = ctx.modules.get("embedding") if m.tie_embeddings else None
+        ctx.module("head", lambda: self.module(layer.config, m, tied=tied))
+        args = (x, ctx.graph.get_attr("embedding.weight")) if m.tie_embeddings else (x,)
+        return ctx.call_module("head", args, "head")
+
+
+register(HeadKind())

@@ -1,0 +1,390 @@
+"""``moe``: a Mixture-of-Experts sublayer (Shazeer et al. 2017): a gate (a type of
+``moedsl.kinds.gates``) or a two-level ``hierarchy`` of gates routes each token to experts;
+optional shared experts see every token (DeepSeekMoE, Dai et al. 2024, §3.2).
+
+In the graph it is explicit nodes,
+
+    layers_i_tokens -> layers_i_route (gate) -> layers_i_dispatch -> layers_i_experts -> layers_i_combine
+
+plus the shared experts, the aux loss and the router statistics. Its experts module is not
+made here at lowering: the placement pass makes it (``make_experts``), holding only the
+experts its rank hosts.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from moedsl.checks import a as _a
+from moedsl.schema import defaults
+
+from . import LayerKind, register, take
+from .ffn import GLU_ACTIVATIONS
+from .gates import gate_type, gate_types
+
+_EXPERTS, _GATE, _SUB = defaults("experts"), defaults("gate"), defaults("sub_gate")
+_LOSSES, _MOE = defaults("losses"), defaults("moe")
+
+
+@dataclass(frozen=True)
+class SharedExperts:
+    count: int
+    hidden: int  # resolved: defaults to experts.hidden
+
+
+@dataclass(frozen=True)
+class Experts:
+    count: int
+    hidden: int
+    activation: str = _EXPERTS["activation"]
+    bias: bool = _EXPERTS["bias"]
+    dropout: float = _EXPERTS["dropout"]
+    init_scale: float = _EXPERTS["init_scale"]
+    shared: Optional[SharedExperts] = None
+
+    @property
+    def glu(self) -> bool:
+        return self.activation in GLU_ACTIVATIONS
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The routing of one MoE layer.
+
+    For a hierarchical MoE, ``type == "hierarchical"``, ``k`` is the total number of
+    experts per token (primary k × secondary k) and the sub-gates live in ``Hierarchy``.
+    ``capacity_factor is None`` means no capacity (dropless, or a dense softmax gate).
+    """
+
+    type: str
+    k: int  # experts per token; expert_choice: 0 (experts pick tokens); softmax: experts.count
+    capacity_factor: Optional[float] = None
+    eval_capacity_factor: Optional[float] = None
+    min_capacity: int = _GATE["min_capacity"]
+    drop_policy: str = "dropless"  # drop | dropless (resolved per type: see _capacity)
+    drop_priority: str = _GATE["drop_priority"]  # position | score
+    routing_groups: int = _GATE["routing_groups"]
+    jitter: float = 0.0  # resolved per type (switch: 0.01)
+    noise_epsilon: float = _GATE["noise_epsilon"]
+    second_expert: str = _GATE["second_expert"]
+    normalize: bool = _GATE["normalize"]
+    score: str = _GATE["score"]
+    bias_balancing_rate: Optional[float] = None
+    max_experts_per_token: Optional[int] = None
+    hash_seed: int = _GATE["hash_seed"]
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.capacity_factor is not None
+
+    def capacity(self, tokens: int, experts: int, training: bool = True) -> int:
+        """C = ceil(capacity_factor · k · tokens / experts), at least min_capacity.
+
+        For expert choice k is 1 (each expert takes capacity_factor · tokens / E), and no
+        expert can take more tokens than there are; without a capacity, every token fits.
+        """
+        if self.capacity_factor is None:
+            return tokens
+        factor = self.capacity_factor if training else (self.eval_capacity_factor or self.capacity_factor)
+        k = self.k if self.k > 0 else 1
+        c = max(math.ceil(factor * k * tokens / experts - 1e-9), self.min_capacity)
+        if self.k == 0:  # experts choose: an expert cannot take more tokens than there are
+            c = min(c, tokens)
+        return c
+
+
+@dataclass(frozen=True)
+class SubGate:
+    """A gate of one hierarchy level."""
+
+    type: str  # softmax | noisy_topk | topk
+    k: int
+    noise_epsilon: float = _SUB["noise_epsilon"]
+    jitter: float = 0.0
+    normalize: bool = _SUB["normalize"]
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    groups: int
+    experts_per_group: int
+    primary: SubGate
+    secondary: SubGate
+
+
+@dataclass(frozen=True)
+class Losses:
+    importance: float = 0.0
+    load: float = 0.0
+    balance: float = 0.0
+    z_loss: float = 0.0
+
+    def active(self) -> dict[str, float]:
+        return {k: v for k, v in self.__dict__.items() if v}
+
+
+@dataclass(frozen=True)
+class MoE:
+    experts: Experts
+    gate: Gate
+    hierarchy: Optional[Hierarchy] = None
+    losses: Losses = field(default_factory=Losses)
+    residual: bool = _MOE["residual"]
+    prenorm: bool = _MOE["prenorm"]
+
+    @property
+    def experts_per_token(self) -> float:
+        """Routed experts that compute one token on average (expert choice: the capacity factor)."""
+        return gate_type(self.gate.type).experts_per_token(self.gate, self.experts.count)
+
+
+@dataclass(frozen=True)
+class MoEParams:
+    """The parameters of one MoE layer by part, counted from its modules on the meta device."""
+
+    per_expert: int  # one routed expert
+    router: int  # the gate's weights
+    router_active: int  # those one token uses (hierarchical: the primary and its groups' secondaries)
+    shared: int  # the shared experts
+
+
+# ----------------------------------------------------------------------------- the spec
+
+def _capacity(g: dict, p, t: str, k: int, c) -> Gate:
+    """Resolve capacity_factor / drop_policy with the papers' defaults, and refuse contradictions."""
+    gt = gate_type(t)
+    policy = g.get("drop_policy")
+    factor = g.get("capacity_factor")
+    if gt.dense:
+        policy = "dropless"
+    elif policy is None:
+        policy = "drop" if (factor is not None or gt.default_capacity is not None) else "dropless"
+    if policy == "dropless":
+        if not gt.can_be_dropless:
+            c.error(p + ("drop_policy",), f"{_a(t)} gate is defined by its capacity: it cannot be dropless")
+        for key in ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_priority"):
+            if key in g:
+                c.error(p + (key,), f"{key} conflicts with dropless routing (no capacity, nothing dropped)",
+                        "remove it, or set drop_policy: drop", key=True)
+        factor = None
+    elif factor is None:
+        factor = gt.default_capacity
+        if factor is None:
+            c.error(p + ("drop_policy",), "drop_policy: drop needs a capacity_factor",
+                    "add capacity_factor (e.g. 1.25), or use drop_policy: dropless")
+    return take(Gate, {key: g[key] for key in ("eval_capacity_factor", "min_capacity", "drop_priority",
+                                               "routing_groups") if key in g},
+                type=t, k=k, capacity_factor=factor, drop_policy=policy)
+
+
+def _gate(g: dict, p, experts: Experts, c) -> Gate:
+    t = g["type"]
+    gt = gate_type(t)
+    for key in g:
+        if key != "type" and key not in gt.options:
+            homes = sorted(name for name, other in gate_types().items() if key in other.options)
+            c.error(p + (key,), f"{key!r} does not apply to {_a(t)} gate",
+                    f"it is an option of: {', '.join(homes)}" if homes else None, key=True)
+    gt.check(g, p, experts.count, c)
+    gate = _capacity(g, p, t, gt.k(g, experts.count), c)
+    extra = {key: g[key] for key in ("noise_epsilon", "second_expert", "normalize", "score",
+                                     "max_experts_per_token", "hash_seed") if key in g}
+    bias = g.get("bias_balancing")
+    return Gate(**{**gate.__dict__, **extra, "bias_balancing_rate": bias["rate"] if bias else None,
+                   "jitter": g.get("jitter", gt.option_defaults.get("jitter", Gate.jitter))})
+
+
+def _sub_gate(g: dict, p, n: int, what: str, c) -> SubGate:
+    t = g["type"]
+    options = gate_type(t).sub_gate_options
+    for key in g:
+        if key != "type" and key not in options:
+            c.error(p + (key,), f"{key!r} does not apply to {_a(t)} gate", key=True)
+    k = n if gate_type(t).dense else g["k"]
+    if k > n:
+        c.error(p + ("k",), f"k = {k} exceeds the {n} {what.replace('_', ' ')}")
+    return take(SubGate, g, k=k)
+
+
+def _losses(d: dict, p, gate: Gate, hierarchy: Optional[Hierarchy], c) -> Losses:
+    for name, weight in (d.get("losses") or {}).items():
+        gt = gate_type(gate.type)
+        if weight and name not in gt.losses:
+            kinds = ", ".join(sorted(n for n, other in gate_types().items() if name in other.losses))
+            c.error(p + ("losses", name), f"the {name} loss does not apply to {_a(gate.type)} gate",
+                    gt.losses_note or f"it is defined for: {kinds}")
+        elif weight and name == "load" and hierarchy and {hierarchy.primary.type, hierarchy.secondary.type} != {
+                "noisy_topk"}:
+            c.error(p + ("losses", name), "the load loss's estimator uses the gate noise: "
+                    "both hierarchy levels must be noisy_topk")
+    return take(Losses, d.get("losses"))
+
+
+class MoEKind(LayerKind):
+    name = "moe"
+    config = MoE
+    sublayer = True
+
+    def build(self, data, path, model, checks) -> MoE:
+        e = data["experts"]
+        shared = None
+        if "shared" in e:
+            shared = SharedExperts(count=e["shared"]["count"], hidden=e["shared"].get("hidden", e["hidden"]))
+        experts = take(Experts, e, shared=shared)
+        hierarchy = None
+        if "hierarchy" in data:
+            h = data["hierarchy"]
+            hp = path + ("hierarchy",)
+            primary = _sub_gate(h["primary"], hp + ("primary",), h["groups"], "groups", checks)
+            secondary = _sub_gate(h["secondary"], hp + ("secondary",), h["experts_per_group"], "experts_per_group",
+                                  checks)
+            hierarchy = Hierarchy(groups=h["groups"], experts_per_group=h["experts_per_group"],
+                                  primary=primary, secondary=secondary)
+            if h["groups"] * h["experts_per_group"] != experts.count:
+                checks.error(path + ("experts", "count"),
+                             f"experts.count {experts.count} != hierarchy groups {h['groups']} × experts_per_group "
+                             f"{h['experts_per_group']} = {h['groups'] * h['experts_per_group']}")
+            gate = _capacity(h, hp, "hierarchical", primary.k * secondary.k, checks)
+        else:
+            gate = _gate(data["gate"], path + ("gate",), experts, checks)
+        losses = _losses(data, path, gate, hierarchy, checks)
+        return take(MoE, data, experts=experts, gate=gate, hierarchy=hierarchy, losses=losses)
+
+    def check_stack(self, layer, model, once) -> None:
+        if gate_type(layer.config.gate.type).needs_tokens and model.input != "tokens":
+            once(layer.path + ("moe", "gate", "type"),
+                 f"a {layer.config.gate.type} gate routes by token id: it needs model.input: tokens")
+
+    # -- modules ---------------------------------------------------------------------------------
+    def gate_module(self, cfg: MoE, model, seed: int = 0, layer: int = 0):
+        from moedsl.nn.gates import make_gate
+
+        return make_gate(cfg, model.d_model, model.router_dtype, seed, layer, model.init_std, model.vocab_size)
+
+    def shared_module(self, cfg: MoE, model):
+        from moedsl.nn.experts import DenseFFN
+
+        e = cfg.experts
+        return DenseFFN(model.d_model, e.shared.count * e.shared.hidden, e.activation, e.bias, e.dropout,
+                        model.init_std)
+
+    def experts_module(self, cfg: MoE, model, expert_ids, seed: int = 0, layer: int = 0, init: bool = True):
+        from moedsl.nn.experts import Experts as Module
+
+        e = cfg.experts
+        return Module(model.d_model, e.hidden, e.activation, expert_ids, bias=e.bias, dropout=e.dropout,
+                      init_scale=e.init_scale, seed=seed, layer=layer, init=init)
+
+    def parts(self, cfg: MoE, model) -> MoEParams:
+        return _parts(self, cfg, model)
+
+    def parameters(self, cfg: MoE, model) -> tuple[int, int]:
+        n = self.parts(cfg, model)
+        return (n.shared + n.router + cfg.experts.count * n.per_expert,
+                n.shared + n.router_active + round(cfg.experts_per_token * n.per_expert))
+
+    def flops(self, cfg: MoE, model, seq: int) -> float:
+        """The router and shared experts on every token, plus experts_per_token routed experts."""
+        return self.fixed_flops(cfg, model) + 2 * cfg.experts_per_token * self.parts(cfg, model).per_expert
+
+    def fixed_flops(self, cfg: MoE, model) -> float:
+        n = self.parts(cfg, model)
+        return 2.0 * (n.router_active + n.shared)
+
+    def activations(self, cfg: MoE, model) -> float:
+        e = cfg.experts
+        return 3 * model.d_model + cfg.experts_per_token * (2 * model.d_model + (3 if e.glu else 2) * e.hidden)
+
+    # -- the graph -------------------------------------------------------------------------------
+    def target(self, layer) -> str:
+        return f"layers.{layer.index}.experts"
+
+    def lower(self, ctx, layer, x):
+        import operator
+
+        import torch
+
+        from moedsl.nn import moe_ops
+
+        m, cfg = ctx.model, layer.config
+        name = f"layers.{layer.index}"
+        meta = dict(moe_layer=name)
+        # a dense gate is uniform (every expert takes every token): always the batched buffer
+        dense = gate_type(cfg.gate.type).dense
+        layout = "capacity" if (dense or (cfg.gate.has_capacity and ctx.static)) else "packed"
+        ctx.add_moe(name=name, index=layer.index, moe_index=layer.moe_index, config=cfg, layout=layout,
+                    groups=cfg.gate.routing_groups)
+        ctx.module(f"{name}.gate", lambda: self.gate_module(cfg, m, ctx.seed, layer.index))
+        owner = "hierarchy" if cfg.hierarchy is not None else "gate"
+        flat = ctx.call_function(routing_tokens, (x, f"{name}.moe.{owner}", cfg.gate.routing_groups, 1),
+                                 ctx.node_name(layer, "tokens"), **meta, role="tokens")
+        token_ids = ctx.token_ids() if gate_type(cfg.gate.type).needs_tokens else None
+        route = ctx.call_module(f"{name}.gate", (flat, token_ids, 0, cfg.gate.routing_groups),
+                                ctx.node_name(layer, "route"), **meta, role="route")
+        if layout == "capacity":
+            disp = ctx.call_function(moe_ops.dispatch, (flat, route), ctx.node_name(layer, "dispatch"), **meta,
+                                     role="dispatch")
+            ye = ctx.call_module(f"{name}.experts", (disp,), ctx.node_name(layer, "experts"), **meta, role="experts")
+            y = ctx.call_function(moe_ops.combine, (ye, route), ctx.node_name(layer, "combine"), **meta,
+                                  role="combine")
+        else:
+            disp = ctx.call_function(moe_ops.dispatch_packed, (flat, route), ctx.node_name(layer, "dispatch"),
+                                     **meta, role="dispatch")
+            rows = ctx.call_function(getattr, (disp, "rows"), ctx.node_name(layer, "rows"), **meta, role="rows")
+            sizes = ctx.call_function(getattr, (disp, "sizes"), ctx.node_name(layer, "sizes"), **meta, role="sizes")
+            ye = ctx.call_module(f"{name}.experts", (rows, sizes), ctx.node_name(layer, "experts"), **meta,
+                                 role="experts")
+            y = ctx.call_function(moe_ops.combine_packed, (ye, disp, route), ctx.node_name(layer, "combine"),
+                                  **meta, role="combine")
+        if cfg.experts.shared is not None:  # shared experts: one FFN of count × hidden (the sum of count FFNs)
+            ctx.module(f"{name}.shared", lambda: self.shared_module(cfg, m))
+            sh = ctx.call_module(f"{name}.shared", (flat,), ctx.node_name(layer, "shared"), **meta, role="shared")
+            y = ctx.call_function(operator.add, (y, sh), ctx.node_name(layer, "moe_out"), **meta, role="moe_out")
+        y = ctx.call_function(torch.Tensor.view_as, (y, x), ctx.node_name(layer, "unflatten"), **meta,
+                              role="unflatten")
+        ctx.aux.append(ctx.call_function(getattr, (route, "aux_loss"), ctx.node_name(layer, "aux_loss"), **meta,
+                                         role="aux"))
+        ctx.stats.append(ctx.call_function(moe_ops.router_stats, (route, name), ctx.node_name(layer, "router_stats"),
+                                           **meta, role="stats"))
+        return y
+
+
+def routing_tokens(x, gate: str, groups: int, world: int):
+    """x [B, T, d] -> the tokens [B·T, d] the gate routes. The tokens of the global batch (B·T on
+    each of ``world`` ranks) split into ``groups`` equal routing groups: refuse a batch whose do not,
+    naming the gate, before the gate's reshape fails on it."""
+    B, T = x.shape[0], x.shape[1]
+    if (B * T * world) % groups:
+        from moedsl.validate import BatchError
+
+        ranks = f"{world} ranks × " if world > 1 else ""
+        raise BatchError(f"{gate}.routing_groups = {groups} does not divide the batch of {ranks}{B} sequences "
+                         f"× {T} tokens ({B * T * world} tokens)")
+    return x.flatten(0, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _parts(kind: MoEKind, cfg: MoE, model) -> MoEParams:
+    """Counted once per config (the repeated layers of a stack share theirs)."""
+    import torch
+
+    def numel(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    with torch.device("meta"):
+        per_expert = numel(kind.experts_module(cfg, model, [0], init=False))
+        shared = numel(kind.shared_module(cfg, model)) if cfg.experts.shared is not None else 0
+        gate = kind.gate_module(cfg, model)
+    router = numel(gate)
+    h = cfg.hierarchy
+    if h is None:
+        return MoEParams(per_expert=per_expert, router=router, router_active=router, shared=shared)
+    # a token uses the primary gate and the secondary gates of the primary.k groups it is sent to
+    secondary = sum(p.numel() for name, p in gate.named_parameters() if name.startswith("secondary"))
+    active = router - secondary + secondary // h.groups * h.primary.k
+    return MoEParams(per_expert=per_expert, router=router, router_active=active, shared=shared)
+
+
+MOE = register(MoEKind())
