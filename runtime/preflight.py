@@ -146,7 +146,8 @@ def option_problems(spec, o, names: dict) -> list:
 
 
 def placement_problems(spec, o, world: int, names: dict, world_name: str) -> list:
-    """What the number of processes breaks: the batch split, the experts' placement."""
+    """What the number of processes or the batch breaks: the batch split, the experts' placement,
+    the MoE layers' routing groups."""
     from moedsl.validate import resolve_mesh
 
     out = []
@@ -158,6 +159,10 @@ def placement_problems(spec, o, world: int, names: dict, world_name: str) -> lis
         resolve_mesh(spec, world)
     except SpecError as e:
         out += str(e).splitlines()
+    if _whole(o.batch) and o.batch >= 1:  # routing groups must split the batch (and each rank's share)
+        from moedsl.validate import check_batch
+
+        out += [i.format(spec.source) for i in check_batch(spec, o.batch, origin=_name(names, "batch"))]
     return out
 
 
