@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from moedsl import dtypes
 from moedsl.errors import MoedslError
 
 from . import checkpoint as ckpt
@@ -39,9 +40,6 @@ from .optim import LossScale, lr_at, make_optimizer
 from .preflight import check_run
 from .progress import Reporter
 from .step import TrainStep, task_loss
-
-AMP = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class RunOptions:
@@ -130,7 +128,7 @@ class Trainer:
         self.say = Reporter(self.rank, o.progress)
         self.model = build_model(spec, device=self.device, rank=self.rank, world_size=self.world, seed=o.seed,
                                  dtype=torch.float32, layout=layout)
-        self.amp = AMP[spec.model.dtype]
+        self.amp = dtypes.autocast_dtype(spec.model.dtype)  # None: float32, no autocast
         self.graphs = _use_cuda_graphs(o, self.device, self.model.compiled, self.say)
         self.lr = torch.tensor(o.lr, dtype=torch.float32, device=self.device)
         self.opt = make_optimizer(self.model, o, self.lr, capturable=self.graphs)
