@@ -25,7 +25,6 @@ from moedsl.kinds.gates import gate_type
 from moedsl.params import count_parameters, layer_params
 from moedsl.mesh import MeshShape
 
-BYTES = dtypes.BYTES  # the name runtime code imports; the table lives in moedsl.dtypes
 
 
 @dataclass
@@ -90,7 +89,7 @@ def make_plan(spec: S.Spec, compiled) -> Plan:
     mesh, rank = compiled.mesh, compiled.rank
     B_local, T = compiled.static.batch
     m = spec.model
-    wb = BYTES[m.dtype]
+    wb = dtypes.BYTES[m.dtype]
     total, active = count_parameters(spec)
     flops = padded = 0.0
     on_device = experts_here = 0

@@ -13,7 +13,7 @@ from .checks import NoLocation
 from .checks import a as _a
 from .errors import Issue, MoedslError, format_path
 from .kinds import layer_kind, layer_kinds, take
-from .mesh import MeshShape, check_mesh, resolve_mesh  # noqa: F401 - their home is moedsl.mesh; kept importable here
+from .mesh import check_mesh
 from .spec import Layer, Mesh, Model, Placement, Spec, Train
 
 MAX_LAYERS = 10_000  # after repeat expansion

@@ -16,7 +16,9 @@ def _bad(obj) -> bool:
 
 def first_nonfinite(model, inputs: torch.Tensor, amp) -> str:
     """The first module (in execution order) whose output has a NaN or inf, else the first
-    non-finite parameter, else "the loss"."""
+    non-finite parameter, else "the loss". Every module is hooked; a module's hook runs when
+    its forward returns, after those of the modules it called, so the first to see a
+    non-finite output is the innermost one that produced it."""
     found: list = []
 
     def hook(m, a, out, name):
@@ -25,7 +27,7 @@ def first_nonfinite(model, inputs: torch.Tensor, amp) -> str:
 
     hooks = []
     for name, mod in model.named_modules():
-        if name and (not list(mod.children()) or name.endswith((".gate", ".experts", ".attention", ".lstm"))):
+        if name:
             hooks.append(mod.register_forward_hook(lambda m, a, out, name=name: hook(m, a, out, name)))
     try:
         with torch.no_grad(), torch.autocast(inputs.device.type, dtype=amp, enabled=amp is not None):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from moedsl.compiler.collectives import Topology, bind
-from moedsl.validate import MeshShape
+from moedsl.mesh import MeshShape
 
 
 @dataclass

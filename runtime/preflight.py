@@ -148,7 +148,7 @@ def option_problems(spec, o, names: dict) -> list:
 def placement_problems(spec, o, world: int, names: dict, world_name: str) -> list:
     """What the number of processes or the batch breaks: the batch split, the experts' placement,
     the MoE layers' routing groups."""
-    from moedsl.validate import resolve_mesh
+    from moedsl.mesh import resolve_mesh
 
     out = []
     if world > 1 and _whole(o.batch) and o.batch >= 1 and o.batch % world:

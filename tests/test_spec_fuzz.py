@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moedsl import Spec, SpecError, load_spec
-from moedsl.validate import resolve_mesh
+from moedsl.mesh import resolve_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = {p.stem: p.read_text() for p in sorted((ROOT / "specs").glob("*.yaml"))}

@@ -16,7 +16,7 @@ from moedsl import spec as S
 from moedsl.cli import main
 from moedsl.params import count_parameters
 from moedsl.schema import schema
-from moedsl.validate import resolve_mesh
+from moedsl.mesh import resolve_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
@@ -266,22 +266,21 @@ def test_dtype_names_are_one_table_that_the_schema_enum_lists():
     import torch
 
     from moedsl import dtypes
-    from moedsl.compiler.plan import BYTES
 
     assert tuple(schema()["$defs"]["dtype"]["enum"]) == dtypes.NAMES
-    assert BYTES is dtypes.BYTES  # the old name, the same table
-    spelled = [p.relative_to(ROOT).as_posix() for folder in ("moedsl", "compiler") for p in (ROOT / folder).rglob("*.py")
+    spelled = [p.relative_to(ROOT).as_posix() for folder in ("moedsl", "compiler", "runtime")
+               for p in (ROOT / folder).rglob("*.py")
                if '"bfloat16"' in p.read_text() and p.name != "dtypes.py"]
     assert not spelled, f"dtype names written again in {spelled}"
     for name in dtypes.NAMES:
-        assert torch.tensor([], dtype=dtypes.torch_dtype(name)).element_size() == dtypes.itemsize(name) == BYTES[name]
+        assert torch.tensor([], dtype=dtypes.torch_dtype(name)).element_size() == dtypes.itemsize(name) == dtypes.BYTES[name]
     assert dtypes.autocast_dtype("float32") is None and dtypes.autocast_dtype("bfloat16") is torch.bfloat16
 
 
-def test_the_mesh_lives_in_moedsl_mesh_and_validate_keeps_its_old_names():
-    from moedsl import mesh, validate
+def test_the_mesh_lives_in_moedsl_mesh_without_torch():
+    from moedsl import validate
 
-    assert validate.MeshShape is mesh.MeshShape and validate.resolve_mesh is mesh.resolve_mesh
+    assert not hasattr(validate, "MeshShape") and not hasattr(validate, "resolve_mesh")  # one home
     code = "import sys, moedsl.mesh; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
