@@ -47,12 +47,13 @@ def configure_threads(nproc: int = 1, environ: Optional[MutableMapping[str, str]
 
     ``OMP_WAIT_POLICY=passive``: a thread that waits for work (between two parallel ops, at
     a barrier) sleeps at once. By default libgomp spins first, about 3 ms (GOMP_SPINCOUNT
-    300000, libgomp's ``initialize_env``), and a training step runs thousands of short
-    parallel ops: while other processes load the cores, every thread of a team spends its
-    time slices spinning for a teammate that is waiting for a core, and the kernel's
-    scheduler counts the spinning against the team. Measured on the project's 2-core
-    machine, two busy loops made a step of specs/switch.yaml 7-70x slower than quiet (most
-    of its CPU time in libgomp's pause loop, by perf); passive, about 2x (bench/README.md).
+    300000, libgomp's ``initialize_env`` in env.c), and a training step of specs/switch.yaml
+    runs about 820 parallel ops: while other processes load the cores, each thread of the
+    team spends its time slices spinning for a teammate that waits for a core, and the
+    scheduler charges the spinning to the team. Measured on the project's 2-core machine
+    with two busy loops on its cores: a step took 6.3 s (70% of the run's CPU time in
+    libgomp's pause loop, by perf), 0.18 s passive, against 0.11 s without them. The price
+    on an idle machine is a wake-up per parallel op, about 10 us at best (bench/README.md).
 
     ``OMP_NUM_THREADS``: the usable cores split between ``nproc`` processes (at least one
     each), only for ``nproc > 1``: alone, torch's own choice (every core) stands.
