@@ -35,7 +35,9 @@ SETTINGS = {
     "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
     "OMP_WAIT_POLICY=passive": {"OMP_WAIT_POLICY": "passive"},
     "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
+    "GOMP_SPINCOUNT=3000": {"GOMP_SPINCOUNT": "3000"},
     "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"},
+    "GOMP_SPINCOUNT=30000": {"GOMP_SPINCOUNT": "30000"},
 }
 CONFIGURE_THEN_RUN = ("import sys; from moedsl.runtime.cpu import configure_threads; configure_threads(); "
                       "from moedsl.cli import main; sys.exit(main(sys.argv[1:]))")

@@ -52,8 +52,10 @@ def configure_threads(nproc: int = 1, environ: Optional[MutableMapping[str, str]
     team spends its time slices spinning for a teammate that waits for a core, and the
     scheduler charges the spinning to the team. Measured on the project's 2-core machine
     with two busy loops on its cores: a step took 6.3 s (70% of the run's CPU time in
-    libgomp's pause loop, by perf), 0.18 s passive, against 0.11 s without them. The price
-    on an idle machine is a wake-up per parallel op, about 10 us at best (bench/README.md).
+    libgomp's pause loop, by perf), 0.18 s passive. The price is a wake-up per parallel op
+    where the other thread would have been spinning, about 40 us on that (virtual) machine:
+    idle, a step took 0.080 s passive against 0.046 s. Where the cores are one's own, set
+    ``GOMP_SPINCOUNT`` (10000: ~0.24 ms there) or ``OMP_WAIT_POLICY=active`` (bench/README.md).
 
     ``OMP_NUM_THREADS``: the usable cores split between ``nproc`` processes (at least one
     each), only for ``nproc > 1``: alone, torch's own choice (every core) stands.
