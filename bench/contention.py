@@ -75,7 +75,8 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--load", type=int, nargs="+", default=[0, 2], help="busy loops per column")
-    ap.add_argument("--settings", nargs="+", default=["default", CONFIGURED, "OMP_NUM_THREADS=1"], choices=list(SETTINGS))
+    ap.add_argument("--settings", nargs="+", default=["default", CONFIGURED, "OMP_NUM_THREADS=1"],
+                    choices=list(SETTINGS))
     ap.add_argument("--tokens", type=int, default=16 * 64, help="tokens per step (the spec's batch × seq)")
     a = ap.parse_args()
     times = {(s, n): [] for s in a.settings for n in a.load}
@@ -98,7 +99,8 @@ def main() -> None:
     print("| setting | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for s in a.settings:
-        print(f"| {s} | " + " | ".join(f"{statistics.median(times[s, n]):.3f} ({min(times[s, n]):.3f})" for n in a.load) + " |")
+        cells = [f"{statistics.median(times[s, n]):.3f} ({min(times[s, n]):.3f})" for n in a.load]
+        print(f"| {s} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
