@@ -1,4 +1,5 @@
-"""CPU process settings for MoE training.
+"""CPU process settings for MoE training: how torch's OpenMP threads wait and how many
+there are (``configure_threads``), and how malloc keeps freed memory (``keep_freed_memory``).
 
 glibc's malloc returns every freed block of 32 MiB or more (mmap) to the kernel at once, and
 trims its heap whenever 2x its mmap threshold of it is free. A training step allocates
@@ -20,8 +21,52 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
-from typing import Optional
+from typing import MutableMapping, Optional
+
+# The variables that decide how an OpenMP thread waits (libgomp, LLVM's and Intel's runtimes);
+# where the user set any of them, theirs stands.
+_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def configure_threads(nproc: int = 1, environ: Optional[MutableMapping[str, str]] = None) -> bool:
+    """How torch's OpenMP threads wait, and how many each of ``nproc`` processes on this
+    machine gets. Call it before torch is first imported: the OpenMP runtime reads these
+    variables once, when it loads (with ``import torch``). Returns whether it was in time
+    for this process; either way they are in ``environ`` (default ``os.environ``) for the
+    processes it starts. What the user set is left as it is.
+
+    ``OMP_WAIT_POLICY=passive``: a thread that waits for work (between two parallel ops, at
+    a barrier) sleeps at once. By default libgomp spins first, about 3 ms (GOMP_SPINCOUNT
+    300000, libgomp's ``initialize_env`` in env.c), and a training step of specs/switch.yaml
+    runs about 820 parallel ops: while other processes load the cores, each thread of the
+    team spends its time slices spinning for a teammate that waits for a core, and the
+    scheduler charges the spinning to the team. Measured on the project's 2-core machine
+    with two busy loops on its cores: a step took 6.3 s (70% of the run's CPU time in
+    libgomp's pause loop, by perf), 0.18 s passive. The price is a wake-up per parallel op
+    where the other thread would have been spinning, about 40 us on that (virtual) machine:
+    idle, a step took 0.080 s passive against 0.046 s. Where the cores are one's own, set
+    ``GOMP_SPINCOUNT`` (10000: ~0.24 ms there) or ``OMP_WAIT_POLICY=active`` (bench/README.md).
+
+    ``OMP_NUM_THREADS``: the usable cores split between ``nproc`` processes (at least one
+    each), only for ``nproc > 1``: alone, torch's own choice (every core) stands.
+    """
+    env = os.environ if environ is None else environ
+    if not any(v in env for v in _WAIT_VARS):
+        env["OMP_WAIT_POLICY"] = "passive"
+    if nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(usable_cores() // nproc, 1)))
+    return "torch" not in sys.modules
+
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _done = False

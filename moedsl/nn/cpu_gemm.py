@@ -14,7 +14,8 @@ It is compiled once per (source, torch build, compiler) on first use, in about a
 into ``$MOEDSL_CACHE_DIR`` (default ``~/.cache/moedsl``), and loaded with ctypes: no
 torch headers, no build step at install. Where it cannot be used (not Linux, a torch
 without MKL or OpenMP, no C++ compiler, or ``MOEDSL_CPU_KERNEL=0``) ``available()`` is
-False, the reason is in ``why_unavailable()``, and callers fall back to torch's ops.
+False, the reason is in ``why_unavailable()``, moedsl warns once (a RuntimeWarning, whatever the
+reason) and callers fall back to torch's ops.
 """
 from __future__ import annotations
 
@@ -144,8 +145,9 @@ def library() -> Optional[ctypes.CDLL]:
                     _lib = _load()
                 except Exception as e:  # noqa: BLE001 - any failure means: use torch's ops
                     _why = f"could not build or load {_SRC.name}: {e}"
-                    warnings.warn(f"moedsl: the CPU grouped-GEMM kernel is unavailable ({_why}); "
-                                  "using torch's grouped GEMM (slower)", RuntimeWarning, stacklevel=2)
+            if _why is not None:  # whatever the reason, disabled included: said once per process
+                warnings.warn(f"moedsl: the CPU grouped-GEMM kernel is unavailable ({_why}); "
+                              "using torch's grouped GEMM (slower)", RuntimeWarning, stacklevel=2)
             _tried = True
     return _lib
 
