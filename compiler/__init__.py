@@ -91,7 +91,7 @@ def compile_graph(spec: S.Spec, rank: int = 0, world_size: Optional[int] = None,
 
         raise MoedslError(f"rank {rank} is not in a world of {world_size}")
     if batch is not None:  # the spec's own batch was checked with the spec
-        issues = check_batch(spec, batch[0], world_size, origin="the batch")
+        issues = check_batch(spec, batch[0], world_size, origin="the batch", seq=batch[1])
         if issues:
             raise SpecError(issues, spec.source)
     local_batch = per_rank_batch(spec, mesh, batch)

@@ -66,7 +66,7 @@ def _compiled(args):
         batch = (args.batch or spec.train.batch_size, args.seq or spec.train.seq_len)
     if args.batch:  # a mistake of --batch, said as one, before compiling
         world = args.world_size or (spec.placement.mesh.size if spec.placement.mesh else 1)
-        issues = check_batch(spec, args.batch, world, origin="--batch")
+        issues = check_batch(spec, args.batch, world, origin="--batch", seq=batch[1])
         if issues:
             raise SpecError(issues, spec.source)
     # built on the meta device (no weights), in the layout a run on --device executes

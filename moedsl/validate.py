@@ -55,23 +55,31 @@ class BatchError(MoedslError, ValueError):
     """A batch the model cannot route: its sequences do not split into a layer's routing groups."""
 
 
-def routing_groups_issue(layer, batch: int) -> str | None:
-    """What is wrong with routing ``batch`` sequences through MoE ``layer`` (None: nothing). The
-    batch splits into routing_groups groups of whole sequences (GShard's local groups)."""
+def routing_groups_issue(layer, batch: int, seq: int | None = None) -> str | None:
+    """What is wrong with routing ``batch`` sequences through MoE ``layer`` (None: nothing).
+    Without ``seq`` (the spec's own train.batch_size) the batch splits into routing_groups
+    groups of whole sequences (GShard's local groups); with ``seq`` (a batch a run or a
+    forward actually routes) the rule is the gate's own: its batch·seq tokens split evenly."""
     groups = layer.config.gate.routing_groups
-    if batch % groups == 0:
+    if seq is None:
+        if batch % groups == 0:
+            return None
+        return f"routing_groups = {groups} does not divide the batch of {batch} sequences"
+    if (batch * seq) % groups == 0:
         return None
-    return f"routing_groups = {groups} does not divide the batch of {batch} sequences"
+    return (f"routing_groups = {groups} does not divide the batch of {batch} sequences × {seq} tokens "
+            f"({batch * seq} tokens)")
 
 
-def check_batch(spec: Spec, batch: int, world: int = 1, origin: str = "the batch") -> list[Issue]:
-    """Every reason a global batch of ``batch`` sequences on ``world`` processes cannot run
-    ``spec``, as located issues (empty: it can). ``origin`` says where the batch came from
-    (``--batch``, ``train.batch_size``) in the hints."""
+def check_batch(spec: Spec, batch: int, world: int = 1, origin: str = "the batch",
+                seq: int | None = None) -> list[Issue]:
+    """Every reason a global batch of ``batch`` sequences (of ``seq`` tokens, when known) on
+    ``world`` processes cannot run ``spec``, as located issues (empty: it can). ``origin`` says
+    where the batch came from (``--batch``, ``train.batch_size``) in the hints."""
     located = spec.located or NoLocation(spec.source)
     issues: list[Issue] = []
     for layer in spec.moe_layers:
-        problem = routing_groups_issue(layer, batch)
+        problem = routing_groups_issue(layer, batch, seq)
         if problem is None:
             continue
         owner = "hierarchy" if layer.config.hierarchy else "gate"

@@ -508,8 +508,8 @@ def resume(directory: Path, choice, model, optimizer, spec, extra: dict | None =
     every rank follows, so all load the same one."""
     plan = _resume_plan(Path(directory), choice) if rank == 0 else None
     paths, notes, error = _agree(plan, rank, world)
-    if error:  # no checkpoint there, or the one named is not whole: the --resume given does not fit
-        raise UserError(error)
+    if error:  # a user's mistake (nothing there, a named one not whole), or every one broken
+        raise error
     broken = list(notes.pop("broken"))
     notes = notes["removed"]
     for path in paths:
@@ -534,17 +534,18 @@ def _tried(broken: list) -> str:
 
 
 def _resume_plan(directory: Path, choice) -> tuple:
-    """Rank 0: (checkpoints to try in order, {"removed": notes, "broken": [(path, why)]}, error)."""
+    """Rank 0: (checkpoints to try in order, {"removed": notes, "broken": [(path, why)]}, the error to
+    raise on every rank or None)."""
     if choice is not True:
         path = Path(choice)
         why = problem(path)
         if why is not None:
-            return [], {}, f"--resume {path}: {why}"
+            return [], {}, UserError(f"--resume {path}: {why}")
         return [path], {"removed": [], "broken": []}, None
     removed = remove_partial_saves(directory) if directory.is_dir() else []
     found = candidates(directory) if directory.is_dir() else []
     if not found:
-        return [], {}, f"--resume: no checkpoint under {directory}"
+        return [], {}, UserError(f"--resume: no checkpoint under {directory}")
     good, broken = [], []
     for path in found:
         why = problem(path)
@@ -553,7 +554,7 @@ def _resume_plan(directory: Path, choice) -> tuple:
         elif not good:
             broken.append((path, why))
     if not good:
-        return [], {}, f"--resume: no checkpoint under {directory} can be loaded: {_tried(broken)}"
+        return [], {}, MoedslError(f"--resume: no checkpoint under {directory} can be loaded: {_tried(broken)}")
     return good, {"removed": removed, "broken": broken}, None
 
 

@@ -162,7 +162,9 @@ def placement_problems(spec, o, world: int, names: dict, world_name: str) -> lis
     if _whole(o.batch) and o.batch >= 1:  # routing groups must split the batch (and each rank's share)
         from moedsl.validate import check_batch
 
-        out += [i.format(spec.source) for i in check_batch(spec, o.batch, origin=_name(names, "batch"))]
+        if _whole(o.seq) and o.seq >= 1:  # the gate's rule: the batch's tokens split into its groups
+            out += [i.format(spec.source) for i in check_batch(spec, o.batch, origin=_name(names, "batch"),
+                                                                seq=o.seq)]
     return out
 
 

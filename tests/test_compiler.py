@@ -202,11 +202,13 @@ def test_forward_on_a_batch_the_routing_groups_do_not_divide_names_the_gate():
 
 
 def test_compile_cli_batch_the_routing_groups_do_not_divide_is_one_line_exit_2(capsys):
-    assert main(["plan", str(ROOT / "specs" / "switch.yaml"), "--batch", "21"]) == 2
+    assert main(["plan", str(ROOT / "specs" / "switch.yaml"), "--batch", "21", "--seq", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0]
     assert "layers[1].block[1].moe.gate.routing_groups: routing_groups = 4 does not divide the batch of 21 " \
-           "sequences (--batch is 21" in err[0]
+           "sequences × 5 tokens (105 tokens) (--batch is 21" in err[0]
+    assert main(["plan", str(ROOT / "specs" / "switch.yaml"), "--batch", "21"]) == 0  # 21 × 64 tokens: 4 groups
+    capsys.readouterr()
     assert main(["compile", str(ROOT / "specs" / "switch.yaml"), "--batch", "8", "--world-size", "4"]) == 0
     capsys.readouterr()
 
@@ -220,8 +222,9 @@ def test_check_batch_returns_every_issue_of_a_batch():
     assert [i.message for i in issues] == ["routing_groups = 4 does not divide the batch of 6 sequences",
                                           "the batch of 6 sequences does not split over 4 processes"]
     assert issues[0].line == 25 and "--batch is 6" in issues[0].hint
-    with pytest.raises(moedsl.SpecError, match="routing_groups = 4 does not divide the batch of 6"):
-        compile_graph(s, world_size=1, batch=(6, 32))
+    assert check_batch(s, 6, 1, seq=32) == []  # a run's batch: its 192 tokens split into 4 groups
+    with pytest.raises(moedsl.SpecError, match="routing_groups = 4 does not divide the batch of 6 sequences × 5"):
+        compile_graph(s, world_size=1, batch=(6, 5))
 
 
 def test_plan_bytes_for_a_static_layer():

@@ -164,7 +164,8 @@ def test_a_run_set_aside_by_a_start_that_was_killed_is_not_forgotten(tmp_path, c
 
 
 def test_a_batch_the_routing_groups_do_not_divide_is_refused_naming_the_layer(tmp_path, capsys, no_model):
-    lines = refused(capsys, SWITCH, "--batch", "6", "--steps", "1", "--out", tmp_path / "run")
+    lines = refused(capsys, SWITCH, "--batch", "3", "--seq", "10", "--steps", "1", "--out", tmp_path / "run")
     assert len(lines) == 1  # the four repeated MoE layers: one line
-    assert "moe.gate.routing_groups: routing_groups = 4 does not divide the batch of 6 sequences" in lines[0]
-    assert "--batch is 6" in lines[0]
+    assert ("moe.gate.routing_groups: routing_groups = 4 does not divide the batch of 3 sequences × 10 tokens "
+            "(30 tokens)") in lines[0]
+    assert "--batch is 3" in lines[0]

@@ -129,10 +129,11 @@ def test_float16_run_reports_skipped_steps_and_trains(tmp_path):
 def test_dropped_fraction_on_two_processes_equals_one_process(tmp_path):
     """A layer routed over the whole batch (ST-MoE's, on 2 ranks) reports the batch's drops once."""
     def first_row(out, *extra):
-        subprocess.run([sys.executable, "-m", "moedsl", "run", str(ROOT / "specs" / "st-moe.yaml"), "--steps", "1",
-                        "--batch", "8", "--seq", "32", "--eval-batches", "1", "--out", str(out), "--no-progress",
-                        *extra], check=True, capture_output=True, timeout=300, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        res = subprocess.run([sys.executable, "-m", "moedsl", "run", str(ROOT / "specs" / "st-moe.yaml"), "--steps",
+                              "1", "--batch", "8", "--seq", "32", "--eval-batches", "1", "--out", str(out),
+                              "--no-progress", *extra], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr
         return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
 
     one, two = first_row(tmp_path / "one"), first_row(tmp_path / "two", "--nproc", "2")
