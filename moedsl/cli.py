@@ -140,6 +140,9 @@ _RUN_FLAGS = {"steps": "--steps", "batch": "--batch", "seq": "--seq", "lr": "--l
 def _cmd_run(args) -> int:
     import os
 
+    from .runtime.cpu import configure_threads
+
+    configure_threads()  # before torch loads its OpenMP runtime: idle threads sleep, not spin (runtime/cpu.py)
     from .runtime.launcher import bind_to_launcher, launched_worker
 
     bind_to_launcher()  # a worker of `--nproc`: stop when the launcher dies

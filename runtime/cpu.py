@@ -38,31 +38,58 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def configure_threads(nproc: int = 1, environ: Optional[MutableMapping[str, str]] = None) -> bool:
+# How long an idle OpenMP thread of libgomp spins before it sleeps, where the cores are free:
+# ~0.24 ms on the project's machine (libgomp's default, 300000, is ~7 ms).
+SPINCOUNT = "10000"
+
+
+def cores_busy(cores: Optional[int] = None) -> bool:
+    """Whether other work already keeps this machine's cores busy: the 1-minute load average
+    (runnable threads, ours excluded as we have not started) at least the usable cores less
+    half of one."""
+    cores = usable_cores() if cores is None else cores
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return False
+    return load >= cores - 0.5
+
+
+def configure_threads(nproc: int = 1, environ: Optional[MutableMapping[str, str]] = None,
+                      busy: Optional[bool] = None) -> bool:
     """How torch's OpenMP threads wait, and how many each of ``nproc`` processes on this
     machine gets. Call it before torch is first imported: the OpenMP runtime reads these
     variables once, when it loads (with ``import torch``). Returns whether it was in time
     for this process; either way they are in ``environ`` (default ``os.environ``) for the
     processes it starts. What the user set is left as it is.
 
-    ``OMP_WAIT_POLICY=passive``: a thread that waits for work (between two parallel ops, at
-    a barrier) sleeps at once. By default libgomp spins first, about 3 ms (GOMP_SPINCOUNT
-    300000, libgomp's ``initialize_env`` in env.c), and a training step of specs/switch.yaml
-    runs about 820 parallel ops: while other processes load the cores, each thread of the
-    team spends its time slices spinning for a teammate that waits for a core, and the
-    scheduler charges the spinning to the team. Measured on the project's 2-core machine
-    with two busy loops on its cores: a step took 6.3 s (70% of the run's CPU time in
-    libgomp's pause loop, by perf), 0.18 s passive. The price is a wake-up per parallel op
-    where the other thread would have been spinning, about 40 us on that (virtual) machine:
-    idle, a step took 0.080 s passive against 0.046 s. Where the cores are one's own, set
-    ``GOMP_SPINCOUNT`` (10000: ~0.24 ms there) or ``OMP_WAIT_POLICY=active`` (bench/README.md).
+    How a thread waits for work (between two parallel ops, at a barrier): by default libgomp
+    spins about 7 ms first (GOMP_SPINCOUNT 300000, libgomp's ``initialize_env`` in env.c),
+    and a training step of specs/switch.yaml runs about 820 parallel ops. While other
+    processes load the cores, each thread of the team spends its time slices spinning for a
+    teammate that waits for a core: measured on the project's 2-core machine while other
+    processes (busy loops and other training runs) loaded it, a step took 6.3 s (70% of the
+    run's CPU time in libgomp's pause loop, by perf) against 0.04 s alone. So:
+
+    - on a machine whose cores are already busy (``busy``; default: ``cores_busy()``, the load
+      average when the run starts) ``OMP_WAIT_POLICY=passive``: a waiting thread sleeps at
+      once (0.07-0.18 s a step there). It costs a wake-up per parallel op, about 40 us on
+      that machine, which is why it is not the default on a free one (0.079 s a step
+      against 0.041 s, idle);
+    - elsewhere ``GOMP_SPINCOUNT=10000`` (``SPINCOUNT``): a spin of ~0.24 ms, short enough
+      that a thread gives its core back soon when load arrives later, long enough that back
+      to back ops do not sleep (0.041 s a step idle, 0.10 s with two busy loops beside it).
+      bench/README.md has the measurements.
 
     ``OMP_NUM_THREADS``: the usable cores split between ``nproc`` processes (at least one
     each), only for ``nproc > 1``: alone, torch's own choice (every core) stands.
     """
     env = os.environ if environ is None else environ
     if not any(v in env for v in _WAIT_VARS):
-        env["OMP_WAIT_POLICY"] = "passive"
+        if cores_busy() if busy is None else busy:
+            env["OMP_WAIT_POLICY"] = "passive"
+        else:
+            env["GOMP_SPINCOUNT"] = SPINCOUNT
     if nproc > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(usable_cores() // nproc, 1)))
     return "torch" not in sys.modules

@@ -22,6 +22,8 @@ import uuid
 
 from moedsl.errors import MoedslError
 
+from .cpu import configure_threads
+
 LAUNCHER_PID = "MOEDSL_LAUNCHER_PID"  # set for the workers this launcher starts
 SIGNALS = "TORCHELASTIC_SIGNALS_TO_HANDLE"  # the elastic launcher sets it from LaunchConfig.signals_to_handle
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -34,7 +36,7 @@ def launch(nproc: int, argv: list, monitor_interval: float = 0.5) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     _quiet_elastic_logs(logging)
-    os.environ.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // nproc, 1)))
+    configure_threads(nproc)  # the workers inherit it: the cores split between them, threads that sleep
     saved = {k: os.environ.get(k) for k in (LAUNCHER_PID, SIGNALS)}
     os.environ[LAUNCHER_PID] = str(os.getpid())
     # SIGINT stays Python's KeyboardInterrupt here: the agent would otherwise turn it into its own
