@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moedsl.compiler.plan import human_bytes
 from moedsl.errors import MoedslError, UserError, format_path
 
 from .optim import prime_optimizer
@@ -306,8 +307,8 @@ def _not_saved(directory: Path, tmp: Path, final: Path, reasons: list, estimate:
     if full:
         needed = _size(good) if good is not None else estimate
         free = _free(directory)
-        text += f" (it needs about {_human(needed)}"
-        text += f", {_human(free)} free in {directory})" if free is not None else ")"
+        text += f" (it needs about {human_bytes(needed)}"
+        text += f", {human_bytes(free)} free in {directory})" if free is not None else ")"
     if tmp.exists():
         text += f"; its partial save {tmp} could not be removed"
     text += f"; the last good checkpoint is {good}" if good is not None else "; there is no earlier checkpoint"
@@ -384,13 +385,6 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
-def _human(n: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-
-
 def remove_partial_saves(directory: Path) -> list[str]:
     """Remove ``step-….tmp`` folders (saves a killed run left half-written); a note for each."""
     notes = []
@@ -398,7 +392,7 @@ def remove_partial_saves(directory: Path) -> list[str]:
         if tmp.is_dir():
             size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
             shutil.rmtree(tmp, ignore_errors=True)
-            notes.append(f"removed {tmp.name}, a save that did not finish ({_human(size)})")
+            notes.append(f"removed {tmp.name}, a save that did not finish ({human_bytes(size)})")
     return notes
 
 

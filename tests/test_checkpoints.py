@@ -303,7 +303,7 @@ def test_a_partial_save_left_by_a_killed_run_is_removed_on_resume_and_said(tmp_p
     (stale / "__0_0.distcp").write_bytes(bytes(5000))
     capsys.readouterr()
     assert train(tmp_path, tiny(), "--steps", "3", "--resume") == 0
-    assert "removed step-00000004.tmp, a save that did not finish (5.0 KB)" in capsys.readouterr().out
+    assert "removed step-00000004.tmp, a save that did not finish (4.88 KiB)" in capsys.readouterr().out
     assert not stale.exists()
 
 
@@ -353,5 +353,5 @@ def test_a_save_removes_a_partial_save_a_killed_run_left_and_says_so(tmp_path, c
     stale.mkdir()
     (stale / ".metadata").write_bytes(bytes(300))
     ckpt.save(tmp_path, 2, moedsl.build_model(s), None, s, {}, 0, 1)
-    assert "moedsl: removed step-00000009.tmp, a save that did not finish (300 bytes)" in capsys.readouterr().err
+    assert "moedsl: removed step-00000009.tmp, a save that did not finish (300 B)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000002"]
