@@ -70,11 +70,12 @@ def per_rank_batch(spec: S.Spec, mesh: MeshShape, batch: Optional[tuple] = None)
 
 def compile_graph(spec: S.Spec, rank: int = 0, world_size: Optional[int] = None, *, device="meta", seed: int = 0,
                   batch: Optional[tuple] = None, init: bool = True, verify_ranks: bool = True,
-                  layout: str = "auto", target=None) -> Compiled:
+                  layout: str = "auto", target=None, batch_origin: str = "the batch") -> Compiled:
     """Compile ``spec`` for ``rank`` of ``world_size`` (default: the spec's mesh, else 1).
 
     ``device="meta"`` builds the module without allocating weights (any size compiles);
-    ``batch`` = (global batch, sequence) for the static shapes (default: the spec's train).
+    ``batch`` = (global batch, sequence) for the static shapes (default: the spec's train);
+    ``batch_origin`` names where it came from in the error if it does not fit (``--batch``).
     ``layout``: ``static`` (capacity layers as padded [E, C, d] buffers: CUDA-graph
     capturable), ``grouped`` (they compute only their kept rows: less work), or ``auto``:
     grouped on a CPU, where nothing is captured, static elsewhere. ``target``: the device the
@@ -91,7 +92,7 @@ def compile_graph(spec: S.Spec, rank: int = 0, world_size: Optional[int] = None,
 
         raise MoedslError(f"rank {rank} is not in a world of {world_size}")
     if batch is not None:  # the spec's own batch was checked with the spec
-        issues = check_batch(spec, batch[0], world_size, origin="the batch", seq=batch[1])
+        issues = check_batch(spec, batch[0], world_size, origin=batch_origin, seq=batch[1])
         if issues:
             raise SpecError(issues, spec.source)
     local_batch = per_rank_batch(spec, mesh, batch)

@@ -58,20 +58,14 @@ def _compiled(args):
     from .compiler import compile_graph
     from .compiler.plan import make_plan
 
-    from .validate import check_batch
-
     spec = load_spec(_spec_path(args.spec))
     batch = None
     if args.batch or args.seq:
         batch = (args.batch or spec.train.batch_size, args.seq or spec.train.seq_len)
-    if args.batch:  # a mistake of --batch, said as one, before compiling
-        world = args.world_size or (spec.placement.mesh.size if spec.placement.mesh else 1)
-        issues = check_batch(spec, args.batch, world, origin="--batch", seq=batch[1])
-        if issues:
-            raise SpecError(issues, spec.source)
-    # built on the meta device (no weights), in the layout a run on --device executes
+    # built on the meta device (no weights), in the layout a run on --device executes; a batch
+    # that does not fit is a SpecError naming --batch
     compiled = compile_graph(spec, args.rank, args.world_size, device="meta", batch=batch, layout=args.layout,
-                             target=args.device)
+                             target=args.device, batch_origin="--batch" if args.batch else "train.batch_size")
     return spec, compiled, make_plan(spec, compiled)
 
 
