@@ -1,4 +1,4 @@
-"""The dense layer kinds of a spec: embedding, causal self-attention, LSTM, norms, head."""
+"""The dense layer kinds of a spec: embedding, LSTM, norms, head (self-attention: moedsl.nn.attention)."""
 from __future__ import annotations
 
 import torch
@@ -24,49 +24,6 @@ class Embedding(nn.Module):
         if self.positions is not None:
             x = x + self.positions[: tokens.shape[-1]]
         return x
-
-
-def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """RoPE on [B, H, T, Dh] (pairs (i, i + Dh/2) rotated by position · theta^(-2i/Dh))."""
-    T, Dh = x.shape[-2], x.shape[-1]
-    half = Dh // 2
-    freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    ang = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freq
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-class Attention(nn.Module):
-    """Causal multi-head self-attention with grouped-query heads and rotary positions."""
-
-    def __init__(self, d_model: int, heads: int, kv_heads: int, positions: str, rope_theta: float,
-                 causal: bool, dropout: float, bias: bool, init_std: float):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d_model // heads
-        self.rotary = positions == "rotary"
-        self.rope_theta, self.causal, self.dropout = rope_theta, causal, dropout
-        kv = kv_heads * self.head_dim
-        self.wq = nn.Linear(d_model, d_model, bias=bias)
-        self.wk = nn.Linear(d_model, kv, bias=bias)
-        self.wv = nn.Linear(d_model, kv, bias=bias)
-        self.wo = nn.Linear(d_model, d_model, bias=bias)
-        for lin in (self.wq, self.wk, self.wv, self.wo):
-            _normal(lin, init_std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        if self.rotary:
-            q, k = rotary(q, self.rope_theta), rotary(k, self.rope_theta)
-        if self.kv_heads != self.heads:
-            rep = self.heads // self.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class LSTMBlock(nn.Module):

@@ -1,0 +1,77 @@
+"""``latent_attention``: multi-head latent attention (DeepSeek-V2, Liu et al. 2024, §2.1;
+DeepSeek-V3, DeepSeek-AI 2024, §2.1.1), as a residual sublayer: keys and values come up from a
+normalised low-rank latent, each key's rotary part is shared by all heads, queries come from one
+projection or a low-rank path. Computes transformers' modeling_deepseek_v3.py DeepseekV3Attention
+for rope_type "default" (yarn scaling is not part of it). The module is
+``moedsl.nn.attention.LatentAttention``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from moedsl.schema import defaults
+
+from . import LayerKind, register
+
+_D = defaults("latent_attention")
+
+
+@dataclass(frozen=True)
+class LatentAttention:
+    heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int  # resolved: defaults to qk_nope_head_dim
+    q_lora_rank: Optional[int] = _D["q_lora_rank"]
+    rope_theta: float = _D["rope_theta"]
+    rope_interleave: bool = _D["rope_interleave"]
+    norm_eps: float = _D["norm_eps"]
+    causal: bool = _D["causal"]
+    dropout: float = _D["dropout"]
+    bias: bool = _D["bias"]
+    residual: bool = _D["residual"]
+    prenorm: bool = _D["prenorm"]
+
+
+class LatentAttentionKind(LayerKind):
+    name = "latent_attention"
+    config = LatentAttention
+    sublayer = True
+
+    def build(self, data, path, model, checks) -> LatentAttention:
+        from . import take
+
+        a = take(LatentAttention, data, v_head_dim=data.get("v_head_dim", data["qk_nope_head_dim"]))
+        if a.qk_rope_head_dim % 2:
+            checks.error(path + ("qk_rope_head_dim",),
+                         f"rotary positions need an even qk_rope_head_dim, got {a.qk_rope_head_dim}")
+        if "v_head_dim" not in data and a.v_head_dim == 0:
+            checks.error(path + ("qk_nope_head_dim",), "v_head_dim defaults to qk_nope_head_dim, which is 0",
+                         "set v_head_dim")
+        return a
+
+    def module(self, cfg: LatentAttention, model):
+        from moedsl.nn.attention import LatentAttention as Module
+
+        return Module(model.d_model, cfg.heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
+                      cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.rope_theta, cfg.rope_interleave, cfg.norm_eps,
+                      cfg.causal, cfg.dropout, cfg.bias, model.init_std)
+
+    def flops(self, cfg: LatentAttention, model, seq: int) -> float:
+        """The projections, plus QKᵀ (width Dn + Dr) and AV (width Dv) per head over the keys a
+        query attends to on average."""
+        ctx = (seq + 1) / 2 if cfg.causal else seq
+        per_head = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
+        return super().flops(cfg, model, seq) + 2 * ctx * cfg.heads * per_head
+
+    def activations(self, cfg: LatentAttention, model) -> float:
+        """Input and output (d_model each); the query path (the low-rank query and its norm);
+        q; the latent with its rotary part and the normed latent; k, v and the attention output."""
+        h, qk, v = cfg.heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        q_path = 2.0 * cfg.q_lora_rank if cfg.q_lora_rank is not None else 0.0
+        latent = 2.0 * cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        return 2.0 * model.d_model + q_path + h * qk + latent + h * qk + 2.0 * h * v
+
+
+register(LatentAttentionKind())

@@ -1,0 +1,176 @@
+"""Self-attention modules: multi-head attention with grouped-query heads, q/k norms, sliding
+windows (``Attention``) and DeepSeek's multi-head latent attention (``LatentAttention``).
+
+Each computes what the corresponding transformers module computes (transformers 5,
+modeling_mixtral.py MixtralAttention, modeling_qwen2_moe.py Qwen2MoeAttention,
+modeling_qwen3_moe.py Qwen3MoeAttention, modeling_olmoe.py OlmoeAttention,
+modeling_deepseek_v3.py DeepseekV3Attention) for the default rope_type, positions 0..T-1 and
+no padding; ``HF_NAMES`` on each class says which transformers parameter each weight is.
+
+Shape legend: B batch, T sequence, H query heads, K key/value heads, Dh head width,
+Dn / Dr the non-rotary / rotary query-key widths and Dv the value width of latent attention,
+R the latent's rank.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import RMSNorm, _normal
+
+
+def rotary(x: torch.Tensor, theta: float, interleave: bool = False) -> torch.Tensor:
+    """RoPE (Su et al. 2021, §3.4.2) on [B, H, T, Dh] at positions 0..T-1, frequency i is
+    theta^(-2i/Dh), computed as transformers' default rope (compute_default_rope_parameters,
+    apply_rotary_pos_emb: pairs (i, i + Dh/2)). With ``interleave`` the pairs are (2i, 2i + 1)
+    and the result is laid out [rotated evens, rotated odds], as transformers'
+    apply_rotary_pos_emb_interleave (DeepSeek-V3) does; queries and keys get the same layout,
+    so their dot products are those of the interleaved rotation."""
+    T, Dh = x.shape[-2], x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, Dh, 2, device=x.device, dtype=torch.float32) / Dh))
+    ang = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # [T, Dh/2]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x[..., : Dh // 2], x[..., Dh // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def sliding_window_mask(T: int, window: int, device) -> torch.Tensor:
+    """[T, T] boolean, True where query i may see key j: i - window < j <= i (``window`` keys,
+    itself included), transformers' sliding_window_overlay and causal_mask_function."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril().triu(1 - window)
+
+
+def _attend(q, k, v, causal: bool, window: Optional[int], dropout: float, scale: Optional[float] = None):
+    """Softmax attention of q [B, H, T, D] over k [B, H, T, D], v [B, H, T, Dv]."""
+    mask = sliding_window_mask(q.shape[-2], window, q.device) if window is not None else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                          dropout_p=dropout, scale=scale)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention (Vaswani et al. 2017, §3.2.2) with grouped-query heads
+    (Ainslie et al. 2023), rotary positions, an optional RMSNorm of queries and keys (``qk_norm``:
+    "head" over each head's Dh as in Qwen3-MoE, "projection" over the whole q and k projections
+    as in OLMoE), OLMoE's clamp of q, k, v (``clip_qkv``) and a causal sliding window."""
+
+    # moedsl parameter prefix -> transformers' (self_attn.<name>), same layout
+    HF_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
+                "q_norm": "q_norm", "k_norm": "k_norm"}
+
+    def __init__(self, d_model: int, heads: int, kv_heads: int, positions: str, rope_theta: float,
+                 causal: bool, dropout: float, bias: bool, init_std: float, *, head_dim: Optional[int] = None,
+                 out_bias: Optional[bool] = None, qk_norm: str = "none", qk_norm_eps: float = 1e-5,
+                 clip_qkv: Optional[float] = None, sliding_window: Optional[int] = None):
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        self.head_dim = head_dim if head_dim is not None else d_model // heads
+        self.rotary = positions == "rotary"
+        self.rope_theta, self.causal, self.dropout = rope_theta, causal, dropout
+        self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
+        q, kv = heads * self.head_dim, kv_heads * self.head_dim
+        self.wq = nn.Linear(d_model, q, bias=bias)
+        self.wk = nn.Linear(d_model, kv, bias=bias)
+        self.wv = nn.Linear(d_model, kv, bias=bias)
+        self.wo = nn.Linear(q, d_model, bias=bias if out_bias is None else out_bias)
+        for lin in (self.wq, self.wk, self.wv, self.wo):
+            _normal(lin, init_std)
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, qk_norm_eps), RMSNorm(self.head_dim, qk_norm_eps)
+        elif qk_norm == "projection":
+            self.q_norm, self.k_norm = RMSNorm(q, qk_norm_eps), RMSNorm(kv, qk_norm_eps)
+        elif qk_norm != "none":
+            raise ValueError(f"qk_norm must be none, head or projection, got {qk_norm!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [B, T, H·Dh], [B, T, K·Dh], [B, T, K·Dh]
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.heads, self.head_dim)
+        k = k.view(B, T, self.kv_heads, self.head_dim)
+        v = v.view(B, T, self.kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H or K, T, Dh]
+        if self.rotary:
+            q, k = rotary(q, self.rope_theta), rotary(k, self.rope_theta)
+        if self.kv_heads != self.heads:
+            rep = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = _attend(q, k, v, self.causal, self.sliding_window, self.dropout if self.training else 0.0)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, Liu et al. 2024, §2.1.2-2.1.3; DeepSeek-V3):
+    keys' and values' non-rotary parts come up from a normalised latent of rank R; each key's
+    rotary part is one projection of the input shared by all heads; queries come from one
+    projection or a low-rank path with its own RMSNorm. Scores are scaled by (Dn + Dr)^-1/2.
+    Weight names follow DeepSeek-V3's reference inference code (inference/model.py, MLA)."""
+
+    HF_NAMES = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj",
+                "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj",
+                "wo": "o_proj"}
+
+    def __init__(self, d_model: int, heads: int, q_lora_rank: Optional[int], kv_lora_rank: int,
+                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, rope_theta: float,
+                 rope_interleave: bool, norm_eps: float, causal: bool, dropout: float, bias: bool,
+                 init_std: float):
+        super().__init__()
+        self.heads, self.kv_lora_rank = heads, kv_lora_rank
+        self.nope, self.rope, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+        self.rope_theta, self.rope_interleave = rope_theta, rope_interleave
+        self.causal, self.dropout = causal, dropout
+        qk = qk_nope_head_dim + qk_rope_head_dim
+        self.q_lora = q_lora_rank is not None
+        self.scale = qk ** -0.5
+        if not self.q_lora:
+            self.wq = nn.Linear(d_model, heads * qk, bias=False)
+        else:
+            self.wq_a = nn.Linear(d_model, q_lora_rank, bias=bias)
+            self.q_norm = RMSNorm(q_lora_rank, norm_eps)
+            self.wq_b = nn.Linear(q_lora_rank, heads * qk, bias=False)
+        self.wkv_a = nn.Linear(d_model, kv_lora_rank + qk_rope_head_dim, bias=bias)
+        self.kv_norm = RMSNorm(kv_lora_rank, norm_eps)
+        self.wkv_b = nn.Linear(kv_lora_rank, heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.wo = nn.Linear(heads * v_head_dim, d_model, bias=bias)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                _normal(m, init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Dn, Dr, Dv = self.heads, self.nope, self.rope, self.v_dim
+        q = self.wq(x) if not self.q_lora else self.wq_b(self.q_norm(self.wq_a(x)))  # [B, T, H·(Dn+Dr)]
+        q = q.view(B, T, H, Dn + Dr).transpose(1, 2)  # [B, H, T, Dn+Dr]
+        q_nope, q_rope = q.split([Dn, Dr], dim=-1)
+        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, Dr], dim=-1)  # [B, T, R], [B, T, Dr]
+        kv = self.wkv_b(self.kv_norm(latent)).view(B, T, H, Dn + Dv).transpose(1, 2)  # [B, H, T, Dn+Dv]
+        k_nope, v = kv.split([Dn, Dv], dim=-1)
+        k_rope = k_rope.view(B, 1, T, Dr)  # one rotary key part, shared by the heads
+        q_rope = rotary(q_rope, self.rope_theta, self.rope_interleave)
+        k_rope = rotary(k_rope, self.rope_theta, self.rope_interleave)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(B, H, T, Dr)], dim=-1)  # [B, H, T, Dn+Dr]
+        y = _attend(q, k, v, self.causal, None, self.dropout if self.training else 0.0, self.scale)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * Dv))  # y: [B, H, T, Dv]
+
+
+def hf_parameter_names(module: nn.Module) -> dict[str, str]:
+    """For an ``Attention`` or ``LatentAttention``: each of its parameter names (e.g.
+    ``wkv_a.weight``) -> the name of the same tensor, in the same layout, inside transformers'
+    attention module of that family (``kv_a_proj_with_mqa.weight``; prefix ``self_attn.``)."""
+    out = {}
+    for name, _ in module.named_parameters():
+        prefix, _, rest = name.partition(".")
+        out[name] = f"{module.HF_NAMES[prefix]}.{rest}"
+    return out
