@@ -283,3 +283,18 @@ def test_attention_parameters_and_flops_follow_head_dim_window_and_latent_ranks(
     m = mla.layers[0].config
     want = D * 5 + 5 + 5 * 2 * 8 + D * (8 + 2) + 8 + 8 * 2 * (6 + 3) + 2 * 3 * D
     assert layer_kind("latent_attention").parameters(m, mla.model) == (want, want)
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3-small", "qwen3-moe-small"])
+def test_example_specs_with_latent_attention_and_qk_norm_train_a_step(name):
+    import moedsl
+    from pathlib import Path
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "specs" / f"{name}.yaml")
+    model = moedsl.build_model(spec, device="cpu", seed=0)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = model(tokens)
+    loss = torch.nn.functional.cross_entropy(out.output[:, :-1].reshape(-1, 256), tokens[:, 1:].reshape(-1))
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "attention" in n}
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
