@@ -67,6 +67,7 @@ def fingerprint(spec) -> str:
 _TRAINING_ONLY = {
     "model": {"dropout", "init_std", "dtype", "router_dtype"},
     "attention": {"dropout"},
+    "latent_attention": {"dropout"},
     "lstm": {"dropout"},
     "ffn": {"dropout"},
     "experts": {"dropout", "init_scale"},
