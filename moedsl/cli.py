@@ -224,6 +224,24 @@ def _cmd_verify(args) -> int:
     return 0 if all(d.ok() for d in diffs) else 1
 
 
+def _cmd_eval(args) -> int:
+    from .api import evaluate
+
+    spec = args.model if not args.checkpoint else _spec_path(args.model)
+    r = evaluate(spec, args.capacity_factor, checkpoint=args.checkpoint, data=args.data, batch=args.batch)
+    if args.json:
+        import json
+
+        print(json.dumps(r, indent=2))
+        return 0
+    cap = "as trained" if r["capacity_factor"] is None else f"{r['capacity_factor']:g} (in {r['gates']} MoE layer(s))"
+    acc = "" if r["accuracy"] is None else f"  accuracy {r['accuracy']:.4f}"
+    print(f"{r['spec']} at step {r['step']} ({r['checkpoint']}), eval capacity factor {cap}, data {r['data']}: "
+          f"held-out loss {r['loss']:.4f}{acc} over {r['examples']} examples, {r['dropped']:.2%} of assignments "
+          "dropped")
+    return 0
+
+
 def _add_compile_options(p) -> None:
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--world-size", type=_positive, default=None,
@@ -282,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=_number, help="peak learning rate")
     r.add_argument("--warmup", type=_whole, help="warm-up steps")
     r.add_argument("--seed", type=_whole, help="seed of weights, data and routing noise")
-    r.add_argument("--data", help="synthetic (default), pystdlib, or a text file (byte-level)")
+    r.add_argument("--data", help="synthetic (default), pystdlib, or a text file (byte-level); for image specs "
+                   "digits (default) or an .npz file with arrays images [N, H, W(, C)] and labels [N]")
     r.add_argument("--eval-every", type=_whole, help="held-out evaluation every N steps")
     r.add_argument("--eval-batches", type=_whole, help="batches per held-out evaluation")
     r.add_argument("--checkpoint-every", type=_whole, help="save a checkpoint every N steps (and at the end)")
@@ -316,6 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--layout", choices=["auto", "static", "grouped"], default="auto",
                     help="static: check the capacity layers' padded buffers and fixed-size all-to-alls")
     vf.set_defaults(func=_cmd_verify)
+
+    ev = sub.add_parser("eval", help="evaluate a trained run on its held-out data at an inference capacity factor: "
+                        "loss, accuracy (image classifiers), dropped fraction")
+    ev.add_argument("model", metavar="MODEL", help="a `moedsl run` output folder (its latest checkpoint), or a spec "
+                    "with --checkpoint")
+    ev.add_argument("--capacity-factor", type=_number, default=None, metavar="C",
+                    help="every capacity gate's evaluation capacity factor (default: the spec's)")
+    ev.add_argument("--checkpoint", metavar="PATH", help="the checkpoint to load (MODEL is then a spec)")
+    ev.add_argument("--data", help="held-out data (default: the run's)")
+    ev.add_argument("--batch", type=_positive, default=None, help="evaluation batch (default: the run's)")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("schema", help="print the JSON Schema of a spec (for editors)")
     s.add_argument("--path", action="store_true", help="print where the schema file is installed instead")

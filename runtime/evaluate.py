@@ -9,6 +9,7 @@ checkpoint loads into a model whose gates have another ``eval_capacity_factor``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -64,15 +65,19 @@ def held_out_images(model, spec, source, batch: int, rank: int = 0, world: int =
 
 def with_eval_capacity(spec, factor: float) -> tuple[dict, int]:
     """A copy of ``spec``'s data with ``eval_capacity_factor: factor`` in the gate (or hierarchy) of
-    every MoE layer that has a capacity, and how many YAML items were set. Expert choice is left
+    every MoE layer that has a capacity, and how many MoE layers that changes (a repeated item counts once
+    per repetition). Expert choice is left
     alone: its capacity factor is its k (Zhou et al. 2022, §3.1), not a budget."""
     import copy
 
     data = copy.deepcopy(spec.data)
-    done = set()
+    done, layers = set(), 0
     for layer in spec.moe_layers:
         g = layer.config.gate
-        if not g.has_capacity or g.type == "expert_choice" or layer.path in done:
+        if not g.has_capacity or g.type == "expert_choice":
+            continue
+        layers += 1
+        if layer.path in done:
             continue
         node = data
         for part in layer.path:
@@ -80,7 +85,7 @@ def with_eval_capacity(spec, factor: float) -> tuple[dict, int]:
         moe = node["moe"]
         moe["hierarchy" if "hierarchy" in moe else "gate"]["eval_capacity_factor"] = factor
         done.add(layer.path)
-    return data, len(done)
+    return data, layers
 
 
 def find_checkpoint(model: str, checkpoint: Optional[str]) -> tuple[Path, dict]:
@@ -104,13 +109,14 @@ def find_checkpoint(model: str, checkpoint: Optional[str]) -> tuple[Path, dict]:
     return path, ckpt.read_meta(path)
 
 
-def evaluate(model: str, capacity_factor: float, checkpoint: Optional[str] = None, data: Optional[str] = None,
+def evaluate(model, capacity_factor: Optional[float] = None, checkpoint: Optional[str] = None, data: Optional[str] = None,
              batch: Optional[int] = None) -> dict:
     """Evaluate a trained model on its held-out data at inference capacity factor ``capacity_factor``.
 
     ``model``: a ``moedsl run`` output folder (its latest checkpoint; the spec stored with it), or
     a spec (path, YAML text or dict) with ``checkpoint``. Every capacity gate's
-    ``eval_capacity_factor`` is set to ``capacity_factor``. Returns ``{"loss", "accuracy" (image
+    ``eval_capacity_factor`` is set to ``capacity_factor`` (None: the spec's own). ``data`` and
+    ``batch`` default to the run's. Returns ``{"loss", "accuracy" (image
     classifiers, else None), "dropped", "examples", "capacity_factor", "gates", "checkpoint",
     "step"}``."""
     from moedsl.api import build_model, load_spec
@@ -118,15 +124,19 @@ def evaluate(model: str, capacity_factor: float, checkpoint: Optional[str] = Non
     from . import checkpoint as ckpt
     from .data import make_source
 
-    if not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
-        raise UserError(f"--capacity-factor {capacity_factor}: must be a number > 0")
+    if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and
+                                            math.isfinite(capacity_factor) and capacity_factor > 0):
+        raise UserError(f"--capacity-factor {capacity_factor}: must be a finite number > 0")
     is_run = isinstance(model, (str, Path)) and Path(model).is_dir()
     if not is_run and checkpoint is None:
         raise UserError(f"{model}: give a `moedsl run` output folder, or a spec with --checkpoint PATH")
     path, meta = find_checkpoint(str(model), checkpoint)
     base = load_spec(meta["spec_data"]) if is_run else load_spec(model)
-    spec_data, gates = with_eval_capacity(base, float(capacity_factor))
-    spec = load_spec(spec_data, source=base.source)
+    if capacity_factor is None:
+        spec, gates = base, 0
+    else:
+        spec_data, gates = with_eval_capacity(base, float(capacity_factor))
+        spec = load_spec(spec_data, source=base.source)
     train = meta.get("train") or {}
     seed = int(train.get("seed", spec.train.seed))
     data = data or train.get("data") or spec.train.data
@@ -134,7 +144,7 @@ def evaluate(model: str, capacity_factor: float, checkpoint: Optional[str] = Non
     net = build_model(spec, seed=seed, dtype=torch.float32)
     ckpt.load(path, net, None, spec)
     source = make_source(spec, data, seed)
-    result = {"capacity_factor": float(capacity_factor), "gates": gates, "checkpoint": str(path),
+    result = {"spec": spec.name, "capacity_factor": capacity_factor, "gates": gates, "checkpoint": str(path),
               "step": int(meta.get("step", 0)), "data": data}
     if spec.model.input == "image":
         h = held_out_images(net, spec, source, batch)
