@@ -211,8 +211,9 @@ def _cmd_verify(args) -> int:
     from .mesh import resolve_mesh
 
     resolve_mesh(spec, args.nproc)  # a placement error is a SpecError, before any process starts
-    diffs = check(spec, args.nproc, batch=args.batch, seq=args.seq, layout=args.layout)
-    t = Table(title=f"{spec.name}: {args.nproc} processes against one (batch {args.batch} × {args.seq}, "
+    seq = spec.train.seq_len if spec.model.input == "image" else args.seq  # an image's tokens: from model.image
+    diffs = check(spec, args.nproc, batch=args.batch, seq=seq, layout=args.layout)
+    t = Table(title=f"{spec.name}: {args.nproc} processes against one (batch {args.batch} × {seq}, "
               f"layout {args.layout})", title_justify="left")
     for col in ("rank", "max |Δ output|", "|Δ aux loss|", "max |Δ gradient|", "worst parameter", "router counts",
                 "ok"):

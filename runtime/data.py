@@ -236,10 +236,11 @@ def read_npz(path: str, spec) -> tuple:
 
     im, where = spec.model.image, f"--data {path}"
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if not isinstance(f, np.lib.npyio.NpzFile):
-                raise UserError(f"{where}: not an .npz file (a single .npy array): save with numpy.savez("
-                                "path, images=..., labels=...)")
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise UserError(f"{where}: not an .npz file (a single .npy array): save with numpy.savez("
+                            "path, images=..., labels=...)")
+        with f:
             names = sorted(f.files)
             for key in ("images", "labels"):
                 if key not in names:
@@ -344,9 +345,9 @@ def _image_problems(spec, data: str, seq: int) -> list:
                             f"with {im.channels} channel(s)")
         if spec.model.classes < 10:
             problems.append(f"--data digits has 10 classes, model.classes is {spec.model.classes}")
-        try:
-            import sklearn  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("sklearn") is None:  # looked up, not imported (seconds): make_source loads it
             problems.append("--data digits needs scikit-learn: pip install 'moedsl[digits]'")
         return problems
     if not data.endswith(".npz") and not Path(data).is_file():
