@@ -226,6 +226,9 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from .runtime.cpu import configure_threads
+
+    configure_threads()  # before torch loads its OpenMP runtime, as for `run`
     from .api import evaluate
 
     spec = args.model if not args.checkpoint else _spec_path(args.model)

@@ -4,6 +4,7 @@ their errors, image spec errors, training on the digits, evaluation at a lower i
 capacity, and N processes against one for an image spec."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -315,8 +316,23 @@ def test_image_spec_errors_are_located():
 
 # ----------------------------------------------------------------------------- training and eval
 
-def test_training_on_digits_beats_chance_and_lower_inference_capacity_drops_more(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One OpenMP thread: on shared cores a team of two spins at every op's barrier while the
+    other waits for a core (bench/README.md, "A step on shared cores"), 10× slower here."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_training_on_digits_beats_chance_and_lower_inference_capacity_drops_more(tmp_path, one_thread, capsys,
+                                                                                   monkeypatch):
+    import os
+
     from moedsl.runtime.train import RunOptions, run
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # `moedsl eval` sets the OpenMP wait policy
 
     spec = moedsl.load_spec(image_spec())
     summary = run(spec, RunOptions.from_spec(spec, out=tmp_path / "run", progress=False))
@@ -328,11 +344,17 @@ def test_training_on_digits_beats_chance_and_lower_inference_capacity_drops_more
     assert low["dropped"] > full["dropped"] + 0.3
     assert full["examples"] == low["examples"] == 1797 // 6
     assert math.isclose(moedsl.evaluate(str(tmp_path / "run"), 1.0)["accuracy"], summary.eval_accuracy)
-    # the CLI: bad input is one line, exit 2
+    # the CLI: the figures, and bad input in one line, exit 2
+    from moedsl.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--capacity-factor", "0.25", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dropped"] == low["dropped"]
     for args, message in (([str(tmp_path / "run"), "--capacity-factor", "0"], "must be a finite number > 0"),
                           ([str(tmp_path), "--capacity-factor", "1"], "no checkpoint under")):
-        res = subprocess.run([sys.executable, "-m", "moedsl", "eval", *args], capture_output=True, text=True)
-        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
+        assert main(["eval", *args]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err
 
 
 def test_image_spec_on_two_processes_equals_one():
