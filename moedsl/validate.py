@@ -229,7 +229,8 @@ def _check_stack(layers: list, model: Model, c: _Checks) -> None:
         if not kind.accepts(model.input):
             if kind.needs_tokens:
                 once(p, f"input: {model.input} has no token ids, so no {layer.kind} layer",
-                     "set model.input: tokens, or remove this layer")
+                     "set model.input: tokens, or remove this layer" if model.input != "image" else
+                     f"images start with a patch_embed and end with a classifier: replace this {layer.kind}")
             else:
                 once(p, f"{_a(layer.kind)} layer needs model.input: {' or '.join(kind.inputs)} (this model's "
                      f"input is {model.input})", "remove this layer, or change model.input")
@@ -251,10 +252,10 @@ def _check_image_stack(layers: list, model: Model, once) -> None:
     """A model over images starts with a patch embedding and ends with a classifier (ViT §3.1);
     pooling the class token needs the patch embedding to add one."""
     first, last = layers[0], layers[-1]
-    if first.kind != "patch_embed":
+    if first.kind != "patch_embed" and layer_kind(first.kind).accepts("image"):  # else reported already
         once(first.path, "input: image needs a patch_embed as the first layer",
              "add '- patch_embed: {}' at the top of layers")
-    if last.kind != "classifier":
+    if last.kind != "classifier" and layer_kind(last.kind).accepts("image"):
         once(last.path, "input: image needs a classifier as the last layer",
              "add '- classifier: {}' at the end of layers")
     elif first.kind == "patch_embed" and None not in (first.config, last.config) and \
