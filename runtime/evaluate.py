@@ -109,7 +109,8 @@ def find_checkpoint(model: str, checkpoint: Optional[str]) -> tuple[Path, dict]:
     return path, ckpt.read_meta(path)
 
 
-def evaluate(model, capacity_factor: Optional[float] = None, checkpoint: Optional[str] = None, data: Optional[str] = None,
+def evaluate(model, capacity_factor: Optional[float] = None, checkpoint: Optional[str] = None,
+             data: Optional[str] = None,
              batch: Optional[int] = None) -> dict:
     """Evaluate a trained model on its held-out data at inference capacity factor ``capacity_factor``.
 
@@ -150,7 +151,8 @@ def evaluate(model, capacity_factor: Optional[float] = None, checkpoint: Optiona
         h = held_out_images(net, spec, source, batch)
         result.update(loss=h.loss, accuracy=h.accuracy, dropped=h.dropped, examples=h.examples)
         return result
-    result.update(_held_out_sequences(net, spec, source, batch, int(train.get("eval_batches", spec.train.eval_batches))))
+    batches = int(train.get("eval_batches", spec.train.eval_batches))
+    result.update(_held_out_sequences(net, spec, source, batch, batches))
     return result
 
 

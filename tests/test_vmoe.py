@@ -365,3 +365,20 @@ def test_image_spec_on_two_processes_equals_one():
         for d in per_rank:
             assert d.ok(), d
     assert diffs[0][0].dropped > 0
+
+
+def test_eval_of_a_token_model_reports_loss_and_drops_without_accuracy(tmp_path, one_thread):
+    from moedsl.runtime.train import RunOptions, run
+
+    d = {"moedsl": 1, "name": "tiny-switch", "model": {"vocab_size": 32, "d_model": 16, "max_seq_len": 16},
+         "layers": [{"embedding": {}},
+                    {"moe": {"experts": {"count": 4, "hidden": 16}, "gate": {"type": "switch", "capacity_factor": 1.0}}},
+                    {"head": {}}],
+         "train": {"batch_size": 4, "seq_len": 16, "steps": 3, "eval_batches": 2}}
+    spec = moedsl.load_spec(d)
+    run(spec, RunOptions.from_spec(spec, out=tmp_path / "run", progress=False))
+    ckpt = str(next((tmp_path / "run" / "checkpoints").glob("step-*")))
+    full = moedsl.evaluate(d, 4.0, checkpoint=ckpt)
+    low = moedsl.evaluate(d, 0.25, checkpoint=ckpt)
+    assert full["accuracy"] is None and math.isfinite(full["loss"]) and full["examples"] == 8
+    assert full["dropped"] == 0 and low["dropped"] > 0.5
