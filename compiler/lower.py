@@ -115,6 +115,10 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
             tokens = g.placeholder("tokens")
             tokens.meta["doc"] = "[B, T] int64 token ids"
             h = tokens
+        elif m.input == "image":
+            tokens = None
+            h = g.placeholder("images")
+            h.meta["doc"] = "[B, H, W, C] float images (a patch_embed makes them [B, T, d_model])"
         else:
             tokens = None
             h = g.placeholder("x")

@@ -89,3 +89,15 @@ def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int 
 
         bind_model(gm, compiled.mesh, rank)
     return gm
+
+
+def evaluate(model, capacity_factor: float | None = None, *, checkpoint=None, data: str | None = None,
+             batch: int | None = None) -> dict:
+    """Evaluate a trained model on its held-out data with every capacity gate's evaluation capacity
+    factor set to ``capacity_factor`` (V-MoE, Riquelme et al. 2021, §4.1: capacity lowered at
+    inference). ``model``: a ``moedsl run`` output folder (its latest checkpoint), or a spec with
+    ``checkpoint``. Returns loss, accuracy (image classifiers, else None) and the dropped fraction;
+    see ``moedsl.runtime.evaluate.evaluate``."""
+    from .runtime.evaluate import evaluate as run_eval
+
+    return run_eval(model, capacity_factor, checkpoint=checkpoint, data=data, batch=batch)

@@ -211,8 +211,9 @@ def _cmd_verify(args) -> int:
     from .mesh import resolve_mesh
 
     resolve_mesh(spec, args.nproc)  # a placement error is a SpecError, before any process starts
-    diffs = check(spec, args.nproc, batch=args.batch, seq=args.seq, layout=args.layout)
-    t = Table(title=f"{spec.name}: {args.nproc} processes against one (batch {args.batch} × {args.seq}, "
+    seq = spec.train.seq_len if spec.model.input == "image" else args.seq  # an image's tokens: from model.image
+    diffs = check(spec, args.nproc, batch=args.batch, seq=seq, layout=args.layout)
+    t = Table(title=f"{spec.name}: {args.nproc} processes against one (batch {args.batch} × {seq}, "
               f"layout {args.layout})", title_justify="left")
     for col in ("rank", "max |Δ output|", "|Δ aux loss|", "max |Δ gradient|", "worst parameter", "router counts",
                 "ok"):
@@ -222,6 +223,27 @@ def _cmd_verify(args) -> int:
                   "equal" if d.router == 0 else f"[red]{d.worst_router}[/red]", "yes" if d.ok() else "[red]NO[/red]")
     Console().print(t)
     return 0 if all(d.ok() for d in diffs) else 1
+
+
+def _cmd_eval(args) -> int:
+    from .runtime.cpu import configure_threads
+
+    configure_threads()  # before torch loads its OpenMP runtime, as for `run`
+    from .api import evaluate
+
+    spec = args.model if not args.checkpoint else _spec_path(args.model)
+    r = evaluate(spec, args.capacity_factor, checkpoint=args.checkpoint, data=args.data, batch=args.batch)
+    if args.json:
+        import json
+
+        print(json.dumps(r, indent=2))
+        return 0
+    cap = "as trained" if r["capacity_factor"] is None else f"{r['capacity_factor']:g} (in {r['gates']} MoE layer(s))"
+    acc = "" if r["accuracy"] is None else f"  accuracy {r['accuracy']:.4f}"
+    print(f"{r['spec']} at step {r['step']} ({r['checkpoint']}), eval capacity factor {cap}, data {r['data']}: "
+          f"held-out loss {r['loss']:.4f}{acc} over {r['examples']} examples, {r['dropped']:.2%} of assignments "
+          "dropped")
+    return 0
 
 
 def _add_compile_options(p) -> None:
@@ -282,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=_number, help="peak learning rate")
     r.add_argument("--warmup", type=_whole, help="warm-up steps")
     r.add_argument("--seed", type=_whole, help="seed of weights, data and routing noise")
-    r.add_argument("--data", help="synthetic (default), pystdlib, or a text file (byte-level)")
+    r.add_argument("--data", help="synthetic (default), pystdlib, or a text file (byte-level); for image specs "
+                   "digits (default) or an .npz file with arrays images [N, H, W(, C)] and labels [N]")
     r.add_argument("--eval-every", type=_whole, help="held-out evaluation every N steps")
     r.add_argument("--eval-batches", type=_whole, help="batches per held-out evaluation")
     r.add_argument("--checkpoint-every", type=_whole, help="save a checkpoint every N steps (and at the end)")
@@ -316,6 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--layout", choices=["auto", "static", "grouped"], default="auto",
                     help="static: check the capacity layers' padded buffers and fixed-size all-to-alls")
     vf.set_defaults(func=_cmd_verify)
+
+    ev = sub.add_parser("eval", help="evaluate a trained run on its held-out data at an inference capacity factor: "
+                        "loss, accuracy (image classifiers), dropped fraction")
+    ev.add_argument("model", metavar="MODEL", help="a `moedsl run` output folder (its latest checkpoint), or a spec "
+                    "with --checkpoint")
+    ev.add_argument("--capacity-factor", type=_number, default=None, metavar="C",
+                    help="every capacity gate's evaluation capacity factor (default: the spec's)")
+    ev.add_argument("--checkpoint", metavar="PATH", help="the checkpoint to load (MODEL is then a spec)")
+    ev.add_argument("--data", help="held-out data (default: the run's)")
+    ev.add_argument("--batch", type=_positive, default=None, help="evaluation batch (default: the run's)")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("schema", help="print the JSON Schema of a spec (for editors)")
     s.add_argument("--path", action="store_true", help="print where the schema file is installed instead")

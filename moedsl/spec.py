@@ -25,10 +25,31 @@ _MODEL, _TRAIN, _PLACEMENT = defaults("model"), defaults("train"), defaults("pla
 _STRATEGY = schema()["$defs"]["placement"]["properties"]["experts"]["properties"]["strategy"]["default"]
 
 
+_IMAGE = schema()["$defs"]["model"]["properties"]["image"]["properties"]
+
+
+@dataclass(frozen=True)
+class Image:
+    """model.image (input: image): square images of size × size pixels with ``channels`` channels,
+    cut into patch × patch patches (ViT, Dosovitskiy et al. 2021, §3.1)."""
+
+    size: int
+    patch: int
+    channels: int = _IMAGE["channels"]["default"]
+
+    @property
+    def patches(self) -> int:
+        return (self.size // self.patch) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch * self.patch * self.channels
+
+
 @dataclass(frozen=True)
 class Model:
     d_model: int
-    input: str = _MODEL["input"]  # tokens | vectors
+    input: str = _MODEL["input"]  # tokens | vectors | image
     vocab_size: Optional[int] = None
     max_seq_len: int = _MODEL["max_seq_len"]
     dtype: str = _MODEL["dtype"]
@@ -38,6 +59,8 @@ class Model:
     dropout: float = _MODEL["dropout"]
     init_std: float = _MODEL["init_std"]
     tie_embeddings: bool = _MODEL["tie_embeddings"]
+    image: Optional[Image] = None  # input: image
+    classes: Optional[int] = None  # input: image
 
 
 LayerConfig = Any  # the config dataclass of a registered layer kind (moedsl.kinds)

@@ -13,8 +13,9 @@ from .checks import NoLocation
 from .checks import a as _a
 from .errors import Issue, MoedslError, format_path
 from .kinds import layer_kind, layer_kinds, take
+from .kinds.patch_embed import tokens_per_image
 from .mesh import check_mesh
-from .spec import Layer, Mesh, Model, Placement, Spec, Train
+from .spec import Image, Layer, Mesh, Model, Placement, Spec, Train
 
 MAX_LAYERS = 10_000  # after repeat expansion
 
@@ -32,14 +33,15 @@ def build_spec(data: dict, located, schema_issues=()) -> Spec:
     c.issues.extend(schema_issues)
     bad = [i.path for i in schema_issues]
     # the layer checks read these model fields; other model mistakes do not stop them
-    needed = ("d_model", "input", "vocab_size", "max_seq_len", "norm", "norm_eps", "tie_embeddings")
+    needed = ("d_model", "input", "vocab_size", "max_seq_len", "norm", "norm_eps", "tie_embeddings", "image",
+              "classes")
     if any(p in ((), ("model",)) or (p[0] == "model" and p[1] in needed) or _structural(p) for p in bad):
         c.raise_if_any()
     model = _model(data["model"], c)
     layers = _layers(data, model, c, skip=bad)
     if schema_issues:
         c.raise_if_any()  # what follows needs the whole spec sound
-    train = _train(data.get("train") or {}, model, c)
+    train = _train(data.get("train") or {}, model, c, layers)
     placement = _placement(data.get("placement") or {}, layers, c)
     spec = Spec(version=data["moedsl"], name=data["name"], description=data.get("description", ""),
                 model=model, layers=layers, placement=placement, train=train,
@@ -97,15 +99,35 @@ def check_batch(spec: Spec, batch: int, world: int = 1, origin: str = "the batch
 # ----------------------------------------------------------------------------- model
 
 def _model(d: dict, c: _Checks) -> Model:
-    m = _take(Model, d)
+    m = _take(Model, d, image=_take(Image, d["image"]) if "image" in d else None)
     if m.input == "tokens" and m.vocab_size is None:
         c.error(("model",), "missing required key 'vocab_size'", "input: tokens embeds integer ids", key=True)
-    if m.input == "vectors":
+    if m.input in ("vectors", "image"):
         for key in ("vocab_size", "tie_embeddings"):
             if key in d:
-                c.error(("model", key), f"{key!r} does not apply to input: vectors (there are no token ids)",
+                c.error(("model", key), f"{key!r} does not apply to input: {m.input} (there are no token ids)",
+                        key=True)
+    if m.input == "image":
+        _image(d, m, c)
+    else:
+        for key in ("image", "classes"):
+            if key in d:
+                c.error(("model", key), f"{key!r} applies to input: image only (this model's input is {m.input})",
                         key=True)
     return m
+
+
+def _image(d: dict, m: Model, c: _Checks) -> None:
+    """model.image and model.classes of a model over images (ViT, Dosovitskiy et al. 2021, §3.1)."""
+    if m.image is None:
+        c.error(("model",), "missing required key 'image'", "input: image needs e.g. image: {size: 8, patch: 2}",
+                key=True)
+    elif m.image.size % m.image.patch:
+        c.error(("model", "image", "patch"), f"patch {m.image.patch} does not divide the image size "
+                f"{m.image.size}", f"use a divisor of {m.image.size}")
+    if m.classes is None:
+        c.error(("model",), "missing required key 'classes'", "input: image: the classifier predicts one of "
+                "model.classes classes", key=True)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -204,9 +226,14 @@ def _check_stack(layers: list, model: Model, c: _Checks) -> None:
     for layer in layers:
         kind = layer_kind(layer.kind)
         p = layer.path + (layer.kind,)
-        if model.input == "vectors" and kind.needs_tokens:
-            once(p, f"input: vectors has no token ids, so no {layer.kind} layer",
-                 "set model.input: tokens, or remove this layer")
+        if not kind.accepts(model.input):
+            if kind.needs_tokens:
+                once(p, f"input: {model.input} has no token ids, so no {layer.kind} layer",
+                     "set model.input: tokens, or remove this layer" if model.input != "image" else
+                     f"images start with a patch_embed and end with a classifier: replace this {layer.kind}")
+            else:
+                once(p, f"{_a(layer.kind)} layer needs model.input: {' or '.join(kind.inputs)} (this model's "
+                     f"input is {model.input})", "remove this layer, or change model.input")
         elif kind.place == "first" and layer.index != 0:
             once(p, f"{_a(layer.kind)} can only be the first layer of the stack")
         elif kind.place == "last" and layer.index != len(layers) - 1:
@@ -215,8 +242,26 @@ def _check_stack(layers: list, model: Model, c: _Checks) -> None:
     if model.input == "tokens" and layers[0].kind != "embedding":
         once(layers[0].path, "input: tokens needs an embedding as the first layer",
              "add '- embedding: {}' at the top of layers")
+    if model.input == "image":
+        _check_image_stack(layers, model, once)
     if model.tie_embeddings and not (layers[0].kind == "embedding" and layers[-1].kind == "head"):
         c.error(("model", "tie_embeddings"), "tie_embeddings needs an embedding first and a head last")
+
+
+def _check_image_stack(layers: list, model: Model, once) -> None:
+    """A model over images starts with a patch embedding and ends with a classifier (ViT §3.1);
+    pooling the class token needs the patch embedding to add one."""
+    first, last = layers[0], layers[-1]
+    if first.kind != "patch_embed" and layer_kind(first.kind).accepts("image"):  # else reported already
+        once(first.path, "input: image needs a patch_embed as the first layer",
+             "add '- patch_embed: {}' at the top of layers")
+    if last.kind != "classifier" and layer_kind(last.kind).accepts("image"):
+        once(last.path, "input: image needs a classifier as the last layer",
+             "add '- classifier: {}' at the end of layers")
+    elif first.kind == "patch_embed" and None not in (first.config, last.config) and \
+            last.config.pool == "token" and not first.config.class_token:
+        once(last.path + ("classifier", "pool"), "pool: token reads the class token, but the patch_embed adds "
+             "none (class_token: false)", "use pool: mean, or class_token: true")
 
 
 # ----------------------------------------------------------------------------- placement
@@ -280,8 +325,24 @@ def _placement(d: dict, layers: tuple, c: _Checks) -> Placement:
 
 # ----------------------------------------------------------------------------- train
 
-def _train(d: dict, model: Model, c: _Checks) -> Train:
+def _train(d: dict, model: Model, c: _Checks, layers: tuple = ()) -> Train:
+    if model.input == "image" and model.image is not None:
+        return _image_train(d, model, c, layers)
     seq = d.get("seq_len", min(model.max_seq_len, 64))
     if seq > model.max_seq_len:
         c.error(("train", "seq_len"), f"seq_len {seq} exceeds model.max_seq_len {model.max_seq_len}")
     return _take(Train, d, seq_len=seq)
+
+
+def _image_train(d: dict, model: Model, c: _Checks, layers: tuple) -> Train:
+    """input: image: a sequence is one image's tokens, so seq_len is resolved from model.image (and
+    the class token); the data defaults to the digits."""
+    tokens = tokens_per_image(model, layers)
+    if "seq_len" in d and d["seq_len"] != tokens:
+        c.error(("train", "seq_len"), f"seq_len {d['seq_len']} is not the {tokens} tokens of one image "
+                f"({model.image.patches} patches{' + the class token' if tokens > model.image.patches else ''})",
+                "leave seq_len out: it follows from model.image")
+    if tokens > model.max_seq_len:
+        c.error(("model", "image"), f"an image is {tokens} tokens, more than model.max_seq_len "
+                f"{model.max_seq_len}")
+    return _take(Train, {"data": "digits", **d}, seq_len=tokens)

@@ -72,7 +72,7 @@ _TRAINING_ONLY = {
     "ffn": {"dropout"},
     "experts": {"dropout", "init_scale"},
     "gate": {"capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy", "drop_priority",
-             "routing_groups", "jitter", "noise_epsilon", "max_experts_per_token", "bias_balancing_rate"},
+             "capacity_rounding", "routing_groups", "jitter", "noise_epsilon", "max_experts_per_token", "bias_balancing_rate"},
     "primary": {"jitter", "noise_epsilon"},
     "secondary": {"jitter", "noise_epsilon"},
 }

@@ -10,26 +10,40 @@ global batch split N ways.
   machine has; one file in 20 is held out (whole files, so nothing leaks).
 - for ``model.input: vectors``: a synthetic regression whose target is a fixed mixture of
   linear maps chosen by a fixed clustering of the input.
+- for ``model.input: image`` (images [B, H, W, C], float, channels last; labels [B] int64):
+  ``digits``, the 1,797 8×8 handwritten digits scikit-learn ships in its package (no
+  download; ``pip install 'moedsl[digits]'``), pixels scaled from 0..16 to [0, 1]; or a path
+  to an ``.npz`` file with arrays ``images`` [N, H, W] or [N, H, W, C] (uint8 scaled by 1/255,
+  floats taken as they are) and ``labels`` [N] (integers in [0, model.classes)). Either way a
+  fixed split, whatever the training seed: a permutation seeded by the data alone puts
+  N // 6 images in the held-out set (digits: 299 of 1,797) and the rest in training.
+  Training batch s, row r is example s·B + r of an endless stream of epochs, each a
+  permutation of the training set seeded by (seed, epoch); held-out batch s, row r is
+  held-out image s·B + r, and evaluation covers the held-out set once (``eval_steps``),
+  the rows past its end masked out.
 """
 from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from moedsl.errors import MoedslError
+from moedsl.errors import MoedslError, UserError
 
 PYSTDLIB_MAX_BYTES = 24 * 2**20
 
 
 @dataclass
 class Batch:
-    inputs: torch.Tensor  # [B, T] token ids, or [B, T, d] vectors
-    targets: torch.Tensor  # [B, T] next tokens, or [B, T, d]
+    inputs: torch.Tensor  # [B, T] token ids, [B, T, d] vectors, or [B, H, W, C] images
+    targets: torch.Tensor  # [B, T] next tokens, [B, T, d], or [B] class labels
+    mask: Optional[torch.Tensor] = None  # [B] bool: the rows that count (held-out images past the end: not)
 
 
 class Source:
@@ -163,6 +177,111 @@ class Regression(Source):
         return Batch(x, y)
 
 
+class Images(Source):
+    """Labelled images (model.input: image), split once into training and held-out sets."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, seed: int, name: str):
+        n = images.shape[0]
+        order = torch.randperm(n, generator=_gen(0, "image-split", name, n))  # the data's own, not the run's
+        held = n // 6
+        self.data = {"train": (images[order[held:]], labels[order[held:]]),
+                     "eval": (images[order[:held]], labels[order[:held]])}
+        self.name, self.seed = name, seed
+        self._epochs: dict = {}
+
+    def size(self, split: str) -> int:
+        return self.data[split][0].shape[0]
+
+    def eval_steps(self, batch: int) -> int:
+        """Held-out batches of ``batch`` images that cover the held-out set once."""
+        return max(math.ceil(self.size("eval") / batch), 1)
+
+    def _epoch(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._epochs:
+            if len(self._epochs) > 4:
+                self._epochs.clear()
+            self._epochs[epoch] = torch.randperm(self.size("train"), generator=_gen(self.seed, "epoch", epoch))
+        return self._epochs[epoch]
+
+    def batch(self, step, batch, seq, rank=0, world=1, split="train"):
+        share = batch // world
+        stream = [step * batch + r for r in range(rank * share, (rank + 1) * share)]
+        images, labels = self.data[split]
+        n = images.shape[0]
+        if split == "train":
+            index = torch.tensor([int(self._epoch(i // n)[i % n]) for i in stream], dtype=torch.int64)
+            return Batch(images[index], labels[index])
+        index = torch.tensor([i % n for i in stream], dtype=torch.int64)
+        return Batch(images[index], labels[index], mask=torch.tensor([i < n for i in stream]))
+
+
+def digits(seed: int = 0) -> Images:
+    """scikit-learn's 8×8 handwritten digits (Alpaydin & Kaynak 1998, the UCI optdigits test set),
+    loaded from the files in its package: [1797, 8, 8, 1] in [0, 1], labels 0..9."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise UserError("--data digits needs scikit-learn: pip install 'moedsl[digits]'") from None
+    d = load_digits()
+    images = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(-1) / 16.0
+    return Images(images, torch.as_tensor(d.target, dtype=torch.int64), seed, "digits")
+
+
+def read_npz(path: str, spec) -> tuple:
+    """``images`` [N, H, W, C] float32 and ``labels`` [N] int64 from an .npz file, checked against
+    ``spec``'s model.image and model.classes; each problem is one ``UserError`` line."""
+    import zipfile
+
+    import numpy as np
+
+    im, where = spec.model.image, f"--data {path}"
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise UserError(f"{where}: not an .npz file (a single .npy array): save with numpy.savez("
+                            "path, images=..., labels=...)")
+        with f:
+            names = sorted(f.files)
+            for key in ("images", "labels"):
+                if key not in names:
+                    raise UserError(f"{where} has no array '{key}' (it has: {', '.join(names) or 'none'})")
+            images, labels = f["images"], f["labels"]
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{where} is a directory: give an .npz file") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise UserError(f"{where}: not an .npz file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+    if images.ndim not in (3, 4):
+        raise UserError(f"{where}: 'images' has shape {list(images.shape)}, not [N, H, W] or [N, H, W, C]")
+    if labels.ndim != 1:
+        raise UserError(f"{where}: 'labels' has shape {list(labels.shape)}, not [N]")
+    if images.ndim == 3:
+        images = images[..., None]
+    N, H, W, C = images.shape
+    if (H, W, C) != (im.size, im.size, im.channels):
+        raise UserError(f"{where}: the images are {H}×{W}×{C} (H×W×C) but model.image is {im.size}×{im.size}×"
+                        f"{im.channels} (size {im.size}, channels {im.channels})")
+    if labels.shape[0] != N:
+        raise UserError(f"{where}: {N} images but {labels.shape[0]} labels")
+    if N < 2:
+        raise UserError(f"{where}: {N} image(s): too few to hold some out")
+    if labels.dtype.kind not in "iu":
+        raise UserError(f"{where}: 'labels' are {labels.dtype}, not integers")
+    bad = np.flatnonzero((labels < 0) | (labels >= spec.model.classes))
+    if bad.size:
+        i = int(bad[0])
+        raise UserError(f"{where}: label {int(labels[i])} at index {i} is outside [0, {spec.model.classes}) "
+                        f"(model.classes {spec.model.classes}; {bad.size} label(s) out of range)")
+    if images.dtype.kind not in "uif" and images.dtype != np.bool_:
+        raise UserError(f"{where}: 'images' are {images.dtype}, not numbers")
+    x = torch.as_tensor(images.astype(np.float32))
+    if images.dtype == np.uint8:
+        x = x / 255.0
+    return x, torch.as_tensor(labels.astype(np.int64))
+
+
 MIN_TEXT_BYTES = 1024
 HELD_OUT = 0.05  # the last 5% of a text file is held out
 
@@ -172,6 +291,8 @@ def source_problems(spec, data: str, seq: int) -> list:
     tokens: one message per problem, each naming --data and its value (empty: nothing).
     Cheap: a text file is looked at (os.stat) but not read, pystdlib is not gathered."""
     m = spec.model
+    if m.input == "image":
+        return _image_problems(spec, data, seq)
     if m.input == "vectors":
         if data not in ("synthetic", "synthetic-regression"):
             return [f"--data {data!r}: a spec over vectors (model.input: vectors) trains on the built-in "
@@ -212,8 +333,39 @@ def source_problems(spec, data: str, seq: int) -> list:
     return problems
 
 
+def _image_problems(spec, data: str, seq: int) -> list:
+    """source_problems for a spec over images: digits (scikit-learn importable) or a sound .npz."""
+    tokens = spec.train.seq_len
+    problems = [] if seq == tokens else [
+        f"--seq {seq}: an image of {spec.name} is {tokens} tokens (from model.image): leave --seq out"]
+    if data == "digits":
+        im = spec.model.image
+        if (im.size, im.channels) != (8, 1):
+            problems.append(f"--data digits: the digits are 8×8 grey images, model.image is {im.size}×{im.size} "
+                            f"with {im.channels} channel(s)")
+        if spec.model.classes < 10:
+            problems.append(f"--data digits has 10 classes, model.classes is {spec.model.classes}")
+        import importlib.util
+
+        if importlib.util.find_spec("sklearn") is None:  # looked up, not imported (seconds): make_source loads it
+            problems.append("--data digits needs scikit-learn: pip install 'moedsl[digits]'")
+        return problems
+    if not data.endswith(".npz") and not Path(data).is_file():
+        return problems + [f"--data {data!r}: a spec over images trains on digits or an .npz file (images, labels)"]
+    try:
+        read_npz(data, spec)
+    except UserError as e:
+        problems.append(str(e))
+    return problems
+
+
 def make_source(spec, data: str, seed: int) -> Source:
     m = spec.model
+    if m.input == "image":
+        if data == "digits":
+            return digits(seed)
+        images, labels = read_npz(data, spec)
+        return Images(images, labels, seed, Path(data).name)
     if m.input == "vectors":
         if data not in ("synthetic", "synthetic-regression"):
             raise MoedslError(f"a spec over vectors trains on the built-in regression task, not {data!r}")

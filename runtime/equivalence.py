@@ -63,6 +63,9 @@ def _router_counts(stats) -> dict:
 
 def _batch(spec, batch: int, seq: int, seed: int):
     g = torch.Generator().manual_seed(seed + 1)
+    if spec.model.input == "image":  # [B, H, W, C] pixels in [0, 1); ``seq`` follows from model.image
+        im = spec.model.image
+        return torch.rand(batch, im.size, im.size, im.channels, generator=g)
     if spec.model.input == "tokens":
         return torch.randint(0, spec.model.vocab_size, (batch, seq), generator=g)
     return torch.randn(batch, seq, spec.model.d_model, generator=g)

@@ -16,9 +16,9 @@ class Reporter:
             print(f"moedsl: {text}", flush=True)
 
     def progress(self, total: int, start: int):
-        """``update(step, loss, tokens_per_s, balance, eval_loss)``; ``update(None, ...)`` closes it."""
+        """``update(step, loss, tokens_per_s, balance, eval_loss, accuracy=None)``; ``update(None, ...)`` closes it."""
         if self.rank != 0 or not self.progress_on:
-            return lambda *a: None
+            return lambda *a, **k: None
         if sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -27,21 +27,24 @@ class Reporter:
             task = bar.add_task("train", total=total, completed=start, info="")
             bar.start()
 
-            def update(step, loss, tps, balance, eval_loss):
+            def update(step, loss, tps, balance, eval_loss, accuracy=None):
                 if step is None:
                     bar.stop()
                     return
                 info = f"loss {loss:.3f}  {tps:,.0f} tok/s  balance {balance:.2f}"
                 if eval_loss is not None:
                     info += f"  eval {eval_loss:.3f}"
+                if accuracy is not None:
+                    info += f"  acc {accuracy:.3f}"
                 bar.update(task, completed=step, info=info)
             return update
         every = max(total // 20, 1)
 
-        def lines(step, loss, tps, balance, eval_loss):
+        def lines(step, loss, tps, balance, eval_loss, accuracy=None):
             if step is None or (step % every and step != total):
                 return
             extra = f"  eval {eval_loss:.4f}" if eval_loss is not None else ""
+            extra += f"  accuracy {accuracy:.4f}" if accuracy is not None else ""
             print(f"step {step:>6}/{total}  loss {loss:.4f}  {tps:,.0f} tok/s  balance {balance:.2f}{extra}",
                   flush=True)
         return lines

@@ -57,6 +57,8 @@ def summary_table(s):
     rows = [("train loss (first → last)", f"{s.first_loss:.4f} → {s.train_loss:.4f}")]
     if s.eval_loss is not None:
         rows.append(("held-out loss", f"{s.eval_loss:.4f}" + (f"  (perplexity {s.eval_ppl:.2f})" if s.eval_ppl else "")))
+    if getattr(s, "eval_accuracy", None) is not None:
+        rows.append(("held-out accuracy", f"{s.eval_accuracy:.4f}"))
     rows += [("tokens", f"{s.tokens:,}"), ("time", f"{s.seconds:.1f} s"), ("tokens / s", f"{s.tokens_per_s:,.0f}"),
              ("expert load, max / mean (1 = even)", f"{s.balance:.2f}"), ("assignments dropped", f"{s.dropped:.2%}"),
              ("CUDA graphs", "on" if s.cuda_graphs else "off"),

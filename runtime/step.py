@@ -21,7 +21,10 @@ from .optim import LossScale
 
 
 def task_loss(spec, out, targets) -> torch.Tensor:
-    """Next-token cross-entropy (token models) or mean squared error (vector models)."""
+    """Next-token cross-entropy (token models), cross-entropy over the classes per image (image
+    models: logits [B, classes], labels [B]) or mean squared error (vector models)."""
+    if spec.model.input == "image":
+        return F.cross_entropy(out.output.float(), targets)
     if spec.model.input == "tokens":
         return F.cross_entropy(out.output.flatten(0, 1).float(), targets.flatten())
     return F.mse_loss(out.output.float(), targets.float())

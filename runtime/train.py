@@ -98,6 +98,7 @@ class Summary:
     cuda_graphs: bool
     skipped_steps: int = 0  # float16: steps skipped because the scaled gradient overflowed
     losses: list = field(default_factory=list)
+    eval_accuracy: Optional[float] = None  # image classifiers: held-out accuracy at the last evaluation
 
 
 class Trainer:
@@ -140,6 +141,7 @@ class Trainer:
         self._graphed = None  # the captured step, made at the first step in graph mode
         self._eval_graph = None
         self.start_step = 0
+        self.eval_accuracy: Optional[float] = None  # image classifiers: the last evaluation's accuracy
 
     # ------------------------------------------------------------------ one step
 
@@ -180,6 +182,12 @@ class Trainer:
         """Mean held-out loss over ``eval_batches`` batches, averaged over ranks (with CUDA graphs:
         a captured forward)."""
         o, model = self.options, self.model
+        if self.spec.model.input == "image":  # the whole held-out set, once; its accuracy too
+            from .evaluate import held_out_images
+
+            h = held_out_images(model, self.spec, self.source, o.batch, self.rank, self.world, self.device, self.amp)
+            self.eval_accuracy = h.accuracy
+            return h.loss
         was = model.training
         model.eval()
         total = 0.0
@@ -289,10 +297,12 @@ class Trainer:
                     if self.device.type == "cpu" and o.keep_memory:
                         release_freed_memory()  # the evaluation's own shapes: not kept past it
                     row.update(eval_loss=eval_loss, eval_ppl=_ppl(spec, eval_loss))
+                    if self.eval_accuracy is not None:
+                        row.update(accuracy=self.eval_accuracy)
                 if log is not None and ((step + 1) % o.log_every == 0 or "eval_loss" in row):
                     log.write(json.dumps(row) + "\n")
                     log.flush()
-                bar(step + 1, m.loss, row["tokens_per_s"], balance, eval_loss)
+                bar(step + 1, m.loss, row["tokens_per_s"], balance, eval_loss, accuracy=self.eval_accuracy)
                 if o.checkpoint_every and (step + 1) % o.checkpoint_every == 0 and step + 1 < o.steps:
                     last_ckpt = self.save(step + 1)
             if o.steps > start:
@@ -313,7 +323,7 @@ class Trainer:
                        first_loss=first if first is not None else float("nan"),
                        checkpoint=str(last_ckpt) if last_ckpt else None, metrics=str(metrics_path),
                        plot=str(plot) if plot else None, world=world, cuda_graphs=self.graphs,
-                       skipped_steps=skipped, losses=losses)
+                       skipped_steps=skipped, losses=losses, eval_accuracy=self.eval_accuracy)
 
     def _overflow(self, m) -> bool:
         """A float16 step whose loss was finite but whose scaled gradient overflowed: expected now

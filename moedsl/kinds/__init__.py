@@ -42,6 +42,14 @@ class LayerKind:
     sublayer: bool = False  # a pre-norm residual sublayer: `residual` and `prenorm` apply
     place: Optional[str] = None  # "first" / "last": the only place in the stack it may stand
     needs_tokens: bool = False  # only with model.input: tokens
+    inputs: Optional[tuple] = None  # the model.input values it works with (None: see ``accepts``)
+
+    def accepts(self, model_input: str) -> bool:
+        """Whether it can stand in a model whose input is ``model_input``: one of ``inputs`` when
+        given; otherwise tokens only for ``needs_tokens`` kinds, any input for the rest."""
+        if self.inputs is not None:
+            return model_input in self.inputs
+        return model_input == "tokens" if self.needs_tokens else True
 
     # -- the spec ------------------------------------------------------------------------------
     def build(self, data: dict, path: tuple, model, checks) -> Any:

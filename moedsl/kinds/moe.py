@@ -65,6 +65,7 @@ class Gate:
     min_capacity: int = _GATE["min_capacity"]
     drop_policy: str = "dropless"  # drop | dropless (resolved per type: see _capacity)
     drop_priority: str = _GATE["drop_priority"]  # position | score
+    capacity_rounding: str = _GATE["capacity_rounding"]  # ceil | round (V-MoE)
     routing_groups: int = _GATE["routing_groups"]
     jitter: float = 0.0  # resolved per type (switch: 0.01)
     noise_epsilon: float = _GATE["noise_epsilon"]
@@ -80,7 +81,9 @@ class Gate:
         return self.capacity_factor is not None
 
     def capacity(self, tokens: int, experts: int, training: bool = True) -> int:
-        """C = ceil(capacity_factor · k · tokens / experts), at least min_capacity.
+        """C = ceil(capacity_factor · k · tokens / experts), at least min_capacity; with
+        ``capacity_rounding: round``, C = round(k · tokens · capacity_factor / experts) (V-MoE,
+        Riquelme et al. 2021, §2.2; Python's round, halves to the even neighbour).
 
         For expert choice k is 1 (each expert takes capacity_factor · tokens / E), and no
         expert can take more tokens than there are; without a capacity, every token fits.
@@ -89,7 +92,9 @@ class Gate:
             return tokens
         factor = self.capacity_factor if training else (self.eval_capacity_factor or self.capacity_factor)
         k = self.k if self.k > 0 else 1
-        c = max(math.ceil(factor * k * tokens / experts - 1e-9), self.min_capacity)
+        exact = factor * k * tokens / experts
+        whole = round(exact) if self.capacity_rounding == "round" else math.ceil(exact - 1e-9)
+        c = max(whole, self.min_capacity)
         if self.k == 0:  # experts choose: an expert cannot take more tokens than there are
             c = min(c, tokens)
         return c
@@ -164,7 +169,8 @@ def _capacity(g: dict, p, t: str, k: int, c) -> Gate:
     if policy == "dropless":
         if not gt.can_be_dropless:
             c.error(p + ("drop_policy",), f"{_a(t)} gate is defined by its capacity: it cannot be dropless")
-        for key in ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_priority"):
+        for key in ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_priority",
+                    "capacity_rounding"):
             if key in g:
                 c.error(p + (key,), f"{key} conflicts with dropless routing (no capacity, nothing dropped)",
                         "remove it, or set drop_policy: drop", key=True)
@@ -175,7 +181,7 @@ def _capacity(g: dict, p, t: str, k: int, c) -> Gate:
             c.error(p + ("drop_policy",), "drop_policy: drop needs a capacity_factor",
                     "add capacity_factor (e.g. 1.25), or use drop_policy: dropless")
     return take(Gate, {key: g[key] for key in ("eval_capacity_factor", "min_capacity", "drop_priority",
-                                               "routing_groups") if key in g},
+                                               "routing_groups", "capacity_rounding") if key in g},
                 type=t, k=k, capacity_factor=factor, drop_policy=policy)
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 # capacity and dropping: options of every gate with a router that drops (and of `hierarchy`)
 CAPACITY_KEYS = frozenset({"capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy",
-                           "drop_priority", "routing_groups"})
+                           "drop_priority", "routing_groups", "capacity_rounding"})
 
 _GATES: dict[str, "GateType"] = {}
 

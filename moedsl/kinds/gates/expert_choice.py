@@ -9,7 +9,7 @@ class ExpertChoice(GateType):
     name = "expert_choice"
     module = "ExpertChoiceGate"
     options = frozenset({"capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy", "routing_groups",
-                         "max_experts_per_token", "jitter"})
+                         "capacity_rounding", "max_experts_per_token", "jitter"})
     losses = frozenset({"z_loss"})
     losses_note = "expert choice is balanced by construction"
     default_capacity = 2.0
