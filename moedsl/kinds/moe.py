@@ -1,6 +1,8 @@
 """``moe``: a Mixture-of-Experts sublayer (Shazeer et al. 2017): a gate (a type of
 ``moedsl.kinds.gates``) or a two-level ``hierarchy`` of gates routes each token to experts;
-optional shared experts see every token (DeepSeekMoE, Dai et al. 2024, §3.2).
+optional shared experts see every token (DeepSeekMoE, Dai et al. 2024, §3.2), their output
+optionally scaled by sigmoid(x·w) (``shared.gate``: transformers' modeling_qwen2_moe.py,
+Qwen2MoeSparseMoeBlock's shared_expert_gate).
 
 In the graph it is explicit nodes,
 
