@@ -1,6 +1,8 @@
 """``moe``: a Mixture-of-Experts sublayer (Shazeer et al. 2017): a gate (a type of
 ``moedsl.kinds.gates``) or a two-level ``hierarchy`` of gates routes each token to experts;
-optional shared experts see every token (DeepSeekMoE, Dai et al. 2024, §3.2).
+optional shared experts see every token (DeepSeekMoE, Dai et al. 2024, §3.2), their output
+optionally scaled by sigmoid(x·w) (``shared.gate``: transformers' modeling_qwen2_moe.py,
+Qwen2MoeSparseMoeBlock's shared_expert_gate).
 
 In the graph it is explicit nodes,
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from moedsl.checks import a as _a
-from moedsl.schema import defaults
+from moedsl.schema import defaults, schema
 
 from . import LayerKind, register, take
 from .ffn import GLU_ACTIVATIONS
@@ -26,12 +28,23 @@ from .gates import gate_type, gate_types
 
 _EXPERTS, _GATE, _SUB = defaults("experts"), defaults("gate"), defaults("sub_gate")
 _LOSSES, _MOE = defaults("losses"), defaults("moe")
+_SHARED_GATE = schema()["$defs"]["experts"]["properties"]["shared"]["properties"]["gate"]["default"]
 
 
 @dataclass(frozen=True)
 class SharedExperts:
     count: int
     hidden: int  # resolved: defaults to experts.hidden
+    gate: bool = _SHARED_GATE  # output × sigmoid(x·w), w [1, d] (Qwen2-MoE's shared_expert_gate)
+
+
+@dataclass(frozen=True)
+class ExpertGroups:
+    """Group-limited routing (DeepSeek-V3; transformers' DeepseekV3TopkRouter): ``count`` groups
+    of consecutive expert ids, a token chooses among the ``top`` best groups only."""
+
+    count: int
+    top: int
 
 
 @dataclass(frozen=True)
@@ -72,7 +85,9 @@ class Gate:
     second_expert: str = _GATE["second_expert"]
     normalize: bool = _GATE["normalize"]
     score: str = _GATE["score"]
-    bias_balancing_rate: Optional[float] = None
+    bias_balancing_rate: Optional[float] = None  # 0: a fixed choice bias (loaded, never moved)
+    groups: Optional[ExpertGroups] = None
+    scale: float = _GATE["scale"]
     max_experts_per_token: Optional[int] = None
     hash_seed: int = _GATE["hash_seed"]
 
@@ -195,8 +210,10 @@ def _gate(g: dict, p, experts: Experts, c) -> Gate:
                     f"it is an option of: {', '.join(homes)}" if homes else None, key=True)
     gt.check(g, p, experts.count, c)
     gate = _capacity(g, p, t, gt.k(g, experts.count), c)
-    extra = {key: g[key] for key in ("noise_epsilon", "second_expert", "normalize", "score",
+    extra = {key: g[key] for key in ("noise_epsilon", "second_expert", "normalize", "score", "scale",
                                      "max_experts_per_token", "hash_seed") if key in g}
+    if "groups" in g:
+        extra["groups"] = ExpertGroups(count=g["groups"]["count"], top=g["groups"]["top"])
     bias = g.get("bias_balancing")
     return Gate(**{**gate.__dict__, **extra, "bias_balancing_rate": bias["rate"] if bias else None,
                    "jitter": g.get("jitter", gt.option_defaults.get("jitter", Gate.jitter))})
@@ -237,7 +254,7 @@ class MoEKind(LayerKind):
         e = data["experts"]
         shared = None
         if "shared" in e:
-            shared = SharedExperts(count=e["shared"]["count"], hidden=e["shared"].get("hidden", e["hidden"]))
+            shared = take(SharedExperts, e["shared"], hidden=e["shared"].get("hidden", e["hidden"]))
         experts = take(Experts, e, shared=shared)
         hierarchy = None
         if "hierarchy" in data:
@@ -270,11 +287,11 @@ class MoEKind(LayerKind):
         return make_gate(cfg, model.d_model, model.router_dtype, seed, layer, model.init_std, model.vocab_size)
 
     def shared_module(self, cfg: MoE, model):
-        from moedsl.nn.experts import DenseFFN
+        from moedsl.nn.experts import DenseFFN, GatedFFN
 
         e = cfg.experts
-        return DenseFFN(model.d_model, e.shared.count * e.shared.hidden, e.activation, e.bias, e.dropout,
-                        model.init_std)
+        cls = GatedFFN if e.shared.gate else DenseFFN
+        return cls(model.d_model, e.shared.count * e.shared.hidden, e.activation, e.bias, e.dropout, model.init_std)
 
     def experts_module(self, cfg: MoE, model, expert_ids, seed: int = 0, layer: int = 0, init: bool = True):
         from moedsl.nn.experts import Experts as Module

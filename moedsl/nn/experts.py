@@ -178,3 +178,17 @@ class DenseFFN(nn.Module):
         if self.dropout:
             h = F.dropout(h, self.dropout, self.training)
         return self.w_out(h)
+
+
+class GatedFFN(DenseFFN):
+    """Shared experts whose output is scaled per token by sigmoid(x·wᵀ), w [1, d] (``gate``, no
+    bias): transformers' modeling_qwen2_moe.py, Qwen2MoeSparseMoeBlock's ``shared_expert_gate``."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str, bias: bool = False, dropout: float = 0.0,
+                 init_std: float = 0.02):
+        super().__init__(d_model, hidden, activation, bias, dropout, init_std)
+        self.gate = nn.Linear(d_model, 1, bias=False)
+        _normal(self.gate, init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gate(x)) * super().forward(x)

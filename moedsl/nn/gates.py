@@ -24,8 +24,8 @@ from .. import spec as S
 from ..dtypes import torch_dtype
 from . import rng
 from .grouped import grouped_matmul
-from .routing import (Routing, assign_slots, balance_loss, bucket_positions, counts, cv_squared, load_estimate,
-                      z_loss)
+from .routing import (Routing, assign_slots, balance_loss, bucket_positions, counts, cv_squared, group_limited_top,
+                      load_estimate, z_loss)
 
 
 
@@ -115,9 +115,15 @@ class Gate(nn.Module):
     def select(self, scores: torch.Tensor, k: int, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Indices of the top k of scores (+ the balancing bias, which only chooses). Without a bias,
         the top k of the logits when given: the same choice for a monotone score, without the ties
-        of scores that saturate (a sigmoid rounds to 1.0 above ~17)."""
-        v = scores + self.expert_bias if self.spec.bias_balancing_rate is not None else \
-            (scores if logits is None else logits)
+        of scores that saturate (a sigmoid rounds to 1.0 above ~17). With expert groups, the top k
+        of the groups chosen by their two best scores (+ bias): scores, not logits, since a sum of
+        two is not monotone in the logits."""
+        biased = self.spec.bias_balancing_rate is not None
+        groups = self.spec.groups
+        if groups is not None:
+            v = scores + self.expert_bias if biased else scores
+            return group_limited_top(v, k, groups.count, groups.top)
+        v = scores + self.expert_bias if biased else (scores if logits is None else logits)
         return top_indices(v, k)
 
     def importance(self, weight: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
@@ -199,7 +205,8 @@ class Gate(nn.Module):
     def extra_repr(self) -> str:
         g = self.spec
         cap = f"capacity_factor={g.capacity_factor}" if g.has_capacity else "dropless"
-        return f"type={g.type}, experts={self.num_experts}, k={g.k}, {cap}"
+        groups = f", groups={g.groups.count} (top {g.groups.top})" if g.groups is not None else ""
+        return f"type={g.type}, experts={self.num_experts}, k={g.k}{groups}, {cap}"
 
 
 class RouterGate(Gate):
@@ -277,11 +284,21 @@ class NoisyTopKGate(Gate):
 class TopKGate(RouterGate):
     """Top-k gating (Mixtral): weights = the scores of the k chosen experts, renormalised to
     sum 1 (for softmax scores: the softmax over the selected logits). score: sigmoid gives
-    DeepSeek-V3's sigmoid affinities."""
+    DeepSeek-V3's sigmoid affinities.
+
+    As transformers computes them (modeling_mixtral.py MixtralTopKRouter, modeling_qwen2_moe.py
+    Qwen2MoeTopKRouter, modeling_deepseek_v3.py DeepseekV3TopkRouter):
+      1. s = softmax(x·Wᵀ) or sigmoid(x·Wᵀ), in the router dtype;
+      2. the k experts: the top k of s + b (b: the balancing bias, if any), among the best
+         ``groups.top`` groups when the experts are grouped;
+      3. w = the chosen s (without b); normalize: w / Σw (sigmoid: w / (Σw + 1e-20), as
+         DeepseekV3TopkRouter); then w · scale (routed_scaling_factor).
+    """
 
     def choose(self, x, ids, gidx):
         logits = self.logits(x, gidx)
-        if self.spec.score == "sigmoid":
+        sigmoid = self.spec.score == "sigmoid"
+        if sigmoid:
             scores = torch.sigmoid(logits)
             probs = scores / scores.sum(-1, keepdim=True)
         else:
@@ -289,8 +306,11 @@ class TopKGate(RouterGate):
         expert = self.select(scores, self.spec.k, logits)
         weight = scores.gather(-1, expert)
         if self.spec.normalize:
-            weight = weight / weight.sum(-1, keepdim=True)
-        return Choice(expert, weight, losses=self.losses(logits, probs, weight, expert))
+            weight = weight / (weight.sum(-1, keepdim=True) + (1e-20 if sigmoid else 0.0))
+        losses = self.losses(logits, probs, weight, expert)
+        if self.spec.scale != 1.0:
+            weight = weight * self.spec.scale
+        return Choice(expert, weight, losses=losses)
 
 
 class SwitchGate(RouterGate):

@@ -117,6 +117,25 @@ def assign_slots_torch(expert: torch.Tensor, routed: Optional[torch.Tensor], num
     return torch.empty_like(slot_sorted).scatter_(1, tok[..., None].expand(G, S, k), slot_sorted)
 
 
+# ----------------------------------------------------------------------------- group-limited choice
+
+def group_limited_top(v: torch.Tensor, k: int, groups: int, top: int) -> torch.Tensor:
+    """Indices of the top k of ``v`` [..., E] among the experts of the ``top`` best of ``groups``
+    equal groups of consecutive ids, a group's score being the sum of its two largest values
+    (transformers' modeling_deepseek_v3.py, DeepseekV3TopkRouter: ``n_group``, ``topk_group``).
+
+    Shapes: E experts in N = groups groups of g = E / N; k' = top groups kept.
+    """
+    *lead, E = v.shape
+    N = groups
+    by_group = v.reshape(*lead, N, E // N)  # [..., N, g]
+    group_score = by_group.topk(2, dim=-1).values.sum(dim=-1)  # [..., N]
+    kept = torch.topk(group_score, top, dim=-1).indices  # [..., k']
+    eligible = torch.zeros_like(group_score, dtype=torch.bool).scatter(-1, kept, True)  # [..., N]
+    masked = by_group.masked_fill(~eligible[..., None], float("-inf")).reshape(*lead, E)  # [..., E]
+    return torch.topk(masked, k, dim=-1).indices  # [..., k]
+
+
 # ----------------------------------------------------------------------------- losses
 
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
