@@ -256,10 +256,10 @@ class Trainer:
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             _trim_metrics(metrics_path, start)
-            if o.init and (Path(o.init) / "hf_config.json").is_file():  # `moedsl export` of this run restores it
-                import shutil
+            if o.init:  # what `moedsl export` of this run restores: the source config, the tokenizer
+                from moedsl.hf.files import TOKENIZER_FILES, copy_side_files
 
-                shutil.copyfile(Path(o.init) / "hf_config.json", out_dir / "hf_config.json")
+                copy_side_files(Path(o.init), out_dir, ("hf_config.json",) + TOKENIZER_FILES)
         _verify_collectives(self.model, world)
         self.say.once(f"{spec.name}: {world} process(es) on {self.device.type}, batch {o.batch} × {o.seq}, "
                       f"steps {start}..{o.steps}, data {self.source.name}, {spec.model.dtype}"
