@@ -14,7 +14,8 @@ from .errors import Issue, MoedslError, SpecError
 from .spec import Spec
 
 __version__ = "0.1.0"
-__all__ = ["load_spec", "compile", "build_model", "load_model", "Spec", "SpecError", "Issue", "MoedslError", "__version__"]
+__all__ = ["load_spec", "compile", "build_model", "load_model", "Spec", "SpecError", "Issue", "MoedslError",
+           "__version__"]
 
 
 def __getattr__(name):  # lazy: these import torch

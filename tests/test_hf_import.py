@@ -145,7 +145,7 @@ def test_config_that_disagrees_with_the_tensors_names_tensor_and_shapes(tmp_path
     cfg["intermediate_size"] = 64
     (src / "config.json").write_text(json.dumps(cfg))
     _refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o",
-             "experts.0.w1.weight", "[4, 32, 48]", "[4, 32, 64]", "experts.hidden")
+             "experts.0.w1.weight", "[4, 32, 48]", "[4, 32, 64]", "experts.hidden = 64, from intermediate_size")
 
 
 def test_unknown_model_type_lists_the_supported(tmp_path, capsys):
@@ -246,3 +246,36 @@ def test_run_init_on_two_processes_matches_one_and_its_checkpoint_exports(tmp_pa
     trained = moedsl.load_model(tmp_path / "run2")
     with torch.no_grad():
         _close(back.eval()(x).logits, trained(x).output)
+
+
+def test_a_rank_reads_only_the_experts_it_holds(tmp_path, monkeypatch):
+    from moedsl.compiler import compile_graph
+    from moedsl.hf import files
+    from moedsl.hf.weights import load_weights
+
+    src, _ = _hf(tmp_path)
+    assert _import(src, tmp_path / "imp") == 0
+    spec = moedsl.load_spec(tmp_path / "imp" / "spec.yaml")
+    read, whole = [], []
+    get_expert, get = files.Checkpoint.get_expert, files.Checkpoint.get
+    monkeypatch.setattr(files.Checkpoint, "get_expert", lambda self, n, e: read.append(e) or get_expert(self, n, e))
+    monkeypatch.setattr(files.Checkpoint, "get", lambda self, n: whole.append(n) or get(self, n))
+    rank1 = compile_graph(spec, 1, 2, device="cpu", init=False, verify_ranks=False).module
+    load_weights(rank1, tmp_path / "imp", spec)
+    assert sorted(set(read)) == [2, 3] and not any(".experts." in n for n in whole)
+    full = moedsl.load_model(tmp_path / "imp")
+    assert torch.equal(rank1.state_dict()["layers.2.experts.w_out"], full.state_dict()["layers.2.experts.w_out"][2:])
+
+
+def test_hand_written_mixtral_spec_trains_and_exports_as_mixtral(tmp_path):
+    spec = Path(__file__).parents[1] / "specs" / "mixtral.yaml"
+    run = tmp_path / "run"
+    assert main(["run", str(spec), "--steps", "1", "--batch", "4", "--seq", "8", "--out", str(run),
+                 "--no-progress", "--eval-batches", "1"]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "exp")]) == 0
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp", output_loading_info=True)
+    assert type(back).__name__ == "MixtralForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _close(back.eval()(x).logits, moedsl.load_model(run)(x).output)

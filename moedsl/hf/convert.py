@@ -20,22 +20,16 @@ from .weights import dcp_checkpoint, is_import_dir, mismatch
 IMPORT_SHARD = 2 * 10**9  # moedsl's own files: shards of up to 2 GB
 HF_CONFIG = "hf_config.json"
 
-_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64",
-              "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
 def _dtype(ck: Checkpoint, name: str):
-    import torch
+    from .files import torch_dtype_of
 
-    return getattr(torch, _ST_DTYPES[ck.headers[ck.where[name]][name]["dtype"]])
+    return torch_dtype_of(ck.headers[ck.where[name]][name]["dtype"])
 
 
 def _spec_name(source: str) -> str:
-    base = Path(source.rstrip("/")).name if "/" not in source or Path(source).exists() else source.split("/")[-1]
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "imported"
-    if source.count("/") == 1 and not Path(source).exists():
-        name = re.sub(r"[^A-Za-z0-9._-]+", "-", source.replace("/", "-"))
-    return name
+    """The spec's name: a folder's name, or ORG-NAME for a model id of the cache."""
+    base = Path(source).name if Path(source).exists() else source.replace("/", "-")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "imported"
 
 
 def import_checkpoint(source: str, out: Path, overwrite: bool = False, max_shard: int = IMPORT_SHARD) -> dict:
@@ -67,11 +61,11 @@ def import_checkpoint(source: str, out: Path, overwrite: bool = False, max_shard
         except RuntimeError as e:  # per-expert tensors of different shapes cannot be stacked
             raise UserError(f"{folder}: the tensors {t.sources[0]}... do not fit together ({str(e)[:160]})") \
                 from None
-        why = mismatch(spec, t.name, made.shape, want[t.name])
+        why = mismatch(spec, t.name, made.shape, want[t.name], text)
         if why:
             src = next((s for s in t.sources if ck.shape(s) != ck.shape(t.sources[0])), t.sources[0])
             raise UserError(f"{ck.file_of(src)}: {src} is {_shape(ck.shape(src))}, which config.json does not "
-                            f"fit: {t.name} is {why}")
+                            f"fit: it makes {t.name} {why}")
         plan.append((t.name, tuple(made.shape), made.dtype,
                      (lambda t=t: t.make([ck.get(s) for s in t.sources]))))
     unused = sorted(ck.names - used)

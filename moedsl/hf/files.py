@@ -25,8 +25,20 @@ SINGLE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "tokenizer.model")
 
-DTYPE_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
-               "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def dtype_codes() -> dict:
+    """torch dtype -> safetensors' dtype code (its format's names, not the spec's)."""
+    import torch
+
+    return {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+            torch.bool: "BOOL"}
+
+
+def torch_dtype_of(code: str):
+    """safetensors' dtype code -> torch dtype."""
+    return {v: k for k, v in dtype_codes().items()}[code]
 
 
 # -- where the checkpoint is ---------------------------------------------------------------
@@ -242,10 +254,10 @@ def write_sharded(folder: Path, entries: list, max_shard: int, index_name: str =
 def _write_file(path: Path, entries: list) -> int:
     import torch
 
-    head, offset = {"__metadata__": {"format": "pt"}}, 0
+    head, offset, codes = {"__metadata__": {"format": "pt"}}, 0, dtype_codes()
     for name, shape, dtype, _ in entries:
         b = nbytes(shape, dtype)
-        head[name] = {"dtype": DTYPE_CODES[str(dtype).replace("torch.", "")], "shape": list(shape),
+        head[name] = {"dtype": codes[dtype], "shape": list(shape),
                       "data_offsets": [offset, offset + b]}
         offset += b
     text = json.dumps(head, separators=(",", ":")).encode()

@@ -52,17 +52,21 @@ def _field(spec, name: str, dim: int) -> tuple:
     return base
 
 
-def field_note(spec, name: str, dim: int) -> str:
-    """``spec.yaml:30: layers[1].block[1].moe.experts.count = 8`` (with the line's own comment, e.g.
-    the config.json field it came from)."""
+def field_note(spec, name: str, dim: int, text: Optional[str] = None) -> str:
+    """``spec.yaml:30: layers[1].block[1].moe.experts.count = 8``; given the spec's ``text``, with
+    the line's own comment (an imported spec's names the config.json field it came from)."""
     path = _field(spec, name, dim)
     value = _value(spec.data, path)
     line = spec.located.where(path)[0] if spec.located is not None else None
     where = f"{spec.source}:{line}" if line else spec.source
-    text = f"{where}: {format_path(path)}"
+    note = f"{where}: {format_path(path)}"
     if value is not None:
-        text += f" = {value}"
-    return text
+        note += f" = {value}"
+    if text is not None and line:
+        comment = text.splitlines()[line - 1].partition("#")[2].strip()
+        if comment:
+            note += f", from {comment}"
+    return note
 
 
 def _value(data, path):
@@ -78,13 +82,14 @@ def _fmt(shape) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
-def mismatch(spec, name: str, have, want) -> Optional[str]:
-    """None when ``have`` == ``want``, else which dimension differs and the spec field setting it."""
+def mismatch(spec, name: str, have, want, text: Optional[str] = None) -> Optional[str]:
+    """None when ``have`` == ``want``, else both shapes and the spec field setting the first
+    dimension that differs."""
     have, want = tuple(have), tuple(want)
     if have == want:
         return None
     dim = next((i for i, (a, b) in enumerate(zip(have, want)) if a != b), 0)
-    return f"{_fmt(have)} in the weights, {_fmt(want)} by the spec ({field_note(spec, name, dim)})"
+    return f"{_fmt(have)} in the weights, {_fmt(want)} by the spec ({field_note(spec, name, dim, text)})"
 
 
 def problems(spec, folder: Path, ck: Optional[Checkpoint] = None) -> list:
@@ -92,17 +97,19 @@ def problems(spec, folder: Path, ck: Optional[Checkpoint] = None) -> list:
     each; reads only the files' headers."""
     ck = ck or Checkpoint(folder)
     want = _global_shapes(spec)
-    out = []
+    found: dict = {}  # the cause (a spec field) -> its lines: one line per cause, counting the tensors
     for name, shape in want.items():
         if name not in ck.names:
-            out.append(f"{folder}: no tensor {name}, which the spec needs")
+            found.setdefault(("missing", name), []).append(f"{folder}: no tensor {name}, which the spec needs")
             continue
         why = mismatch(spec, name, ck.shape(name), shape)
         if why:
-            out.append(f"{ck.file_of(name)}: {name} is {why}: the weights no longer fit the spec")
+            found.setdefault(why[why.index("("):], []).append(
+                f"{ck.file_of(name)}: {name} is {why}: the weights no longer fit the spec")
     for name in sorted(ck.names - set(want)):
-        out.append(f"{ck.file_of(name)}: {name} has no place in the spec")
-    return out
+        found.setdefault(("extra", name), []).append(f"{ck.file_of(name)}: {name} has no place in the spec")
+    return [lines[0] + (f" (and {len(lines) - 1} more tensors)" if len(lines) > 1 else "")
+            for lines in found.values()]
 
 
 def load_weights(model, folder: Path, spec) -> None:
@@ -113,7 +120,7 @@ def load_weights(model, folder: Path, spec) -> None:
     ck = Checkpoint(folder)
     found = problems(spec, folder, ck)
     if found:
-        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        more = f"; and {len(found) - 1} more problems" if len(found) > 1 else ""
         raise UserError(found[0] + more)
     slots = {n: m.expert_ids.tolist() for n, m in model.named_modules() if n.endswith(".experts")}
     with torch.no_grad():

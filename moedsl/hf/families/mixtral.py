@@ -49,7 +49,6 @@ IGNORED = {"architectures", "model_type", "transformers_version", "_name_or_path
            "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "dtype",
            "torch_dtype"}
 UNDERSTOOD = set(DEFAULTS) | {"rope_parameters", "rope_scaling"}
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def _refuse(field: str, value, supported: str):
@@ -87,9 +86,11 @@ def read_config(config: dict) -> dict:
     if c["router_jitter_noise"]:
         _refuse("router_jitter_noise", c["router_jitter_noise"], "0 (moedsl's jitter perturbs the router's "
                 "input only, Mixtral's the experts' too)")
-    dtype = config.get("dtype", config.get("torch_dtype", "float32"))
-    if dtype not in DTYPES:
-        _refuse("dtype", dtype, ", ".join(DTYPES))
+    from moedsl.dtypes import NAMES
+
+    dtype = config.get("dtype", config.get("torch_dtype", NAMES[0]))
+    if dtype not in NAMES:
+        _refuse("dtype", dtype, ", ".join(NAMES))
     c["dtype"] = dtype
     return c
 
