@@ -14,9 +14,10 @@ transformers = pytest.importorskip("transformers")
 
 import moedsl  # noqa: E402
 from moedsl.cli import main  # noqa: E402
+from moedsl.hf import registered  # noqa: E402
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128)
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128)  # Mixtral
 
 
 def _hf(tmp: Path, name="hf", max_shard_size=None, **over) -> tuple:
@@ -33,7 +34,7 @@ def _close(ours, theirs):
     assert (ours - theirs).abs().max().item() <= 1e-4 * scale, (ours - theirs).abs().max().item()
 
 
-def _tokens():
+def _tokens():  # for the Mixtral of TINY
     return torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
 
 
@@ -41,13 +42,20 @@ def _import(src, out, *extra) -> int:
     return main(["import", str(src), "--out", str(out), *extra])
 
 
-def test_imported_mixtral_computes_transformers_logits_and_exports_back(tmp_path):
-    src, ref = _hf(tmp_path)
-    assert _import(src, tmp_path / "imp") == 0
+@pytest.mark.parametrize("model_type", sorted(registered()))
+def test_every_family_imports_to_transformers_logits_and_exports_back(tmp_path, model_type):
+    """Each registered family's ``tiny_config``, built by transformers, through import, load_model
+    and export: the same logits, and transformers loads the export with no missing or unexpected keys."""
+    fam = registered()[model_type]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, fam.config_class)(**fam.tiny_config)
+    ref = getattr(transformers, fam.architectures[0])(cfg).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    assert _import(tmp_path / "hf", tmp_path / "imp") == 0
     spec_text = (tmp_path / "imp" / "spec.yaml").read_text()
-    assert "d_model: 32  # hidden_size" in spec_text and "count: 4  # num_local_experts" in spec_text
+    assert f"d_model: {cfg.hidden_size}  # hidden_size" in spec_text
     model = moedsl.load_model(tmp_path / "imp")
-    x = _tokens()
+    x = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         _close(model(x).output, ref(x).logits)
     assert main(["export", str(tmp_path / "imp"), "--out", str(tmp_path / "exp")]) == 0
@@ -55,7 +63,13 @@ def test_imported_mixtral_computes_transformers_logits_and_exports_back(tmp_path
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         _close(back.eval()(x).logits, ref(x).logits)
-    assert json.loads((tmp_path / "exp" / "config.json").read_text())["bos_token_id"] == 1
+    assert json.loads((tmp_path / "exp" / "config.json").read_text())["bos_token_id"] == cfg.bos_token_id
+
+
+def test_readme_lists_every_family():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for model_type in registered():
+        assert f"(`{model_type}`) |" in readme, model_type
 
 
 def test_sharded_checkpoint_imports_and_exports_sharded(tmp_path):
@@ -244,8 +258,10 @@ def test_run_init_on_two_processes_matches_one_and_its_checkpoint_exports(tmp_pa
     assert not info["missing_keys"] and not info["unexpected_keys"]
     x = _tokens()
     trained = moedsl.load_model(tmp_path / "run2")
+    step = moedsl.load_model(imp / "spec.yaml", checkpoint=tmp_path / "run2" / "checkpoints" / "step-00000001")
     with torch.no_grad():
         _close(back.eval()(x).logits, trained(x).output)
+        assert torch.equal(step(x).output, trained(x).output)
 
 
 def test_a_rank_reads_only_the_experts_it_holds(tmp_path, monkeypatch):

@@ -4,15 +4,15 @@ One module per model family in ``families/`` (``families/mixtral.py``, ...), eac
 ``Family`` registered by the ``model_type`` of its ``config.json``, as the layer kinds of
 ``moedsl/kinds/`` are: adding a family is adding one file there. A family knows:
 
-* ``spec_text(config, source)``: config.json -> a commented spec (YAML text); a field or
+* ``spec_text(config, source, name)``: config.json -> a commented spec (YAML text); a field or
   value it cannot express raises ``UserError`` naming it and what is supported;
-* ``import_tensors(spec, config)``: each moedsl tensor as a function of the checkpoint's
+* ``import_tensors(spec, config, names)``: each moedsl tensor as a function of the checkpoint's
   tensors (names and layout transforms: per-expert w1/w2/w3 -> stacked [E, ...]);
 * ``export_config`` / ``export_tensors``: the reverse, and ``architecture_problem(spec)``:
   whether a spec (imported or written by hand) has the family's architecture.
 
 The rest is shared: reading a local folder or the local Hugging Face cache (``files.py``),
-writing safetensors shard by shard into a folder renamed into place at the end
+writing safetensors tensor by tensor into a folder renamed into place at the end
 (``files.py``), the commands (``convert.py``), and loading moedsl-format weights into a
 model, each rank reading only its experts (``weights.py``).
 """
@@ -47,10 +47,15 @@ class Family:
     implement the methods below; ``register`` them at import."""
 
     model_type: str = ""
-    architectures: Sequence[str] = ()
-    maps_to: str = ""  # one line for the README's table: what the family is in the spec
+    architectures: Sequence[str] = ()  # transformers' class names; the first is what export writes
+    config_class: str = ""  # transformers' config class (tests build the reference model from it)
+    # a tiny config (config_class's keyword arguments) the tests build, import, run and export for
+    # every registered family (tests/test_hf_import.py): a new family is tested by adding this
+    tiny_config: dict = {}
 
-    def spec_text(self, config: dict, source: str) -> str:
+    def spec_text(self, config: dict, source: str, name: str) -> str:
+        """The spec of the checkpoint (``source``: where it came from, for the header) as
+        commented YAML, each field naming the config.json field it came from."""
         raise NotImplementedError
 
     def import_tensors(self, spec, config: dict, names: set) -> list:
@@ -75,7 +80,9 @@ def register(family: Family) -> Family:
     return family
 
 
-def families() -> dict:
+def registered() -> dict:
+    """model_type -> Family, every family registered. (Not named ``families``: that is the
+    subpackage holding them.)"""
     return dict(_FAMILIES)
 
 

@@ -276,8 +276,10 @@ def _stack_t(ts):
 class Mixtral(Family):
     model_type = "mixtral"
     architectures = ("MixtralForCausalLM",)
-    maps_to = ("embedding, [attention(heads, kv_heads, rotary, rope_theta) + moe(experts swiglu, gate topk k "
-               "dropless, normalize)] × num_hidden_layers, norm (rmsnorm), head (tie_embeddings)")
+    config_class = "MixtralConfig"
+    tiny_config = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                       max_position_embeddings=128)
 
     def spec_text(self, config: dict, source: str, name: str = "mixtral") -> str:
         return spec_text(config, source, name)
