@@ -3,6 +3,7 @@
     spec = moedsl.load_spec("specs/switch.yaml")      # validate (SpecError on any mistake)
     gm, plan = moedsl.compile(spec, world_size=4)     # torch.fx graph + plan
     model = moedsl.build_model(spec)                  # a ready nn.Module
+    model = moedsl.load_model("imported/")            # with weights (moedsl import, a run, a checkpoint)
 
 Importing moedsl does not import torch: validating a spec stays fast.
 """
@@ -13,11 +14,12 @@ from .errors import Issue, MoedslError, SpecError
 from .spec import Spec
 
 __version__ = "0.1.0"
-__all__ = ["load_spec", "compile", "build_model", "evaluate", "Spec", "SpecError", "Issue", "MoedslError", "__version__"]
+__all__ = ["load_spec", "compile", "build_model", "load_model", "evaluate", "Spec", "SpecError", "Issue",
+           "MoedslError", "__version__"]
 
 
 def __getattr__(name):  # lazy: these import torch
-    if name in ("compile", "build_model", "evaluate"):
+    if name in ("compile", "build_model", "load_model", "evaluate"):
         from . import api
 
         return getattr(api, name)

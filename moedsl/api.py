@@ -63,8 +63,19 @@ def compile(spec: SpecLike, rank: int = 0, world_size: int | None = None, *, dev
     return compiled.module, make_plan(spec, compiled)
 
 
+def load_model(src, checkpoint=None, device="cpu"):
+    """A model with its weights, in eval mode (``model(input_ids).output``: logits [B, T, vocab]):
+    ``src`` an import folder (``moedsl import``), a ``moedsl run`` output folder (its newest whole
+    checkpoint), a checkpoint folder, or a spec with ``checkpoint`` (an import folder or a DCP
+    checkpoint). Weights that do not fit the spec are refused naming the tensor, the spec's field
+    and line, and both shapes (``UserError``). See ``moedsl.hf.weights``."""
+    from .hf.weights import load_model as _load
+
+    return _load(src, checkpoint=checkpoint, device=device)
+
+
 def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0, dtype=None,
-                layout: str = "auto"):
+                layout: str = "auto", init: bool = True):
     """A ready ``nn.Module`` for ``spec`` (a torch.fx GraphModule).
 
     ``model(tokens)`` (or ``model(x)`` for input: vectors) returns a ``ModelOutput`` with
@@ -74,12 +85,13 @@ def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int 
     with torch.distributed initialised) the model holds this rank's experts and its
     collectives are bound to process groups made from the spec's mesh. ``layout``: how capacity
     layers compute (see ``moedsl.compiler.compile_graph``): by default the padded static
-    buffers on a GPU (CUDA-graph capturable) and only the kept rows on a CPU."""
+    buffers on a GPU (CUDA-graph capturable) and only the kept rows on a CPU. ``init=False``
+    leaves the experts' weights uninitialised (for weights loaded next)."""
     from .compiler import compile_graph
     from .dtypes import torch_dtype
 
     spec = load_spec(spec)
-    compiled = compile_graph(spec, rank, world_size, device=device, seed=seed, layout=layout)
+    compiled = compile_graph(spec, rank, world_size, device=device, seed=seed, layout=layout, init=init)
     gm = compiled.module
     dtype = dtype or torch_dtype(spec.model.dtype)
     gm.to(dtype=dtype)

@@ -153,7 +153,7 @@ def _cmd_run(args) -> int:
         data=args.data, eval_every=args.eval_every, eval_batches=args.eval_batches,
         checkpoint_every=args.checkpoint_every, out=args.out or f"runs/{spec.name}", resume=args.resume,
         device=args.device, cuda_graphs=args.cuda_graphs, progress=not args.no_progress, timeout=args.timeout,
-        keep_memory=not args.no_keep_memory)
+        keep_memory=not args.no_keep_memory, init=args.init)
     rank = int(os.environ.get("RANK", 0))
     if not launched_worker():  # the launcher has checked for its workers, before starting them
         world = args.nproc if launching else int(os.environ.get("WORLD_SIZE", 1))
@@ -198,6 +198,32 @@ def _run_one(run, spec, opts):
         if failure is None:
             raise
         raise MoedslError(failure) from None
+
+
+def _cmd_import(args) -> int:
+    from pathlib import Path
+
+    from .hf.convert import IMPORT_SHARD, import_checkpoint
+    from .hf.files import parse_size
+
+    done = import_checkpoint(args.source, Path(args.out), overwrite=args.overwrite,
+                             max_shard=parse_size(args.max_shard_size) if args.max_shard_size else IMPORT_SHARD)
+    print(f"imported {args.source} ({done['model_type']}) into {done['out']}: spec.yaml, {done['tensors']} tensors "
+          f"in {len(done['files'])} file(s)" + (f", {', '.join(done['copied'])}" if done["copied"] else ""))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from pathlib import Path
+
+    from .hf.convert import export_checkpoint
+    from .hf.files import parse_size
+
+    done = export_checkpoint(Path(args.source), Path(args.out), max_shard=parse_size(args.max_shard_size),
+                             overwrite=args.overwrite, checkpoint=Path(args.checkpoint) if args.checkpoint else None)
+    print(f"exported {args.source} as {done['model_type']} into {done['out']}: config.json, {done['tensors']} "
+          f"tensors in {len(done['files'])} file(s)")
+    return 0
 
 
 def _cmd_verify(args) -> int:
@@ -312,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default: runs/SPEC-NAME)")
     r.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in --out (or the given one)")
+    r.add_argument("--init", metavar="DIR",
+                   help="initial weights from an import folder (moedsl import): each process reads only the "
+                        "experts it holds")
     r.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (without it, moedsl refuses to write over one); the old "
                         "run waits in OUT/.replaced until the new one has trained a step, and comes back if it "
@@ -351,6 +380,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch", type=_positive, default=None, help="evaluation batch (default: the run's)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(func=_cmd_eval)
+
+    im = sub.add_parser("import", help="a Hugging Face checkpoint (local folder or local cache) -> a spec "
+                        "and moedsl-format weights")
+    im.add_argument("source", metavar="HF_DIR", help="a folder with config.json and *.safetensors, or ORG/NAME "
+                    "already in the Hugging Face cache (nothing is downloaded)")
+    im.add_argument("--out", required=True, metavar="DIR", help="where spec.yaml and the weights go")
+    im.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    im.add_argument("--max-shard-size", default=None, help="largest weights file (default 2GB)")
+    im.set_defaults(func=_cmd_import)
+
+    ex = sub.add_parser("export", help="an import folder, a run or a checkpoint -> a Hugging Face checkpoint")
+    ex.add_argument("source", metavar="DIR", help="an import folder, a run's --out folder, a checkpoint folder, "
+                    "or a spec with --checkpoint")
+    ex.add_argument("--out", required=True, metavar="HF_DIR")
+    ex.add_argument("--checkpoint", help="the weights, when DIR is a spec")
+    ex.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ex.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("schema", help="print the JSON Schema of a spec (for editors)")
     s.add_argument("--path", action="store_true", help="print where the schema file is installed instead")

@@ -63,6 +63,7 @@ def check_run(spec, o, world: int, *, names: dict | None = None, world_name: str
 
     problems += [_err(p) for p in source_problems(spec, o.data, o.seq)]
     problems += resume_problems(o, overwrite)
+    problems += init_problems(spec, o)
     if overwrite is not None and not o.resume and not overwrite:
         held = existing_run(Path(o.out))
         if held:
@@ -187,6 +188,26 @@ def resume_problems(o, overwrite) -> list:
         what = "no such checkpoint" if not path.exists() else "not a checkpoint (no meta.json in it)"
         return [_err(f"--resume {o.resume}: {what}")]
     return []
+
+
+def init_problems(spec, o) -> list:
+    """``--init DIR``: an import folder whose weights fit the spec (from the files' headers
+    alone: the tensor, both shapes and the spec's field and line where they do not)."""
+    init = getattr(o, "init", None)
+    if not init:
+        return []
+    if o.resume:
+        return [_err("--init and --resume: choose one (--init starts from imported weights, --resume continues "
+                     "the run in --out)")]
+    from moedsl.hf.weights import is_import_dir, problems
+
+    if not is_import_dir(Path(init)):
+        return [_err(f"--init {init}: not an import folder (spec.yaml and *.safetensors, as moedsl import "
+                     "writes)")]
+    try:
+        return [_err(f"--init: {p}") for p in problems(spec, Path(init))]
+    except UserError as e:
+        return [_err(f"--init: {e}")]
 
 
 def existing_run(out: Path) -> str | None:

@@ -66,6 +66,7 @@ class RunOptions:
     timeout: float = 300.0  # seconds a collective may wait before the run fails
     log_every: int = 1
     keep_memory: bool = True  # on a CPU: malloc keeps freed memory (runtime/cpu.py)
+    init: Optional[str] = None  # an import folder (moedsl import): the initial weights
 
     @staticmethod
     def from_spec(spec, **overrides) -> "RunOptions":
@@ -128,7 +129,11 @@ class Trainer:
         torch.manual_seed(o.seed + self.rank)
         self.say = Reporter(self.rank, o.progress)
         self.model = build_model(spec, device=self.device, rank=self.rank, world_size=self.world, seed=o.seed,
-                                 dtype=torch.float32, layout=layout)
+                                 dtype=torch.float32, layout=layout, init=not o.init)
+        if o.init:  # each rank reads only the experts it holds, memory-mapped (moedsl/hf/weights.py)
+            from moedsl.hf.weights import load_weights
+
+            load_weights(self.model, Path(o.init), spec)
         self.amp = dtypes.autocast_dtype(spec.model.dtype)  # None: float32, no autocast
         self.graphs = _use_cuda_graphs(o, self.device, self.model.compiled, self.say)
         self.lr = torch.tensor(o.lr, dtype=torch.float32, device=self.device)
@@ -259,6 +264,10 @@ class Trainer:
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             _trim_metrics(metrics_path, start)
+            if o.init:  # what `moedsl export` of this run restores: the source config, the tokenizer
+                from moedsl.hf.files import TOKENIZER_FILES, copy_side_files
+
+                copy_side_files(Path(o.init), out_dir, ("hf_config.json",) + TOKENIZER_FILES)
         _verify_collectives(self.model, world)
         self.say.once(f"{spec.name}: {world} process(es) on {self.device.type}, batch {o.batch} × {o.seq}, "
                       f"steps {start}..{o.steps}, data {self.source.name}, {spec.model.dtype}"

@@ -42,6 +42,8 @@ class HeadKind(LayerKind):
         m = ctx.model
         tied = ctx.modules.get("embedding") if m.tie_embeddings else None
         ctx.module("head", lambda: self.module(layer.config, m, tied=tied))
+        if m.tie_embeddings and tied is not None:  # get_attr targets must be in the root
+            ctx.modules["embedding.weight"] = tied.weight
         args = (x, ctx.graph.get_attr("embedding.weight")) if m.tie_embeddings else (x,)
         return ctx.call_module("head", args, "head")
 

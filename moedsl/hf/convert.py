@@ -1,0 +1,188 @@
+"""``moedsl import`` and ``moedsl export``: a family's tensor map applied tensor by tensor.
+
+Both plan every output tensor's shape first (the family's transform run on meta tensors, so
+nothing is read), check it, then write safetensors one tensor at a time into a folder that
+is renamed to ``--out`` only when complete (``files.staged``).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+from moedsl.errors import UserError
+
+from . import family, family_of_spec
+from .files import Checkpoint, copy_side_files, read_config, resolve, staged, write_sharded
+from .weights import dcp_checkpoint, is_import_dir, mismatch
+
+IMPORT_SHARD = 2 * 10**9  # moedsl's own files: shards of up to 2 GB
+HF_CONFIG = "hf_config.json"
+
+def _dtype(ck: Checkpoint, name: str):
+    from .files import torch_dtype_of
+
+    return torch_dtype_of(ck.headers[ck.where[name]][name]["dtype"])
+
+
+def _spec_name(source: str) -> str:
+    """The spec's name: a folder's name, or ORG-NAME for a model id of the cache."""
+    base = Path(source).name if Path(source).exists() else source.replace("/", "-")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "imported"
+
+
+def import_checkpoint(source: str, out: Path, overwrite: bool = False, max_shard: int = IMPORT_SHARD) -> dict:
+    """Write ``out/spec.yaml``, ``out/hf_config.json``, moedsl-format safetensors and the
+    tokenizer files from the Hugging Face checkpoint ``source``. Returns a summary."""
+    import torch
+
+    from moedsl.api import load_spec
+
+    from .weights import _global_shapes
+
+    folder = resolve(source)
+    config = read_config(folder)
+    fam = family(config.get("model_type"))
+    text = fam.spec_text(config, source, _spec_name(source))
+    spec = load_spec(text, source="spec.yaml")
+    ck = Checkpoint(folder)
+    want = _global_shapes(spec)
+    plan, used = [], set()
+    for t in fam.import_tensors(spec, config, ck.names):
+        missing = [s for s in t.sources if s not in ck.names]
+        if missing:
+            raise UserError(f"{folder}: no tensor {missing[0]} in the checkpoint, which its config.json needs "
+                            f"(for {t.name})")
+        used.update(t.sources)
+        metas = [torch.empty(ck.shape(s), dtype=_dtype(ck, s), device="meta") for s in t.sources]
+        try:
+            made = t.make(metas)
+        except RuntimeError as e:  # per-expert tensors of different shapes cannot be stacked
+            raise UserError(f"{folder}: the tensors {t.sources[0]}... do not fit together ({str(e)[:160]})") \
+                from None
+        why = mismatch(spec, t.name, made.shape, want[t.name], text)
+        if why:
+            src = next((s for s in t.sources if ck.shape(s) != ck.shape(t.sources[0])), t.sources[0])
+            raise UserError(f"{ck.file_of(src)}: {src} is {_shape(ck.shape(src))}, which config.json does not "
+                            f"fit: it makes {t.name} {why}")
+        plan.append((t.name, tuple(made.shape), made.dtype,
+                     (lambda t=t: t.make([ck.get(s) for s in t.sources]))))
+    unused = sorted(ck.names - used)
+    if unused:
+        raise UserError(f"{ck.file_of(unused[0])}: tensor {unused[0]} is not part of a {fam.model_type} model as "
+                        f"its config.json describes it ({len(unused)} such tensors)")
+    absent = sorted(set(want) - {p[0] for p in plan})
+    if absent:  # a family's map that misses a parameter is a bug of moedsl, not the user's
+        raise RuntimeError(f"the {fam.model_type} import makes no tensor for {absent[0]}")
+    with staged(out, overwrite) as tmp:
+        files = write_sharded(tmp, plan, max_shard)
+        (tmp / "spec.yaml").write_text(text)
+        (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        side = copy_side_files(folder, tmp)
+    return {"out": str(out), "model_type": fam.model_type, "tensors": len(plan), "files": files, "copied": side,
+            "bytes": sum(_nbytes(p[1], p[2]) for p in plan)}
+
+
+def _shape(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _nbytes(shape, dtype) -> int:
+    from .files import nbytes
+
+    return nbytes(shape, dtype)
+
+
+# -- export ----------------------------------------------------------------------------------
+
+class _StateReader:
+    """A loaded model's state dict, read like a ``Checkpoint``."""
+
+    def __init__(self, sd: dict):
+        self.sd = sd
+
+    @property
+    def names(self) -> set:
+        return set(self.sd)
+
+    def shape(self, name):
+        return list(self.sd[name].shape)
+
+    def get(self, name):
+        return self.sd[name]
+
+    def get_expert(self, name, e):
+        return self.sd[name][e]
+
+
+def _export_source(src: Path, checkpoint: Optional[Path]):
+    """(spec, reader, folder holding hf_config.json and tokenizer files or None)."""
+    from moedsl.api import load_spec
+
+    from .weights import load_model
+
+    src = Path(src)
+    if checkpoint is None and src.is_dir() and is_import_dir(src):
+        return load_spec(src / "spec.yaml"), Checkpoint(src), src
+    if checkpoint is not None and is_import_dir(Path(checkpoint)):
+        spec = load_spec(src / "spec.yaml" if src.is_dir() else src)
+        return spec, Checkpoint(Path(checkpoint)), Path(checkpoint)
+    model = load_model(src, checkpoint=checkpoint, dtype=None)
+    spec = _spec_of(src, checkpoint)
+    sd = {k: v for k, v in model.state_dict().items()}
+    run_dir = src if src.is_dir() else src.parent
+    side = next((d for d in (run_dir, run_dir.parent, run_dir.parent.parent) if (d / HF_CONFIG).is_file()), None)
+    return spec, _StateReader(sd), side
+
+
+def _spec_of(src: Path, checkpoint):
+    from moedsl.api import load_spec
+    from moedsl.runtime import checkpoint as ckpt
+
+    if checkpoint is None:
+        found = dcp_checkpoint(src)
+        return load_spec(ckpt.read_meta(found)["spec_data"], source=str(found / "meta.json"))
+    return load_spec(src / "spec.yaml" if src.is_dir() else src)
+
+
+def export_checkpoint(src: Path, out: Path, max_shard: int = 5 * 10**9, overwrite: bool = False,
+                      checkpoint: Optional[Path] = None) -> dict:
+    """Write a Hugging Face checkpoint (config.json, safetensors in the family's names, the
+    tokenizer files) of ``src``: an import folder, a run folder, a DCP checkpoint, or a spec with
+    ``checkpoint``."""
+    import torch
+
+    from moedsl.dtypes import torch_dtype
+
+    src = Path(src)
+    if not src.exists():
+        raise UserError(f"{src}: no such file or folder")
+    spec, reader, side = _export_source(src, checkpoint)
+    recorded = None
+    if side is not None and (side / HF_CONFIG).is_file():
+        recorded = json.loads((side / HF_CONFIG).read_text())
+    fam = family_of_spec(spec, recorded.get("model_type") if recorded else None)
+    config = fam.export_config(spec, recorded)
+    dtype = torch_dtype(spec.model.dtype)
+    plan = []
+    for t in fam.export_tensors(spec):
+        metas = []
+        for s in t.sources:
+            name, e = (s, None) if isinstance(s, str) else s
+            if name not in reader.names:
+                raise UserError(f"{src}: no tensor {name}, which the {fam.model_type} export needs")
+            shape = reader.shape(name)
+            metas.append(torch.empty(shape if e is None else shape[1:], device="meta"))
+        made = t.make(metas)
+
+        def make(t=t):
+            ts = [reader.get(s) if isinstance(s, str) else reader.get_expert(*s) for s in t.sources]
+            return t.make(ts).to(dtype)
+
+        plan.append((t.name, tuple(made.shape), dtype, make))
+    with staged(out, overwrite) as tmp:
+        files = write_sharded(tmp, plan, max_shard)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copied = copy_side_files(side, tmp) if side is not None else []
+    return {"out": str(out), "model_type": fam.model_type, "tensors": len(plan), "files": files, "copied": copied}

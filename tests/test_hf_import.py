@@ -1,0 +1,302 @@
+"""moedsl import / export / load_model / run --init against transformers' Mixtral (tiny, fp32)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import moedsl  # noqa: E402
+from moedsl.cli import main  # noqa: E402
+from moedsl.hf import registered  # noqa: E402
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128)  # Mixtral
+
+
+def _hf(tmp: Path, name="hf", max_shard_size=None, **over) -> tuple:
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(**{**TINY, **over})
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(tmp / name, **kw)
+    return tmp / name, model
+
+
+def _close(ours, theirs):
+    scale = theirs.abs().max().item()
+    assert (ours - theirs).abs().max().item() <= 1e-4 * scale, (ours - theirs).abs().max().item()
+
+
+def _tokens():  # for the Mixtral of TINY
+    return torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _import(src, out, *extra) -> int:
+    return main(["import", str(src), "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("model_type", sorted(registered()))
+def test_every_family_imports_to_transformers_logits_and_exports_back(tmp_path, model_type):
+    """Each registered family's ``tiny_config``, built by transformers, through import, load_model
+    and export: the same logits, and transformers loads the export with no missing or unexpected keys."""
+    fam = registered()[model_type]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, fam.config_class)(**fam.tiny_config)
+    ref = getattr(transformers, fam.architectures[0])(cfg).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    assert _import(tmp_path / "hf", tmp_path / "imp") == 0
+    spec_text = (tmp_path / "imp" / "spec.yaml").read_text()
+    assert f"d_model: {cfg.hidden_size}  # hidden_size" in spec_text
+    model = moedsl.load_model(tmp_path / "imp")
+    x = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _close(model(x).output, ref(x).logits)
+    assert main(["export", str(tmp_path / "imp"), "--out", str(tmp_path / "exp")]) == 0
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        _close(back.eval()(x).logits, ref(x).logits)
+    assert json.loads((tmp_path / "exp" / "config.json").read_text())["bos_token_id"] == cfg.bos_token_id
+
+
+def test_readme_lists_every_family():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for model_type in registered():
+        assert f"(`{model_type}`) |" in readme, model_type
+
+
+def test_sharded_checkpoint_imports_and_exports_sharded(tmp_path):
+    src, ref = _hf(tmp_path, max_shard_size="20KB")
+    assert (src / "model.safetensors.index.json").is_file()
+    assert _import(src, tmp_path / "imp") == 0
+    assert main(["export", str(tmp_path / "imp"), "--out", str(tmp_path / "exp"), "--max-shard-size", "20KB"]) == 0
+    index = json.loads((tmp_path / "exp" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    x = _tokens()
+    with torch.no_grad():
+        _close(back.eval()(x).logits, ref(x).logits)
+
+
+def test_tied_embeddings_import_without_a_head_and_export_tied(tmp_path):
+    src, ref = _hf(tmp_path, tie_word_embeddings=True)
+    assert _import(src, tmp_path / "imp") == 0
+    assert "tie_embeddings: true" in (tmp_path / "imp" / "spec.yaml").read_text()
+    x = _tokens()
+    with torch.no_grad():
+        _close(moedsl.load_model(tmp_path / "imp")(x).output, ref(x).logits)
+    assert main(["export", str(tmp_path / "imp"), "--out", str(tmp_path / "exp")]) == 0
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_fused_gate_up_layout_imports_like_per_expert(tmp_path):
+    """transformers 5's in-memory names (mlp.experts.gate_up_proj / down_proj) written to disk as is."""
+    from safetensors.torch import save_file
+
+    src, ref = _hf(tmp_path)
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in sd)
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    save_file(sd, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    (fused / "config.json").write_text((src / "config.json").read_text())
+    assert _import(fused, tmp_path / "imp") == 0
+    x = _tokens()
+    with torch.no_grad():
+        _close(moedsl.load_model(tmp_path / "imp")(x).output, ref(x).logits)
+
+
+def test_model_id_resolves_in_the_local_hugging_face_cache(tmp_path, monkeypatch):
+    src, ref = _hf(tmp_path)
+    snap = tmp_path / "cache" / "models--acme--tiny-mixtral" / "snapshots" / "abc123"
+    snap.parent.mkdir(parents=True)
+    src.rename(snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert _import("acme/tiny-mixtral", tmp_path / "imp") == 0
+    assert "name: acme-tiny-mixtral" in (tmp_path / "imp" / "spec.yaml").read_text()
+
+
+def _refused(capsys, argv, out: Path, *needles):
+    capsys.readouterr()  # transformers' own progress lines from building the checkpoint
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    assert not out.exists() or not any(out.iterdir())
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+    return err
+
+
+def test_missing_shard_named_in_the_index_is_refused(tmp_path, capsys):
+    src, _ = _hf(tmp_path, max_shard_size="20KB")
+    gone = sorted(src.glob("model-*.safetensors"))[1]
+    gone.unlink()
+    _refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", gone.name, "missing")
+
+
+def test_truncated_safetensors_is_refused(tmp_path, capsys):
+    src, _ = _hf(tmp_path)
+    f = src / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    _refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", "truncated")
+
+
+def test_config_that_disagrees_with_the_tensors_names_tensor_and_shapes(tmp_path, capsys):
+    src, _ = _hf(tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 64
+    (src / "config.json").write_text(json.dumps(cfg))
+    _refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o",
+             "experts.0.w1.weight", "[4, 32, 48]", "[4, 32, 64]", "experts.hidden = 64, from intermediate_size")
+
+
+def test_unknown_model_type_lists_the_supported(tmp_path, capsys):
+    src, _ = _hf(tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "llama4"
+    (src / "config.json").write_text(json.dumps(cfg))
+    _refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", "'llama4'", "mixtral")
+
+
+@pytest.mark.parametrize("field,value", [("sliding_window", 16), ("head_dim", 16), ("hidden_act", "gelu")])
+def test_config_field_not_yet_expressible_is_refused_by_name(tmp_path, capsys, field, value):
+    src, _ = _hf(tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[field] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    _refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", field)
+
+
+def test_existing_out_is_kept_unless_overwrite(tmp_path, capsys):
+    src, _ = _hf(tmp_path)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert _import(src, out) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert _import(src, out, "--overwrite") == 0
+    assert not (out / "keep.txt").exists() and (out / "spec.yaml").exists()
+
+
+def _upcycled(tmp_path) -> Path:
+    src, _ = _hf(tmp_path)
+    assert _import(src, tmp_path / "imp") == 0
+    spec = tmp_path / "imp" / "spec.yaml"
+    spec.write_text(spec.read_text().replace("count: 4  #", "count: 8  #"))
+    return tmp_path / "imp"
+
+
+def test_edited_expert_count_is_refused_by_load_model_naming_tensor_field_and_shapes(tmp_path):
+    imp = _upcycled(tmp_path)
+    with pytest.raises(moedsl.errors.UserError) as e:
+        moedsl.load_model(imp)
+    text = str(e.value)
+    assert "layers.2.gate.weight" in text and "[4, 32]" in text and "[8, 32]" in text
+    assert "moe.experts.count = 8" in text and "spec.yaml:" in text
+
+
+def test_edited_expert_count_is_refused_by_run_init(tmp_path, capsys):
+    imp = _upcycled(tmp_path)
+    rc = main(["run", str(imp / "spec.yaml"), "--init", str(imp), "--out", str(tmp_path / "run"), "--steps", "1",
+               "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--init" in err and "moe.experts.count = 8" in err and "[8, 32]" in err
+
+
+def test_init_and_resume_together_are_refused(tmp_path, capsys):
+    src, _ = _hf(tmp_path)
+    assert _import(src, tmp_path / "imp") == 0
+    rc = main(["run", str(tmp_path / "imp" / "spec.yaml"), "--init", str(tmp_path / "imp"), "--resume",
+               "--out", str(tmp_path / "run"), "--steps", "1", "--no-progress"])
+    assert rc == 2
+    assert "--init and --resume" in capsys.readouterr().err
+
+
+def test_spec_without_a_hugging_face_equivalent_is_refused_on_export(tmp_path, capsys):
+    spec = Path(__file__).parents[1] / "specs" / "switch.yaml"
+    run = tmp_path / "run"
+    assert main(["run", str(spec), "--steps", "1", "--batch", "4", "--seq", "8", "--out", str(run),
+                 "--no-progress", "--eval-batches", "1"]) == 0
+    capsys.readouterr()
+    _refused(capsys, ["export", str(run), "--out", str(tmp_path / "exp")], tmp_path / "exp", "no Hugging Face",
+             "mixtral")
+
+
+def _losses(run: Path) -> list:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_init_on_two_processes_matches_one_and_its_checkpoint_exports(tmp_path):
+    src, ref = _hf(tmp_path)
+    assert _import(src, tmp_path / "imp") == 0
+    imp = tmp_path / "imp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "moedsl", "run", str(imp / "spec.yaml"), "--init", str(imp), "--steps", "1",
+            "--batch", "4", "--seq", "8", "--no-progress", "--eval-batches", "1", "--ignore-memory-check"]
+    for n in (1, 2):
+        r = subprocess.run(base + ["--out", str(tmp_path / f"run{n}"), "--nproc", str(n)], env=env,
+                           capture_output=True, text=True, timeout=180)
+        # a known exit race of `--nproc` workers, after the run and its checkpoint are complete (a
+        # worker's teardown aborts: "terminate called without an active exception"; seen in about
+        # 1 of 10 runs of 2 processes here): the run itself succeeded
+        exit_race = "terminate called without an active exception" in r.stderr and \
+            (tmp_path / f"run{n}" / "checkpoints" / "latest").is_file()
+        assert r.returncode == 0 or exit_race, r.stderr[-2000:]
+    one, two = _losses(tmp_path / "run1"), _losses(tmp_path / "run2")
+    assert abs(one[0] - two[0]) <= 1e-5 * abs(one[0])
+    # the 2-process checkpoint exports (DCP reshards on load) and transformers loads it
+    assert main(["export", str(tmp_path / "run2"), "--out", str(tmp_path / "exp")]) == 0
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    x = _tokens()
+    trained = moedsl.load_model(tmp_path / "run2")
+    step = moedsl.load_model(imp / "spec.yaml", checkpoint=tmp_path / "run2" / "checkpoints" / "step-00000001")
+    with torch.no_grad():
+        _close(back.eval()(x).logits, trained(x).output)
+        assert torch.equal(step(x).output, trained(x).output)
+
+
+def test_a_rank_reads_only_the_experts_it_holds(tmp_path, monkeypatch):
+    from moedsl.compiler import compile_graph
+    from moedsl.hf import files
+    from moedsl.hf.weights import load_weights
+
+    src, _ = _hf(tmp_path)
+    assert _import(src, tmp_path / "imp") == 0
+    spec = moedsl.load_spec(tmp_path / "imp" / "spec.yaml")
+    read, whole = [], []
+    get_expert, get = files.Checkpoint.get_expert, files.Checkpoint.get
+    monkeypatch.setattr(files.Checkpoint, "get_expert", lambda self, n, e: read.append(e) or get_expert(self, n, e))
+    monkeypatch.setattr(files.Checkpoint, "get", lambda self, n: whole.append(n) or get(self, n))
+    rank1 = compile_graph(spec, 1, 2, device="cpu", init=False, verify_ranks=False).module
+    load_weights(rank1, tmp_path / "imp", spec)
+    assert sorted(set(read)) == [2, 3] and not any(".experts." in n for n in whole)
+    full = moedsl.load_model(tmp_path / "imp")
+    assert torch.equal(rank1.state_dict()["layers.2.experts.w_out"], full.state_dict()["layers.2.experts.w_out"][2:])
+
+
+def test_hand_written_mixtral_spec_trains_and_exports_as_mixtral(tmp_path):
+    spec = Path(__file__).parents[1] / "specs" / "mixtral.yaml"
+    run = tmp_path / "run"
+    assert main(["run", str(spec), "--steps", "1", "--batch", "4", "--seq", "8", "--out", str(run),
+                 "--no-progress", "--eval-batches", "1"]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "exp")]) == 0
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp", output_loading_info=True)
+    assert type(back).__name__ == "MixtralForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _close(back.eval()(x).logits, moedsl.load_model(run)(x).output)
