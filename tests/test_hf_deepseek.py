@@ -28,14 +28,19 @@ VARIANTS = {
 }
 
 
+YARN = {"rope_type": "yarn", "rope_theta": 100.0, "factor": 4.0, "original_max_position_embeddings": 64,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 0.7, "mscale_all_dim": 1.0}  # a ramp across the 8 rotary dims
+
+
 def _hf(tmp: Path, name="hf", **over) -> tuple:
     """A tiny DeepSeek-V3 saved by transformers: the router N(0, 1) (choices far from ties) and the
     correction bias U(-0.25, 0.25), the size of the sigmoid scores' spread, so it changes choices."""
     torch.manual_seed(0)
     rope = over.pop("rope_theta", None)
+    rope = over.pop("rope_parameters", None) or (rope and {"rope_type": "default", "rope_theta": rope})
     cfg = transformers.DeepseekV3Config(**{**TINY, **over})
-    if rope is not None:
-        cfg.rope_parameters = {"rope_type": "default", "rope_theta": rope}
+    if rope:
+        cfg.rope_parameters = rope
     model = transformers.DeepseekV3ForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -178,7 +183,10 @@ def test_fused_experts_layout_imports_like_per_expert(tmp_path):
     ("n_group", 3, "a divisor of n_routed_experts = 8"),
     ("topk_group", 3, "1 to n_group = 2"),
     ("quantization_config", {"quant_method": "fp8"}, "dequantize"),
-    ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, "rope_type"),
+    ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, "'default' and 'yarn'"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}, "original_max_position_embeddings"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64,
+                         "low_freq_factor": 1.0}, "low_freq_factor"),
     ("sliding_window", 16, "DeepseekV3Config"),
 ])
 def test_config_value_not_expressible_is_refused_by_name(tmp_path, capsys, field, value, needle):
@@ -229,3 +237,79 @@ def test_spec_that_deepseek_v3_cannot_express_is_refused_on_export_naming_the_fi
     spec.write_text(spec.read_text().replace("score: sigmoid", "score: softmax"))
     _refused(capsys, ["export", str(tmp_path / "imp"), "--out", str(tmp_path / "exp")], tmp_path / "exp",
              "gate.score softmax", "deepseek_v3")
+
+
+# ----------------------------------------------------------------------------- yarn
+
+@pytest.mark.parametrize("yarn", [
+    dict(factor=4.0, original_max_position_embeddings=64, beta_fast=32, beta_slow=1, mscale=0.7, mscale_all_dim=1.0),
+    dict(factor=4.0, original_max_position_embeddings=64),
+    dict(factor=8.0, original_max_position_embeddings=32, beta_fast=8, beta_slow=2, truncate=False,
+         attention_factor=1.3, mscale_all_dim=0.5)],
+    ids=["deepseek-v3-mscales", "defaults", "explicit-attention-factor-untruncated"])
+def test_latent_attention_with_yarn_matches_deepseek_v3_attention(yarn):
+    """YaRN (rope_type yarn): the blended frequencies, cos/sin × attention_factor, and the softmax
+    scale × mscale(factor, mscale_all_dim)², against DeepseekV3Attention; without rope_scaling the
+    same weights give another output (the ramp and the factors matter at these sizes)."""
+    from test_attention_variants import D, assert_same, hf_output, inputs, moedsl_module
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+
+    config = transformers.DeepseekV3Config(
+        hidden_size=D, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=10, kv_lora_rank=8,
+        qk_nope_head_dim=6, qk_rope_head_dim=8, v_head_dim=5, max_position_embeddings=256, num_hidden_layers=1,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 100.0, **yarn})
+    x = inputs()
+    ref, hf = hf_output(DeepseekV3Attention, DeepseekV3RotaryEmbedding, config, x)
+    fields = ", ".join(f"{k}: {str(v).lower()}" for k, v in yarn.items())
+    layer = ("latent_attention: {heads: 4, q_lora_rank: 10, kv_lora_rank: 8, qk_nope_head_dim: 6, qk_rope_head_dim: 8, "
+             "v_head_dim: 5, rope_theta: 100.0")
+    assert_same(moedsl_module(layer + f", rope_scaling: {{type: yarn, {fields}}}}}"), hf, ref, x)
+    with pytest.raises(AssertionError, match="max |diff|"):
+        assert_same(moedsl_module(layer + "}"), hf, ref, x)
+
+
+def test_yarn_checkpoint_imports_and_exports_with_its_rope_parameters(tmp_path):
+    src, ref = _hf(tmp_path, rope_parameters=dict(YARN))
+    assert _import(src, tmp_path / "imp") == 0
+    text = (tmp_path / "imp" / "spec.yaml").read_text()
+    assert "mscale_all_dim: 1.0  # rope_parameters.mscale_all_dim" in text
+    x = _tokens()
+    with torch.no_grad():
+        _close(moedsl.load_model(tmp_path / "imp")(x).output, ref(x).logits)
+    _export_loads_back(tmp_path / "imp", tmp_path / "exp", ref, x)
+    rope = json.loads((tmp_path / "exp" / "config.json").read_text())["rope_parameters"]
+    assert rope == YARN
+
+
+def test_released_style_config_with_legacy_rope_scaling_imports(tmp_path):
+    """The released DeepSeek-V3 config.json (transformers 4 era): rope_theta + rope_scaling {type:
+    yarn}, scoring_func, topk_method, moe_layer_freq, ep_size, auto_map; factor omitted here to be
+    derived as max_position_embeddings / original_max_position_embeddings."""
+    src, ref = _hf(tmp_path, rope_parameters={**YARN, "factor": 128 / 64}, max_position_embeddings=128)
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["rope_parameters"]
+    legacy = {k: v for k, v in YARN.items() if k not in ("rope_type", "rope_theta", "factor")}
+    cfg.update(rope_theta=100.0, rope_scaling={"type": "yarn", **legacy}, scoring_func="sigmoid",
+               topk_method="noaux_tc", moe_layer_freq=1, ep_size=1, seq_aux=True, aux_loss_alpha=0.001,
+               auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"})
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert _import(src, tmp_path / "imp") == 0
+    text = (tmp_path / "imp" / "spec.yaml").read_text()
+    assert "factor: 2.0  # max_position_embeddings / rope_scaling.original_max_position_embeddings" in text
+    assert "rope_theta: 100.0  # rope_theta" in text
+    x = _tokens()
+    with torch.no_grad():
+        _close(moedsl.load_model(tmp_path / "imp")(x).output, ref(x).logits)
+    _export_loads_back(tmp_path / "imp", tmp_path / "exp", ref, x)
+    exported = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert "auto_map" not in exported and "rope_scaling" not in exported
+
+
+def test_rope_scaling_of_another_type_is_refused_at_its_field(tmp_path):
+    spec = {"moedsl": 1, "name": "x", "model": {"vocab_size": 16, "d_model": 16, "max_seq_len": 32},
+            "layers": [{"embedding": {}}, {"latent_attention": {
+                "heads": 2, "kv_lora_rank": 4, "qk_nope_head_dim": 4, "qk_rope_head_dim": 4,
+                "rope_scaling": {"type": "linear", "factor": 2.0, "original_max_position_embeddings": 8}}},
+                {"head": {}}]}
+    with pytest.raises(moedsl.errors.SpecError, match=r"latent_attention\.rope_scaling\.type: 'linear' is not one"):
+        moedsl.load_spec(spec)

@@ -20,6 +20,11 @@ and ``mlp.gate.e_score_correction_bias`` [E], ``mlp.shared_experts.*``, the dens
 ``mlp.{gate,up,down}_proj.weight``, attention ``self_attn.*`` (``LatentAttention.HF_NAMES``). The
 fused in-memory layout (``mlp.experts.gate_up_proj``) is accepted on import too.
 
+Rotary positions: rope_type "default", or "yarn" (the released configs: transformers 4's
+``rope_scaling: {type: yarn, factor, original_max_position_embeddings, beta_fast, beta_slow,
+mscale, mscale_all_dim}``, transformers 5's ``rope_parameters``) as ``latent_attention``'s
+``rope_scaling``; other rope types are refused.
+
 Multi-token prediction (§2.2): the released checkpoints carry ``num_nextn_predict_layers`` MTP
 modules as ``model.layers.{num_hidden_layers + i}.*`` (transformers skips them on load, its
 ``_keys_to_ignore_on_load_unexpected``). They do not take part in the model's logits (they predict
@@ -60,28 +65,52 @@ def _refuse(field: str, value, supported: str):
     raise UserError(f"config.json: {field} = {value!r} is not supported for deepseek_v3 yet (supported: {supported})")
 
 
+YARN = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+        "attention_factor", "truncate")  # transformers' yarn fields (_validate_yarn_rope_parameters), the spec's too
+
+
 def _rope(config: dict) -> dict:
-    """rope_theta and where it came from, from transformers 5's ``rope_parameters`` or
-    transformers 4's ``rope_theta`` + ``rope_scaling`` (the released configs)."""
+    """rope_theta, where it came from and the yarn scaling (or None), from transformers 5's
+    ``rope_parameters`` or transformers 4's ``rope_theta`` + ``rope_scaling`` (the released
+    configs: ``{"type": "yarn", ...}``)."""
     params = dict(config.get("rope_parameters") or {})
     legacy = config.get("rope_scaling") or {}
+    field = "rope_scaling" if legacy else "rope_parameters"
     if legacy:
-        kind = legacy.get("rope_type", legacy.get("type", "default"))
-        field = "rope_scaling"
-        params = {**legacy, "rope_type": kind}
-    else:
-        field = "rope_parameters"
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        _refuse(f"{field}.rope_type" if "rope_type" in params else f"{field}.type", kind, "'default' (no scaling)")
-    extra = sorted(set(params) - {"rope_type", "type", "rope_theta"})
+        params = {**({"rope_theta": params["rope_theta"]} if "rope_theta" in params else {}), **legacy}
+    key = "rope_type" if "rope_type" in params else "type"
+    kind = params.get(key, "default")
+    if kind not in ("default", "yarn"):
+        _refuse(f"{field}.{key}", kind, "'default' and 'yarn'")
+    allowed = {"rope_type", "type", "rope_theta"} | (set(YARN) if kind == "yarn" else set())
+    extra = sorted(set(params) - allowed)
     if extra:
-        _refuse(f"{field}.{extra[0]}", params[extra[0]], "rope_type 'default' and rope_theta")
+        _refuse(f"{field}.{extra[0]}", params[extra[0]], f"rope_type {kind!r} with {', '.join(sorted(allowed - {'type'}))}")
     if "rope_theta" in params:
-        return {"rope_theta": float(params["rope_theta"]), "rope_from": f"{field}.rope_theta"}
-    if "rope_theta" in config:
-        return {"rope_theta": float(config["rope_theta"]), "rope_from": "rope_theta"}
-    return {"rope_theta": DEFAULTS["rope_theta"], "rope_from": "DeepseekV3Config's default"}
+        out = {"rope_theta": float(params["rope_theta"]), "rope_from": f"{field}.rope_theta"}
+    elif "rope_theta" in config:
+        out = {"rope_theta": float(config["rope_theta"]), "rope_from": "rope_theta"}
+    else:
+        out = {"rope_theta": DEFAULTS["rope_theta"], "rope_from": "DeepseekV3Config's default"}
+    out["yarn"] = _yarn(params, field, config) if kind == "yarn" else None
+    return out
+
+
+def _yarn(params: dict, field: str, config: dict) -> dict:
+    """The spec's ``rope_scaling`` fields (each with the config field it came from)."""
+    orig = params.get("original_max_position_embeddings")
+    if not isinstance(orig, int) or orig < 1:
+        _refuse(f"{field}.original_max_position_embeddings", orig, "a positive integer (yarn needs it)")
+    y = {"factor": (params.get("factor"), f"{field}.factor")}
+    if y["factor"][0] is None:  # _compute_yarn_parameters: the ratio of the context lengths
+        maxpos = config.get("max_position_embeddings", DEFAULTS["max_position_embeddings"])
+        y["factor"] = (maxpos / orig, f"max_position_embeddings / {field}.original_max_position_embeddings")
+    if not isinstance(y["factor"][0], (int, float)) or y["factor"][0] <= 0:
+        _refuse(f"{field}.factor", y["factor"][0], "a positive number")
+    for name in YARN[1:]:
+        if params.get(name) is not None:
+            y[name] = (params[name], f"{field}.{name}")
+    return y
 
 
 def read_config(config: dict) -> dict:
@@ -155,6 +184,15 @@ def _mla_lines(c: dict, w, indent: str) -> list:
         f"{indent}v_head_dim: {c['v_head_dim']}  # {w('v_head_dim')}",
         f"{indent}rope_theta: {_yaml_float(c['rope_theta'])}  # {c['rope_from']}",
         f"{indent}rope_interleave: {'true' if c['rope_interleave'] else 'false'}  # {w('rope_interleave')}",
+    ]
+    if c["yarn"] is not None:
+        lines.append(f"{indent}rope_scaling:  # rope_type yarn (YaRN): frequencies, cos/sin and softmax scale")
+        lines.append(f"{indent}  type: yarn")
+        for name, (value, where) in c["yarn"].items():
+            text = ("true" if value else "false") if isinstance(value, bool) else \
+                value if isinstance(value, int) else _yaml_float(value)
+            lines.append(f"{indent}  {name}: {text}  # {where}")
+    lines += [
         f"{indent}norm_eps: {_yaml_float(MLA_NORM_EPS)}  # DeepseekV3RMSNorm's default: q_a_ and kv_a_layernorm",
         f"{indent}bias: {'true' if c['attention_bias'] else 'false'}  # {w('attention_bias')}",
     ]
@@ -317,7 +355,7 @@ def _attention_problem(a, at) -> Optional[str]:
         if getattr(c, name) != want:
             return f"{at(a, name)} {getattr(c, name)!r} (DeepSeek-V3: {want!r})"
     changed = _changed(c, {"heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                           "v_head_dim", "rope_theta", "rope_interleave", "norm_eps", "causal", "dropout", "bias",
+                           "v_head_dim", "rope_theta", "rope_interleave", "rope_scaling", "norm_eps", "causal", "dropout", "bias",
                            "residual", "prenorm"})
     return f"{at(a, changed[0])} {changed[1]!r}" if changed else None
 
@@ -385,6 +423,18 @@ def _mla_names(spec, a: int) -> list:
     for name in mine:
         prefix, _, rest = name.partition(".")
         out.append((f"layers.{a}.latent_attention.{name}", f"self_attn.{LatentAttention.HF_NAMES[prefix]}.{rest}"))
+    return out
+
+
+def _rope_parameters(a) -> dict:
+    """transformers 5's ``rope_parameters`` of a latent attention config."""
+    out = {"rope_type": "default", "rope_theta": a.rope_theta}
+    y = a.rope_scaling
+    if y is not None:
+        out["rope_type"] = "yarn"
+        out.update({name: getattr(y, name) for name in YARN if getattr(y, name) is not None})
+        if y.truncate:  # transformers' default
+            del out["truncate"]
     return out
 
 
@@ -478,7 +528,7 @@ class DeepseekV3(Family):
             "attention_dropout": a.dropout, "rope_interleave": a.rope_interleave, "hidden_act": "silu",
             "max_position_embeddings": spec.model.max_seq_len, "rms_norm_eps": spec.model.norm_eps,
             "tie_word_embeddings": spec.model.tie_embeddings, "num_nextn_predict_layers": 0,
-            "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
+            "rope_parameters": _rope_parameters(a),
             "dtype": spec.model.dtype,
         })
         # fields of a layer kind the model lacks keep what was recorded (or the config's default)
