@@ -21,8 +21,8 @@ VARIANTS = {
     "full_q_no_interleave_bias_no_groups_no_shared_all_moe_tied": dict(
         q_lora_rank=None, rope_interleave=False, attention_bias=True, n_group=1, topk_group=1, n_shared_experts=0,
         first_k_dense_replace=0, norm_topk_prob=False, routed_scaling_factor=1.75, tie_word_embeddings=True),
-    "four_groups_top_two_two_shared_two_dense": dict(
-        n_group=4, topk_group=2, num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=2,
+    "four_groups_top_two_two_shared_two_dense_bias": dict(
+        n_group=4, topk_group=2, num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=2, attention_bias=True,
         routed_scaling_factor=1.0, rope_theta=500.0),
     "all_dense": dict(first_k_dense_replace=3),
 }
@@ -85,7 +85,7 @@ def test_deepseek_variant_imports_to_transformers_logits_and_exports_back(tmp_pa
 
 
 def test_imported_spec_names_the_config_fields_it_came_from(tmp_path):
-    src, _ = _hf(tmp_path, **VARIANTS["four_groups_top_two_two_shared_two_dense"])
+    src, _ = _hf(tmp_path, **VARIANTS["four_groups_top_two_two_shared_two_dense_bias"])
     assert _import(src, tmp_path / "imp") == 0
     text = (tmp_path / "imp" / "spec.yaml").read_text()
     for line in ("groups: {count: 4, top: 2}  # n_group, topk_group", "shared: {count: 2, hidden: 16}",
@@ -151,11 +151,13 @@ def test_multi_token_prediction_layer_is_skipped_and_noted(tmp_path):
     assert json.loads((tmp_path / "exp" / "config.json").read_text())["num_nextn_predict_layers"] == 0
 
 
-def test_a_tensor_outside_the_model_and_its_mtp_layers_is_refused(tmp_path, capsys):
-    src, _ = _hf(tmp_path)
-    _with_extra_tensors(src, {"model.layers.1.mlp.extra.weight": torch.ones(3)})
+@pytest.mark.parametrize("extra", ["model.layers.1.mlp.extra.weight", "model.layers.4.enorm.weight"],
+                         ids=["inside-a-layer", "a-layer-past-the-one-mtp-module"])
+def test_a_tensor_outside_the_model_and_its_mtp_layers_is_refused(tmp_path, capsys, extra):
+    src, _ = _hf(tmp_path)  # 3 layers and num_nextn_predict_layers 1: model.layers.3 may be MTP, not 4
+    _with_extra_tensors(src, {extra: torch.ones(3)})
     _refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o",
-             "model.layers.1.mlp.extra.weight", "not part of a deepseek_v3 model")
+             extra, "not part of a deepseek_v3 model")
 
 
 def test_fused_experts_layout_imports_like_per_expert(tmp_path):

@@ -468,10 +468,11 @@ class DeepseekV3(Family):
         """The multi-token-prediction modules (``model.layers.{N + i}.*``) and the zero-width
         shared experts DeepseekV3MoE builds for ``n_shared_experts`` 0."""
         c = read_config(config)
-        N, skip = c["num_hidden_layers"], set()
+        N, mtp, skip = c["num_hidden_layers"], c["num_nextn_predict_layers"] or 0, set()
         for name in names:
             parts = name.split(".")
-            if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= N:
+            if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and \
+                    N <= int(parts[2]) < N + mtp:
                 skip.add(name)
             if not c["n_shared_experts"] and ".mlp.shared_experts." in name:
                 skip.add(name)
