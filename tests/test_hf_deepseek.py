@@ -22,7 +22,8 @@ VARIANTS = {
         q_lora_rank=None, rope_interleave=False, attention_bias=True, n_group=1, topk_group=1, n_shared_experts=0,
         first_k_dense_replace=0, norm_topk_prob=False, routed_scaling_factor=1.75, tie_word_embeddings=True),
     "four_groups_top_two_two_shared_two_dense_bias": dict(
-        n_group=4, topk_group=2, num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=2, attention_bias=True,
+        n_group=4, topk_group=2, num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=2,
+        attention_bias=True,
         routed_scaling_factor=1.0, rope_theta=500.0),
     "all_dense": dict(first_k_dense_replace=3),
 }

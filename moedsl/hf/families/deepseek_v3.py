@@ -85,7 +85,8 @@ def _rope(config: dict) -> dict:
     allowed = {"rope_type", "type", "rope_theta"} | (set(YARN) if kind == "yarn" else set())
     extra = sorted(set(params) - allowed)
     if extra:
-        _refuse(f"{field}.{extra[0]}", params[extra[0]], f"rope_type {kind!r} with {', '.join(sorted(allowed - {'type'}))}")
+        _refuse(f"{field}.{extra[0]}", params[extra[0]],
+                f"rope_type {kind!r} with {', '.join(sorted(allowed - {'type'}))}")
     if "rope_theta" in params:
         out = {"rope_theta": float(params["rope_theta"]), "rope_from": f"{field}.rope_theta"}
     elif "rope_theta" in config:
@@ -355,8 +356,8 @@ def _attention_problem(a, at) -> Optional[str]:
         if getattr(c, name) != want:
             return f"{at(a, name)} {getattr(c, name)!r} (DeepSeek-V3: {want!r})"
     changed = _changed(c, {"heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                           "v_head_dim", "rope_theta", "rope_interleave", "rope_scaling", "norm_eps", "causal", "dropout", "bias",
-                           "residual", "prenorm"})
+                           "v_head_dim", "rope_theta", "rope_interleave", "rope_scaling", "norm_eps", "causal",
+                           "dropout", "bias", "residual", "prenorm"})
     return f"{at(a, changed[0])} {changed[1]!r}" if changed else None
 
 
