@@ -239,10 +239,9 @@ def _losses(run: Path) -> list:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_run_init_on_two_processes_matches_one_and_its_checkpoint_exports(tmp_path):
-    src, ref = _hf(tmp_path)
-    assert _import(src, tmp_path / "imp") == 0
-    imp = tmp_path / "imp"
+def run_init_on_one_and_two_processes(imp: Path, tmp_path: Path) -> tuple:
+    """``moedsl run --init imp --steps 1`` with 1 and with 2 processes (into tmp_path/run1, run2):
+    the two runs' losses."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "moedsl", "run", str(imp / "spec.yaml"), "--init", str(imp), "--steps", "1",
             "--batch", "4", "--seq", "8", "--no-progress", "--eval-batches", "1", "--ignore-memory-check"]
@@ -250,7 +249,14 @@ def test_run_init_on_two_processes_matches_one_and_its_checkpoint_exports(tmp_pa
         r = subprocess.run(base + ["--out", str(tmp_path / f"run{n}"), "--nproc", str(n)], env=env,
                            capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stderr[-2000:]
-    one, two = _losses(tmp_path / "run1"), _losses(tmp_path / "run2")
+    return _losses(tmp_path / "run1"), _losses(tmp_path / "run2")
+
+
+def test_run_init_on_two_processes_matches_one_and_its_checkpoint_exports(tmp_path):
+    src, ref = _hf(tmp_path)
+    assert _import(src, tmp_path / "imp") == 0
+    imp = tmp_path / "imp"
+    one, two = run_init_on_one_and_two_processes(imp, tmp_path)
     assert abs(one[0] - two[0]) <= 1e-5 * abs(one[0])
     # the 2-process checkpoint exports (DCP reshards on load) and transformers loads it
     assert main(["export", str(tmp_path / "run2"), "--out", str(tmp_path / "exp")]) == 0

@@ -67,6 +67,11 @@ class Family:
         has no equivalent in it (e.g. "layers[1].block[1].moe.gate: capacity (drop_policy drop)")."""
         raise NotImplementedError
 
+    def skipped_tensors(self, config: dict, names: set) -> set:
+        """Tensors of the checkpoint ``names`` the import leaves out on purpose (e.g. modules
+        that take no part in the logits); any other tensor it does not use is refused."""
+        return set()
+
     def export_config(self, spec, recorded: Optional[dict]) -> dict:
         raise NotImplementedError
 

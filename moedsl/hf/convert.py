@@ -68,7 +68,7 @@ def import_checkpoint(source: str, out: Path, overwrite: bool = False, max_shard
                             f"fit: it makes {t.name} {why}")
         plan.append((t.name, tuple(made.shape), made.dtype,
                      (lambda t=t: t.make([ck.get(s) for s in t.sources]))))
-    unused = sorted(ck.names - used)
+    unused = sorted(ck.names - used - fam.skipped_tensors(config, ck.names))
     if unused:
         raise UserError(f"{ck.file_of(unused[0])}: tensor {unused[0]} is not part of a {fam.model_type} model as "
                         f"its config.json describes it ({len(unused)} such tensors)")

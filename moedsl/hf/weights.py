@@ -22,7 +22,14 @@ def _global_shapes(spec) -> dict:
     from moedsl.compiler import compile_graph
 
     gm = compile_graph(spec, 0, 1, device="meta", init=False, verify_ranks=False).module
-    return {k: tuple(p.shape) for k, p in gm.named_parameters()}
+    return {k: tuple(p.shape) for k, p in _weights(gm)}
+
+
+def _weights(model):
+    """(name, tensor) of what a checkpoint holds: the parameters, and the gates' choice bias
+    (``expert_bias``, a buffer: DeepSeek-V3's ``e_score_correction_bias``)."""
+    yield from model.named_parameters()
+    yield from ((n, b) for n, b in model.named_buffers() if n.endswith(".expert_bias"))
 
 
 def _field(spec, name: str, dim: int) -> tuple:
@@ -100,6 +107,8 @@ def problems(spec, folder: Path, ck: Optional[Checkpoint] = None) -> list:
     found: dict = {}  # the cause (a spec field) -> its lines: one line per cause, counting the tensors
     for name, shape in want.items():
         if name not in ck.names:
+            if name.endswith(".expert_bias"):  # a choice bias the checkpoint lacks starts at zero
+                continue
             found.setdefault(("missing", name), []).append(f"{folder}: no tensor {name}, which the spec needs")
             continue
         why = mismatch(spec, name, ck.shape(name), shape)
@@ -124,13 +133,15 @@ def load_weights(model, folder: Path, spec) -> None:
         raise UserError(found[0] + more)
     slots = {n: m.expert_ids.tolist() for n, m in model.named_modules() if n.endswith(".experts")}
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in _weights(model):
             owner = name.rsplit(".", 1)[0]
             if owner in slots:
                 for i, e in enumerate(slots[owner]):  # only the experts this rank holds
                     p[i].copy_(ck.get_expert(name, e))
-            else:
+            elif name in ck.names:
                 p.copy_(ck.get(name))
+            else:  # an expert_bias the checkpoint lacks (``problems`` lets only those through)
+                p.zero_()
 
 
 def is_import_dir(path: Path) -> bool:

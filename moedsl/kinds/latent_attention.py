@@ -2,7 +2,8 @@
 DeepSeek-V3, DeepSeek-AI 2024, §2.1.1), as a residual sublayer: keys and values come up from a
 normalised low-rank latent, each key's rotary part is shared by all heads, queries come from one
 projection or a low-rank path. Computes transformers' modeling_deepseek_v3.py DeepseekV3Attention
-for rope_type "default" (yarn scaling is not part of it). The module is
+for rope_type "default" and "yarn" (``rope_scaling``: YaRN, Peng et al. 2023, as transformers'
+``_compute_yarn_parameters`` and DeepseekV3Attention's softmax scale compute it). The module is
 ``moedsl.nn.attention.LatentAttention``."""
 from __future__ import annotations
 
@@ -14,6 +15,22 @@ from moedsl.schema import defaults
 from . import LayerKind, register
 
 _D = defaults("latent_attention")
+_Y = defaults("yarn")
+
+
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN scaling of the rotary part (the schema's ``yarn``); see ``moedsl.nn.attention.yarn``."""
+
+    type: str
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = _Y["beta_fast"]
+    beta_slow: float = _Y["beta_slow"]
+    mscale: Optional[float] = _Y["mscale"]
+    mscale_all_dim: Optional[float] = _Y["mscale_all_dim"]
+    attention_factor: Optional[float] = _Y["attention_factor"]
+    truncate: bool = _Y["truncate"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +43,7 @@ class LatentAttention:
     q_lora_rank: Optional[int] = _D["q_lora_rank"]
     rope_theta: float = _D["rope_theta"]
     rope_interleave: bool = _D["rope_interleave"]
+    rope_scaling: Optional[Yarn] = _D["rope_scaling"]
     norm_eps: float = _D["norm_eps"]
     causal: bool = _D["causal"]
     dropout: float = _D["dropout"]
@@ -42,7 +60,9 @@ class LatentAttentionKind(LayerKind):
     def build(self, data, path, model, checks) -> LatentAttention:
         from . import take
 
-        a = take(LatentAttention, data, v_head_dim=data.get("v_head_dim", data["qk_nope_head_dim"]))
+        scaling = take(Yarn, data["rope_scaling"]) if data.get("rope_scaling") is not None else None
+        a = take(LatentAttention, data, v_head_dim=data.get("v_head_dim", data["qk_nope_head_dim"]),
+                 rope_scaling=scaling)
         if a.qk_rope_head_dim % 2:
             checks.error(path + ("qk_rope_head_dim",),
                          f"rotary positions need an even qk_rope_head_dim, got {a.qk_rope_head_dim}")
@@ -56,7 +76,7 @@ class LatentAttentionKind(LayerKind):
 
         return Module(model.d_model, cfg.heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
                       cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.rope_theta, cfg.rope_interleave, cfg.norm_eps,
-                      cfg.causal, cfg.dropout, cfg.bias, model.init_std)
+                      cfg.causal, cfg.dropout, cfg.bias, model.init_std, cfg.rope_scaling)
 
     def flops(self, cfg: LatentAttention, model, seq: int) -> float:
         """The projections, plus QKᵀ (width Dn + Dr) and AV (width Dv) per head over the keys a

@@ -13,6 +13,7 @@ R the latent's rank.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -22,22 +23,66 @@ import torch.nn.functional as F
 from .layers import RMSNorm, _normal
 
 
-def rotary(x: torch.Tensor, theta: float, interleave: bool = False) -> torch.Tensor:
+def rotary(x: torch.Tensor, theta: float, interleave: bool = False, inv_freq: Optional[torch.Tensor] = None,
+           scale: float = 1.0) -> torch.Tensor:
     """RoPE (Su et al. 2021, §3.4.2) on [B, H, T, Dh] at positions 0..T-1, frequency i is
     theta^(-2i/Dh), computed as transformers' default rope (compute_default_rope_parameters,
     apply_rotary_pos_emb: pairs (i, i + Dh/2)). With ``interleave`` the pairs are (2i, 2i + 1)
     and the result is laid out [rotated evens, rotated odds], as transformers'
     apply_rotary_pos_emb_interleave (DeepSeek-V3) does; queries and keys get the same layout,
-    so their dot products are those of the interleaved rotation."""
+    so their dot products are those of the interleaved rotation. ``inv_freq`` [Dh/2] replaces
+    the frequencies and ``scale`` multiplies cos and sin (a scaled rope such as ``yarn``: its
+    ``attention_factor``, transformers' ``attention_scaling``)."""
     T, Dh = x.shape[-2], x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, Dh, 2, device=x.device, dtype=torch.float32) / Dh))
-    ang = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # [T, Dh/2]
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, Dh, 2, device=x.device, dtype=torch.float32) / Dh))
+    ang = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv_freq.to(x.device)  # [T, Dh/2]
+    cos, sin = ang.cos(), ang.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
         x1, x2 = x[..., : Dh // 2], x[..., Dh // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1·m·ln s + 1 (Peng et al. 2023, §3.4; 1 for s <= 1), as
+    transformers' modeling_deepseek_v3.py yarn_get_mscale."""
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
+def yarn(dim: int, theta: float, s, device=None) -> tuple:
+    """(inv_freq [dim/2], attention_factor) of YaRN (Peng et al. 2023, §3.2 "NTK-by-parts" and
+    §3.4) for the rotary width ``dim``, exactly as transformers' modeling_rope_utils.py
+    _compute_yarn_parameters: dimension d keeps its frequency (extrapolation) where it turns more
+    than beta_fast times in original_max_position_embeddings, is divided by ``factor``
+    (interpolation) where less than beta_slow, and is blended linearly in between."""
+    base, factor = theta, s.factor
+    if s.attention_factor is not None:
+        attention_factor = s.attention_factor
+    elif s.mscale and s.mscale_all_dim:
+        attention_factor = float(yarn_mscale(factor, s.mscale) / yarn_mscale(factor, s.mscale_all_dim))
+    else:
+        attention_factor = yarn_mscale(factor)
+    beta_fast, beta_slow = s.beta_fast or 32, s.beta_slow or 1
+
+    def correction_dim(rotations):  # the dimension turning ``rotations`` times in the original context
+        return (dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp.to(device=device, dtype=torch.float)  # 1: the original frequency
+    return interpolation * (1 - keep) + extrapolation * keep, attention_factor
 
 
 def sliding_window_mask(T: int, window: int, device) -> torch.Tensor:
@@ -124,7 +169,7 @@ class LatentAttention(nn.Module):
     def __init__(self, d_model: int, heads: int, q_lora_rank: Optional[int], kv_lora_rank: int,
                  qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, rope_theta: float,
                  rope_interleave: bool, norm_eps: float, causal: bool, dropout: float, bias: bool,
-                 init_std: float):
+                 init_std: float, rope_scaling=None):
         super().__init__()
         self.heads, self.kv_lora_rank = heads, kv_lora_rank
         self.nope, self.rope, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
@@ -133,6 +178,9 @@ class LatentAttention(nn.Module):
         qk = qk_nope_head_dim + qk_rope_head_dim
         self.q_lora = q_lora_rank is not None
         self.scale = qk ** -0.5
+        self.rope_scaling = rope_scaling  # a ``Yarn`` config, or None
+        if rope_scaling is not None and rope_scaling.mscale_all_dim:  # DeepseekV3Attention: yarn_apply_mscale
+            self.scale *= yarn_mscale(rope_scaling.factor, rope_scaling.mscale_all_dim) ** 2
         if not self.q_lora:
             self.wq = nn.Linear(d_model, heads * qk, bias=False)
         else:
@@ -157,8 +205,10 @@ class LatentAttention(nn.Module):
         kv = self.wkv_b(self.kv_norm(latent)).view(B, T, H, Dn + Dv).transpose(1, 2)  # [B, H, T, Dn+Dv]
         k_nope, v = kv.split([Dn, Dv], dim=-1)
         k_rope = k_rope.view(B, 1, T, Dr)  # one rotary key part, shared by the heads
-        q_rope = rotary(q_rope, self.rope_theta, self.rope_interleave)
-        k_rope = rotary(k_rope, self.rope_theta, self.rope_interleave)
+        inv_freq, factor = (None, 1.0) if self.rope_scaling is None else \
+            yarn(Dr, self.rope_theta, self.rope_scaling, x.device)
+        q_rope = rotary(q_rope, self.rope_theta, self.rope_interleave, inv_freq, factor)
+        k_rope = rotary(k_rope, self.rope_theta, self.rope_interleave, inv_freq, factor)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(B, H, T, Dr)], dim=-1)  # [B, H, T, Dn+Dr]
         y = _attend(q, k, v, self.causal, None, self.dropout if self.training else 0.0, self.scale)
