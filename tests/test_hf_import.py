@@ -42,25 +42,42 @@ def _import(src, out, *extra) -> int:
     return main(["import", str(src), "--out", str(out), *extra])
 
 
-@pytest.mark.parametrize("model_type", sorted(registered()))
-def test_every_family_imports_to_transformers_logits_and_exports_back(tmp_path, model_type):
-    """Each registered family's ``tiny_config``, built by transformers, through import, load_model
-    and export: the same logits, and transformers loads the export with no missing or unexpected keys."""
+def _cases() -> list:
+    """(model_type, config overrides) for every registered family: its ``tiny_config`` and each of
+    its ``tiny_variants`` (the config.json variants the family supports)."""
+    out = []
+    for model_type, fam in sorted(registered().items()):
+        out.append(pytest.param(model_type, {}, id=model_type))
+        for over, what in getattr(fam, "tiny_variants", ()):
+            out.append(pytest.param(model_type, over, id=f"{model_type}-{what.replace(' ', '_')}"))
+    return out
+
+
+@pytest.mark.parametrize("model_type,over", _cases())
+def test_every_family_imports_to_transformers_logits_and_exports_back(tmp_path, model_type, over):
+    """Each registered family's ``tiny_config`` (and its variants), built by transformers, through
+    import, load_model and export: the same logits (over 16 positions: longer than the tiny sliding
+    windows), and transformers loads the export with no missing or unexpected keys."""
     fam = registered()[model_type]
     torch.manual_seed(0)
-    cfg = getattr(transformers, fam.config_class)(**fam.tiny_config)
+    cfg = getattr(transformers, fam.config_class)(**{**fam.tiny_config, **over})
     ref = getattr(transformers, fam.architectures[0])(cfg).eval()
+    with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: make them matter
+        for name, p in ref.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
     ref.save_pretrained(tmp_path / "hf")
     assert _import(tmp_path / "hf", tmp_path / "imp") == 0
     spec_text = (tmp_path / "imp" / "spec.yaml").read_text()
     assert f"d_model: {cfg.hidden_size}  # hidden_size" in spec_text
     model = moedsl.load_model(tmp_path / "imp")
-    x = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         _close(model(x).output, ref(x).logits)
     assert main(["export", str(tmp_path / "imp"), "--out", str(tmp_path / "exp")]) == 0
     back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert type(back).__name__ == fam.architectures[0]
     with torch.no_grad():
         _close(back.eval()(x).logits, ref(x).logits)
     assert json.loads((tmp_path / "exp" / "config.json").read_text())["bos_token_id"] == cfg.bos_token_id
@@ -170,7 +187,8 @@ def test_unknown_model_type_lists_the_supported(tmp_path, capsys):
     _refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", "'llama4'", "mixtral")
 
 
-@pytest.mark.parametrize("field,value", [("sliding_window", 16), ("head_dim", 16), ("hidden_act", "gelu")])
+@pytest.mark.parametrize("field,value", [("rope_scaling", {"type": "linear", "factor": 2.0}), ("router_jitter_noise", 0.1),
+                                         ("hidden_act", "gelu")])
 def test_config_field_not_yet_expressible_is_refused_by_name(tmp_path, capsys, field, value):
     src, _ = _hf(tmp_path)
     cfg = json.loads((src / "config.json").read_text())
