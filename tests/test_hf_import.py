@@ -29,6 +29,16 @@ def _hf(tmp: Path, name="hf", max_shard_size=None, **over) -> tuple:
     return tmp / name, model
 
 
+def _family_hf(tmp: Path, model_type: str, name="hf", **over) -> tuple:
+    """A family's tiny_config (with ``over``) built by transformers and saved: (folder, model)."""
+    fam = registered()[model_type]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, fam.config_class)(**{**fam.tiny_config, **over})
+    model = getattr(transformers, fam.architectures[0])(cfg).eval()
+    model.save_pretrained(tmp / name)
+    return tmp / name, model
+
+
 def _close(ours, theirs):
     scale = theirs.abs().max().item()
     assert (ours - theirs).abs().max().item() <= 1e-4 * scale, (ours - theirs).abs().max().item()
@@ -197,6 +207,36 @@ def test_config_field_not_yet_expressible_is_refused_by_name(tmp_path, capsys, f
     _refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", field)
 
 
+@pytest.mark.parametrize("model_type,field,value,needle", [
+    ("qwen2_moe", "layer_types", ["sliding_attention", "full_attention"], "use_sliding_window is False"),
+    ("qwen2_moe", "layer_types", ["full_attention"], "2 (num_hidden_layers)"),
+    ("qwen3_moe", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "'yarn'"),
+    ("qwen3_moe", "layer_types", ["full_attention", "full_attention"], "Qwen3MoeConfig"),
+    ("olmoe", "head_dim", 16, "hidden_size / num_attention_heads = 8"),
+    ("olmoe", "sliding_window", 4, "OlmoeConfig"),
+])
+def test_config_variant_a_family_cannot_express_is_refused_by_name(tmp_path, capsys, model_type, field, value,
+                                                                    needle):
+    src, _ = _family_hf(tmp_path, model_type)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[field] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    err = _refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", field, needle)
+    assert model_type in err
+
+
+def test_spec_of_one_family_is_refused_as_another_naming_the_feature(tmp_path, capsys):
+    """A Qwen3-MoE import (q/k norm per head) exported with the recorded model_type changed to olmoe."""
+    src, _ = _family_hf(tmp_path, "qwen3_moe")
+    assert _import(src, tmp_path / "imp") == 0
+    rec = json.loads((tmp_path / "imp" / "hf_config.json").read_text())
+    rec["model_type"] = "olmoe"
+    (tmp_path / "imp" / "hf_config.json").write_text(json.dumps(rec))
+    capsys.readouterr()
+    _refused(capsys, ["export", str(tmp_path / "imp"), "--out", str(tmp_path / "exp")], tmp_path / "exp",
+             "qk_norm head", "no Hugging Face olmoe equivalent")
+
+
 def test_existing_out_is_kept_unless_overwrite(tmp_path, capsys):
     src, _ = _hf(tmp_path)
     out = tmp_path / "o"
@@ -257,8 +297,10 @@ def _losses(run: Path) -> list:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_run_init_on_two_processes_matches_one_and_its_checkpoint_exports(tmp_path):
-    src, ref = _hf(tmp_path)
+@pytest.mark.parametrize("model_type,over", [("mixtral", {}), ("qwen2_moe", {"mlp_only_layers": [0]})],
+                         ids=["mixtral", "qwen2_moe-dense_layer_and_gated_shared_expert"])
+def test_run_init_on_two_processes_matches_one_and_its_checkpoint_exports(tmp_path, model_type, over):
+    src, ref = _family_hf(tmp_path, model_type, **over)
     assert _import(src, tmp_path / "imp") == 0
     imp = tmp_path / "imp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
