@@ -58,7 +58,7 @@ def _cases() -> list:
     out = []
     for model_type, fam in sorted(registered().items()):
         out.append(pytest.param(model_type, {}, id=model_type))
-        for over, what in getattr(fam, "tiny_variants", ()):
+        for over, what in fam.tiny_variants:
             out.append(pytest.param(model_type, over, id=f"{model_type}-{what.replace(' ', '_')}"))
     return out
 
@@ -197,8 +197,8 @@ def test_unknown_model_type_lists_the_supported(tmp_path, capsys):
     _refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", "'llama4'", "mixtral")
 
 
-@pytest.mark.parametrize("field,value", [("rope_scaling", {"type": "linear", "factor": 2.0}), ("router_jitter_noise", 0.1),
-                                         ("hidden_act", "gelu")])
+@pytest.mark.parametrize("field,value", [("rope_scaling", {"type": "linear", "factor": 2.0}),
+                                         ("router_jitter_noise", 0.1), ("hidden_act", "gelu")])
 def test_config_field_not_yet_expressible_is_refused_by_name(tmp_path, capsys, field, value):
     src, _ = _hf(tmp_path)
     cfg = json.loads((src / "config.json").read_text())
@@ -223,6 +223,21 @@ def test_config_variant_a_family_cannot_express_is_refused_by_name(tmp_path, cap
     (src / "config.json").write_text(json.dumps(cfg))
     err = _refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", field, needle)
     assert model_type in err
+
+
+def test_qwen2_moe_config_without_layer_types_slides_the_layers_transformers_derives(tmp_path):
+    """Older Qwen2-MoE config.json files have no layer_types: Qwen2MoeConfig.__post_init__ makes
+    layers 0 and 2 of 4 sliding (even, below max_window_layers 3) from use_sliding_window."""
+    src, ref = _family_hf(tmp_path, "qwen2_moe", num_hidden_layers=4, use_sliding_window=True, sliding_window=3,
+                          max_window_layers=3)
+    assert ref.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["layer_types"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert _import(src, tmp_path / "imp") == 0
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _close(moedsl.load_model(tmp_path / "imp")(x).output, ref(x).logits)
 
 
 def test_spec_of_one_family_is_refused_as_another_naming_the_feature(tmp_path, capsys):

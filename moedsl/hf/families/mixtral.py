@@ -22,7 +22,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .. import register
+from moedsl.errors import UserError
+
+from .. import Family, Tensor, register, same  # noqa: F401 (re-exported)
 from ..llama_like import (IGNORED, LlamaLike, _count_experts, _fused, _stack_t, _t,  # noqa: F401 (re-exported)
                           changed as _changed, yaml_float as _yaml_float)
 
@@ -88,6 +90,18 @@ MIXTRAL = register(Mixtral())
 
 
 # the module-level names of the first version of this file
+UNDERSTOOD = set(DEFAULTS) | {"rope_parameters", "rope_scaling"}
+
+
+def _refuse(field: str, value, supported: str):
+    raise UserError(f"config.json: {field} = {value!r} is not supported for mixtral yet (supported: {supported})")
+
+
+def _where(c: dict, key: str) -> str:
+    given = c.given if hasattr(c, "given") else c["given"]
+    return key if key in given else f"{key} (MixtralConfig's default)"
+
+
 def read_config(config: dict) -> dict:
     return MIXTRAL.read_config(config)
 
