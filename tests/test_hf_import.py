@@ -198,7 +198,7 @@ def test_unknown_model_type_lists_the_supported(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("field,value", [("rope_scaling", {"type": "linear", "factor": 2.0}),
-                                         ("router_jitter_noise", 0.1), ("hidden_act", "gelu")])
+                                         ("router_jitter_noise", 0.1), ("hidden_act", "gelu_pytorch_tanh")])
 def test_config_field_not_yet_expressible_is_refused_by_name(tmp_path, capsys, field, value):
     src, _ = _hf(tmp_path)
     cfg = json.loads((src / "config.json").read_text())

@@ -49,6 +49,9 @@ IGNORED = {"architectures", "model_type", "transformers_version", "_name_or_path
 ATTN_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "q_norm": "q_norm",
               "k_norm": "k_norm"}  # moedsl.nn.attention.Attention.HF_NAMES (no torch import here)
 FFN_NAMES = (("w_gate", "gate_proj"), ("w_in", "up_proj"), ("w_out", "down_proj"))
+# hidden_act (transformers' ACT2FN: "gelu" is the exact GELU, as moedsl's geglu) -> the GLU activation
+GLU = {"silu": "swiglu", "gelu": "geglu"}
+ACT = {v: k for k, v in GLU.items()}
 
 
 def yaml_float(x: float) -> str:
@@ -170,8 +173,9 @@ class LlamaLike(Family):
             "rope_theta" if "rope_theta" in config else f"{self.config_class}'s default"
         if c.get("num_key_value_heads") is None:  # __post_init__: one kv head per head
             c["num_key_value_heads"] = c["num_attention_heads"]
-        if c["hidden_act"] != "silu":
-            self.refuse("hidden_act", c["hidden_act"], "'silu' (SwiGLU experts)")
+        if c["hidden_act"] not in GLU:
+            self.refuse("hidden_act", c["hidden_act"], "'silu' (SwiGLU experts) or 'gelu' (exact GELU: GEGLU experts)")
+        c["activation"] = GLU[c["hidden_act"]]
         from moedsl.dtypes import NAMES
 
         dtype = config.get("dtype", config.get("torch_dtype", NAMES[0]))
@@ -216,7 +220,8 @@ class LlamaLike(Family):
         lines = ["experts:",
                  f"  count: {c[count]}  # {w(count)}",
                  f"  hidden: {c[hidden]}  # {w(hidden)}",
-                 f"  activation: swiglu  # hidden_act silu, gated: {g} (gate), {u} (up), {d} (down)"]
+                 f"  activation: {c['activation']}  # hidden_act {c['hidden_act']}, gated: {g} (gate), {u} (up), "
+                 f"{d} (down)"]
         if shared:
             key, gated = shared
             lines.append(f"  shared: {{count: 1, hidden: {c[key]}, gate: {'true' if gated else 'false'}}}  "
@@ -235,7 +240,7 @@ class LlamaLike(Family):
 
     def dense_lines(self, c: Config, hidden: str) -> list:
         return [f"hidden: {c[hidden]}  # {c.where(hidden)}",
-                "activation: swiglu  # hidden_act silu: gate_proj, up_proj, down_proj"]
+                f"activation: {c['activation']}  # hidden_act {c['hidden_act']}: gate_proj, up_proj, down_proj"]
 
     def spec_text(self, config: dict, source: str, name: str = "") -> str:
         c = self.read_config(config)
@@ -336,6 +341,8 @@ class LlamaLike(Family):
             shared, per = self.layer_config(spec, a, e)
             if isinstance(shared, str):
                 return (f"{at(e)}: {shared}",) + none
+            act = e.config.experts.activation if e.kind == "moe" else e.config.activation
+            shared["hidden_act"] = ACT[act]  # one hidden_act for experts, shared experts and dense MLPs
             for k, v in shared.items():
                 if k in agreed and agreed[k] != v:
                     return (f"{format_path(a.path)}: {k} {v!r} where an earlier layer has {agreed[k]!r} "
@@ -374,8 +381,8 @@ class LlamaLike(Family):
             return f"{at(e, 'hierarchy')} (a hierarchical gate)"
         if not (c.residual and c.prenorm):
             return f"{at(e)} without a pre-norm residual"
-        if x.activation != "swiglu":
-            return f"{at(e, 'experts', 'activation')} {x.activation} ({fam}'s experts are swiglu)"
+        if x.activation not in ACT:
+            return f"{at(e, 'experts', 'activation')} {x.activation} ({fam}'s experts are swiglu or geglu)"
         if x.bias:
             return f"{at(e, 'experts', 'bias')} true ({fam}'s experts have no bias)"
         ch = changed(x, {"count", "hidden", "activation", "bias", "dropout", "init_scale", "shared"})
@@ -403,8 +410,9 @@ class LlamaLike(Family):
     def dense_ffn_problem(self, f, at) -> Optional[str]:
         """For families with dense layers: a SwiGLU MLP without bias."""
         c = f.config
-        if c.activation != "swiglu" or c.bias or not (c.residual and c.prenorm):
-            return f"{at(f)}: activation {c.activation}, bias {c.bias} ({self.model_type}'s MLP: swiglu, no bias)"
+        if c.activation not in ACT or c.bias or not (c.residual and c.prenorm):
+            return f"{at(f)}: activation {c.activation}, bias {c.bias} ({self.model_type}'s MLP: swiglu or geglu, " \
+                   "no bias)"
         return None
 
     def layer_config(self, spec, a, e) -> tuple:
@@ -515,7 +523,7 @@ class LlamaLike(Family):
         cfg.update({
             "architectures": list(self.architectures), "model_type": self.model_type,
             "vocab_size": spec.model.vocab_size, "hidden_size": spec.model.d_model,
-            "num_hidden_layers": len(pairs), "hidden_act": "silu",
+            "num_hidden_layers": len(pairs),
             "max_position_embeddings": spec.model.max_seq_len, "rms_norm_eps": spec.model.norm_eps,
             "tie_word_embeddings": spec.model.tie_embeddings, "dtype": spec.model.dtype,
             "rope_parameters": {"rope_type": "default", "rope_theta": agreed.pop("rope_theta", None)},

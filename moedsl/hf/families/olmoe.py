@@ -34,6 +34,7 @@ class Olmoe(LlamaLike):
     tiny_variants = (
         ({"clip_qkv": 0.05, "norm_topk_prob": True}, "clip_qkv and norm_topk_prob"),
         ({"attention_bias": True, "tie_word_embeddings": True}, "attention_bias and tied embeddings"),
+        ({"hidden_act": "gelu"}, "hidden_act gelu (GEGLU experts)"),
     )
     config_defaults = {"vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 2048, "num_hidden_layers": 16,
                        "num_attention_heads": 16, "num_key_value_heads": None, "hidden_act": "silu",

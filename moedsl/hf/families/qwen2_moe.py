@@ -49,6 +49,7 @@ class Qwen2Moe(LlamaLike):
         ({"num_hidden_layers": 3, "use_sliding_window": True, "sliding_window": 4,
           "layer_types": [FULL, SLIDING, SLIDING]}, "sliding layers from layer_types"),
         ({"tie_word_embeddings": True, "head_dim": 16}, "tied embeddings and a wider head_dim"),
+        ({"hidden_act": "gelu", "mlp_only_layers": [0]}, "hidden_act gelu (GEGLU experts and MLP)"),
     )
     config_defaults = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
                        "num_attention_heads": 16, "num_key_value_heads": 16, "hidden_act": "silu",
