@@ -363,14 +363,19 @@ def test_a_rank_reads_only_the_experts_it_holds(tmp_path, monkeypatch):
     assert torch.equal(rank1.state_dict()["layers.2.experts.w_out"], full.state_dict()["layers.2.experts.w_out"][2:])
 
 
-def test_hand_written_mixtral_spec_trains_and_exports_as_mixtral(tmp_path):
-    spec = Path(__file__).parents[1] / "specs" / "mixtral.yaml"
+@pytest.mark.parametrize("spec_name,architecture", [
+    ("mixtral", "MixtralForCausalLM"),
+    ("qwen2-moe", "Qwen2MoeForCausalLM"),  # dense and MoE layers in cycles, a gated shared expert
+    ("qwen3-moe-small", "Qwen3MoeForCausalLM"),  # qk_norm head, head_dim 48 over d_model 128 / 4 heads
+])
+def test_hand_written_spec_trains_and_exports_as_its_family(tmp_path, spec_name, architecture):
+    spec = Path(__file__).parents[1] / "specs" / f"{spec_name}.yaml"
     run = tmp_path / "run"
     assert main(["run", str(spec), "--steps", "1", "--batch", "4", "--seq", "8", "--out", str(run),
                  "--no-progress", "--eval-batches", "1"]) == 0
     assert main(["export", str(run), "--out", str(tmp_path / "exp")]) == 0
     back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp", output_loading_info=True)
-    assert type(back).__name__ == "MixtralForCausalLM"
+    assert type(back).__name__ == architecture
     assert not info["missing_keys"] and not info["unexpected_keys"]
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
