@@ -380,3 +380,11 @@ def test_hand_written_spec_trains_and_exports_as_its_family(tmp_path, spec_name,
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         _close(back.eval()(x).logits, moedsl.load_model(run)(x).output)
+
+
+def test_the_families_attention_names_are_the_attention_modules_own():
+    """llama_like keeps a torch-free copy of Attention.HF_NAMES: they must not drift apart."""
+    from moedsl.hf.llama_like import ATTN_NAMES
+    from moedsl.nn.attention import Attention
+
+    assert ATTN_NAMES == Attention.HF_NAMES
