@@ -29,6 +29,16 @@ def _hf(tmp: Path, name="hf", max_shard_size=None, **over) -> tuple:
     return tmp / name, model
 
 
+def _family_hf(tmp: Path, model_type: str, name="hf", **over) -> tuple:
+    """A family's tiny_config (with ``over``) built by transformers and saved: (folder, model)."""
+    fam = registered()[model_type]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, fam.config_class)(**{**fam.tiny_config, **over})
+    model = getattr(transformers, fam.architectures[0])(cfg).eval()
+    model.save_pretrained(tmp / name)
+    return tmp / name, model
+
+
 def _close(ours, theirs):
     scale = theirs.abs().max().item()
     assert (ours - theirs).abs().max().item() <= 1e-4 * scale, (ours - theirs).abs().max().item()
@@ -42,25 +52,42 @@ def _import(src, out, *extra) -> int:
     return main(["import", str(src), "--out", str(out), *extra])
 
 
-@pytest.mark.parametrize("model_type", sorted(registered()))
-def test_every_family_imports_to_transformers_logits_and_exports_back(tmp_path, model_type):
-    """Each registered family's ``tiny_config``, built by transformers, through import, load_model
-    and export: the same logits, and transformers loads the export with no missing or unexpected keys."""
+def _cases() -> list:
+    """(model_type, config overrides) for every registered family: its ``tiny_config`` and each of
+    its ``tiny_variants`` (the config.json variants the family supports)."""
+    out = []
+    for model_type, fam in sorted(registered().items()):
+        out.append(pytest.param(model_type, {}, id=model_type))
+        for over, what in fam.tiny_variants:
+            out.append(pytest.param(model_type, over, id=f"{model_type}-{what.replace(' ', '_')}"))
+    return out
+
+
+@pytest.mark.parametrize("model_type,over", _cases())
+def test_every_family_imports_to_transformers_logits_and_exports_back(tmp_path, model_type, over):
+    """Each registered family's ``tiny_config`` (and its variants), built by transformers, through
+    import, load_model and export: the same logits (over 16 positions: longer than the tiny sliding
+    windows), and transformers loads the export with no missing or unexpected keys."""
     fam = registered()[model_type]
     torch.manual_seed(0)
-    cfg = getattr(transformers, fam.config_class)(**fam.tiny_config)
+    cfg = getattr(transformers, fam.config_class)(**{**fam.tiny_config, **over})
     ref = getattr(transformers, fam.architectures[0])(cfg).eval()
+    with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: make them matter
+        for name, p in ref.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
     ref.save_pretrained(tmp_path / "hf")
     assert _import(tmp_path / "hf", tmp_path / "imp") == 0
     spec_text = (tmp_path / "imp" / "spec.yaml").read_text()
     assert f"d_model: {cfg.hidden_size}  # hidden_size" in spec_text
     model = moedsl.load_model(tmp_path / "imp")
-    x = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         _close(model(x).output, ref(x).logits)
     assert main(["export", str(tmp_path / "imp"), "--out", str(tmp_path / "exp")]) == 0
     back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert type(back).__name__ == fam.architectures[0]
     with torch.no_grad():
         _close(back.eval()(x).logits, ref(x).logits)
     assert json.loads((tmp_path / "exp" / "config.json").read_text())["bos_token_id"] == cfg.bos_token_id
@@ -170,13 +197,59 @@ def test_unknown_model_type_lists_the_supported(tmp_path, capsys):
     _refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", "'llama4'", "mixtral")
 
 
-@pytest.mark.parametrize("field,value", [("sliding_window", 16), ("head_dim", 16), ("hidden_act", "gelu")])
+@pytest.mark.parametrize("field,value", [("rope_scaling", {"type": "linear", "factor": 2.0}),
+                                         ("router_jitter_noise", 0.1), ("hidden_act", "gelu_pytorch_tanh")])
 def test_config_field_not_yet_expressible_is_refused_by_name(tmp_path, capsys, field, value):
     src, _ = _hf(tmp_path)
     cfg = json.loads((src / "config.json").read_text())
     cfg[field] = value
     (src / "config.json").write_text(json.dumps(cfg))
     _refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", field)
+
+
+@pytest.mark.parametrize("model_type,field,value,needle", [
+    ("qwen2_moe", "layer_types", ["sliding_attention", "full_attention"], "use_sliding_window is False"),
+    ("qwen2_moe", "layer_types", ["full_attention"], "2 (num_hidden_layers)"),
+    ("qwen3_moe", "rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "'yarn'"),
+    ("qwen3_moe", "layer_types", ["full_attention", "full_attention"], "Qwen3MoeConfig"),
+    ("olmoe", "head_dim", 16, "hidden_size / num_attention_heads = 8"),
+    ("olmoe", "sliding_window", 4, "OlmoeConfig"),
+])
+def test_config_variant_a_family_cannot_express_is_refused_by_name(tmp_path, capsys, model_type, field, value,
+                                                                    needle):
+    src, _ = _family_hf(tmp_path, model_type)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[field] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    err = _refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", field, needle)
+    assert model_type in err
+
+
+def test_qwen2_moe_config_without_layer_types_slides_the_layers_transformers_derives(tmp_path):
+    """Older Qwen2-MoE config.json files have no layer_types: Qwen2MoeConfig.__post_init__ makes
+    layers 0 and 2 of 4 sliding (even, below max_window_layers 3) from use_sliding_window."""
+    src, ref = _family_hf(tmp_path, "qwen2_moe", num_hidden_layers=4, use_sliding_window=True, sliding_window=3,
+                          max_window_layers=3)
+    assert ref.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["layer_types"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert _import(src, tmp_path / "imp") == 0
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _close(moedsl.load_model(tmp_path / "imp")(x).output, ref(x).logits)
+
+
+def test_spec_of_one_family_is_refused_as_another_naming_the_feature(tmp_path, capsys):
+    """A Qwen3-MoE import (q/k norm per head) exported with the recorded model_type changed to olmoe."""
+    src, _ = _family_hf(tmp_path, "qwen3_moe")
+    assert _import(src, tmp_path / "imp") == 0
+    rec = json.loads((tmp_path / "imp" / "hf_config.json").read_text())
+    rec["model_type"] = "olmoe"
+    (tmp_path / "imp" / "hf_config.json").write_text(json.dumps(rec))
+    capsys.readouterr()
+    _refused(capsys, ["export", str(tmp_path / "imp"), "--out", str(tmp_path / "exp")], tmp_path / "exp",
+             "qk_norm head", "no Hugging Face olmoe equivalent")
 
 
 def test_existing_out_is_kept_unless_overwrite(tmp_path, capsys):
@@ -252,8 +325,10 @@ def run_init_on_one_and_two_processes(imp: Path, tmp_path: Path) -> tuple:
     return _losses(tmp_path / "run1"), _losses(tmp_path / "run2")
 
 
-def test_run_init_on_two_processes_matches_one_and_its_checkpoint_exports(tmp_path):
-    src, ref = _hf(tmp_path)
+@pytest.mark.parametrize("model_type,over", [("mixtral", {}), ("qwen2_moe", {"mlp_only_layers": [0]})],
+                         ids=["mixtral", "qwen2_moe-dense_layer_and_gated_shared_expert"])
+def test_run_init_on_two_processes_matches_one_and_its_checkpoint_exports(tmp_path, model_type, over):
+    src, ref = _family_hf(tmp_path, model_type, **over)
     assert _import(src, tmp_path / "imp") == 0
     imp = tmp_path / "imp"
     one, two = run_init_on_one_and_two_processes(imp, tmp_path)
@@ -289,15 +364,28 @@ def test_a_rank_reads_only_the_experts_it_holds(tmp_path, monkeypatch):
     assert torch.equal(rank1.state_dict()["layers.2.experts.w_out"], full.state_dict()["layers.2.experts.w_out"][2:])
 
 
-def test_hand_written_mixtral_spec_trains_and_exports_as_mixtral(tmp_path):
-    spec = Path(__file__).parents[1] / "specs" / "mixtral.yaml"
+@pytest.mark.parametrize("spec_name,architecture", [
+    ("mixtral", "MixtralForCausalLM"),
+    ("qwen2-moe", "Qwen2MoeForCausalLM"),  # dense and MoE layers in cycles, a gated shared expert
+    ("qwen3-moe-small", "Qwen3MoeForCausalLM"),  # qk_norm head, head_dim 48 over d_model 128 / 4 heads
+])
+def test_hand_written_spec_trains_and_exports_as_its_family(tmp_path, spec_name, architecture):
+    spec = Path(__file__).parents[1] / "specs" / f"{spec_name}.yaml"
     run = tmp_path / "run"
     assert main(["run", str(spec), "--steps", "1", "--batch", "4", "--seq", "8", "--out", str(run),
                  "--no-progress", "--eval-batches", "1"]) == 0
     assert main(["export", str(run), "--out", str(tmp_path / "exp")]) == 0
     back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp", output_loading_info=True)
-    assert type(back).__name__ == "MixtralForCausalLM"
+    assert type(back).__name__ == architecture
     assert not info["missing_keys"] and not info["unexpected_keys"]
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         _close(back.eval()(x).logits, moedsl.load_model(run)(x).output)
+
+
+def test_the_families_attention_names_are_the_attention_modules_own():
+    """llama_like keeps a torch-free copy of Attention.HF_NAMES: they must not drift apart."""
+    from moedsl.hf.llama_like import ATTN_NAMES
+    from moedsl.nn.attention import Attention
+
+    assert ATTN_NAMES == Attention.HF_NAMES

@@ -52,6 +52,8 @@ class Family:
     # a tiny config (config_class's keyword arguments) the tests build, import, run and export for
     # every registered family (tests/test_hf_import.py): a new family is tested by adding this
     tiny_config: dict = {}
+    # ((config overrides, what they cover), ...): each variant the family supports, run like tiny_config
+    tiny_variants: tuple = ()
 
     def spec_text(self, config: dict, source: str, name: str) -> str:
         """The spec of the checkpoint (``source``: where it came from, for the header) as
