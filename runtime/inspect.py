@@ -72,13 +72,13 @@ def chance_rate(sets: torch.Tensor) -> Optional[float]:
     ids = torch.where(sets, torch.arange(E), torch.full_like(sets, E, dtype=torch.int64)).sort(-1).values[:, :size]
     total = 0.0
     for s in range(1, size + 1):
-        for cols in combinations(range(size), s):
-            sub = ids[:, list(cols)]  # [N, s]
-            sub = sub[(sub < E).all(-1)]
-            if sub.numel() == 0:
-                continue
-            q = torch.unique(sub, dim=0, return_counts=True)[1].double() / N
-            total += (1.0 if s % 2 else -1.0) * float((q * q).sum())
+        # every s-subset of every token's set (rows sorted, so one subset has one spelling): [M, s]
+        subs = torch.cat([ids[:, list(cols)] for cols in combinations(range(size), s)])
+        subs = subs[(subs < E).all(-1)]
+        if subs.numel() == 0:
+            break
+        q = torch.unique(subs, dim=0, return_counts=True)[1].double() / N  # q_S of each subset S present
+        total += (1.0 if s % 2 else -1.0) * float((q * q).sum())
     return total
 
 
@@ -115,13 +115,13 @@ class _Layer:
 
     @property
     def expert_choice(self) -> bool:
-        return self.gate.spec.type == "expert_choice"
+        return self.spec.type == "expert_choice"
 
     @property
     def dense_level(self) -> bool:
         """A level whose choices are all experts in expert order (softmax)."""
         h = getattr(self.gate, "h", None)
-        return self.gate.spec.type == "softmax" or (h is not None and "softmax" in (h.primary.type,
+        return self.spec.type == "softmax" or (h is not None and "softmax" in (h.primary.type,
                                                                                       h.secondary.type))
 
     def on_choose(self, choice):
@@ -198,7 +198,7 @@ def capture(model, batches, vocab: int, capacity_factor: Optional[float] = None)
         model.eval()
         for l in layers:
             saved.append(l.gate.spec)
-            l.gate.spec = _with_capacity(l.gate.spec, capacity_factor)
+            l.gate.spec = l.spec = _with_capacity(l.gate.spec, capacity_factor)
             if not l.expert_choice:
                 inner = l.gate.choose
                 l.gate.choose = (lambda inner, l: lambda *a, **kw: l.on_choose(inner(*a, **kw)))(inner, l)
@@ -226,7 +226,7 @@ def layer_figures(l: _Layer, top: int, decode) -> dict:
     assigned = float(l.routed.sum())
     kept = float(l.kept.sum())
     sets = torch.cat(l.sets)  # [B, T, E]
-    g = l.gate.spec
+    g = l.spec
     cap = None
     if g.has_capacity:
         cap = g.eval_capacity_factor or g.capacity_factor
@@ -342,11 +342,13 @@ def _batches_of(ids: torch.Tensor, batch: int, seq: int, tokens: int, what: str)
 def _resolve(model, checkpoint):
     """(spec, weights kind, weights path, run folder or None) of ``model`` (as load_model takes it)."""
     from moedsl.api import load_spec
-    from moedsl.hf.weights import _source
+    from moedsl.hf.weights import _source, is_import_dir
 
     p = Path(str(model)) if isinstance(model, (str, os.PathLike)) else None
     if p is not None and not p.exists():
         raise UserError(f"{model}: no such file or directory")
+    if p is not None and p.is_file() and checkpoint is None and not is_import_dir(p.parent):
+        raise UserError(f"{model}: a spec needs --checkpoint (a run folder, a checkpoint or an import folder)")
     (kind, where), spec = _source(model, checkpoint, load_spec)
     run = p if (p is not None and p.is_dir() and checkpoint is None and kind == "dcp") else None
     return spec, kind, Path(where), run
