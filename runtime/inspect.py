@@ -8,7 +8,7 @@ path changes. Per MoE layer it reports:
 - the load of every expert: its share of the assignments the router made (before drops) and
   of those kept (after drops), and the share dropped at the evaluation capacity;
 - the tokens each expert takes most often (its routed assignments), with how much of the
-  expert's assignments they make up and how much of each token's occurrences go there;
+  expert's assignments they make up and the share of each token's occurrences routed there;
 - the routing analysis of Mixtral (Jiang et al. 2024, "Mixtral of Experts", §5, Table 5):
   how often consecutive tokens (positions t and t+1 of one sequence) keep the same expert,
   at the first choice and, for k > 1, sharing at least one of their k choices, each against
@@ -107,6 +107,7 @@ class _Layer:
         self.kept = torch.zeros(self.E, dtype=torch.float64)
         self.dropped = 0
         self.by_token = torch.zeros(vocab * self.E, dtype=torch.int64) if vocab else None  # [V·E] routed counts
+        self.occurrences = torch.zeros(vocab, dtype=torch.int64)  # [V] how often each token was seen
         self.first, self.sets = [], []  # per batch: [B, T] int64, [B, T, E] bool
         self.k = None
         self.choice = None  # the last Choice of choose
@@ -151,6 +152,7 @@ class _Layer:
         self.kept += r.tokens_per_expert().double().cpu()
         self.dropped += int(r.dropped)
         if self.by_token is not None:
+            self.occurrences += torch.bincount(self.ids.reshape(-1), minlength=self.vocab)
             tok = self.ids.reshape(-1)[r.token[routed]]
             self.by_token.scatter_add_(0, tok * E + r.expert[routed], torch.ones_like(tok))
 
@@ -261,9 +263,10 @@ def layer_figures(l: _Layer, top: int, decode) -> dict:
 
 def _top_tokens(l: _Layer, top: int, decode) -> list:
     """Per expert: its ``top`` most frequent tokens (of its routed assignments), each with its count,
-    its share of the expert's assignments and the share of the token's assignments that go there."""
+    its share of the expert's assignments and the share of the token's occurrences routed there
+    (``of_token``; with k > 1 the shares of one token sum to k over the experts)."""
     counts = l.by_token.view(l.vocab, l.E)  # [V, E]
-    per_token = counts.sum(1)  # [V]
+    per_token = l.occurrences  # [V]
     out = []
     for e in range(l.E):
         col = counts[:, e]

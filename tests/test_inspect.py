@@ -203,6 +203,13 @@ def test_hierarchical_gate_has_k_equal_to_both_levels_and_its_rates():
     fig = ins.layer_figures(l, 3, str)
     assert fig["k"] == 2 and fig["consecutive"]["shared"]["k"] == 2
     assert sum(fig["load"]) == pytest.approx(1.0)
+    # every occurrence of a token goes to k = 2 experts: its shares over the experts sum to 2
+    top = ins.layer_figures(l, 256, str)["top_tokens"]
+    shares = {}
+    for entry in top:
+        for x in entry["tokens"]:
+            shares[x["id"]] = shares.get(x["id"], 0.0) + x["of_token"]
+    assert shares and all(v == pytest.approx(2.0) for v in shares.values())
 
 
 # ----------------------------------------------------------------------------- top tokens
@@ -296,3 +303,16 @@ def test_bad_inputs_are_one_line_and_exit_2(tiny_run, tmp_path):
         code, out, err = _cli(*args)
         assert code == 2, (args, out, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)
+
+
+def test_an_imports_tokenizer_json_reads_the_text_and_names_the_tokens(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(40)}, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    loaded = ins._tokenizer(tmp_path)
+    (tmp_path / "t.txt").write_text("w3 w17 w3 w39")
+    assert ins._text_ids(str(tmp_path / "t.txt"), loaded, 40).tolist() == [3, 17, 3, 39]
+    assert ins._decoder(loaded, byte_level=False)(17) == "w17"
+    assert ins._tokenizer(tmp_path / "elsewhere") is None  # no tokenizer.json: ids (or bytes) are shown
+    assert ins._decoder(None, byte_level=False)(17) == "17"
