@@ -106,7 +106,7 @@ class _Layer:
         self.routed = torch.zeros(self.E, dtype=torch.float64)  # the router's own expert_load, summed
         self.kept = torch.zeros(self.E, dtype=torch.float64)
         self.dropped = 0
-        self.by_token = torch.zeros(vocab * self.E, dtype=torch.int64) if vocab else None  # [V·E] routed counts
+        self.pairs = []  # per batch: token id · E + expert of each routed assignment [A]
         self.occurrences = torch.zeros(vocab, dtype=torch.int64)  # [V] how often each token was seen
         self.first, self.sets = [], []  # per batch: [B, T] int64, [B, T, E] bool
         self.k = None
@@ -151,10 +151,10 @@ class _Layer:
         self.routed += r.expert_load.double().cpu()
         self.kept += r.tokens_per_expert().double().cpu()
         self.dropped += int(r.dropped)
-        if self.by_token is not None:
+        if self.vocab:
             self.occurrences += torch.bincount(self.ids.reshape(-1), minlength=self.vocab)
             tok = self.ids.reshape(-1)[r.token[routed]]
-            self.by_token.scatter_add_(0, tok * E + r.expert[routed], torch.ones_like(tok))
+            self.pairs.append(tok * E + r.expert[routed])
 
 
 def _gates(model) -> list:
@@ -257,7 +257,7 @@ def layer_figures(l: _Layer, top: int, decode) -> dict:
             cons["shared"] = {"k": l.k, "rate": consecutive_rate(sets), "chance": chance_rate(sets.flatten(0, 1)),
                               "uniform": uniform_rate(E, l.k)}
     fig["consecutive"] = cons
-    fig["top_tokens"] = _top_tokens(l, top, decode) if l.by_token is not None else None
+    fig["top_tokens"] = _top_tokens(l, top, decode) if l.vocab else None
     return fig
 
 
@@ -265,17 +265,18 @@ def _top_tokens(l: _Layer, top: int, decode) -> list:
     """Per expert: its ``top`` most frequent tokens (of its routed assignments), each with its count,
     its share of the expert's assignments and the share of the token's occurrences routed there
     (``of_token``; with k > 1 the shares of one token sum to k over the experts)."""
-    counts = l.by_token.view(l.vocab, l.E)  # [V, E]
-    per_token = l.occurrences  # [V]
+    # distinct (token, expert) pairs and their counts: memory by assignments, not vocabulary × experts
+    keys, counts = torch.unique(torch.cat(l.pairs), return_counts=True)
+    token, expert = keys // l.E, keys % l.E
     out = []
     for e in range(l.E):
-        col = counts[:, e]
+        mine = expert == e
+        ids, col = token[mine], counts[mine]
         total = int(col.sum())
-        n = min(top, int((col > 0).sum()))
-        best = torch.topk(col, n).indices.tolist() if n else []
-        toks = [{"id": t, "text": decode(t), "count": int(col[t]), "share": int(col[t]) / total,
-                 "of_token": int(col[t]) / int(per_token[t])} for t in best]
-        out.append({"expert": e, "assignments": total, "distinct": int((col > 0).sum()),
+        best = torch.topk(col, min(top, ids.numel())).indices.tolist() if ids.numel() else []
+        toks = [{"id": int(ids[i]), "text": decode(int(ids[i])), "count": int(col[i]), "share": int(col[i]) / total,
+                 "of_token": int(col[i]) / int(l.occurrences[ids[i]])} for i in best]
+        out.append({"expert": e, "assignments": total, "distinct": ids.numel(),
                     "top_share": sum(x["share"] for x in toks), "tokens": toks})
     return out
 
@@ -420,7 +421,7 @@ def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optiona
         if isinstance(e, BatchError):
             raise UserError(f"--batch {batch} × --seq {seq}: {e}") from None
         raise
-    decode = _decoder(tok, byte_level)
+    decode = _decoder(tok if text is not None else None, byte_level)  # --data ids are bytes or synthetic
     step = None
     if kind == "dcp":
         from . import checkpoint as ckpt
