@@ -433,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--batch", type=_positive, default=None, help="sequences per batch (default: the run's; the "
                      "routing groups and the capacity follow it)")
     ins.add_argument("--capacity-factor", type=_number, default=None, metavar="C",
-                     help="every token-choice gate's evaluation capacity factor (0: dropless; default: the spec's)")
+                     help="every token-choice gate's evaluation capacity factor (0: dropless; a dropless gate drops "
+                     "past it; default: the spec's)")
     ins.add_argument("--top", type=_positive, default=8, help="tokens shown per expert (default 8)")
     ins.add_argument("--out", metavar="DIR", help="where inspect.png and inspect.json go (default: MODEL/inspect for "
                      "a run folder, else ./inspect-NAME)")

@@ -175,11 +175,16 @@ def _padded(model) -> set:
 
 
 def _with_capacity(gate_spec, factor: Optional[float]):
-    """The gate's spec with evaluation capacity factor ``factor`` (0: dropless)."""
-    if factor is None or not gate_spec.has_capacity or gate_spec.type in ("expert_choice", "softmax"):
+    """The gate's spec with evaluation capacity factor ``factor`` (0: dropless; a dropless gate
+    given a factor > 0 drops past that capacity). Expert choice (its factor is its k) and dense
+    softmax gates are left as they are."""
+    if factor is None or gate_spec.type in ("expert_choice", "softmax"):
         return gate_spec
     if factor == 0:
         return replace(gate_spec, capacity_factor=None, eval_capacity_factor=None, drop_policy="dropless")
+    if not gate_spec.has_capacity:
+        return replace(gate_spec, capacity_factor=float(factor), eval_capacity_factor=float(factor),
+                       drop_policy="drop")
     return replace(gate_spec, eval_capacity_factor=float(factor))
 
 
@@ -368,7 +373,8 @@ def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optiona
     ``pystdlib`` or a text file: its held-out part, as ``moedsl run --data``; default the
     run's). ``tokens`` inspected in sequences of ``seq`` (default the run's seq_len), ``batch``
     to a batch (default the run's: the routing groups and the capacity follow it).
-    ``capacity_factor``: every token-choice gate's evaluation capacity factor (0: dropless).
+    ``capacity_factor``: every token-choice gate's evaluation capacity factor (0: dropless; a
+    dropless gate then drops past that capacity).
     ``top``: tokens shown per expert."""
     from moedsl.api import load_model
 

@@ -177,6 +177,31 @@ def test_capacity_factor_zero_inspects_dropless_and_leaves_the_model_as_it_was(g
     assert ins.layer_figures(l, 3, str)["dropped"] > 0
 
 
+def test_a_capacity_factor_makes_a_dropless_gate_drop_as_the_router_counts():
+    model = build_model(_spec({"type": "topk", "k": 2}), seed=1).eval()
+    (l,) = ins.capture(model, _batches(), 256)
+    assert ins.layer_figures(l, 3, str)["dropped"] == 0
+    batches = _batches()
+    (l,) = ins.capture(model, batches, 256, capacity_factor=0.5)
+    fig = ins.layer_figures(l, 3, str)
+    # C = ceil(0.5 · 2 · 64 / 4) = 16 slots per expert and batch: what is past them is dropped
+    want = sum(max(0, int(c) - 16) for b in batches for c in torch.bincount(
+        _topk_of(model, b).reshape(-1), minlength=4))
+    assert fig["capacity_factor"] == 0.5 and fig["dropped"] == want > 0
+    assert not ins._gates(model)[0][1].spec.has_capacity  # the model is dropless again
+
+
+def _topk_of(model, ids):
+    """The k = 2 experts the router of the first MoE layer picks for the tokens of ``ids``."""
+    gate = ins._gates(model)[0][1]
+    seen = {}
+    h = gate.register_forward_hook(lambda m, a, r: seen.update(x=a[0]))
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    return torch.softmax(seen["x"] @ gate.weight.T, -1).topk(2, -1).indices
+
+
 def test_first_choice_is_the_routers_best_expert_and_topk_sets_are_its_k_choices():
     model = build_model(_spec({"type": "topk", "k": 2}), seed=2).eval()
     batches = _batches(1)
