@@ -113,3 +113,16 @@ def evaluate(model, capacity_factor: float | None = None, *, checkpoint=None, da
     from .runtime.evaluate import evaluate as run_eval
 
     return run_eval(model, capacity_factor, checkpoint=checkpoint, data=data, batch=batch)
+
+
+def inspect(model, *, checkpoint=None, text: str | None = None, data: str | None = None, tokens: int = 65536,
+            seq: int | None = None, batch: int | None = None, capacity_factor: float | None = None,
+            top: int = 8) -> dict:
+    """What the experts of a trained model learned, per MoE layer: the load of every expert (before
+    and after drops), the share dropped, the tokens each takes most, and how often consecutive
+    tokens keep their expert against chance (Mixtral, Jiang et al. 2024, §5). ``model``: a run
+    folder, an import folder, or a spec with ``checkpoint``. See ``moedsl.runtime.inspect``."""
+    from .runtime.inspect import inspect as run_inspect
+
+    return run_inspect(model, checkpoint=checkpoint, text=text, data=data, tokens=tokens, seq=seq, batch=batch,
+                       capacity_factor=capacity_factor, top=top)

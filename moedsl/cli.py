@@ -273,6 +273,41 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_inspect(args) -> int:
+    from .runtime.cpu import configure_threads
+
+    configure_threads()  # before torch loads its OpenMP runtime, as for `run`
+    import json
+    import os
+    from pathlib import Path
+
+    from .api import inspect
+    from .runtime.inspect import default_out, print_tables, write_png
+
+    r = inspect(args.model, checkpoint=args.checkpoint, text=args.text, data=args.data, tokens=args.tokens,
+                seq=args.seq, batch=args.batch, capacity_factor=args.capacity_factor, top=args.top)
+    out = Path(args.out) if args.out else default_out(args.model, r)
+    try:
+        png = write_png(r, out / "inspect.png")
+        r["png"] = str(png)
+        tmp = out / ".inspect.json.tmp"
+        tmp.write_text(json.dumps(r, indent=1))
+        os.replace(tmp, out / "inspect.json")
+    except OSError as e:
+        from .errors import UserError
+
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    from rich.console import Console
+
+    console = Console()
+    print_tables(r, console)
+    console.print(f"wrote {png} and {out / 'inspect.json'}", highlight=False, soft_wrap=True)
+    return 0
+
+
 def _add_compile_options(p) -> None:
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--world-size", type=_positive, default=None,
@@ -381,6 +416,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch", type=_positive, default=None, help="evaluation batch (default: the run's)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(func=_cmd_eval)
+
+    ins = sub.add_parser("inspect", help="what the experts of a trained model learned: load, drops, the tokens "
+                         "each takes, how often consecutive tokens keep their expert (Mixtral §5)")
+    ins.add_argument("model", metavar="MODEL", help="a `moedsl run` output folder (its latest checkpoint), an "
+                     "import folder, or a spec with --checkpoint")
+    src = ins.add_mutually_exclusive_group()
+    src.add_argument("--text", metavar="FILE", help="a text file, read whole in consecutive sequences (with the "
+                     "import's tokenizer.json if it has one, else as bytes)")
+    src.add_argument("--data", help="synthetic, pystdlib or a text file: its held-out part, as `moedsl run --data` "
+                     "(default: the run's data)")
+    ins.add_argument("--checkpoint", metavar="PATH", help="the weights (MODEL is then a spec): a checkpoint, a run "
+                     "folder or an import folder")
+    ins.add_argument("--tokens", type=_positive, default=65536, help="tokens to inspect (default 65536)")
+    ins.add_argument("--seq", type=_positive, default=None, help="tokens per sequence (default: the run's)")
+    ins.add_argument("--batch", type=_positive, default=None, help="sequences per batch (default: the run's; the "
+                     "routing groups and the capacity follow it)")
+    ins.add_argument("--capacity-factor", type=_number, default=None, metavar="C",
+                     help="every token-choice gate's evaluation capacity factor (0: dropless; a dropless gate drops "
+                     "past it; default: the spec's)")
+    ins.add_argument("--top", type=_positive, default=8, help="tokens shown per expert (default 8)")
+    ins.add_argument("--out", metavar="DIR", help="where inspect.png and inspect.json go (default: MODEL/inspect for "
+                     "a run folder, else ./inspect-NAME)")
+    ins.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    ins.set_defaults(func=_cmd_inspect)
 
     im = sub.add_parser("import", help="a Hugging Face checkpoint (local folder or local cache) -> a spec "
                         "and moedsl-format weights")

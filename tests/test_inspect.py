@@ -1,0 +1,343 @@
+"""moedsl inspect: the routing figures of a trained model (runtime/inspect.py)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moedsl.api import build_model
+from moedsl.cli import main
+from moedsl.runtime import inspect as ins
+
+
+def _spec(gate: dict, experts: int = 4, vocab: int = 256, hierarchy: dict | None = None) -> dict:
+    moe = {"experts": {"count": experts, "hidden": 16}}
+    moe.update({"hierarchy": hierarchy} if hierarchy else {"gate": gate})
+    return {"moedsl": 1, "name": "tiny-inspect",
+            "model": {"vocab_size": vocab, "d_model": 16, "max_seq_len": 32},
+            "layers": [{"embedding": {}}, {"attention": {"heads": 2}}, {"moe": moe}, {"norm": {}}, {"head": {}}],
+            "train": {"batch_size": 4, "seq_len": 16, "steps": 3, "lr": 3.0e-3}}
+
+
+def _batches(n: int = 2, vocab: int = 256, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (4, 16), generator=g) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- the formulas
+
+def _loop_rate(sets: list) -> float:
+    """sets[b][t]: a Python set of experts. Share of (t, t+1) pairs within a sequence that intersect."""
+    hit = pairs = 0
+    for seq in sets:
+        for t in range(len(seq) - 1):
+            pairs += 1
+            hit += bool(seq[t] & seq[t + 1])
+    return hit / pairs
+
+
+def _loop_chance(sets: list) -> float:
+    """Two tokens drawn independently (with replacement) from all tokens: how often their sets meet."""
+    flat = [s for seq in sets for s in seq]
+    return sum(bool(a & b) for a in flat for b in flat) / len(flat) ** 2
+
+
+def _as_tensor(sets: list, E: int) -> torch.Tensor:
+    B, T = len(sets), len(sets[0])
+    m = torch.zeros(B, T, E, dtype=torch.bool)
+    for b in range(B):
+        for t in range(T):
+            for e in sets[b][t]:
+                m[b, t, e] = True
+    return m
+
+
+@st.composite
+def _routings(draw):
+    E = draw(st.integers(2, 6))
+    k = draw(st.integers(1, E))
+    B, T = draw(st.integers(1, 3)), draw(st.integers(2, 6))
+    fixed = draw(st.booleans())  # top-k (k experts each) or expert choice (any number, maybe none)
+    sizes = st.just(k) if fixed else st.integers(0, E)
+    sets = [[set(draw(st.lists(st.integers(0, E - 1), min_size=n, max_size=n, unique=True)))
+             for n in [draw(sizes) for _ in range(T)]] for _ in range(B)]
+    return E, sets
+
+
+@settings(max_examples=60, deadline=None)
+@given(_routings())
+def test_consecutive_rate_and_its_chance_match_a_plain_loop(case):
+    E, sets = case
+    m = _as_tensor(sets, E)
+    assert ins.consecutive_rate(m) == pytest.approx(_loop_rate(sets))
+    assert ins.chance_rate(m.flatten(0, 1)) == pytest.approx(_loop_chance(sets), abs=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 4), min_size=2, max_size=6), min_size=1, max_size=3))
+def test_first_choice_chance_is_the_sum_of_squared_shares_and_matches_a_plain_loop(seqs):
+    T = min(len(s) for s in seqs)
+    first = torch.tensor([s[:T] for s in seqs])
+    assert ins.first_choice_chance(first, 5) == pytest.approx(_loop_chance([[{e} for e in s[:T]] for s in seqs]))
+
+
+@pytest.mark.parametrize("E,k", [(8, 1), (8, 2), (6, 3), (5, 2)])
+def test_uniform_rate_is_the_chance_of_uniform_top_k_sets_as_in_mixtral_section_5(E, k):
+    every = [set(c) for c in combinations(range(E), k)]
+    brute = sum(bool(a & b) for a in every for b in every) / len(every) ** 2
+    assert ins.uniform_rate(E, k) == pytest.approx(brute)
+    # and the chance given perfectly uniform sets is the same number
+    assert ins.chance_rate(_as_tensor([every], E)[0]) == pytest.approx(brute)
+    if (E, k) == (8, 2):
+        assert ins.uniform_rate(E, k) == pytest.approx(1 - 15 / 28)  # Mixtral's 46% random baseline
+
+
+# ----------------------------------------------------------------------------- loads and drops
+
+def _recount(model, batches):
+    """Per MoE layer, counted in plain Python from the Routing its gate returned: routed and kept
+    assignments per expert, dropped assignments, and the router's own dropped count."""
+    found = {}
+
+    def hook(name):
+        def f(m, args, r):
+            E = r.num_experts
+            routed = [True] * r.expert.numel() if r.routed is None else r.routed.tolist()
+            acc = found.setdefault(name, {"routed": [0] * E, "kept": [0] * E, "dropped": 0, "own": 0})
+            for e, s, ok in zip(r.expert.tolist(), r.slot.tolist(), routed):
+                if ok:
+                    acc["routed"][e] += 1
+                    acc["dropped"] += s < 0
+                acc["kept"][e] += s >= 0
+            acc["own"] += int(r.dropped)
+        return f
+
+    hooks = [gate.register_forward_hook(hook(name)) for name, gate in ins._gates(model)]
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in hooks:
+        h.remove()
+    return found
+
+
+GATES = {
+    "switch": {"type": "switch", "capacity_factor": 1.0, "eval_capacity_factor": 0.5},
+    "gshard": {"type": "gshard", "capacity_factor": 1.0, "eval_capacity_factor": 0.5, "routing_groups": 2},
+    "topk": {"type": "topk", "k": 2, "capacity_factor": 0.5},
+    "expert_choice": {"type": "expert_choice", "capacity_factor": 1.0, "max_experts_per_token": 1},
+    "softmax": {"type": "softmax"},
+}
+
+
+@pytest.mark.parametrize("gate", sorted(GATES))
+def test_loads_sum_to_one_and_equal_the_counts_of_the_routing(gate):
+    spec = _spec(GATES[gate])
+    model = build_model(spec, seed=1).eval()
+    batches = _batches()
+    want = _recount(model, batches)
+    layers = ins.capture(model, batches, 256)
+    for l in layers:
+        fig = ins.layer_figures(l, 3, str)
+        w = want[l.name]
+        assert fig["routed_counts"] == w["routed"]
+        assert fig["kept_counts"] == w["kept"]
+        assert sum(fig["load"]) == pytest.approx(1.0) and sum(fig["kept_load"]) == pytest.approx(1.0)
+        assert fig["load"] == pytest.approx([c / sum(w["routed"]) for c in w["routed"]])
+        assert fig["dropped"] == w["dropped"] == w["own"]
+        assert fig["dropped_share"] == pytest.approx(w["dropped"] / sum(w["routed"]))
+        if gate in ("switch", "gshard", "topk", "expert_choice"):
+            assert fig["dropped"] > 0  # the capacity here is small enough to drop
+        if gate == "softmax":
+            assert fig["consecutive"]["shared"] is None and "every token" in fig["consecutive"]["note"]
+        if gate == "expert_choice":
+            assert fig["consecutive"]["first"] is None and fig["consecutive"]["shared"]["rate"] >= 0
+
+
+@pytest.mark.parametrize("gate", ["switch", "gshard", "topk"])
+def test_capacity_factor_zero_inspects_dropless_and_leaves_the_model_as_it_was(gate):
+    model = build_model(_spec(GATES[gate]), seed=1).eval()
+    before = [g.spec for _, g in ins._gates(model)]
+    (l,) = ins.capture(model, _batches(), 256, capacity_factor=0)
+    fig = ins.layer_figures(l, 3, str)
+    assert fig["dropped"] == 0 and fig["dropped_share"] == 0.0 and fig["capacity_factor"] is None
+    assert fig["kept_counts"] == fig["routed_counts"]
+    assert [g.spec for _, g in ins._gates(model)] == before
+    assert "choose" not in ins._gates(model)[0][1].__dict__  # the wrapper is gone
+    (l,) = ins.capture(model, _batches(), 256)  # as trained: it drops
+    assert ins.layer_figures(l, 3, str)["dropped"] > 0
+
+
+def test_a_capacity_factor_makes_a_dropless_gate_drop_as_the_router_counts():
+    model = build_model(_spec({"type": "topk", "k": 2}), seed=1).eval()
+    (l,) = ins.capture(model, _batches(), 256)
+    assert ins.layer_figures(l, 3, str)["dropped"] == 0
+    batches = _batches()
+    (l,) = ins.capture(model, batches, 256, capacity_factor=0.5)
+    fig = ins.layer_figures(l, 3, str)
+    # C = ceil(0.5 · 2 · 64 / 4) = 16 slots per expert and batch: what is past them is dropped
+    want = sum(max(0, int(c) - 16) for b in batches for c in torch.bincount(
+        _topk_of(model, b).reshape(-1), minlength=4))
+    assert fig["capacity_factor"] == 0.5 and fig["dropped"] == want > 0
+    assert not ins._gates(model)[0][1].spec.has_capacity  # the model is dropless again
+
+
+def _topk_of(model, ids):
+    """The k = 2 experts the router of the first MoE layer picks for the tokens of ``ids``."""
+    gate = ins._gates(model)[0][1]
+    seen = {}
+    h = gate.register_forward_hook(lambda m, a, r: seen.update(x=a[0]))
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    return torch.softmax(seen["x"] @ gate.weight.T, -1).topk(2, -1).indices
+
+
+def test_first_choice_is_the_routers_best_expert_and_topk_sets_are_its_k_choices():
+    model = build_model(_spec({"type": "topk", "k": 2}), seed=2).eval()
+    batches = _batches(1)
+    (l,) = ins.capture(model, batches, 256)
+    gate = ins._gates(model)[0][1]
+    # recompute the router by hand: logits of the tokens the gate saw
+    seen = {}
+    h = gate.register_forward_hook(lambda m, a, r: seen.update(x=a[0]))
+    with torch.no_grad():
+        model(batches[0])
+    h.remove()
+    probs = torch.softmax(seen["x"] @ gate.weight.T, -1)
+    top2 = probs.topk(2, -1).indices
+    assert torch.equal(l.first[0].reshape(-1), top2[:, 0])
+    member = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top2, True)
+    assert torch.equal(l.sets[0].reshape(-1, 4), member)
+
+
+def test_hierarchical_gate_has_k_equal_to_both_levels_and_its_rates():
+    h = {"groups": 2, "experts_per_group": 2, "primary": {"type": "topk", "k": 1},
+         "secondary": {"type": "topk", "k": 2}}
+    model = build_model(_spec(None, hierarchy=h), seed=3).eval()
+    (l,) = ins.capture(model, _batches(), 256)
+    fig = ins.layer_figures(l, 3, str)
+    assert fig["k"] == 2 and fig["consecutive"]["shared"]["k"] == 2
+    assert sum(fig["load"]) == pytest.approx(1.0)
+    # every occurrence of a token goes to k = 2 experts: its shares over the experts sum to 2
+    top = ins.layer_figures(l, 256, str)["top_tokens"]
+    shares = {}
+    for entry in top:
+        for x in entry["tokens"]:
+            shares[x["id"]] = shares.get(x["id"], 0.0) + x["of_token"]
+    assert shares and all(v == pytest.approx(2.0) for v in shares.values())
+
+
+# ----------------------------------------------------------------------------- top tokens
+
+def test_each_expert_of_a_hash_gate_takes_exactly_the_tokens_hashed_to_it():
+    model = build_model(_spec({"type": "hash"}, vocab=32), seed=0).eval()
+    table = ins._gates(model)[0][1].table
+    batches = _batches(3, vocab=32)
+    (l,) = ins.capture(model, batches, 32)
+    fig = ins.layer_figures(l, 32, str)
+    ids = torch.cat([b.reshape(-1) for b in batches])
+    for entry in fig["top_tokens"]:
+        e = entry["expert"]
+        mine = {int(t) for t in ids if int(table[t]) == e}
+        assert {x["id"] for x in entry["tokens"]} == mine
+        for x in entry["tokens"]:
+            assert x["count"] == int((ids == x["id"]).sum()) and x["of_token"] == 1.0
+        counts = [x["count"] for x in entry["tokens"]]
+        assert counts == sorted(counts, reverse=True)
+    # top 2: the two most frequent of each expert's tokens
+    fig2 = ins.layer_figures(l, 2, str)
+    for a, b in zip(fig["top_tokens"], fig2["top_tokens"]):
+        assert [x["count"] for x in b["tokens"]] == [x["count"] for x in a["tokens"][:2]]
+        assert b["top_share"] == pytest.approx(sum(x["count"] for x in a["tokens"][:2]) / a["assignments"])
+
+
+def test_bytes_are_shown_as_printable_characters():
+    assert [ins.byte_text(i) for i in (97, 32, 10, 0, 200)] == ["a", "␣", "\\n", "\\x00", "\\xc8"]
+
+
+# ----------------------------------------------------------------------------- the command
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inspect")
+    spec = d / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(_spec({"type": "topk", "k": 2, "capacity_factor": 1.0, "routing_groups": 2})))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["run", str(spec), "--steps", "3", "--out", str(d / "run"), "--no-progress"]) == 0
+    return d
+
+
+def _cli(*args):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own refusals
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_inspect_of_a_tiny_trained_run_writes_the_png_and_prints_json(tiny_run):
+    code, out, _ = _cli("inspect", tiny_run / "run", "--data", "synthetic", "--tokens", "256", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert {"model", "step", "tokens", "seq", "batch", "layers", "png"} <= set(r)
+    assert r["step"] == 3 and r["tokens"] == 256 and r["seq"] == 16 and r["batch"] == 4
+    (fig,) = r["layers"]
+    assert {"load", "kept_load", "dropped_share", "consecutive", "top_tokens"} <= set(fig)
+    assert set(fig["consecutive"]) >= {"first", "shared"} and fig["consecutive"]["shared"]["k"] == 2
+    png = tiny_run / "run" / "inspect" / "inspect.png"
+    assert Path(r["png"]) == png and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((png.parent / "inspect.json").read_text())["layers"] == r["layers"]
+
+
+def test_inspect_reads_a_text_file_and_a_spec_with_its_checkpoint(tiny_run):
+    text = tiny_run / "notes.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 40)
+    code, out, _ = _cli("inspect", tiny_run / "tiny.yaml", "--checkpoint", tiny_run / "run", "--text", text,
+                        "--tokens", "128", "--top", "3", "--out", tiny_run / "out")
+    assert code == 0, out
+    assert "layers.2 (topk, 4 experts, k = 2" in out and (tiny_run / "out" / "inspect.png").is_file()
+
+
+def test_bad_inputs_are_one_line_and_exit_2(tiny_run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ("inspect", tmp_path / "empty", "--data", "synthetic"),  # a folder with no checkpoint
+        ("inspect", tmp_path / "nothing"),
+        ("inspect", tiny_run / "tiny.yaml"),  # a spec without --checkpoint
+        ("inspect", tiny_run / "run", "--text", tmp_path / "none.txt"),
+        ("inspect", tiny_run / "run", "--text", tiny_run / "notes.txt", "--data", "synthetic"),
+        ("inspect", tiny_run / "run", "--capacity-factor", "-1"),
+        ("inspect", tiny_run / "run", "--seq", "999"),
+        ("inspect", tiny_run / "run", "--batch", "3", "--seq", "5", "--data", "synthetic"),
+    ]
+    (tmp_path / "short.txt").write_text("x" * 20)
+    cases.append(("inspect", tiny_run / "run", "--text", tmp_path / "short.txt"))
+    for args in cases:
+        code, out, err = _cli(*args)
+        assert code == 2, (args, out, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)
+
+
+def test_an_imports_tokenizer_json_reads_the_text_and_names_the_tokens(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(40)}, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    loaded = ins._tokenizer(tmp_path)
+    (tmp_path / "t.txt").write_text("w3 w17 w3 w39")
+    assert ins._text_ids(str(tmp_path / "t.txt"), loaded, 40).tolist() == [3, 17, 3, 39]
+    assert ins._decoder(loaded, byte_level=False)(17) == "w17"
+    assert ins._tokenizer(tmp_path / "elsewhere") is None  # no tokenizer.json: ids (or bytes) are shown
+    assert ins._decoder(None, byte_level=False)(17) == "17"
