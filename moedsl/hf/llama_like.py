@@ -422,9 +422,17 @@ class LlamaLike(Family):
 
     # attention features the family expresses (beyond heads, kv_heads, positions, rope_theta, dropout)
     attention_features: set = {"head_dim", "sliding_window"}
+    title = ""  # the family's name in the messages below
+    qk_norm: Optional[tuple] = None  # (the spec's qk_norm, what it does) if the family normalises q and k
+    one_attention_bias = False  # attention_bias: on all four projections or none
+    shared_experts = True  # False: a spec with shared experts is refused naming the title
 
     def attention_problem(self, spec, a, at) -> Optional[str]:
         c = a.config
+        if self.qk_norm is not None and c.qk_norm != self.qk_norm[0]:
+            return f"{at(a, 'qk_norm')} {c.qk_norm} ({self.title} {self.qk_norm[1]})"
+        if self.one_attention_bias and c.qkv_bias != c.out_bias:
+            return f"{at(a, 'qkv_bias')} {c.qkv_bias}, out_bias {c.out_bias} ({self.title}: attention_bias on all four)"
         if c.positions != "rotary":
             return f"{at(a, 'positions')} {c.positions} ({self.model_type} has rotary positions)"
         for name, want in (("causal", True), ("residual", True), ("prenorm", True)):
@@ -444,6 +452,8 @@ class LlamaLike(Family):
         return f"{at(a, ch[0])} {ch[1]!r}" if ch else None
 
     def moe_problem(self, e, at) -> Optional[str]:
+        if not self.shared_experts and e.config.experts.shared is not None:
+            return f"{at(e, 'experts', 'shared')} ({self.title} has no shared expert)"
         return moe_problem(e, at, self.model_type)
 
     def ffn_problem(self, f, at) -> Optional[str]:
