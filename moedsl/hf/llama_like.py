@@ -121,6 +121,25 @@ def _fused(m: int, moe: str) -> list:
                    lambda ts: ts[0].transpose(1, 2).contiguous())]
 
 
+def spec_header(source: str, model_type: str, architectures) -> list:
+    """The comment lines an imported spec starts with."""
+    return [f"# Imported by `moedsl import` from the Hugging Face checkpoint {source}",
+            f"# (model_type {model_type}, {', '.join(architectures)}).",
+            "# After each field: the config.json field it came from. hf_config.json beside this file keeps",
+            "# the whole config.json (`moedsl export` restores the fields the spec does not carry).",
+            "# Edit it as you like (e.g. experts.count to upcycle): loading then names each tensor that no",
+            "# longer fits. Train from the imported weights with `moedsl run spec.yaml --init DIR`."]
+
+
+def spec_tail(tie: bool) -> list:
+    """An imported spec's last lines: the final norm, the head and a fine-tuning train section."""
+    return ["  - norm: {}  # model.norm",
+            f"  - head: {{}}  # lm_head{' (tied to embed_tokens)' if tie else ''}",
+            "train: {batch_size: 8, seq_len: 64, steps: 100, lr: 1.0e-4, warmup: 10}  # for fine-tuning; not from "
+            "config.json",
+            ""]
+
+
 def _periodic(layers: list, i: int) -> tuple:
     """(period p, repeats r) covering the most layers from ``i`` with layers[i:i+p·r] periodic."""
     best = (1, 1)
@@ -331,12 +350,7 @@ class LlamaLike(Family):
         tie = bool(c["tie_word_embeddings"])
         n = c["num_hidden_layers"]
         lines = [
-            f"# Imported by `moedsl import` from the Hugging Face checkpoint {source}",
-            f"# (model_type {self.model_type}, {', '.join(config.get('architectures') or self.architectures[:1])}).",
-            "# After each field: the config.json field it came from. hf_config.json beside this file keeps",
-            "# the whole config.json (`moedsl export` restores the fields the spec does not carry).",
-            "# Edit it as you like (e.g. experts.count to upcycle): loading then names each tensor that no",
-            "# longer fits. Train from the imported weights with `moedsl run spec.yaml --init DIR`.",
+            *spec_header(source, self.model_type, config.get("architectures") or self.architectures[:1]),
             "moedsl: 1",
             f"name: {name}",
             f"description: {name} imported from Hugging Face ({self.model_type})",
@@ -373,14 +387,7 @@ class LlamaLike(Family):
                 lines.append(f"{indent}- {kind}:  # {comment}")
                 lines += [f"{indent}    {x}" for x in body]
             i += p * r
-        lines += [
-            "  - norm: {}  # model.norm",
-            f"  - head: {{}}  # lm_head{' (tied to embed_tokens)' if tie else ''}",
-            "train: {batch_size: 8, seq_len: 64, steps: 100, lr: 1.0e-4, warmup: 10}  # for fine-tuning; not from "
-            "config.json",
-            "",
-        ]
-        return "\n".join(lines)
+        return "\n".join(lines + spec_tail(tie))
 
     # -- the spec's structure ------------------------------------------------------------
 

@@ -40,7 +40,8 @@ from moedsl.errors import UserError, format_path
 
 from .. import Family, Tensor, register, same
 from ..llama_like import IGNORED as _IGNORED_LLAMA
-from ..llama_like import _count_experts, _fused, _stack_t, _t, at, head_problem, moe_problem, stack_problem
+from ..llama_like import _count_experts, _fused, _stack_t, _t, at, head_problem, moe_problem, spec_header
+from ..llama_like import spec_tail, stack_problem
 from ..llama_like import changed as _changed, yaml_float as _yaml_float
 
 # DeepseekV3Config's defaults (transformers' configuration_deepseek_v3.py), for fields a config.json omits
@@ -209,14 +210,7 @@ def spec_text(config: dict, source: str, name: str) -> str:
     tie = bool(c["tie_word_embeddings"])
     N, K = c["num_hidden_layers"], min(c["first_k_dense_replace"], c["num_hidden_layers"])
     mtp = c["num_nextn_predict_layers"] or 0
-    lines = [
-        f"# Imported by `moedsl import` from the Hugging Face checkpoint {source}",
-        f"# (model_type deepseek_v3, {', '.join(config.get('architectures') or ['DeepseekV3ForCausalLM'])}).",
-        "# After each field: the config.json field it came from. hf_config.json beside this file keeps",
-        "# the whole config.json (`moedsl export` restores the fields the spec does not carry).",
-        "# Edit it as you like (e.g. experts.count to upcycle): loading then names each tensor that no",
-        "# longer fits. Train from the imported weights with `moedsl run spec.yaml --init DIR`.",
-    ]
+    lines = spec_header(source, "deepseek_v3", config.get("architectures") or ["DeepseekV3ForCausalLM"])
     if mtp:
         lines += [
             f"# Not imported: num_nextn_predict_layers = {mtp} multi-token-prediction module(s)"
@@ -292,14 +286,7 @@ def spec_text(config: dict, source: str, name: str) -> str:
             "(aux-loss-free balancing, §2.1.2)",
             "            drop_policy: dropless  # DeepSeek-V3 drops no token",
         ]
-    lines += [
-        "  - norm: {}  # model.norm",
-        f"  - head: {{}}  # lm_head{' (tied to embed_tokens)' if tie else ''}",
-        "train: {batch_size: 8, seq_len: 64, steps: 100, lr: 1.0e-4, warmup: 10}  # for fine-tuning; not from "
-        "config.json",
-        "",
-    ]
-    return "\n".join(lines)
+    return "\n".join(lines + spec_tail(tie))
 
 
 # -- the spec's structure ------------------------------------------------------------------
