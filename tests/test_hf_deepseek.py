@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 import moedsl  # noqa: E402
 from moedsl.cli import main  # noqa: E402
 from moedsl.hf import registered  # noqa: E402
-from test_hf_import import _close, _refused, run_init_on_one_and_two_processes  # noqa: E402
+from hf_helpers import close as _close, refused as _refused  # noqa: E402
+from hf_helpers import run_init_on_one_and_two_processes, save_fused  # noqa: E402
 
 TINY = registered()["deepseek_v3"].tiny_config  # q_lora_rank, a dense first layer, 2 groups, 1 shared expert
 VARIANTS = {
@@ -163,16 +164,8 @@ def test_a_tensor_outside_the_model_and_its_mtp_layers_is_refused(tmp_path, caps
 
 def test_fused_experts_layout_imports_like_per_expert(tmp_path):
     """transformers 5's in-memory names (mlp.experts.gate_up_proj / down_proj) written to disk as is."""
-    from safetensors.torch import save_file
-
     src, ref = _hf(tmp_path)
-    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
-    assert any(k.endswith("experts.gate_up_proj") for k in sd)
-    fused = tmp_path / "fused"
-    fused.mkdir()
-    save_file(sd, str(fused / "model.safetensors"), metadata={"format": "pt"})
-    (fused / "config.json").write_text((src / "config.json").read_text())
-    assert _import(fused, tmp_path / "imp") == 0
+    assert _import(save_fused(src, ref, tmp_path / "fused"), tmp_path / "imp") == 0
     with torch.no_grad():
         _close(moedsl.load_model(tmp_path / "imp")(_tokens()).output, ref(_tokens()).logits)
 

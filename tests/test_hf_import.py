@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,8 @@ transformers = pytest.importorskip("transformers")
 import moedsl  # noqa: E402
 from moedsl.cli import main  # noqa: E402
 from moedsl.hf import registered  # noqa: E402
+from hf_helpers import close as _close, refused as _refused  # noqa: E402
+from hf_helpers import run_init_on_one_and_two_processes, save_fused  # noqa: E402
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128)  # Mixtral
@@ -37,11 +36,6 @@ def _family_hf(tmp: Path, model_type: str, name="hf", **over) -> tuple:
     model = getattr(transformers, fam.architectures[0])(cfg).eval()
     model.save_pretrained(tmp / name)
     return tmp / name, model
-
-
-def _close(ours, theirs):
-    scale = theirs.abs().max().item()
-    assert (ours - theirs).abs().max().item() <= 1e-4 * scale, (ours - theirs).abs().max().item()
 
 
 def _tokens():  # for the Mixtral of TINY
@@ -127,16 +121,8 @@ def test_tied_embeddings_import_without_a_head_and_export_tied(tmp_path):
 
 def test_fused_gate_up_layout_imports_like_per_expert(tmp_path):
     """transformers 5's in-memory names (mlp.experts.gate_up_proj / down_proj) written to disk as is."""
-    from safetensors.torch import save_file
-
     src, ref = _hf(tmp_path)
-    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
-    assert any(k.endswith("experts.gate_up_proj") for k in sd)
-    fused = tmp_path / "fused"
-    fused.mkdir()
-    save_file(sd, str(fused / "model.safetensors"), metadata={"format": "pt"})
-    (fused / "config.json").write_text((src / "config.json").read_text())
-    assert _import(fused, tmp_path / "imp") == 0
+    assert _import(save_fused(src, ref, tmp_path / "fused"), tmp_path / "imp") == 0
     x = _tokens()
     with torch.no_grad():
         _close(moedsl.load_model(tmp_path / "imp")(x).output, ref(x).logits)
@@ -152,18 +138,6 @@ def test_model_id_resolves_in_the_local_hugging_face_cache(tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     assert _import("acme/tiny-mixtral", tmp_path / "imp") == 0
     assert "name: acme-tiny-mixtral" in (tmp_path / "imp" / "spec.yaml").read_text()
-
-
-def _refused(capsys, argv, out: Path, *needles):
-    capsys.readouterr()  # transformers' own progress lines from building the checkpoint
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
-    assert not out.exists() or not any(out.iterdir())
-    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
-    return err
 
 
 def test_missing_shard_named_in_the_index_is_refused(tmp_path, capsys):
@@ -306,23 +280,6 @@ def test_spec_without_a_hugging_face_equivalent_is_refused_on_export(tmp_path, c
     capsys.readouterr()
     _refused(capsys, ["export", str(run), "--out", str(tmp_path / "exp")], tmp_path / "exp", "no Hugging Face",
              "mixtral")
-
-
-def _losses(run: Path) -> list:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def run_init_on_one_and_two_processes(imp: Path, tmp_path: Path) -> tuple:
-    """``moedsl run --init imp --steps 1`` with 1 and with 2 processes (into tmp_path/run1, run2):
-    the two runs' losses."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    base = [sys.executable, "-m", "moedsl", "run", str(imp / "spec.yaml"), "--init", str(imp), "--steps", "1",
-            "--batch", "4", "--seq", "8", "--no-progress", "--eval-batches", "1", "--ignore-memory-check"]
-    for n in (1, 2):
-        r = subprocess.run(base + ["--out", str(tmp_path / f"run{n}"), "--nproc", str(n)], env=env,
-                           capture_output=True, text=True, timeout=180)
-        assert r.returncode == 0, r.stderr[-2000:]
-    return _losses(tmp_path / "run1"), _losses(tmp_path / "run2")
 
 
 @pytest.mark.parametrize("model_type,over", [("mixtral", {}), ("qwen2_moe", {"mlp_only_layers": [0]})],

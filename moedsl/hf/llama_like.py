@@ -121,6 +121,25 @@ def _fused(m: int, moe: str) -> list:
                    lambda ts: ts[0].transpose(1, 2).contiguous())]
 
 
+def spec_header(source: str, model_type: str, architectures) -> list:
+    """The comment lines an imported spec starts with."""
+    return [f"# Imported by `moedsl import` from the Hugging Face checkpoint {source}",
+            f"# (model_type {model_type}, {', '.join(architectures)}).",
+            "# After each field: the config.json field it came from. hf_config.json beside this file keeps",
+            "# the whole config.json (`moedsl export` restores the fields the spec does not carry).",
+            "# Edit it as you like (e.g. experts.count to upcycle): loading then names each tensor that no",
+            "# longer fits. Train from the imported weights with `moedsl run spec.yaml --init DIR`."]
+
+
+def spec_tail(tie: bool) -> list:
+    """An imported spec's last lines: the final norm, the head and a fine-tuning train section."""
+    return ["  - norm: {}  # model.norm",
+            f"  - head: {{}}  # lm_head{' (tied to embed_tokens)' if tie else ''}",
+            "train: {batch_size: 8, seq_len: 64, steps: 100, lr: 1.0e-4, warmup: 10}  # for fine-tuning; not from "
+            "config.json",
+            ""]
+
+
 def _periodic(layers: list, i: int) -> tuple:
     """(period p, repeats r) covering the most layers from ``i`` with layers[i:i+p·r] periodic."""
     best = (1, 1)
@@ -131,6 +150,88 @@ def _periodic(layers: list, i: int) -> tuple:
         if r > 1 and p * r > best[0] * best[1]:
             best = (p, r)
     return best
+
+
+def at(layer, *names) -> str:
+    """The spec path of ``layer``'s field ``names`` (``layers[2].moe.gate.score``), for messages."""
+    return format_path(tuple(layer.path) + (layer.kind,) + names)
+
+
+def stack_problem(spec, fam: str, pairs: str, least: int) -> Optional[str]:
+    """What keeps ``spec`` from being a decoder-only stack ``embedding, pairs, norm, head``
+    (``least`` layers at the least) of RMSNorms, or None. ``fam`` names the family in messages."""
+    m, layers = spec.model, spec.layers
+    if m.input != "tokens":
+        return "model.input vectors (no embedding or head)"
+    if m.norm != "rmsnorm":
+        return f"model.norm {m.norm} ({fam}'s norms are RMSNorm)"
+    if len(layers) < least or layers[0].kind != "embedding" or layers[-2].kind != "norm" or \
+            layers[-1].kind != "head":
+        return f"a stack other than embedding, {pairs}, norm, head"
+    return None
+
+
+def head_problem(spec, fam: str) -> Optional[str]:
+    """The final norm (one rms_norm_eps) and lm_head (no bias) of a stack ``stack_problem`` accepts."""
+    m, norm, head = spec.model, spec.layers[-2], spec.layers[-1]
+    if norm.config.type != "rmsnorm" or norm.config.eps != m.norm_eps:
+        return f"{at(norm)} {norm.config.type} eps {norm.config.eps} ({fam}: one rms_norm_eps, " \
+               f"model.norm_eps {m.norm_eps})"
+    if head.config.bias:
+        return f"{at(head, 'bias')} true (lm_head has no bias)"
+    return None
+
+
+# the gate fields every family reads or that do not change a dropless top-k router's choice
+GATE_HANDLED = {"type", "k", "capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy", "drop_priority",
+                "routing_groups", "jitter", "noise_epsilon", "normalize", "score", "bias_balancing_rate",
+                "second_expert", "max_experts_per_token", "hash_seed"}
+
+
+def moe_problem(e, at, fam: str, activations: tuple = ("swiglu", "geglu"), score: str = "softmax",
+                score_says: Optional[str] = None, balancing_bias: bool = False, groups: bool = False,
+                scale: bool = False, jitter: bool = True, shared=None, gate_also: frozenset = frozenset()
+                ) -> Optional[str]:
+    """What keeps the ``moe`` layer ``e`` from being ``fam``'s sparse block (a top-k router over
+    bias-free GLU experts, dropless, in a pre-norm residual), or None; the message names the spec
+    field and what ``fam`` has. The family says what it expects: its experts' ``activations``, the
+    router's ``score`` function (``score_says``: the message's note, default "{fam}: {score}"),
+    whether the router may carry a balancing bias, group limits (a group scored by its two best),
+    a scale, jitter; ``shared(x)``: the problem of its shared experts (None: checked by the caller);
+    ``gate_also``: further gate fields it accepts as they are."""
+    c, x, g = e.config, e.config.experts, e.config.gate
+    if c.hierarchy is not None:
+        return f"{at(e, 'hierarchy')} (a hierarchical gate)"
+    if not (c.residual and c.prenorm):
+        return f"{at(e)} without a pre-norm residual"
+    if x.activation not in activations:
+        return f"{at(e, 'experts', 'activation')} {x.activation} ({fam}'s experts are {' or '.join(activations)})"
+    if x.bias:
+        return f"{at(e, 'experts', 'bias')} true ({fam}'s experts have no bias)"
+    why = shared(x) if shared is not None and x.shared is not None else None
+    if why:
+        return why
+    ch = changed(x, {"count", "hidden", "activation", "bias", "dropout", "init_scale", "shared"})
+    if ch:
+        return f"{at(e, 'experts', ch[0])} {ch[1]!r}"
+    if g.type != "topk":
+        return f"{at(e, 'gate', 'type')} {g.type} ({fam}'s router is top-k)"
+    if g.drop_policy != "dropless":
+        return f"{at(e, 'gate')}: capacity (drop_policy {g.drop_policy}; {fam} drops no token)"
+    if g.score != score:
+        return f"{at(e, 'gate', 'score')} {g.score} ({score_says or f'{fam}: {score}'})"
+    if g.bias_balancing_rate is not None and not balancing_bias:
+        return f"{at(e, 'gate', 'bias_balancing')} (aux-loss-free balancing bias)"
+    if groups and g.groups is not None and (x.count // g.groups.count) < 2:
+        return f"{at(e, 'gate', 'groups', 'count')} {g.groups.count} ({fam} scores a group by its two best)"
+    handled = GATE_HANDLED | gate_also | ({"groups"} if groups else set()) | ({"scale"} if scale else set())
+    ch = changed(g, handled)
+    if ch:
+        return f"{at(e, 'gate', ch[0])} {ch[1]!r}"
+    if g.jitter and not jitter:
+        return f"{at(e, 'gate', 'jitter')} {g.jitter} ({fam}'s router has no jitter)"
+    ch = changed(c, {"experts", "gate", "hierarchy", "losses", "residual", "prenorm"})
+    return f"{at(e, ch[0])} {ch[1]!r}" if ch else None
 
 
 class LlamaLike(Family):
@@ -249,12 +350,7 @@ class LlamaLike(Family):
         tie = bool(c["tie_word_embeddings"])
         n = c["num_hidden_layers"]
         lines = [
-            f"# Imported by `moedsl import` from the Hugging Face checkpoint {source}",
-            f"# (model_type {self.model_type}, {', '.join(config.get('architectures') or self.architectures[:1])}).",
-            "# After each field: the config.json field it came from. hf_config.json beside this file keeps",
-            "# the whole config.json (`moedsl export` restores the fields the spec does not carry).",
-            "# Edit it as you like (e.g. experts.count to upcycle): loading then names each tensor that no",
-            "# longer fits. Train from the imported weights with `moedsl run spec.yaml --init DIR`.",
+            *spec_header(source, self.model_type, config.get("architectures") or self.architectures[:1]),
             "moedsl: 1",
             f"name: {name}",
             f"description: {name} imported from Hugging Face ({self.model_type})",
@@ -291,42 +387,22 @@ class LlamaLike(Family):
                 lines.append(f"{indent}- {kind}:  # {comment}")
                 lines += [f"{indent}    {x}" for x in body]
             i += p * r
-        lines += [
-            "  - norm: {}  # model.norm",
-            f"  - head: {{}}  # lm_head{' (tied to embed_tokens)' if tie else ''}",
-            "train: {batch_size: 8, seq_len: 64, steps: 100, lr: 1.0e-4, warmup: 10}  # for fine-tuning; not from "
-            "config.json",
-            "",
-        ]
-        return "\n".join(lines)
+        return "\n".join(lines + spec_tail(tie))
 
     # -- the spec's structure ------------------------------------------------------------
 
     def layout(self, spec):
         """(the problem or None, [(attention index, mlp index, its per-layer config)], final norm
         index, the config the layers agree on)."""
-        m, layers = spec.model, spec.layers
-        fam = self.model_type
-
-        def at(layer, *names):
-            return format_path(tuple(layer.path) + (layer.kind,) + names)
-
+        layers, fam = spec.layers, self.model_type
         none = (None, None, None)
-        if m.input != "tokens":
-            return ("model.input vectors (no embedding or head)",) + none
-        if m.norm != "rmsnorm":
-            return (f"model.norm {m.norm} ({fam}'s norms are RMSNorm)",) + none
-        if len(layers) < 4 or layers[0].kind != "embedding" or layers[-2].kind != "norm" or \
-                layers[-1].kind != "head":
-            return ("a stack other than embedding, [attention, moe or ffn] × N, norm, head",) + none
-        if layers[0].config.positions != "none":
-            return (f"{at(layers[0], 'positions')} {layers[0].config.positions} ({fam} has rotary positions)",) + none
-        norm, head = layers[-2], layers[-1]
-        if norm.config.type != "rmsnorm" or norm.config.eps != m.norm_eps:
-            return (f"{at(norm)} {norm.config.type} eps {norm.config.eps} ({fam}: one rms_norm_eps, "
-                    f"model.norm_eps {m.norm_eps})",) + none
-        if head.config.bias:
-            return (f"{at(head, 'bias')} true (lm_head has no bias)",) + none
+        why = stack_problem(spec, fam, "[attention, moe or ffn] × N", 4)
+        if why is None and layers[0].config.positions != "none":
+            why = f"{at(layers[0], 'positions')} {layers[0].config.positions} ({fam} has rotary positions)"
+        why = why or head_problem(spec, fam)
+        if why:
+            return (why,) + none
+        norm = layers[-2]
         body = layers[1:-2]
         pairs, agreed = [], {}
         for i in range(0, len(body), 2):
@@ -353,9 +429,17 @@ class LlamaLike(Family):
 
     # attention features the family expresses (beyond heads, kv_heads, positions, rope_theta, dropout)
     attention_features: set = {"head_dim", "sliding_window"}
+    title = ""  # the family's name in the messages below
+    qk_norm: Optional[tuple] = None  # (the spec's qk_norm, what it does) if the family normalises q and k
+    one_attention_bias = False  # attention_bias: on all four projections or none
+    shared_experts = True  # False: a spec with shared experts is refused naming the title
 
     def attention_problem(self, spec, a, at) -> Optional[str]:
         c = a.config
+        if self.qk_norm is not None and c.qk_norm != self.qk_norm[0]:
+            return f"{at(a, 'qk_norm')} {c.qk_norm} ({self.title} {self.qk_norm[1]})"
+        if self.one_attention_bias and c.qkv_bias != c.out_bias:
+            return f"{at(a, 'qkv_bias')} {c.qkv_bias}, out_bias {c.out_bias} ({self.title}: attention_bias on all four)"
         if c.positions != "rotary":
             return f"{at(a, 'positions')} {c.positions} ({self.model_type} has rotary positions)"
         for name, want in (("causal", True), ("residual", True), ("prenorm", True)):
@@ -375,34 +459,9 @@ class LlamaLike(Family):
         return f"{at(a, ch[0])} {ch[1]!r}" if ch else None
 
     def moe_problem(self, e, at) -> Optional[str]:
-        c, x, g = e.config, e.config.experts, e.config.gate
-        fam = self.model_type
-        if c.hierarchy is not None:
-            return f"{at(e, 'hierarchy')} (a hierarchical gate)"
-        if not (c.residual and c.prenorm):
-            return f"{at(e)} without a pre-norm residual"
-        if x.activation not in ACT:
-            return f"{at(e, 'experts', 'activation')} {x.activation} ({fam}'s experts are swiglu or geglu)"
-        if x.bias:
-            return f"{at(e, 'experts', 'bias')} true ({fam}'s experts have no bias)"
-        ch = changed(x, {"count", "hidden", "activation", "bias", "dropout", "init_scale", "shared"})
-        if ch:
-            return f"{at(e, 'experts', ch[0])} {ch[1]!r}"
-        if g.type != "topk":
-            return f"{at(e, 'gate', 'type')} {g.type} ({fam}'s router is top-k)"
-        if g.drop_policy != "dropless":
-            return f"{at(e, 'gate')}: capacity (drop_policy {g.drop_policy}; {fam} drops no token)"
-        if g.score != "softmax":
-            return f"{at(e, 'gate', 'score')} {g.score} ({fam}: softmax)"
-        if g.bias_balancing_rate is not None:
-            return f"{at(e, 'gate', 'bias_balancing')} (aux-loss-free balancing bias)"
-        ch = changed(g, {"type", "k", "capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy",
-                         "drop_priority", "routing_groups", "jitter", "noise_epsilon", "normalize", "score",
-                         "bias_balancing_rate", "second_expert", "max_experts_per_token", "hash_seed"})
-        if ch:
-            return f"{at(e, 'gate', ch[0])} {ch[1]!r}"
-        ch = changed(c, {"experts", "gate", "hierarchy", "losses", "residual", "prenorm"})
-        return f"{at(e, ch[0])} {ch[1]!r}" if ch else None
+        if not self.shared_experts and e.config.experts.shared is not None:
+            return f"{at(e, 'experts', 'shared')} ({self.title} has no shared expert)"
+        return moe_problem(e, at, self.model_type)
 
     def ffn_problem(self, f, at) -> Optional[str]:
         return f"{at(f)} (a dense layer: {self.model_type} has MoE layers only)"

@@ -39,8 +39,10 @@ from typing import Optional
 from moedsl.errors import UserError, format_path
 
 from .. import Family, Tensor, register, same
-from .mixtral import IGNORED as _IGNORED_MIXTRAL
-from .mixtral import _changed, _count_experts, _fused, _stack_t, _t, _yaml_float
+from ..llama_like import IGNORED as _IGNORED_LLAMA
+from ..llama_like import _count_experts, _fused, _stack_t, _t, at, head_problem, moe_problem, spec_header
+from ..llama_like import spec_tail, stack_problem
+from ..llama_like import changed as _changed, yaml_float as _yaml_float
 
 # DeepseekV3Config's defaults (transformers' configuration_deepseek_v3.py), for fields a config.json omits
 DEFAULTS = {"vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
@@ -55,7 +57,7 @@ DEFAULTS = {"vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 1843
 FIXED = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1}
 # fields that do not change the logits: DeepseekV3Config recomputes head_dim and qk_head_dim;
 # pretraining_tp, ep_size, seq_aux, aux_loss_alpha, auto_map are bookkeeping or training-only
-IGNORED = _IGNORED_MIXTRAL | {"head_dim", "qk_head_dim", "pretraining_tp", "ep_size", "seq_aux", "aux_loss_alpha",
+IGNORED = _IGNORED_LLAMA | {"head_dim", "qk_head_dim", "pretraining_tp", "ep_size", "seq_aux", "aux_loss_alpha",
                               "auto_map", "num_mtp_layers"}
 UNDERSTOOD = set(DEFAULTS) | set(FIXED) | {"rope_parameters", "rope_scaling"}
 MLA_NORM_EPS = 1e-6  # DeepseekV3Attention builds q_a_layernorm and kv_a_layernorm with the default eps
@@ -208,14 +210,7 @@ def spec_text(config: dict, source: str, name: str) -> str:
     tie = bool(c["tie_word_embeddings"])
     N, K = c["num_hidden_layers"], min(c["first_k_dense_replace"], c["num_hidden_layers"])
     mtp = c["num_nextn_predict_layers"] or 0
-    lines = [
-        f"# Imported by `moedsl import` from the Hugging Face checkpoint {source}",
-        f"# (model_type deepseek_v3, {', '.join(config.get('architectures') or ['DeepseekV3ForCausalLM'])}).",
-        "# After each field: the config.json field it came from. hf_config.json beside this file keeps",
-        "# the whole config.json (`moedsl export` restores the fields the spec does not carry).",
-        "# Edit it as you like (e.g. experts.count to upcycle): loading then names each tensor that no",
-        "# longer fits. Train from the imported weights with `moedsl run spec.yaml --init DIR`.",
-    ]
+    lines = spec_header(source, "deepseek_v3", config.get("architectures") or ["DeepseekV3ForCausalLM"])
     if mtp:
         lines += [
             f"# Not imported: num_nextn_predict_layers = {mtp} multi-token-prediction module(s)"
@@ -291,40 +286,22 @@ def spec_text(config: dict, source: str, name: str) -> str:
             "(aux-loss-free balancing, §2.1.2)",
             "            drop_policy: dropless  # DeepSeek-V3 drops no token",
         ]
-    lines += [
-        "  - norm: {}  # model.norm",
-        f"  - head: {{}}  # lm_head{' (tied to embed_tokens)' if tie else ''}",
-        "train: {batch_size: 8, seq_len: 64, steps: 100, lr: 1.0e-4, warmup: 10}  # for fine-tuning; not from "
-        "config.json",
-        "",
-    ]
-    return "\n".join(lines)
+    return "\n".join(lines + spec_tail(tie))
 
 
 # -- the spec's structure ------------------------------------------------------------------
 
 def layout(spec):
     """(the problem, or None; [(attention index, ffn or moe index, dense?)], final norm index)."""
-    m, layers = spec.model, spec.layers
-
-    def at(layer, *names):
-        return format_path(tuple(layer.path) + (layer.kind,) + names)
-
-    if m.input != "tokens":
-        return "model.input vectors (no embedding or head)", None, None
-    if m.norm != "rmsnorm":
-        return f"model.norm {m.norm} (DeepSeek-V3's norms are RMSNorm)", None, None
-    if len(layers) < 5 or layers[0].kind != "embedding" or layers[-2].kind != "norm" or layers[-1].kind != "head":
-        return "a stack other than embedding, [latent_attention, ffn or moe] × N, norm, head", None, None
-    if _changed(layers[0].config, set()):
+    layers = spec.layers
+    why = stack_problem(spec, "DeepSeek-V3", "[latent_attention, ffn or moe] × N", 5)
+    if why is None and _changed(layers[0].config, set()):
         name, value = _changed(layers[0].config, set())
-        return f"{at(layers[0], name)} {value!r} (DeepSeek-V3's embedding has no positions)", None, None
-    norm, head = layers[-2], layers[-1]
-    if norm.config.type != "rmsnorm" or norm.config.eps != m.norm_eps:
-        return f"{at(norm)} {norm.config.type} eps {norm.config.eps} (DeepSeek-V3: one rms_norm_eps, " \
-               f"model.norm_eps {m.norm_eps})", None, None
-    if head.config.bias:
-        return f"{at(head, 'bias')} true (lm_head has no bias)", None, None
+        why = f"{at(layers[0], name)} {value!r} (DeepSeek-V3's embedding has no positions)"
+    why = why or head_problem(spec, "DeepSeek-V3")
+    if why:
+        return why, None, None
+    norm = layers[-2]
     body = layers[1:-2]
     out, seen = [], {}
     for i in range(0, len(body), 2):
@@ -372,43 +349,21 @@ def _ffn_problem(f, at) -> Optional[str]:
     return f"{at(f, changed[0])} {changed[1]!r}" if changed else None
 
 
+def _shared_problem(e, x) -> Optional[str]:
+    if x.shared.gate:
+        return f"{at(e, 'experts', 'shared', 'gate')} true (DeepSeek-V3's shared experts have no gate)"
+    if x.shared.hidden != x.hidden:
+        return f"{at(e, 'experts', 'shared', 'hidden')} {x.shared.hidden} (DeepSeek-V3's shared experts are " \
+               f"as wide as the routed ones, experts.hidden {x.hidden})"
+    return None
+
+
 def _moe_problem(e, at) -> Optional[str]:
-    c, x, g = e.config, e.config.experts, e.config.gate
-    if c.hierarchy is not None:
-        return f"{at(e, 'hierarchy')} (a hierarchical gate)"
-    if not (c.residual and c.prenorm):
-        return f"{at(e)} without a pre-norm residual"
-    if x.activation != "swiglu":
-        return f"{at(e, 'experts', 'activation')} {x.activation} (DeepSeek-V3's experts are swiglu)"
-    if x.bias:
-        return f"{at(e, 'experts', 'bias')} true (DeepSeek-V3's experts have no bias)"
-    if x.shared is not None:
-        if x.shared.gate:
-            return f"{at(e, 'experts', 'shared', 'gate')} true (DeepSeek-V3's shared experts have no gate)"
-        if x.shared.hidden != x.hidden:
-            return f"{at(e, 'experts', 'shared', 'hidden')} {x.shared.hidden} (DeepSeek-V3's shared experts are " \
-                   f"as wide as the routed ones, experts.hidden {x.hidden})"
-    changed = _changed(x, {"count", "hidden", "activation", "bias", "dropout", "init_scale", "shared"})
-    if changed:
-        return f"{at(e, 'experts', changed[0])} {changed[1]!r}"
-    if g.type != "topk":
-        return f"{at(e, 'gate', 'type')} {g.type} (DeepSeek-V3's router is top-k)"
-    if g.drop_policy != "dropless":
-        return f"{at(e, 'gate')}: capacity (drop_policy {g.drop_policy}; DeepSeek-V3 drops no token)"
-    if g.score != "sigmoid":
-        return f"{at(e, 'gate', 'score')} {g.score} (DeepSeek-V3 scores with a sigmoid)"
-    if g.groups is not None and (x.count // g.groups.count) < 2:
-        return f"{at(e, 'gate', 'groups', 'count')} {g.groups.count} (DeepSeek-V3 scores a group by its two best)"
-    changed = _changed(g, {"type", "k", "capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy",
-                           "drop_priority", "capacity_rounding", "routing_groups", "jitter", "noise_epsilon",
-                           "normalize", "score", "bias_balancing_rate", "groups", "scale", "second_expert",
-                           "max_experts_per_token", "hash_seed"})
-    if changed:
-        return f"{at(e, 'gate', changed[0])} {changed[1]!r}"
-    if g.jitter:
-        return f"{at(e, 'gate', 'jitter')} {g.jitter} (DeepSeek-V3's router has no jitter)"
-    changed = _changed(c, {"experts", "gate", "hierarchy", "losses", "residual", "prenorm"})
-    return f"{at(e, changed[0])} {changed[1]!r}" if changed else None
+    """DeepseekV3MoE: sigmoid scores, the correction bias, group limits, the routed scaling factor,
+    ungated shared experts as wide as the routed ones, no jitter."""
+    return moe_problem(e, at, "DeepSeek-V3", activations=("swiglu",), score="sigmoid",
+                       score_says="DeepSeek-V3 scores with a sigmoid", balancing_bias=True, groups=True, scale=True,
+                       jitter=False, shared=lambda x: _shared_problem(e, x), gate_also=frozenset({"capacity_rounding"}))
 
 
 def _mla_names(spec, a: int) -> list:

@@ -22,19 +22,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from moedsl.errors import UserError
-
-from .. import Family, Tensor, register, same  # noqa: F401 (re-exported)
-from ..llama_like import (IGNORED, LlamaLike, _count_experts, _fused, _stack_t, _t,  # noqa: F401 (re-exported)
-                          changed as _changed, yaml_float as _yaml_float)
-
-# MixtralConfig's defaults (transformers' configuration_mixtral.py), for fields a config.json omits
-DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
-            "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-            "sliding_window": None, "attention_dropout": 0.0, "num_experts_per_tok": 2, "num_local_experts": 8,
-            "router_jitter_noise": 0.0, "router_aux_loss_coef": 0.001, "output_router_logits": False,
-            "rope_theta": 1e6}
+from .. import register
+from ..llama_like import LlamaLike
 
 
 class Mixtral(LlamaLike):
@@ -48,7 +37,13 @@ class Mixtral(LlamaLike):
     tiny_variants = (({"sliding_window": 5}, "sliding window on every layer"),
                      ({"head_dim": 16}, "head_dim other than hidden / heads"),
                      ({"tie_word_embeddings": True}, "tied embeddings"))
-    config_defaults = {k: v for k, v in DEFAULTS.items() if k != "rope_theta"}
+    # MixtralConfig's defaults (transformers' configuration_mixtral.py), for fields a config.json omits
+    config_defaults = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                       "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
+                       "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                       "sliding_window": None, "attention_dropout": 0.0, "num_experts_per_tok": 2,
+                       "num_local_experts": 8, "router_jitter_noise": 0.0, "router_aux_loss_coef": 0.001,
+                       "output_router_logits": False}
     default_theta = 1e6
     moe_prefix = "block_sparse_moe."
     expert_names = ("w1", "w3", "w2")
@@ -86,30 +81,5 @@ class Mixtral(LlamaLike):
         return cfg, {}
 
 
-MIXTRAL = register(Mixtral())
+register(Mixtral())
 
-
-# the module-level names of the first version of this file
-UNDERSTOOD = set(DEFAULTS) | {"rope_parameters", "rope_scaling"}
-
-
-def _refuse(field: str, value, supported: str):
-    raise UserError(f"config.json: {field} = {value!r} is not supported for mixtral yet (supported: {supported})")
-
-
-def _where(c: dict, key: str) -> str:
-    given = c.given if hasattr(c, "given") else c["given"]
-    return key if key in given else f"{key} (MixtralConfig's default)"
-
-
-def read_config(config: dict) -> dict:
-    return MIXTRAL.read_config(config)
-
-
-def spec_text(config: dict, source: str, name: str) -> str:
-    return MIXTRAL.spec_text(config, source, name)
-
-
-def layout(spec):
-    why, pairs, norm, _ = MIXTRAL.layout(spec)
-    return why, (None if pairs is None else [(a, m) for a, m, _ in pairs]), norm

@@ -18,8 +18,6 @@ config.json calls the expert count ``num_experts`` (OlmoeConfig.attribute_map:
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from .. import register
 from ..llama_like import LlamaLike
 
@@ -44,6 +42,10 @@ class Olmoe(LlamaLike):
                        "norm_topk_prob": False, "head_dim": None}
     understood = {"num_local_experts"}
     attention_features = {"qk_norm", "clip_qkv", "qkv_bias", "out_bias"}
+    title = "OLMoE"
+    qk_norm = ("projection", "normalises the whole q and k projections")
+    one_attention_bias = True
+    shared_experts = False
     attention_comment = "self_attn: q_proj, k_proj, v_proj, o_proj, q_norm, k_norm"
     new_config = {"initializer_range": 0.02, "use_cache": True, "router_aux_loss_coef": 0.01,
                   "output_router_logits": False, "pad_token_id": 1, "eos_token_id": 50279}
@@ -69,19 +71,6 @@ class Olmoe(LlamaLike):
             attn.append(("bias", "true", c.where("attention_bias")))
         body = self.moe_lines(c, "num_experts", "intermediate_size", "num_experts_per_tok", "norm_topk_prob")
         return attn, ("moe", "mlp: OlmoeSparseMoeBlock", body)
-
-    def attention_problem(self, spec, a, at) -> Optional[str]:
-        c = a.config
-        if c.qk_norm != "projection":
-            return f"{at(a, 'qk_norm')} {c.qk_norm} (OLMoE normalises the whole q and k projections)"
-        if c.qkv_bias != c.out_bias:
-            return f"{at(a, 'qkv_bias')} {c.qkv_bias}, out_bias {c.out_bias} (OLMoE: attention_bias on all four)"
-        return super().attention_problem(spec, a, at)
-
-    def moe_problem(self, e, at) -> Optional[str]:
-        if e.config.experts.shared is not None:
-            return f"{at(e, 'experts', 'shared')} (OLMoE has no shared expert)"
-        return super().moe_problem(e, at)
 
     def layer_config(self, spec, a, e) -> tuple:
         cfg = self.attention_config(spec, a)

@@ -51,6 +51,10 @@ class Qwen3Moe(LlamaLike):
     # read by nothing in modeling_qwen3_moe.py (Qwen3's real config.json files carry it)
     ignored = {"max_window_layers"}
     attention_features = {"head_dim", "sliding_window", "qk_norm", "qkv_bias", "out_bias"}
+    title = "Qwen3-MoE"
+    qk_norm = ("head", "normalises each head's query and key")
+    one_attention_bias = True
+    shared_experts = False
     attention_comment = "self_attn: q_proj, k_proj, v_proj, o_proj, q_norm, k_norm"
     new_config = {"initializer_range": 0.02, "use_cache": True, "router_aux_loss_coef": 0.001,
                   "output_router_logits": False}
@@ -83,19 +87,6 @@ class Qwen3Moe(LlamaLike):
         body = self.moe_lines(c, "num_experts", "moe_intermediate_size", "num_experts_per_tok", "norm_topk_prob")
         body[1] = body[1].split("#")[0] + f"# {c['experts_from']}"
         return attn, ("moe", "mlp: Qwen3MoeSparseMoeBlock", body)
-
-    def attention_problem(self, spec, a, at) -> Optional[str]:
-        c = a.config
-        if c.qk_norm != "head":
-            return f"{at(a, 'qk_norm')} {c.qk_norm} (Qwen3-MoE normalises each head's query and key)"
-        if c.qkv_bias != c.out_bias:
-            return f"{at(a, 'qkv_bias')} {c.qkv_bias}, out_bias {c.out_bias} (Qwen3-MoE: attention_bias on all four)"
-        return super().attention_problem(spec, a, at)
-
-    def moe_problem(self, e, at) -> Optional[str]:
-        if e.config.experts.shared is not None:
-            return f"{at(e, 'experts', 'shared')} (Qwen3-MoE has no shared expert)"
-        return super().moe_problem(e, at)
 
     def ffn_problem(self, f, at) -> Optional[str]:
         return self.dense_ffn_problem(f, at)

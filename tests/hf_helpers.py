@@ -1,0 +1,60 @@
+"""Helpers the Hugging Face import/export tests share (tests/test_hf_*.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from moedsl.cli import main
+
+
+def close(ours, theirs):
+    """Equal up to 1e-4 of ``theirs``' largest magnitude (float32 sums in another order)."""
+    scale = theirs.abs().max().item()
+    assert (ours - theirs).abs().max().item() <= 1e-4 * scale, (ours - theirs).abs().max().item()
+
+
+def refused(capsys, argv, out: Path, *needles):
+    """``moedsl argv`` exits 2 with one line holding every needle, and leaves ``out`` empty (no
+    temporary folder beside it either); returns the line."""
+    capsys.readouterr()  # transformers' own progress lines from building the checkpoint
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    assert not out.exists() or not any(out.iterdir())
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+    return err
+
+
+def save_fused(src: Path, ref, out: Path) -> Path:
+    """The transformers model ``ref`` (saved in ``src``) written to ``out`` with its in-memory
+    names as they are: transformers 5's fused experts (mlp.experts.gate_up_proj / down_proj)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in sd)
+    out.mkdir()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text((src / "config.json").read_text())
+    return out
+
+
+def _losses(run: Path) -> list:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_init_on_one_and_two_processes(imp: Path, tmp_path: Path) -> tuple:
+    """``moedsl run --init imp --steps 1`` with 1 and with 2 processes (into tmp_path/run1, run2):
+    the two runs' losses."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "moedsl", "run", str(imp / "spec.yaml"), "--init", str(imp), "--steps", "1",
+            "--batch", "4", "--seq", "8", "--no-progress", "--eval-batches", "1", "--ignore-memory-check"]
+    for n in (1, 2):
+        r = subprocess.run(base + ["--out", str(tmp_path / f"run{n}"), "--nproc", str(n)], env=env,
+                           capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-2000:]
+    return _losses(tmp_path / "run1"), _losses(tmp_path / "run2")
