@@ -44,6 +44,9 @@ def _reference(fam, over: dict, folder: Path):
         for name, p in ref.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
+        for name, b in ref.named_buffers():  # DeepSeek-V3's choice bias starts at 0 too
+            if name.endswith("e_score_correction_bias"):
+                b.add_(0.1 * torch.randn_like(b))
     ref.save_pretrained(folder)
     return ref, cfg
 

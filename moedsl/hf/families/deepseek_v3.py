@@ -407,6 +407,19 @@ class DeepseekV3(Family):
                        num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
                        q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                        max_position_embeddings=128)
+    # (config overrides, what it covers): tests/test_hf_import.py and bench/hf_parity.py run each
+    tiny_variants = (
+        (dict(q_lora_rank=None, rope_interleave=False, attention_bias=True, n_group=1, topk_group=1,
+              n_shared_experts=0, first_k_dense_replace=0, norm_topk_prob=False, routed_scaling_factor=1.75,
+              tie_word_embeddings=True),
+         "full q, half-split rope, attention_bias, no groups, no shared expert, all MoE, tied"),
+        (dict(n_group=4, topk_group=2, num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=2),
+         "4 groups top 2, k 3, 2 shared experts, 2 dense layers"),
+        (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 100.0, "factor": 2.0,
+                               "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+                               "mscale": 0.7, "mscale_all_dim": 1.0}),
+         "yarn rope scaling with mscale_all_dim"),
+    )
 
     def spec_text(self, config: dict, source: str, name: str = "deepseek-v3") -> str:
         return spec_text(config, source, name)
