@@ -1,0 +1,132 @@
+"""Generation with a KV cache: the decode graph against the full forward for every example spec,
+greedy ids against transformers' generate for every registered Hugging Face family, sampling,
+left padding, the CLI and its refusals."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import moedsl
+from moedsl.cli import main
+from moedsl.errors import UserError
+from moedsl.nn.decode import DecodeCache
+from moedsl.runtime.evaluate import with_eval_capacity
+from moedsl.runtime.generate import decode_module, pick
+
+SPECS = sorted((Path(__file__).parents[1] / "specs").glob("*.yaml"))
+HUGE = 50_000_000  # parameters: the specs that compile only on the meta device
+
+
+def _params(spec) -> int:
+    gm, _ = moedsl.compile(spec)
+    return sum(p.numel() for p in gm.parameters())
+
+
+def _no_drops(spec):
+    """``spec`` with every capacity gate's evaluation capacity at the expert count: the full forward
+    drops nothing, as decoding (a token alone in its routing group) never does."""
+    experts = max([layer.config.experts.count for layer in spec.moe_layers] or [1])
+    data, _ = with_eval_capacity(spec, float(experts))
+    return moedsl.load_spec(data, source=spec.source)
+
+
+def _random_routing(spec) -> bool:
+    """GShard's random second expert draws by token index: the decode graph keys it by (row,
+    position), the full forward by index in the batch."""
+    return any(layer.config.gate.type == "gshard" and layer.config.gate.second_expert == "random"
+               for layer in spec.moe_layers)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_cached_decoding_equals_the_full_forward_for_every_example_spec(path):
+    spec = moedsl.load_spec(path)
+    if spec.model.input != "tokens":
+        with pytest.raises(UserError, match="only a model over tokens generates"):
+            decode_module(moedsl.build_model(spec, seed=0, dtype=torch.float32))
+        return
+    if _params(spec) > HUGE:
+        pytest.skip(f"{path.name}: {_params(spec):,} parameters compile only on the meta device")
+    if any(layer.config.gate.type == "expert_choice" for layer in spec.moe_layers):
+        with pytest.raises(UserError, match=r"expert-choice\.yaml:\d+: .*moe \(layers\.\d+\): expert choice"):
+            decode_module(moedsl.build_model(spec, seed=0, dtype=torch.float32))
+        return
+    model = moedsl.build_model(_no_drops(spec), seed=0, dtype=torch.float32).eval()
+    dec = decode_module(model)
+    B, T, P = 2, 12, 5
+    ids = torch.randint(0, spec.model.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = dec(ids, DecodeCache(B, T), 0).output
+        cache = DecodeCache(B, T)
+        steps = [dec(ids[:, :P], cache, 0).output]  # prefill, then one token a step
+        steps += [dec(ids[:, i:i + 1], cache, i).output for i in range(P, T)]
+        stepped = torch.cat(steps, dim=1)
+        assert (stepped - full).abs().max().item() <= 1e-5
+        if not _random_routing(spec):
+            assert (full - model(ids).output).abs().max().item() <= 1e-5
+
+
+def _switch(seed=0, **model):
+    data = moedsl.load_spec("specs/switch.yaml").data
+    data = {**data, "model": {**data["model"], **model}}
+    return moedsl.build_model(moedsl.load_spec(data), seed=seed, dtype=torch.float32).eval()
+
+
+def test_left_padded_rows_generate_what_each_prompt_generates_alone():
+    model = _switch()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [200, 100, 50, 25], [1]]
+    together = moedsl.generate(model, prompts, 10)
+    T = max(len(p) for p in prompts)
+    for b, p in enumerate(prompts):
+        alone = moedsl.generate(model, [p], 10)
+        assert torch.equal(together[b, T - len(p):], alone[0]), b
+
+
+def test_sliding_window_cache_sees_only_the_window():
+    data = moedsl.load_spec("specs/mixtral.yaml").data
+    layers = json.loads(json.dumps(data["layers"]))
+    layers[1]["block"][0]["attention"]["sliding_window"] = 3
+    spec = moedsl.load_spec({**data, "layers": layers})
+    model = moedsl.build_model(spec, seed=0, dtype=torch.float32).eval()
+    dec = decode_module(model)
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = dec(ids, DecodeCache(1, 10), 0).output
+        cache = DecodeCache(1, 10)
+        steps = [dec(ids[:, :1], cache, 0).output] + [dec(ids[:, i:i + 1], cache, i).output for i in range(1, 10)]
+        assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+        assert (full - model(ids).output).abs().max().item() <= 1e-5
+
+
+def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy():
+    model = _switch()
+    prompts = [[10, 20, 30], [40, 50, 60]]
+    a = moedsl.generate(model, prompts, 12, temperature=1.0, seed=3)
+    b = moedsl.generate(model, prompts, 12, temperature=1.0, seed=3)
+    c = moedsl.generate(model, prompts, 12, temperature=1.0, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = moedsl.generate(model, prompts, 12)
+    assert torch.equal(moedsl.generate(model, prompts, 12, temperature=0.7, top_k=1, seed=5), greedy)
+
+
+def test_top_p_keeps_the_smallest_nucleus_as_transformers_defines_it():
+    transformers = pytest.importorskip("transformers")
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    for p in (0.1, 0.5, 0.9):
+        theirs = transformers.TopPLogitsWarper(p)(None, logits.clone())
+        allowed = theirs > float("-inf")
+        for seed in range(20):
+            got = pick(logits, 1.0, None, p, torch.Generator().manual_seed(seed))
+            assert bool(allowed[torch.arange(4), got].all())
+    # top_p that keeps one token is greedy
+    assert torch.equal(pick(logits, 1.0, None, 1e-6, torch.Generator().manual_seed(0)), logits.argmax(-1))
+
+
+def test_a_prompt_id_outside_the_vocabulary_or_too_long_is_one_line():
+    model = _switch()
+    with pytest.raises(UserError, match="token id 256 at position 1, outside the vocabulary 0..255"):
+        moedsl.generate(model, [[1, 256]], 4)
+    with pytest.raises(UserError, match="120 tokens plus 10 new tokens is 130, past the model's 128"):
+        moedsl.generate(model, [[1] * 120], 10)
