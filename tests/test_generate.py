@@ -130,3 +130,30 @@ def test_a_prompt_id_outside_the_vocabulary_or_too_long_is_one_line():
         moedsl.generate(model, [[1, 256]], 4)
     with pytest.raises(UserError, match="120 tokens plus 10 new tokens is 130, past the model's 128"):
         moedsl.generate(model, [[1] * 120], 10)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("model_type", sorted(__import__("moedsl.hf", fromlist=["registered"]).registered()))
+def test_greedy_ids_equal_transformers_generate_for_every_family(tmp_path, model_type, batch):
+    """32 new tokens from each registered family's tiny model: batch 1, and batch 4 with prompts of
+    different lengths (left-padded in transformers with an attention_mask)."""
+    transformers = pytest.importorskip("transformers")
+    from moedsl.hf import registered
+
+    fam = registered()[model_type]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, fam.config_class)(**fam.tiny_config)
+    ref = getattr(transformers, fam.architectures[0])(cfg).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")]) == 0
+    model = moedsl.load_model(tmp_path / "imp")
+    g = torch.Generator().manual_seed(7)
+    lengths = [9] if batch == 1 else [9, 4, 7, 1]
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    ids, mask = __import__("moedsl.runtime.generate", fromlist=["left_pad"]).left_pad(prompts)
+    ref.generation_config.eos_token_id = None
+    ref.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        theirs = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
+    ours = moedsl.generate(model, ids, 32, attention_mask=mask)
+    assert torch.equal(ours, theirs)
