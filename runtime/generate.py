@@ -203,3 +203,119 @@ def _agree(tokens: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(tokens, src=0)
     return tokens
+
+
+# ----------------------------------------------------------------------------- moedsl generate
+
+class Codec:
+    """Text <-> ids: a Hugging Face ``tokenizer.json`` (the ``tokenizers`` library), or UTF-8 bytes
+    for a byte-level vocabulary (vocab_size >= 256); None when neither applies."""
+
+    def __init__(self, kind: str, tokenizer=None):
+        self.kind, self.tokenizer = kind, tokenizer
+
+    @classmethod
+    def find(cls, spec, folders) -> Optional["Codec"]:
+        from pathlib import Path
+
+        for folder in folders:
+            path = Path(folder) / "tokenizer.json"
+            if path.is_file():
+                try:
+                    from tokenizers import Tokenizer
+                except ImportError:
+                    raise UserError(f"{path}: reading it needs the tokenizers library: pip install "
+                                    "'moedsl[hf]'") from None
+                return cls("tokenizer", Tokenizer.from_file(str(path)))
+        if spec.model.vocab_size >= 256:
+            return cls("bytes")
+        return None
+
+    def encode(self, text: str) -> list:
+        if self.kind == "bytes":
+            return list(text.encode("utf-8"))
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list) -> str:
+        if self.kind == "bytes":
+            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        return self.tokenizer.decode(ids)
+
+
+def _model_for_rank(src, checkpoint, rank: int, world: int):
+    """``load_model``'s model, for rank ``rank`` of ``world`` (its experts only, collectives bound)."""
+    from moedsl.api import load_spec
+    from moedsl.hf.weights import _source, load_model, load_weights
+
+    if world == 1:
+        model = load_model(src, checkpoint=checkpoint)
+        return model, model.spec, None
+    from moedsl.compiler import compile_graph
+    from moedsl.dtypes import torch_dtype
+    from moedsl.runtime import checkpoint as ckpt
+    from moedsl.runtime.mesh import bind_model
+
+    (kind, where), spec = _source(src, checkpoint, load_spec)
+    compiled = compile_graph(spec, rank, world, device="cpu", init=False, verify_ranks=False)
+    gm = compiled.module
+    if kind == "import":
+        load_weights(gm, where, spec)
+    else:
+        ckpt.load(where, gm, None, spec)
+    gm.to(dtype=torch_dtype(spec.model.dtype))
+    gm.compiled, gm.spec = compiled, spec
+    bind_model(gm, compiled.mesh, rank)
+    return gm.eval(), spec, where
+
+
+def _folders(src, checkpoint) -> list:
+    """Where a tokenizer.json may be: the model folder, the checkpoint, and the run folder above it."""
+    from pathlib import Path
+
+    out = [Path(p) for p in (src, checkpoint) if p is not None and Path(str(p)).is_dir()]
+    return out + [p.parent.parent for p in out if p.parent.name == "checkpoints"]
+
+
+def parse_ids(text: str) -> list:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UserError(f"--prompt-ids {text!r}: expected whole numbers separated by commas (1,2,3)") from None
+    if not ids:
+        raise UserError("--prompt-ids: give at least one id")
+    return ids
+
+
+def run_cli(args) -> dict:
+    """``moedsl generate`` in this process (one of ``--nproc`` workers, or alone): returns what rank 0
+    prints."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=300))
+    if args.checkpoint is None and not os.path.isdir(args.model) and not str(args.model).endswith((".yaml", ".yml")):
+        raise UserError(f"{args.model}: no such folder (give a run or import folder, or a spec with --checkpoint)")
+    model, spec, _ = _model_for_rank(args.model, args.checkpoint, rank, world)
+    codec = Codec.find(spec, _folders(args.model, args.checkpoint))
+    if args.prompt_ids is not None:
+        prompt = parse_ids(args.prompt_ids)
+    elif codec is None:
+        raise UserError(f"--prompt: {spec.source} has a vocabulary of {spec.model.vocab_size} ids and no "
+                        "tokenizer.json: give --prompt-ids")
+    else:
+        prompt = codec.encode(args.prompt)
+    timings: dict = {}
+    ids = generate(model, [prompt] * args.batch, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, timings=timings)
+    new = ids[:, ids.shape[1] - args.max_new_tokens:].tolist()
+    elapsed = timings["prefill_s"] + timings["decode_s"]
+    result = {"ids": new, "tokens_per_s": args.batch * args.max_new_tokens / max(elapsed, 1e-9),
+              "prefill_s": timings["prefill_s"], "decode_s": timings["decode_s"], "processes": world}
+    if codec is not None:
+        result["text"] = [codec.decode(row) for row in new]
+    return result

@@ -157,3 +157,57 @@ def test_greedy_ids_equal_transformers_generate_for_every_family(tmp_path, model
         theirs = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
     ours = moedsl.generate(model, ids, 32, attention_mask=mask)
     assert torch.equal(ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A tiny Mixtral, imported (with its transformers greedy continuation of a prompt)."""
+    transformers = pytest.importorskip("transformers")
+    tmp = tmp_path_factory.mktemp("gen")
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp / "hf")
+    assert main(["import", str(tmp / "hf"), "--out", str(tmp / "imp")]) == 0
+    return tmp / "imp"
+
+
+def test_cli_prints_the_new_ids_as_json(imported, capsys):
+    model = moedsl.load_model(imported)
+    want = moedsl.generate(model, [[1, 2, 3]], 8)[0, 3:].tolist()
+    assert main(["generate", str(imported), "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--json",
+                 "--batch", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ids"] == [want, want] and out["tokens_per_s"] > 0 and "text" not in out
+
+
+def test_cli_generates_the_same_ids_on_two_processes(imported):
+    import subprocess
+    import sys
+
+    def run(*extra):
+        p = subprocess.run([sys.executable, "-m", "moedsl", "generate", str(imported), "--prompt-ids", "5,6,7,8",
+                            "--max-new-tokens", "12", "--batch", "3", "--json", *extra],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout.strip().splitlines()[-1])["ids"]
+
+    assert run("--nproc", "2") == run()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt-ids", "1,64"], "token id 64 at position 1, outside the vocabulary 0..63"),
+    (["--prompt-ids", ",".join(["1"] * 60)], "60 tokens plus 8 new tokens is 68, past the model's 64"),
+    (["--prompt-ids", "1,x"], "--prompt-ids '1,x': expected whole numbers"),
+])
+def test_cli_refuses_bad_prompts_in_one_line_with_exit_2(imported, capsys, argv, message):
+    assert main(["generate", str(imported), "--max-new-tokens", "8", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_refuses_a_folder_with_no_checkpoint_in_one_line_with_exit_2(tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "--prompt-ids", "1", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and len(err.strip().splitlines()) == 1
