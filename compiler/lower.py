@@ -127,7 +127,7 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
     its pre-norm, dropout and residual add.
 
     ``decode``: the graph that decodes a few tokens at a time, ``forward(tokens [B, t], cache,
-    start)`` (``moedsl.nn.decode``): a layer with state across positions (attention, LSTM) gets
+    start)`` (``moedsl.nn.decode``): a layer with state across positions (attention, a recurrent layer) gets
     the cache, the tokens' positions and ``start`` as extra arguments (its kind's
     ``decode_args``), and every MoE layer routes each token as its own group. Its modules'
     names are the training graph's, so a GraphModule over it shares a trained model's."""
@@ -158,7 +158,7 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
         state = None
         if decode:
             cache, start = g.placeholder("cache"), g.placeholder("start")
-            cache.meta["doc"] = "moedsl.nn.decode.DecodeCache: per-layer keys, values, LSTM state"
+            cache.meta["doc"] = "moedsl.nn.decode.DecodeCache: per-layer keys, values, recurrent states"
             start.meta["doc"] = "int: the cache slot of tokens[:, 0]"
             pos = g.create_node("call_function", decode_ops.positions, (tokens, cache, start), {}, name="positions")
             state = (cache, start, pos)

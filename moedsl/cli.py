@@ -290,7 +290,10 @@ def _cmd_generate(args) -> int:
             from .errors import UserError
 
             raise UserError(f"{args.model}: no such folder (give a run or import folder, or a spec with --checkpoint)")
+        from .runtime.generate import precheck
         from .runtime.launcher import launch
+
+        precheck(args)
 
         launch(args.nproc, [a for a in (args.raw or []) if a])
         return 0

@@ -286,6 +286,29 @@ def parse_ids(text: str) -> list:
     return ids
 
 
+def _prompt(args, spec) -> tuple:
+    """(the codec, the prompt's ids) of ``moedsl generate``'s options."""
+    codec = Codec.find(spec, _folders(args.model, args.checkpoint))
+    if args.prompt_ids is not None:
+        return codec, parse_ids(args.prompt_ids)
+    if codec is None:
+        raise UserError(f"--prompt: {spec.source} has a vocabulary of {spec.model.vocab_size} ids and no "
+                        "tokenizer.json: give --prompt-ids")
+    return codec, codec.encode(args.prompt)
+
+
+def precheck(args) -> None:
+    """What ``moedsl generate --nproc`` refuses before it starts a worker: the model folder, the
+    prompt (ids in the vocabulary, not too long), from the spec alone (no weights read)."""
+    from moedsl.api import load_spec
+    from moedsl.hf.weights import _source
+
+    _, spec = _source(args.model, args.checkpoint, load_spec)
+    _, prompt = _prompt(args, spec)
+    ids, mask = left_pad([prompt])
+    _check(spec, ids, mask, args.max_new_tokens)
+
+
 def run_cli(args) -> dict:
     """``moedsl generate`` in this process (one of ``--nproc`` workers, or alone): returns what rank 0
     prints."""
@@ -301,14 +324,7 @@ def run_cli(args) -> dict:
     if args.checkpoint is None and not os.path.isdir(args.model) and not str(args.model).endswith((".yaml", ".yml")):
         raise UserError(f"{args.model}: no such folder (give a run or import folder, or a spec with --checkpoint)")
     model, spec, _ = _model_for_rank(args.model, args.checkpoint, rank, world)
-    codec = Codec.find(spec, _folders(args.model, args.checkpoint))
-    if args.prompt_ids is not None:
-        prompt = parse_ids(args.prompt_ids)
-    elif codec is None:
-        raise UserError(f"--prompt: {spec.source} has a vocabulary of {spec.model.vocab_size} ids and no "
-                        "tokenizer.json: give --prompt-ids")
-    else:
-        prompt = codec.encode(args.prompt)
+    codec, prompt = _prompt(args, spec)
     timings: dict = {}
     ids = generate(model, [prompt] * args.batch, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, timings=timings)

@@ -186,14 +186,14 @@ def test_cli_generates_the_same_ids_on_two_processes(imported):
     import subprocess
     import sys
 
-    def run(*extra):
-        p = subprocess.run([sys.executable, "-m", "moedsl", "generate", str(imported), "--prompt-ids", "5,6,7,8",
-                            "--max-new-tokens", "12", "--batch", "3", "--json", *extra],
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr
-        return json.loads(p.stdout.strip().splitlines()[-1])["ids"]
-
-    assert run("--nproc", "2") == run()
+    p = subprocess.run([sys.executable, "-m", "moedsl", "generate", str(imported), "--prompt-ids", "5,6,7,8",
+                        "--max-new-tokens", "12", "--batch", "3", "--json", "--nproc", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1  # rank 0 prints
+    one = moedsl.generate(moedsl.load_model(imported), [[5, 6, 7, 8]] * 3, 12)[:, 4:].tolist()
+    assert json.loads(lines[0])["ids"] == one
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -201,8 +201,9 @@ def test_cli_generates_the_same_ids_on_two_processes(imported):
     (["--prompt-ids", ",".join(["1"] * 60)], "60 tokens plus 8 new tokens is 68, past the model's 64"),
     (["--prompt-ids", "1,x"], "--prompt-ids '1,x': expected whole numbers"),
 ])
-def test_cli_refuses_bad_prompts_in_one_line_with_exit_2(imported, capsys, argv, message):
-    assert main(["generate", str(imported), "--max-new-tokens", "8", *argv]) == 2
+@pytest.mark.parametrize("nproc", [[], ["--nproc", "2"]], ids=["1", "2"])
+def test_cli_refuses_bad_prompts_in_one_line_with_exit_2(imported, capsys, argv, message, nproc):
+    assert main(["generate", str(imported), "--max-new-tokens", "8", *argv, *nproc]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
 
@@ -211,3 +212,20 @@ def test_cli_refuses_a_folder_with_no_checkpoint_in_one_line_with_exit_2(tmp_pat
     assert main(["generate", str(tmp_path), "--prompt-ids", "1", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path) in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_prompt_text_goes_through_the_imports_tokenizer_json(imported, tmp_path, capsys):
+    import shutil
+
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = tmp_path / "imp"
+    shutil.copytree(imported, folder)
+    vocab = {f"w{i}": i for i in range(64)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
+    tok.save(str(folder / "tokenizer.json"))
+    assert main(["generate", str(folder), "--prompt", "w1 w2 w3", "--max-new-tokens", "6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = moedsl.generate(moedsl.load_model(imported), [[1, 2, 3]], 6)[0, 3:].tolist()
+    assert out["ids"] == [want] and out["text"] == [" ".join(f"w{i}" for i in want)]

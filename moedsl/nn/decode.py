@@ -22,13 +22,14 @@ import torch.nn.functional as F
 
 
 class DecodeCache:
-    """Per-layer decoding state of one batch: attention keys and values, LSTM (h, c)."""
+    """Per-layer decoding state of one batch: attention keys and values, recurrent states."""
 
     def __init__(self, batch: int, max_len: int, pad: Optional[torch.Tensor] = None, device="cpu"):
         self.batch, self.max_len = batch, max_len
         self.pad = (torch.zeros(batch, dtype=torch.int64, device=device) if pad is None
                     else pad.to(device=device, dtype=torch.int64))  # [B] padding slots before each prompt
         self.tensors: dict = {}
+        self.padded = bool(self.pad.any())  # without padding, one new token sees every cached key
 
     def kv(self, key: str, heads: int, k_dim: int, v_dim: int, like: torch.Tensor):
         """The static key and value caches of layer ``key``: [B, K, T_max, D_k], [B, K, T_max, D_v]."""
@@ -85,5 +86,8 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Deco
     if keys.shape[1] != q.shape[1]:
         rep = q.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-    mask = key_mask(cache, start, t, window, q.device)
+    if t == 1 and not cache.padded and (window is None or start < window):
+        mask = None  # one token, no padding, the whole past inside its window: every key
+    else:
+        mask = key_mask(cache, start, t, window, q.device)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
