@@ -74,8 +74,36 @@ def _switch(seed=0, **model):
     return moedsl.build_model(moedsl.load_spec(data), seed=seed, dtype=torch.float32).eval()
 
 
-def test_left_padded_rows_generate_what_each_prompt_generates_alone():
-    model = _switch()
+def _learned_positions():
+    """specs/switch.yaml with learned absolute positions (no example spec over tokens has them)."""
+    data = json.loads(json.dumps(moedsl.load_spec("specs/switch.yaml").data))
+    data["layers"][0] = {"embedding": {"positions": "learned"}}
+    return moedsl.build_model(_no_drops(moedsl.load_spec(data)), seed=0, dtype=torch.float32).eval()
+
+
+def _example(name):
+    return moedsl.build_model(moedsl.load_spec(f"specs/{name}.yaml"), seed=0, dtype=torch.float32).eval()
+
+
+MODELS = {"switch": _switch, "learned-positions": _learned_positions,
+          "lstm": lambda: _example("shazeer-lstm-moe"), "latent-attention": lambda: _example("deepseek-v3-small"),
+          "hash": lambda: _example("hash")}
+
+
+def test_learned_positions_decode_as_the_full_forward():
+    model = _learned_positions()
+    dec = decode_module(model)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids).output
+        cache = DecodeCache(2, 8)
+        steps = [dec(ids[:, :3], cache, 0).output] + [dec(ids[:, i:i + 1], cache, i).output for i in range(3, 8)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("which", sorted(MODELS))
+def test_left_padded_rows_generate_what_each_prompt_generates_alone(which):
+    model = MODELS[which]()
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [200, 100, 50, 25], [1]]
     together = moedsl.generate(model, prompts, 10)
     T = max(len(p) for p in prompts)
