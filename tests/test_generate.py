@@ -14,7 +14,8 @@ from moedsl.cli import main
 from moedsl.errors import UserError
 from moedsl.nn.decode import DecodeCache
 from moedsl.runtime.evaluate import with_eval_capacity
-from moedsl.runtime.generate import decode_module, pick
+from moedsl.hf import registered
+from moedsl.runtime.generate import decode_module, left_pad, pick
 
 SPECS = sorted((Path(__file__).parents[1] / "specs").glob("*.yaml"))
 HUGE = 50_000_000  # parameters: the specs that compile only on the meta device
@@ -161,13 +162,11 @@ def test_a_prompt_id_outside_the_vocabulary_or_too_long_is_one_line():
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("model_type", sorted(__import__("moedsl.hf", fromlist=["registered"]).registered()))
+@pytest.mark.parametrize("model_type", sorted(registered()))
 def test_greedy_ids_equal_transformers_generate_for_every_family(tmp_path, model_type, batch):
     """32 new tokens from each registered family's tiny model: batch 1, and batch 4 with prompts of
     different lengths (left-padded in transformers with an attention_mask)."""
     transformers = pytest.importorskip("transformers")
-    from moedsl.hf import registered
-
     fam = registered()[model_type]
     torch.manual_seed(0)
     cfg = getattr(transformers, fam.config_class)(**fam.tiny_config)
@@ -178,7 +177,7 @@ def test_greedy_ids_equal_transformers_generate_for_every_family(tmp_path, model
     g = torch.Generator().manual_seed(7)
     lengths = [9] if batch == 1 else [9, 4, 7, 1]
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
-    ids, mask = __import__("moedsl.runtime.generate", fromlist=["left_pad"]).left_pad(prompts)
+    ids, mask = left_pad(prompts)
     ref.generation_config.eos_token_id = None
     ref.generation_config.pad_token_id = 0
     with torch.no_grad():
