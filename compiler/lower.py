@@ -23,6 +23,7 @@ from moedsl import spec as S
 from moedsl.kinds import layer_kind
 from moedsl.kinds.moe import MOE
 from moedsl.nn import layers as L
+from moedsl.nn import decode as decode_ops
 from moedsl.nn import moe_ops
 
 
@@ -36,6 +37,7 @@ class MoEInfo:
     config: S.MoE
     layout: str  # capacity | packed
     groups: int  # routing groups in the whole batch
+    per_token: bool = False  # a decode graph's: every token its own routing group (the route's groups is a node)
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Lowered:
     input_kind: str = "tokens"
     graph_only: bool = False  # no modules made (to check another rank's graph cheaply)
     d_model: int = 0
+    decode: bool = False  # a decode graph: forward(tokens, cache, start)
 
 
 def _node_name(layer: str, what: str) -> str:
@@ -57,8 +60,12 @@ class LowerContext:
     it calls, and the state shared between layers (the token ids, the aux losses, the router
     statistics)."""
 
-    def __init__(self, spec: S.Spec, low: Lowered, seed: int, static: bool, tokens: Optional[fx.Node]):
+    def __init__(self, spec: S.Spec, low: Lowered, seed: int, static: bool, tokens: Optional[fx.Node],
+                 decode: Optional[tuple] = None):
         self.spec, self.model, self.low = spec, spec.model, low
+        # a decode graph's (cache, start, positions) nodes: see moedsl.nn.decode
+        self.decode = decode is not None
+        self.cache, self.start, self.positions = decode if decode is not None else (None, None, None)
         self.graph, self.modules = low.graph, low.modules
         self.seed, self.static = seed, static
         self.tokens = tokens  # the [B, T] token ids placeholder (None for input: vectors)
@@ -95,19 +102,44 @@ class LowerContext:
     def add_moe(self, **info) -> None:
         self.low.moe.append(MoEInfo(**info))
 
+    def decode_state(self, layer, key: str) -> tuple:
+        """What a layer with state across positions gets after x in a decode graph: the cache, the
+        new tokens' positions [B, t], the slot of the first, and its own key in the cache."""
+        return (self.cache, self.positions, self.start, key)
+
+    def cannot_decode(self, layer, why: str):
+        """Refuse to decode ``layer``, in one line naming it (``UserError``)."""
+        from moedsl.errors import UserError, format_path
+
+        path = tuple(layer.path) + (layer.kind,)
+        line = self.spec.located.where(path)[0] if self.spec.located is not None else None
+        where = f"{self.spec.source}:{line}" if line else self.spec.source
+        raise UserError(f"{where}: {format_path(path)} (layers.{layer.index}): {why}")
+
 
 def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph_only: bool = False,
-          static: bool = True) -> Lowered:
+          static: bool = True, decode: bool = False) -> Lowered:
     """``static``: capacity layers use the padded [E, C, d] buffer (fixed shapes, capturable as a
     CUDA graph); otherwise they compute only their kept rows, grouped by expert (less work,
     data-dependent shapes). The routing, drops included, is the same either way.
 
     Each layer is lowered by its kind (``moedsl.kinds``); a residual sublayer is wrapped here in
-    its pre-norm, dropout and residual add."""
+    its pre-norm, dropout and residual add.
+
+    ``decode``: the graph that decodes a few tokens at a time, ``forward(tokens [B, t], cache,
+    start)`` (``moedsl.nn.decode``): a layer with state across positions (attention, a recurrent layer) gets
+    the cache, the tokens' positions and ``start`` as extra arguments (its kind's
+    ``decode_args``), and every MoE layer routes each token as its own group. Its modules'
+    names are the training graph's, so a GraphModule over it shares a trained model's."""
     device = torch.device(device)
     m = spec.model
     g = fx.Graph()
-    low = Lowered(graph=g, modules={}, input_kind=m.input, graph_only=graph_only, d_model=m.d_model)
+    low = Lowered(graph=g, modules={}, input_kind=m.input, graph_only=graph_only, d_model=m.d_model,
+                  decode=decode)
+    if decode and m.input != "tokens":
+        from moedsl.errors import UserError
+
+        raise UserError(f"{spec.source}: model.input: {m.input}: only a model over tokens generates")
     # dense weights come from the global RNG: seed it, without disturbing the caller's state
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
@@ -123,7 +155,14 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
             tokens = None
             h = g.placeholder("x")
             h.meta["doc"] = "[B, T, d_model] input vectors"
-        ctx = LowerContext(spec, low, seed, static, tokens)
+        state = None
+        if decode:
+            cache, start = g.placeholder("cache"), g.placeholder("start")
+            cache.meta["doc"] = "moedsl.nn.decode.DecodeCache: per-layer keys, values, recurrent states"
+            start.meta["doc"] = "int: the cache slot of tokens[:, 0]"
+            pos = g.create_node("call_function", decode_ops.positions, (tokens, cache, start), {}, name="positions")
+            state = (cache, start, pos)
+        ctx = LowerContext(spec, low, seed, static, tokens, decode=state)
         for layer in spec.layers:
             kind, cfg, name = layer_kind(layer.kind), layer.config, f"layers.{layer.index}"
             if not kind.sublayer:

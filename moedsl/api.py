@@ -96,11 +96,25 @@ def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int 
     dtype = dtype or torch_dtype(spec.model.dtype)
     gm.to(dtype=dtype)
     gm.compiled = compiled
+    gm.spec = spec  # what moedsl.generate lowers the decode graph from
     if world_size > 1:
         from .runtime.mesh import bind_model
 
         bind_model(gm, compiled.mesh, rank)
     return gm
+
+
+def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, attention_mask=None):
+    """Continue prompts with a KV cache: ids [B, T + max_new_tokens]. ``model`` from ``load_model``
+    or ``build_model``; ``input_ids`` a tensor [B, T] (with a left-padding ``attention_mask``, as
+    transformers' generate) or a list of prompts of any lengths (left-padded with id 0). Greedy at
+    temperature 0, else sampled (``top_k``, ``top_p``, seeded by ``seed``). See
+    ``moedsl.runtime.generate.generate``."""
+    from .runtime.generate import generate as _generate
+
+    return _generate(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     seed=seed, attention_mask=attention_mask)
 
 
 def evaluate(model, capacity_factor: float | None = None, *, checkpoint=None, data: str | None = None,

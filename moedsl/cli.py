@@ -308,6 +308,44 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    import os
+
+    from .runtime.cpu import configure_threads
+
+    configure_threads()  # before torch loads its OpenMP runtime, as for `run`
+    from .runtime.launcher import bind_to_launcher, launched_worker
+
+    bind_to_launcher()
+    in_job = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if args.nproc and args.nproc > 1 and not in_job:
+        from pathlib import Path
+
+        if args.checkpoint is None and not Path(args.model).is_dir():  # refused once, before any worker starts
+            from .errors import UserError
+
+            raise UserError(f"{args.model}: no such folder (give a run or import folder, or a spec with --checkpoint)")
+        from .runtime.generate import precheck
+        from .runtime.launcher import launch
+
+        precheck(args)
+
+        launch(args.nproc, [a for a in (args.raw or []) if a])
+        return 0
+    from .runtime.generate import run_cli
+
+    r = run_cli(args)
+    if _in_job_rank() == 0 and not (launched_worker() and int(os.environ.get("RANK", 0)) != 0):
+        if args.json:
+            import json
+
+            print(json.dumps({k: r[k] for k in ("ids", "text", "tokens_per_s") if k in r}))
+        else:
+            for i, row in enumerate(r["ids"]):
+                print(r["text"][i] if "text" in r else ",".join(str(t) for t in row))
+    return 0
+
+
 def _add_compile_options(p) -> None:
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--world-size", type=_positive, default=None,
@@ -459,6 +497,26 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     ex.set_defaults(func=_cmd_export)
 
+    gn = sub.add_parser("generate", help="continue a prompt with a trained or imported model (KV cache; greedy or "
+                        "sampled)")
+    gn.add_argument("model", metavar="MODEL", help="a `moedsl run` output folder, an import folder, or a spec with "
+                    "--checkpoint")
+    what = gn.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text (a tokenizer.json beside the weights, or UTF-8 bytes for a byte-level "
+                      "vocabulary)")
+    what.add_argument("--prompt-ids", metavar="IDS", help="token ids, comma-separated: 1,2,3")
+    gn.add_argument("--max-new-tokens", type=_positive, required=True, metavar="N")
+    gn.add_argument("--temperature", type=_number, default=0.0, help="0 (default): greedy; else sample")
+    gn.add_argument("--top-k", type=_positive, default=None, help="sample among the K most likely tokens")
+    gn.add_argument("--top-p", type=_number, default=None, help="sample from the nucleus of probability P")
+    gn.add_argument("--seed", type=_whole, default=0, help="seed of the sampling")
+    gn.add_argument("--batch", type=_positive, default=1, help="rows, each continuing the prompt (default 1)")
+    gn.add_argument("--checkpoint", metavar="PATH", help="the weights (an import folder or a DCP checkpoint) when "
+                    "MODEL is a spec")
+    gn.add_argument("--nproc", type=_positive, default=None, help="processes, the experts split between them")
+    gn.add_argument("--json", action="store_true", help="one JSON object: ids (new ids per row), text, tokens_per_s")
+    gn.set_defaults(func=_cmd_generate)
+
     s = sub.add_parser("schema", help="print the JSON Schema of a spec (for editors)")
     s.add_argument("--path", action="store_true", help="print where the schema file is installed instead")
     s.set_defaults(func=_cmd_schema)
@@ -516,7 +574,7 @@ def main(argv=None) -> int:
     own = argv is None  # the process's own command line (the CLI, a worker), not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.command == "run":  # what the workers of --nproc re-run: the same options without --nproc
+    if args.command in ("run", "generate"):  # what the workers of --nproc re-run: the same options without --nproc
         args.raw = _without_nproc(argv)
     code = _dispatch(args)
     if own:

@@ -68,6 +68,8 @@ def insert_collectives(low: Lowered, spec, mesh: MeshShape, rank: int, placement
         name, base = info.name, info.name.replace(".", "_")
         nodes = _layer_nodes(g, name)
         scope, groups = routing_scope(info, world)
+        if info.per_token:  # a decode graph: each token its own group, counted when it runs
+            scope, groups = "local", nodes["route"].args[3]
         layout = info.layout if scope == "local" else "packed"
         tokens = nodes["tokens"]  # the batch check counts the sequences of every rank
         tokens.args = tokens.args[:3] + (world,)

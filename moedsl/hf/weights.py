@@ -171,6 +171,7 @@ def load_model(src, checkpoint=None, device="cpu", dtype=None):
         ckpt.load(where, gm, None, spec)
     gm.to(dtype=dtype or torch_dtype(spec.model.dtype))
     gm.compiled = compiled
+    gm.spec = spec  # what moedsl.generate lowers the decode graph from
     gm.eval()
     return gm
 

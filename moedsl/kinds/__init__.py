@@ -88,7 +88,16 @@ class LayerKind:
         """Add the layer's nodes to ``ctx``'s graph (``moedsl.compiler.lower.LowerContext``); return
         its output node. A sublayer gets its (pre-normed) input; the residual is added around it."""
         target = ctx.module(self.target(layer), lambda: self.module(layer.config, ctx.model))
-        return ctx.call_module(target, (x,), ctx.node_name(layer, self.name))
+        extra = self.decode_args(ctx, layer) if ctx.decode else ()
+        return ctx.call_module(target, (x,) + extra, ctx.node_name(layer, self.name))
+
+    def decode_args(self, ctx, layer) -> tuple:
+        """In a decode graph (``ctx.decode``): the arguments its module takes after x to decode a few
+        tokens at a time. None by default: a layer that computes each token on its own (a norm, an
+        FFN) decodes as it runs. A layer with state across positions returns
+        ``ctx.decode_state(layer)`` (the cache, the positions, the start slot, its cache key), or
+        raises ``UserError`` naming the layer when it cannot decode."""
+        return ()
 
 
 def register(kind: LayerKind) -> LayerKind:

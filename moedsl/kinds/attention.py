@@ -96,4 +96,12 @@ class AttentionKind(LayerKind):
         return 4.0 * model.d_model + 4.0 * inner + (2.0 * inner if cfg.qk_norm != "none" else 0.0)
 
 
+    def decode_args(self, ctx, layer) -> tuple:
+        """Keys and values cached per layer (a causal layer only: a token must not see later ones)."""
+        if not layer.config.causal:
+            ctx.cannot_decode(layer, "causal: false attention sees later tokens: it cannot decode one token "
+                              "at a time")
+        return ctx.decode_state(layer, self.target(layer))
+
+
 register(AttentionKind())

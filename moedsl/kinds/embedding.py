@@ -39,7 +39,8 @@ class EmbeddingKind(LayerKind):
 
     def lower(self, ctx, layer, x):
         target = ctx.module("embedding", lambda: self.module(layer.config, ctx.model))
-        return ctx.call_module(target, (x,), "embedding")
+        args = (x, ctx.positions) if ctx.decode and layer.config.positions == "learned" else (x,)
+        return ctx.call_module(target, args, "embedding")
 
 
 register(EmbeddingKind())

@@ -94,4 +94,12 @@ class LatentAttentionKind(LayerKind):
         return 2.0 * model.d_model + q_path + h * qk + latent + h * qk + 2.0 * h * v
 
 
+    def decode_args(self, ctx, layer) -> tuple:
+        """Keys and values cached per layer (a causal layer only: a token must not see later ones)."""
+        if not layer.config.causal:
+            ctx.cannot_decode(layer, "causal: false attention sees later tokens: it cannot decode one token "
+                              "at a time")
+        return ctx.decode_state(layer, self.target(layer))
+
+
 register(LatentAttentionKind())

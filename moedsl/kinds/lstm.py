@@ -33,4 +33,9 @@ class LSTMKind(LayerKind):
         return 6.0 * model.d_model * cfg.layers  # four gates, cell and hidden state per layer
 
 
+    def decode_args(self, ctx, layer) -> tuple:
+        """Its (h, c) per layer, carried from step to step."""
+        return ctx.decode_state(layer, self.target(layer))
+
+
 register(LSTMKind())

@@ -334,18 +334,31 @@ class MoEKind(LayerKind):
         m, cfg = ctx.model, layer.config
         name = f"layers.{layer.index}"
         meta = dict(moe_layer=name)
+        if ctx.decode and cfg.gate.type == "expert_choice":
+            ctx.cannot_decode(layer, "expert choice routing lets each expert pick among the tokens of a whole "
+                              "batch: it cannot decode token by token")
         # a dense gate is uniform (every expert takes every token): always the batched buffer
         dense = gate_type(cfg.gate.type).dense
         layout = "capacity" if (dense or (cfg.gate.has_capacity and ctx.static)) else "packed"
+        # decoding routes each token as its own routing group (GShard's local groups at their smallest):
+        # a token's experts depend neither on the other rows, their padding, nor how the sequence is
+        # split into steps, and a lone token is never past a capacity of at least one slot
+        groups = 1 if ctx.decode else cfg.gate.routing_groups
         ctx.add_moe(name=name, index=layer.index, moe_index=layer.moe_index, config=cfg, layout=layout,
-                    groups=cfg.gate.routing_groups)
+                    groups=cfg.gate.routing_groups, per_token=ctx.decode)
         ctx.module(f"{name}.gate", lambda: self.gate_module(cfg, m, ctx.seed, layer.index))
         owner = "hierarchy" if cfg.hierarchy is not None else "gate"
-        flat = ctx.call_function(routing_tokens, (x, f"{name}.moe.{owner}", cfg.gate.routing_groups, 1),
+        flat = ctx.call_function(routing_tokens, (x, f"{name}.moe.{owner}", groups, 1),
                                  ctx.node_name(layer, "tokens"), **meta, role="tokens")
         token_ids = ctx.token_ids() if gate_type(cfg.gate.type).needs_tokens else None
-        route = ctx.call_module(f"{name}.gate", (flat, token_ids, 0, cfg.gate.routing_groups),
+        kwargs = {}
+        if ctx.decode:
+            groups = ctx.call_function(token_count, (flat,), ctx.node_name(layer, "groups"), **meta, role="groups")
+            kwargs["gidx"] = ctx.call_function(decode_token_keys, (ctx.positions, m.max_seq_len),
+                                               ctx.node_name(layer, "keys"), **meta, role="keys")
+        route = ctx.call_module(f"{name}.gate", (flat, token_ids, 0, groups),
                                 ctx.node_name(layer, "route"), **meta, role="route")
+        route.kwargs = kwargs
         if layout == "capacity":
             disp = ctx.call_function(moe_ops.dispatch, (flat, route), ctx.node_name(layer, "dispatch"), **meta,
                                      role="dispatch")
@@ -386,6 +399,20 @@ def routing_tokens(x, gate: str, groups: int, world: int):
         raise BatchError(f"{gate}.routing_groups = {groups} does not divide the batch of {ranks}{B} sequences "
                          f"× {T} tokens ({B * T * world} tokens)")
     return x.flatten(0, 1)
+
+
+def token_count(flat) -> int:
+    """Tokens [S, d] -> S: a decode graph's routing groups, one per token."""
+    return flat.shape[0]
+
+
+def decode_token_keys(positions, max_seq_len: int):
+    """Positions [B, t] -> [B·t] keys of the tokens' random routing draws (GShard's random second
+    expert): row · max_seq_len + position, whichever step decodes the token."""
+    import torch
+
+    rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+    return (rows * max_seq_len + positions.clamp(min=0)).reshape(-1)
 
 
 @functools.lru_cache(maxsize=None)

@@ -24,7 +24,7 @@ from .layers import RMSNorm, _normal
 
 
 def rotary(x: torch.Tensor, theta: float, interleave: bool = False, inv_freq: Optional[torch.Tensor] = None,
-           scale: float = 1.0) -> torch.Tensor:
+           scale: float = 1.0, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """RoPE (Su et al. 2021, §3.4.2) on [B, H, T, Dh] at positions 0..T-1, frequency i is
     theta^(-2i/Dh), computed as transformers' default rope (compute_default_rope_parameters,
     apply_rotary_pos_emb: pairs (i, i + Dh/2)). With ``interleave`` the pairs are (2i, 2i + 1)
@@ -32,11 +32,16 @@ def rotary(x: torch.Tensor, theta: float, interleave: bool = False, inv_freq: Op
     apply_rotary_pos_emb_interleave (DeepSeek-V3) does; queries and keys get the same layout,
     so their dot products are those of the interleaved rotation. ``inv_freq`` [Dh/2] replaces
     the frequencies and ``scale`` multiplies cos and sin (a scaled rope such as ``yarn``: its
-    ``attention_factor``, transformers' ``attention_scaling``)."""
+    ``attention_factor``, transformers' ``attention_scaling``). ``positions`` [B, T] (decoding:
+    each row's own positions) replaces 0..T-1."""
     T, Dh = x.shape[-2], x.shape[-1]
     if inv_freq is None:
         inv_freq = 1.0 / (theta ** (torch.arange(0, Dh, 2, device=x.device, dtype=torch.float32) / Dh))
-    ang = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv_freq.to(x.device)  # [T, Dh/2]
+    inv_freq = inv_freq.to(x.device)
+    if positions is None:
+        ang = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # [T, Dh/2]
+    else:
+        ang = positions.to(torch.float32)[:, None, :, None] * inv_freq  # [B, 1, T, Dh/2]
     cos, sin = ang.cos(), ang.sin()
     if scale != 1.0:
         cos, sin = cos * scale, sin * scale
@@ -132,7 +137,10 @@ class Attention(nn.Module):
         elif qk_norm != "none":
             raise ValueError(f"qk_norm must be none, head or projection, got {qk_norm!r}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, positions: Optional[torch.Tensor] = None, start: int = 0,
+                key: Optional[str] = None) -> torch.Tensor:
+        """``cache`` (a ``moedsl.nn.decode.DecodeCache``): decode x, the tokens at slots
+        start..start+T-1 at ``positions`` [B, T], against the keys and values cached under ``key``."""
         B, T, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [B, T, H·Dh], [B, T, K·Dh], [B, T, K·Dh]
         if self.qk_norm == "projection":
@@ -147,7 +155,12 @@ class Attention(nn.Module):
             q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H or K, T, Dh]
         if self.rotary:
-            q, k = rotary(q, self.rope_theta), rotary(k, self.rope_theta)
+            q, k = rotary(q, self.rope_theta, positions=positions), rotary(k, self.rope_theta, positions=positions)
+        if cache is not None:
+            from .decode import attend_cached
+
+            y = attend_cached(q, k, v, cache, key, start, self.sliding_window)
+            return self.wo(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
         if self.kv_heads != self.heads:
             rep = self.heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -195,7 +208,10 @@ class LatentAttention(nn.Module):
             if isinstance(m, nn.Linear):
                 _normal(m, init_std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, positions: Optional[torch.Tensor] = None, start: int = 0,
+                key: Optional[str] = None) -> torch.Tensor:
+        """``cache``: decode, as ``Attention.forward``; the cache holds the heads' expanded keys
+        [B, H, T_max, Dn+Dr] and values [B, H, T_max, Dv] (what transformers' cache holds)."""
         B, T, _ = x.shape
         H, Dn, Dr, Dv = self.heads, self.nope, self.rope, self.v_dim
         q = self.wq(x) if not self.q_lora else self.wq_b(self.q_norm(self.wq_a(x)))  # [B, T, H·(Dn+Dr)]
@@ -207,10 +223,15 @@ class LatentAttention(nn.Module):
         k_rope = k_rope.view(B, 1, T, Dr)  # one rotary key part, shared by the heads
         inv_freq, factor = (None, 1.0) if self.rope_scaling is None else \
             yarn(Dr, self.rope_theta, self.rope_scaling, x.device)
-        q_rope = rotary(q_rope, self.rope_theta, self.rope_interleave, inv_freq, factor)
-        k_rope = rotary(k_rope, self.rope_theta, self.rope_interleave, inv_freq, factor)
+        q_rope = rotary(q_rope, self.rope_theta, self.rope_interleave, inv_freq, factor, positions=positions)
+        k_rope = rotary(k_rope, self.rope_theta, self.rope_interleave, inv_freq, factor, positions=positions)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(B, H, T, Dr)], dim=-1)  # [B, H, T, Dn+Dr]
+        if cache is not None:
+            from .decode import attend_cached
+
+            y = attend_cached(q, k, v, cache, key, start, None, self.scale)
+            return self.wo(y.transpose(1, 2).reshape(B, T, H * Dv))
         y = _attend(q, k, v, self.causal, None, self.dropout if self.training else 0.0, self.scale)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * Dv))  # y: [B, H, T, Dv]
 

@@ -138,13 +138,15 @@ class Gate(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None, rank: int = 0,
-                groups: int = 1) -> Routing:
+                groups: int = 1, gidx: Optional[torch.Tensor] = None) -> Routing:
         """Route the S tokens of ``x`` [S, d] in ``groups`` groups. ``rank``: this batch is the
-        rank-th of equal shares of the global batch (its tokens start at rank · S there)."""
+        rank-th of equal shares of the global batch (its tokens start at rank · S there).
+        ``gidx`` [S]: each token's key for the routing's random draws instead (a decode graph's:
+        from its row and position, the same whichever step decodes it)."""
         Sn, d = x.shape
         G, n = groups, Sn // groups
         E = self.num_experts
-        gidx = (rank * Sn + torch.arange(Sn, device=x.device)).view(G, n)
+        gidx = (rank * Sn + torch.arange(Sn, device=x.device)).view(G, n) if gidx is None else gidx.view(G, n)
         ids = token_ids.reshape(G, n) if token_ids is not None else None
         choice = self.choose(x.reshape(G, n, d), ids, gidx)
         k = choice.expert.shape[-1]

@@ -19,10 +19,12 @@ class Embedding(nn.Module):
         self.positions = nn.Parameter(torch.empty(max_seq_len, d_model)) if positions == "learned" else None
         _normal(self, init_std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions`` [B, T] (decoding): each token's position, negative for left padding."""
         x = F.embedding(tokens, self.weight)
         if self.positions is not None:
-            x = x + self.positions[: tokens.shape[-1]]
+            x = x + (self.positions[: tokens.shape[-1]] if positions is None else
+                     F.embedding(positions.clamp(min=0), self.positions))
         return x
 
 
@@ -34,8 +36,29 @@ class LSTMBlock(nn.Module):
         self.lstm = nn.LSTM(d_model, d_model, num_layers=layers, batch_first=True,
                             dropout=dropout if layers > 1 else 0.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lstm(x)[0]
+    def forward(self, x: torch.Tensor, cache=None, positions: torch.Tensor | None = None, start: int = 0,
+                key: str | None = None) -> torch.Tensor:
+        """``cache``: decode, continuing from the (h, c) [layers, B, d] kept under ``key``; a left-padding
+        token (negative position) leaves its row's state as it was."""
+        if cache is None:
+            return self.lstm(x)[0]
+        B, T, d = x.shape
+        L = self.lstm.num_layers
+        h, c = cache.state(key, lambda: (x.new_zeros(L, B, d), x.new_zeros(L, B, d)))
+        real = positions >= 0  # [B, T]
+        if bool(real.all()):
+            y, (h2, c2) = self.lstm(x, (h, c))
+        else:  # step by step, keeping the state of padded rows
+            ys, h2, c2 = [], h, c
+            for i in range(T):
+                yi, (hn, cn) = self.lstm(x[:, i:i + 1], (h2, c2))
+                keep = real[:, i][None, :, None]  # [1, B, 1]
+                h2, c2 = torch.where(keep, hn, h2), torch.where(keep, cn, c2)
+                ys.append(yi)
+            y = torch.cat(ys, dim=1)
+        h.copy_(h2)
+        c.copy_(c2)
+        return y
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,93 @@
+"""Incremental decoding: the state a decode graph carries from one forward to the next.
+
+A decode graph (``moedsl.compiler.lower.lower(..., decode=True)``) takes the new tokens
+[B, t], a ``DecodeCache`` and ``start``, the cache slot of the first new token. Rows are
+left-padded: row b's prompt starts at slot ``pad[b]``, so every row writes its new tokens at
+the same slots, and a token at slot s has position s - pad[b] (negative for padding), as
+transformers' generate derives position ids from an attention_mask.
+
+Each layer that keeps state between steps keeps it here under its own key, allocated on
+first use at its full size (a static cache: keys and values [B, K, T_max, D] written in
+place at the slots, so the tensors never move or grow between steps).
+
+Shape legend: B batch, t new tokens, L keys attended (start + t), T_max cache slots,
+H query heads, K key/value heads, D head width.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class DecodeCache:
+    """Per-layer decoding state of one batch: attention keys and values, recurrent states."""
+
+    def __init__(self, batch: int, max_len: int, pad: Optional[torch.Tensor] = None, device="cpu"):
+        self.batch, self.max_len = batch, max_len
+        self.pad = (torch.zeros(batch, dtype=torch.int64, device=device) if pad is None
+                    else pad.to(device=device, dtype=torch.int64))  # [B] padding slots before each prompt
+        self.tensors: dict = {}
+        self.padded = bool(self.pad.any())  # without padding, one new token sees every cached key
+
+    def kv(self, key: str, heads: int, k_dim: int, v_dim: int, like: torch.Tensor):
+        """The static key and value caches of layer ``key``: [B, K, T_max, D_k], [B, K, T_max, D_v]."""
+        if key not in self.tensors:
+            shape = (self.batch, heads, self.max_len)
+            self.tensors[key] = (like.new_zeros(shape + (k_dim,)), like.new_zeros(shape + (v_dim,)))
+        return self.tensors[key]
+
+    def state(self, key: str, make):
+        """Layer ``key``'s recurrent state, ``make()`` on first use."""
+        if key not in self.tensors:
+            self.tensors[key] = make()
+        return self.tensors[key]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self.tensors.values() for t in ts)
+
+
+def positions(tokens: torch.Tensor, cache: DecodeCache, start) -> torch.Tensor:
+    """Positions [B, t] of the new tokens at slots start..start+t-1 (negative: padding)."""
+    t = tokens.shape[1]
+    slots = start + torch.arange(t, device=tokens.device)
+    return slots[None, :] - cache.pad.to(tokens.device)[:, None]
+
+
+def key_mask(cache: DecodeCache, start: int, t: int, window: Optional[int], device) -> torch.Tensor:
+    """[B, 1, t, L] boolean, True where the query at slot start + i may see the key at slot j:
+    j is not padding, j <= start + i (causal), start + i - j < window (a sliding window of
+    ``window`` keys, itself included), or j is the query's own slot (so that a padding query,
+    whose output nothing reads, still has a key)."""
+    L = start + t
+    j = torch.arange(L, device=device)
+    s = start + torch.arange(t, device=device)
+    allowed = j[None, :] <= s[:, None]  # [t, L]
+    if window is not None:
+        allowed = allowed & (s[:, None] - j[None, :] < window)
+    real = j[None, :] >= cache.pad.to(device)[:, None]  # [B, L]
+    mask = allowed[None] & real[:, None, :]  # [B, t, L]
+    mask = mask | (j[None, :] == s[:, None])[None]
+    return mask[:, None]
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: DecodeCache, key: str, start: int,
+                  window: Optional[int] = None, scale: Optional[float] = None) -> torch.Tensor:
+    """Write k [B, K, t, D], v [B, K, t, Dv] at slots start..start+t-1 of layer ``key``'s cache,
+    then attend q [B, H, t, D] over the L = start + t cached keys: [B, H, t, Dv]."""
+    t = q.shape[-2]
+    ck, cv = cache.kv(key, k.shape[1], k.shape[-1], v.shape[-1], k)
+    if start + t > cache.max_len:
+        raise ValueError(f"{key}: slots {start}..{start + t - 1} past the cache's {cache.max_len}")
+    ck[:, :, start:start + t] = k
+    cv[:, :, start:start + t] = v
+    keys, values = ck[:, :, :start + t], cv[:, :, :start + t]  # [B, K, L, D]
+    if keys.shape[1] != q.shape[1]:
+        rep = q.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
+    if t == 1 and not cache.padded and (window is None or start < window):
+        mask = None  # one token, no padding, the whole past inside its window: every key
+    else:
+        mask = key_mask(cache, start, t, window, q.device)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)

@@ -1,0 +1,337 @@
+"""Generation with a KV cache: ``moedsl.generate`` and ``moedsl generate``.
+
+The model's decode graph (``moedsl.compiler.lower.lower(..., decode=True)``) is lowered from
+the spec and wrapped in a ``torch.fx.GraphModule`` over the trained model's own submodules (the
+same weights, nothing copied); its MoE layers go through the same placement and collective
+passes, so a model whose experts are split over processes generates through the same
+all-to-alls. The prompt is prefilled in one forward; then one token per step.
+
+Prompts of different lengths are LEFT-padded (as transformers' generate with an
+attention_mask): row b's prompt occupies the last slots of the prompt block, its positions
+start at 0 at its first real token, and its padding is masked from every key
+(``moedsl.nn.decode``). Every MoE layer routes each token as its own routing group, so a row
+generates the same ids whatever the other rows of the batch and the number of processes.
+
+Shape legend: B batch, T prompt block (the longest prompt), N new tokens, V vocabulary.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from moedsl.errors import UserError
+from moedsl.nn.decode import DecodeCache
+
+
+# ----------------------------------------------------------------------------- the decode graph
+
+def _resolve(model, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def decode_module(model) -> fx.GraphModule:
+    """The decode GraphModule of ``model`` (made by ``moedsl.load_model`` or ``build_model``),
+    sharing its submodules: ``forward(tokens [B, t], cache, start)``. Made once per model."""
+    got = getattr(model, "_moedsl_decode", None)
+    if got is not None:
+        return got
+    from moedsl.compiler.collectives import bind
+    from moedsl.compiler.lower import lower
+    from moedsl.compiler.passes.collectives import insert_collectives
+    from moedsl.compiler.passes.placement import placement_pass
+
+    spec, compiled = getattr(model, "spec", None), getattr(model, "compiled", None)
+    if spec is None or compiled is None:
+        raise UserError("generate: give a model made by moedsl.load_model or moedsl.build_model")
+    low = lower(spec, device="meta", graph_only=True, static=compiled.layout == "static", decode=True)
+    placements = placement_pass(low, spec, compiled.mesh, compiled.rank, "meta", 0, False)
+    low.graph_only = False  # the collectives' modules (no weights) are made for this graph
+    insert_collectives(low, spec, compiled.mesh, compiled.rank, placements)
+    root = dict(low.modules)
+    for node in low.graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in root:
+            root[node.target] = _resolve(model, node.target)
+    gm = fx.GraphModule(root, low.graph, class_name="Decode")
+    groups = getattr(model, "groups", None)
+    if groups is not None:
+        bind(gm, groups.topo)
+    gm.eval()
+    model._moedsl_decode = gm
+    return gm
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def pick(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+         generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The next token of each row from logits [B, V]: the argmax at temperature 0; otherwise a
+    sample of softmax(logits / temperature) restricted to the top_k tokens and then to the
+    nucleus of top_p, in transformers' order and definitions (TemperatureLogitsWarper,
+    TopKLogitsWarper, TopPLogitsWarper: the smallest set of most likely tokens whose
+    probability reaches top_p, at least one)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, idx = torch.sort(scores, descending=False)
+        cum = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= (1 - top_p)
+        drop[..., -1:] = False  # keep at least the most likely token
+        scores = scores.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of any lengths -> (ids [B, T] left-padded with ``pad_id``, attention_mask [B, T])."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("generate: every prompt needs at least one token")
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), T), dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.as_tensor(list(p), dtype=torch.int64)
+        mask[b, T - len(p):] = 1
+    return ids, mask
+
+
+def _check(spec, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """The left padding of each row [B]; refuses (``UserError``, one line) what cannot be generated."""
+    m = spec.model
+    if ids.dim() != 2:
+        raise UserError(f"generate: input_ids must be [batch, tokens], got shape {list(ids.shape)}")
+    if max_new_tokens < 1:
+        raise UserError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
+    real = mask.bool()
+    lengths = real.sum(dim=1)
+    pad = ids.shape[1] - lengths
+    if bool((lengths == 0).any()):
+        raise UserError(f"generate: prompt {int((lengths == 0).nonzero()[0])} is empty")
+    left = torch.arange(ids.shape[1])[None, :] >= pad[:, None]
+    if not torch.equal(left, real):
+        raise UserError("generate: the attention_mask must be left padding (0s, then 1s in each row)")
+    bad = real & ((ids < 0) | (ids >= m.vocab_size))
+    if bool(bad.any()):
+        b, t = (int(v) for v in bad.nonzero()[0])
+        raise UserError(f"generate: prompt {b} has token id {int(ids[b, t])} at position {int(t - pad[b])}, outside "
+                        f"the vocabulary 0..{m.vocab_size - 1} ({spec.source}: model.vocab_size = {m.vocab_size})")
+    longest = int(lengths.max())
+    if longest + max_new_tokens > m.max_seq_len:
+        raise UserError(f"generate: a prompt of {longest} tokens plus {max_new_tokens} new tokens is "
+                        f"{longest + max_new_tokens}, past the model's {m.max_seq_len} "
+                        f"({spec.source}: model.max_seq_len = {m.max_seq_len})")
+    return pad
+
+
+# ----------------------------------------------------------------------------- generate
+
+@torch.inference_mode()
+def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, seed: int = 0, attention_mask=None, timings: Optional[dict] = None):
+    """Continue each prompt by ``max_new_tokens`` tokens; returns ids [B, T + N] (the prompts as
+    given, left-padded, then the new tokens).
+
+    ``input_ids``: a tensor [B, T] (with ``attention_mask`` [B, T]: left padding, 0 on padding,
+    as transformers' generate takes it), or a list of prompts (lists of ids) of any lengths,
+    left-padded here with id 0. The prompt block is prefilled in one forward, then one token
+    per step from the cache. ``temperature`` 0 is greedy (argmax); otherwise tokens are sampled
+    from a ``torch.Generator`` seeded with ``seed``, after ``top_k`` and ``top_p`` (nucleus)
+    filtering as transformers defines them. In a job of several processes (the model's experts
+    split over them) every process gets the same ids: rank 0's choice is broadcast.
+    ``timings``: filled with prefill and decode seconds.
+
+    A prompt id outside the vocabulary, or a prompt plus the new tokens longer than
+    ``model.max_seq_len``, is a ``UserError`` (one line)."""
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        raise UserError("generate: give a model made by moedsl.load_model or moedsl.build_model")
+    if temperature < 0 or temperature != temperature:
+        raise UserError(f"generate: temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"generate: top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"generate: top_p must be in (0, 1], got {top_p}")
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids.detach().to("cpu", torch.int64)
+        if ids.dim() == 1:
+            ids = ids[None]
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).to("cpu")
+    else:
+        ids, mask = left_pad([list(p) for p in input_ids])
+    pad = _check(spec, ids, mask, max_new_tokens)
+    device = next(iter(model.parameters())).device
+    dec = decode_module(model)
+    B, T = ids.shape
+    cache = DecodeCache(B, T + max_new_tokens, pad, device=device)
+    generator = torch.Generator(device="cpu").manual_seed(seed) if temperature > 0 else None
+    was = model.training
+    model.eval()
+    out = torch.empty(B, T + max_new_tokens, dtype=torch.int64)
+    out[:, :T] = ids
+    t0 = time.perf_counter()
+    tokens = torch.where(mask.bool(), ids, torch.zeros_like(ids)).to(device)
+    logits = dec(tokens, cache, 0).output[:, -1]  # [B, V]
+    t1 = time.perf_counter()
+    for step in range(max_new_tokens):
+        nxt = _agree(pick(logits.float().cpu(), temperature, top_k, top_p, generator))
+        out[:, T + step] = nxt
+        if step + 1 < max_new_tokens:
+            logits = dec(nxt[:, None].to(device), cache, T + step).output[:, -1]
+    t2 = time.perf_counter()
+    model.train(was)
+    if timings is not None:
+        timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, prompt_tokens=int(mask.sum()), batch=B,
+                       new_tokens=max_new_tokens)
+    return out
+
+
+def _agree(tokens: torch.Tensor) -> torch.Tensor:
+    """In a job of several processes: rank 0's tokens on every rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(tokens, src=0)
+    return tokens
+
+
+# ----------------------------------------------------------------------------- moedsl generate
+
+class Codec:
+    """Text <-> ids: a Hugging Face ``tokenizer.json`` (the ``tokenizers`` library), or UTF-8 bytes
+    for a byte-level vocabulary (vocab_size >= 256); None when neither applies."""
+
+    def __init__(self, kind: str, tokenizer=None):
+        self.kind, self.tokenizer = kind, tokenizer
+
+    @classmethod
+    def find(cls, spec, folders) -> Optional["Codec"]:
+        from pathlib import Path
+
+        for folder in folders:
+            path = Path(folder) / "tokenizer.json"
+            if path.is_file():
+                try:
+                    from tokenizers import Tokenizer
+                except ImportError:
+                    raise UserError(f"{path}: reading it needs the tokenizers library: pip install "
+                                    "'moedsl[hf]'") from None
+                return cls("tokenizer", Tokenizer.from_file(str(path)))
+        if spec.model.vocab_size >= 256:
+            return cls("bytes")
+        return None
+
+    def encode(self, text: str) -> list:
+        if self.kind == "bytes":
+            return list(text.encode("utf-8"))
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list) -> str:
+        if self.kind == "bytes":
+            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        return self.tokenizer.decode(ids)
+
+
+def _model_for_rank(src, checkpoint, rank: int, world: int):
+    """``load_model``'s model, for rank ``rank`` of ``world`` (its experts only, collectives bound)."""
+    from moedsl.api import load_spec
+    from moedsl.hf.weights import _source, load_model, load_weights
+
+    if world == 1:
+        model = load_model(src, checkpoint=checkpoint)
+        return model, model.spec, None
+    from moedsl.compiler import compile_graph
+    from moedsl.dtypes import torch_dtype
+    from moedsl.runtime import checkpoint as ckpt
+    from moedsl.runtime.mesh import bind_model
+
+    (kind, where), spec = _source(src, checkpoint, load_spec)
+    compiled = compile_graph(spec, rank, world, device="cpu", init=False, verify_ranks=False)
+    gm = compiled.module
+    if kind == "import":
+        load_weights(gm, where, spec)
+    else:
+        ckpt.load(where, gm, None, spec)
+    gm.to(dtype=torch_dtype(spec.model.dtype))
+    gm.compiled, gm.spec = compiled, spec
+    bind_model(gm, compiled.mesh, rank)
+    return gm.eval(), spec, where
+
+
+def _folders(src, checkpoint) -> list:
+    """Where a tokenizer.json may be: the model folder, the checkpoint, and the run folder above it."""
+    from pathlib import Path
+
+    out = [Path(p) for p in (src, checkpoint) if p is not None and Path(str(p)).is_dir()]
+    return out + [p.parent.parent for p in out if p.parent.name == "checkpoints"]
+
+
+def parse_ids(text: str) -> list:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UserError(f"--prompt-ids {text!r}: expected whole numbers separated by commas (1,2,3)") from None
+    if not ids:
+        raise UserError("--prompt-ids: give at least one id")
+    return ids
+
+
+def _prompt(args, spec) -> tuple:
+    """(the codec, the prompt's ids) of ``moedsl generate``'s options."""
+    codec = Codec.find(spec, _folders(args.model, args.checkpoint))
+    if args.prompt_ids is not None:
+        return codec, parse_ids(args.prompt_ids)
+    if codec is None:
+        raise UserError(f"--prompt: {spec.source} has a vocabulary of {spec.model.vocab_size} ids and no "
+                        "tokenizer.json: give --prompt-ids")
+    return codec, codec.encode(args.prompt)
+
+
+def precheck(args) -> None:
+    """What ``moedsl generate --nproc`` refuses before it starts a worker: the model folder, the
+    prompt (ids in the vocabulary, not too long), from the spec alone (no weights read)."""
+    from moedsl.api import load_spec
+    from moedsl.hf.weights import _source
+
+    _, spec = _source(args.model, args.checkpoint, load_spec)
+    _, prompt = _prompt(args, spec)
+    ids, mask = left_pad([prompt])
+    _check(spec, ids, mask, args.max_new_tokens)
+
+
+def run_cli(args) -> dict:
+    """``moedsl generate`` in this process (one of ``--nproc`` workers, or alone): returns what rank 0
+    prints."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=300))
+    if args.checkpoint is None and not os.path.isdir(args.model) and not str(args.model).endswith((".yaml", ".yml")):
+        raise UserError(f"{args.model}: no such folder (give a run or import folder, or a spec with --checkpoint)")
+    model, spec, _ = _model_for_rank(args.model, args.checkpoint, rank, world)
+    codec, prompt = _prompt(args, spec)
+    timings: dict = {}
+    ids = generate(model, [prompt] * args.batch, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, timings=timings)
+    new = ids[:, ids.shape[1] - args.max_new_tokens:].tolist()
+    elapsed = timings["prefill_s"] + timings["decode_s"]
+    result = {"ids": new, "tokens_per_s": args.batch * args.max_new_tokens / max(elapsed, 1e-9),
+              "prefill_s": timings["prefill_s"], "decode_s": timings["decode_s"], "processes": world}
+    if codec is not None:
+        result["text"] = [codec.decode(row) for row in new]
+    return result

@@ -1,0 +1,258 @@
+"""Generation with a KV cache: the decode graph against the full forward for every example spec,
+greedy ids against transformers' generate for every registered Hugging Face family, sampling,
+left padding, the CLI and its refusals."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import moedsl
+from moedsl.cli import main
+from moedsl.errors import UserError
+from moedsl.nn.decode import DecodeCache
+from moedsl.runtime.evaluate import with_eval_capacity
+from moedsl.hf import registered
+from moedsl.runtime.generate import decode_module, left_pad, pick
+
+SPECS = sorted((Path(__file__).parents[1] / "specs").glob("*.yaml"))
+HUGE = 50_000_000  # parameters: the specs that compile only on the meta device
+
+
+def _params(spec) -> int:
+    gm, _ = moedsl.compile(spec)
+    return sum(p.numel() for p in gm.parameters())
+
+
+def _no_drops(spec):
+    """``spec`` with every capacity gate's evaluation capacity at the expert count: the full forward
+    drops nothing, as decoding (a token alone in its routing group) never does."""
+    experts = max([layer.config.experts.count for layer in spec.moe_layers] or [1])
+    data, _ = with_eval_capacity(spec, float(experts))
+    return moedsl.load_spec(data, source=spec.source)
+
+
+def _random_routing(spec) -> bool:
+    """GShard's random second expert draws by token index: the decode graph keys it by (row,
+    position), the full forward by index in the batch."""
+    return any(layer.config.gate.type == "gshard" and layer.config.gate.second_expert == "random"
+               for layer in spec.moe_layers)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_cached_decoding_equals_the_full_forward_for_every_example_spec(path):
+    spec = moedsl.load_spec(path)
+    if spec.model.input != "tokens":
+        with pytest.raises(UserError, match="only a model over tokens generates"):
+            decode_module(moedsl.build_model(spec, seed=0, dtype=torch.float32))
+        return
+    if _params(spec) > HUGE:
+        pytest.skip(f"{path.name}: {_params(spec):,} parameters compile only on the meta device")
+    if any(layer.config.gate.type == "expert_choice" for layer in spec.moe_layers):
+        with pytest.raises(UserError, match=r"expert-choice\.yaml:\d+: .*moe \(layers\.\d+\): expert choice"):
+            decode_module(moedsl.build_model(spec, seed=0, dtype=torch.float32))
+        return
+    model = moedsl.build_model(_no_drops(spec), seed=0, dtype=torch.float32).eval()
+    dec = decode_module(model)
+    B, T, P = 2, 12, 5
+    ids = torch.randint(0, spec.model.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = dec(ids, DecodeCache(B, T), 0).output
+        cache = DecodeCache(B, T)
+        steps = [dec(ids[:, :P], cache, 0).output]  # prefill, then one token a step
+        steps += [dec(ids[:, i:i + 1], cache, i).output for i in range(P, T)]
+        stepped = torch.cat(steps, dim=1)
+        assert (stepped - full).abs().max().item() <= 1e-5
+        if not _random_routing(spec):
+            assert (full - model(ids).output).abs().max().item() <= 1e-5
+
+
+def _switch(seed=0, **model):
+    data = moedsl.load_spec("specs/switch.yaml").data
+    data = {**data, "model": {**data["model"], **model}}
+    return moedsl.build_model(moedsl.load_spec(data), seed=seed, dtype=torch.float32).eval()
+
+
+def _learned_positions():
+    """specs/switch.yaml with learned absolute positions (no example spec over tokens has them)."""
+    data = json.loads(json.dumps(moedsl.load_spec("specs/switch.yaml").data))
+    data["layers"][0] = {"embedding": {"positions": "learned"}}
+    return moedsl.build_model(_no_drops(moedsl.load_spec(data)), seed=0, dtype=torch.float32).eval()
+
+
+def _example(name):
+    return moedsl.build_model(moedsl.load_spec(f"specs/{name}.yaml"), seed=0, dtype=torch.float32).eval()
+
+
+MODELS = {"switch": _switch, "learned-positions": _learned_positions,
+          "lstm": lambda: _example("shazeer-lstm-moe"), "latent-attention": lambda: _example("deepseek-v3-small"),
+          "hash": lambda: _example("hash")}
+
+
+def test_learned_positions_decode_as_the_full_forward():
+    model = _learned_positions()
+    dec = decode_module(model)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids).output
+        cache = DecodeCache(2, 8)
+        steps = [dec(ids[:, :3], cache, 0).output] + [dec(ids[:, i:i + 1], cache, i).output for i in range(3, 8)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("which", sorted(MODELS))
+def test_left_padded_rows_generate_what_each_prompt_generates_alone(which):
+    model = MODELS[which]()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [200, 100, 50, 25], [1]]
+    together = moedsl.generate(model, prompts, 10)
+    T = max(len(p) for p in prompts)
+    for b, p in enumerate(prompts):
+        alone = moedsl.generate(model, [p], 10)
+        assert torch.equal(together[b, T - len(p):], alone[0]), b
+
+
+def test_sliding_window_cache_sees_only_the_window():
+    data = moedsl.load_spec("specs/mixtral.yaml").data
+    layers = json.loads(json.dumps(data["layers"]))
+    layers[1]["block"][0]["attention"]["sliding_window"] = 3
+    spec = moedsl.load_spec({**data, "layers": layers})
+    model = moedsl.build_model(spec, seed=0, dtype=torch.float32).eval()
+    dec = decode_module(model)
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = dec(ids, DecodeCache(1, 10), 0).output
+        cache = DecodeCache(1, 10)
+        steps = [dec(ids[:, :1], cache, 0).output] + [dec(ids[:, i:i + 1], cache, i).output for i in range(1, 10)]
+        assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+        assert (full - model(ids).output).abs().max().item() <= 1e-5
+
+
+def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy():
+    model = _switch()
+    prompts = [[10, 20, 30], [40, 50, 60]]
+    a = moedsl.generate(model, prompts, 12, temperature=1.0, seed=3)
+    b = moedsl.generate(model, prompts, 12, temperature=1.0, seed=3)
+    c = moedsl.generate(model, prompts, 12, temperature=1.0, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = moedsl.generate(model, prompts, 12)
+    assert torch.equal(moedsl.generate(model, prompts, 12, temperature=0.7, top_k=1, seed=5), greedy)
+
+
+def test_top_p_keeps_the_smallest_nucleus_as_transformers_defines_it():
+    transformers = pytest.importorskip("transformers")
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    for p in (0.1, 0.5, 0.9):
+        theirs = transformers.TopPLogitsWarper(p)(None, logits.clone())
+        allowed = theirs > float("-inf")
+        for seed in range(20):
+            got = pick(logits, 1.0, None, p, torch.Generator().manual_seed(seed))
+            assert bool(allowed[torch.arange(4), got].all())
+    # top_p that keeps one token is greedy
+    assert torch.equal(pick(logits, 1.0, None, 1e-6, torch.Generator().manual_seed(0)), logits.argmax(-1))
+
+
+def test_a_prompt_id_outside_the_vocabulary_or_too_long_is_one_line():
+    model = _switch()
+    with pytest.raises(UserError, match="token id 256 at position 1, outside the vocabulary 0..255"):
+        moedsl.generate(model, [[1, 256]], 4)
+    with pytest.raises(UserError, match="120 tokens plus 10 new tokens is 130, past the model's 128"):
+        moedsl.generate(model, [[1] * 120], 10)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("model_type", sorted(registered()))
+def test_greedy_ids_equal_transformers_generate_for_every_family(tmp_path, model_type, batch):
+    """32 new tokens from each registered family's tiny model: batch 1, and batch 4 with prompts of
+    different lengths (left-padded in transformers with an attention_mask)."""
+    transformers = pytest.importorskip("transformers")
+    fam = registered()[model_type]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, fam.config_class)(**fam.tiny_config)
+    ref = getattr(transformers, fam.architectures[0])(cfg).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")]) == 0
+    model = moedsl.load_model(tmp_path / "imp")
+    g = torch.Generator().manual_seed(7)
+    lengths = [9] if batch == 1 else [9, 4, 7, 1]
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    ids, mask = left_pad(prompts)
+    ref.generation_config.eos_token_id = None
+    ref.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        theirs = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
+    ours = moedsl.generate(model, ids, 32, attention_mask=mask)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A tiny Mixtral, imported (with its transformers greedy continuation of a prompt)."""
+    transformers = pytest.importorskip("transformers")
+    tmp = tmp_path_factory.mktemp("gen")
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp / "hf")
+    assert main(["import", str(tmp / "hf"), "--out", str(tmp / "imp")]) == 0
+    return tmp / "imp"
+
+
+def test_cli_prints_the_new_ids_as_json(imported, capsys):
+    model = moedsl.load_model(imported)
+    want = moedsl.generate(model, [[1, 2, 3]], 8)[0, 3:].tolist()
+    assert main(["generate", str(imported), "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--json",
+                 "--batch", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ids"] == [want, want] and out["tokens_per_s"] > 0 and "text" not in out
+
+
+def test_cli_generates_the_same_ids_on_two_processes(imported):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "moedsl", "generate", str(imported), "--prompt-ids", "5,6,7,8",
+                        "--max-new-tokens", "12", "--batch", "3", "--json", "--nproc", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1  # rank 0 prints
+    one = moedsl.generate(moedsl.load_model(imported), [[5, 6, 7, 8]] * 3, 12)[:, 4:].tolist()
+    assert json.loads(lines[0])["ids"] == one
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt-ids", "1,64"], "token id 64 at position 1, outside the vocabulary 0..63"),
+    (["--prompt-ids", ",".join(["1"] * 60)], "60 tokens plus 8 new tokens is 68, past the model's 64"),
+    (["--prompt-ids", "1,x"], "--prompt-ids '1,x': expected whole numbers"),
+])
+@pytest.mark.parametrize("nproc", [[], ["--nproc", "2"]], ids=["1", "2"])
+def test_cli_refuses_bad_prompts_in_one_line_with_exit_2(imported, capsys, argv, message, nproc):
+    assert main(["generate", str(imported), "--max-new-tokens", "8", *argv, *nproc]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_refuses_a_folder_with_no_checkpoint_in_one_line_with_exit_2(tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "--prompt-ids", "1", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_prompt_text_goes_through_the_imports_tokenizer_json(imported, tmp_path, capsys):
+    import shutil
+
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = tmp_path / "imp"
+    shutil.copytree(imported, folder)
+    vocab = {f"w{i}": i for i in range(64)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
+    tok.save(str(folder / "tokenizer.json"))
+    assert main(["generate", str(folder), "--prompt", "w1 w2 w3", "--max-new-tokens", "6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = moedsl.generate(moedsl.load_model(imported), [[1, 2, 3]], 6)[0, 3:].tolist()
+    assert out["ids"] == [want] and out["text"] == [" ".join(f"w{i}" for i in want)]
