@@ -57,6 +57,7 @@ def decode_module(model) -> fx.GraphModule:
     for node in low.graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target not in root:
             root[node.target] = _resolve(model, node.target)
+    _share_token_keys(low.graph)
     gm = fx.GraphModule(root, low.graph, class_name="Decode")
     groups = getattr(model, "groups", None)
     if groups is not None:
@@ -64,6 +65,20 @@ def decode_module(model) -> fx.GraphModule:
     gm.eval()
     model._moedsl_decode = gm
     return gm
+
+
+def _share_token_keys(graph: fx.Graph) -> None:
+    """Each MoE layer of a decode graph derives its tokens' routing keys from the step's positions,
+    the same function of the same inputs: compute them once, for every layer."""
+    from moedsl.kinds.moe import decode_token_keys
+
+    first = {}
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is decode_token_keys and not node.kwargs:
+            got = first.setdefault(node.args, node)
+            if got is not node:
+                node.replace_all_uses_with(got)
+                graph.erase_node(node)
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -99,3 +99,25 @@ def test_grouped_matmul_skips_nothing_and_mixes_nothing():
         w = torch.randn(len(sizes), 16, 8, generator=g, dtype=dtype)
         want = torch.cat([xs @ w[i] for i, xs in enumerate(x.split(sizes.tolist()))])
         torch.testing.assert_close(grouped_matmul(x, w, sizes), want)
+
+
+def test_few_rows_without_grad_multiply_weight_views_as_the_grouped_path():
+    """A decode step's handful of rows takes Experts._small (each hit expert's rows times views of
+    its weights); it must give what the grouped path gives for every activation, with biases,
+    and with experts that get no rows."""
+    torch.manual_seed(0)
+    for activation in ("swiglu", "gelu"):
+        ex = Experts(16, 24, activation, list(range(5)), bias=True).eval()
+        with torch.no_grad():
+            for b in (ex.b_in, ex.b_gate, ex.b_out):
+                if b is not None:
+                    b.normal_()
+        x = torch.randn(6, 16)
+        sizes = torch.tensor([2, 0, 1, 3, 0])
+        with torch.no_grad():
+            small = ex(x, sizes)
+            ex.SMALL_ROWS = 0  # the grouped path
+            grouped = ex(x, sizes)
+            del ex.SMALL_ROWS
+        torch.testing.assert_close(small, grouped, rtol=1e-5, atol=1e-6)
+        assert small.shape == (6, 16) and not torch.equal(small[:2], small[2:4])

@@ -23,6 +23,36 @@ import torch.nn.functional as F
 from .layers import RMSNorm, _normal
 
 
+def rope_inv_freq(theta: float, Dh: int, device=None) -> torch.Tensor:
+    """The default rope's frequencies theta^(-2i/Dh) [Dh/2], as transformers'
+    compute_default_rope_parameters."""
+    return 1.0 / (theta ** (torch.arange(0, Dh, 2, device=device, dtype=torch.float32) / Dh))
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, T: int, dtype: torch.dtype, scale: float = 1.0,
+                 positions: Optional[torch.Tensor] = None) -> tuple:
+    """(cos, sin) of the angles position · inv_freq, times ``scale``, in ``dtype``: [T, Dh/2] at
+    positions 0..T-1, or [B, 1, T, Dh/2] at ``positions`` [B, T]."""
+    if positions is None:
+        ang = torch.arange(T, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq  # [T, Dh/2]
+    else:
+        ang = positions.to(torch.float32)[:, None, :, None] * inv_freq  # [B, 1, T, Dh/2]
+    cos, sin = ang.cos(), ang.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = False) -> torch.Tensor:
+    """x [B, H, T, Dh] rotated by (cos, sin) of ``rope_cos_sin``; the pairs as ``rotary`` says."""
+    Dh = x.shape[-1]
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x[..., : Dh // 2], x[..., Dh // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 def rotary(x: torch.Tensor, theta: float, interleave: bool = False, inv_freq: Optional[torch.Tensor] = None,
            scale: float = 1.0, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """RoPE (Su et al. 2021, §3.4.2) on [B, H, T, Dh] at positions 0..T-1, frequency i is
@@ -35,22 +65,46 @@ def rotary(x: torch.Tensor, theta: float, interleave: bool = False, inv_freq: Op
     ``attention_factor``, transformers' ``attention_scaling``). ``positions`` [B, T] (decoding:
     each row's own positions) replaces 0..T-1."""
     T, Dh = x.shape[-2], x.shape[-1]
-    if inv_freq is None:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, Dh, 2, device=x.device, dtype=torch.float32) / Dh))
-    inv_freq = inv_freq.to(x.device)
-    if positions is None:
-        ang = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # [T, Dh/2]
-    else:
-        ang = positions.to(torch.float32)[:, None, :, None] * inv_freq  # [B, 1, T, Dh/2]
-    cos, sin = ang.cos(), ang.sin()
-    if scale != 1.0:
-        cos, sin = cos * scale, sin * scale
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        x1, x2 = x[..., : Dh // 2], x[..., Dh // 2:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    inv_freq = rope_inv_freq(theta, Dh, x.device) if inv_freq is None else inv_freq.to(x.device)
+    cos, sin = rope_cos_sin(inv_freq, T, x.dtype, scale, positions)
+    return apply_rope(x, cos, sin, interleave)
+
+
+class _Rope:
+    """One attention module's rotary tables: its frequencies per device, computed once, and the
+    (cos, sin) of a positions tensor, computed once for all the modules of the same rope (``key``)
+    while that tensor comes back (a decode step's layers share one positions tensor; queries and
+    keys share the tables). The values are those ``rotary`` computes."""
+
+    _step: list = [None, {}]  # [the positions tensor of the step, {(key, T, dtype, device): (cos, sin)}]
+
+    def __init__(self, key: tuple, scale: float = 1.0):
+        self.key, self.scale = key, scale
+        self.inv_freq: dict = {}
+
+    def make_inv_freq(self, device) -> torch.Tensor:
+        if self.key[0] == "yarn":
+            _, theta, dim, s = self.key
+            return yarn(dim, theta, s, device)[0]
+        _, theta, dim = self.key
+        return rope_inv_freq(theta, dim, device)
+
+    def cos_sin(self, x: torch.Tensor, positions: Optional[torch.Tensor]) -> tuple:
+        T = x.shape[-2]
+        step = _Rope._step
+        if positions is not None:
+            if step[0] is not positions:
+                step = _Rope._step = [positions, {}]
+            got = step[1].get((self.key, T, x.dtype, x.device))
+            if got is not None:
+                return got
+        inv = self.inv_freq.get(x.device)
+        if inv is None:
+            inv = self.inv_freq[x.device] = self.make_inv_freq(x.device)
+        cos, sin = rope_cos_sin(inv, T, x.dtype, self.scale, positions)
+        if positions is not None:
+            step[1][(self.key, T, x.dtype, x.device)] = (cos, sin)
+        return cos, sin
 
 
 def yarn_mscale(factor: float, m: float = 1.0) -> float:
@@ -137,6 +191,12 @@ class Attention(nn.Module):
         elif qk_norm != "none":
             raise ValueError(f"qk_norm must be none, head or projection, got {qk_norm!r}")
 
+    def _rope(self) -> _Rope:
+        rope = self.__dict__.get("_rope_tables")
+        if rope is None:
+            rope = self._rope_tables = _Rope(("default", self.rope_theta, self.head_dim))
+        return rope
+
     def forward(self, x: torch.Tensor, cache=None, positions: Optional[torch.Tensor] = None, start: int = 0,
                 key: Optional[str] = None) -> torch.Tensor:
         """``cache`` (a ``moedsl.nn.decode.DecodeCache``): decode x, the tokens at slots
@@ -155,7 +215,8 @@ class Attention(nn.Module):
             q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H or K, T, Dh]
         if self.rotary:
-            q, k = rotary(q, self.rope_theta, positions=positions), rotary(k, self.rope_theta, positions=positions)
+            cos, sin = self._rope().cos_sin(q, positions)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             from .decode import attend_cached
 
@@ -208,6 +269,15 @@ class LatentAttention(nn.Module):
             if isinstance(m, nn.Linear):
                 _normal(m, init_std)
 
+    def _rope(self) -> _Rope:
+        rope = self.__dict__.get("_rope_tables")
+        if rope is None:
+            theta, Dr, s = self.rope_theta, self.rope, self.rope_scaling
+            rope = _Rope(("default", theta, Dr)) if s is None else \
+                _Rope(("yarn", theta, Dr, s), yarn(Dr, theta, s)[1])
+            self._rope_tables = rope
+        return rope
+
     def forward(self, x: torch.Tensor, cache=None, positions: Optional[torch.Tensor] = None, start: int = 0,
                 key: Optional[str] = None) -> torch.Tensor:
         """``cache``: decode, as ``Attention.forward``; the cache holds the heads' expanded keys
@@ -221,10 +291,9 @@ class LatentAttention(nn.Module):
         kv = self.wkv_b(self.kv_norm(latent)).view(B, T, H, Dn + Dv).transpose(1, 2)  # [B, H, T, Dn+Dv]
         k_nope, v = kv.split([Dn, Dv], dim=-1)
         k_rope = k_rope.view(B, 1, T, Dr)  # one rotary key part, shared by the heads
-        inv_freq, factor = (None, 1.0) if self.rope_scaling is None else \
-            yarn(Dr, self.rope_theta, self.rope_scaling, x.device)
-        q_rope = rotary(q_rope, self.rope_theta, self.rope_interleave, inv_freq, factor, positions=positions)
-        k_rope = rotary(k_rope, self.rope_theta, self.rope_interleave, inv_freq, factor, positions=positions)
+        cos, sin = self._rope().cos_sin(q_rope, positions)
+        q_rope = apply_rope(q_rope, cos, sin, self.rope_interleave)
+        k_rope = apply_rope(k_rope, cos, sin, self.rope_interleave)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(B, H, T, Dr)], dim=-1)  # [B, H, T, Dn+Dr]
         if cache is not None:

@@ -261,13 +261,19 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, sizes: Optional[torch.Tensor] =
     return _GroupedMM.apply(x, w, offs)
 
 
+def _combine(y, w, tok, num_tokens):
+    """(out [num_tokens, d] with out[tok[i]] += w[i] · y[i], the dense operands the kernel read)."""
+    y, w, tok = _dense(y), w.contiguous(), tok.contiguous()
+    out = y.new_zeros(num_tokens, y.shape[1])
+    _lib.moedsl_combine_fwd(y.data_ptr(), y.stride(0), w.data_ptr(), tok.data_ptr(), y.shape[0], y.shape[1],
+                            out.data_ptr(), out.stride(0), torch.get_num_threads())
+    return out, y, w, tok
+
+
 class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, w, tok, num_tokens):
-        y, w, tok = _dense(y), w.contiguous(), tok.contiguous()
-        out = y.new_zeros(num_tokens, y.shape[1])
-        _lib.moedsl_combine_fwd(y.data_ptr(), y.stride(0), w.data_ptr(), tok.data_ptr(), y.shape[0], y.shape[1],
-                                out.data_ptr(), out.stride(0), torch.get_num_threads())
+        out, y, w, tok = _combine(y, w, tok, num_tokens)
         ctx.save_for_backward(y, w, tok)
         return out
 
@@ -299,6 +305,8 @@ def weighted_scatter(y: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, num_to
         raise ValueError(f"weighted_scatter takes float32 rows [N, d], float32 weights [N] and int64 token ids "
                          f"[N] on the CPU; got {y.dtype} {tuple(y.shape)}, {w.dtype} {tuple(w.shape)}, "
                          f"{tok.dtype} {tuple(tok.shape)}")
+    if not (torch.is_grad_enabled() and (y.requires_grad or w.requires_grad)):
+        return _combine(y, w, tok, num_tokens)[0]  # nothing to record: the kernel without autograd's ~5 us
     return _Combine.apply(y, w, tok, num_tokens)
 
 

@@ -83,6 +83,12 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Deco
     ck[:, :, start:start + t] = k
     cv[:, :, start:start + t] = v
     keys, values = ck[:, :, :start + t], cv[:, :, :start + t]  # [B, K, L, D]
+    B, H, K = q.shape[0], q.shape[1], keys.shape[1]
+    if t == 1 and H != K and not cache.padded and (window is None or start < window):
+        # one token seeing every key: the rep = H / K query heads of a key head are rep queries
+        # against its keys [B, K, rep, D] (no copies of the keys and values, as repeat_interleave makes)
+        y = F.scaled_dot_product_attention(q.reshape(B, K, H // K, q.shape[-1]), keys, values, scale=scale)
+        return y.reshape(B, H, 1, y.shape[-1])
     if keys.shape[1] != q.shape[1]:
         rep = q.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)

