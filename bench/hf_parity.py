@@ -32,23 +32,9 @@ except ImportError:  # pragma: no cover - the reference is an extra
 import moedsl
 from moedsl.cli import main as moedsl_main
 from moedsl.hf import registered
+from moedsl.hf.reference import tiny_reference
 
 TARGET = 1e-4
-
-
-def _reference(fam, over: dict, folder: Path):
-    torch.manual_seed(0)
-    cfg = getattr(transformers, fam.config_class)(**{**fam.tiny_config, **over})
-    ref = getattr(transformers, fam.architectures[0])(cfg).eval()
-    with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: make them matter
-        for name, p in ref.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
-                p.add_(0.1 * torch.randn_like(p))
-        for name, b in ref.named_buffers():  # DeepSeek-V3's choice bias starts at 0 too
-            if name.endswith("e_score_correction_bias"):
-                b.add_(0.1 * torch.randn_like(b))
-    ref.save_pretrained(folder)
-    return ref, cfg
 
 
 def _error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -56,8 +42,8 @@ def _error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 
 
 def one_case(model_type: str, over: dict, what: str, tmp: Path) -> dict:
-    fam = registered()[model_type]
-    ref, cfg = _reference(fam, over, tmp / "hf")
+    ref, cfg = tiny_reference(transformers, model_type, over)
+    ref.save_pretrained(tmp / "hf")
     tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     quiet = ["--overwrite"]
     if moedsl_main(["import", str(tmp / "hf"), "--out", str(tmp / "imp"), *quiet]) != 0:

@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 import moedsl  # noqa: E402
 from moedsl.cli import main  # noqa: E402
 from moedsl.hf import registered  # noqa: E402
+from moedsl.hf.reference import tiny_reference  # noqa: E402
 from hf_helpers import close as _close, refused as _refused  # noqa: E402
 from hf_helpers import run_init_on_one_and_two_processes, save_fused  # noqa: E402
 
@@ -63,16 +64,7 @@ def test_every_family_imports_to_transformers_logits_and_exports_back(tmp_path, 
     import, load_model and export: the same logits (over 16 positions: longer than the tiny sliding
     windows), and transformers loads the export with no missing or unexpected keys."""
     fam = registered()[model_type]
-    torch.manual_seed(0)
-    cfg = getattr(transformers, fam.config_class)(**{**fam.tiny_config, **over})
-    ref = getattr(transformers, fam.architectures[0])(cfg).eval()
-    with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: make them matter
-        for name, p in ref.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
-                p.add_(0.1 * torch.randn_like(p))
-        for name, b in ref.named_buffers():  # DeepSeek-V3's choice bias starts at 0 too
-            if name.endswith("e_score_correction_bias"):
-                b.add_(0.1 * torch.randn_like(b))
+    ref, cfg = tiny_reference(transformers, model_type, over)
     ref.save_pretrained(tmp_path / "hf")
     assert _import(tmp_path / "hf", tmp_path / "imp") == 0
     spec_text = (tmp_path / "imp" / "spec.yaml").read_text()
