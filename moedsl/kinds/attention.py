@@ -35,7 +35,7 @@ class Attention:
     prenorm: bool = _D["prenorm"]
 
 
-def _mean_keys(seq: int, causal: bool, window: Optional[int]) -> float:
+def mean_keys(seq: int, causal: bool, window: Optional[int]) -> float:
     """Keys a query attends to, averaged over the positions 0..seq-1."""
     if not causal:
         return float(seq)
@@ -86,7 +86,7 @@ class AttentionKind(LayerKind):
 
     def flops(self, cfg: Attention, model, seq: int) -> float:
         """The projections, plus QKᵀ and AV over the keys a query attends to on average."""
-        ctx = _mean_keys(seq, cfg.causal, cfg.sliding_window)
+        ctx = mean_keys(seq, cfg.causal, cfg.sliding_window)
         return super().flops(cfg, model, seq) + 2 * 2 * ctx * cfg.heads * cfg.head_dim
 
     def activations(self, cfg: Attention, model) -> float:

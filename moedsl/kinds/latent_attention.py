@@ -81,7 +81,9 @@ class LatentAttentionKind(LayerKind):
     def flops(self, cfg: LatentAttention, model, seq: int) -> float:
         """The projections, plus QKᵀ (width Dn + Dr) and AV (width Dv) per head over the keys a
         query attends to on average."""
-        ctx = (seq + 1) / 2 if cfg.causal else seq
+        from .attention import mean_keys
+
+        ctx = mean_keys(seq, cfg.causal, None)
         per_head = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
         return super().flops(cfg, model, seq) + 2 * ctx * cfg.heads * per_head
 
