@@ -12,6 +12,8 @@ delivers, in the same order.
 """
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -44,19 +46,34 @@ class Topology:
 
 class Traffic:
     """Bytes this process sent to other ranks in all-to-alls (payload, both trips), for benchmarks
-    that hold measured traffic against the plan's prediction."""
+    that hold measured traffic against the plan's prediction; and the seconds it spent blocked in
+    collectives (a blocking call's whole time, or an asynchronous one's ``wait``), for benchmarks
+    that measure how much communication a step hides behind compute."""
 
     sent = 0
     calls = 0
+    wait_s = 0.0
 
     @classmethod
     def reset(cls) -> None:
         cls.sent = cls.calls = 0
+        cls.wait_s = 0.0
+
+    @classmethod
+    @contextlib.contextmanager
+    def waiting(cls):
+        """Count the time inside the block as time blocked on communication."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            cls.wait_s += time.perf_counter() - t
 
 
 def _flat(x: torch.Tensor, out_rows: list, in_rows: list, group) -> torch.Tensor:
     y = x.new_empty((sum(out_rows),) + tuple(x.shape[1:]))
-    dist.all_to_all_single(y, x.contiguous(), out_rows, in_rows, group=group)
+    with Traffic.waiting():
+        dist.all_to_all_single(y, x.contiguous(), out_rows, in_rows, group=group)
     return y
 
 
