@@ -81,6 +81,7 @@ class _Rope:
     def __init__(self, key: tuple, scale: float = 1.0):
         self.key, self.scale = key, scale
         self.inv_freq: dict = {}
+        self.tables: dict = {}  # (T, dtype, device) -> (cos, sin) at positions 0..T-1
 
     def make_inv_freq(self, device) -> torch.Tensor:
         if self.key[0] == "yarn":
@@ -91,6 +92,13 @@ class _Rope:
 
     def cos_sin(self, x: torch.Tensor, positions: Optional[torch.Tensor]) -> tuple:
         T = x.shape[-2]
+        if positions is None:  # positions 0..T-1: the tables depend on T, the dtype and the device only
+            got = self.tables.get((T, x.dtype, x.device))
+            if got is None:
+                got = self._compute(x, T, None)
+                if not torch.is_inference_mode_enabled():  # an inference tensor cannot serve autograd later
+                    self.tables[(T, x.dtype, x.device)] = got
+            return got
         step = _Rope._step
         if positions is not None:
             if step[0] is not positions:
@@ -98,13 +106,15 @@ class _Rope:
             got = step[1].get((self.key, T, x.dtype, x.device))
             if got is not None:
                 return got
+        cos, sin = self._compute(x, T, positions)
+        step[1][(self.key, T, x.dtype, x.device)] = (cos, sin)
+        return cos, sin
+
+    def _compute(self, x: torch.Tensor, T: int, positions: Optional[torch.Tensor]) -> tuple:
         inv = self.inv_freq.get(x.device)
         if inv is None:
             inv = self.inv_freq[x.device] = self.make_inv_freq(x.device)
-        cos, sin = rope_cos_sin(inv, T, x.dtype, self.scale, positions)
-        if positions is not None:
-            step[1][(self.key, T, x.dtype, x.device)] = (cos, sin)
-        return cos, sin
+        return rope_cos_sin(inv, T, x.dtype, self.scale, positions)
 
 
 def yarn_mscale(factor: float, m: float = 1.0) -> float:
@@ -150,11 +160,13 @@ def sliding_window_mask(T: int, window: int, device) -> torch.Tensor:
     return torch.ones(T, T, dtype=torch.bool, device=device).tril().triu(1 - window)
 
 
-def _attend(q, k, v, causal: bool, window: Optional[int], dropout: float, scale: Optional[float] = None):
-    """Softmax attention of q [B, H, T, D] over k [B, H, T, D], v [B, H, T, Dv]."""
+def _attend(q, k, v, causal: bool, window: Optional[int], dropout: float, scale: Optional[float] = None,
+            gqa: bool = False):
+    """Softmax attention of q [B, H, T, D] over k [B, H, T, D], v [B, H, T, Dv]; with ``gqa``, k and v
+    have K heads (H divisible by K) and query head h attends with key/value head h // (H / K)."""
     mask = sliding_window_mask(q.shape[-2], window, q.device) if window is not None else None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                          dropout_p=dropout, scale=scale)
+                                          dropout_p=dropout, scale=scale, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -222,10 +234,10 @@ class Attention(nn.Module):
 
             y = attend_cached(q, k, v, cache, key, start, self.sliding_window)
             return self.wo(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
-        if self.kv_heads != self.heads:
-            rep = self.heads // self.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = _attend(q, k, v, self.causal, self.sliding_window, self.dropout if self.training else 0.0)
+        # grouped-query heads: SDPA reads each key/value head for its H/K query heads (enable_gqa),
+        # with no repeated copy of k and v and no sum over the copies in backward
+        y = _attend(q, k, v, self.causal, self.sliding_window, self.dropout if self.training else 0.0,
+                    gqa=self.kv_heads != self.heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
