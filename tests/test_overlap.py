@@ -133,8 +133,9 @@ def test_graph_shows_every_chunk_and_issues_its_trips_in_pipeline_order(gate):
 
 
 @pytest.mark.parametrize("value,message", [
-    (0, "overlap.chunks: 0 is less than the minimum of 1"),
-    (21, "overlap.chunks = 21 exceeds the 20 tokens"),
+    (0, "layers[1].moe.overlap.chunks: must be >= 1, got 0"),
+    ("two", "layers[1].moe.overlap.chunks"),
+    (21, "layers[1].moe.overlap.chunks: 21 chunks exceed the 20 tokens of a routing group"),
 ])
 def test_bad_chunks_are_one_located_error(value, message):
     d = spec_data("packed", 1)
@@ -143,3 +144,18 @@ def test_bad_chunks_are_one_located_error(value, message):
         load_spec(d)
     assert len(e.value.issues) == 1
     assert message in str(e.value)
+
+
+def test_too_many_chunks_for_a_batch_is_refused_at_compile_with_its_line(tmp_path, capsys):
+    """The spec's own batch fits 4 chunks; ``--batch 2 --seq 1`` on 2 processes routes 1 token a rank."""
+    import yaml
+
+    from moedsl.cli import main
+
+    path = tmp_path / "overlap.yaml"
+    path.write_text(yaml.safe_dump(spec_data("packed", 4), sort_keys=False))
+    assert main(["compile", str(path), "--world-size", "2"]) == 0
+    capsys.readouterr()
+    assert main(["compile", str(path), "--world-size", "2", "--batch", "2", "--seq", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path}:" in err[0] and "overlap.chunks: 4 chunks exceed the 1 token of" in err[0], err

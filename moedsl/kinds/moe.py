@@ -409,7 +409,8 @@ def overlap_issue(cfg: MoE, batch: int, seq: int, world: int = 1) -> Optional[st
     if D <= per:
         return None
     split = f"{groups} routing groups" if groups >= world else f"{world} processes"
-    return (f"overlap.chunks = {D} exceeds the {per} tokens of a routing group ({batch} sequences × {seq} tokens "
+    tokens = f"{per} token" + ("s" if per != 1 else "")
+    return (f"{D} chunks exceed the {tokens} of a routing group ({batch} sequences × {seq} tokens "
             f"over {split})")
 
 
