@@ -159,3 +159,25 @@ def test_too_many_chunks_for_a_batch_is_refused_at_compile_with_its_line(tmp_pat
     assert main(["compile", str(path), "--world-size", "2", "--batch", "2", "--seq", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{path}:" in err[0] and "overlap.chunks: 4 chunks exceed the 1 token of" in err[0], err
+
+
+def test_finishing_a_trip_blocks_on_it_and_counts_the_wait():
+    """The wait node of a trip blocks until the all-to-all completes (a missing wait reads a buffer
+    still being written: on tiny tensors gloo is often done anyway, so the race alone cannot show it)."""
+    import time
+
+    from moedsl.compiler import collectives as C
+
+    class Work:
+        waited = False
+
+        def wait(self):
+            time.sleep(0.02)
+            self.waited = True
+
+    work = Work()
+    flight = C.InFlight(rows=torch.ones(2, 3), counts=[[2]], topo=None, work=work)
+    C.Traffic.reset()
+    out = C.finish_all_to_all(flight)
+    assert work.waited and flight.work is None and C.Traffic.wait_s >= 0.02
+    assert torch.equal(out, torch.ones(2, 3))
