@@ -12,8 +12,9 @@ from moedsl.api import build_model, load_spec
 from moedsl.errors import SpecError
 
 # 4 sequences × 5 tokens = 20 tokens: D = 3 divides neither the tokens (20) nor, at capacity factor
-# 1.25 (top-2, 4 experts: C = 13 slots per expert), the slots; routing_groups 2 keeps the capacity
-# layer routed locally on 2 ranks, so it keeps its static [E, C, d] buffer and all-to-alls
+# 1.25 (top-2, 4 experts, 2 routing groups of 10 tokens: C = 7 slots per group), the slots (14 on one
+# process, 7 a rank on 2); routing_groups 2 keeps the capacity layer routed locally on 2 ranks, so it
+# keeps its static [E, C, d] buffer and all-to-alls
 BASE = {
     "moedsl": 1,
     "name": "overlap-tiny",
@@ -125,6 +126,10 @@ def test_graph_shows_every_chunk_and_issues_its_trips_in_pipeline_order(gate):
     assert [(s[1], s[-1]) for s in sig if s[1] != "route_gather"] == [
         ("a2a_dispatch", 0), ("a2a_dispatch", 1), ("a2a_combine", 0), ("a2a_dispatch", 2), ("a2a_combine", 1),
         ("a2a_combine", 2)]
+    if gate == "capacity":  # static shapes: the chunks' slot ranges tile the buffer's C = 7 slots
+        shapes = c.static.shapes
+        assert [shapes[f"layers_1_dispatch_c{j}"] for j in range(3)] == [(4, 3, 8), (4, 2, 8), (4, 2, 8)]
+        assert shapes["layers_1_experts_c0"] == (2, 6, 8) and c.static.capturable
     # the whole-layer trips are gone; one process keeps the chunks, without trips
     assert "layers_1_a2a_dispatch" not in names
     one = [n.name for n in compile_graph(spec, layout=LAYOUT[gate]).module.graph.nodes]
