@@ -441,14 +441,39 @@ class CapacityCombineWait(_ChunkTrip):
         return self.trip[0].returned(finish_all_to_all(flight), flight.extra)
 
 
-class PackedDispatchStart(_ChunkTrip):
-    """Exchange chunk ``chunk``'s counts (blocking: the row trip's splits depend on them), then
-    issue its rows."""
+class PackedChunkCounts(_Collective):
+    """Every chunk's counts in one exchange, before the first chunk's rows leave (the row trips'
+    splits depend on them): two small blocking collectives per layer, not two per chunk."""
 
-    def forward(self, p: Packed) -> InFlight:
-        topo = self._need()
-        recv_sizes, counts = self.trip[0].exchange_counts(p, topo)
-        return start_all_to_all(p.rows, counts, topo, extra=recv_sizes)
+    def __init__(self, trip: "PackedAllToAll"):
+        super().__init__()
+        self.trip = [trip]
+
+    def forward(self, packs: tuple) -> list:
+        """Chunks' Packed (sizes [n_slots] each) -> per chunk (rows of each of my slots every source
+        sends me [P, n_local], the chunk's count matrix [P][P])."""
+        topo, lp, me = self._need(), self.trip[0].lp, self.trip[0].ep_rank
+        n_local, P, D = self.trip[0].n_local, lp.ep, len(packs)
+        sizes = torch.stack([p.sizes for p in packs])  # [D, n_slots], slots rank-major
+        per_rank = torch.split(sizes, n_local, dim=1)  # P × [D, n_local[d]]
+        send = torch.cat([s.reshape(-1) for s in per_rank])  # (destination, chunk, its slot)
+        recv = sizes.new_empty(P * D * n_local[me])
+        mine = torch.stack([s.sum(1) for s in per_rank], dim=1)  # [D, P]: my rows to each rank, per chunk
+        everyone = [torch.empty_like(mine) for _ in range(P)]
+        with Traffic.waiting():
+            dist.all_to_all_single(recv, send, [D * n_local[me]] * P, [D * n for n in n_local], group=topo.ep_group)
+            dist.all_gather(everyone, mine, group=topo.ep_group)
+        recv = recv.view(P, D, n_local[me])
+        counts = torch.stack(everyone)  # [source, chunk, destination]
+        return [(recv[:, j], counts[:, j].tolist()) for j in range(D)]
+
+
+class PackedDispatchStart(_ChunkTrip):
+    """Issue chunk ``chunk``'s rows, with the counts its ``PackedChunkCounts`` exchanged."""
+
+    def forward(self, p: Packed, exchanged: list) -> InFlight:
+        recv_sizes, counts = exchanged[self.chunk]
+        return start_all_to_all(p.rows, counts, self._need(), extra=recv_sizes)
 
 
 class PackedDispatchWait(_ChunkTrip):

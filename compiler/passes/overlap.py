@@ -12,7 +12,7 @@ token ranges of a packed layer):
 
 and the nodes are ordered so that each trip is in flight while another chunk's experts compute:
 
-    dispatch 0, issue d0
+    dispatch 0, issue d0           (packed: every chunk dispatched, their counts exchanged at once)
     for i in 0..D-1:  wait d_i;  dispatch i+1, issue d_{i+1};  experts i;  issue c_i;
                       wait c_{i-1}, combine i-1
     wait c_{D-1}, combine D-1;  join
@@ -65,6 +65,8 @@ def _chunk_layer(low: Lowered, name: str, comm, D: int) -> None:
     grouped_input = not capacity or "rows" in nodes  # the experts take (rows, sizes), not a buffer
     if trips and not low.graph_only:
         fwd = low.modules[f"{name}.a2a_dispatch"]
+        if not capacity:
+            low.modules[f"{name}.a2a_counts"] = C.PackedChunkCounts(fwd)
         for j in range(D):
             for what, cls in zip(("a2a_dispatch", "a2a_dispatch_wait", "a2a_combine", "a2a_combine_wait"),
                                  _TRIPS[comm.layout]):
@@ -110,12 +112,20 @@ def _chunk_layer(low: Lowered, name: str, comm, D: int) -> None:
         if not trips:
             for j in range(D):
                 prepare(j), compute(j), finish(j)
-        else:
+        elif capacity:  # static splits: each chunk dispatched just before its trip
             issue("a2a_dispatch", 0, (prepare(0),))
+        else:  # the row trips' splits: every chunk's counts in one exchange, before the first trip
+            packs = tuple(prepare(j) for j in range(D))
+            exchanged = _new(g, "call_module", f"{name}.a2a_counts", (packs,), f"{base}_a2a_counts", name,
+                             "a2a_counts")
+            exchanged.meta["comm"] = comm
+            issue("a2a_dispatch", 0, (packs[0], exchanged))
+        if trips:
             for i in range(D):
                 wait("a2a_dispatch", i)
                 if i + 1 < D:
-                    issue("a2a_dispatch", i + 1, (prepare(i + 1),))
+                    nxt = (prepare(i + 1),) if capacity else (made["dispatch", i + 1], exchanged)
+                    issue("a2a_dispatch", i + 1, nxt)
                 compute(i)
                 # the combine trip reads C_j off the chunk's dispatch buffer (capacity) or the rows'
                 # order and counts off what its dispatch trip received (packed)

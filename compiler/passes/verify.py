@@ -8,7 +8,7 @@ import hashlib
 import networkx as nx
 import torch.fx as fx
 
-COLLECTIVE_ROLES = ("route_gather", "a2a_dispatch", "a2a_combine")
+COLLECTIVE_ROLES = ("route_gather", "a2a_counts", "a2a_dispatch", "a2a_combine")
 
 
 class GraphError(RuntimeError):
