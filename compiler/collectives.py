@@ -9,6 +9,9 @@ The two-stage ("hierarchical") all-to-all first exchanges inside each node, so t
 every row bound for local rank l of any node sits on local rank l, then exchanges
 between nodes among ranks of equal local index; it delivers exactly what the flat one
 delivers, in the same order.
+
+The overlap pass splits a layer's trips into chunks, each an issue node and a wait node
+(``start_all_to_all`` / ``finish_all_to_all``: ``async_op=True`` all-to-alls).
 """
 from __future__ import annotations
 
