@@ -1,6 +1,6 @@
 """The compiler: a validated Spec -> a ``torch.fx.GraphModule`` for one rank, plus its Plan.
 
-    lower -> placement -> collective insertion -> static shapes -> verification
+    lower -> placement -> collective insertion -> overlap -> static shapes -> verification
 
 Each pass is a function over the graph with one job (``moedsl.compiler.passes``).
 """
@@ -19,6 +19,7 @@ from moedsl.validate import check_batch
 
 from .lower import Lowered, lower
 from .passes.collectives import LayerComm, insert_collectives
+from .passes.overlap import overlap_pass
 from .passes.placement import LayerPlacement, placement_pass
 from .passes.static_shapes import StaticInfo, static_shapes_pass
 from .passes.verify import collective_signature, verify
@@ -59,6 +60,7 @@ def _build(spec: S.Spec, mesh: MeshShape, rank: int, device, seed: int, init: bo
     low: Lowered = lower(spec, device=device, seed=seed, graph_only=graph_only, static=static)
     placements = placement_pass(low, spec, mesh, rank, device, seed, init)
     comms = insert_collectives(low, spec, mesh, rank, placements)
+    overlap_pass(low, comms)
     static = None if graph_only else static_shapes_pass(low.graph, low, comms, placements, mesh, rank, batch)
     return low, placements, comms, static
 

@@ -9,6 +9,9 @@ The two-stage ("hierarchical") all-to-all first exchanges inside each node, so t
 every row bound for local rank l of any node sits on local rank l, then exchanges
 between nodes among ranks of equal local index; it delivers exactly what the flat one
 delivers, in the same order.
+
+The overlap pass splits a layer's trips into chunks, each an issue node and a wait node
+(``start_all_to_all`` / ``finish_all_to_all``: ``async_op=True`` all-to-alls).
 """
 from __future__ import annotations
 
@@ -188,22 +191,37 @@ class CapacityAllToAll(_Collective):
 
     def forward(self, buf: torch.Tensor):
         topo = self._need()
+        send, counts = self.send_rows(buf)
+        return self.received(all_to_all(send, counts, topo), buf.shape[1])
+
+    def send_rows(self, buf: torch.Tensor) -> tuple:
+        """buf [E, C, d] -> (rows [E·C, d] in send order, the trip's count matrix)."""
         self._make_tables()
         E, C, d = buf.shape
         send = buf.index_select(0, self._index("send", buf.device)).reshape(E * C, d)
-        counts = [[b * C for b in row] for row in self.blocks]
-        got = all_to_all(send, counts, topo).view(-1, C, d)  # [(source, slot), C, d]
+        return send, [[b * C for b in row] for row in self.blocks]
+
+    def received(self, got: torch.Tensor, C: int):
+        """Rows received [(source, slot)·C, d] -> the experts' input: [E_local, P·C, d] (uniform) or
+        rows grouped by local slot."""
+        d = got.shape[-1]
+        got = got.view(-1, C, d)  # [(source, slot), C, d]
         if self.uniform:
             P, E_local = self.lp.ep, len(self.lp.slots[self.ep_rank])
             return got.view(P, E_local, C, d).transpose(0, 1).reshape(E_local, P * C, d)
-        rows = got.index_select(0, self._index("local", buf.device)).reshape(-1, d)
-        return Packed(rows=rows, sizes=self._index("per_slot", buf.device) * C,
-                      index=self._index("local", buf.device))
+        rows = got.index_select(0, self._index("local", got.device)).reshape(-1, d)
+        return Packed(rows=rows, sizes=self._index("per_slot", got.device) * C,
+                      index=self._index("local", got.device))
 
     def back(self, y, capacity: int) -> torch.Tensor:
         topo = self._need()
+        got, back = self.back_rows(y, capacity)
+        return self.returned(all_to_all(got, back, topo), capacity)
+
+    def back_rows(self, y: torch.Tensor, C: int) -> tuple:
+        """Expert outputs -> (rows in (source, slot) order, the return trip's count matrix)."""
         self._make_tables()
-        C, P = capacity, self.lp.ep
+        P = self.lp.ep
         if self.uniform:
             E_local, d = y.shape[0], y.shape[-1]
             got = y.view(E_local, P, C, d).transpose(0, 1).reshape(-1, d)
@@ -211,10 +229,13 @@ class CapacityAllToAll(_Collective):
             d = y.shape[-1]
             got = y.view(-1, C, d).index_select(0, self._index("inverse", y.device)).reshape(-1, d)
         counts = [[b * C for b in row] for row in self.blocks]
-        back = [list(col) for col in zip(*counts)]
-        sent = all_to_all(got, back, topo).view(-1, C, d)  # in send_perm order
-        perm = self._index("send", y.device)
-        return sent.new_zeros(len(self.send_perm), C, d).index_copy(0, perm, sent)
+        return got, [list(col) for col in zip(*counts)]
+
+    def returned(self, sent: torch.Tensor, C: int) -> torch.Tensor:
+        """Rows back from the experts (send order) -> [E, C, d] in global expert order."""
+        sent = sent.view(-1, C, sent.shape[-1])  # in send_perm order
+        perm = self._index("send", sent.device)
+        return sent.new_zeros(len(self.send_perm), C, sent.shape[-1]).index_copy(0, perm, sent)
 
 
 class CapacityAllToAllBack(nn.Module):
@@ -250,18 +271,26 @@ class PackedAllToAll(_Collective):
 
     def forward(self, p: Packed) -> Received:
         topo = self._need()
-        P, me = self.lp.ep, self.ep_rank
-        # how many rows of each of my slots every source sends me
-        recv_sizes = p.sizes.new_empty(P * self.n_local[me])
-        dist.all_to_all_single(recv_sizes, p.sizes.contiguous(), [self.n_local[me]] * P, self.n_local,
-                               group=topo.ep_group)
-        recv_sizes = recv_sizes.view(P, self.n_local[me])
-        # the whole count matrix: every rank's sends per destination rank
-        mine = torch.stack([c.sum() for c in torch.split(p.sizes, self.n_local)])
-        everyone = [torch.empty_like(mine) for _ in range(P)]
-        dist.all_gather(everyone, mine, group=topo.ep_group)
-        counts = torch.stack(everyone).tolist()
+        recv_sizes, counts = self.exchange_counts(p, topo)
         got = all_to_all(p.rows, counts, topo)  # (source, local slot) order
+        return self.received(got, recv_sizes, counts)
+
+    def exchange_counts(self, p: Packed, topo: Topology) -> tuple:
+        """How many rows of each of my slots every source sends me [P, n_local], and the whole count
+        matrix (every rank's sends per destination rank): two small blocking collectives."""
+        P, me = self.lp.ep, self.ep_rank
+        recv_sizes = p.sizes.new_empty(P * self.n_local[me])
+        with Traffic.waiting():
+            dist.all_to_all_single(recv_sizes, p.sizes.contiguous(), [self.n_local[me]] * P, self.n_local,
+                                   group=topo.ep_group)
+            mine = torch.stack([c.sum() for c in torch.split(p.sizes, self.n_local)])
+            everyone = [torch.empty_like(mine) for _ in range(P)]
+            dist.all_gather(everyone, mine, group=topo.ep_group)
+        return recv_sizes.view(P, self.n_local[me]), torch.stack(everyone).tolist()
+
+    def received(self, got: torch.Tensor, recv_sizes: torch.Tensor, counts: list) -> Received:
+        """Rows received in (source, local slot) order -> grouped by local slot."""
+        P, me = self.lp.ep, self.ep_rank
         slot_of_row = torch.repeat_interleave(
             torch.arange(self.n_local[me], device=got.device).repeat(P), recv_sizes.reshape(-1).to(got.device),
             output_size=got.shape[0])
@@ -280,6 +309,190 @@ class PackedAllToAllBack(_Collective):
         unsorted = y.new_empty(y.shape).index_copy(0, received.order, y)
         back = [list(col) for col in zip(*received.counts)]
         return all_to_all(unsorted, back, topo)
+
+
+# ----------------------------------------------------------------------------- asynchronous all-to-all
+#
+# The overlap pass (passes.overlap) splits a trip into a start node and a wait node, with the
+# experts of another chunk between them. Forward: the start issues the all-to-all
+# (``async_op=True``) and returns its receive buffer, unfilled; the wait blocks on it. Backward
+# runs them in reverse: the wait's backward issues the reverse trip of the gradient, the start's
+# backward blocks on it, so a chunk's gradient trip is in flight while autograd computes the
+# backward of nodes made after the start (another chunk's experts).
+
+
+@dataclass
+class InFlight:
+    """An all-to-all issued and not yet waited for (one per trip per forward)."""
+
+    rows: torch.Tensor  # the receive buffer: filled once ``work`` completes
+    counts: list  # the trip's count matrix
+    topo: Topology
+    work: Any = None  # None: already complete (a hierarchical trip runs blocking)
+    sent: Any = None  # the send buffer, kept alive until the trip completes
+    back_rows: Optional[torch.Tensor] = None  # backward: the gradient's reverse trip, in flight
+    back_work: Any = None
+    back_sent: Any = None
+    extra: Any = None  # what the finishing module needs (capacity, receive sizes)
+
+
+def _issue(x: torch.Tensor, counts: list, topo: Topology) -> tuple:
+    """Issue the trip of ``x`` (rows in destination order): (receive buffer, Work or None).
+    A hierarchical trip's second stage needs the first's rows: it runs blocking."""
+    if topo.hierarchical:
+        return all_to_all_rows(x, counts, topo), None
+    me, P = topo.ep_rank, topo.ep
+    row = x[0].numel() * x.element_size() if x.shape[0] else 0
+    Traffic.sent += row * (sum(counts[me]) - counts[me][me])
+    Traffic.calls += 1
+    y = x.new_empty((sum(counts[s][me] for s in range(P)),) + tuple(x.shape[1:]))
+    work = dist.all_to_all_single(y, x, [counts[s][me] for s in range(P)], counts[me], group=topo.ep_group,
+                                  async_op=True)
+    return y, work
+
+
+def _wait(work) -> None:
+    if work is not None:
+        with Traffic.waiting():
+            work.wait()
+
+
+class _StartAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, flight):
+        flight.sent = x
+        flight.rows, flight.work = _issue(x, flight.counts, flight.topo)
+        ctx.flight = flight
+        return flight.rows
+
+    @staticmethod
+    def backward(ctx, _g):  # the reverse trip was issued by the wait's backward
+        f = ctx.flight
+        _wait(f.back_work)
+        g, f.back_rows, f.back_work, f.back_sent = f.back_rows, None, None, None
+        return g, None
+
+
+class _WaitAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, flight):
+        _wait(flight.work)
+        flight.work = flight.sent = None
+        ctx.flight = flight
+        return rows.view_as(rows)
+
+    @staticmethod
+    def backward(ctx, g):
+        f = ctx.flight
+        back = [list(col) for col in zip(*f.counts)]  # the reverse trip: transpose
+        f.back_sent = g.contiguous()
+        f.back_rows, f.back_work = _issue(f.back_sent, back, f.topo)
+        return g, None
+
+
+def start_all_to_all(x: torch.Tensor, counts: list, topo: Topology, extra=None) -> InFlight:
+    """Issue the trip of rows ``x`` (destination order); ``finish_all_to_all`` gives the rows
+    received (source order). Autograd-aware, both halves."""
+    flight = InFlight(rows=x[:0], counts=counts, topo=topo, extra=extra)
+    flight.rows = _StartAllToAll.apply(x.contiguous(), flight)
+    return flight
+
+
+def finish_all_to_all(flight: InFlight) -> torch.Tensor:
+    return _WaitAllToAll.apply(flight.rows, flight)
+
+
+class _ChunkTrip(_Collective):
+    """One half of one chunk's trip: holds the layer's all-to-all module (its tables) in a plain
+    list (not a submodule: the graph no longer calls it)."""
+
+    def __init__(self, trip: nn.Module, chunk: int):
+        super().__init__()
+        self.trip, self.chunk = [trip], chunk
+
+    def extra_repr(self) -> str:
+        return f"chunk={self.chunk}"
+
+
+class CapacityDispatchStart(_ChunkTrip):
+    """Issue chunk ``chunk``'s dispatch trip: buf [E, C_j, d] -> InFlight."""
+
+    def forward(self, buf: torch.Tensor) -> InFlight:
+        send, counts = self.trip[0].send_rows(buf)
+        return start_all_to_all(send, counts, self._need(), extra=buf.shape[1])
+
+
+class CapacityDispatchWait(_ChunkTrip):
+    """Wait for it: -> the experts' input, [E_local, P·C_j, d] or rows grouped by local slot."""
+
+    def forward(self, flight: InFlight):
+        return self.trip[0].received(finish_all_to_all(flight), flight.extra)
+
+
+class CapacityCombineStart(_ChunkTrip):
+    """Issue the combine trip of chunk ``chunk``'s expert outputs (C_j read off its dispatch buffer)."""
+
+    def forward(self, y: torch.Tensor, buf: torch.Tensor) -> InFlight:
+        got, back = self.trip[0].back_rows(y, buf.shape[1])
+        return start_all_to_all(got, back, self._need(), extra=buf.shape[1])
+
+
+class CapacityCombineWait(_ChunkTrip):
+    """Wait for it: -> [E, C_j, d] in global expert order."""
+
+    def forward(self, flight: InFlight) -> torch.Tensor:
+        return self.trip[0].returned(finish_all_to_all(flight), flight.extra)
+
+
+class PackedChunkCounts(_Collective):
+    """Every chunk's counts in one exchange, before the first chunk's rows leave (the row trips'
+    splits depend on them): two small blocking collectives per layer, not two per chunk."""
+
+    def __init__(self, trip: "PackedAllToAll"):
+        super().__init__()
+        self.trip = [trip]
+
+    def forward(self, packs: tuple) -> list:
+        """Chunks' Packed (sizes [n_slots] each) -> per chunk (rows of each of my slots every source
+        sends me [P, n_local], the chunk's count matrix [P][P])."""
+        topo, lp, me = self._need(), self.trip[0].lp, self.trip[0].ep_rank
+        n_local, P, D = self.trip[0].n_local, lp.ep, len(packs)
+        sizes = torch.stack([p.sizes for p in packs])  # [D, n_slots], slots rank-major
+        per_rank = torch.split(sizes, n_local, dim=1)  # P × [D, n_local[d]]
+        send = torch.cat([s.reshape(-1) for s in per_rank])  # (destination, chunk, its slot)
+        recv = sizes.new_empty(P * D * n_local[me])
+        mine = torch.stack([s.sum(1) for s in per_rank], dim=1)  # [D, P]: my rows to each rank, per chunk
+        everyone = [torch.empty_like(mine) for _ in range(P)]
+        with Traffic.waiting():
+            dist.all_to_all_single(recv, send, [D * n_local[me]] * P, [D * n for n in n_local], group=topo.ep_group)
+            dist.all_gather(everyone, mine, group=topo.ep_group)
+        recv = recv.view(P, D, n_local[me])
+        counts = torch.stack(everyone)  # [source, chunk, destination]
+        return [(recv[:, j], counts[:, j].tolist()) for j in range(D)]
+
+
+class PackedDispatchStart(_ChunkTrip):
+    """Issue chunk ``chunk``'s rows, with the counts its ``PackedChunkCounts`` exchanged."""
+
+    def forward(self, p: Packed, exchanged: list) -> InFlight:
+        recv_sizes, counts = exchanged[self.chunk]
+        return start_all_to_all(p.rows, counts, self._need(), extra=recv_sizes)
+
+
+class PackedDispatchWait(_ChunkTrip):
+    def forward(self, flight: InFlight) -> Received:
+        return self.trip[0].received(finish_all_to_all(flight), flight.extra, flight.counts)
+
+
+class PackedCombineStart(_ChunkTrip):
+    def forward(self, y: torch.Tensor, received: Received) -> InFlight:
+        unsorted = y.new_empty(y.shape).index_copy(0, received.order, y)
+        return start_all_to_all(unsorted, [list(col) for col in zip(*received.counts)], self._need())
+
+
+class PackedCombineWait(_ChunkTrip):
+    def forward(self, flight: InFlight) -> torch.Tensor:
+        return finish_all_to_all(flight)
 
 
 class _GatherRows(torch.autograd.Function):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 COLOURS = {"route": "#fde68a", "dispatch": "#bfdbfe", "experts": "#bbf7d0", "combine": "#bfdbfe",
-           "a2a_dispatch": "#fca5a5", "a2a_combine": "#fca5a5", "route_gather": "#fca5a5", "shared": "#d9f99d"}
+           "a2a_dispatch": "#fca5a5", "a2a_combine": "#fca5a5", "route_gather": "#fca5a5", "shared": "#d9f99d",
+           "a2a_wait": "#fecaca", "join": "#bfdbfe"}
 
 
 def _label(node: fx.Node) -> str:

@@ -164,7 +164,9 @@ def _traffic(spec, compiled, B_local, T, wb):
                 share = [len(lp.slots[r]) / slots for r in range(P)]
                 rows_to = [k * S_local * share[r] for r in range(P)]
                 rows_from = [k * S_local * share[ep_rank]] * P
-            # dispatch + combine, forward and backward: 4 trips of the same size each way
+            # dispatch + combine, forward and backward: 4 trips of the same size each way, in each of
+            # the layer's overlap chunks (the bytes split over them)
+            chunks = cfg.overlap.chunks
             per_node = min(P, mesh.devices_per_node)
             if comm.algorithm == "hierarchical" and P > per_node and P % per_node == 0:
                 node, local = divmod(ep_rank, per_node)
@@ -174,8 +176,8 @@ def _traffic(spec, compiled, B_local, T, wb):
                         if moves:
                             t.send_bytes[kind] += 4 * rows_to[r] * d * wb
                             t.recv_bytes[kind] += 4 * rows_from[r] * d * wb
-                t.messages["intra"] += 4 * (per_node - 1)
-                t.messages["inter"] += 4 * (P // per_node - 1)
+                t.messages["intra"] += 4 * chunks * (per_node - 1)
+                t.messages["inter"] += 4 * chunks * (P // per_node - 1)
             else:
                 for r in range(P):
                     if r == ep_rank:
@@ -183,7 +185,7 @@ def _traffic(spec, compiled, B_local, T, wb):
                     kind = link(g, rank, group0 + r)
                     t.send_bytes[kind] += 4 * rows_to[r] * d * wb
                     t.recv_bytes[kind] += 4 * rows_from[r] * d * wb
-                    t.messages[kind] += 4
+                    t.messages[kind] += 4 * chunks
         for kind in ("intra", "inter"):
             send[kind] += int(t.send_bytes[kind])
             recv[kind] += int(t.recv_bytes[kind])

@@ -13,6 +13,7 @@ from .checks import NoLocation
 from .checks import a as _a
 from .errors import Issue, MoedslError, format_path
 from .kinds import layer_kind, layer_kinds, take
+from .kinds.moe import overlap_issue
 from .kinds.patch_embed import tokens_per_image
 from .mesh import check_mesh
 from .spec import Image, Layer, Mesh, Model, Placement, Spec, Train
@@ -81,6 +82,12 @@ def check_batch(spec: Spec, batch: int, world: int = 1, origin: str = "the batch
     located = spec.located or NoLocation(spec.source)
     issues: list[Issue] = []
     for layer in spec.moe_layers:
+        chunks = overlap_issue(layer.config, batch, seq or spec.train.seq_len, world)
+        if chunks is not None:
+            issue = located.issue(layer.path + ("moe", "overlap", "chunks"), chunks,
+                                  f"{origin} is {batch}: use at most that many chunks, or a larger batch")
+            if issue not in issues:
+                issues.append(issue)
         problem = routing_groups_issue(layer, batch, seq)
         if problem is None:
             continue

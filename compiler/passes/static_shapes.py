@@ -10,6 +10,8 @@ import torch.fx as fx
 
 from moedsl.kinds.gates import gate_type
 
+from ..chunks import chunk_range
+
 
 @dataclass(frozen=True)
 class StaticInfo:
@@ -37,8 +39,11 @@ def static_shapes_pass(graph: fx.Graph, low, comms: dict, placements: dict, mesh
             E = info.config.experts.count
             E_local = len(placements[info.name].slots[ep_rank])
             P = mesh.expert_parallel if comm.expert_parallel else 1
-            want = {"dispatch": (E, C, d), "experts": (E_local, P * C, d), "a2a_dispatch": (E_local, P * C, d),
-                    "a2a_combine": (E, C, d), "combine": (S, d)}
+
+            def shapes_for(c):  # the whole layer's (c = C), or a chunk's of the overlap pass (its slots of C)
+                return {"dispatch": (E, c, d), "experts": (E_local, P * c, d), "a2a_dispatch": (E_local, P * c, d),
+                        "a2a_combine": (E, c, d), "combine": (S, d), "join": (S, d)}
+            want = shapes_for(C)
         else:
             dynamic.append(info.name)
         for node in graph.nodes:
@@ -49,11 +54,14 @@ def static_shapes_pass(graph: fx.Graph, low, comms: dict, placements: dict, mesh
             if static and role in want:
                 if role in ("experts", "a2a_dispatch") and not placements[info.name].uniform and comm.expert_parallel:
                     shape = "rows"
+                elif node.meta.get("chunk") is not None:
+                    lo, hi = chunk_range(C, node.meta["chunk"], info.config.overlap.chunks)
+                    shape = shapes_for(hi - lo)[role]
                 else:
                     shape = want[role]
                 node.meta["shape"] = shape
                 shapes[node.name] = shape
-            elif not static and role in ("dispatch", "experts", "combine", "a2a_dispatch", "a2a_combine"):
+            elif not static and role in ("dispatch", "experts", "combine", "a2a_dispatch", "a2a_combine", "join"):
                 node.meta["shape"] = "dynamic"
                 shapes[node.name] = "dynamic"
     info = StaticInfo(capturable=not dynamic, dynamic_layers=tuple(dynamic), batch=(B, T), shapes=shapes)

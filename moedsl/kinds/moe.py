@@ -27,7 +27,7 @@ from .ffn import GLU_ACTIVATIONS
 from .gates import gate_type, gate_types
 
 _EXPERTS, _GATE, _SUB = defaults("experts"), defaults("gate"), defaults("sub_gate")
-_LOSSES, _MOE = defaults("losses"), defaults("moe")
+_LOSSES, _MOE, _OVERLAP = defaults("losses"), defaults("moe"), defaults("overlap")
 _SHARED_GATE = schema()["$defs"]["experts"]["properties"]["shared"]["properties"]["gate"]["default"]
 
 
@@ -146,11 +146,21 @@ class Losses:
 
 
 @dataclass(frozen=True)
+class Overlap:
+    """The layer's dispatch all-to-all, experts and combine all-to-all pipelined over ``chunks``
+    (Tutel's adaptive pipelining, Hwang et al. 2023; FasterMoE's smart scheduling, He et al. 2022):
+    the compiler's overlap pass (``moedsl.compiler.passes.overlap``). 1: not pipelined."""
+
+    chunks: int = _OVERLAP["chunks"]
+
+
+@dataclass(frozen=True)
 class MoE:
     experts: Experts
     gate: Gate
     hierarchy: Optional[Hierarchy] = None
     losses: Losses = field(default_factory=Losses)
+    overlap: Overlap = field(default_factory=Overlap)
     residual: bool = _MOE["residual"]
     prenorm: bool = _MOE["prenorm"]
 
@@ -273,7 +283,8 @@ class MoEKind(LayerKind):
         else:
             gate = _gate(data["gate"], path + ("gate",), experts, checks)
         losses = _losses(data, path, gate, hierarchy, checks)
-        return take(MoE, data, experts=experts, gate=gate, hierarchy=hierarchy, losses=losses)
+        overlap = take(Overlap, data.get("overlap"))
+        return take(MoE, data, experts=experts, gate=gate, hierarchy=hierarchy, losses=losses, overlap=overlap)
 
     def check_stack(self, layer, model, once) -> None:
         if gate_type(layer.config.gate.type).needs_tokens and model.input != "tokens":
@@ -385,6 +396,22 @@ class MoEKind(LayerKind):
         ctx.stats.append(ctx.call_function(moe_ops.router_stats, (route, name), ctx.node_name(layer, "router_stats"),
                                            **meta, role="stats"))
         return y
+
+
+def overlap_issue(cfg: MoE, batch: int, seq: int, world: int = 1) -> Optional[str]:
+    """What is wrong with splitting a batch of ``batch`` sequences × ``seq`` tokens on ``world``
+    processes into ``overlap.chunks`` (None: nothing). A chunk is a range of the tokens of one
+    rank's routing group (packed), or of the slots of its buffer (capacity): more chunks than
+    tokens would leave chunks empty, all-to-alls with nothing to carry."""
+    D = cfg.overlap.chunks
+    groups = cfg.gate.routing_groups
+    per = batch * seq // max(groups, world)
+    if D <= per:
+        return None
+    split = f"{groups} routing groups" if groups >= world else f"{world} processes"
+    tokens = f"{per} token" + ("s" if per != 1 else "")
+    return (f"{D} chunks exceed the {tokens} of a routing group ({batch} sequences × {seq} tokens "
+            f"over {split})")
 
 
 def routing_tokens(x, gate: str, groups: int, world: int):
