@@ -227,19 +227,46 @@ def _get_attr(gm: nn.Module, target: str):
     return obj
 
 
-def decide(mode: str, device: torch.device, options=None) -> bool:
-    """Whether a run compiles: ``on``/``off`` as said; ``auto``: see ``AUTO`` below."""
+# ``auto`` on a CPU, from measurements on a 2-core machine (README, "Compiled steps"): the dense
+# segments save about SAVED_S seconds per step per (token of the rank's batch × d_model × dense
+# module of the graph), and their first call compiles for up to WARMUP_S seconds (a cold inductor
+# cache; a warm one, on a second run of the same shapes, takes a few seconds). ``auto`` compiles
+# when the projected saving over the run is at least twice that.
+SAVED_S = 2.2e-9
+WARMUP_S = 40.0
+
+
+def dense_modules(gm: fx.GraphModule) -> int:
+    """Module calls (embedding, norms, attention, shared experts, head) in the dense segments."""
+    return sum(n.op == "call_module" for seg in segments(schedule(gm)) for n in seg.nodes)
+
+
+def projected_saving(gm: fx.GraphModule, tokens: int, d_model: int, steps: int) -> float:
+    """Seconds a run of ``steps`` steps of ``tokens`` tokens per rank would save, minus nothing."""
+    return steps * SAVED_S * tokens * d_model * dense_modules(gm)
+
+
+def decide(mode: str, device, model: Optional[fx.GraphModule] = None, tokens: int = 0, steps: int = 0) -> bool:
+    """Whether a run compiles its dense segments: ``on``/``off`` as said. ``auto``: on a CPU when
+    ``projected_saving`` is at least 2 × WARMUP_S; never on a GPU (not measured there; a static
+    graph's step is captured as a CUDA graph instead)."""
     if mode not in MODES:
         raise ValueError(f"compile must be one of {', '.join(MODES)}, not {mode!r}")
     if mode != "auto":
         return mode == "on"
-    return False
-
-
-def use_compile(model: fx.GraphModule, options, device: torch.device, say) -> bool:
-    """The Trainer's switch (``RunOptions.compile``): compile ``model``'s dense segments when
-    ``decide`` says so; True when it did (a failure at the first step still falls back)."""
-    if not decide(options.compile, device, options):
+    if torch.device(device).type != "cpu" or model is None:
         return False
-    compile_model(model, options.compile, say.once)
+    d_model = model.spec.model.d_model if hasattr(model, "spec") else 0
+    return projected_saving(model, tokens, d_model, steps) >= 2 * WARMUP_S
+
+
+def use_compile(model: fx.GraphModule, options, device, say, world: int = 1) -> bool:
+    """The Trainer's switch (``RunOptions.compile``): compile ``model``'s dense segments when
+    ``decide`` says so; True when it did (a failure at the first step still falls back, in ``auto``)."""
+    tokens = options.batch // max(world, 1) * options.seq
+    if not decide(options.compile, device, model, tokens, options.steps):
+        return False
+    state = compile_model(model, options.compile, say.once)
+    say.once(f"torch.compile on: {state.segments} dense segments (the MoE layers stay eager) compile at the "
+             "first step")
     return True

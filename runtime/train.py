@@ -137,7 +137,7 @@ class Trainer:
             load_weights(self.model, Path(o.init), spec)
         from .compile import use_compile
 
-        self.compiled = use_compile(self.model, o, self.device, self.say)  # True: dense segments compiled
+        self.compile_on = use_compile(self.model, o, self.device, self.say, self.world)  # dense segments compiled
         self.amp = dtypes.autocast_dtype(spec.model.dtype)  # None: float32, no autocast
         self.graphs = _use_cuda_graphs(o, self.device, self.model.compiled, self.say)
         self.lr = torch.tensor(o.lr, dtype=torch.float32, device=self.device)

@@ -4,6 +4,7 @@ process and on two, with the MoE layers' routing, dispatch, experts, combine and
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ import torch
 from moedsl.api import build_model, load_spec
 from moedsl.errors import MoedslError
 from moedsl.runtime.compile import compile_model, decide, is_dense, schedule, segments
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # a dropless top-2 layer with a balancing bias (state in buffers) and a capacity layer with drops
 SPEC = {
@@ -85,9 +88,11 @@ def test_compiled_segments_have_no_graph_breaks_and_leave_the_model_as_built(pai
     assert list(compiled.state_dict()) == list(eager.state_dict())
     assert [n.name for n in compiled.graph.nodes] == [n.name for n in eager.graph.nodes]
     # without gradients (evaluation) the segments run eagerly: nothing compiles again
+    graphs = dict(torch._dynamo.utils.counters["stats"])
     with torch.no_grad():
         tokens = torch.randint(0, 64, (2, 16))
         torch.testing.assert_close(compiled(tokens).output, eager(tokens).output, atol=1e-5, rtol=1e-5)
+    assert dict(torch._dynamo.utils.counters["stats"]) == graphs
 
 
 def test_dense_segments_span_from_one_moe_combine_to_the_next_router():
@@ -125,10 +130,38 @@ def test_a_failed_compilation_falls_back_to_eager_in_auto_mode_and_raises_in_on_
         model(tokens)
 
 
-def test_auto_compiles_only_where_it_pays():
-    assert decide("on", torch.device("cpu")) and not decide("off", torch.device("cpu"))
+def test_auto_compiles_only_runs_long_enough_to_repay_the_compilation():
+    from moedsl.runtime.compile import WARMUP_S, projected_saving
+
+    cpu = torch.device("cpu")
+    assert decide("on", cpu) and not decide("off", cpu)
+    model = build_model(load_spec(SPEC), device="meta")
+    assert not decide("auto", cpu, model, tokens=64, steps=2)  # a test's run: compiling costs more than it saves
+    long = 10 * int(2 * WARMUP_S / projected_saving(model, 64, 32, 1))
+    assert decide("auto", cpu, model, tokens=64, steps=long)
+    assert not decide("auto", "cuda", model, tokens=64, steps=long)  # not measured on a GPU: off
+    # the README's quick start (specs/mixtral.yaml, 200 steps of 16 × 64 tokens) runs eager
+    quick = build_model(load_spec(ROOT / "specs" / "mixtral.yaml"), device="meta")
+    assert not decide("auto", cpu, quick, tokens=16 * 64, steps=200)
     with pytest.raises(ValueError, match="compile must be one of auto, on, off"):
         decide("yes", torch.device("cpu"))
+
+
+def test_trainer_with_compile_on_trains_as_eager(pair, capsys):
+    """Two steps of ``RunOptions.compile`` on and off from the same weights: the same losses and
+    gradient norms (the fixture's compilation of these shapes is in inductor's cache by now)."""
+    from moedsl.runtime.train import RunOptions, Trainer
+
+    spec = load_spec(SPEC)
+    losses = {}
+    for mode in ("off", "on"):
+        t = Trainer(spec, RunOptions.from_spec(spec, device="cpu", data="synthetic", compile=mode, progress=True))
+        batch = t.source.batch(0, 4, 16, 0, 1)
+        losses[mode] = [(float(o.loss), float(o.grad_norm)) for o in (t.step(batch, 1e-3) for _ in range(2))]
+        assert t.compile_on == (mode == "on")
+    assert "torch.compile on: 3 dense segments" in capsys.readouterr().out
+    for (a, ga), (b, gb) in zip(losses["off"], losses["on"]):
+        assert abs(a - b) < 1e-5 and abs(ga - gb) < 1e-4 * ga
 
 
 def test_compiled_processes_equal_one_eager_process():
