@@ -134,7 +134,9 @@ def segment_module(root: nn.Module, seg: Segment) -> fx.GraphModule:
 
 class CompiledSegment(nn.Module):
     """One dense segment: compiled when autograd records, else eager. The first compiled call
-    compiles; a failure then falls back to eager everywhere (``auto``) or raises (``on``)."""
+    compiles; where the compiled call fails and the eager one does not (an error of the
+    computation itself is raised as it is), every segment runs eager from then on (``auto``), or
+    the run stops (``on``)."""
 
     def __init__(self, eager: fx.GraphModule, state: "CompileState", index: int):
         super().__init__()
@@ -150,8 +152,9 @@ class CompiledSegment(nn.Module):
         try:
             out = self.compiled(*args)
         except Exception as e:  # noqa: BLE001 - any compile failure: fall back, or fail in `on` mode
+            out = self.eager(*args)  # an error of the computation itself is raised here, as eagerly
             st.fail(e, self.index)
-            return self.eager(*args)
+            return out
         if first:
             st.compiled.add(self.index)
             st.seconds += time.perf_counter() - t0
