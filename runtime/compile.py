@@ -236,7 +236,7 @@ def _get_attr(gm: nn.Module, target: str):
 # cache; a warm one, on a second run of the same shapes, takes a few seconds). ``auto`` compiles
 # when the projected saving over the run is at least twice that.
 SAVED_S = 2.2e-9
-WARMUP_S = 40.0
+WARMUP_S = 60.0
 
 
 def dense_modules(gm: fx.GraphModule) -> int:
