@@ -75,7 +75,7 @@ def load_model(src, checkpoint=None, device="cpu"):
 
 
 def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0, dtype=None,
-                layout: str = "auto", init: bool = True):
+                layout: str = "auto", init: bool = True, compile: bool = False):
     """A ready ``nn.Module`` for ``spec`` (a torch.fx GraphModule).
 
     ``model(tokens)`` (or ``model(x)`` for input: vectors) returns a ``ModelOutput`` with
@@ -86,7 +86,11 @@ def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int 
     collectives are bound to process groups made from the spec's mesh. ``layout``: how capacity
     layers compute (see ``moedsl.compiler.compile_graph``): by default the padded static
     buffers on a GPU (CUDA-graph capturable) and only the kept rows on a CPU. ``init=False``
-    leaves the experts' weights uninitialised (for weights loaded next)."""
+    leaves the experts' weights uninitialised (for weights loaded next). ``compile=True``: the dense
+    segments of the graph (embedding, norms, attention, residuals, head: everything but the MoE
+    layers' routing, dispatch, experts, combine and collectives) run through ``torch.compile``
+    when autograd records, compiled at the first such call (``moedsl.runtime.compile``); the
+    graph, parameters and state dict are the same."""
     from .compiler import compile_graph
     from .dtypes import torch_dtype
 
@@ -101,6 +105,10 @@ def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int 
         from .runtime.mesh import bind_model
 
         bind_model(gm, compiled.mesh, rank)
+    if compile:
+        from .runtime.compile import compile_model
+
+        compile_model(gm, "on")
     return gm
 
 

@@ -154,7 +154,7 @@ def _cmd_run(args) -> int:
         data=args.data, eval_every=args.eval_every, eval_batches=args.eval_batches,
         checkpoint_every=args.checkpoint_every, out=args.out or f"runs/{spec.name}", resume=args.resume,
         device=args.device, cuda_graphs=args.cuda_graphs, progress=not args.no_progress, timeout=args.timeout,
-        keep_memory=not args.no_keep_memory, init=args.init)
+        keep_memory=not args.no_keep_memory, init=args.init, compile=args.compile)
     rank = int(os.environ.get("RANK", 0))
     if not launched_worker():  # the launcher has checked for its workers, before starting them
         world = args.nproc if launching else int(os.environ.get("WORLD_SIZE", 1))
@@ -239,9 +239,10 @@ def _cmd_verify(args) -> int:
 
     resolve_mesh(spec, args.nproc)  # a placement error is a SpecError, before any process starts
     seq = spec.train.seq_len if spec.model.input == "image" else args.seq  # an image's tokens: from model.image
-    diffs = check(spec, args.nproc, batch=args.batch, seq=seq, layout=args.layout)
+    diffs = check(spec, args.nproc, batch=args.batch, seq=seq, layout=args.layout, compile=args.compile)
+    compiled = ", dense segments compiled" if args.compile else ""
     t = Table(title=f"{spec.name}: {args.nproc} processes against one (batch {args.batch} × {seq}, "
-              f"layout {args.layout})", title_justify="left")
+              f"layout {args.layout}{compiled})", title_justify="left")
     for col in ("rank", "max |Δ output|", "|Δ aux loss|", "max |Δ gradient|", "worst parameter", "router counts",
                 "ok"):
         t.add_column(col)
@@ -424,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     r.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                    help="capture the step as a CUDA graph (auto: when the graph is static and on CUDA)")
+    r.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the graph's dense segments (norms, attention, residuals, head; the MoE "
+                        "layers stay eager). auto: see the README's 'Compiled steps'")
     r.add_argument("--timeout", type=_number, default=300.0,
                    help="seconds a collective may wait before the run fails")
     r.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
@@ -441,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--seq", type=_positive, default=16, help="sequence length (default 16)")
     vf.add_argument("--layout", choices=["auto", "static", "grouped"], default="auto",
                     help="static: check the capacity layers' padded buffers and fixed-size all-to-alls")
+    vf.add_argument("--compile", action="store_true",
+                    help="the N processes run torch.compile'd dense segments (against one eager process)")
     vf.set_defaults(func=_cmd_verify)
 
     ev = sub.add_parser("eval", help="evaluate a trained run on its held-out data at an inference capacity factor: "

@@ -90,19 +90,20 @@ def _single(spec, inputs, seed, layout):
 
 
 def _worker(rank: int, world: int, spec_datas: list, batch: int, seq: int, seed: int, layout: str, atol: float,
-            rtol: float):
+            rtol: float, compile: bool = False):
     torch.set_num_threads(1)
-    return [_check_one(rank, world, data, batch, seq, seed, layout, atol, rtol) for data in spec_datas]
+    return [_check_one(rank, world, data, batch, seq, seed, layout, atol, rtol, compile) for data in spec_datas]
 
 
 def _check_one(rank: int, world: int, spec_data, batch: int, seq: int, seed: int, layout: str, atol: float,
-               rtol: float):
+               rtol: float, compile: bool = False):
     from moedsl.api import build_model, load_spec
 
     spec = load_spec(spec_data)
     inputs = _batch(spec, batch, seq, seed)
     ref_out, ref_aux, ref_grads, ref_experts, ref_stats = _single(spec, inputs, seed, layout)
-    model = build_model(spec, seed=seed, rank=rank, world_size=world, dtype=torch.float32, layout=layout)
+    model = build_model(spec, seed=seed, rank=rank, world_size=world, dtype=torch.float32, layout=layout,
+                        compile=compile)
     model.train()
     share = batch // world
     local = inputs[rank * share:(rank + 1) * share]
@@ -151,10 +152,12 @@ def _check_one(rank: int, world: int, spec_data, batch: int, seq: int, seed: int
 
 
 def check(specs, world: int, batch: int = 8, seq: int = 16, seed: int = 0, timeout: float = 300.0,
-          layout: str = "auto", atol: float = 2e-5, rtol: float = 1e-4) -> list:
+          layout: str = "auto", atol: float = 2e-5, rtol: float = 1e-4, compile: bool = False) -> list:
     """For each spec (one, or a list), the per-rank ``Difference``s between a ``world``-process
     run and the single process: ``result[spec][rank]``. One set of processes checks them all.
-    ``layout="static"`` checks the capacity layers' static buffers and all-to-alls on a CPU."""
+    ``layout="static"`` checks the capacity layers' static buffers and all-to-alls on a CPU.
+    ``compile=True``: the ``world`` processes run their dense segments through ``torch.compile``
+    (``build_model(compile=True)``), against the eager single process."""
     from moedsl.api import load_spec
 
     from .launch import spawn
@@ -163,6 +166,6 @@ def check(specs, world: int, batch: int = 8, seq: int = 16, seed: int = 0, timeo
     datas = [load_spec(s).data for s in ([specs] if single else specs)]
     if batch % world:
         raise ValueError(f"batch {batch} does not split over {world} ranks")
-    per_rank = spawn(_worker, world, datas, batch, seq, seed, layout, atol, rtol, timeout=timeout)
+    per_rank = spawn(_worker, world, datas, batch, seq, seed, layout, atol, rtol, compile, timeout=timeout)
     result = [[per_rank[r][i] for r in range(world)] for i in range(len(datas))]
     return result[0] if single else result

@@ -67,6 +67,7 @@ class RunOptions:
     log_every: int = 1
     keep_memory: bool = True  # on a CPU: malloc keeps freed memory (runtime/cpu.py)
     init: Optional[str] = None  # an import folder (moedsl import): the initial weights
+    compile: str = "auto"  # auto | on | off: torch.compile the dense segments (runtime/compile.py)
 
     @staticmethod
     def from_spec(spec, **overrides) -> "RunOptions":
@@ -134,6 +135,9 @@ class Trainer:
             from moedsl.hf.weights import load_weights
 
             load_weights(self.model, Path(o.init), spec)
+        from .compile import use_compile
+
+        self.compile_on = use_compile(self.model, o, self.device, self.say, self.world)  # dense segments compiled
         self.amp = dtypes.autocast_dtype(spec.model.dtype)  # None: float32, no autocast
         self.graphs = _use_cuda_graphs(o, self.device, self.model.compiled, self.say)
         self.lr = torch.tensor(o.lr, dtype=torch.float32, device=self.device)
