@@ -87,10 +87,6 @@ class _Bucket:
     flat: Optional[torch.Tensor] = None
     work: object = None
 
-    @property
-    def numel(self) -> int:
-        return sum(p.numel for p in self.pieces)
-
 
 class GradSync:
     """``sync.start()`` before backward (bucketed: arms the hooks), ``sync()`` after it: every
@@ -119,14 +115,12 @@ class GradSync:
             if not name.endswith(".experts"):
                 continue
             lp = compiled.placements[name.rsplit(".", 1)[0]]
-            holders_of = lambda e: tuple(sorted(i * P + h for i in range(D) for h in lp.hosts[e]))  # noqa: E731
-            copies = (lambda e: len(lp.hosts[e])) if self._local_expert_norm else \
-                (lambda e: D * len(lp.hosts[e]))
-            share = torch.tensor([1.0 / copies(e) for e in lp.slots[ep_rank]])
+            copies = 1 if self._local_expert_norm else D  # EP groups whose norms are summed
+            share = torch.tensor([1.0 / (copies * len(lp.hosts[e])) for e in lp.slots[ep_rank]])
             for p in mod.parameters(recurse=False):
                 self.experts.append((p, share.to(p.device)))
             for slot, e in enumerate(lp.slots[ep_rank]):
-                holders = holders_of(e)
+                holders = tuple(sorted(i * P + h for i in range(D) for h in lp.hosts[e]))
                 if len(holders) > 1:
                     for p in mod.parameters(recurse=False):
                         by_holders[holders].append((p, slot))
@@ -260,7 +254,7 @@ class GradSync:
         mine = self._ready_order + [i for i in reversed(range(len(self._params))) if i not in seen]
         order = torch.tensor(mine, dtype=torch.int64, device=self._device)
         with Traffic.waiting():
-            dist.broadcast(order, src=0)
+            dist.broadcast(order, src=0, group=self._pg[WORLD])
         self._build(order.tolist())
         self._ordered = True
 

@@ -14,6 +14,7 @@ import yaml
 import moedsl
 from moedsl.cli import main
 from moedsl.runtime import checkpoint as ckpt
+from moedsl.runtime import report
 from moedsl.runtime import train as train_mod
 from moedsl.runtime.launch import spawn
 from moedsl.runtime.train import RunOptions, run
@@ -165,6 +166,7 @@ def test_metrics_are_read_only_on_logging_steps_and_every_steps_loss_is_kept(tmp
         return real(outputs, world, history)
 
     monkeypatch.setattr(train_mod, "reduce_step", counted)
+    monkeypatch.setattr(report, "plot_expert_load", lambda *a, **k: None)  # seconds of matplotlib, not tested here
     every = run(tiny(), options(tmp_path / "every"))
     assert calls == [1] * 7
     calls.clear()
