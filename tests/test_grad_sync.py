@@ -145,6 +145,56 @@ def test_bucketed_sync_sums_what_the_after_backward_sync_sums_and_launches_in_on
             assert any(g != () for g, _, _ in per_rank[0][c][0]["launched"])
 
 
+RATE = 0.01
+
+
+def balancing_mixtral() -> dict:
+    """mixtral with aux-loss-free balancing (DeepSeek-V3 §2.1.2) in its 4 gates: a step moves
+    each gate's bias by the load summed over ranks, the gates' loads in one all-reduce. Routed
+    in groups of one sequence, so each rank counts only its own tokens."""
+    d = yaml.safe_load((ROOT / "specs" / "mixtral.yaml").read_text())
+    d["layers"][1]["block"][1]["moe"]["gate"].update(bias_balancing={"rate": RATE}, routing_groups=4)
+    return d
+
+
+def _train_worker(rank: int, world: int, data: dict, modes: list):
+    from moedsl.runtime.train import Trainer
+
+    torch.set_num_threads(1)
+    spec = moedsl.load_spec(data)
+    out = {}
+    for mode in modes:
+        o = RunOptions.from_spec(spec, steps=1, batch=4, seq=16, device="cpu", progress=False, grad_sync=mode,
+                                 bucket_mb=BUCKET_MB)
+        t = Trainer(spec, o)
+        loads = []  # each gate's load of this rank's tokens, read as its forward returns
+        hooks = [g.register_forward_hook(lambda m, a, r: loads.append(m.load_acc.clone())) for g in t.train_step.gates]
+        outputs = t.step(t.source.batch(0, 4, 16, rank, world), o.lr)
+        for h in hooks:
+            h.remove()
+        out[mode] = dict(norm=float(outputs.grad_norm), loads=[x.tolist() for x in loads],
+                         bias=[g.expert_bias.tolist() for g in t.train_step.gates])
+    return out
+
+
+def test_a_training_step_moves_the_balancing_bias_as_one_process_does_with_either_sync():
+    data = balancing_mixtral()
+    per_rank = spawn(_train_worker, 2, data, ["bucketed", "after_backward"])
+    one = _train_worker(0, 1, data, ["after_backward"])["after_backward"]
+    # the bias moves by the rate against the sign of (mean load - load), from zero, each gate its own
+    want = [(RATE * torch.sign(torch.tensor(x).mean() - torch.tensor(x))).tolist() for x in one["loads"]]
+    assert len(want) == 4 and len({tuple(w) for w in want}) == 4
+    ranks_loads = [torch.tensor(r["bucketed"]["loads"]) for r in per_rank]
+    assert torch.equal(sum(ranks_loads), torch.tensor(one["loads"]))  # the ranks count shares of one batch
+    assert not all(torch.equal(x, ranks_loads[0]) for x in ranks_loads[1:])
+    for rank, r in enumerate(per_rank):
+        assert r["bucketed"]["norm"] == r["after_backward"]["norm"]  # the same sums, bit for bit on 2 ranks
+        assert abs(r["bucketed"]["norm"] - one["norm"]) < 1e-4 * one["norm"]
+        for mode in r:  # the loads are counts: their sums over ranks are exact
+            for layer, (got, ref) in enumerate(zip(r[mode]["bias"], want)):
+                assert got == ref, f"rank {rank} {mode}: gate {layer}: {got} vs {ref}"
+
+
 # ----------------------------------------------------------------------------- logging steps
 
 def tiny(name: str = "switch"):
