@@ -157,11 +157,11 @@ def balancing_mixtral() -> dict:
     return d
 
 
-def _train_worker(rank: int, world: int, data: dict, modes: list):
+def _train_worker(rank: int, world: int, data: dict, modes: list, placement=None):
     from moedsl.runtime.train import Trainer
 
     torch.set_num_threads(1)
-    spec = moedsl.load_spec(data)
+    spec = moedsl.load_spec({**data, "placement": placement} if placement else data)
     out = {}
     for mode in modes:
         o = RunOptions.from_spec(spec, steps=1, batch=4, seq=16, device="cpu", progress=False, grad_sync=mode,
@@ -181,6 +181,9 @@ def test_a_training_step_moves_the_balancing_bias_as_one_process_does_with_eithe
     data = balancing_mixtral()
     per_rank = spawn(_train_worker, 2, data, ["bucketed", "after_backward"])
     one = _train_worker(0, 1, data, ["after_backward"])["after_backward"]
+    # every expert on both ranks: the experts' share of the norm is summed on each rank alone
+    dp = spawn(_train_worker, 2, data, ["bucketed"], {"expert_parallel": 1, "data_parallel": 2})
+    assert all(abs(r["bucketed"]["norm"] - one["norm"]) < 1e-4 * one["norm"] for r in dp), (dp, one["norm"])
     # the bias moves by the rate against the sign of (mean load - load), from zero, each gate its own
     want = [(RATE * torch.sign(torch.tensor(x).mean() - torch.tensor(x))).tolist() for x in one["loads"]]
     assert len(want) == 4 and len({tuple(w) for w in want}) == 4
