@@ -129,7 +129,7 @@ def _cmd_compile(args) -> int:
 # the RunOptions field each `moedsl run` option sets, as the user writes it
 _RUN_FLAGS = {"steps": "--steps", "batch": "--batch", "seq": "--seq", "lr": "--lr", "warmup": "--warmup",
               "seed": "--seed", "eval_every": "--eval-every", "eval_batches": "--eval-batches",
-              "checkpoint_every": "--checkpoint-every", "timeout": "--timeout"}
+              "checkpoint_every": "--checkpoint-every", "timeout": "--timeout", "log_every": "--log-every"}
 
 
 def _cmd_run(args) -> int:
@@ -154,7 +154,7 @@ def _cmd_run(args) -> int:
         data=args.data, eval_every=args.eval_every, eval_batches=args.eval_batches,
         checkpoint_every=args.checkpoint_every, out=args.out or f"runs/{spec.name}", resume=args.resume,
         device=args.device, cuda_graphs=args.cuda_graphs, progress=not args.no_progress, timeout=args.timeout,
-        keep_memory=not args.no_keep_memory, init=args.init, compile=args.compile)
+        keep_memory=not args.no_keep_memory, init=args.init, compile=args.compile, log_every=args.log_every)
     rank = int(os.environ.get("RANK", 0))
     if not launched_worker():  # the launcher has checked for its workers, before starting them
         world = args.nproc if launching else int(os.environ.get("WORLD_SIZE", 1))
@@ -410,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-every", type=_whole, help="held-out evaluation every N steps")
     r.add_argument("--eval-batches", type=_whole, help="batches per held-out evaluation")
     r.add_argument("--checkpoint-every", type=_whole, help="save a checkpoint every N steps (and at the end)")
+    r.add_argument("--log-every", type=_whole, help="read the step metrics (a collective and a wait for the device) "
+                   "every N steps, and at evaluations, checkpoints and the last step (default 1)")
     r.add_argument("--out", help="output folder (default: runs/SPEC-NAME)")
     r.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in --out (or the given one)")

@@ -90,10 +90,17 @@ def check_run(spec, o, world: int, *, names: dict | None = None, world_name: str
 # ----------------------------------------------------------------------------- options
 
 _SPEC_FIELD = {"batch": "batch_size", "seq": "seq_len"}  # RunOptions field -> train.* key of the spec
+# RunOptions fields that RunOptions.from_spec fills from the spec's train section
+_FROM_SPEC = {"steps", "batch", "seq", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "seed", "data",
+              "eval_every", "eval_batches", "checkpoint_every"}
 
 
 def _name(names: dict, field: str) -> str:
-    return names.get(field, f"train.{_SPEC_FIELD.get(field, field)}")
+    """How the user gave ``field``: a flag (``names``), the spec's ``train.*`` key, or else the
+    RunOptions field itself (set from Python)."""
+    if field in names:
+        return names[field]
+    return f"train.{_SPEC_FIELD.get(field, field)}" if field in _FROM_SPEC else field
 
 
 def _whole(x) -> bool:
@@ -127,6 +134,12 @@ def option_problems(spec, o, names: dict) -> list:
         bad("weight_decay", "must be a finite number >= 0")
     if not _finite(o.grad_clip) or o.grad_clip <= 0:
         bad("grad_clip", "must be a finite number > 0")
+    from .grads import MODES
+
+    if o.grad_sync not in MODES:
+        bad("grad_sync", f"must be {' or '.join(MODES)}")
+    if not _finite(o.bucket_mb) or o.bucket_mb <= 0:
+        bad("bucket_mb", "must be a number > 0 (MiB of gradients per all-reduce)")
     if not _finite(o.timeout) or not 0 < o.timeout <= MAX_TIMEOUT_S:
         bad("timeout", "the seconds a collective may wait must be a finite number > 0")
     if not _whole(o.seed) or not -2**63 <= o.seed < 2**63 - 2**20:

@@ -1,10 +1,11 @@
 """One training step as tensor operations only: what eager mode calls and what a CUDA graph
 captures. Both modes run this same code, so they skip, scale and update alike.
 
-    forward (autocast) → task loss + aux loss → backward of (loss + aux) / world (· S in float16)
-    → gradient sync → clip by the global norm (÷ S) → found_inf = norm is not finite
-    → fused AdamW (skips in its kernel when found_inf) → aux-loss-free bias (not when found_inf)
-    → loss scale update (float16)
+    forward (autocast) → task loss + aux loss → backward of (loss + aux) / world (· S in float16),
+    during which complete buckets of gradients start their all-reduces (runtime/grads.py), and
+    the balancing gates' loads their one all-reduce → the rest of the gradient sync → clip by
+    the global norm (÷ S) → found_inf = norm is not finite → fused AdamW (skips in its kernel
+    when found_inf) → aux-loss-free bias (not when found_inf) → loss scale update (float16)
 
 No value goes to the host here: the caller decides what to read back and when.
 """
@@ -17,6 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moedsl.compiler.collectives import Traffic
+
+from .grads import capturing
 from .optim import LossScale
 
 
@@ -66,6 +70,8 @@ class TrainStep:
         objective = (loss + out.aux_loss) / self.world
         if self.loss_scale is not None:
             objective = objective * self.loss_scale.scale
+        loads = self._sum_loads()  # in flight during backward
+        self.sync.start()
         objective.backward()
         self.sync()
         inv_scale = None if self.loss_scale is None else 1.0 / self.loss_scale.scale
@@ -73,16 +79,37 @@ class TrainStep:
         skipped = (~torch.isfinite(norm)).to(torch.float32)  # the same on every rank: the norm is global
         self.opt.found_inf = skipped
         self.opt.step()
-        self._move_bias(1.0 - skipped)
+        self._move_bias(loads, 1.0 - skipped)
         if self.loss_scale is not None:
             self.loss_scale.update(skipped)
         return StepOutputs(loss.detach(), out.aux_loss.detach(), norm, skipped, out.router_stats)
 
     @torch.no_grad()
-    def _move_bias(self, keep: torch.Tensor) -> None:
+    def _sum_loads(self):
+        """Every balancing gate's load, summed over ranks in one all-reduce that runs while
+        backward does (blocking while a CUDA graph is captured): (flat loads, work or None)."""
+        if not self.gates:
+            return None
+        flat = torch.cat([g.load_acc for g in self.gates])  # a copy: balance_step zeroes load_acc
+        if self.world == 1:
+            return flat, None
+        if capturing(flat.device):
+            with Traffic.waiting():
+                dist.all_reduce(flat)
+            return flat, None
+        return flat, dist.all_reduce(flat, async_op=True)
+
+    @torch.no_grad()
+    def _move_bias(self, loads, keep: torch.Tensor) -> None:
         """The balancing bias from the load of every rank, left as it was when the step is skipped."""
+        if loads is None:
+            return
+        flat, work = loads
+        if work is not None:
+            with Traffic.waiting():
+                work.wait()
+        offset = 0
         for g in self.gates:
-            load = g.load_acc.clone()
-            if self.world > 1:
-                dist.all_reduce(load)
-            g.balance_step(load, keep)
+            n = g.load_acc.numel()
+            g.balance_step(flat[offset:offset + n], keep)
+            offset += n

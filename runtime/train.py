@@ -3,14 +3,15 @@
     trainer = Trainer(spec, RunOptions.from_spec(spec, steps=100))
     summary = trainer.fit()          # the loop below; or drive it: trainer.step(batch, lr)
 
-    for step: batch -> Trainer.step (runtime/step.py: forward, backward, gradient sync, clip,
-              AdamW, balancing bias; eager, or replayed as a CUDA graph) -> metrics over ranks
+    for step: batch -> Trainer.step (runtime/step.py: forward, backward with the gradient sync
+              overlapping it, clip, AdamW, balancing bias; eager, or replayed as a CUDA graph)
+              -> on a logging step: the metrics of the steps since the last one, over ranks
               (-> held-out eval, -> checkpoint)
 
 Read top to bottom; the pieces it calls are in this folder: step.py (the step itself),
-optim.py (AdamW, schedule, loss scale), cudagraph.py (capture), metrics.py (one collective
-per step), checkpoint.py, data.py, diagnose.py (where a NaN came from), faults.py (tests'
-fault injection), progress.py (what rank 0 prints).
+grads.py (gradient sync), optim.py (AdamW, schedule, loss scale), cudagraph.py (capture),
+metrics.py (one collective per logging step), checkpoint.py, data.py, diagnose.py (where a
+NaN came from), faults.py (tests' fault injection), progress.py (what rank 0 prints).
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ from .cpu import keep_freed_memory, release_freed_memory
 from .data import make_source
 from .diagnose import first_nonfinite
 from .faults import inject_fault
-from .grads import GradSync
-from .metrics import reduce_step
+from .grads import DEFAULT_BUCKET_MB, GradSync
+from .metrics import reduce_step, step_figures
 from .optim import LossScale, lr_at, make_optimizer
 from .preflight import check_run
 from .progress import Reporter
@@ -64,7 +65,9 @@ class RunOptions:
     cuda_graphs: str = "auto"  # auto | on | off
     progress: bool = True
     timeout: float = 300.0  # seconds a collective may wait before the run fails
-    log_every: int = 1
+    log_every: int = 1  # figures read (a collective, a host sync) every N steps, and at eval, checkpoint, last
+    grad_sync: str = "bucketed"  # bucketed (all-reduces overlap backward) | after_backward (runtime/grads.py)
+    bucket_mb: float = DEFAULT_BUCKET_MB  # bucketed: a bucket's size cap, MiB
     keep_memory: bool = True  # on a CPU: malloc keeps freed memory (runtime/cpu.py)
     init: Optional[str] = None  # an import folder (moedsl import): the initial weights
     compile: str = "auto"  # auto | on | off: torch.compile the dense segments (runtime/compile.py)
@@ -142,7 +145,7 @@ class Trainer:
         self.graphs = _use_cuda_graphs(o, self.device, self.model.compiled, self.say)
         self.lr = torch.tensor(o.lr, dtype=torch.float32, device=self.device)
         self.opt = make_optimizer(self.model, o, self.lr, capturable=self.graphs)
-        self.sync = GradSync(self.model, self.model.compiled.mesh, self.rank)
+        self.sync = GradSync(self.model, self.model.compiled.mesh, self.rank, mode=o.grad_sync, bucket_mb=o.bucket_mb)
         self.loss_scale = LossScale(self.device) if spec.model.dtype == "float16" else None
         self.train_step = TrainStep(self.model, spec, self.opt, self.sync, self.world, self.amp, o.grad_clip,
                                     self.loss_scale)
@@ -282,41 +285,52 @@ class Trainer:
         balance = dropped = float("nan")
         t0, tokens = time.perf_counter(), 0
         bar = self.say.progress(o.steps, start)
+        # the steps since the last logging step: their figures stay on the device until it
+        history, since, window_t = [], start, None
         try:
             for step in range(start, o.steps):
                 inject_fault(step, rank, self.model)
                 b = self.source.batch(step, o.batch, o.seq, rank, world)
-                ts = time.perf_counter()
+                window_t = time.perf_counter() if window_t is None else window_t
                 lr = lr_at(step, o)
-                m = reduce_step(self.step(b, lr), world)
-                if m.skipped or not (math.isfinite(m.loss) and math.isfinite(m.aux_loss)):
-                    if not self._overflow(m):
-                        raise self._nonfinite_error(m, step, b, last_ckpt)
-                    skipped += 1
-                    self.say.once("float16: a step's scaled gradient overflowed; the step was skipped and the "
-                                  "loss scale halved (this repeats quietly; metrics.jsonl marks such steps)")
-                first = m.loss if first is None else first
-                balance, dropped = m.balance, m.dropped
-                dt = time.perf_counter() - ts
+                outputs = self.step(b, lr)
+                history.append(step_figures(outputs))
                 tokens += o.batch * o.seq
-                losses.append(m.loss)
+                evaluating = (step + 1) % o.eval_every == 0 or step + 1 == o.steps
+                saving = bool(o.checkpoint_every) and (step + 1) % o.checkpoint_every == 0 and step + 1 < o.steps
+                if not (evaluating or saving or (step + 1) % o.log_every == 0):
+                    continue  # no collective and no host read: the next logging step reads this one
+                # a logging step: every step since the last one checked (a checkpoint holds checked weights)
+                m = reduce_step(outputs, world, history)
+                for at, f in enumerate(m.steps, start=since):
+                    if f.skipped or not (math.isfinite(f.loss) and math.isfinite(f.aux_loss)):
+                        if not self._overflow(f):
+                            raise self._nonfinite_error(f, at, step, last_ckpt)
+                        skipped += 1
+                        self.say.once("float16: a step's scaled gradient overflowed; the step was skipped and the "
+                                      "loss scale halved (this repeats quietly; metrics.jsonl marks such steps)")
+                    first = f.loss if first is None else first
+                    losses.append(f.loss)
+                balance, dropped = m.balance, m.dropped
+                dt = time.perf_counter() - window_t  # the steps since the last logging step, this read included
                 row = {"step": step + 1, "loss": m.loss, "aux_loss": m.aux_loss, "lr": lr, "grad_norm": m.grad_norm,
-                       "tokens_per_s": o.batch * o.seq / dt, "balance": balance, "dropped": dropped,
+                       "tokens_per_s": len(m.steps) * o.batch * o.seq / dt, "balance": balance, "dropped": dropped,
                        "expert_load": m.expert_load, "time": time.time()}
+                history, since, window_t = [], step + 1, None
                 if self.loss_scale is not None:
                     row.update(loss_scale=float(self.loss_scale.scale), skipped=m.skipped)
-                if (step + 1) % o.eval_every == 0 or step + 1 == o.steps:
+                if evaluating:
                     eval_loss = self.evaluate()
                     if self.device.type == "cpu" and o.keep_memory:
                         release_freed_memory()  # the evaluation's own shapes: not kept past it
                     row.update(eval_loss=eval_loss, eval_ppl=_ppl(spec, eval_loss))
                     if self.eval_accuracy is not None:
                         row.update(accuracy=self.eval_accuracy)
-                if log is not None and ((step + 1) % o.log_every == 0 or "eval_loss" in row):
+                if log is not None:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                 bar(step + 1, m.loss, row["tokens_per_s"], balance, eval_loss, accuracy=self.eval_accuracy)
-                if o.checkpoint_every and (step + 1) % o.checkpoint_every == 0 and step + 1 < o.steps:
+                if saving:
                     last_ckpt = self.save(step + 1)
             if o.steps > start:
                 last_ckpt = self.save(o.steps)
@@ -343,13 +357,20 @@ class Trainer:
         and then with loss scaling, and handled (skipped, scale halved)."""
         return self.loss_scale is not None and math.isfinite(m.loss) and math.isfinite(m.aux_loss)
 
-    def _nonfinite_error(self, m, step: int, batch, last_ckpt) -> MoedslError:
+    def _nonfinite_error(self, f, at: int, step: int, last_ckpt) -> MoedslError:
+        """Step ``at`` (0-based) had a non-finite loss or gradient (``f``: its figures), found at the
+        logging step ``step``; where it came from is looked for on ``at``'s batch (a function of
+        the step), with the weights as they are now."""
+        o = self.options
+        batch = self.source.batch(at, o.batch, o.seq, self.rank, self.world)
         where = first_nonfinite(self.model, batch.inputs.to(self.device), self.amp)
-        what, value = next((w, v) for w, v in (("loss", m.loss), ("aux loss", m.aux_loss),
-                                                ("gradient norm", m.grad_norm)) if not math.isfinite(v))
-        return MoedslError(f"the {what} is {value} at step {step + 1}: the first non-finite values come from "
-                           f"{where}. The run stopped before updating the weights"
-                           + (f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""))
+        what, value = next((w, v) for w, v in (("loss", f.loss), ("aux loss", f.aux_loss),
+                                                ("gradient norm", f.grad_norm)) if not math.isfinite(v))
+        found = "" if at == step else f" (read at step {step + 1}: --log-every {o.log_every})"
+        stopped = "The run stopped before updating the weights" if at == step else \
+            "That step updated nothing, and the run stopped"
+        return MoedslError(f"the {what} is {value} at step {at + 1}{found}: the first non-finite values come from "
+                           f"{where}. {stopped}" + (f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""))
 
 
 def run(spec, o: RunOptions) -> Summary:
