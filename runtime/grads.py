@@ -315,31 +315,34 @@ class GradSync:
         """Clip by the global gradient norm, the norm of the single-process model's gradient:
         replicated parameters once, every expert once. Returns the norm before clipping.
         ``inv_scale``: the gradients hold (loss · S)'s gradient; they are divided by S here and
-        the norm is that of the unscaled gradient. A non-finite norm zeroes every gradient (the
-        same on every rank), so a NaN never reaches the weights. One scalar all-reduce when
+        the norm is that of the unscaled gradient. A non-finite norm (the same on every rank) is
+        the step's ``found_inf``: the fused AdamW then leaves every weight and moment as it was
+        (runtime/optim.py), so a NaN never reaches the weights; the gradients are not rewritten.
+        Without clipping or a loss scale the gradients are only read. One scalar all-reduce when
         experts are sharded over ranks; none when every rank holds every expert (or none)."""
         dev = self.shared[0].device if self.shared else self.experts[0][0].device
-        sq = torch.zeros((), dtype=torch.float32, device=dev)
-        for p in self.shared:
-            if p.grad is not None:
-                sq = sq + p.grad.float().pow(2).sum()
-        ex = torch.zeros((), dtype=torch.float32, device=dev)
+        f32 = torch.float32
+        shared = [p.grad for p in self.shared if p.grad is not None]
+        # one pass over each gradient (a norm), not a squared copy and a sum
+        sq = torch.stack(torch._foreach_norm(shared)).to(f32).square().sum() if shared else \
+            torch.zeros((), dtype=f32, device=dev)
+        ex = torch.zeros((), dtype=f32, device=dev)
         for p, share in self.experts:
-            if p.grad is not None:
-                ex = ex + (p.grad.float().pow(2).flatten(1).sum(1) * share).sum()
+            if p.grad is not None:  # each local expert's norm [E_local], counted by its share of holders
+                ex = ex + (torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=f32).square() * share).sum()
         if self.world > 1 and self.experts and not self._local_expert_norm:
             with Traffic.waiting():
                 dist.all_reduce(ex)
         norm = (sq + ex).sqrt()
         if inv_scale is not None:
             norm = norm * inv_scale
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm and max_norm > 0 else torch.ones_like(norm)
-        if inv_scale is not None:
-            coef = coef * inv_scale
-        coef = torch.where(torch.isfinite(norm), coef, torch.zeros_like(coef))
-        for p in self.shared + [p for p, _ in self.experts]:
-            if p.grad is not None:  # NaN · 0 is NaN: nan_to_num makes the zeroing stick
-                p.grad.mul_(coef).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        clipping = bool(max_norm and max_norm > 0)
+        if clipping or inv_scale is not None:
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if clipping else torch.ones_like(norm)
+            if inv_scale is not None:
+                coef = coef * inv_scale
+            grads = shared + [p.grad for p, _ in self.experts if p.grad is not None]
+            torch._foreach_mul_(grads, coef)
         return norm
 
 

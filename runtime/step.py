@@ -75,7 +75,7 @@ class TrainStep:
         objective.backward()
         self.sync()
         inv_scale = None if self.loss_scale is None else 1.0 / self.loss_scale.scale
-        norm = self.sync.clip(self.grad_clip, inv_scale)  # non-finite: every gradient zeroed
+        norm = self.sync.clip(self.grad_clip, inv_scale)  # non-finite: AdamW skips (found_inf)
         skipped = (~torch.isfinite(norm)).to(torch.float32)  # the same on every rank: the norm is global
         self.opt.found_inf = skipped
         self.opt.step()
