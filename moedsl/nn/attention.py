@@ -92,6 +92,8 @@ class _Rope:
 
     def cos_sin(self, x: torch.Tensor, positions: Optional[torch.Tensor]) -> tuple:
         T = x.shape[-2]
+        if positions is None and torch.compiler.is_compiling():  # inductor folds them into its kernels
+            return self._compute(x, T, None)
         if positions is None:  # positions 0..T-1: the tables depend on T, the dtype and the device only
             got = self.tables.get((T, x.dtype, x.device))
             if got is None:
