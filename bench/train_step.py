@@ -21,9 +21,11 @@ over repeats of its ratio to transformers' step in the same repeat.
 
 The 2-process section trains the same model with its experts split over two gloo processes
 (one thread each, on the same cores), and prints the seconds per step each process spends
-blocked on communication (all-to-alls and gradient all-reduces, ``Traffic.wait_s``) with the
-gradient sync after backward against the bucketed sync launched from backward hooks, and the
-MoE layers unchunked against split into chunks whose all-to-alls overlap the experts.
+blocked on communication (``Traffic.wait_by``: in the MoE layers' all-to-alls, and in the
+gradient sync and the gradient norm's all-reduce), with the gradient sync after backward
+against the bucketed sync launched from backward hooks, and the MoE layers unchunked against
+split into chunks whose all-to-alls overlap the experts. Each column is the larger of the two
+processes' medians.
 """
 from __future__ import annotations
 
@@ -106,7 +108,7 @@ class HFStep:
 
 class MoedslStep:
     def __init__(self, folder: Path, dtype: str, args, compile: str = "off", chunks: int = 1,
-                 grad_sync: str = "bucketed"):
+                 grad_sync: str = "bucketed", keep_memory: bool = True):
         import moedsl
         from moedsl.runtime.train import RunOptions, Trainer
 
@@ -118,7 +120,7 @@ class MoedslStep:
             extra["grad_sync"] = grad_sync
         o = RunOptions.from_spec(spec, batch=args.batch, seq=args.seq, device="cpu", data="synthetic", seed=0,
                                  progress=False, init=str(folder), weight_decay=0.0, grad_clip=0.0, lr=args.lr,
-                                 **extra)
+                                 keep_memory=keep_memory, **extra)
         self.trainer = Trainer(spec, o)
 
     def __call__(self, b) -> float:
@@ -147,6 +149,7 @@ def one_process(transformers, folders: dict, args) -> list:
             tol = 1e-4 if dtype == "float32" else 3e-2
             if abs(losses["moedsl eager"] - losses["transformers"]) > tol * max(1.0, abs(losses["transformers"])):
                 raise SystemExit(f"{name} {dtype}: first-step losses differ: {losses}")
+            step = None
             if args.compile:
                 t = time.perf_counter()
                 impls["moedsl compiled"] = step = MoedslStep(folder, dtype, args, compile="on")
@@ -169,8 +172,19 @@ def one_process(transformers, folders: dict, args) -> list:
                                  warm=warm if k == "moedsl compiled" else None,
                                  loss=losses.get(k, losses["moedsl eager"])))
                 _print_row(rows[-1])
-            del impls
+            del impls, step
+            _free()
     return rows
+
+
+def _free() -> None:
+    """Give back what the finished implementations held (moedsl's trainer keeps freed memory)."""
+    import gc
+
+    from moedsl.runtime.cpu import release_freed_memory
+
+    gc.collect()
+    release_freed_memory()
 
 
 def _print_row(r) -> None:
@@ -184,13 +198,15 @@ def _worker(rank: int, world: int, folder: str, dtype: str, args, settings: list
     from moedsl.compiler.collectives import Traffic
 
     torch.set_num_threads(1)
-    steps = {s: MoedslStep(Path(folder), dtype, args, chunks=s[1], grad_sync=s[0]) for s in settings}
+    # three trainers per process: malloc must not keep each one's freed activations as well
+    steps = {s: MoedslStep(Path(folder), dtype, args, chunks=s[1], grad_sync=s[0], keep_memory=False)
+             for s in settings}
     for f in steps.values():
         f(_batch(args.vocab, args.batch // world * world, args.seq, 1))
-    res = {s: ([], []) for s in settings}
+    res = {s: ([], [], []) for s in settings}
     for r in range(args.repeats):
         for s, f in steps.items():
-            ts, ws = [], []
+            ts, a2a, grads = [], [], []
             for i in range(args.steps):
                 b = _batch(args.vocab, args.batch, args.seq, 2 + r * args.steps + i)
                 n = args.batch // world
@@ -200,10 +216,11 @@ def _worker(rank: int, world: int, folder: str, dtype: str, args, settings: list
                 t = time.perf_counter()
                 f(b)
                 ts.append(time.perf_counter() - t)
-                ws.append(Traffic.wait_s)
-            res[s][0].append(statistics.median(ts))
-            res[s][1].append(statistics.median(ws))
-    return [(s, statistics.median(res[s][0]), statistics.median(res[s][1])) for s in settings]
+                a2a.append(Traffic.wait_by.get("all_to_all", 0.0))
+                grads.append(Traffic.wait_by.get("gradients", 0.0))
+            for into, got in zip(res[s], (ts, a2a, grads)):
+                into.append(statistics.median(got))
+    return [(s,) + tuple(statistics.median(x) for x in res[s]) for s in settings]
 
 
 def two_processes(folders: dict, args, hf_rows: list) -> None:
@@ -212,20 +229,19 @@ def two_processes(folders: dict, args, hf_rows: list) -> None:
     settings = [("after_backward", 1), ("bucketed", 1), ("bucketed", args.chunks)]
     print(f"\n2 gloo processes, 1 thread each, experts split between them (global batch {args.batch} × {args.seq}); "
           "blocked: seconds per step a process spends inside collectives (max over the two)\n")
-    print("| model | dtype | gradient sync | MoE chunks | step ms | tokens/s | blocked on communication ms "
-          "| share of step | × transformers (1 process, 2 threads) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | dtype | gradient sync | MoE chunks | step ms | tokens/s | blocked in all-to-alls ms "
+          "| blocked in the gradient sync ms | blocked, share of step | × transformers (1 process, 2 threads) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, folder in folders.items():
         for dtype in args.dtypes:
             res = spawn(_worker, 2, str(folder), dtype, args, settings, timeout=1800.0)
             hf = next((r["step_s"] for r in hf_rows if r["model"] == name and r["dtype"] == dtype
                        and r["impl"] == "transformers"), None)
             for i, s in enumerate(settings):
-                step = max(rank[i][1] for rank in res)
-                wait = max(rank[i][2] for rank in res)
+                step, a2a, grads = (max(rank[i][j] for rank in res) for j in (1, 2, 3))
                 vs = f"{hf / step:.2f}×" if hf else "-"
                 print(f"| {name} | {dtype} | {s[0]} | {s[1]} | {step * 1e3:.0f} | {args.batch * args.seq / step:,.0f} "
-                      f"| {wait * 1e3:.0f} | {wait / step:.0%} | {vs} |", flush=True)
+                      f"| {a2a * 1e3:.0f} | {grads * 1e3:.0f} | {(a2a + grads) / step:.0%} | {vs} |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -244,6 +260,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunks", type=int, default=2, help="MoE chunks of the overlapped setting (2 processes)")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip moedsl compiled")
     ap.add_argument("--no-nproc", dest="nproc", action="store_false", help="skip the 2-process section")
+    ap.add_argument("--no-single", dest="single", action="store_false", help="skip the 1-process section")
     args = ap.parse_args(argv)
     args.dtypes = args.dtypes.split(",")
     torch.set_num_threads(args.threads)
@@ -257,7 +274,8 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}\n")
     print("| model | dtype | implementation | step ms | tokens/s | × transformers |")
     print("|---|---|---|---|---|---|")
-    rows = one_process(transformers, folders, args)
+    rows = one_process(transformers, folders, args) if args.single else []
+    _free()
     if args.nproc:
         two_processes(folders, args, rows)
     return 0

@@ -55,22 +55,26 @@ class Traffic:
 
     sent = 0
     calls = 0
-    wait_s = 0.0
+    wait_s = 0.0  # every kind
+    wait_by: dict = {}  # kind -> seconds: all_to_all (the MoE layers' trips), gradients (sync, norm), other
 
     @classmethod
     def reset(cls) -> None:
         cls.sent = cls.calls = 0
         cls.wait_s = 0.0
+        cls.wait_by = {}
 
     @classmethod
     @contextlib.contextmanager
-    def waiting(cls):
-        """Count the time inside the block as time blocked on communication."""
+    def waiting(cls, kind: str = "all_to_all"):
+        """Count the time inside the block as time blocked on communication, of ``kind``."""
         t = time.perf_counter()
         try:
             yield
         finally:
-            cls.wait_s += time.perf_counter() - t
+            dt = time.perf_counter() - t
+            cls.wait_s += dt
+            cls.wait_by[kind] = cls.wait_by.get(kind, 0.0) + dt
 
 
 def _flat(x: torch.Tensor, out_rows: list, in_rows: list, group) -> torch.Tensor:

@@ -237,7 +237,7 @@ class GradSync:
             self._launch(self.buckets[self._next])
             self._next += 1
         for b in self.buckets:
-            with Traffic.waiting():
+            with Traffic.waiting("gradients"):
                 b.work.wait()
             offset = 0
             for pc in b.pieces:
@@ -253,7 +253,7 @@ class GradSync:
         seen = set(self._ready_order)
         mine = self._ready_order + [i for i in reversed(range(len(self._params))) if i not in seen]
         order = torch.tensor(mine, dtype=torch.int64, device=self._device)
-        with Traffic.waiting():
+        with Traffic.waiting("gradients"):
             dist.broadcast(order, src=0, group=self._pg[WORLD])
         self._build(order.tolist())
         self._ordered = True
@@ -265,14 +265,14 @@ class GradSync:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.shared]
         if grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
-            with Traffic.waiting():
+            with Traffic.waiting("gradients"):
                 dist.all_reduce(flat)
             self._unflatten(flat, self.shared)
         for holders, items in self.expert_groups:
             parts = [p.grad[slot].reshape(-1) if p.grad is not None else torch.zeros_like(p[slot]).reshape(-1)
                      for p, slot in items]
             flat = torch.cat(parts)
-            with Traffic.waiting():
+            with Traffic.waiting("gradients"):
                 dist.all_reduce(flat, group=self._pg[holders])
             offset = 0
             for p, slot in items:
@@ -331,7 +331,7 @@ class GradSync:
             if p.grad is not None:  # each local expert's norm [E_local], counted by its share of holders
                 ex = ex + (torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=f32).square() * share).sum()
         if self.world > 1 and self.experts and not self._local_expert_norm:
-            with Traffic.waiting():
+            with Traffic.waiting("gradients"):
                 dist.all_reduce(ex)
         norm = (sq + ex).sqrt()
         if inv_scale is not None:

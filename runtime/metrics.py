@@ -59,7 +59,7 @@ def reduce_step(outputs, world: int, history: Optional[list] = None) -> StepMetr
     head += [torch.tensor([float(s.assignments)], device=dev) for s in stats]
     flat = torch.cat([rows[:, :2].reshape(-1)] + head + [s.tokens_per_expert.to(dev).float() for s in stats])
     if world > 1:
-        with Traffic.waiting():
+        with Traffic.waiting("other"):
             dist.all_reduce(flat)
     # the norm and skipped are the same on every rank: read as they are, not summed and divided
     host = torch.cat([flat, rows[:, 2:].reshape(-1)]).cpu()  # on a GPU: the host waits for the steps here

@@ -94,7 +94,7 @@ class TrainStep:
         if self.world == 1:
             return flat, None
         if capturing(flat.device):
-            with Traffic.waiting():
+            with Traffic.waiting("other"):
                 dist.all_reduce(flat)
             return flat, None
         return flat, dist.all_reduce(flat, async_op=True)
@@ -106,7 +106,7 @@ class TrainStep:
             return
         flat, work = loads
         if work is not None:
-            with Traffic.waiting():
+            with Traffic.waiting("other"):
                 work.wait()
         offset = 0
         for g in self.gates:
