@@ -15,7 +15,7 @@ before anything is timed. transformers runs its own training step: the model wit
 ``Trainer.step``: forward, loss, backward, gradient sync, clipping by the global norm and
 fused AdamW. ``bfloat16`` is autocast on both sides (float32 master weights).
 
-One repeat times a few steps of every implementation in turn (the machine's speed drifts;
+One repeat times a few steps of every implementation in turn (1-process section) (the machine's speed drifts;
 a repeat's entries share its state); the table gives each one's median step and the median
 over repeats of its ratio to transformers' step in the same repeat.
 
@@ -194,33 +194,33 @@ def _print_row(r) -> None:
 
 
 def _worker(rank: int, world: int, folder: str, dtype: str, args, settings: list) -> list:
-    """Every setting on this rank in turn, interleaved over repeats: step time and time blocked."""
+    """Every setting on this rank in turn, one trainer at a time (three at once do not fit in
+    memory at vocabulary 32000 with 64 experts): step time and time blocked, per kind."""
+    import gc
+
     from moedsl.compiler.collectives import Traffic
 
     torch.set_num_threads(1)
-    # three trainers per process: malloc must not keep each one's freed activations as well
-    steps = {s: MoedslStep(Path(folder), dtype, args, chunks=s[1], grad_sync=s[0], keep_memory=False)
-             for s in settings}
-    for f in steps.values():
-        f(_batch(args.vocab, args.batch // world * world, args.seq, 1))
-    res = {s: ([], [], []) for s in settings}
-    for r in range(args.repeats):
-        for s, f in steps.items():
-            ts, a2a, grads = [], [], []
-            for i in range(args.steps):
-                b = _batch(args.vocab, args.batch, args.seq, 2 + r * args.steps + i)
-                n = args.batch // world
-                b = SimpleNamespace(inputs=b.inputs[rank * n:(rank + 1) * n], targets=b.targets[rank * n:(rank + 1) * n])
-                torch.distributed.barrier()
-                Traffic.reset()
-                t = time.perf_counter()
-                f(b)
-                ts.append(time.perf_counter() - t)
-                a2a.append(Traffic.wait_by.get("all_to_all", 0.0))
-                grads.append(Traffic.wait_by.get("gradients", 0.0))
-            for into, got in zip(res[s], (ts, a2a, grads)):
-                into.append(statistics.median(got))
-    return [(s,) + tuple(statistics.median(x) for x in res[s]) for s in settings]
+    out = []
+    n = args.batch // world
+    for s in settings:
+        f = MoedslStep(Path(folder), dtype, args, chunks=s[1], grad_sync=s[0], keep_memory=False)
+        f(SimpleNamespace(**{k: v[rank * n:(rank + 1) * n] for k, v in vars(_batch(args.vocab, args.batch, args.seq, 1)).items()}))
+        ts, a2a, grads = [], [], []
+        for i in range(args.repeats * args.steps):
+            b = _batch(args.vocab, args.batch, args.seq, 2 + i)
+            b = SimpleNamespace(inputs=b.inputs[rank * n:(rank + 1) * n], targets=b.targets[rank * n:(rank + 1) * n])
+            torch.distributed.barrier()
+            Traffic.reset()
+            t = time.perf_counter()
+            f(b)
+            ts.append(time.perf_counter() - t)
+            a2a.append(Traffic.wait_by.get("all_to_all", 0.0))
+            grads.append(Traffic.wait_by.get("gradients", 0.0))
+        out.append((s, statistics.median(ts), statistics.median(a2a), statistics.median(grads)))
+        del f
+        gc.collect()
+    return out
 
 
 def two_processes(folders: dict, args, hf_rows: list) -> None:
