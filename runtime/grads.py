@@ -77,6 +77,14 @@ class _Piece:
         g.copy_(values.view_as(g))
 
 
+def _scatter(flat: torch.Tensor, pieces: list) -> None:
+    """The summed buffer back into the gradients it was flattened from."""
+    offset = 0
+    for pc in pieces:
+        pc.put(flat[offset:offset + pc.numel])
+        offset += pc.numel
+
+
 @dataclass
 class _Bucket:
     group: tuple  # WORLD, or the holders of its experts
@@ -123,14 +131,15 @@ class GradSync:
                 holders = tuple(sorted(i * P + h for i in range(D) for h in lp.hosts[e]))
                 if len(holders) > 1:
                     for p in mod.parameters(recurse=False):
-                        by_holders[holders].append((p, slot))
+                        by_holders[holders].append(_Piece(p, slot, p[slot].numel()))
                         if p.requires_grad:
                             contrib[id(p)].append((holders, e, _Piece(p, slot, p[slot].numel())))
         for p in self.shared:
             contrib[id(p)].append((WORLD, -1, _Piece(p, None, p.numel())))
-        self.expert_groups = []
-        for holders in sorted(by_holders):  # every rank creates every group, in the same order
-            self.expert_groups.append((holders, by_holders[holders]))
+        # the flat sync's buffers: the replicated gradients, then each expert group's (sorted: every
+        # rank creates every group, in the same order)
+        self._flat_groups = [(WORLD, [_Piece(p, None, p.numel()) for p in self.shared])]
+        self._flat_groups += [(holders, by_holders[holders]) for holders in sorted(by_holders)]
         self.hooked = mode == "bucketed" and self.world > 1 and dist.is_initialized()
         self._pg = {WORLD: None}  # None: the default group, all ranks
         if dist.is_initialized() and self.world > 1:
@@ -239,10 +248,7 @@ class GradSync:
         for b in self.buckets:
             with Traffic.waiting("gradients"):
                 b.work.wait()
-            offset = 0
-            for pc in b.pieces:
-                pc.put(b.flat[offset:offset + pc.numel])
-                offset += pc.numel
+            _scatter(b.flat, b.pieces)
             b.flat = b.work = None
         if not self._ordered:
             self._agree_order()
@@ -262,35 +268,14 @@ class GradSync:
 
     @torch.no_grad()
     def _flat_sync(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.shared]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
+        """One blocking all-reduce per group of ranks, of all its gradients flattened."""
+        for group, pieces in self._flat_groups:
+            if not pieces:
+                continue
+            flat = torch.cat([pc.grad() for pc in pieces])
             with Traffic.waiting("gradients"):
-                dist.all_reduce(flat)
-            self._unflatten(flat, self.shared)
-        for holders, items in self.expert_groups:
-            parts = [p.grad[slot].reshape(-1) if p.grad is not None else torch.zeros_like(p[slot]).reshape(-1)
-                     for p, slot in items]
-            flat = torch.cat(parts)
-            with Traffic.waiting("gradients"):
-                dist.all_reduce(flat, group=self._pg[holders])
-            offset = 0
-            for p, slot in items:
-                n = p[slot].numel()
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad[slot].copy_(flat[offset:offset + n].view_as(p[slot]))
-                offset += n
-
-    @staticmethod
-    def _unflatten(flat: torch.Tensor, params: list) -> None:
-        offset = 0
-        for p in params:
-            n = p.numel()
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad.copy_(flat[offset:offset + n].view_as(p))
-            offset += n
+                dist.all_reduce(flat, group=self._pg[group])
+            _scatter(flat, pieces)
 
     def __call__(self) -> None:
         """Every gradient summed over its ranks: the bucketed step's waits when ``start`` armed
