@@ -92,9 +92,9 @@ class _Rope:
 
     def cos_sin(self, x: torch.Tensor, positions: Optional[torch.Tensor]) -> tuple:
         T = x.shape[-2]
-        if positions is None and torch.compiler.is_compiling():  # inductor folds them into its kernels
-            return self._compute(x, T, None)
         if positions is None:  # positions 0..T-1: the tables depend on T, the dtype and the device only
+            if torch.compiler.is_compiling():  # inductor folds them into its kernels
+                return self._compute(x, T, None)
             got = self.tables.get((T, x.dtype, x.device))
             if got is None:
                 got = self._compute(x, T, None)
@@ -102,15 +102,12 @@ class _Rope:
                     self.tables[(T, x.dtype, x.device)] = got
             return got
         step = _Rope._step
-        if positions is not None:
-            if step[0] is not positions:
-                step = _Rope._step = [positions, {}]
-            got = step[1].get((self.key, T, x.dtype, x.device))
-            if got is not None:
-                return got
-        cos, sin = self._compute(x, T, positions)
-        step[1][(self.key, T, x.dtype, x.device)] = (cos, sin)
-        return cos, sin
+        if step[0] is not positions:
+            step = _Rope._step = [positions, {}]
+        got = step[1].get((self.key, T, x.dtype, x.device))
+        if got is None:
+            got = step[1][(self.key, T, x.dtype, x.device)] = self._compute(x, T, positions)
+        return got
 
     def _compute(self, x: torch.Tensor, T: int, positions: Optional[torch.Tensor]) -> tuple:
         inv = self.inv_freq.get(x.device)
