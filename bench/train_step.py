@@ -113,14 +113,9 @@ class MoedslStep:
         from moedsl.runtime.train import RunOptions, Trainer
 
         spec = moedsl.load_spec(_spec_text(folder, dtype, chunks))
-        extra = {}
-        if compile != "off" or hasattr(RunOptions, "compile"):
-            extra["compile"] = compile
-        if grad_sync != "bucketed" or hasattr(RunOptions, "grad_sync"):
-            extra["grad_sync"] = grad_sync
         o = RunOptions.from_spec(spec, batch=args.batch, seq=args.seq, device="cpu", data="synthetic", seed=0,
                                  progress=False, init=str(folder), weight_decay=0.0, grad_clip=0.0, lr=args.lr,
-                                 keep_memory=keep_memory, **extra)
+                                 keep_memory=keep_memory, compile=compile, grad_sync=grad_sync)
         self.trainer = Trainer(spec, o)
 
     def __call__(self, b) -> float:
