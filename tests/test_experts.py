@@ -37,7 +37,7 @@ def reference(ex: Experts, x: torch.Tensor, sizes: list) -> torch.Tensor:
     return torch.cat(out)
 
 
-MODES = ["padded", "torch", "auto"] + (["kernel"] if cpu_gemm.available() else [])
+MODES = ["padded", "torch", "auto", "aligned"] + (["kernel"] if cpu_gemm.available() else [])
 
 
 def run(ex: Experts, x: torch.Tensor, sizes: torch.Tensor, gy: torch.Tensor, mode: str):
@@ -87,6 +87,61 @@ def test_padded_and_grouped_experts_agree(seed, experts, activation, bias, empty
             for name in ("w_in", "w_out", "w_gate"):
                 if name in grads:
                     assert torch.count_nonzero(grads[name][e]) == 0, f"{mode}: {name}[{e}] got a gradient"
+
+
+def test_bfloat16_rows_padded_to_aligned_groups():
+    """In bfloat16 on a CPU, Experts picks the aligned path: each expert's rows zero-padded to a
+    multiple of ALIGN_ROWS before torch._grouped_mm, so that the GEMM shapes repeat between
+    steps (oneDNN compiles a kernel per new shape). The padding must change nothing: output and
+    gradients as the unpadded grouped GEMM gives them in bfloat16, and every GEMM's rows, forward
+    and backward, a multiple of ALIGN_ROWS."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(3)
+    ex = Experts(64, 96, "swiglu", list(range(6)), bias=True, seed=3)
+    with torch.no_grad():
+        for b in (ex.b_in, ex.b_gate, ex.b_out):
+            b.normal_(0, 0.1, generator=g)
+    sizes = torch.tensor([37, 0, 5, 64, 1, 70])
+    x = torch.randn(int(sizes.sum()), 64, generator=g)
+    gy = torch.randn(int(sizes.sum()), 64, generator=g)
+    rows = []
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._grouped_mm.default:
+                offs = (kwargs or {}).get("offs", args[2] if len(args) > 2 else None)
+                rows.append(torch.diff(offs, prepend=offs.new_zeros(1)).tolist())
+            return func(*args, **(kwargs or {}))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base = run(ex, x, sizes, gy, "torch")
+        with Shapes():
+            got = run(ex, x, sizes, gy, "aligned")
+    assert len(rows) == 3 + 6  # forward: w_in, w_gate, w_out; backward: two products per weight
+    for r in rows:
+        assert all(n % Experts.ALIGN_ROWS == 0 for n in r), r
+        assert [n > 0 for n in r] == [n > 0 for n in sizes.tolist()]  # an empty expert stays empty
+    torch.testing.assert_close(got[0], base[0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[1], base[1], rtol=2e-2, atol=2e-2)
+    for name in base[2]:
+        torch.testing.assert_close(got[2][name], base[2][name], rtol=2e-2, atol=5e-2, msg=name)
+    assert torch.count_nonzero(got[2]["w_in"][1]) == 0
+
+
+def test_sixteen_bit_choice_pads_small_even_groups_and_aligns_large_skewed_ones():
+    """The cost model in bfloat16: 64 experts of 256 × 512 with a few rows each (the calls
+    dominate) are padded into one batched GEMM; the skewed groups of a 64-expert top-8 layer
+    (from 1 row to 3× the mean) are aligned, where padding to the longest would compute 3×
+    the rows; float32 without the kernel keeps torch._grouped_mm on the groups as they are."""
+    ex = Experts(512, 256, "swiglu", list(range(64)), init=False)
+    even = torch.full((64,), 6)
+    skewed = torch.cat([torch.tensor([1, 789, 600, 20]), torch.full((60,), 230)])
+    assert ex._cpu_choice(even, torch.bfloat16) == "padded"
+    assert ex._cpu_choice(skewed, torch.bfloat16) == "aligned"
+    assert ex._cpu_choice(skewed, torch.float16) == "aligned"
+    if not cpu_gemm.available():
+        assert ex._cpu_choice(skewed, torch.float32) == "torch"
 
 
 def test_grouped_matmul_skips_nothing_and_mixes_nothing():
