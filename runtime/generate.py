@@ -58,13 +58,29 @@ def decode_module(model) -> fx.GraphModule:
         if node.op in ("call_module", "get_attr") and node.target not in root:
             root[node.target] = _resolve(model, node.target)
     _share_token_keys(low.graph)
-    gm = fx.GraphModule(root, low.graph, class_name="Decode")
+    gm = fx.GraphModule(_flat(root, low.graph), low.graph, class_name="Decode")
     groups = getattr(model, "groups", None)
     if groups is not None:
         bind(gm, groups.topo)
     gm.eval()
     model._moedsl_decode = gm
     return gm
+
+
+def _flat(root: dict, graph: fx.Graph) -> dict:
+    """The graph's modules under flat names ("layers.2.moe.gate" -> "layers_2_moe_gate"), its
+    call_module and get_attr nodes retargeted: the generated code then reaches each module with
+    one attribute lookup instead of one per dotted part (a decode step makes ~30 module calls,
+    each of which went through 3-4 ``nn.Module.__getattr__``)."""
+    names, flat = {}, {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            name = names.get(node.target)
+            if name is None:
+                name = names[node.target] = "m_" + node.target.replace(".", "_")
+                flat[name] = root[node.target]
+            node.target = name
+    return flat
 
 
 def _share_token_keys(graph: fx.Graph) -> None:

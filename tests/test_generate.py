@@ -12,6 +12,7 @@ import torch
 import moedsl
 from moedsl.cli import main
 from moedsl.errors import UserError
+from moedsl.nn.attention import Attention
 from moedsl.nn.decode import DecodeCache
 from moedsl.runtime.evaluate import with_eval_capacity
 from moedsl.hf import registered
@@ -111,6 +112,25 @@ def test_left_padded_rows_generate_what_each_prompt_generates_alone(which):
     for b, p in enumerate(prompts):
         alone = moedsl.generate(model, [p], 10)
         assert torch.equal(together[b, T - len(p):], alone[0]), b
+
+
+def test_decoding_follows_attention_weights_changed_after_the_first_generate():
+    """Decoding projects q, k and v with one stacked weight, kept between steps: a weight changed
+    in place after a generate (a training step, a loaded checkpoint) must be what the next
+    generate uses, as the full forward does."""
+    model = moedsl.build_model(_no_drops(moedsl.load_spec("specs/switch.yaml")), seed=0, dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(4))
+    moedsl.generate(model, ids, 2)
+    attn = next(m for m in model.modules() if isinstance(m, Attention))
+    with torch.no_grad():
+        attn.wk.weight.mul_(-3.0)
+        attn.wv.weight.add_(0.05)
+    dec = decode_module(model)
+    with torch.no_grad():
+        full = model(ids).output
+        cache = DecodeCache(2, 6)
+        steps = [dec(ids[:, :2], cache, 0).output] + [dec(ids[:, i:i + 1], cache, i).output for i in range(2, 6)]
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
 
 
 def test_sliding_window_cache_sees_only_the_window():

@@ -213,6 +213,8 @@ class Attention(nn.Module):
         """``cache`` (a ``moedsl.nn.decode.DecodeCache``): decode x, the tokens at slots
         start..start+T-1 at ``positions`` [B, T], against the keys and values cached under ``key``."""
         B, T, _ = x.shape
+        if cache is not None and not torch.is_grad_enabled() and self.qk_norm == "none" and self.clip_qkv is None:
+            return self._decode(x, cache, positions, start, key)
         q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [B, T, H·Dh], [B, T, K·Dh], [B, T, K·Dh]
         if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -238,6 +240,37 @@ class Attention(nn.Module):
         y = _attend(q, k, v, self.causal, self.sliding_window, self.dropout if self.training else 0.0,
                     gqa=self.kv_heads != self.heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+    def _qkv(self) -> tuple:
+        """wq, wk and wv stacked into one projection, [(H + 2K)·Dh, d] (and their biases), for
+        decoding, where a step's few rows make each projection's call cost count. Made again
+        when any of the three changes in place (a training step, a loaded checkpoint: the
+        tensors' version counters) or is replaced."""
+        ps = [self.wq.weight, self.wk.weight, self.wv.weight]
+        if self.wq.bias is not None:
+            ps += [self.wq.bias, self.wk.bias, self.wv.bias]
+        stamp = tuple((p.data_ptr(), p._version) for p in ps)
+        got = self.__dict__.get("_qkv_stacked")
+        if got is None or got[0] != stamp:
+            got = self._qkv_stacked = (stamp, torch.cat(ps[:3]), torch.cat(ps[3:]) if len(ps) > 3 else None)
+        return got[1], got[2]
+
+    def _decode(self, x: torch.Tensor, cache, positions: Optional[torch.Tensor], start: int, key: str):
+        """``forward`` with a cache and no gradient (no q/k norm, no clamp): the same values with
+        fewer ops: one projection for q, k and v, and one rotation for the queries and keys
+        together (their heads side by side: the same cos and sin apply to every head)."""
+        B, T, _ = x.shape
+        H, K, Dh = self.heads, self.kv_heads, self.head_dim
+        w, b = self._qkv()
+        qkv = F.linear(x, w, b).view(B, T, H + 2 * K, Dh).transpose(1, 2)  # [B, H + 2K, T, Dh]
+        qk, v = qkv[:, :H + K], qkv[:, H + K:]
+        if self.rotary:
+            cos, sin = self._rope().cos_sin(qk, positions)
+            qk = apply_rope(qk, cos, sin)
+        from .decode import attend_cached
+
+        y = attend_cached(qk[:, :H], qk[:, H:], v, cache, key, start, self.sliding_window)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * Dh))
 
 
 class LatentAttention(nn.Module):
