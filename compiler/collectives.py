@@ -28,6 +28,14 @@ from moedsl.nn.moe_ops import Packed
 
 from .passes.placement import LayerPlacement
 
+# ``node.meta["role"]`` of every graph node that calls a collective module of this file, issued or
+# waited for: the collective-insertion pass puts in ``route_gather`` (GatherTokens), ``a2a_dispatch``
+# and ``a2a_combine`` (the all-to-all trips); the overlap pass splits the trips into each chunk's issue
+# (``a2a_dispatch`` / ``a2a_combine``) and its ``a2a_wait``, and exchanges a packed layer's chunk counts
+# (``a2a_counts``). The verify pass compares them across ranks; runtime/compile.py never moves
+# computation across them.
+COLLECTIVE_ROLES = frozenset({"route_gather", "a2a_dispatch", "a2a_combine", "a2a_counts", "a2a_wait"})
+
 
 @dataclass
 class Topology:

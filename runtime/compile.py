@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from moedsl.compiler.collectives import COLLECTIVE_ROLES
 from moedsl.errors import MoedslError
 
 MODES = ("auto", "on", "off")
@@ -48,17 +49,13 @@ def is_dense(node: fx.Node) -> bool:
     return not module.startswith(_EAGER_MODULES)
 
 
-_COLLECTIVE_WORDS = ("a2a", "all_to_all", "gather", "reduce", "wait", "collective")
-
-
 def is_collective(gm: nn.Module, node: fx.Node) -> bool:
-    """A collective node (its module or function from moedsl.compiler.collectives, or a role that
-    names one): dense nodes never move across it, so where the compiler put computation to overlap
-    with communication stays as it is."""
+    """A collective node (its module or function from moedsl.compiler.collectives, or one of its
+    ``COLLECTIVE_ROLES``): dense nodes never move across it, so where the compiler put computation
+    to overlap with communication stays as it is."""
     target = gm.get_submodule(node.target) if node.op == "call_module" else node.target
     module = getattr(target, "__module__", None) or getattr(type(target), "__module__", "") or ""
-    role = str(node.meta.get("role", ""))
-    return module.startswith(_EAGER_MODULES[1:]) or any(w in role for w in _COLLECTIVE_WORDS)
+    return module.startswith(_EAGER_MODULES[1:]) or node.meta.get("role") in COLLECTIVE_ROLES
 
 
 def schedule(gm: fx.GraphModule) -> list:

@@ -90,7 +90,16 @@ def with_eval_capacity(spec, factor: float) -> tuple[dict, int]:
 
 def find_checkpoint(model: str, checkpoint: Optional[str]) -> tuple[Path, dict]:
     """The checkpoint to evaluate and its meta data: ``checkpoint`` if given, else the latest whole
-    one of the run directory ``model``."""
+    one of the run directory ``model``.
+
+    Which folders of ``checkpoints/`` count and which of them is the newest whole one is
+    ``checkpoint.newest_whole``, the rule ``moedsl.hf.weights.dcp_checkpoint`` uses too. What the
+    two accept differs, so neither calls the other: here ``model`` is a run folder and only its
+    ``checkpoints/`` is searched, and a named ``checkpoint`` must itself be a whole checkpoint
+    folder, checked now (a user's mistake: exit 2). ``dcp_checkpoint`` also takes a run's
+    ``checkpoints/`` folder or a checkpoint folder in place of a run, leaves a named checkpoint's
+    wholeness to the load, and answers None rather than an error, so that its callers can try an
+    import folder next."""
     from . import checkpoint as ckpt
 
     if checkpoint is not None:

@@ -139,6 +139,31 @@ def test_graph_shows_every_chunk_and_issues_its_trips_in_pipeline_order(gate):
     assert not any("a2a" in n for n in one)
 
 
+def test_every_node_calling_a_collective_has_a_role_in_the_one_list_of_collective_roles():
+    """The roles the passes give the nodes that call a module of moedsl.compiler.collectives (the token
+    gather, the whole-layer trips, and the chunks' issues, waits and count exchange) are exactly
+    ``COLLECTIVE_ROLES``: the verify pass compares each of them across ranks and the dense segments
+    of runtime/compile.py never move across one."""
+    from moedsl.compiler import collectives as C
+    from moedsl.compiler import compile_graph
+    from moedsl.compiler.passes.verify import collective_signature
+    from moedsl.runtime.compile import is_collective
+
+    seen = set()
+    # packed: routed globally (one routing group, a balance loss) so its tokens are gathered first
+    for gate in ("capacity", "packed"):
+        for chunks in (1, 2):
+            gm = compile_graph(load_spec(spec_data(gate, chunks)), 0, 2, layout=LAYOUT[gate]).module
+            calls = [n for n in gm.graph.nodes
+                     if n.op == "call_module" and type(gm.get_submodule(n.target)).__module__ == C.__name__]
+            roles = [n.meta.get("role") for n in calls]
+            assert set(roles) <= C.COLLECTIVE_ROLES, (gate, chunks, roles)
+            assert all(is_collective(gm, n) for n in calls)
+            assert [s[1] for s in collective_signature(gm.graph)] == roles
+            seen.update(roles)
+    assert seen == C.COLLECTIVE_ROLES  # no role in the list that no pass assigns
+
+
 @pytest.mark.parametrize("value,message", [
     (0, "layers[1].moe.overlap.chunks: must be >= 1, got 0"),
     ("two", "layers[1].moe.overlap.chunks"),

@@ -8,7 +8,7 @@ import hashlib
 import networkx as nx
 import torch.fx as fx
 
-COLLECTIVE_ROLES = ("route_gather", "a2a_counts", "a2a_dispatch", "a2a_combine")
+from ..collectives import COLLECTIVE_ROLES
 
 
 class GraphError(RuntimeError):
@@ -25,8 +25,8 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
 
 
 def collective_signature(graph: fx.Graph) -> list:
-    """The collectives in the order a rank issues them: (layer, role, layout, algorithm), and the
-    chunk of a layer the overlap pass split."""
+    """The collectives in the order a rank issues and waits for them: (layer, role, layout,
+    algorithm), and the chunk of a layer the overlap pass split."""
     return [(n.meta["moe_layer"], n.meta["role"], n.meta["comm"].layout, n.meta["comm"].algorithm)
             + ((n.meta["chunk"],) if n.meta.get("chunk") is not None else ())
             for n in graph.nodes if n.meta.get("role") in COLLECTIVE_ROLES]

@@ -177,7 +177,17 @@ def load_model(src, checkpoint=None, device="cpu", dtype=None):
 
 
 def dcp_checkpoint(path: Path) -> Optional[Path]:
-    """The DCP checkpoint ``path`` is, or the newest whole one of a run folder; None if neither."""
+    """The DCP checkpoint ``path`` is, or the newest whole one of a run folder (or of its
+    ``checkpoints/`` folder); None if neither.
+
+    Which folders count and which of them is the newest whole one is
+    ``moedsl.runtime.checkpoint.newest_whole``, the rule ``moedsl.runtime.evaluate.find_checkpoint``
+    uses too. What the two accept differs, so neither calls the other: ``load_model`` and
+    ``moedsl export`` take a checkpoint, a run or a ``checkpoints/`` folder wherever they take a
+    source or ``checkpoint=``, and try an import folder when this answers None; a checkpoint named
+    directly is checked when it is loaded (``checkpoint.load``: ``BrokenCheckpoint``).
+    ``find_checkpoint`` (``moedsl eval``) searches only a run folder's ``checkpoints/``, and checks
+    a named checkpoint before anything is built."""
     from moedsl.runtime import checkpoint as ckpt
 
     path = Path(path)
