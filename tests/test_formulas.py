@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 
@@ -974,3 +976,25 @@ def test_gradients_capacity_gates(gate):
         grad = m.get_parameter(f"layers.0.experts.{name}").grad
         for e in range(E):
             assert torch.count_nonzero(grad[e]) > 0, (name, e)
+
+
+@settings(deadline=None, database=None, max_examples=30)
+@given(d=st.integers(1, 700), rows=st.integers(1, 40), eps=st.sampled_from([1e-6, 1e-5, 1e-2]), seed=st.integers(0, 2**16))
+def test_rmsnorm_without_gradient_is_the_same_bits_as_with(d, rows, eps, seed):
+    """RMSNorm x / sqrt(mean(x²) + eps) · g (Zhang & Sennrich 2019, eq. 4; transformers'
+    MixtralRMSNorm). Without a gradient to record (decoding), float32 goes through one
+    ``F.rms_norm`` call; it must be the same values, bit for bit, as the ops a training step
+    records, whatever the width."""
+    from moedsl.nn.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(seed)
+    norm = RMSNorm(d, eps)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=g))
+    x = torch.randn(rows, d, generator=g) * 4
+    recorded = norm(x.requires_grad_())
+    with torch.no_grad():
+        plain = norm(x)
+    want = x.detach() * torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + eps) * norm.weight.detach()
+    assert torch.equal(recorded.detach(), plain)
+    torch.testing.assert_close(plain, want, rtol=1e-6, atol=1e-6)

@@ -310,7 +310,8 @@ class TopKGate(RouterGate):
         expert = self.select(scores, self.spec.k, logits)
         weight = scores.gather(-1, expert)
         if self.spec.normalize:
-            weight = weight / (weight.sum(-1, keepdim=True) + (1e-20 if sigmoid else 0.0))
+            total = weight.sum(-1, keepdim=True)
+            weight = weight / (total + 1e-20 if sigmoid else total)
         losses = self.losses(logits, probs, weight, expert)
         if self.spec.scale != 1.0:
             weight = weight * self.spec.scale
