@@ -113,16 +113,18 @@ def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int 
 
 
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, attention_mask=None):
+             top_p: float | None = None, seed: int = 0, attention_mask=None, timings: dict | None = None,
+             graphs: str = "auto"):
     """Continue prompts with a KV cache: ids [B, T + max_new_tokens]. ``model`` from ``load_model``
     or ``build_model``; ``input_ids`` a tensor [B, T] (with a left-padding ``attention_mask``, as
     transformers' generate) or a list of prompts of any lengths (left-padded with id 0). Greedy at
-    temperature 0, else sampled (``top_k``, ``top_p``, seeded by ``seed``). See
-    ``moedsl.runtime.generate.generate``."""
+    temperature 0, else sampled (``top_k``, ``top_p``, seeded by ``seed``). ``graphs``: decode
+    through a captured CUDA graph ("auto": on a GPU, in one process; "on"; "off"); ``timings``:
+    filled with prefill and decode seconds. See ``moedsl.runtime.generate.generate``."""
     from .runtime.generate import generate as _generate
 
     return _generate(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     seed=seed, attention_mask=attention_mask)
+                     seed=seed, attention_mask=attention_mask, timings=timings, graphs=graphs)
 
 
 def evaluate(model, capacity_factor: float | None = None, *, checkpoint=None, data: str | None = None,

@@ -340,7 +340,7 @@ def _cmd_generate(args) -> int:
         if args.json:
             import json
 
-            print(json.dumps({k: r[k] for k in ("ids", "text", "tokens_per_s") if k in r}))
+            print(json.dumps({k: r[k] for k in ("ids", "text", "tokens_per_s", "device", "cuda_graphs") if k in r}))
         else:
             for i, row in enumerate(r["ids"]):
                 print(r["text"][i] if "text" in r else ",".join(str(t) for t in row))
@@ -522,7 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--checkpoint", metavar="PATH", help="the weights (an import folder or a DCP checkpoint) when "
                     "MODEL is a spec")
     gn.add_argument("--nproc", type=_positive, default=None, help="processes, the experts split between them")
-    gn.add_argument("--json", action="store_true", help="one JSON object: ids (new ids per row), text, tokens_per_s")
+    gn.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: the GPU when there is one (one process), else the CPU")
+    gn.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                    help="decode through a captured CUDA graph (auto: on a GPU, in one process)")
+    gn.add_argument("--json", action="store_true", help="one JSON object: ids (new ids per row), text, tokens_per_s, "
+                    "device, cuda_graphs")
     gn.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("schema", help="print the JSON Schema of a spec (for editors)")

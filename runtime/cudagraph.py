@@ -108,3 +108,44 @@ class GraphedForward:
         self.static_in.copy_(inputs, non_blocking=True)
         self.graph.replay()
         return self.outputs
+
+
+class GraphedDecodeStep:
+    """One decode step (B new tokens at one cache slot) of a static decode graph
+    (``moedsl.runtime.generate.decode_module(model, static=True)`` over a static
+    ``DecodeCache``), captured once and replayed for every later slot:
+    ``step(tokens [B, 1], slot) -> logits [B, V]`` copies the tokens and the slot into the
+    graph's input buffers and replays. The slot is a device tensor inside the graph: the keys and
+    values go to it with ``index_copy_`` and attention masks the slots not yet written, so
+    nothing in the step depends on a host value; the experts' rows are padded to the step's
+    B·k assignments (``moedsl.nn.grouped.static_shapes``).
+
+    Built right after the prefill, with the first new tokens at the first free slot: the
+    warm-up calls (on a side stream, as capture requires) write those tokens' keys and values
+    at that slot, which the first replay writes again, the same values."""
+
+    WARMUP = 2
+
+    def __init__(self, dec, cache, tokens: torch.Tensor, slot: int):
+        from moedsl.nn.grouped import static_shapes
+
+        if not cache.static:
+            raise ValueError("GraphedDecodeStep needs a static DecodeCache (static=True)")
+        self.tokens = tokens.clone()
+        self.slot = torch.full((), slot, dtype=torch.int64, device=tokens.device)
+        with static_shapes():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP):
+                    dec(self.tokens, cache, self.slot)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = dec(self.tokens, cache, self.slot).output[:, -1]
+
+    def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+        self.tokens.copy_(tokens, non_blocking=True)
+        self.slot.fill_(slot)
+        self.graph.replay()
+        return self.logits

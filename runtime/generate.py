@@ -35,12 +35,14 @@ def _resolve(model, target: str):
     return obj
 
 
-def decode_module(model) -> fx.GraphModule:
+def decode_module(model, static: bool = False) -> fx.GraphModule:
     """The decode GraphModule of ``model`` (made by ``moedsl.load_model`` or ``build_model``),
-    sharing its submodules: ``forward(tokens [B, t], cache, start)``. Made once per model."""
-    got = getattr(model, "_moedsl_decode", None)
-    if got is not None:
-        return got
+    sharing its submodules: ``forward(tokens [B, t], cache, start)``. Made once per model.
+    ``static``: lowered as a static graph (capacity layers through their fixed buffers), for a
+    static cache and CUDA-graph capture (``GraphedDecodeStep``)."""
+    made = model.__dict__.setdefault("_moedsl_decode", {})
+    if static in made:
+        return made[static]
     from moedsl.compiler.collectives import bind
     from moedsl.compiler.lower import lower
     from moedsl.compiler.passes.collectives import insert_collectives
@@ -49,7 +51,7 @@ def decode_module(model) -> fx.GraphModule:
     spec, compiled = getattr(model, "spec", None), getattr(model, "compiled", None)
     if spec is None or compiled is None:
         raise UserError("generate: give a model made by moedsl.load_model or moedsl.build_model")
-    low = lower(spec, device="meta", graph_only=True, static=compiled.layout == "static", decode=True)
+    low = lower(spec, device="meta", graph_only=True, static=static or compiled.layout == "static", decode=True)
     placements = placement_pass(low, spec, compiled.mesh, compiled.rank, "meta", 0, False)
     low.graph_only = False  # the collectives' modules (no weights) are made for this graph
     insert_collectives(low, spec, compiled.mesh, compiled.rank, placements)
@@ -63,7 +65,7 @@ def decode_module(model) -> fx.GraphModule:
     if groups is not None:
         bind(gm, groups.topo)
     gm.eval()
-    model._moedsl_decode = gm
+    made[static] = gm
     return gm
 
 
@@ -169,7 +171,8 @@ def _check(spec, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> 
 
 @torch.inference_mode()
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
-             top_p: Optional[float] = None, seed: int = 0, attention_mask=None, timings: Optional[dict] = None):
+             top_p: Optional[float] = None, seed: int = 0, attention_mask=None, timings: Optional[dict] = None,
+             graphs: str = "auto"):
     """Continue each prompt by ``max_new_tokens`` tokens; returns ids [B, T + N] (the prompts as
     given, left-padded, then the new tokens).
 
@@ -180,7 +183,14 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     from a ``torch.Generator`` seeded with ``seed``, after ``top_k`` and ``top_p`` (nucleus)
     filtering as transformers defines them. In a job of several processes (the model's experts
     split over them) every process gets the same ids: rank 0's choice is broadcast.
-    ``timings``: filled with prefill and decode seconds.
+    ``timings``: filled with prefill and decode seconds (and ``graphs``: whether decoding replayed
+    a CUDA graph).
+
+    ``graphs``: "auto" (default) decodes through a CUDA graph (``GraphedDecodeStep``: a static
+    cache, one step captured after the prefill and replayed for every later token) when the
+    model is on a GPU in one process, and eagerly elsewhere (a CPU, experts split over
+    processes); if capture fails it says so in one line and decodes eagerly. "on" refuses
+    (``UserError``) where it cannot capture; "off" decodes eagerly.
 
     A prompt id outside the vocabulary, or a prompt plus the new tokens longer than
     ``model.max_seq_len``, is a ``UserError`` (one line)."""
@@ -202,9 +212,10 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
         ids, mask = left_pad([list(p) for p in input_ids])
     pad = _check(spec, ids, mask, max_new_tokens)
     device = next(iter(model.parameters())).device
-    dec = decode_module(model)
+    use_graphs = _use_graphs(graphs, device)
+    dec = decode_module(model, static=use_graphs)
     B, T = ids.shape
-    cache = DecodeCache(B, T + max_new_tokens, pad, device=device)
+    cache = DecodeCache(B, T + max_new_tokens, pad, device=device, static=use_graphs)
     generator = torch.Generator(device="cpu").manual_seed(seed) if temperature > 0 else None
     was = model.training
     model.eval()
@@ -214,17 +225,61 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     tokens = torch.where(mask.bool(), ids, torch.zeros_like(ids)).to(device)
     logits = dec(tokens, cache, 0).output[:, -1]  # [B, V]
     t1 = time.perf_counter()
+    graphed = None
     for step in range(max_new_tokens):
         nxt = _agree(pick(logits.float().cpu(), temperature, top_k, top_p, generator))
         out[:, T + step] = nxt
         if step + 1 < max_new_tokens:
-            logits = dec(nxt[:, None].to(device), cache, T + step).output[:, -1]
+            tokens = nxt[:, None].to(device)
+            if use_graphs and graphed is None:
+                graphed = _capture(dec, cache, tokens, T + step, strict=graphs == "on")
+                use_graphs = graphed is not None
+            if graphed is not None:
+                logits = graphed(tokens, T + step)
+            else:
+                logits = dec(tokens, cache, T + step).output[:, -1]
     t2 = time.perf_counter()
     model.train(was)
     if timings is not None:
         timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, prompt_tokens=int(mask.sum()), batch=B,
-                       new_tokens=max_new_tokens)
+                       new_tokens=max_new_tokens, graphs=graphed is not None)
     return out
+
+
+def _use_graphs(graphs: str, device) -> bool:
+    """Whether to decode through a CUDA graph (``generate``'s ``graphs``)."""
+    import torch.distributed as dist
+
+    if graphs not in ("auto", "on", "off"):
+        raise UserError(f"generate: graphs must be auto, on or off, got {graphs!r}")
+    if graphs == "off":
+        return False
+    why = None
+    if device.type != "cuda":
+        why = "the model is on the CPU"
+    elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        why = "the experts are split over processes (their all-to-alls' sizes depend on the routing)"
+    if why is not None and graphs == "on":
+        raise UserError(f"generate: CUDA graphs on: cannot capture, {why}")
+    return why is None
+
+
+def _capture(dec, cache, tokens: torch.Tensor, slot: int, strict: bool):
+    """A ``GraphedDecodeStep`` of the step at ``slot``; None (after one line on stderr) when capture
+    fails and ``strict`` is off."""
+    import sys
+
+    from .cudagraph import GraphedDecodeStep
+
+    try:
+        return GraphedDecodeStep(dec, cache, tokens, slot)
+    except Exception as e:  # what capture refused: decode eagerly, over the same static cache
+        if strict:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"moedsl: CUDA graphs off: capture failed ({type(e).__name__}: {first}); decoding eager",
+              file=sys.stderr)
+        return None
 
 
 def _agree(tokens: torch.Tensor) -> torch.Tensor:
@@ -273,13 +328,25 @@ class Codec:
         return self.tokenizer.decode(ids)
 
 
-def _model_for_rank(src, checkpoint, rank: int, world: int):
+def _device(choice: str, world: int) -> torch.device:
+    """``moedsl generate --device``: auto takes the GPU when there is one and the job is one
+    process (several processes generate on the CPU, over gloo)."""
+    if choice == "cuda" and world > 1:
+        raise UserError("--device cuda: generating with --nproc runs on the CPU (gloo); leave out --device or --nproc")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    if choice == "cuda" or (choice == "auto" and world == 1 and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _model_for_rank(src, checkpoint, rank: int, world: int, device="cpu"):
     """``load_model``'s model, for rank ``rank`` of ``world`` (its experts only, collectives bound)."""
     from moedsl.api import load_spec
     from moedsl.hf.weights import _source, load_model, load_weights
 
     if world == 1:
-        model = load_model(src, checkpoint=checkpoint)
+        model = load_model(src, checkpoint=checkpoint, device=device)
         return model, model.spec, None
     from moedsl.compiler import compile_graph
     from moedsl.dtypes import torch_dtype
@@ -354,15 +421,17 @@ def run_cli(args) -> dict:
         dist.init_process_group("gloo", timeout=timedelta(seconds=300))
     if args.checkpoint is None and not os.path.isdir(args.model) and not str(args.model).endswith((".yaml", ".yml")):
         raise UserError(f"{args.model}: no such folder (give a run or import folder, or a spec with --checkpoint)")
-    model, spec, _ = _model_for_rank(args.model, args.checkpoint, rank, world)
+    device = _device(getattr(args, "device", "auto"), world)
+    model, spec, _ = _model_for_rank(args.model, args.checkpoint, rank, world, device)
     codec, prompt = _prompt(args, spec)
     timings: dict = {}
     ids = generate(model, [prompt] * args.batch, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, timings=timings)
+                   top_p=args.top_p, seed=args.seed, timings=timings, graphs=getattr(args, "cuda_graphs", "auto"))
     new = ids[:, ids.shape[1] - args.max_new_tokens:].tolist()
     elapsed = timings["prefill_s"] + timings["decode_s"]
     result = {"ids": new, "tokens_per_s": args.batch * args.max_new_tokens / max(elapsed, 1e-9),
-              "prefill_s": timings["prefill_s"], "decode_s": timings["decode_s"], "processes": world}
+              "prefill_s": timings["prefill_s"], "decode_s": timings["decode_s"], "processes": world,
+              "device": device.type, "cuda_graphs": timings["graphs"]}
     if codec is not None:
         result["text"] = [codec.decode(row) for row in new]
     return result

@@ -70,6 +70,64 @@ def test_cached_decoding_equals_the_full_forward_for_every_example_spec(path):
             assert (full - model(ids).output).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_static_decoding_equals_dynamic_decoding_for_every_example_spec(path):
+    """The decode step CUDA graphs capture (a static graph over a static cache: the slot a 0-dim
+    tensor, keys written with index_copy_ and every slot attended with the unwritten masked, the
+    experts' rows padded to the step's assignment count, no host read) computes what the dynamic
+    step computes, run eagerly here on the CPU: prefill, then one token a step, left padding."""
+    from moedsl.nn.grouped import static_shapes
+
+    spec = moedsl.load_spec(path)
+    if spec.model.input != "tokens" or any(layer.config.gate.type == "expert_choice" for layer in spec.moe_layers):
+        pytest.skip(f"{path.name} does not decode (test_cached_decoding_equals_the_full_forward_for_every_example_spec)")
+    if _params(spec) > HUGE:
+        pytest.skip(f"{path.name}: {_params(spec):,} parameters compile only on the meta device")
+    model = moedsl.build_model(_no_drops(spec), seed=0, dtype=torch.float32).eval()
+    dynamic, static = decode_module(model), decode_module(model, static=True)
+    B, T, P = 2, 12, 5
+    ids = torch.randint(0, spec.model.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    pad = torch.tensor([0, 2])  # row 1 left-padded by two slots
+    with torch.no_grad():
+        outs = {}
+        for name, dec, cache in (("dynamic", dynamic, DecodeCache(B, T, pad)),
+                                 ("static", static, DecodeCache(B, T, pad, static=True))):
+            steps = [dec(ids[:, :P], cache, 0).output]
+            with static_shapes():
+                for i in range(P, T):
+                    start = torch.tensor(i) if name == "static" else i
+                    steps.append(dec(ids[:, i:i + 1], cache, start).output)
+            outs[name] = torch.cat(steps, dim=1)
+    real = torch.arange(T)[None, :] >= pad[:, None]  # padding slots' outputs are read by nothing
+    assert (outs["static"] - outs["dynamic"])[real].abs().max().item() <= 1e-5
+
+
+def test_cuda_graphs_on_refused_off_a_gpu_and_capture_failure_decodes_eagerly(monkeypatch, capsys):
+    """``graphs="on"`` where nothing can be captured is one clear error; when capture itself
+    fails under "auto", generate says so in one line and decodes eagerly over the static cache,
+    the same ids as the dynamic decoder."""
+    from moedsl.runtime import generate as gen
+
+    model = _switch()
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    with pytest.raises(UserError, match="CUDA graphs on: cannot capture, the model is on the CPU"):
+        moedsl.generate(model, prompts, 4, graphs="on")
+    with pytest.raises(UserError, match="graphs must be auto, on or off"):
+        moedsl.generate(model, prompts, 4, graphs="yes")
+    want = moedsl.generate(model, prompts, 6, graphs="off")
+
+    def refuse(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(gen, "_use_graphs", lambda graphs, device: True)
+    monkeypatch.setattr("moedsl.runtime.cudagraph.GraphedDecodeStep", refuse)
+    timings: dict = {}
+    got = moedsl.generate(model, prompts, 6, timings=timings)
+    assert torch.equal(got, want) and timings["graphs"] is False
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA graphs off: capture failed (RuntimeError: operation not permitted" in err
+
+
 def _switch(seed=0, **model):
     data = moedsl.load_spec("specs/switch.yaml").data
     data = {**data, "model": {**data["model"], **model}}
@@ -227,6 +285,17 @@ def test_cli_prints_the_new_ids_as_json(imported, capsys):
                  "--batch", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ids"] == [want, want] and out["tokens_per_s"] > 0 and "text" not in out
+    assert out["device"] == "cpu" and out["cuda_graphs"] is False  # a CPU decodes eagerly
+
+
+def test_cli_refuses_a_gpu_or_cuda_graphs_it_cannot_have(imported, capsys):
+    assert main(["generate", str(imported), "--prompt-ids", "1", "--max-new-tokens", "2", "--device", "cpu",
+                 "--cuda-graphs", "on"]) == 2
+    assert capsys.readouterr().err.strip() == ("moedsl: error: generate: CUDA graphs on: cannot capture, the model "
+                                                "is on the CPU")
+    if not torch.cuda.is_available():
+        assert main(["generate", str(imported), "--prompt-ids", "1", "--max-new-tokens", "2", "--device", "cuda"]) == 2
+        assert capsys.readouterr().err.strip() == "moedsl: error: --device cuda: no CUDA device is available here"
 
 
 def test_cli_generates_the_same_ids_on_two_processes(imported):

@@ -10,8 +10,14 @@ Each layer that keeps state between steps keeps it here under its own key, alloc
 first use at its full size (a static cache: keys and values [B, K, T_max, D] written in
 place at the slots, so the tensors never move or grow between steps).
 
-Shape legend: B batch, t new tokens, L keys attended (start + t), T_max cache slots,
-H query heads, K key/value heads, D head width.
+A static cache (``static=True``, for CUDA-graph capture) keeps every step's shapes the same:
+``start`` may be a 0-dim device tensor, the new keys and values are written with
+``index_copy_`` at the slots it names, and attention reads all T_max slots with the ones not
+yet written (and the padding) masked, so one captured step serves every later slot, with no
+host read of ``start`` or of the data.
+
+Shape legend: B batch, t new tokens, L keys attended (start + t; T_max in a static cache),
+T_max cache slots, H query heads, K key/value heads, D head width.
 """
 from __future__ import annotations
 
@@ -24,8 +30,9 @@ import torch.nn.functional as F
 class DecodeCache:
     """Per-layer decoding state of one batch: attention keys and values, recurrent states."""
 
-    def __init__(self, batch: int, max_len: int, pad: Optional[torch.Tensor] = None, device="cpu"):
-        self.batch, self.max_len = batch, max_len
+    def __init__(self, batch: int, max_len: int, pad: Optional[torch.Tensor] = None, device="cpu",
+                 static: bool = False):
+        self.batch, self.max_len, self.static = batch, max_len, static
         self.pad = (torch.zeros(batch, dtype=torch.int64, device=device) if pad is None
                     else pad.to(device=device, dtype=torch.int64))  # [B] padding slots before each prompt
         self.tensors: dict = {}
@@ -55,12 +62,13 @@ def positions(tokens: torch.Tensor, cache: DecodeCache, start) -> torch.Tensor:
     return slots[None, :] - cache.pad.to(tokens.device)[:, None]
 
 
-def key_mask(cache: DecodeCache, start: int, t: int, window: Optional[int], device) -> torch.Tensor:
+def key_mask(cache: DecodeCache, start, t: int, window: Optional[int], device, keys: Optional[int] = None):
     """[B, 1, t, L] boolean, True where the query at slot start + i may see the key at slot j:
     j is not padding, j <= start + i (causal), start + i - j < window (a sliding window of
     ``window`` keys, itself included), or j is the query's own slot (so that a padding query,
-    whose output nothing reads, still has a key)."""
-    L = start + t
+    whose output nothing reads, still has a key). ``keys``: L (default start + t; a static
+    cache's T_max, where ``start`` may be a device tensor)."""
+    L = start + t if keys is None else keys
     j = torch.arange(L, device=device)
     s = start + torch.arange(t, device=device)
     allowed = j[None, :] <= s[:, None]  # [t, L]
@@ -78,6 +86,8 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Deco
     then attend q [B, H, t, D] over the L = start + t cached keys: [B, H, t, Dv]."""
     t = q.shape[-2]
     ck, cv = cache.kv(key, k.shape[1], k.shape[-1], v.shape[-1], k)
+    if cache.static:
+        return _attend_static(q, k, v, ck, cv, cache, start, window, scale)
     if start + t > cache.max_len:
         raise ValueError(f"{key}: slots {start}..{start + t - 1} past the cache's {cache.max_len}")
     ck[:, :, start:start + t] = k
@@ -97,3 +107,15 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Deco
     else:
         mask = key_mask(cache, start, t, window, q.device)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+
+def _attend_static(q, k, v, ck, cv, cache: DecodeCache, start, window: Optional[int], scale: Optional[float]):
+    """``attend_cached`` on a static cache: the same shapes at every slot, nothing read back to
+    the host (``start``: an int or a 0-dim tensor on q's device). Slots past start + t hold
+    zeros or stale keys; the mask hides them."""
+    t, T_max = q.shape[-2], ck.shape[2]
+    slots = start + torch.arange(t, device=q.device)
+    ck.index_copy_(2, slots, k)
+    cv.index_copy_(2, slots, v)
+    mask = key_mask(cache, start, t, window, q.device, keys=T_max)
+    return F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != ck.shape[1])

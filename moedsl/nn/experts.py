@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from . import rng
 from . import cpu_gemm
+from . import grouped
 from .grouped import grouped_matmul
 from .layers import _normal
 
@@ -200,7 +201,7 @@ class Experts(nn.Module):
             x = x.to(w.dtype)
         if (sizes is not None and x.shape[0] <= self.SMALL_ROWS and x.device.type == "cpu"
                 and not torch.is_grad_enabled() and not (self.training and self.dropout)
-                and not torch.is_autocast_enabled("cpu")):
+                and not torch.is_autocast_enabled("cpu") and not grouped.static()):
             return self._small(x, sizes)
         if sizes is None:
             bias = (lambda b: None if b is None else b[:, None, :])
@@ -208,7 +209,10 @@ class Experts(nn.Module):
             y = torch.bmm(h, self.w_out)
             return y if self.b_out is None else y + self.b_out[:, None, :]
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        choice = self._cpu_choice(sizes, dt) if x.device.type == "cpu" and x.shape[0] else "auto"
+        if grouped.static():  # no host read of the sizes (CUDA-graph capture): grouped_matmul's static paths
+            choice = "padded_static" if x.device.type == "cpu" else "auto"
+        else:
+            choice = self._cpu_choice(sizes, dt) if x.device.type == "cpu" and x.shape[0] else "auto"
         if choice == "padded":
             return self._padded(x, sizes, dt)
         if choice == "aligned":
@@ -219,8 +223,10 @@ class Experts(nn.Module):
             def mm(a, b):
                 return cpu_gemm.grouped_mm(a, b, offs=offs)
         else:  # "torch", or "auto" off the CPU: grouped_matmul's own choice
+            method = "padded" if choice == "padded_static" else choice
+
             def mm(a, b):
-                return grouped_matmul(a.to(dt), b.to(dt), sizes, choice)
+                return grouped_matmul(a.to(dt), b.to(dt), sizes, method)
 
         owner = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), sizes, output_size=x.shape[0]) \
             if self.b_in is not None else None

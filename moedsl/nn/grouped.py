@@ -8,9 +8,32 @@ build has it for the dtype, device and alignment; else it pads the runs to the l
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import cpu_gemm
+
+_STATIC = [False]
+
+
+@contextlib.contextmanager
+def static_shapes():
+    """Inside: rows grouped by expert are computed with shapes fixed by the row count N and no
+    host read of the group sizes (the padded product pads every group to N, a bound known
+    without reading the sizes; no per-expert Python loop): what CUDA-graph capture of a decode
+    step needs, whose N is its B·k assignments."""
+    before = _STATIC[0]
+    _STATIC[0] = True
+    try:
+        yield
+    finally:
+        _STATIC[0] = before
+
+
+def static() -> bool:
+    """Whether ``static_shapes`` is in force."""
+    return _STATIC[0]
 
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -49,7 +72,8 @@ def _padded(x: torch.Tensor, w: torch.Tensor, sizes: torch.Tensor) -> torch.Tens
     G, N = w.shape[0], x.shape[0]
     if N == 0:
         return x.new_zeros(0, w.shape[-1])
-    longest = int(sizes.max())  # host sync: the padded path is for eager, dynamic shapes
+    # the longest group is a host read; under static_shapes every group is padded to N instead
+    longest = N if _STATIC[0] else int(sizes.max())
     group = torch.repeat_interleave(torch.arange(G, device=x.device), sizes, output_size=N)
     starts = torch.cumsum(sizes, 0) - sizes
     pos = torch.arange(N, device=x.device) - starts[group]

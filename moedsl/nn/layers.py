@@ -46,7 +46,7 @@ class LSTMBlock(nn.Module):
         L = self.lstm.num_layers
         h, c = cache.state(key, lambda: (x.new_zeros(L, B, d), x.new_zeros(L, B, d)))
         real = positions >= 0  # [B, T]
-        if bool(real.all()):
+        if not cache.static and bool(real.all()):  # a static cache reads nothing back (CUDA graphs)
             y, (h2, c2) = self.lstm(x, (h, c))
         else:  # step by step, keeping the state of padded rows
             ys, h2, c2 = [], h, c
