@@ -14,6 +14,7 @@ from moedsl.cli import main
 from moedsl.errors import UserError
 from moedsl.nn.attention import Attention
 from moedsl.nn.decode import DecodeCache
+from moedsl.nn.experts import Experts
 from moedsl.runtime.evaluate import with_eval_capacity
 from moedsl.hf import registered
 from moedsl.runtime.generate import decode_module, left_pad, pick
@@ -172,17 +173,20 @@ def test_left_padded_rows_generate_what_each_prompt_generates_alone(which):
         assert torch.equal(together[b, T - len(p):], alone[0]), b
 
 
-def test_decoding_follows_attention_weights_changed_after_the_first_generate():
-    """Decoding projects q, k and v with one stacked weight, kept between steps: a weight changed
-    in place after a generate (a training step, a loaded checkpoint) must be what the next
-    generate uses, as the full forward does."""
+def test_decoding_follows_weights_changed_after_the_first_generate():
+    """Decoding projects q, k and v with one stacked weight and reads each expert through views,
+    both kept between steps: a weight changed in place after a generate (a training step, a
+    loaded checkpoint) must be what the next generate uses, as the full forward does."""
     model = moedsl.build_model(_no_drops(moedsl.load_spec("specs/switch.yaml")), seed=0, dtype=torch.float32).eval()
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(4))
     moedsl.generate(model, ids, 2)
     attn = next(m for m in model.modules() if isinstance(m, Attention))
+    experts = next(m for m in model.modules() if isinstance(m, Experts))
     with torch.no_grad():
         attn.wk.weight.mul_(-3.0)
         attn.wv.weight.add_(0.05)
+        experts.w_out.mul_(-2.0)
+        experts.w_in.data = experts.w_in.data * 1.5  # replaced: new storage
     dec = decode_module(model)
     with torch.no_grad():
         full = model(ids).output
