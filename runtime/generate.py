@@ -60,6 +60,7 @@ def decode_module(model, static: bool = False) -> fx.GraphModule:
         if node.op in ("call_module", "get_attr") and node.target not in root:
             root[node.target] = _resolve(model, node.target)
     _share_token_keys(low.graph)
+    _fuse_local_moe(low.graph, root)
     gm = fx.GraphModule(_flat(root, low.graph), low.graph, class_name="Decode")
     groups = getattr(model, "groups", None)
     if groups is not None:
@@ -83,6 +84,47 @@ def _flat(root: dict, graph: fx.Graph) -> dict:
                 flat[name] = root[node.target]
             node.target = name
     return flat
+
+
+def _fuse_local_moe(graph: fx.Graph, root: dict) -> int:
+    """Each MoE layer whose tokens go from the gate to the experts and back on this process (no
+    collective between: one process, or experts not split) becomes one call of a
+    ``moedsl.nn.decode.DecodeMoE`` over the same gate and experts, in place of its route,
+    dispatch, rows, sizes, experts, combine, aux-loss and statistics nodes; the outputs are the
+    same values. Returns how many layers it fused."""
+    import operator
+
+    from moedsl.nn import moe_ops
+    from moedsl.nn.decode import DecodeMoE
+
+    fused = 0
+    for route in [n for n in graph.nodes if n.op == "call_module" and n.meta.get("role") == "route"]:
+        users = {u.meta.get("role"): u for u in route.users}
+        disp, comb, aux, stats = (users.get(r) for r in ("dispatch", "combine", "aux", "stats"))
+        if len(users) != 4 or None in (disp, comb, aux, stats) or disp.target is not moe_ops.dispatch_packed \
+                or comb.target is not moe_ops.combine_packed or len(disp.args) != 2:
+            continue
+        parts = {u.meta.get("role"): u for u in disp.users}
+        rows, sizes = parts.get("rows"), parts.get("sizes")
+        if set(parts) != {"rows", "sizes", "combine"} or len(rows.users) != 1:
+            continue
+        experts = next(iter(rows.users))
+        if experts.op != "call_module" or experts.args != (rows, sizes) or comb.args[0] is not experts:
+            continue
+        name = route.meta.get("moe_layer", route.target.rsplit(".", 1)[0])
+        target = f"{name}.decode_moe"
+        root[target] = DecodeMoE(root[route.target], root[experts.target], stats.args[1])
+        with graph.inserting_before(route):
+            node = graph.call_module(target, route.args, dict(route.kwargs))
+            node.meta.update(route.meta, role="decode_moe")
+            outs = [graph.call_function(operator.getitem, (node, i)) for i in range(3)]
+        for old, new in zip((comb, aux, stats), outs):
+            new.meta.update(old.meta)
+            old.replace_all_uses_with(new)
+        for old in (stats, aux, comb, experts, rows, sizes, disp, route):
+            graph.erase_node(old)
+        fused += 1
+    return fused
 
 
 def _share_token_keys(graph: fx.Graph) -> None:

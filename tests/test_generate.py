@@ -129,6 +129,42 @@ def test_cuda_graphs_on_refused_off_a_gpu_and_capture_failure_decodes_eagerly(mo
     assert err.count("\n") == 1 and "CUDA graphs off: capture failed (RuntimeError: operation not permitted" in err
 
 
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_fused_decode_moe_layers_equal_the_packed_path_for_every_example_spec(path, monkeypatch):
+    """On one process a decode graph's MoE layer is one DecodeMoE call (the gate's choice, each
+    expert's rows through views of its weights, each token's outputs summed in expert order). It
+    must give the packed path's outputs, aux losses and expert loads bit for bit, at batch 1 and
+    3 (with left padding), for every gate and expert kind of the example specs (those it does not
+    take, such as GShard's unrouted second choices, run the packed path inside it)."""
+    from moedsl.nn.decode import DecodeMoE
+    from moedsl.runtime import generate as gen
+
+    spec = moedsl.load_spec(path)
+    if spec.model.input != "tokens" or any(layer.config.gate.type == "expert_choice" for layer in spec.moe_layers):
+        pytest.skip(f"{path.name} does not decode")
+    if _params(spec) > HUGE:
+        pytest.skip(f"{path.name}: {_params(spec):,} parameters compile only on the meta device")
+    model = moedsl.build_model(spec, seed=0, dtype=torch.float32).eval()
+    fused = decode_module(model)
+    assert sum(isinstance(m, DecodeMoE) for m in fused.modules()) == len(spec.moe_layers)
+    model.__dict__.pop("_moedsl_decode")
+    monkeypatch.setattr(gen, "_fuse_local_moe", lambda graph, root: 0)
+    packed = decode_module(model)
+    for B, pad in ((1, [0]), (3, [0, 3, 1])):
+        ids = torch.randint(0, spec.model.vocab_size, (B, 9), generator=torch.Generator().manual_seed(B))
+        outs = []
+        for dec in (fused, packed):
+            cache, steps = DecodeCache(B, 9, torch.tensor(pad)), []
+            with torch.no_grad():
+                steps.append(dec(ids[:, :4], cache, 0))
+                steps += [dec(ids[:, i:i + 1], cache, i) for i in range(4, 9)]
+            outs.append(steps)
+        for a, b in zip(*outs):
+            assert torch.equal(a.output, b.output) and torch.equal(a.aux_loss, b.aux_loss)
+            for sa, sb in zip(a.router_stats, b.router_stats):
+                assert torch.equal(sa.expert_load, sb.expert_load) and sa.assignments == sb.assignments
+
+
 def _switch(seed=0, **model):
     data = moedsl.load_spec("specs/switch.yaml").data
     data = {**data, "model": {**data["model"], **model}}

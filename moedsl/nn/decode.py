@@ -119,3 +119,75 @@ def _attend_static(q, k, v, ck, cv, cache: DecodeCache, start, window: Optional[
     cv.index_copy_(2, slots, v)
     mask = key_mask(cache, start, t, window, q.device, keys=T_max)
     return F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != ck.shape[1])
+
+
+class DecodeMoE(torch.nn.Module):
+    """One MoE layer of a decode graph on one process: the gate, the experts and the combine in
+    one call (``moedsl.runtime.generate`` puts it in place of the route, dispatch, experts and
+    combine nodes). A decode step has a handful of assignments (B tokens × k); with no gradient,
+    on the CPU, it routes them with the gate's own choice and runs each expert's rows through
+    views of its weights, summing each token's outputs in ascending expert order: the products
+    and sums the packed path (``dispatch_packed``, ``Experts._small``, ``combine_packed``)
+    computes, without its sort, gathers, slot bookkeeping and scatter (~30 small ops a layer).
+    Where that does not hold (a gradient, a GPU, more rows, a capacity under one slot, GShard's
+    unrouted second choices) it runs the packed path itself."""
+
+    def __init__(self, gate, experts, name: str):
+        super().__init__()
+        self.gate, self.experts, self.name = gate, experts, name
+
+    def forward(self, x: torch.Tensor, token_ids, rank: int, groups: int, gidx: Optional[torch.Tensor] = None):
+        """x [S, d] (the step's tokens, each its own routing group) -> (y [S, d], aux loss, RouterStats)."""
+        fast = self._direct(x, token_ids, groups, gidx)
+        return fast if fast is not None else self._packed(x, token_ids, rank, groups, gidx)
+
+    def _packed(self, x, token_ids, rank, groups, gidx):
+        from .moe_ops import combine_packed, dispatch_packed, router_stats
+
+        r = self.gate(x, token_ids, rank, groups, gidx=gidx)
+        p = dispatch_packed(x, r)
+        return combine_packed(self.experts(p.rows, p.sizes), p, r), r.aux_loss, router_stats(r, self.name)
+
+    def _direct(self, x, token_ids, groups, gidx):
+        from . import grouped
+        from .moe_ops import RouterStats
+
+        gate, experts = self.gate, self.experts
+        S, d = x.shape
+        if (torch.is_grad_enabled() or x.device.type != "cpu" or grouped.static() or torch.is_autocast_enabled("cpu")
+                or gate.training or S * gate.spec.k > experts.SMALL_ROWS or S != groups
+                or len(experts.expert_ids) != gate.num_experts or gate.spec.type == "softmax" or experts.training
+                or x.dtype != experts.w_in.dtype
+                or (gate.spec.has_capacity and gate.spec.capacity(1, gate.num_experts, False) < 1)):
+            return None
+        ids = token_ids.reshape(S, 1) if token_ids is not None else None
+        choice = gate.choose(x.reshape(S, 1, d), ids, gidx.view(S, 1))
+        if choice.routed is not None:
+            return None  # some choices may not be routed: the packed path drops them
+        k = choice.expert.shape[-1]
+        expert = choice.expert.reshape(-1)
+        # the weights as the combine applies them: in the rows' dtype
+        chosen, weight = expert.tolist(), choice.weight.reshape(-1).to(x.dtype).tolist()
+        rows: dict = {}  # expert -> its assignments in order (a stable sort by expert, as dispatch_packed's)
+        for i, e in enumerate(chosen):
+            rows.setdefault(e, []).append(i)
+        out: list = [None] * S
+        views = experts._views()
+        for e in sorted(rows):
+            idx = rows[e]
+            toks = [i // k for i in idx]
+            xe = x[toks[0]:toks[0] + 1] if len(toks) == 1 else x[toks]
+            ye = experts._one(xe, e, views)  # [n, d]
+            for j, (i, t) in enumerate(zip(idx, toks)):
+                c = (ye if len(toks) == 1 else ye[j:j + 1]) * weight[i]
+                out[t] = c if out[t] is None else out[t] + c
+        y = out[0] if S == 1 else torch.cat(out)
+        load = torch.bincount(expert, minlength=gate.num_experts)
+        stats = RouterStats(layer=self.name, tokens_per_expert=load, expert_load=load.float(), dropped=_ZERO,
+                            assignments=S * k, capacity=None if not gate.spec.has_capacity
+                            else S * gate.spec.capacity(1, gate.num_experts, False),
+                            losses={n: v.detach() for n, v in choice.losses.items()})
+        return y, gate.weigh(choice.losses, x), stats
+
+
+_ZERO = torch.zeros((), dtype=torch.int64)

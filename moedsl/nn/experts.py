@@ -181,27 +181,30 @@ class Experts(nn.Module):
             got = self._expert_views = (stamp, [None if p is None else p.unbind(0) for p in ps])
         return got[1]
 
+    def _one(self, xe: torch.Tensor, e: int, views: list) -> torch.Tensor:
+        """Local expert e on its rows xe [n, d] -> [n, d], through ``_views``' views of its weights."""
+        w_in, w_gate, w_out, b_in, b_gate, b_out = views
+        h = torch.matmul(xe, w_in[e])  # [n, h]: a view of expert e's weights, no copy
+        if b_in is not None:
+            h = h + b_in[e]
+        if self.glu:
+            g = torch.matmul(xe, w_gate[e])
+            if b_gate is not None:
+                g = g + b_gate[e]
+            h = self.act(g) * h
+        else:
+            h = self.act(h)
+        y = torch.matmul(h, w_out[e])
+        return y if b_out is None else y + b_out[e]
+
     def _small(self, x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         """x [N, d] rows grouped by local expert, ``sizes`` [E_local] (few rows) -> [N, d]."""
-        w_in, w_gate, w_out, b_in, b_gate, b_out = self._views()
+        views = self._views()
         ys, lo = [], 0
         for e, n in enumerate(sizes.tolist()):
-            if not n:
-                continue
-            xe = x[lo:lo + n]  # [n, d]
-            h = torch.matmul(xe, w_in[e])  # [n, h]: a view of expert e's weights, no copy
-            if b_in is not None:
-                h = h + b_in[e]
-            if self.glu:
-                g = torch.matmul(xe, w_gate[e])
-                if b_gate is not None:
-                    g = g + b_gate[e]
-                h = self.act(g) * h
-            else:
-                h = self.act(h)
-            y = torch.matmul(h, w_out[e])
-            ys.append(y if b_out is None else y + b_out[e])
-            lo += n
+            if n:
+                ys.append(self._one(x[lo:lo + n], e, views))
+                lo += n
         if not ys:
             return x.new_empty(0, self.d_model)
         return ys[0] if len(ys) == 1 else torch.cat(ys)
