@@ -344,17 +344,11 @@ class Codec:
 
     @classmethod
     def find(cls, spec, folders) -> Optional["Codec"]:
-        from pathlib import Path
+        from moedsl.hf.files import read_tokenizer
 
-        for folder in folders:
-            path = Path(folder) / "tokenizer.json"
-            if path.is_file():
-                try:
-                    from tokenizers import Tokenizer
-                except ImportError:
-                    raise UserError(f"{path}: reading it needs the tokenizers library: pip install "
-                                    "'moedsl[hf]'") from None
-                return cls("tokenizer", Tokenizer.from_file(str(path)))
+        tokenizer = read_tokenizer(folders)
+        if tokenizer is not None:
+            return cls("tokenizer", tokenizer)
         if spec.model.vocab_size >= 256:
             return cls("bytes")
         return None

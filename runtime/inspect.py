@@ -310,15 +310,11 @@ def _decoder(tokenizer, byte_level: bool):
 
 
 def _tokenizer(folder: Optional[Path]):
-    """The ``tokenizers`` tokenizer of an import folder's tokenizer.json, or None (no file, or the
-    library is not installed: ids are shown)."""
-    if folder is None or not (Path(folder) / "tokenizer.json").is_file():
-        return None
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        return None
-    return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    """The ``tokenizers`` tokenizer of an import folder's tokenizer.json, or None (no file); one
+    the library is missing to read is a ``UserError`` (``moedsl.hf.files.read_tokenizer``)."""
+    from moedsl.hf.files import read_tokenizer
+
+    return read_tokenizer([folder])
 
 
 def _text_ids(path: str, tokenizer, vocab: int) -> torch.Tensor:

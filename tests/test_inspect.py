@@ -341,3 +341,19 @@ def test_an_imports_tokenizer_json_reads_the_text_and_names_the_tokens(tmp_path)
     assert ins._decoder(loaded, byte_level=False)(17) == "w17"
     assert ins._tokenizer(tmp_path / "elsewhere") is None  # no tokenizer.json: ids (or bytes) are shown
     assert ins._decoder(None, byte_level=False)(17) == "17"
+
+
+def test_a_tokenizer_json_without_the_tokenizers_library_is_one_clear_error(tmp_path, monkeypatch):
+    """Both `inspect` and `generate` read an import's tokenizer.json through one function; when the
+    library is missing it names the file and the install, not ids shown in place of text."""
+    import sys
+
+    from moedsl.errors import UserError
+    from moedsl.runtime.generate import Codec
+
+    (tmp_path / "tokenizer.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers -> ImportError
+    for load in (lambda: ins._tokenizer(tmp_path), lambda: Codec.find(None, [tmp_path])):
+        with pytest.raises(UserError, match=r"tokenizer\.json: reading it needs the tokenizers library: "
+                                            r"pip install 'moedsl\[hf\]'"):
+            load()

@@ -26,6 +26,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model")
 
 
+def read_tokenizer(folders: Iterable):
+    """The ``tokenizers`` Tokenizer of the first ``tokenizer.json`` in ``folders`` (an import
+    folder, a checkpoint, the run folder above it; None entries skipped), or None where there is
+    none. One there that the ``tokenizers`` library is missing to read is a ``UserError`` naming
+    the file and the install, not ids shown in place of text."""
+    for folder in folders:
+        path = Path(folder) / "tokenizer.json" if folder is not None else None
+        if path is not None and path.is_file():
+            try:
+                from tokenizers import Tokenizer
+            except ImportError:
+                raise UserError(f"{path}: reading it needs the tokenizers library: pip install 'moedsl[hf]'") from None
+            return Tokenizer.from_file(str(path))
+    return None
+
+
 
 def dtype_codes() -> dict:
     """torch dtype -> safetensors' dtype code (its format's names, not the spec's)."""
