@@ -11,12 +11,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _foreground_signals() -> None:
+    """SIGINT as a terminal's foreground job has it. A test run started in the background of a
+    shell without job control (``pytest &`` in a script) inherits SIGINT ignored, which Python
+    then keeps ignoring: no KeyboardInterrupt would ever reach the launcher."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(out: Path) -> subprocess.Popen:
     """A 2-process run long enough to be stopped, in a session of its own (as a terminal's job)."""
     return subprocess.Popen([sys.executable, "-m", "moedsl", "run", "specs/switch.yaml", "--nproc", "2", "--steps",
                              "100000", "--batch", "2", "--seq", "8", "--eval-every", "100000", "--no-progress",
                              "--timeout", "30", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_foreground_signals)
 
 
 def wait_for_training(proc: subprocess.Popen, out: Path, limit: float = 120) -> None:
