@@ -129,13 +129,15 @@ def test_cuda_graphs_on_refused_off_a_gpu_and_capture_failure_decodes_eagerly(mo
     assert err.count("\n") == 1 and "CUDA graphs off: capture failed (RuntimeError: operation not permitted" in err
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
-def test_fused_decode_moe_layers_equal_the_packed_path_for_every_example_spec(path, monkeypatch):
+def test_fused_decode_moe_layers_equal_the_packed_path_for_every_example_spec(path, dtype, monkeypatch):
     """On one process a decode graph's MoE layer is one DecodeMoE call (the gate's choice, each
     expert's rows through views of its weights, each token's outputs summed in expert order). It
     must give the packed path's outputs, aux losses and expert loads bit for bit, at batch 1 and
-    3 (with left padding), for every gate and expert kind of the example specs (those it does not
-    take, such as GShard's unrouted second choices, run the packed path inside it)."""
+    3 (with left padding), in float32 and bfloat16 (whose combine sums through index_add), for
+    every gate and expert kind of the example specs (those it does not take, such as GShard's
+    unrouted second choices, run the packed path inside it)."""
     from moedsl.nn.decode import DecodeMoE
     from moedsl.runtime import generate as gen
 
@@ -144,7 +146,7 @@ def test_fused_decode_moe_layers_equal_the_packed_path_for_every_example_spec(pa
         pytest.skip(f"{path.name} does not decode")
     if _params(spec) > HUGE:
         pytest.skip(f"{path.name}: {_params(spec):,} parameters compile only on the meta device")
-    model = moedsl.build_model(spec, seed=0, dtype=torch.float32).eval()
+    model = moedsl.build_model(spec, seed=0, dtype=dtype).eval()
     fused = decode_module(model)
     assert sum(isinstance(m, DecodeMoE) for m in fused.modules()) == len(spec.moe_layers)
     model.__dict__.pop("_moedsl_decode")

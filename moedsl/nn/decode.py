@@ -166,28 +166,46 @@ class DecodeMoE(torch.nn.Module):
             return None  # some choices may not be routed: the packed path drops them
         k = choice.expert.shape[-1]
         expert = choice.expert.reshape(-1)
-        # the weights as the combine applies them: in the rows' dtype
-        chosen, weight = expert.tolist(), choice.weight.reshape(-1).to(x.dtype).tolist()
+        w = choice.weight.reshape(-1).to(x.dtype)  # the weights as the combine applies them: in the rows' dtype
+        chosen = expert.tolist()
         rows: dict = {}  # expert -> its assignments in order (a stable sort by expert, as dispatch_packed's)
         for i, e in enumerate(chosen):
             rows.setdefault(e, []).append(i)
-        out: list = [None] * S
         views = experts._views()
-        for e in sorted(rows):
-            idx = rows[e]
-            toks = [i // k for i in idx]
-            xe = x[toks[0]:toks[0] + 1] if len(toks) == 1 else x[toks]
-            ye = experts._one(xe, e, views)  # [n, d]
-            for j, (i, t) in enumerate(zip(idx, toks)):
-                c = (ye if len(toks) == 1 else ye[j:j + 1]) * weight[i]
-                out[t] = c if out[t] is None else out[t] + c
-        y = out[0] if S == 1 else torch.cat(out)
+        outs = [(rows[e], experts._one(self._rows_of(x, rows[e], k), e, views)) for e in sorted(rows)]
+        y = self._sum(outs, w, k, S, x)
         load = torch.bincount(expert, minlength=gate.num_experts)
         stats = RouterStats(layer=self.name, tokens_per_expert=load, expert_load=load.float(), dropped=_ZERO,
                             assignments=S * k, capacity=None if not gate.spec.has_capacity
                             else S * gate.spec.capacity(1, gate.num_experts, False),
                             losses={n: v.detach() for n, v in choice.losses.items()})
         return y, gate.weigh(choice.losses, x), stats
+
+    @staticmethod
+    def _rows_of(x: torch.Tensor, idx: list, k: int) -> torch.Tensor:
+        toks = [i // k for i in idx]
+        return x[toks[0]:toks[0] + 1] if len(toks) == 1 else x[toks]
+
+    @staticmethod
+    def _sum(outs: list, w: torch.Tensor, k: int, S: int, x: torch.Tensor) -> torch.Tensor:
+        """Each token's weighted expert outputs summed in ascending expert order, as the packed
+        combine sums them: float32 with moedsl's kernel adds w·y to the running sum row by row,
+        which Python's own additions repeat (no gathers); otherwise (bfloat16's index_add sums in
+        its own way) the packed combine's own op, on the rows in its order."""
+        from . import cpu_gemm
+        from .moe_ops import weighted_sum
+
+        if x.dtype == torch.float32 and cpu_gemm.available():
+            weight, out = w.tolist(), [None] * S
+            for idx, ye in outs:
+                for j, i in enumerate(idx):
+                    c = (ye if len(idx) == 1 else ye[j:j + 1]) * weight[i]
+                    t = i // k
+                    out[t] = c if out[t] is None else out[t] + c
+            return out[0] if S == 1 else torch.cat(out)
+        order = [i for idx, _ in outs for i in idx]
+        tok = torch.tensor([i // k for i in order], dtype=torch.int64, device=x.device)
+        return weighted_sum(torch.cat([ye for _, ye in outs]), w[order], tok, S)
 
 
 _ZERO = torch.zeros((), dtype=torch.int64)

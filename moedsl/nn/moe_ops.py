@@ -79,10 +79,14 @@ def dispatch_packed(x: torch.Tensor, r: Routing, slot_of_expert: Optional[torch.
 def combine_packed(y: torch.Tensor, p: Packed, r: Routing) -> torch.Tensor:
     """Expert outputs in packed row order [N, d] -> [S, d]."""
     w = r.weight.index_select(0, p.index).to(y.dtype)
-    tok = r.token.index_select(0, p.index)
+    return weighted_sum(y, w, r.token.index_select(0, p.index), r.num_tokens)
+
+
+def weighted_sum(y: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """out [num_tokens, d] with out[tok[i]] += w[i] · y[i] (w in y's dtype), rows in order."""
     if cpu_gemm.combine_usable(y, w, tok):  # float32 on a CPU: one pass each way
-        return cpu_gemm.weighted_scatter(y, w, tok, r.num_tokens)
-    return y.new_zeros(r.num_tokens, y.shape[-1]).index_add(0, tok, y * w[:, None])
+        return cpu_gemm.weighted_scatter(y, w, tok, num_tokens)
+    return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, tok, y * w[:, None])
 
 
 @dataclass
