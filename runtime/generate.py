@@ -71,7 +71,7 @@ def decode_module(model, static: bool = False) -> fx.GraphModule:
 
 
 def _flat(root: dict, graph: fx.Graph) -> dict:
-    """The graph's modules under flat names ("layers.2.moe.gate" -> "layers_2_moe_gate"), its
+    """The graph's modules under flat names ("layers.2.gate" -> "m_layers_2_gate"), its
     call_module and get_attr nodes retargeted: the generated code then reaches each module with
     one attribute lookup instead of one per dotted part (a decode step makes ~30 module calls,
     each of which went through 3-4 ``nn.Module.__getattr__``)."""

@@ -154,11 +154,11 @@ class DecodeMoE(torch.nn.Module):
 
         gate, experts = self.gate, self.experts
         S, d = x.shape
+        cap = gate.spec.capacity(1, gate.num_experts, False) if gate.spec.has_capacity else None  # a lone token's
         if (torch.is_grad_enabled() or x.device.type != "cpu" or grouped.static() or torch.is_autocast_enabled("cpu")
                 or gate.training or S * gate.spec.k > experts.SMALL_ROWS or S != groups
                 or len(experts.expert_ids) != gate.num_experts or gate.spec.type == "softmax" or experts.training
-                or x.dtype != experts.w_in.dtype
-                or (gate.spec.has_capacity and gate.spec.capacity(1, gate.num_experts, False) < 1)):
+                or x.dtype != experts.w_in.dtype or (cap is not None and cap < 1)):
             return None
         ids = token_ids.reshape(S, 1) if token_ids is not None else None
         choice = gate.choose(x.reshape(S, 1, d), ids, gidx.view(S, 1))
@@ -175,9 +175,9 @@ class DecodeMoE(torch.nn.Module):
         outs = [(rows[e], experts._one(self._rows_of(x, rows[e], k), e, views)) for e in sorted(rows)]
         y = self._sum(outs, w, k, S, x)
         load = torch.bincount(expert, minlength=gate.num_experts)
-        stats = RouterStats(layer=self.name, tokens_per_expert=load, expert_load=load.float(), dropped=_ZERO,
-                            assignments=S * k, capacity=None if not gate.spec.has_capacity
-                            else S * gate.spec.capacity(1, gate.num_experts, False),
+        stats = RouterStats(layer=self.name, tokens_per_expert=load, expert_load=load.float(),
+                            dropped=torch.zeros((), dtype=torch.int64), assignments=S * k,
+                            capacity=None if cap is None else S * cap,
                             losses={n: v.detach() for n, v in choice.losses.items()})
         return y, gate.weigh(choice.losses, x), stats
 
@@ -207,5 +207,3 @@ class DecodeMoE(torch.nn.Module):
         tok = torch.tensor([i // k for i in order], dtype=torch.int64, device=x.device)
         return weighted_sum(torch.cat([ye for _, ye in outs]), w[order], tok, S)
 
-
-_ZERO = torch.zeros((), dtype=torch.int64)
