@@ -437,6 +437,7 @@ def precheck(args) -> None:
     from moedsl.api import load_spec
     from moedsl.hf.weights import _source
 
+    _device(getattr(args, "device", "auto"), args.nproc)  # --device cuda with --nproc: refused before any worker
     _, spec = _source(args.model, args.checkpoint, load_spec)
     _, prompt = _prompt(args, spec)
     ids, mask = left_pad([prompt])

@@ -338,6 +338,10 @@ def test_cli_refuses_a_gpu_or_cuda_graphs_it_cannot_have(imported, capsys):
     if not torch.cuda.is_available():
         assert main(["generate", str(imported), "--prompt-ids", "1", "--max-new-tokens", "2", "--device", "cuda"]) == 2
         assert capsys.readouterr().err.strip() == "moedsl: error: --device cuda: no CUDA device is available here"
+    assert main(["generate", str(imported), "--prompt-ids", "1", "--max-new-tokens", "2", "--device", "cuda",
+                 "--nproc", "2"]) == 2  # refused before any worker starts
+    assert capsys.readouterr().err.strip() == ("moedsl: error: --device cuda: generating with --nproc runs on the CPU "
+                                                "(gloo); leave out --device or --nproc")
 
 
 def test_cli_generates_the_same_ids_on_two_processes(imported):
