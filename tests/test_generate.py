@@ -43,6 +43,18 @@ def _random_routing(spec) -> bool:
                for layer in spec.moe_layers)
 
 
+def _decodable(path):
+    """The spec at ``path``, or a skip: one that does not decode (its refusals are checked by
+    test_cached_decoding_equals_the_full_forward_for_every_example_spec) or too big to build."""
+    spec = moedsl.load_spec(path)
+    if spec.model.input != "tokens" or any(layer.config.gate.type == "expert_choice" for layer in spec.moe_layers):
+        pytest.skip(f"{path.name} does not decode")
+    params = _params(spec)
+    if params > HUGE:
+        pytest.skip(f"{path.name}: {params:,} parameters compile only on the meta device")
+    return spec
+
+
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_cached_decoding_equals_the_full_forward_for_every_example_spec(path):
     spec = moedsl.load_spec(path)
@@ -79,11 +91,7 @@ def test_static_decoding_equals_dynamic_decoding_for_every_example_spec(path):
     step computes, run eagerly here on the CPU: prefill, then one token a step, left padding."""
     from moedsl.nn.grouped import static_shapes
 
-    spec = moedsl.load_spec(path)
-    if spec.model.input != "tokens" or any(layer.config.gate.type == "expert_choice" for layer in spec.moe_layers):
-        pytest.skip(f"{path.name} does not decode (test_cached_decoding_equals_the_full_forward_for_every_example_spec)")
-    if _params(spec) > HUGE:
-        pytest.skip(f"{path.name}: {_params(spec):,} parameters compile only on the meta device")
+    spec = _decodable(path)
     model = moedsl.build_model(_no_drops(spec), seed=0, dtype=torch.float32).eval()
     dynamic, static = decode_module(model), decode_module(model, static=True)
     B, T, P = 2, 12, 5
@@ -141,11 +149,7 @@ def test_fused_decode_moe_layers_equal_the_packed_path_for_every_example_spec(pa
     from moedsl.nn.decode import DecodeMoE
     from moedsl.runtime import generate as gen
 
-    spec = moedsl.load_spec(path)
-    if spec.model.input != "tokens" or any(layer.config.gate.type == "expert_choice" for layer in spec.moe_layers):
-        pytest.skip(f"{path.name} does not decode")
-    if _params(spec) > HUGE:
-        pytest.skip(f"{path.name}: {_params(spec):,} parameters compile only on the meta device")
+    spec = _decodable(path)
     model = moedsl.build_model(spec, seed=0, dtype=dtype).eval()
     fused = decode_module(model)
     assert sum(isinstance(m, DecodeMoE) for m in fused.modules()) == len(spec.moe_layers)

@@ -226,9 +226,9 @@ class Experts(nn.Module):
             return y if self.b_out is None else y + self.b_out[:, None, :]
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if grouped.static():  # no host read of the sizes (CUDA-graph capture): grouped_matmul's static paths
-            choice = "padded_static" if x.device.type == "cpu" else "auto"
+            choice, method = "torch", "padded" if x.device.type == "cpu" else "auto"
         else:
-            choice = self._cpu_choice(sizes, dt) if x.device.type == "cpu" and x.shape[0] else "auto"
+            choice = method = self._cpu_choice(sizes, dt) if x.device.type == "cpu" and x.shape[0] else "auto"
         if choice == "padded":
             return self._padded(x, sizes, dt)
         if choice == "aligned":
@@ -239,8 +239,6 @@ class Experts(nn.Module):
             def mm(a, b):
                 return cpu_gemm.grouped_mm(a, b, offs=offs)
         else:  # "torch", or "auto" off the CPU: grouped_matmul's own choice
-            method = "padded" if choice == "padded_static" else choice
-
             def mm(a, b):
                 return grouped_matmul(a.to(dt), b.to(dt), sizes, method)
 
