@@ -148,6 +148,41 @@ def test_gate_prioritises_tokens_by_their_largest_routing_weight(seed):
         assert int(r.dropped) > 0
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("gate_type", ["topk", "gshard"])
+def test_batch_prioritized_routing_ranks_by_the_router_probability_before_renormalising(gate_type, normalize):
+    """V-MoE §4.1: a token's priority is max_i g_i(x) with g(x) = TOP_k(softmax(W·x)), the router's
+    largest probability, whatever the weights the experts' outputs are then multiplied by. Token a
+    has the larger probability (0.50 > 0.40), token b the larger weight once renormalised over its
+    two (0.40 / 0.65 > 0.50 / 0.95): a is ranked first, with or without `normalize`."""
+    gate_opts = {"type": gate_type, "normalize": normalize, "capacity_factor": 1.0, "drop_priority": "score"}
+    if gate_type == "gshard":
+        gate_opts["second_expert"] = "always"
+    spec = moedsl.load_spec(image_spec(gate=gate_opts))
+    from moedsl.nn.gates import Gate as GateModule
+
+    gate = next(m for m in moedsl.build_model(spec).modules() if isinstance(m, GateModule))
+    gate.eval()
+    p = torch.tensor([[0.50, 0.45, 0.03, 0.02],   # a: raw max 0.50, renormalised 0.526
+                      [0.40, 0.25, 0.20, 0.15]])  # b: raw max 0.40, renormalised 0.615
+    with torch.no_grad():  # logits = log p, so that softmax(W·x) = p
+        gate.weight.zero_()
+        gate.weight[:, :4] = torch.eye(4)
+    x = torch.zeros(2, 32)
+    x[:, :4] = p.log()
+    r = gate(x, groups=1)
+    C = gate.spec.capacity(2, 4, training=False)
+    assert C == 1  # one slot per expert: a and b both want experts 0 and 1
+    top = p.topk(2, dim=-1)
+    raw = top.values.max(-1).values  # the V-MoE formula: max_e p_e
+    renormalised = (top.values / top.values.sum(-1, keepdim=True)).max(-1).values
+    assert raw.argmax() != renormalised.argmax()  # the two orders differ here
+    want = slots_by_loop(top.indices[None], None, 4, C, raw[None])
+    assert torch.equal(r.expert.view(1, 2, 2), top.indices[None])
+    assert torch.equal(r.slot.view(1, 2, 2), want)
+    assert want[0, 0].tolist() == [0, 0] and want[0, 1].tolist() == [-1, -1]  # a keeps both, b drops both
+
+
 # ----------------------------------------------------------------------------- capacity rounding
 
 def test_capacity_rounds_as_v_moe_when_asked_and_ceils_by_default():

@@ -37,6 +37,14 @@ class Choice:
     weight: torch.Tensor  # [G, n, k] float
     routed: Optional[torch.Tensor] = None  # [G, n, k] bool: the assignment exists (GShard's random 2nd)
     losses: dict = field(default_factory=dict)  # unweighted, differentiable
+    # [G, n, k] the chosen experts' router probabilities before any renormalisation over the k
+    # (None: ``weight`` is them): batch prioritized routing ranks a token by their maximum
+    prob: Optional[torch.Tensor] = None
+
+    def priority(self) -> torch.Tensor:
+        """[G, n] V-MoE's priority score (Riquelme et al. 2021, §4.1): max_i g_i(x), the largest
+        routing weight of g(x) = TOP_k(softmax(W·x)), i.e. before any renormalisation over the k."""
+        return (self.weight if self.prob is None else self.prob).max(dim=-1).values
 
 
 def top_indices(v: torch.Tensor, k: int) -> torch.Tensor:
@@ -171,8 +179,7 @@ class Gate(nn.Module):
             dropped = torch.zeros((), dtype=torch.int64, device=x.device)
         else:
             kept_counts = None
-            priority = choice.weight.max(dim=-1).values if cap is not None and self.spec.drop_priority == "score" \
-                else None
+            priority = choice.priority() if cap is not None and self.spec.drop_priority == "score" else None
             slot = assign_slots(choice.expert, choice.routed, E, cap, priority)
             routed = choice.routed if choice.routed is not None else torch.ones_like(slot, dtype=torch.bool)
             weight = torch.where(slot >= 0, choice.weight, torch.zeros_like(choice.weight))
@@ -273,6 +280,8 @@ class NoisyTopKGate(Gate):
         k = self.spec.k
         expert = self.select(noisy, k)
         weight = torch.softmax(noisy.gather(-1, expert), dim=-1)
+        # V-MoE's priority is a weight of TOP_k(softmax(noisy)), before Shazeer's softmax over the k
+        prob = torch.softmax(noisy, dim=-1).gather(-1, expert) if self.spec.drop_priority == "score" else None
         lw, out = self.loss_weights, {}
         if lw.importance:
             out["importance"] = self.importance(weight, expert)
@@ -287,7 +296,7 @@ class NoisyTopKGate(Gate):
             out["balance"] = balance_loss(torch.softmax(clean, -1), expert, None)
         if lw.z_loss:
             out["z_loss"] = z_loss(clean)
-        return Choice(expert, weight, losses=out)
+        return Choice(expert, weight, losses=out, prob=prob)
 
 
 class TopKGate(RouterGate):
@@ -313,14 +322,14 @@ class TopKGate(RouterGate):
         else:
             scores = probs = torch.softmax(logits, dim=-1)
         expert = self.select(scores, self.spec.k, logits)
-        weight = scores.gather(-1, expert)
+        weight = prob = scores.gather(-1, expert)
         if self.spec.normalize:
             total = weight.sum(-1, keepdim=True)
             weight = weight / (total + 1e-20 if sigmoid else total)
         losses = self.losses(logits, probs, weight, expert)
         if self.spec.scale != 1.0:
             weight = weight * self.spec.scale
-        return Choice(expert, weight, losses=losses)
+        return Choice(expert, weight, losses=losses, prob=prob)
 
 
 class SwitchGate(RouterGate):
@@ -342,7 +351,7 @@ class GShardGate(RouterGate):
         logits = self.logits(x, gidx)
         probs = torch.softmax(logits, dim=-1)
         expert = self.select(probs, 2, logits)
-        weight = probs.gather(-1, expert)
+        weight = prob = probs.gather(-1, expert)
         if self.spec.normalize:
             weight = weight / weight.sum(-1, keepdim=True)
         routed = torch.ones_like(expert, dtype=torch.bool)
@@ -351,7 +360,7 @@ class GShardGate(RouterGate):
             routed = torch.stack([routed[..., 0], 2 * weight[..., 1].detach() > u], dim=-1)
         # the balance loss's c_e counts the tokens whose first choice is e
         losses = self.losses(logits, probs, weight * routed, expert, counted=expert[..., :1])
-        return Choice(expert, weight, routed=routed, losses=losses)
+        return Choice(expert, weight, routed=routed, losses=losses, prob=prob)
 
 
 class HashGate(Gate):
@@ -429,21 +438,23 @@ class HierarchicalGate(Gate):
         self.secondary_weight, self.secondary_noise_weight = weights(a, b, d, sub=hierarchy.secondary)
 
     def _level(self, sub: S.SubGate, clean, std, noise_idx, purpose):
-        """One level's choice: (top indices, weights, noisy logits)."""
+        """One level's choice: (top indices, weights, noisy logits, the weights before any
+        renormalisation over the k: None when they are the weights or not needed)."""
         noisy = clean
         if std is not None and self.training:
             noisy = clean + rng.normal(self.seed, self.stream(purpose), noise_idx) * std
         if sub.type == "softmax":
             probs = torch.softmax(noisy, dim=-1)
             idx = torch.arange(clean.shape[-1], device=clean.device).expand_as(clean)
-            return idx, probs, noisy
+            return idx, probs, noisy, None
         idx = torch.topk(noisy, sub.k, dim=-1).indices
         vals = noisy.gather(-1, idx)
         if sub.type == "noisy_topk" or sub.normalize:
             w = torch.softmax(vals, dim=-1)
+            prob = torch.softmax(noisy, dim=-1).gather(-1, idx) if self.spec.drop_priority == "score" else None
         else:
-            w = torch.softmax(noisy, dim=-1).gather(-1, idx)
-        return idx, w, noisy
+            w, prob = torch.softmax(noisy, dim=-1).gather(-1, idx), None
+        return idx, w, noisy, prob
 
     def choose(self, x, ids, gidx):
         h, lw = self.h, self.loss_weights
@@ -455,7 +466,7 @@ class HierarchicalGate(Gate):
         std_p = (F.softplus(self.linear(x, self.primary_noise_weight)) + h.primary.noise_epsilon
                  if self.primary_noise_weight is not None else None)
         nidx = gidx[..., None] * a + torch.arange(a, device=x.device)
-        gi, gw, noisy_p = self._level(h.primary, clean_p, std_p, nidx, "primary")  # [G, n, k1]
+        gi, gw, noisy_p, gp = self._level(h.primary, clean_p, std_p, nidx, "primary")  # [G, n, k1]
         k1 = gi.shape[-1]
         # secondary, only for the (token, group) pairs the primary chose: grouped by group
         rows_group = gi.reshape(-1)  # [R]
@@ -475,10 +486,14 @@ class HierarchicalGate(Gate):
         std_s = std_s[unsort] if std_s is not None else None
         row_gidx = gidx.reshape(-1).repeat_interleave(k1)
         sidx = (row_gidx * a + rows_group)[:, None] * b + torch.arange(b, device=x.device)
-        ji, jw, noisy_s = self._level(h.secondary, clean_s, std_s, sidx, "secondary")  # [R, k2]
+        ji, jw, noisy_s, jp = self._level(h.secondary, clean_s, std_s, sidx, "secondary")  # [R, k2]
         k2 = ji.shape[-1]
         expert = (gi[..., None] * b + ji.view(G, n, k1, k2)).reshape(G, n, k1 * k2)
         weight = (gw[..., None] * jw.view(G, n, k1, k2)).reshape(G, n, k1 * k2)
+        prob = None  # the product of the two levels' weights before their renormalisations
+        if gp is not None or jp is not None:
+            gp, jp = gw if gp is None else gp, jw if jp is None else jp
+            prob = (gp[..., None] * jp.view(G, n, k1, k2)).reshape(G, n, k1 * k2)
         out = {}
         if lw.importance:
             out["importance"] = self.importance(weight, expert)
@@ -486,7 +501,7 @@ class HierarchicalGate(Gate):
             out["load"] = self._load(clean_p, noisy_p, std_p, gi, clean_s, noisy_s, std_s, rows_group, G, n)
         if lw.z_loss:
             out["z_loss"] = z_loss(clean_p) + z_loss(clean_s)
-        return Choice(expert, weight, losses=out)
+        return Choice(expert, weight, losses=out, prob=prob)
 
     def _load(self, clean_p, noisy_p, std_p, gi, clean_s, noisy_s, std_s, rows_group, G, n):
         """CV² of Load_H(X)_{i,j} = Load_primary(X)_i · Load_i(X^(i))_j / |X^(i)|."""
