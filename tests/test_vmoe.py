@@ -402,6 +402,95 @@ def test_image_spec_on_two_processes_equals_one():
     assert diffs[0][0].dropped > 0
 
 
+def tiny_held_out(n_images=60):
+    """An image source of ``n_images`` random 8×8 images: n // 6 = 10 held out."""
+    from moedsl.runtime.data import Images
+
+    g = torch.Generator().manual_seed(0)
+    return Images(torch.rand(n_images, 8, 8, 1, generator=g), torch.randint(0, 10, (n_images,), generator=g),
+                  seed=0, name="tiny")
+
+
+def test_held_out_images_that_fill_the_last_batch_take_no_capacity_and_are_not_dropped():
+    """10 held-out images in batches of 4: the last batch is 2 images and 2 wrapped around (every
+    batch one shape). Those 2 route nowhere: the loss, accuracy and dropped fraction are those of
+    the same images evaluated in batches of 4, 4 and 2, under a capacity that drops."""
+    from moedsl.runtime.evaluate import held_out_images
+
+    spec = moedsl.load_spec(image_spec(gate={"capacity_factor": 0.5, "routing_groups": 1}))
+    model = moedsl.build_model(spec, seed=0)
+    source = tiny_held_out()
+    assert source.size("eval") == 10 and source.eval_steps(4) == 3
+    got = held_out_images(model, spec, source, 4)
+    images, labels = source.data["eval"]
+    loss = correct = dropped = assigned = 0.0
+    model.eval()
+    with torch.no_grad():
+        for lo in (0, 4, 8):
+            out = model(images[lo:lo + 4])  # the last: images 8 and 9 alone
+            logits = out.output.float()
+            loss += float(F.cross_entropy(logits, labels[lo:lo + 4], reduction="sum"))
+            correct += float((logits.argmax(-1) == labels[lo:lo + 4]).sum())
+            dropped += sum(float(s.dropped) for s in out.router_stats)
+            assigned += sum(float(s.assignments) for s in out.router_stats)
+    assert dropped > 0 and got.examples == 10
+    assert math.isclose(got.dropped, dropped / assigned)
+    assert math.isclose(got.loss, loss / 10, rel_tol=1e-5)
+    assert math.isclose(got.accuracy, correct / 10)
+
+
+def _held_out_on(rank, world, spec_data):
+    from moedsl.runtime.evaluate import held_out_images
+
+    torch.set_num_threads(1)
+    spec = moedsl.load_spec(spec_data)
+    model = moedsl.build_model(spec, seed=0, rank=rank, world_size=world, dtype=torch.float32)
+    h = held_out_images(model, spec, tiny_held_out(), 4, rank, world)
+    return h.loss, h.accuracy, h.dropped, h.examples
+
+
+@pytest.mark.parametrize("groups", [2, 1])
+def test_held_out_images_on_two_processes_equal_one_when_the_last_batch_is_partial(groups):
+    """The last batch's rows 10 and 11 (wrapped around) are rank 1's share: with 2 routing groups
+    each rank routes its own rows; with 1 the rows are gathered and routed as one batch, the rows
+    that count gathered with them."""
+    from moedsl.runtime.launch import spawn
+
+    d = image_spec(gate={"capacity_factor": 0.5, "routing_groups": groups})
+    one = _held_out_on(0, 1, d)
+    for got in spawn(_held_out_on, 2, d, timeout=300):
+        assert got[3] == one[3] == 10
+        assert math.isclose(got[2], one[2]) and math.isclose(got[0], one[0], rel_tol=1e-5), (got, one)
+
+
+@pytest.mark.parametrize("gate", [{"capacity_factor": 0.5},
+                                  {"type": "gshard", "capacity_factor": 0.5},
+                                  {"normalize": True, "drop_priority": "position", "capacity_factor": 0.5},
+                                  {"drop_policy": "dropless", "drop_priority": None, "capacity_factor": None},
+                                  {"type": "expert_choice", "k": None, "normalize": None, "drop_priority": None,
+                                   "capacity_factor": 1.0, "max_experts_per_token": 1}])
+def test_rows_that_do_not_count_leave_the_routing_and_its_statistics_as_without_them(gate):
+    """model(images, rows): the images not in ``rows`` take no slot, are neither dropped nor in the
+    load, and a routing group's capacity is that of its images that count (2 of 4 here)."""
+    g = {"type": "topk", "k": 2, "normalize": False, "capacity_factor": 1.0, "drop_priority": "score",
+         "routing_groups": 1, **gate}
+    d = image_spec()
+    d["layers"][2]["moe"]["gate"] = {key: v for key, v in g.items() if v is not None}
+    model = moedsl.build_model(moedsl.load_spec(d), seed=1)
+    model.eval()
+    images = torch.rand(4, 8, 8, 1, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        padded = model(images, torch.tensor([True, True, False, False]))
+        alone = model(images[:2])
+    torch.testing.assert_close(padded.output[:2], alone.output)
+    (p,), (a,) = padded.router_stats, alone.router_stats
+    assert int(p.dropped) == int(a.dropped) and int(p.assignments) == int(a.assignments)
+    assert p.tokens_per_expert.tolist() == a.tokens_per_expert.tolist()
+    assert p.expert_load.tolist() == a.expert_load.tolist()
+    if g.get("capacity_factor") == 0.5:
+        assert int(a.dropped) > 0
+
+
 def test_eval_of_a_token_model_reports_loss_and_drops_without_accuracy(tmp_path, one_thread):
     from moedsl.runtime.train import RunOptions, run
 

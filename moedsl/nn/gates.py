@@ -13,6 +13,7 @@ how the batch is spread over ranks.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -68,6 +69,20 @@ def normal_init(*shape: int, std: float) -> torch.Tensor:
     if torch.get_default_device().type == "meta":
         return torch.empty(*shape)
     return torch.randn(*shape) * std
+
+
+@functools.lru_cache(maxsize=64)
+def _capacities(gate: S.Gate, n: int, experts: int, training: bool) -> tuple:
+    """The capacity of a routing group of m tokens, for m = 0..n."""
+    return tuple(gate.capacity(m, experts, training) for m in range(n + 1))
+
+
+def real_capacity(gate: S.Gate, real: torch.Tensor, experts: int, training: bool) -> torch.Tensor:
+    """[G] each routing group's capacity for its tokens that count (``real`` [G, n] bool): the
+    spec's C of that many tokens, as if the others were not in the batch. A table lookup: no
+    host sync."""
+    table = torch.tensor(_capacities(gate, real.shape[1], experts, training), device=real.device)
+    return table[real.sum(dim=1)]
 
 
 def _no_autocast(device: torch.device):
@@ -153,11 +168,16 @@ class Gate(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None, rank: int = 0,
-                groups: int = 1, gidx: Optional[torch.Tensor] = None) -> Routing:
+                groups: int = 1, gidx: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> Routing:
         """Route the S tokens of ``x`` [S, d] in ``groups`` groups. ``rank``: this batch is the
         rank-th of equal shares of the global batch (its tokens start at rank · S there).
         ``gidx`` [S]: each token's key for the routing's random draws instead (a decode graph's:
-        from its row and position, the same whichever step decodes it)."""
+        from its row and position, the same whichever step decodes it). ``mask`` [S] bool: the
+        tokens that count (None: all); the others (images that only fill a held-out batch) are
+        routed nowhere: no slot, no drop, no load, and a group's capacity is that of its tokens
+        that count, as if the others were not in the batch. (The auxiliary losses still see every
+        token: a batch with such rows is evaluated, and evaluation reports no auxiliary loss.)"""
         Sn, d = x.shape
         G, n = groups, Sn // groups
         E = self.num_experts
@@ -171,6 +191,9 @@ class Gate(nn.Module):
             cap = self.spec.capacity(n, E, self.training)
         else:
             cap = None
+        real = None if mask is None else mask.view(G, n, 1).expand_as(choice.expert)  # [G, n, k]
+        if real is not None:
+            choice.routed = real if choice.routed is None else choice.routed & real
         all_kept = cap is None and choice.routed is None
         if all_kept:  # dropless and every choice routed: slot 0 each, nothing dropped (fewer ops)
             slot, weight = torch.zeros_like(choice.expert), choice.weight
@@ -181,6 +204,8 @@ class Gate(nn.Module):
             kept_counts = None
             priority = choice.priority() if cap is not None and self.spec.drop_priority == "score" else None
             slot = assign_slots(choice.expert, choice.routed, E, cap, priority)
+            if real is not None and cap is not None and self.spec.has_capacity:
+                slot = self._within_real_capacity(slot, mask.view(G, n), cap)
             routed = choice.routed if choice.routed is not None else torch.ones_like(slot, dtype=torch.bool)
             weight = torch.where(slot >= 0, choice.weight, torch.zeros_like(choice.weight))
             load = counts(choice.expert.reshape(-1), E, routed.reshape(-1)).float()
@@ -196,7 +221,18 @@ class Gate(nn.Module):
             capacity=None if cap is None else G * cap,
             aux_loss=self.weigh(choice.losses, x), losses={k_: v.detach() for k_, v in choice.losses.items()},
             expert_load=load.detach(), dropped=dropped, all_kept=all_kept,
-            kept_counts=kept_counts, routed=None if choice.routed is None else choice.routed.reshape(-1))
+            kept_counts=kept_counts, routed=None if choice.routed is None else choice.routed.reshape(-1),
+            real=None if real is None else real.reshape(-1))
+
+    def _within_real_capacity(self, slot: torch.Tensor, real: torch.Tensor, cap: int) -> torch.Tensor:
+        """slot [G, n, k] assigned under the capacity ``cap`` of n tokens a group -> the slots under
+        each group's capacity for its tokens that count (real [G, n]), C(m) ≤ C(n) for m ≤ n. Slots
+        go in priority order and the tokens that do not count take none, so this is the routing of
+        the batch without them."""
+        G = slot.shape[0]
+        limit = real_capacity(self.spec, real, self.num_experts, self.training)  # [G]
+        pos = slot - cap * torch.arange(G, device=slot.device)[:, None, None]
+        return torch.where((slot >= 0) & (pos < limit[:, None, None]), slot, torch.full_like(slot, -1))
 
     def weigh(self, losses: dict, x: torch.Tensor) -> torch.Tensor:
         total = x.new_zeros((), dtype=torch.float32)
@@ -388,24 +424,36 @@ class ExpertChoiceGate(RouterGate):
     k_e = capacity_factor·n/E tokens. A token no expert picked gets 0. Optional cap on the
     experts per token (kept greedily by weight)."""
 
-    def forward(self, x, token_ids=None, rank=0, groups=1):
+    def forward(self, x, token_ids=None, rank=0, groups=1, mask=None):
+        """``mask`` [S] bool: the tokens that count (None: all); no expert picks another, and a
+        group's k_e is that of its tokens that count."""
         Sn, d = x.shape
         G, n, E = groups, Sn // groups, self.num_experts
         gidx = (rank * Sn + torch.arange(Sn, device=x.device)).view(G, n)
         logits = self.logits(x.reshape(G, n, d), gidx)
         probs = torch.softmax(logits, dim=-1)
         C = self.spec.capacity(n, E, self.training)
+        if mask is not None:  # a token that does not count ranks below every one that does
+            probs = probs.masked_fill(~mask.view(G, n, 1), -1.0)
         weight, idx = torch.topk(probs.transpose(1, 2), C, dim=-1)  # [G, E, C]
         token = idx + n * torch.arange(G, device=x.device)[:, None, None]
         expert = torch.arange(E, device=x.device)[None, :, None].expand(G, E, C)
         slot = (C * torch.arange(G, device=x.device)[:, None, None] + torch.arange(C, device=x.device)).expand(G, E, C)
+        real = None
+        if mask is not None:  # picks of tokens that do not count, and past a group's own k_e: none
+            limit = real_capacity(self.spec, mask.view(G, n), E, self.training)  # [G]
+            real = mask.view(G, n).gather(1, idx.view(G, E * C)).view(G, E, C) & \
+                (torch.arange(C, device=x.device) < limit[:, None, None])
+            slot = torch.where(real, slot, torch.full_like(slot, -1))
+            weight = torch.where(real, weight, torch.zeros_like(weight))
+            real = real.reshape(-1)
         token, expert, weight, slot = (t.reshape(-1) for t in (token, expert, weight, slot))
         dropped = torch.zeros((), dtype=torch.int64, device=x.device)
         cap = self.spec.max_experts_per_token
         if cap is not None:  # keep each token's `cap` highest-weight experts
             order = torch.sort(-weight.detach(), stable=True).indices
             rank = torch.empty_like(token).scatter_(0, order, bucket_positions(token[order], Sn))
-            over = rank >= cap
+            over = (rank >= cap) & (slot >= 0)
             slot = torch.where(over, torch.full_like(slot, -1), slot)
             weight = torch.where(over, torch.zeros_like(weight), weight)
             dropped = over.sum()
@@ -415,7 +463,8 @@ class ExpertChoiceGate(RouterGate):
         return Routing(token=token, expert=expert, weight=weight, slot=slot, num_tokens=Sn, num_experts=E,
                        capacity=G * C, aux_loss=self.weigh(losses, x),
                        losses={k: v.detach() for k, v in losses.items()},
-                       expert_load=torch.full((E,), float(G * C), device=x.device), dropped=dropped)
+                       expert_load=torch.full((E,), float(G * C), device=x.device) if real is None
+                       else counts(expert, E, real).float(), dropped=dropped, real=real)
 
 
 class HierarchicalGate(Gate):
