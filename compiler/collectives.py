@@ -535,14 +535,16 @@ class GatherTokens(_Collective):
         super().__init__()
         self.world, self.rank = world, rank
 
-    def forward(self, x: torch.Tensor, ids: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, ids: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+        """-> (every rank's x, ids, and mask, the tokens that count: None where not given)."""
         topo = self._need()
         xs = _GatherRows.apply(x, topo.world_group, self.rank, self.world)
-        if ids is None:
-            return xs, None
-        parts = [torch.empty_like(ids) for _ in range(self.world)]
-        dist.all_gather(parts, ids.contiguous(), group=topo.world_group)
-        return xs, torch.cat(parts)
+        return (xs,) + tuple(None if t is None else self._gather(t, topo) for t in (ids, mask))
+
+    def _gather(self, t: torch.Tensor, topo) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous(), group=topo.world_group)
+        return torch.cat(parts)
 
 
 def localize(routing, x_local: torch.Tensor, rank: int):

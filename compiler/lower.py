@@ -61,7 +61,7 @@ class LowerContext:
     statistics)."""
 
     def __init__(self, spec: S.Spec, low: Lowered, seed: int, static: bool, tokens: Optional[fx.Node],
-                 decode: Optional[tuple] = None):
+                 decode: Optional[tuple] = None, rows: Optional[fx.Node] = None):
         self.spec, self.model, self.low = spec, spec.model, low
         # a decode graph's (cache, start, positions) nodes: see moedsl.nn.decode
         self.decode = decode is not None
@@ -70,6 +70,8 @@ class LowerContext:
         self.seed, self.static = seed, static
         self.tokens = tokens  # the [B, T] token ids placeholder (None for input: vectors)
         self._token_ids: Optional[fx.Node] = None
+        self.rows = rows  # the [B] rows-that-count placeholder (images only; its value may be None)
+        self._token_mask: Optional[fx.Node] = None
         self.aux: list = []  # each MoE layer's aux loss node
         self.stats: list = []  # each MoE layer's router statistics node
 
@@ -98,6 +100,13 @@ class LowerContext:
         if self._token_ids is None and self.tokens is not None:
             self._token_ids = self.call_function(torch.flatten, (self.tokens,), "tokens_flat")
         return self._token_ids
+
+    def token_mask(self, x: fx.Node) -> Optional[fx.Node]:
+        """The tokens that count [B·T] of x [B, T, d], from the rows that count (made once, where
+        first needed; its value None when every row counts); None in a graph without ``rows``."""
+        if self._token_mask is None and self.rows is not None:
+            self._token_mask = self.call_function(moe_ops.token_mask, (self.rows, x), "token_mask")
+        return self._token_mask
 
     def add_moe(self, **info) -> None:
         self.low.moe.append(MoEInfo(**info))
@@ -143,6 +152,7 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
     # dense weights come from the global RNG: seed it, without disturbing the caller's state
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
+        rows = None
         if m.input == "tokens":
             tokens = g.placeholder("tokens")
             tokens.meta["doc"] = "[B, T] int64 token ids"
@@ -151,6 +161,10 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
             tokens = None
             h = g.placeholder("images")
             h.meta["doc"] = "[B, H, W, C] float images (a patch_embed makes them [B, T, d_model])"
+            # held-out evaluation fills its last batch with wrapped-around images: a fixed batch, as
+            # the routing groups and the other processes need; those rows are routed nowhere
+            rows = g.placeholder("rows", default_value=None)
+            rows.meta["doc"] = "[B] bool or None: the images that count (None: all); the others take no slot"
         else:
             tokens = None
             h = g.placeholder("x")
@@ -162,7 +176,7 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
             start.meta["doc"] = "int: the cache slot of tokens[:, 0]"
             pos = g.create_node("call_function", decode_ops.positions, (tokens, cache, start), {}, name="positions")
             state = (cache, start, pos)
-        ctx = LowerContext(spec, low, seed, static, tokens, decode=state)
+        ctx = LowerContext(spec, low, seed, static, tokens, decode=state, rows=rows)
         for layer in spec.layers:
             kind, cfg, name = layer_kind(layer.kind), layer.config, f"layers.{layer.index}"
             if not kind.sublayer:

@@ -19,8 +19,9 @@ global batch split N ways.
   N // 6 images in the held-out set (digits: 299 of 1,797) and the rest in training.
   Training batch s, row r is example s·B + r of an endless stream of epochs, each a
   permutation of the training set seeded by (seed, epoch); held-out batch s, row r is
-  held-out image s·B + r, and evaluation covers the held-out set once (``eval_steps``),
-  the rows past its end masked out.
+  held-out image s·B + r, and evaluation covers the held-out set once (``eval_steps``):
+  the rows past its end wrap around to fill the last batch and count nowhere (``Batch.mask``:
+  not in the loss, and routed nowhere).
 """
 from __future__ import annotations
 

@@ -33,16 +33,18 @@ class HeldOut:
 def held_out_images(model, spec, source, batch: int, rank: int = 0, world: int = 1, device="cpu",
                     amp=None) -> HeldOut:
     """Loss, accuracy and dropped fraction of ``model`` over the whole held-out set of an image
-    ``source`` (``eval_steps`` batches of ``batch`` images; the rows past its end are masked),
-    summed over ranks."""
+    ``source`` (``eval_steps`` batches of ``batch`` images), summed over ranks. The rows past its
+    end fill the last batch (wrapped around: every batch has the shape the routing groups and the
+    other processes need) and count nowhere: not in the loss, and routed nowhere (``rows``), so
+    they take no capacity and are not dropped."""
     device = torch.device(device)
     was = model.training
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64)  # loss sum, correct, examples, dropped, assignments
     for step in range(source.eval_steps(batch)):
         b = source.batch(step, batch, spec.train.seq_len, rank, world, split="eval")
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = model(b.inputs.to(device))
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):  # every rank passes rows
+            out = model(b.inputs.to(device), b.mask.to(device))
         logits, labels, mask = out.output.float().cpu(), b.targets, b.mask
         loss = F.cross_entropy(logits, labels, reduction="none")
         sums[0] += float(loss[mask].sum())

@@ -188,8 +188,9 @@ def capacity_of(cfg, n, k):
 
 
 def reference_choice(cfg, P, xs, rec):
-    """Per token: chosen experts [S, k] (rank order), weights [S, k], routed [S, k] and the
-    gap of the closest float decision (to skip near-ties)."""
+    """Per token: chosen experts [S, k] (rank order), weights [S, k], routed [S, k], the gap of
+    the closest float decision (to skip near-ties), and the chosen experts' router probabilities
+    before any renormalisation over the k [S, k] (what V-MoE's batch prioritized routing ranks by)."""
     t, E, g = cfg["type"], cfg["E"], cfg["gate"]
     S = xs.shape[0]
     W = P["layers.0.gate.weight"]
@@ -199,7 +200,7 @@ def reference_choice(cfg, P, xs, rec):
         u = rec.uniform[0].to(D).reshape(S, -1)
         xs = xs * (1 - eps + 2 * eps * u)
     h = xs @ W.T
-    routed = None
+    routed = raw = None
     if t == "softmax":
         idx = torch.arange(E).expand(S, E)
         w = torch.softmax(h, -1)
@@ -211,6 +212,7 @@ def reference_choice(cfg, P, xs, rec):
         gaps.append(topk_gap(torch.softmax(h, -1), 2, relative=True))
         top = torch.softmax(h, -1).topk(2, -1)
         idx, w = top.indices, top.values
+        raw = w
         if g.get("normalize", True):
             w = w / w.sum(-1, keepdim=True)
         routed = torch.ones(S, 2, dtype=torch.bool)
@@ -224,6 +226,7 @@ def reference_choice(cfg, P, xs, rec):
         gaps.append(topk_gap(s, k, relative=True))
         top = s.topk(k, -1)
         idx, w = top.indices, top.values
+        raw = w
         if g.get("normalize", True):
             w = w / w.sum(-1, keepdim=True)
     elif t == "noisy_topk":
@@ -235,11 +238,12 @@ def reference_choice(cfg, P, xs, rec):
         gaps.append(topk_gap(H, k))
         top = H.topk(k, -1)
         idx, w = top.indices, torch.softmax(top.values, -1)
+        raw = torch.softmax(H, -1).gather(-1, idx)
     else:
         raise AssertionError(t)
     if routed is None:
         routed = torch.ones_like(idx, dtype=torch.bool)
-    return idx, w, routed, min(gaps, default=math.inf)
+    return idx, w, routed, min(gaps, default=math.inf), (w if raw is None else raw)
 
 
 def reference_slots(idx, routed, prio, C, E, groups):
@@ -308,7 +312,7 @@ def check_invariants(cfg, out, r, P, xs, C_group):
 def test_topk_style_routing_invariants(cfg):
     out, r, P, xs, rec = run(cfg)
     S, E, G = xs.shape[0], cfg["E"], cfg["groups"]
-    idx, w, routed, gap = reference_choice(cfg, P, xs, rec)
+    idx, w, routed, gap, raw = reference_choice(cfg, P, xs, rec)
     assume(gap > GAP)
     k = idx.shape[1]
     n = S // G
@@ -329,7 +333,7 @@ def test_topk_style_routing_invariants(cfg):
     # priority order and exact slots
     prio = None
     if cfg["gate"].get("drop_priority") == "score" and C is not None:
-        prio = w.max(-1).values
+        prio = raw.max(-1).values
         for gr in range(G):
             s = prio[gr * n:(gr + 1) * n].sort().values
             assume(s.numel() < 2 or float(s.diff().min()) > GAP)

@@ -148,6 +148,41 @@ def test_gate_prioritises_tokens_by_their_largest_routing_weight(seed):
         assert int(r.dropped) > 0
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("gate_type", ["topk", "gshard"])
+def test_batch_prioritized_routing_ranks_by_the_router_probability_before_renormalising(gate_type, normalize):
+    """V-MoE §4.1: a token's priority is max_i g_i(x) with g(x) = TOP_k(softmax(W·x)), the router's
+    largest probability, whatever the weights the experts' outputs are then multiplied by. Token a
+    has the larger probability (0.50 > 0.40), token b the larger weight once renormalised over its
+    two (0.40 / 0.65 > 0.50 / 0.95): a is ranked first, with or without `normalize`."""
+    gate_opts = {"type": gate_type, "normalize": normalize, "capacity_factor": 1.0, "drop_priority": "score"}
+    if gate_type == "gshard":
+        gate_opts["second_expert"] = "always"
+    spec = moedsl.load_spec(image_spec(gate=gate_opts))
+    from moedsl.nn.gates import Gate as GateModule
+
+    gate = next(m for m in moedsl.build_model(spec).modules() if isinstance(m, GateModule))
+    gate.eval()
+    p = torch.tensor([[0.50, 0.45, 0.03, 0.02],   # a: raw max 0.50, renormalised 0.526
+                      [0.40, 0.25, 0.20, 0.15]])  # b: raw max 0.40, renormalised 0.615
+    with torch.no_grad():  # logits = log p, so that softmax(W·x) = p
+        gate.weight.zero_()
+        gate.weight[:, :4] = torch.eye(4)
+    x = torch.zeros(2, 32)
+    x[:, :4] = p.log()
+    r = gate(x, groups=1)
+    C = gate.spec.capacity(2, 4, training=False)
+    assert C == 1  # one slot per expert: a and b both want experts 0 and 1
+    top = p.topk(2, dim=-1)
+    raw = top.values.max(-1).values  # the V-MoE formula: max_e p_e
+    renormalised = (top.values / top.values.sum(-1, keepdim=True)).max(-1).values
+    assert raw.argmax() != renormalised.argmax()  # the two orders differ here
+    want = slots_by_loop(top.indices[None], None, 4, C, raw[None])
+    assert torch.equal(r.expert.view(1, 2, 2), top.indices[None])
+    assert torch.equal(r.slot.view(1, 2, 2), want)
+    assert want[0, 0].tolist() == [0, 0] and want[0, 1].tolist() == [-1, -1]  # a keeps both, b drops both
+
+
 # ----------------------------------------------------------------------------- capacity rounding
 
 def test_capacity_rounds_as_v_moe_when_asked_and_ceils_by_default():
@@ -365,6 +400,95 @@ def test_image_spec_on_two_processes_equals_one():
         for d in per_rank:
             assert d.ok(), d
     assert diffs[0][0].dropped > 0
+
+
+def tiny_held_out(n_images=60):
+    """An image source of ``n_images`` random 8×8 images: n // 6 = 10 held out."""
+    from moedsl.runtime.data import Images
+
+    g = torch.Generator().manual_seed(0)
+    return Images(torch.rand(n_images, 8, 8, 1, generator=g), torch.randint(0, 10, (n_images,), generator=g),
+                  seed=0, name="tiny")
+
+
+def test_held_out_images_that_fill_the_last_batch_take_no_capacity_and_are_not_dropped():
+    """10 held-out images in batches of 4: the last batch is 2 images and 2 wrapped around (every
+    batch one shape). Those 2 route nowhere: the loss, accuracy and dropped fraction are those of
+    the same images evaluated in batches of 4, 4 and 2, under a capacity that drops."""
+    from moedsl.runtime.evaluate import held_out_images
+
+    spec = moedsl.load_spec(image_spec(gate={"capacity_factor": 0.5, "routing_groups": 1}))
+    model = moedsl.build_model(spec, seed=0)
+    source = tiny_held_out()
+    assert source.size("eval") == 10 and source.eval_steps(4) == 3
+    got = held_out_images(model, spec, source, 4)
+    images, labels = source.data["eval"]
+    loss = correct = dropped = assigned = 0.0
+    model.eval()
+    with torch.no_grad():
+        for lo in (0, 4, 8):
+            out = model(images[lo:lo + 4])  # the last: images 8 and 9 alone
+            logits = out.output.float()
+            loss += float(F.cross_entropy(logits, labels[lo:lo + 4], reduction="sum"))
+            correct += float((logits.argmax(-1) == labels[lo:lo + 4]).sum())
+            dropped += sum(float(s.dropped) for s in out.router_stats)
+            assigned += sum(float(s.assignments) for s in out.router_stats)
+    assert dropped > 0 and got.examples == 10
+    assert math.isclose(got.dropped, dropped / assigned)
+    assert math.isclose(got.loss, loss / 10, rel_tol=1e-5)
+    assert math.isclose(got.accuracy, correct / 10)
+
+
+def _held_out_on(rank, world, spec_data):
+    from moedsl.runtime.evaluate import held_out_images
+
+    torch.set_num_threads(1)
+    spec = moedsl.load_spec(spec_data)
+    model = moedsl.build_model(spec, seed=0, rank=rank, world_size=world, dtype=torch.float32)
+    h = held_out_images(model, spec, tiny_held_out(), 4, rank, world)
+    return h.loss, h.accuracy, h.dropped, h.examples
+
+
+@pytest.mark.parametrize("groups", [2, 1])
+def test_held_out_images_on_two_processes_equal_one_when_the_last_batch_is_partial(groups):
+    """The last batch's rows 10 and 11 (wrapped around) are rank 1's share: with 2 routing groups
+    each rank routes its own rows; with 1 the rows are gathered and routed as one batch, the rows
+    that count gathered with them."""
+    from moedsl.runtime.launch import spawn
+
+    d = image_spec(gate={"capacity_factor": 0.5, "routing_groups": groups})
+    one = _held_out_on(0, 1, d)
+    for got in spawn(_held_out_on, 2, d, timeout=300):
+        assert got[3] == one[3] == 10
+        assert math.isclose(got[2], one[2]) and math.isclose(got[0], one[0], rel_tol=1e-5), (got, one)
+
+
+@pytest.mark.parametrize("gate", [{"capacity_factor": 0.5},
+                                  {"type": "gshard", "capacity_factor": 0.5},
+                                  {"normalize": True, "drop_priority": "position", "capacity_factor": 0.5},
+                                  {"drop_policy": "dropless", "drop_priority": None, "capacity_factor": None},
+                                  {"type": "expert_choice", "k": None, "normalize": None, "drop_priority": None,
+                                   "capacity_factor": 1.0, "max_experts_per_token": 1}])
+def test_rows_that_do_not_count_leave_the_routing_and_its_statistics_as_without_them(gate):
+    """model(images, rows): the images not in ``rows`` take no slot, are neither dropped nor in the
+    load, and a routing group's capacity is that of its images that count (2 of 4 here)."""
+    g = {"type": "topk", "k": 2, "normalize": False, "capacity_factor": 1.0, "drop_priority": "score",
+         "routing_groups": 1, **gate}
+    d = image_spec()
+    d["layers"][2]["moe"]["gate"] = {key: v for key, v in g.items() if v is not None}
+    model = moedsl.build_model(moedsl.load_spec(d), seed=1)
+    model.eval()
+    images = torch.rand(4, 8, 8, 1, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        padded = model(images, torch.tensor([True, True, False, False]))
+        alone = model(images[:2])
+    torch.testing.assert_close(padded.output[:2], alone.output)
+    (p,), (a,) = padded.router_stats, alone.router_stats
+    assert int(p.dropped) == int(a.dropped) and int(p.assignments) == int(a.assignments)
+    assert p.tokens_per_expert.tolist() == a.tokens_per_expert.tolist()
+    assert p.expert_load.tolist() == a.expert_load.tolist()
+    if g.get("capacity_factor") == 0.5:
+        assert int(a.dropped) > 0
 
 
 def test_eval_of_a_token_model_reports_loss_and_drops_without_accuracy(tmp_path, one_thread):

@@ -81,13 +81,17 @@ def insert_collectives(low: Lowered, spec, mesh: MeshShape, rank: int, placement
         else:  # gather every rank's tokens, route them as one batch, keep this rank's share
             if not low.graph_only:
                 low.modules[f"{name}.route_gather"] = C.GatherTokens(world, rank)
+            mask = route.kwargs.get("mask")  # the tokens that count, gathered with them
             with g.inserting_before(route):
-                gathered = _new(g, "call_module", f"{name}.route_gather", (flat, ids), f"{base}_route_gather",
+                gathered = _new(g, "call_module", f"{name}.route_gather", (flat, ids, mask), f"{base}_route_gather",
                                 name, "route_gather")
                 gx = _new(g, "call_function", operator.getitem, (gathered, 0), f"{base}_gathered_tokens",
                           name, "gathered")
                 gids = _new(g, "call_function", operator.getitem, (gathered, 1), f"{base}_gathered_ids",
                             name, "gathered_ids") if ids is not None else None
+                if mask is not None:
+                    route.kwargs = {**route.kwargs, "mask": _new(g, "call_function", operator.getitem, (gathered, 2),
+                                                                 f"{base}_gathered_mask", name, "gathered_mask")}
             route.args = (gx, gids, 0, groups)
             with g.inserting_after(route):
                 local_route = _new(g, "call_function", C.localize, (route, flat, rank), f"{base}_route_local",

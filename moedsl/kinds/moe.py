@@ -363,6 +363,9 @@ class MoEKind(LayerKind):
                                  ctx.node_name(layer, "tokens"), **meta, role="tokens")
         token_ids = ctx.token_ids() if gate_type(cfg.gate.type).needs_tokens else None
         kwargs = {}
+        mask = ctx.token_mask(x)
+        if mask is not None:  # the tokens that count (images that only fill a batch do not)
+            kwargs["mask"] = mask
         if ctx.decode:
             groups = ctx.call_function(token_count, (flat,), ctx.node_name(layer, "groups"), **meta, role="groups")
             kwargs["gidx"] = ctx.call_function(decode_token_keys, (ctx.positions, m.max_seq_len),

@@ -13,6 +13,7 @@ how the batch is spread over ranks.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -37,6 +38,14 @@ class Choice:
     weight: torch.Tensor  # [G, n, k] float
     routed: Optional[torch.Tensor] = None  # [G, n, k] bool: the assignment exists (GShard's random 2nd)
     losses: dict = field(default_factory=dict)  # unweighted, differentiable
+    # [G, n, k] the chosen experts' router probabilities before any renormalisation over the k
+    # (None: ``weight`` is them): batch prioritized routing ranks a token by their maximum
+    prob: Optional[torch.Tensor] = None
+
+    def priority(self) -> torch.Tensor:
+        """[G, n] V-MoE's priority score (Riquelme et al. 2021, §4.1): max_i g_i(x), the largest
+        routing weight of g(x) = TOP_k(softmax(W·x)), i.e. before any renormalisation over the k."""
+        return (self.weight if self.prob is None else self.prob).max(dim=-1).values
 
 
 def top_indices(v: torch.Tensor, k: int) -> torch.Tensor:
@@ -60,6 +69,20 @@ def normal_init(*shape: int, std: float) -> torch.Tensor:
     if torch.get_default_device().type == "meta":
         return torch.empty(*shape)
     return torch.randn(*shape) * std
+
+
+@functools.lru_cache(maxsize=64)
+def _capacities(gate: S.Gate, n: int, experts: int, training: bool) -> tuple:
+    """The capacity of a routing group of m tokens, for m = 0..n."""
+    return tuple(gate.capacity(m, experts, training) for m in range(n + 1))
+
+
+def real_capacity(gate: S.Gate, real: torch.Tensor, experts: int, training: bool) -> torch.Tensor:
+    """[G] each routing group's capacity for its tokens that count (``real`` [G, n] bool): the
+    spec's C of that many tokens, as if the others were not in the batch. A table lookup: no
+    host sync."""
+    table = torch.tensor(_capacities(gate, real.shape[1], experts, training), device=real.device)
+    return table[real.sum(dim=1)]
 
 
 def _no_autocast(device: torch.device):
@@ -145,11 +168,16 @@ class Gate(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None, rank: int = 0,
-                groups: int = 1, gidx: Optional[torch.Tensor] = None) -> Routing:
+                groups: int = 1, gidx: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> Routing:
         """Route the S tokens of ``x`` [S, d] in ``groups`` groups. ``rank``: this batch is the
         rank-th of equal shares of the global batch (its tokens start at rank · S there).
         ``gidx`` [S]: each token's key for the routing's random draws instead (a decode graph's:
-        from its row and position, the same whichever step decodes it)."""
+        from its row and position, the same whichever step decodes it). ``mask`` [S] bool: the
+        tokens that count (None: all); the others (images that only fill a held-out batch) are
+        routed nowhere: no slot, no drop, no load, and a group's capacity is that of its tokens
+        that count, as if the others were not in the batch. (The auxiliary losses still see every
+        token: a batch with such rows is evaluated, and evaluation reports no auxiliary loss.)"""
         Sn, d = x.shape
         G, n = groups, Sn // groups
         E = self.num_experts
@@ -163,6 +191,9 @@ class Gate(nn.Module):
             cap = self.spec.capacity(n, E, self.training)
         else:
             cap = None
+        real = None if mask is None else mask.view(G, n, 1).expand_as(choice.expert)  # [G, n, k]
+        if real is not None:
+            choice.routed = real if choice.routed is None else choice.routed & real
         all_kept = cap is None and choice.routed is None
         if all_kept:  # dropless and every choice routed: slot 0 each, nothing dropped (fewer ops)
             slot, weight = torch.zeros_like(choice.expert), choice.weight
@@ -171,9 +202,10 @@ class Gate(nn.Module):
             dropped = torch.zeros((), dtype=torch.int64, device=x.device)
         else:
             kept_counts = None
-            priority = choice.weight.max(dim=-1).values if cap is not None and self.spec.drop_priority == "score" \
-                else None
+            priority = choice.priority() if cap is not None and self.spec.drop_priority == "score" else None
             slot = assign_slots(choice.expert, choice.routed, E, cap, priority)
+            if real is not None and cap is not None and self.spec.has_capacity:
+                slot = self._within_real_capacity(slot, mask.view(G, n), cap)
             routed = choice.routed if choice.routed is not None else torch.ones_like(slot, dtype=torch.bool)
             weight = torch.where(slot >= 0, choice.weight, torch.zeros_like(choice.weight))
             load = counts(choice.expert.reshape(-1), E, routed.reshape(-1)).float()
@@ -189,7 +221,18 @@ class Gate(nn.Module):
             capacity=None if cap is None else G * cap,
             aux_loss=self.weigh(choice.losses, x), losses={k_: v.detach() for k_, v in choice.losses.items()},
             expert_load=load.detach(), dropped=dropped, all_kept=all_kept,
-            kept_counts=kept_counts, routed=None if choice.routed is None else choice.routed.reshape(-1))
+            kept_counts=kept_counts, routed=None if choice.routed is None else choice.routed.reshape(-1),
+            real=None if real is None else real.reshape(-1))
+
+    def _within_real_capacity(self, slot: torch.Tensor, real: torch.Tensor, cap: int) -> torch.Tensor:
+        """slot [G, n, k] assigned under the capacity ``cap`` of n tokens a group -> the slots under
+        each group's capacity for its tokens that count (real [G, n]), C(m) ≤ C(n) for m ≤ n. Slots
+        go in priority order and the tokens that do not count take none, so this is the routing of
+        the batch without them."""
+        G = slot.shape[0]
+        limit = real_capacity(self.spec, real, self.num_experts, self.training)  # [G]
+        pos = slot - cap * torch.arange(G, device=slot.device)[:, None, None]
+        return torch.where((slot >= 0) & (pos < limit[:, None, None]), slot, torch.full_like(slot, -1))
 
     def weigh(self, losses: dict, x: torch.Tensor) -> torch.Tensor:
         total = x.new_zeros((), dtype=torch.float32)
@@ -273,6 +316,8 @@ class NoisyTopKGate(Gate):
         k = self.spec.k
         expert = self.select(noisy, k)
         weight = torch.softmax(noisy.gather(-1, expert), dim=-1)
+        # V-MoE's priority is a weight of TOP_k(softmax(noisy)), before Shazeer's softmax over the k
+        prob = torch.softmax(noisy, dim=-1).gather(-1, expert) if self.spec.drop_priority == "score" else None
         lw, out = self.loss_weights, {}
         if lw.importance:
             out["importance"] = self.importance(weight, expert)
@@ -287,7 +332,7 @@ class NoisyTopKGate(Gate):
             out["balance"] = balance_loss(torch.softmax(clean, -1), expert, None)
         if lw.z_loss:
             out["z_loss"] = z_loss(clean)
-        return Choice(expert, weight, losses=out)
+        return Choice(expert, weight, losses=out, prob=prob)
 
 
 class TopKGate(RouterGate):
@@ -313,14 +358,14 @@ class TopKGate(RouterGate):
         else:
             scores = probs = torch.softmax(logits, dim=-1)
         expert = self.select(scores, self.spec.k, logits)
-        weight = scores.gather(-1, expert)
+        weight = prob = scores.gather(-1, expert)
         if self.spec.normalize:
             total = weight.sum(-1, keepdim=True)
             weight = weight / (total + 1e-20 if sigmoid else total)
         losses = self.losses(logits, probs, weight, expert)
         if self.spec.scale != 1.0:
             weight = weight * self.spec.scale
-        return Choice(expert, weight, losses=losses)
+        return Choice(expert, weight, losses=losses, prob=prob)
 
 
 class SwitchGate(RouterGate):
@@ -342,7 +387,7 @@ class GShardGate(RouterGate):
         logits = self.logits(x, gidx)
         probs = torch.softmax(logits, dim=-1)
         expert = self.select(probs, 2, logits)
-        weight = probs.gather(-1, expert)
+        weight = prob = probs.gather(-1, expert)
         if self.spec.normalize:
             weight = weight / weight.sum(-1, keepdim=True)
         routed = torch.ones_like(expert, dtype=torch.bool)
@@ -351,7 +396,7 @@ class GShardGate(RouterGate):
             routed = torch.stack([routed[..., 0], 2 * weight[..., 1].detach() > u], dim=-1)
         # the balance loss's c_e counts the tokens whose first choice is e
         losses = self.losses(logits, probs, weight * routed, expert, counted=expert[..., :1])
-        return Choice(expert, weight, routed=routed, losses=losses)
+        return Choice(expert, weight, routed=routed, losses=losses, prob=prob)
 
 
 class HashGate(Gate):
@@ -379,24 +424,36 @@ class ExpertChoiceGate(RouterGate):
     k_e = capacity_factor·n/E tokens. A token no expert picked gets 0. Optional cap on the
     experts per token (kept greedily by weight)."""
 
-    def forward(self, x, token_ids=None, rank=0, groups=1):
+    def forward(self, x, token_ids=None, rank=0, groups=1, mask=None):
+        """``mask`` [S] bool: the tokens that count (None: all); no expert picks another, and a
+        group's k_e is that of its tokens that count."""
         Sn, d = x.shape
         G, n, E = groups, Sn // groups, self.num_experts
         gidx = (rank * Sn + torch.arange(Sn, device=x.device)).view(G, n)
         logits = self.logits(x.reshape(G, n, d), gidx)
         probs = torch.softmax(logits, dim=-1)
         C = self.spec.capacity(n, E, self.training)
+        if mask is not None:  # a token that does not count ranks below every one that does
+            probs = probs.masked_fill(~mask.view(G, n, 1), -1.0)
         weight, idx = torch.topk(probs.transpose(1, 2), C, dim=-1)  # [G, E, C]
         token = idx + n * torch.arange(G, device=x.device)[:, None, None]
         expert = torch.arange(E, device=x.device)[None, :, None].expand(G, E, C)
         slot = (C * torch.arange(G, device=x.device)[:, None, None] + torch.arange(C, device=x.device)).expand(G, E, C)
+        real = None
+        if mask is not None:  # picks of tokens that do not count, and past a group's own k_e: none
+            limit = real_capacity(self.spec, mask.view(G, n), E, self.training)  # [G]
+            real = mask.view(G, n).gather(1, idx.view(G, E * C)).view(G, E, C) & \
+                (torch.arange(C, device=x.device) < limit[:, None, None])
+            slot = torch.where(real, slot, torch.full_like(slot, -1))
+            weight = torch.where(real, weight, torch.zeros_like(weight))
+            real = real.reshape(-1)
         token, expert, weight, slot = (t.reshape(-1) for t in (token, expert, weight, slot))
         dropped = torch.zeros((), dtype=torch.int64, device=x.device)
         cap = self.spec.max_experts_per_token
         if cap is not None:  # keep each token's `cap` highest-weight experts
             order = torch.sort(-weight.detach(), stable=True).indices
             rank = torch.empty_like(token).scatter_(0, order, bucket_positions(token[order], Sn))
-            over = rank >= cap
+            over = (rank >= cap) & (slot >= 0)
             slot = torch.where(over, torch.full_like(slot, -1), slot)
             weight = torch.where(over, torch.zeros_like(weight), weight)
             dropped = over.sum()
@@ -406,7 +463,8 @@ class ExpertChoiceGate(RouterGate):
         return Routing(token=token, expert=expert, weight=weight, slot=slot, num_tokens=Sn, num_experts=E,
                        capacity=G * C, aux_loss=self.weigh(losses, x),
                        losses={k: v.detach() for k, v in losses.items()},
-                       expert_load=torch.full((E,), float(G * C), device=x.device), dropped=dropped)
+                       expert_load=torch.full((E,), float(G * C), device=x.device) if real is None
+                       else counts(expert, E, real).float(), dropped=dropped, real=real)
 
 
 class HierarchicalGate(Gate):
@@ -429,21 +487,23 @@ class HierarchicalGate(Gate):
         self.secondary_weight, self.secondary_noise_weight = weights(a, b, d, sub=hierarchy.secondary)
 
     def _level(self, sub: S.SubGate, clean, std, noise_idx, purpose):
-        """One level's choice: (top indices, weights, noisy logits)."""
+        """One level's choice: (top indices, weights, noisy logits, the weights before any
+        renormalisation over the k: None when they are the weights or not needed)."""
         noisy = clean
         if std is not None and self.training:
             noisy = clean + rng.normal(self.seed, self.stream(purpose), noise_idx) * std
         if sub.type == "softmax":
             probs = torch.softmax(noisy, dim=-1)
             idx = torch.arange(clean.shape[-1], device=clean.device).expand_as(clean)
-            return idx, probs, noisy
+            return idx, probs, noisy, None
         idx = torch.topk(noisy, sub.k, dim=-1).indices
         vals = noisy.gather(-1, idx)
         if sub.type == "noisy_topk" or sub.normalize:
             w = torch.softmax(vals, dim=-1)
+            prob = torch.softmax(noisy, dim=-1).gather(-1, idx) if self.spec.drop_priority == "score" else None
         else:
-            w = torch.softmax(noisy, dim=-1).gather(-1, idx)
-        return idx, w, noisy
+            w, prob = torch.softmax(noisy, dim=-1).gather(-1, idx), None
+        return idx, w, noisy, prob
 
     def choose(self, x, ids, gidx):
         h, lw = self.h, self.loss_weights
@@ -455,7 +515,7 @@ class HierarchicalGate(Gate):
         std_p = (F.softplus(self.linear(x, self.primary_noise_weight)) + h.primary.noise_epsilon
                  if self.primary_noise_weight is not None else None)
         nidx = gidx[..., None] * a + torch.arange(a, device=x.device)
-        gi, gw, noisy_p = self._level(h.primary, clean_p, std_p, nidx, "primary")  # [G, n, k1]
+        gi, gw, noisy_p, gp = self._level(h.primary, clean_p, std_p, nidx, "primary")  # [G, n, k1]
         k1 = gi.shape[-1]
         # secondary, only for the (token, group) pairs the primary chose: grouped by group
         rows_group = gi.reshape(-1)  # [R]
@@ -475,10 +535,14 @@ class HierarchicalGate(Gate):
         std_s = std_s[unsort] if std_s is not None else None
         row_gidx = gidx.reshape(-1).repeat_interleave(k1)
         sidx = (row_gidx * a + rows_group)[:, None] * b + torch.arange(b, device=x.device)
-        ji, jw, noisy_s = self._level(h.secondary, clean_s, std_s, sidx, "secondary")  # [R, k2]
+        ji, jw, noisy_s, jp = self._level(h.secondary, clean_s, std_s, sidx, "secondary")  # [R, k2]
         k2 = ji.shape[-1]
         expert = (gi[..., None] * b + ji.view(G, n, k1, k2)).reshape(G, n, k1 * k2)
         weight = (gw[..., None] * jw.view(G, n, k1, k2)).reshape(G, n, k1 * k2)
+        prob = None  # the product of the two levels' weights before their renormalisations
+        if gp is not None or jp is not None:
+            gp, jp = gw if gp is None else gp, jw if jp is None else jp
+            prob = (gp[..., None] * jp.view(G, n, k1, k2)).reshape(G, n, k1 * k2)
         out = {}
         if lw.importance:
             out["importance"] = self.importance(weight, expert)
@@ -486,7 +550,7 @@ class HierarchicalGate(Gate):
             out["load"] = self._load(clean_p, noisy_p, std_p, gi, clean_s, noisy_s, std_s, rows_group, G, n)
         if lw.z_loss:
             out["z_loss"] = z_loss(clean_p) + z_loss(clean_s)
-        return Choice(expert, weight, losses=out)
+        return Choice(expert, weight, losses=out, prob=prob)
 
     def _load(self, clean_p, noisy_p, std_p, gi, clean_s, noisy_s, std_s, rows_group, G, n):
         """CV² of Load_H(X)_{i,j} = Load_primary(X)_i · Load_i(X^(i))_j / |X^(i)|."""

@@ -89,6 +89,14 @@ def weighted_sum(y: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, num_tokens
     return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, tok, y * w[:, None])
 
 
+def token_mask(rows: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The rows that count [B] (None: all) -> the tokens that count [B·T] of x [B, T, d], in the
+    order the gate sees them (None: all)."""
+    if rows is None:
+        return None
+    return rows.to(device=x.device, dtype=torch.bool).repeat_interleave(x.shape[1])
+
+
 @dataclass
 class RouterStats:
     """One MoE layer's routing in one forward (on this rank's tokens)."""
@@ -97,14 +105,14 @@ class RouterStats:
     tokens_per_expert: torch.Tensor  # [E] assignments computed (after drops)
     expert_load: torch.Tensor  # [E] assignments the router chose (before drops)
     dropped: torch.Tensor  # scalar: assignments dropped past capacity
-    assignments: int  # assignments the router made
+    assignments: int  # assignments the router made (for tokens that count: then a 0-dim tensor)
     capacity: Optional[int]  # slots per expert over all routing groups (G · C), None = dropless
     losses: dict  # unweighted auxiliary losses
 
 
 def router_stats(r: Routing, layer: str) -> RouterStats:
     return RouterStats(layer=layer, tokens_per_expert=r.tokens_per_expert().detach(),
-                       expert_load=r.expert_load, dropped=r.dropped, assignments=r.token.numel(),
+                       expert_load=r.expert_load, dropped=r.dropped, assignments=r.assignments(),
                        capacity=r.capacity, losses=r.losses)
 
 

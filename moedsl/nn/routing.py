@@ -34,6 +34,13 @@ class Routing:
     all_kept: bool = False  # known without looking: every assignment has a slot (dropless, all routed)
     kept_counts: Optional[torch.Tensor] = None  # [E] int64 kept assignments per expert, if the gate counted them
     routed: Optional[torch.Tensor] = None  # [A] bool: the router chose this assignment (None: all were chosen)
+    # [A] bool: the assignment is a token that counts (None: every token does); one that does not
+    # (an image that only fills a held-out batch) is never routed, dropped, or counted
+    real: Optional[torch.Tensor] = None
+
+    def assignments(self):
+        """The assignments the router made for tokens that count: A, or a 0-dim tensor."""
+        return self.token.numel() if self.real is None else self.real.sum()
 
     @property
     def kept(self) -> torch.Tensor:
@@ -51,13 +58,14 @@ class Routing:
         mine = (self.token >= start) & (self.token < start + count)
         expert, slot = self.expert[mine], self.slot[mine]
         routed = None if self.routed is None else self.routed[mine]
+        real = None if self.real is None else self.real[mine]
         # the share's own load and drops: summed over the ranks' shares they are the batch's
         dropped = (slot < 0) if routed is None else routed & (slot < 0)
         return Routing(token=self.token[mine] - start, expert=expert, weight=self.weight[mine],
                        slot=slot, num_tokens=count, num_experts=self.num_experts,
                        capacity=self.capacity, aux_loss=self.aux_loss, losses=self.losses,
                        expert_load=counts(expert, self.num_experts, routed).float(), dropped=dropped.sum(),
-                       all_kept=self.all_kept, routed=routed)
+                       all_kept=self.all_kept, routed=routed, real=real)
 
 
 def counts(index: torch.Tensor, n: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
