@@ -378,7 +378,7 @@ def _device(choice: str, world: int) -> torch.device:
 
 def _model_for_rank(src, checkpoint, rank: int, world: int, device="cpu"):
     """``load_model``'s model for rank ``rank`` of ``world`` (its experts only, collectives bound),
-    its spec, and the ``Source`` it was loaded from (``moedsl.runtime.resolve``)."""
+    its spec, and the ``ModelSource`` it was loaded from (``moedsl.runtime.resolve``)."""
     from .load import build
     from .resolve import resolve
 
@@ -398,7 +398,7 @@ def parse_ids(text: str) -> list:
 
 def _prompt(args, source) -> tuple:
     """(the codec, the prompt's ids) of ``moedsl generate``'s options; ``source``: the model's
-    ``Source``, whose folders may hold a tokenizer.json."""
+    ``ModelSource``, whose folders may hold a tokenizer.json."""
     spec = source.spec
     codec = Codec.find(spec, source.folders)
     if args.prompt_ids is not None:

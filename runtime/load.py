@@ -1,4 +1,4 @@
-"""A model from a ``Source`` (``moedsl.runtime.resolve``): the one loader.
+"""A model from a ``ModelSource`` (``moedsl.runtime.resolve``): the one loader.
 
 ``fill`` puts a source's weights into a model already built (one rank's share: each rank reads
 only the experts it holds, from an import's safetensors or a checkpoint's DCP shards);
@@ -15,10 +15,10 @@ from moedsl.hf.weights import load_weights
 
 from .ckpt_format import load as load_checkpoint
 from .mesh import bind_model
-from .resolve import IMPORT, Source, resolve
+from .resolve import IMPORT, ModelSource, resolve
 
 
-def fill(model, source: Source, spec=None) -> None:
+def fill(model, source: ModelSource, spec=None) -> None:
     """Fill ``model`` with ``source``'s weights, checked against ``spec`` (default the source's):
     an import's shapes (``moedsl.hf.weights.load_weights``), a checkpoint's architecture
     (``ckpt_compat.compare``: training-only changes pass)."""
@@ -29,7 +29,8 @@ def fill(model, source: Source, spec=None) -> None:
         load_checkpoint(source.path, model, None, spec)
 
 
-def build(source: Source, spec=None, *, device="cpu", dtype=None, rank: int = 0, world: int = 1, seed: int = 0):
+def build(source: ModelSource, spec=None, *, device="cpu", dtype=None, rank: int = 0, world: int = 1,
+          seed: int = 0):
     """``spec`` (default the source's) compiled for ``rank`` of ``world`` on ``device``, filled
     with ``source``'s weights, cast to ``dtype`` (default the spec's), in eval mode; with
     ``world > 1`` its collectives are bound to process groups of the spec's mesh."""

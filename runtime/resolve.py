@@ -32,7 +32,7 @@ DCP = "dcp"  # a moedsl checkpoint (runtime/ckpt_format.py reads it)
 
 
 @dataclass(frozen=True)
-class Source:
+class ModelSource:
     """A model's spec and where its weights are."""
 
     spec: object  # the Spec the model is built from
@@ -53,9 +53,9 @@ def _is_spec_file(src) -> bool:
     return isinstance(src, (str, os.PathLike)) and str(src).endswith((".yaml", ".yml", ".json"))
 
 
-def resolve(src, checkpoint=None) -> Source:
-    """The ``Source`` of ``src`` (with ``checkpoint``: the spec ``src`` and those weights); see the
-    module docstring. Raises ``UserError`` naming the path for anything else."""
+def resolve(src, checkpoint=None) -> ModelSource:
+    """The ``ModelSource`` of ``src`` (with ``checkpoint``: the spec ``src`` and those weights);
+    see the module docstring. Raises ``UserError`` naming the path for anything else."""
     path = Path(str(src)) if isinstance(src, (str, os.PathLike)) and "\n" not in str(src) else None
     as_dir = path is not None and path.is_dir()
     if path is not None and not as_dir and (_is_spec_file(src) or checkpoint is None) and not path.exists():
@@ -68,7 +68,8 @@ def resolve(src, checkpoint=None) -> Source:
     if not as_dir:
         if path is not None and _is_spec_file(src) and is_import_dir(path.parent):
             return _source(load_spec(path), (IMPORT, path.parent), [])
-        raise UserError(f"{src}: a spec needs a checkpoint (--checkpoint, or checkpoint=): an import folder, a run "
+        where = f"{src}: " if path is not None else ""  # a Spec, a dict or YAML text: not printed whole
+        raise UserError(f"{where}a spec needs a checkpoint (--checkpoint, or checkpoint=): an import folder, a run "
                         "or a checkpoint")
     kind, where = _weights(path, f"{path}: no checkpoint under it or its checkpoints/, and not an import "
                                       "folder (spec.yaml and *.safetensors)")
@@ -97,7 +98,7 @@ def _weights(path: Path, nothing: str) -> tuple:
     raise UserError(nothing)
 
 
-def _source(spec, found: tuple, given: list, run: Optional[Path] = None) -> Source:
+def _source(spec, found: tuple, given: list, run: Optional[Path] = None) -> ModelSource:
     kind, where = found
     meta = read_meta(where) if kind == DCP else {}
     folders = [*given, where]
@@ -105,4 +106,5 @@ def _source(spec, found: tuple, given: list, run: Optional[Path] = None) -> Sour
         folders.append(where.parent.parent)  # the run folder: `run --init` copies an import's side files there
     spec_file = Path(spec.source).parent if spec.source and Path(spec.source).is_file() else None
     folders += [spec_file] if spec_file is not None else []
-    return Source(spec=spec, kind=kind, path=where, run=run, meta=meta, folders=tuple(dict.fromkeys(folders)))
+    return ModelSource(spec=spec, kind=kind, path=where, run=run, meta=meta,
+                       folders=tuple(dict.fromkeys(folders)))
