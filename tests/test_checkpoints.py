@@ -416,6 +416,16 @@ def test_a_newer_whole_checkpoint_wins_over_a_stale_latest_pointer_everywhere(tm
     assert f"resumed from {newer} at step 2" in capsys.readouterr().out
 
 
+
+def test_a_step_saved_after_a_resume_from_an_earlier_checkpoint_is_newer_than_a_higher_step(tmp_path):
+    """Checkpoints 2 and 4, then a run resumed from 2 saves 3: 3 is the newest (4 belongs to the
+    abandoned run), as `latest` says; the step number alone would take 4."""
+    s = moedsl.load_spec(tiny())
+    for step, seed in ((2, 1), (4, 2), (3, 3)):
+        ckpt.save(tmp_path, step, moedsl.build_model(s, seed=seed), None, s, {}, 0, 1)
+    assert ckpt.newest_whole(tmp_path).name == "step-00000003"
+    assert _same(moedsl.load_model(tmp_path).state_dict(), moedsl.build_model(s, seed=3).state_dict())
+
 # -- issue 22, 16: the format version --------------------------------------------------------
 
 def _saved(tmp_path: Path, format_version="as saved") -> tuple:
