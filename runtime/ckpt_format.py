@@ -65,7 +65,8 @@ def read_meta(path: Path) -> dict:
         raise UserError(f"{path} is not a moedsl checkpoint (no readable meta.json: {e})") from None
     version = meta.get("format") if isinstance(meta, dict) else None
     if version not in READS:
-        raise UserError(f"checkpoint {path} has format version {version!r}; this moedsl reads format {FORMAT} "
+        numbered = ", ".join(str(v) for v in READS if v is not None)
+        raise UserError(f"checkpoint {path} has format version {version!r}; this moedsl reads format {numbered} "
                         "and checkpoints written before format versions (no \"format\" in meta.json)")
     return meta
 

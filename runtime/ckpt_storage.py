@@ -37,7 +37,7 @@ KEEP = 3  # complete checkpoints kept
 def save(directory: Path, step: int, model, optimizer, spec, extra: dict, rank: int, world: int,
          options=None) -> Path:
     """Write step ``step`` to ``directory/step-…`` (every rank its own part); ``options``: the
-    run's options, their ``TRAJECTORY`` fields kept so a resume can name what changed.
+    run's options, their ``ckpt_compat.TRAJECTORY`` fields kept so a resume can name what changed.
 
     A save that fails on any rank (``OSError``: a full disk, a quota, an I/O error; or DCP's
     own errors) removes its ``.tmp`` folder, leaves ``latest`` and the checkpoints as they
@@ -94,7 +94,7 @@ def _finish(directory: Path, tmp: Path, final: Path, step: int, spec, world: int
     try:
         pointer.write_text(final.name + "\n")
         os.replace(pointer, directory / "latest")
-    except OSError:  # the checkpoint is whole; without a pointer a resume takes the newest by step
+    except OSError:  # the checkpoint is whole, and found by its save time (``newest_first``) without a pointer
         for stale in (pointer, directory / "latest"):
             stale.unlink(missing_ok=True)
     _prune(directory)
