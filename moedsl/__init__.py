@@ -11,7 +11,7 @@ Importing moedsl does not import torch: validating a spec stays fast.
 """
 from __future__ import annotations
 
-from .api import load_spec
+from .spec_loader import load_spec
 from .errors import Issue, MoedslError, SpecError
 from .spec import Spec
 

@@ -4,14 +4,13 @@ checkpoint evaluated with every capacity gate's evaluation capacity factor set t
 V-MoE (Riquelme et al. 2021, §4.1 and Figure 6) trains at one capacity and lowers it at
 inference: with batch-prioritized routing the tokens dropped first are those the router
 is least sure of, and accuracy degrades gracefully. The capacity of a token-choice gate is
-a compute budget that never changes the weights (``checkpoint.training_only``), so a
+a compute budget that never changes the weights (``ckpt_compat.training_only``), so a
 checkpoint loads into a model whose gates have another ``eval_capacity_factor``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -90,36 +89,6 @@ def with_eval_capacity(spec, factor: float) -> tuple[dict, int]:
     return data, layers
 
 
-def find_checkpoint(model: str, checkpoint: Optional[str]) -> tuple[Path, dict]:
-    """The checkpoint to evaluate and its meta data: ``checkpoint`` if given, else the latest whole
-    one of the run directory ``model``.
-
-    Which folders of ``checkpoints/`` count and which of them is the newest whole one is
-    ``checkpoint.newest_whole``, the rule ``moedsl.hf.weights.dcp_checkpoint`` uses too. What the
-    two accept differs, so neither calls the other: here ``model`` is a run folder and only its
-    ``checkpoints/`` is searched, and a named ``checkpoint`` must itself be a whole checkpoint
-    folder, checked now (a user's mistake: exit 2). ``dcp_checkpoint`` also takes a run's
-    ``checkpoints/`` folder or a checkpoint folder in place of a run, leaves a named checkpoint's
-    wholeness to the load, and answers None rather than an error, so that its callers can try an
-    import folder next."""
-    from . import checkpoint as ckpt
-
-    if checkpoint is not None:
-        path = Path(checkpoint)
-    else:
-        run = Path(model)
-        if not run.is_dir():
-            raise UserError(f"{model}: not a run directory (give a `moedsl run` output folder, or a spec with "
-                            "--checkpoint PATH)")
-        path = ckpt.newest_whole(run / "checkpoints") if (run / "checkpoints").is_dir() else None
-        if path is None:
-            raise UserError(f"{model}: no checkpoint under {run / 'checkpoints'}")
-    why = ckpt.problem(path)
-    if why is not None:
-        raise UserError(f"checkpoint {path}: {why}")
-    return path, ckpt.read_meta(path)
-
-
 def evaluate(model, capacity_factor: Optional[float] = None, checkpoint: Optional[str] = None,
              data: Optional[str] = None,
              batch: Optional[int] = None) -> dict:
@@ -131,19 +100,17 @@ def evaluate(model, capacity_factor: Optional[float] = None, checkpoint: Optiona
     ``batch`` default to the run's. Returns ``{"loss", "accuracy" (image
     classifiers, else None), "dropped", "examples", "capacity_factor", "gates", "checkpoint",
     "step"}``."""
-    from moedsl.api import build_model, load_spec
+    from moedsl.spec_loader import load_spec
 
-    from . import checkpoint as ckpt
     from .data import make_source
+    from .load import build
+    from .resolve import resolve
 
     if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and
                                             math.isfinite(capacity_factor) and capacity_factor > 0):
         raise UserError(f"--capacity-factor {capacity_factor}: must be a finite number > 0")
-    is_run = isinstance(model, (str, Path)) and Path(model).is_dir()
-    if not is_run and checkpoint is None:
-        raise UserError(f"{model}: give a `moedsl run` output folder, or a spec with --checkpoint PATH")
-    path, meta = find_checkpoint(str(model), checkpoint)
-    base = load_spec(meta["spec_data"]) if is_run else load_spec(model)
+    weights = resolve(model, checkpoint)
+    meta, base = weights.meta, weights.spec
     if capacity_factor is None:
         spec, gates = base, 0
     else:
@@ -153,10 +120,9 @@ def evaluate(model, capacity_factor: Optional[float] = None, checkpoint: Optiona
     seed = int(train.get("seed", spec.train.seed))
     data = data or train.get("data") or spec.train.data
     batch = batch or int(train.get("batch", spec.train.batch_size))
-    net = build_model(spec, seed=seed, dtype=torch.float32)
-    ckpt.load(path, net, None, spec)
+    net = build(weights, spec, seed=seed, dtype=torch.float32)
     source = make_source(spec, data, seed)
-    result = {"spec": spec.name, "capacity_factor": capacity_factor, "gates": gates, "checkpoint": str(path),
+    result = {"spec": spec.name, "capacity_factor": capacity_factor, "gates": gates, "checkpoint": str(weights.path),
               "step": int(meta.get("step", 0)), "data": data}
     if spec.model.input == "image":
         h = held_out_images(net, spec, source, batch)

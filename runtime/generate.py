@@ -377,37 +377,13 @@ def _device(choice: str, world: int) -> torch.device:
 
 
 def _model_for_rank(src, checkpoint, rank: int, world: int, device="cpu"):
-    """``load_model``'s model, for rank ``rank`` of ``world`` (its experts only, collectives bound)."""
-    from moedsl.api import load_spec
-    from moedsl.hf.weights import _source, load_model, load_weights
+    """``load_model``'s model for rank ``rank`` of ``world`` (its experts only, collectives bound),
+    its spec, and the ``ModelSource`` it was loaded from (``moedsl.runtime.resolve``)."""
+    from .load import build
+    from .resolve import resolve
 
-    if world == 1:
-        model = load_model(src, checkpoint=checkpoint, device=device)
-        return model, model.spec, None
-    from moedsl.compiler import compile_graph
-    from moedsl.dtypes import torch_dtype
-    from moedsl.runtime import checkpoint as ckpt
-    from moedsl.runtime.mesh import bind_model
-
-    (kind, where), spec = _source(src, checkpoint, load_spec)
-    compiled = compile_graph(spec, rank, world, device="cpu", init=False, verify_ranks=False)
-    gm = compiled.module
-    if kind == "import":
-        load_weights(gm, where, spec)
-    else:
-        ckpt.load(where, gm, None, spec)
-    gm.to(dtype=torch_dtype(spec.model.dtype))
-    gm.compiled, gm.spec = compiled, spec
-    bind_model(gm, compiled.mesh, rank)
-    return gm.eval(), spec, where
-
-
-def _folders(src, checkpoint) -> list:
-    """Where a tokenizer.json may be: the model folder, the checkpoint, and the run folder above it."""
-    from pathlib import Path
-
-    out = [Path(p) for p in (src, checkpoint) if p is not None and Path(str(p)).is_dir()]
-    return out + [p.parent.parent for p in out if p.parent.name == "checkpoints"]
+    source = resolve(src, checkpoint)
+    return build(source, device=device, rank=rank, world=world), source.spec, source
 
 
 def parse_ids(text: str) -> list:
@@ -420,9 +396,11 @@ def parse_ids(text: str) -> list:
     return ids
 
 
-def _prompt(args, spec) -> tuple:
-    """(the codec, the prompt's ids) of ``moedsl generate``'s options."""
-    codec = Codec.find(spec, _folders(args.model, args.checkpoint))
+def _prompt(args, source) -> tuple:
+    """(the codec, the prompt's ids) of ``moedsl generate``'s options; ``source``: the model's
+    ``ModelSource``, whose folders may hold a tokenizer.json."""
+    spec = source.spec
+    codec = Codec.find(spec, source.folders)
     if args.prompt_ids is not None:
         return codec, parse_ids(args.prompt_ids)
     if codec is None:
@@ -434,14 +412,13 @@ def _prompt(args, spec) -> tuple:
 def precheck(args) -> None:
     """What ``moedsl generate --nproc`` refuses before it starts a worker: the model folder, the
     prompt (ids in the vocabulary, not too long), from the spec alone (no weights read)."""
-    from moedsl.api import load_spec
-    from moedsl.hf.weights import _source
+    from .resolve import resolve
 
     _device(getattr(args, "device", "auto"), args.nproc)  # --device cuda with --nproc: refused before any worker
-    _, spec = _source(args.model, args.checkpoint, load_spec)
-    _, prompt = _prompt(args, spec)
+    source = resolve(args.model, args.checkpoint)
+    _, prompt = _prompt(args, source)
     ids, mask = left_pad([prompt])
-    _check(spec, ids, mask, args.max_new_tokens)
+    _check(source.spec, ids, mask, args.max_new_tokens)
 
 
 def run_cli(args) -> dict:
@@ -459,8 +436,8 @@ def run_cli(args) -> dict:
     if args.checkpoint is None and not os.path.isdir(args.model) and not str(args.model).endswith((".yaml", ".yml")):
         raise UserError(f"{args.model}: no such folder (give a run or import folder, or a spec with --checkpoint)")
     device = _device(getattr(args, "device", "auto"), world)
-    model, spec, _ = _model_for_rank(args.model, args.checkpoint, rank, world, device)
-    codec, prompt = _prompt(args, spec)
+    model, spec, source = _model_for_rank(args.model, args.checkpoint, rank, world, device)
+    codec, prompt = _prompt(args, source)
     timings: dict = {}
     ids = generate(model, [prompt] * args.batch, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, timings=timings, graphs=getattr(args, "cuda_graphs", "auto"))

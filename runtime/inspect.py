@@ -344,21 +344,6 @@ def _batches_of(ids: torch.Tensor, batch: int, seq: int, tokens: int, what: str)
 
 # ----------------------------------------------------------------------------- the whole
 
-def _resolve(model, checkpoint):
-    """(spec, weights kind, weights path, run folder or None) of ``model`` (as load_model takes it)."""
-    from moedsl.api import load_spec
-    from moedsl.hf.weights import _source, is_import_dir
-
-    p = Path(str(model)) if isinstance(model, (str, os.PathLike)) else None
-    if p is not None and not p.exists():
-        raise UserError(f"{model}: no such file or directory")
-    if p is not None and p.is_file() and checkpoint is None and not is_import_dir(p.parent):
-        raise UserError(f"{model}: a spec needs --checkpoint (a run folder, a checkpoint or an import folder)")
-    (kind, where), spec = _source(model, checkpoint, load_spec)
-    run = p if (p is not None and p.is_dir() and checkpoint is None and kind == "dcp") else None
-    return spec, kind, Path(where), run
-
-
 def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optional[str] = None,
             tokens: int = DEFAULT_TOKENS, seq: Optional[int] = None, batch: Optional[int] = None,
             capacity_factor: Optional[float] = None, top: int = 8) -> dict:
@@ -372,7 +357,8 @@ def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optiona
     ``capacity_factor``: every token-choice gate's evaluation capacity factor (0: dropless; a
     dropless gate then drops past that capacity).
     ``top``: tokens shown per expert."""
-    from moedsl.api import load_model
+    from .load import build
+    from .resolve import DCP, IMPORT, resolve
 
     if text is not None and data is not None:
         raise UserError("give --text FILE or --data SOURCE, not both")
@@ -381,23 +367,20 @@ def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optiona
             raise UserError(f"{name} {v}: must be a whole number >= 1")
     if capacity_factor is not None and not (math.isfinite(capacity_factor) and capacity_factor >= 0):
         raise UserError(f"--capacity-factor {capacity_factor}: must be a finite number >= 0 (0: dropless)")
-    spec, kind, where, run = _resolve(model, checkpoint)
+    source = resolve(model, checkpoint)
+    spec = source.spec
     if spec.model.input != "tokens":
         raise UserError(f"{spec.name}: inspect reads token models; this one has model.input: {spec.model.input}")
     if not spec.moe_layers:
         raise UserError(f"{spec.name}: the model has no MoE layer to inspect")
-    meta_train = {}
-    if kind == "dcp":
-        from . import checkpoint as ckpt
-
-        meta_train = ckpt.read_meta(where).get("train") or {}
+    meta_train = source.meta.get("train") or {}
     seq = seq or int(meta_train.get("seq") or spec.train.seq_len)
     batch = batch or int(meta_train.get("batch") or spec.train.batch_size)
     if seq > spec.model.max_seq_len:
         raise UserError(f"--seq {seq}: longer than model.max_seq_len = {spec.model.max_seq_len}")
     if seq < 2:
         raise UserError(f"--seq {seq}: consecutive tokens need sequences of at least 2")
-    tok = _tokenizer(where if kind == "import" else None)
+    tok = _tokenizer(source.path if source.kind == IMPORT else None)
     vocab = spec.model.vocab_size
     if text is not None:
         ids = _text_ids(text, tok, vocab)
@@ -414,7 +397,7 @@ def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optiona
         n = max(tokens // (batch * seq), 1)
         batches = [src.batch(i, batch, seq, split="eval").inputs for i in range(n)]
         source_name, byte_level = data, data != "synthetic"
-    net = load_model(spec, checkpoint=where)
+    net = build(source)
     try:
         layers = capture(net, batches, vocab, capacity_factor)
     except (ValueError, RuntimeError) as e:  # a batch the routing groups do not split (BatchError)
@@ -424,12 +407,9 @@ def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optiona
             raise UserError(f"--batch {batch} × --seq {seq}: {e}") from None
         raise
     decode = _decoder(tok if text is not None else None, byte_level)  # --data ids are bytes or synthetic
-    step = None
-    if kind == "dcp":
-        from . import checkpoint as ckpt
-
-        step = ckpt.read_meta(where).get("step")
-    return {"model": spec.name, "weights": str(where), "step": step, "run": str(run) if run else None,
+    step = source.meta.get("step") if source.kind == DCP else None
+    return {"model": spec.name, "weights": str(source.path), "step": step,
+            "run": str(source.run) if source.run else None,
             "data": source_name, "tokens": sum(b.numel() for b in batches), "sequences": len(batches) * batch,
             "seq": seq, "batch": batch, "capacity_factor": capacity_factor,
             "layers": [layer_figures(l, top, decode) for l in layers]}

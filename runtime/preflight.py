@@ -212,13 +212,19 @@ def init_problems(spec, o) -> list:
     if o.resume:
         return [_err("--init and --resume: choose one (--init starts from imported weights, --resume continues "
                      "the run in --out)")]
-    from moedsl.hf.weights import is_import_dir, problems
+    from moedsl.hf.weights import problems
 
-    if not is_import_dir(Path(init)):
+    from .resolve import IMPORT, resolve
+
+    try:
+        source = resolve(init)
+    except UserError:
+        source = None
+    if source is None or source.kind != IMPORT:
         return [_err(f"--init {init}: not an import folder (spec.yaml and *.safetensors, as moedsl import "
                      "writes)")]
     try:
-        return [_err(f"--init: {p}") for p in problems(spec, Path(init))]
+        return [_err(f"--init: {p}") for p in problems(spec, source.path)]
     except UserError as e:
         return [_err(f"--init: {e}")]
 

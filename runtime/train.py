@@ -36,10 +36,12 @@ from .data import make_source
 from .diagnose import first_nonfinite
 from .faults import inject_fault
 from .grads import DEFAULT_BUCKET_MB, GradSync
+from .load import fill
 from .metrics import reduce_step, step_figures
 from .optim import LossScale, lr_at, make_optimizer
 from .preflight import check_run
 from .progress import Reporter
+from .resolve import resolve
 from .step import TrainStep, task_loss
 
 @dataclass
@@ -135,9 +137,7 @@ class Trainer:
         self.model = build_model(spec, device=self.device, rank=self.rank, world_size=self.world, seed=o.seed,
                                  dtype=torch.float32, layout=layout, init=not o.init)
         if o.init:  # each rank reads only the experts it holds, memory-mapped (moedsl/hf/weights.py)
-            from moedsl.hf.weights import load_weights
-
-            load_weights(self.model, Path(o.init), spec)
+            fill(self.model, resolve(o.init), spec)
         from .compile import use_compile
 
         self.compile_on = use_compile(self.model, o, self.device, self.say, self.world)  # dense segments compiled

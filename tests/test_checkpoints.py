@@ -355,3 +355,119 @@ def test_a_save_removes_a_partial_save_a_killed_run_left_and_says_so(tmp_path, c
     ckpt.save(tmp_path, 2, moedsl.build_model(s), None, s, {}, 0, 1)
     assert "moedsl: removed step-00000009.tmp, a save that did not finish (300 B)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000002"]
+
+
+# -- issue 22, 5: a stale `latest` pointer ---------------------------------------------------
+
+MIXTRAL_TINY = {  # a Mixtral-like spec (top-2 dropless SwiGLU experts, RMSNorm, rotary): `moedsl export` takes it
+    "moedsl": 1,
+    "name": "mixtral-tiny",
+    "model": {"vocab_size": 32, "d_model": 16, "max_seq_len": 16, "norm": "rmsnorm"},
+    "layers": [
+        {"embedding": {}},
+        {"repeat": 2, "block": [
+            {"attention": {"heads": 2, "kv_heads": 1, "positions": "rotary"}},
+            {"moe": {"experts": {"count": 4, "hidden": 16, "activation": "swiglu"},
+                     "gate": {"type": "topk", "k": 2, "drop_policy": "dropless"}, "losses": {"balance": 0.01}}},
+        ]},
+        {"norm": {}},
+        {"head": {}},
+    ],
+    "train": {"batch_size": 4, "seq_len": 8, "steps": 2, "lr": 3.0e-2, "warmup": 1, "eval_every": 100,
+              "eval_batches": 1},
+}
+
+
+def _exported(tmp_path: Path, name: str, *source) -> dict:
+    from safetensors.torch import load_file
+
+    assert main(["export", *source, "--out", str(tmp_path / name)]) == 0
+    return {k: v for f in sorted((tmp_path / name).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_newer_whole_checkpoint_wins_over_a_stale_latest_pointer_everywhere(tmp_path, capsys):
+    """A run killed between the rename of step-00000002 and the update of ``latest``: the pointer
+    still names step-00000001. Resume, load_model, export, generate, eval and inspect all take
+    the newer whole one."""
+    from moedsl.runtime.generate import _model_for_rank
+
+    spec = write_spec(tmp_path, MIXTRAL_TINY, "mixtral-tiny.yaml")
+    run_dir = tmp_path / "run"
+    assert train(tmp_path, MIXTRAL_TINY, "--checkpoint-every", "1", name="mixtral-tiny.yaml") == 0
+    checkpoints = run_dir / "checkpoints"
+    older, newer = checkpoints / "step-00000001", checkpoints / "step-00000002"
+    (checkpoints / "latest").write_text(older.name + "\n")  # the update the kill prevented
+    want = moedsl.load_model(spec, checkpoint=newer).state_dict()
+    assert not _same(want, moedsl.load_model(spec, checkpoint=older).state_dict())  # the two are told apart
+
+    assert _same(moedsl.load_model(run_dir).state_dict(), want)
+    assert _same(moedsl.load_model(checkpoints).state_dict(), want)
+    assert _same(_model_for_rank(str(run_dir), None, 0, 1)[0].state_dict(), want)  # moedsl generate's model
+    assert _same(_exported(tmp_path, "exp-run", str(run_dir)), _exported(tmp_path, "exp-new", spec, "--checkpoint",
+                                                                           str(newer)))
+    assert moedsl.evaluate(str(run_dir))["checkpoint"] == str(newer)
+    assert moedsl.inspect(str(run_dir), tokens=64)["weights"] == str(newer)
+    capsys.readouterr()
+    assert train(tmp_path, MIXTRAL_TINY, "--steps", "3", "--resume", name="mixtral-tiny.yaml") == 0
+    assert f"resumed from {newer} at step 2" in capsys.readouterr().out
+
+
+
+def test_a_step_saved_after_a_resume_from_an_earlier_checkpoint_is_newer_than_a_higher_step(tmp_path):
+    """Checkpoints 2 and 4, then a run resumed from 2 saves 3: 3 is the newest (4 belongs to the
+    abandoned run), as `latest` says; the step number alone would take 4."""
+    s = moedsl.load_spec(tiny())
+    for step, seed in ((2, 1), (4, 2), (3, 3)):
+        ckpt.save(tmp_path, step, moedsl.build_model(s, seed=seed), None, s, {}, 0, 1)
+    assert ckpt.newest_whole(tmp_path).name == "step-00000003"
+    assert _same(moedsl.load_model(tmp_path).state_dict(), moedsl.build_model(s, seed=3).state_dict())
+
+# -- issue 22, 16: the format version --------------------------------------------------------
+
+def _saved(tmp_path: Path, format_version="as saved") -> tuple:
+    """A tiny model saved at step 2 (``format_version``: what its meta.json then says; None: no
+    version field, as written before versions existed): (spec, model, checkpoint folder)."""
+    s = moedsl.load_spec(tiny())
+    model = moedsl.build_model(s, seed=3)
+    path = ckpt.save(tmp_path, 2, model, None, s, {}, 0, 1)
+    if format_version != "as saved":
+        meta = json.loads((path / "meta.json").read_text())
+        meta.pop("format")
+        if format_version is not None:
+            meta["format"] = format_version
+        (path / "meta.json").write_text(json.dumps(meta))
+    return s, model, path
+
+
+def test_a_checkpoint_records_the_format_version_this_moedsl_writes_and_loads_it(tmp_path):
+    s, model, path = _saved(tmp_path)
+    assert json.loads((path / "meta.json").read_text())["format"] == ckpt.FORMAT
+    back = moedsl.build_model(s, seed=4)
+    ckpt.load(path, back, None, s)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_a_checkpoint_written_before_format_versions_is_still_read(tmp_path):
+    s, model, path = _saved(tmp_path, format_version=None)
+    back = moedsl.load_model(tmp_path)
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_a_checkpoint_of_an_unknown_format_version_is_refused_naming_it_in_one_line(tmp_path, capsys):
+    s, model, path = _saved(tmp_path, format_version=ckpt.FORMAT + 1)
+    with pytest.raises(MoedslError) as e:
+        ckpt.load(path, moedsl.build_model(s), None, s)
+    message = str(e.value)
+    assert "\n" not in message
+    assert f"checkpoint {path} has format version {ckpt.FORMAT + 1}; this moedsl reads format {ckpt.FORMAT} and " \
+           "checkpoints written before format versions" in message
+    with pytest.raises(MoedslError, match=f"format version {ckpt.FORMAT + 1}"):  # not skipped as broken
+        ckpt.resume(tmp_path, True, moedsl.build_model(s), None, s)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"has format version {ckpt.FORMAT + 1}" in err

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 from moedsl.errors import UserError
+from moedsl.spec_loader import load_spec
 
 from . import family, family_of_spec
 from .files import Checkpoint, copy_side_files, read_config, resolve, staged, write_sharded
-from .weights import dcp_checkpoint, is_import_dir, mismatch
+from .weights import mismatch
 
 IMPORT_SHARD = 2 * 10**9  # moedsl's own files: shards of up to 2 GB
 HF_CONFIG = "hf_config.json"
@@ -36,8 +37,6 @@ def import_checkpoint(source: str, out: Path, overwrite: bool = False, max_shard
     """Write ``out/spec.yaml``, ``out/hf_config.json``, moedsl-format safetensors and the
     tokenizer files from the Hugging Face checkpoint ``source``. Returns a summary."""
     import torch
-
-    from moedsl.api import load_spec
 
     from .weights import _global_shapes
 
@@ -117,33 +116,18 @@ class _StateReader:
 
 
 def _export_source(src: Path, checkpoint: Optional[Path]):
-    """(spec, reader, folder holding hf_config.json and tokenizer files or None)."""
-    from moedsl.api import load_spec
+    """(spec, reader, folder holding hf_config.json and tokenizer files or None) of what ``src``
+    (with ``checkpoint``) resolves to: an import's safetensors are read as they are, a checkpoint
+    through the model it loads into."""
+    from moedsl.runtime.load import build
+    from moedsl.runtime.resolve import IMPORT, resolve as resolve_model
 
-    from .weights import load_model
-
-    src = Path(src)
-    if checkpoint is None and src.is_dir() and is_import_dir(src):
-        return load_spec(src / "spec.yaml"), Checkpoint(src), src
-    if checkpoint is not None and is_import_dir(Path(checkpoint)):
-        spec = load_spec(src / "spec.yaml" if src.is_dir() else src)
-        return spec, Checkpoint(Path(checkpoint)), Path(checkpoint)
-    model = load_model(src, checkpoint=checkpoint, dtype=None)
-    spec = _spec_of(src, checkpoint)
-    sd = {k: v for k, v in model.state_dict().items()}
-    run_dir = src if src.is_dir() else src.parent
-    side = next((d for d in (run_dir, run_dir.parent, run_dir.parent.parent) if (d / HF_CONFIG).is_file()), None)
-    return spec, _StateReader(sd), side
-
-
-def _spec_of(src: Path, checkpoint):
-    from moedsl.api import load_spec
-    from moedsl.runtime import checkpoint as ckpt
-
-    if checkpoint is None:
-        found = dcp_checkpoint(src)
-        return load_spec(ckpt.read_meta(found)["spec_data"], source=str(found / "meta.json"))
-    return load_spec(src / "spec.yaml" if src.is_dir() else src)
+    source = resolve_model(src, checkpoint)
+    side = next((d for d in source.folders if (d / HF_CONFIG).is_file()), None)
+    if source.kind == IMPORT:
+        return source.spec, Checkpoint(source.path), side or source.path
+    model = build(source)
+    return source.spec, _StateReader(dict(model.state_dict())), side
 
 
 def export_checkpoint(src: Path, out: Path, max_shard: int = 5 * 10**9, overwrite: bool = False,

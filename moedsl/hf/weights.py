@@ -3,8 +3,7 @@ experts stacked [E, ...]) into a model: each rank reads only the experts it hold
 at a time through a fresh memory map (``Checkpoint.get_expert``: safetensors'
 ``safe_open(...).get_slice``), and every shape is checked against the spec first, naming the
 spec's field and line where the weights no longer fit (an edited expert count, a hidden size).
-Also ``load_model``: a ready model from an import folder, a run's output folder or a DCP
-checkpoint.
+``moedsl.runtime.load`` is the loader that calls it (``load_model``, ``run --init``, ...).
 """
 from __future__ import annotations
 
@@ -142,91 +141,3 @@ def load_weights(model, folder: Path, spec) -> None:
                 p.copy_(ck.get(name))
             else:  # an expert_bias the checkpoint lacks (``problems`` lets only those through)
                 p.zero_()
-
-
-def is_import_dir(path: Path) -> bool:
-    path = Path(path)
-    return (path / "spec.yaml").is_file() and any(path.glob("*.safetensors"))
-
-
-def load_model(src, checkpoint=None, device="cpu", dtype=None):
-    """A model with its weights, in eval mode: ``model(input_ids).output`` is [B, T, vocab].
-
-    ``src``: an import folder (``moedsl import``'s ``--out``), a ``moedsl run`` output folder
-    (its newest whole checkpoint), a checkpoint folder, or a spec (path, text, dict, Spec)
-    with ``checkpoint``: an import folder or a DCP checkpoint (a run folder: its newest)."""
-    from moedsl.api import load_spec
-    from moedsl.compiler import compile_graph
-    from moedsl.dtypes import torch_dtype
-
-    weights, spec = _source(src, checkpoint, load_spec)
-    kind, where = weights
-    compiled = compile_graph(spec, 0, 1, device=device, init=False, verify_ranks=False)
-    gm = compiled.module
-    if kind == "import":
-        load_weights(gm, where, spec)
-    else:
-        from moedsl.runtime import checkpoint as ckpt
-
-        ckpt.load(where, gm, None, spec)
-    gm.to(dtype=dtype or torch_dtype(spec.model.dtype))
-    gm.compiled = compiled
-    gm.spec = spec  # what moedsl.generate lowers the decode graph from
-    gm.eval()
-    return gm
-
-
-def dcp_checkpoint(path: Path) -> Optional[Path]:
-    """The DCP checkpoint ``path`` is, or the newest whole one of a run folder (or of its
-    ``checkpoints/`` folder); None if neither.
-
-    Which folders count and which of them is the newest whole one is
-    ``moedsl.runtime.checkpoint.newest_whole``, the rule ``moedsl.runtime.evaluate.find_checkpoint``
-    uses too. What the two accept differs, so neither calls the other: ``load_model`` and
-    ``moedsl export`` take a checkpoint, a run or a ``checkpoints/`` folder wherever they take a
-    source or ``checkpoint=``, and try an import folder when this answers None; a checkpoint named
-    directly is checked when it is loaded (``checkpoint.load``: ``BrokenCheckpoint``).
-    ``find_checkpoint`` (``moedsl eval``) searches only a run folder's ``checkpoints/``, and checks
-    a named checkpoint before anything is built."""
-    from moedsl.runtime import checkpoint as ckpt
-
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return path
-    for d in (path / "checkpoints", path):
-        if d.is_dir() and any(d.glob("step-*")):
-            found = ckpt.newest_whole(d)
-            if found is None:
-                raise UserError(f"{path}: no checkpoint under {d} can be loaded (each is broken or incomplete)")
-            return found
-    return None
-
-
-def _source(src, checkpoint, load_spec):
-    """((\"import\" | \"dcp\", path), spec)."""
-    as_dir = isinstance(src, (str, Path)) and Path(str(src)).is_dir()
-    if checkpoint is None:
-        if not as_dir:
-            if isinstance(src, (str, Path)) and str(src).endswith((".yaml", ".yml")) and \
-                    is_import_dir(Path(src).parent):
-                return ("import", Path(src).parent), load_spec(Path(src))
-            raise UserError("load_model: a spec needs checkpoint= (an import folder or a DCP checkpoint)")
-        path = Path(src)
-        if is_import_dir(path):
-            return ("import", path), load_spec(path / "spec.yaml")
-        found = dcp_checkpoint(path)
-        if found is None:
-            raise UserError(f"{path}: neither an import folder (spec.yaml and *.safetensors) nor a moedsl run "
-                            "or checkpoint folder")
-        from moedsl.runtime import checkpoint as ckpt
-
-        meta = ckpt.read_meta(found)
-        return ("dcp", found), load_spec(meta["spec_data"], source=str(found / "meta.json"))
-    spec = load_spec(Path(src) / "spec.yaml" if as_dir else src)
-    path = Path(checkpoint)
-    if is_import_dir(path):
-        return ("import", path), spec
-    found = dcp_checkpoint(path)
-    if found is None:
-        raise UserError(f"checkpoint {path}: neither an import folder nor a moedsl checkpoint")
-    return ("dcp", found), spec
