@@ -190,15 +190,15 @@ def test_fused_decode_moe_layers_equal_the_packed_path_for_every_example_spec(pa
     3 (with left padding), in float32 and bfloat16 (whose combine sums through index_add), for
     every gate and expert kind of the example specs (those it does not take, such as GShard's
     unrouted second choices, run the packed path inside it)."""
+    from moedsl.compiler import decode as compiler_decode
     from moedsl.nn.decode import DecodeMoE
-    from moedsl.runtime import generate as gen
 
     spec = _decodable(path)
     model = moedsl.build_model(spec, seed=0, dtype=dtype).eval()
     fused = decode_module(model)
     assert sum(isinstance(m, DecodeMoE) for m in fused.modules()) == len(spec.moe_layers)
     model.__dict__.pop("_moedsl_decode")
-    monkeypatch.setattr(gen, "_fuse_local_moe", lambda graph, root: 0)
+    monkeypatch.setattr(compiler_decode, "fuse_decode_moe", lambda graph, modules: (graph, False))
     packed = decode_module(model)
     for B, pad in ((1, [0]), (3, [0, 3, 1])):
         ids = torch.randint(0, spec.model.vocab_size, (B, 9), generator=torch.Generator().manual_seed(B))

@@ -123,11 +123,11 @@ def _attend_static(q, k, v, ck, cv, cache: DecodeCache, start, window: Optional[
 
 class DecodeMoE(torch.nn.Module):
     """One MoE layer of a decode graph on one process: the gate, the experts and the combine in
-    one call (``moedsl.runtime.generate`` puts it in place of the route, dispatch, experts and
-    combine nodes). A decode step has a handful of assignments (B tokens × k); with no gradient,
-    on the CPU, it routes them with the gate's own choice and runs each expert's rows through
-    views of its weights, summing each token's outputs in ascending expert order: the products
-    and sums the packed path (``dispatch_packed``, ``Experts._small``, ``combine_packed``)
+    one call (the compiler's ``fuse_decode_moe`` pass puts it in place of the route, dispatch,
+    experts and combine nodes). A decode step has a handful of assignments (B tokens × k); with
+    no gradient, on the CPU, it routes them with the gate's own choice and runs each expert's
+    rows through views of its weights, summing each token's outputs in ascending expert order:
+    the products and sums the packed path (``dispatch_packed``, ``Experts._small``, ``combine_packed``)
     computes, without its sort, gathers, slot bookkeeping and scatter (~30 small ops a layer).
     Where that does not hold (a gradient, a GPU, more rows, GShard's unrouted second choices) it
     runs the packed path itself. A lone token's capacity is at least one slot
