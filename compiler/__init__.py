@@ -2,6 +2,10 @@
 
     lower -> placement -> collective insertion -> overlap -> static shapes -> verification
 
+and a built model's decode graph (``compile_decode``, ``moedsl.compiler.decode``):
+
+    lower(decode=True) -> placement -> collective insertion -> share token keys -> fuse decode MoE
+
 Each pass is a function over the graph with one job (``moedsl.compiler.passes``).
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ from moedsl.errors import SpecError
 from moedsl.mesh import MeshShape, resolve_mesh
 from moedsl.validate import check_batch
 
+from .decode import compile_decode
 from .lower import Lowered, lower
 from .passes.collectives import LayerComm, insert_collectives
 from .passes.overlap import overlap_pass
@@ -124,4 +129,5 @@ def _class_name(name: str) -> str:
     return "".join(p[:1].upper() + p[1:] for p in parts) or "MoEModel"
 
 
-__all__ = ["compile_graph", "resolve_layout", "LAYOUTS", "Compiled", "LayerComm", "LayerPlacement", "StaticInfo", "lower"]
+__all__ = ["compile_graph", "compile_decode", "resolve_layout", "LAYOUTS", "Compiled", "LayerComm", "LayerPlacement",
+           "StaticInfo", "lower"]

@@ -1,10 +1,10 @@
 """Generation with a KV cache: ``moedsl.generate`` and ``moedsl generate``.
 
-The model's decode graph (``moedsl.compiler.lower.lower(..., decode=True)``) is lowered from
-the spec and wrapped in a ``torch.fx.GraphModule`` over the trained model's own submodules (the
-same weights, nothing copied); its MoE layers go through the same placement and collective
-passes, so a model whose experts are split over processes generates through the same
-all-to-alls. The prompt is prefilled in one forward; then one token per step.
+The compiler builds the model's decode graph (``moedsl.compiler.decode.compile_decode``: a
+``torch.fx.GraphModule`` over the trained model's own submodules, the same weights, nothing
+copied; a model whose experts are split over processes generates through the same all-to-alls).
+Here: the prompt is prefilled in one forward, then one token per step, each picked from the
+last logits (greedy, or sampled after top-k and top-p).
 
 Prompts of different lengths are LEFT-padded (as transformers' generate with an
 attention_mask): row b's prompt occupies the last slots of the prompt block, its positions
@@ -22,123 +22,31 @@ from typing import Optional, Sequence
 import torch
 import torch.fx as fx
 
+from moedsl.compiler.collectives import bind
+from moedsl.compiler.decode import compile_decode
 from moedsl.errors import UserError
 from moedsl.nn.decode import DecodeCache
 
 
 # ----------------------------------------------------------------------------- the decode graph
 
-def _resolve(model, target: str):
-    obj = model
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def decode_module(model, static: bool = False) -> fx.GraphModule:
     """The decode GraphModule of ``model`` (made by ``moedsl.load_model`` or ``build_model``),
-    sharing its submodules: ``forward(tokens [B, t], cache, start)``. Made once per model.
-    ``static``: lowered as a static graph (capacity layers through their fixed buffers), for a
-    static cache and CUDA-graph capture (``GraphedDecodeStep``)."""
+    sharing its submodules: ``forward(tokens [B, t], cache, start)`` (``compile_decode``), its
+    collectives bound to the model's process groups. Made once per model. ``static``: capacity
+    layers through their fixed buffers, for a static cache and CUDA-graph capture
+    (``GraphedDecodeStep``)."""
     made = model.__dict__.setdefault("_moedsl_decode", {})
-    if static in made:
-        return made[static]
-    from moedsl.compiler.collectives import bind
-    from moedsl.compiler.lower import lower
-    from moedsl.compiler.passes.collectives import insert_collectives
-    from moedsl.compiler.passes.placement import placement_pass
-
-    spec, compiled = getattr(model, "spec", None), getattr(model, "compiled", None)
-    if spec is None or compiled is None:
-        raise UserError("generate: give a model made by moedsl.load_model or moedsl.build_model")
-    low = lower(spec, device="meta", graph_only=True, static=static or compiled.layout == "static", decode=True)
-    placements = placement_pass(low, spec, compiled.mesh, compiled.rank, "meta", 0, False)
-    low.graph_only = False  # the collectives' modules (no weights) are made for this graph
-    insert_collectives(low, spec, compiled.mesh, compiled.rank, placements)
-    root = dict(low.modules)
-    for node in low.graph.nodes:
-        if node.op in ("call_module", "get_attr") and node.target not in root:
-            root[node.target] = _resolve(model, node.target)
-    _share_token_keys(low.graph)
-    _fuse_local_moe(low.graph, root)
-    gm = fx.GraphModule(_flat(root, low.graph), low.graph, class_name="Decode")
-    groups = getattr(model, "groups", None)
-    if groups is not None:
-        bind(gm, groups.topo)
-    gm.eval()
-    made[static] = gm
-    return gm
-
-
-def _flat(root: dict, graph: fx.Graph) -> dict:
-    """The graph's modules under flat names ("layers.2.gate" -> "m_layers_2_gate"), its
-    call_module and get_attr nodes retargeted: the generated code then reaches each module with
-    one attribute lookup instead of one per dotted part (a decode step makes ~30 module calls,
-    each of which went through 3-4 ``nn.Module.__getattr__``)."""
-    names, flat = {}, {}
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            name = names.get(node.target)
-            if name is None:
-                name = names[node.target] = "m_" + node.target.replace(".", "_")
-                flat[name] = root[node.target]
-            node.target = name
-    return flat
-
-
-def _fuse_local_moe(graph: fx.Graph, root: dict) -> int:
-    """Each MoE layer whose tokens go from the gate to the experts and back on this process (no
-    collective between: one process, or experts not split) becomes one call of a
-    ``moedsl.nn.decode.DecodeMoE`` over the same gate and experts, in place of its route,
-    dispatch, rows, sizes, experts, combine, aux-loss and statistics nodes; the outputs are the
-    same values. Returns how many layers it fused."""
-    import operator
-
-    from moedsl.nn import moe_ops
-    from moedsl.nn.decode import DecodeMoE
-
-    fused = 0
-    for route in [n for n in graph.nodes if n.op == "call_module" and n.meta.get("role") == "route"]:
-        users = {u.meta.get("role"): u for u in route.users}
-        disp, comb, aux, stats = (users.get(r) for r in ("dispatch", "combine", "aux", "stats"))
-        if len(users) != 4 or None in (disp, comb, aux, stats) or disp.target is not moe_ops.dispatch_packed \
-                or comb.target is not moe_ops.combine_packed or len(disp.args) != 2:
-            continue
-        parts = {u.meta.get("role"): u for u in disp.users}
-        rows, sizes = parts.get("rows"), parts.get("sizes")
-        if set(parts) != {"rows", "sizes", "combine"} or len(rows.users) != 1:
-            continue
-        experts = next(iter(rows.users))
-        if experts.op != "call_module" or experts.args != (rows, sizes) or comb.args[0] is not experts:
-            continue
-        name = route.meta.get("moe_layer", route.target.rsplit(".", 1)[0])
-        target = f"{name}.decode_moe"
-        root[target] = DecodeMoE(root[route.target], root[experts.target], stats.args[1])
-        with graph.inserting_before(route):
-            node = graph.call_module(target, route.args, dict(route.kwargs))
-            node.meta.update(route.meta, role="decode_moe")
-            outs = [graph.call_function(operator.getitem, (node, i)) for i in range(3)]
-        for old, new in zip((comb, aux, stats), outs):
-            new.meta.update(old.meta)
-            old.replace_all_uses_with(new)
-        for old in (stats, aux, comb, experts, rows, sizes, disp, route):
-            graph.erase_node(old)
-        fused += 1
-    return fused
-
-
-def _share_token_keys(graph: fx.Graph) -> None:
-    """Each MoE layer of a decode graph derives its tokens' routing keys from the step's positions,
-    the same function of the same inputs: compute them once, for every layer."""
-    from moedsl.kinds.moe import decode_token_keys
-
-    first = {}
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is decode_token_keys and not node.kwargs:
-            got = first.setdefault(node.args, node)
-            if got is not node:
-                node.replace_all_uses_with(got)
-                graph.erase_node(node)
+    if static not in made:
+        spec, compiled = getattr(model, "spec", None), getattr(model, "compiled", None)
+        if spec is None or compiled is None:
+            raise UserError("generate: give a model made by moedsl.load_model or moedsl.build_model")
+        gm = compile_decode(spec, compiled, model, static)
+        groups = getattr(model, "groups", None)
+        if groups is not None:
+            bind(gm, groups.topo)
+        made[static] = gm.eval()
+    return made[static]
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -121,6 +121,35 @@ def test_model_output_and_router_stats():
     assert st.capacity == 4 * 3  # 4 groups of 16 tokens: ceil(1.25 · 16 / 8) = 3
 
 
+def test_decode_graph_is_one_decode_moe_call_a_layer_reading_one_routing_key_node():
+    """compile_decode on one process: each MoE layer's route, dispatch, experts and combine nodes
+    are one DecodeMoE call over the model's own gate and experts (fuse decode MoE), every layer
+    reads one routing-key node (share token keys), and a static graph keeps its [E, C, d]
+    buffers unfused. Each pass run again changes nothing."""
+    from moedsl.compiler import compile_decode
+    from moedsl.compiler.passes.fuse_decode_moe import fuse_decode_moe
+    from moedsl.compiler.passes.share_token_keys import share_token_keys
+    from moedsl.kinds.moe import decode_token_keys
+    from moedsl.nn import moe_ops
+    from moedsl.nn.decode import DecodeMoE
+
+    model = moedsl.build_model(spec("switch"))
+    dec = compile_decode(model.spec, model.compiled, model)
+    calls = [n for n in dec.graph.nodes if n.op == "call_module" and isinstance(dec.get_submodule(n.target), DecodeMoE)]
+    assert [n.meta["moe_layer"] for n in calls] == ["layers.2", "layers.4", "layers.6", "layers.8"]
+    for n in calls:
+        fused = dec.get_submodule(n.target)
+        assert fused.gate is model.get_submodule(f"{n.meta['moe_layer']}.gate")
+        assert fused.experts is model.get_submodule(f"{n.meta['moe_layer']}.experts")
+    fns = [n.target for n in dec.graph.nodes if n.op == "call_function"]
+    assert fns.count(decode_token_keys) == 1 and moe_ops.dispatch_packed not in fns
+    assert fuse_decode_moe(dec.graph, {}) == (dec.graph, False) and share_token_keys(dec.graph) == (dec.graph, False)
+    static = compile_decode(model.spec, model.compiled, model, static=True)
+    fns = [n.target for n in static.graph.nodes if n.op == "call_function"]
+    assert fns.count(moe_ops.dispatch) == 4 and fns.count(decode_token_keys) == 1
+    assert not any(isinstance(m, DecodeMoE) for m in static.modules())
+
+
 def test_weights_do_not_depend_on_world_size():
     one = dict(moedsl.build_model(spec("switch"), seed=3).named_parameters())
     c = compile_graph(spec("switch"), rank=1, world_size=2, device="cpu", seed=3)

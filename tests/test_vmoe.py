@@ -198,6 +198,13 @@ def test_capacity_rounds_as_v_moe_when_asked_and_ceils_by_default():
     assert moedsl.load_spec(ROOT / "specs" / "switch.yaml").moe_layers[0].config.gate.capacity_rounding == "ceil"
 
 
+def test_a_lone_token_gets_one_slot_in_each_expert_where_round_gives_none():
+    """A decode graph routes each token alone: round(2.0 · 1 / 8) = 0 would drop it in every layer."""
+    rnd = Gate(type="switch", k=1, capacity_factor=1.25, eval_capacity_factor=2.0, capacity_rounding="round")
+    assert rnd.capacity(1, 8, training=False) == 1 and rnd.capacity(1, 8) == 1
+    assert Gate(type="topk", k=2, capacity_factor=1.0, capacity_rounding="round", min_capacity=3).capacity(1, 8) == 3
+
+
 # ----------------------------------------------------------------------------- data
 
 @pytest.fixture

@@ -100,6 +100,11 @@ class Gate:
         ``capacity_rounding: round``, C = round(k · tokens · capacity_factor / experts) (V-MoE,
         Riquelme et al. 2021, §2.2; Python's round, halves to the even neighbour).
 
+        A lone token (a routing group of one: a decode graph routes each token alone) always
+        fits: at least one slot in each expert, where round(capacity_factor · k / E) would be 0
+        below a half (a Switch gate over 8 experts) and drop every token of every step. Its k
+        choices are distinct experts, so one slot each drops nothing.
+
         For expert choice k is 1 (each expert takes capacity_factor · tokens / E), and no
         expert can take more tokens than there are; without a capacity, every token fits.
         """
@@ -109,7 +114,7 @@ class Gate:
         k = self.k if self.k > 0 else 1
         exact = factor * k * tokens / experts
         whole = round(exact) if self.capacity_rounding == "round" else math.ceil(exact - 1e-9)
-        c = max(whole, self.min_capacity)
+        c = max(whole, self.min_capacity, 1 if tokens == 1 else 0)
         if self.k == 0:  # experts choose: an expert cannot take more tokens than there are
             c = min(c, tokens)
         return c

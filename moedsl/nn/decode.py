@@ -123,14 +123,15 @@ def _attend_static(q, k, v, ck, cv, cache: DecodeCache, start, window: Optional[
 
 class DecodeMoE(torch.nn.Module):
     """One MoE layer of a decode graph on one process: the gate, the experts and the combine in
-    one call (``moedsl.runtime.generate`` puts it in place of the route, dispatch, experts and
-    combine nodes). A decode step has a handful of assignments (B tokens × k); with no gradient,
-    on the CPU, it routes them with the gate's own choice and runs each expert's rows through
-    views of its weights, summing each token's outputs in ascending expert order: the products
-    and sums the packed path (``dispatch_packed``, ``Experts._small``, ``combine_packed``)
+    one call (the compiler's ``fuse_decode_moe`` pass puts it in place of the route, dispatch,
+    experts and combine nodes). A decode step has a handful of assignments (B tokens × k); with
+    no gradient, on the CPU, it routes them with the gate's own choice and runs each expert's
+    rows through views of its weights, summing each token's outputs in ascending expert order:
+    the products and sums the packed path (``dispatch_packed``, ``Experts._small``, ``combine_packed``)
     computes, without its sort, gathers, slot bookkeeping and scatter (~30 small ops a layer).
-    Where that does not hold (a gradient, a GPU, more rows, a capacity under one slot, GShard's
-    unrouted second choices) it runs the packed path itself."""
+    Where that does not hold (a gradient, a GPU, more rows, GShard's unrouted second choices) it
+    runs the packed path itself. A lone token's capacity is at least one slot
+    (``moedsl.kinds.moe.Gate.capacity``): nothing it chooses is dropped."""
 
     def __init__(self, gate, experts, name: str):
         super().__init__()
@@ -158,7 +159,7 @@ class DecodeMoE(torch.nn.Module):
         if (torch.is_grad_enabled() or x.device.type != "cpu" or grouped.static() or torch.is_autocast_enabled("cpu")
                 or gate.training or S * gate.spec.k > experts.SMALL_ROWS or S != groups
                 or len(experts.expert_ids) != gate.num_experts or gate.spec.type == "softmax" or experts.training
-                or x.dtype != experts.w_in.dtype or (cap is not None and cap < 1)):
+                or x.dtype != experts.w_in.dtype):
             return None
         ids = token_ids.reshape(S, 1) if token_ids is not None else None
         choice = gate.choose(x.reshape(S, 1, d), ids, gidx.view(S, 1))
