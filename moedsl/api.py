@@ -128,15 +128,17 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
 
 
 def evaluate(model, capacity_factor: float | None = None, *, checkpoint=None, data: str | None = None,
-             batch: int | None = None) -> dict:
+             batch: int | None = None, seq: int | None = None, batches: int | None = None) -> dict:
     """Evaluate a trained model on its held-out data with every capacity gate's evaluation capacity
     factor set to ``capacity_factor`` (V-MoE, Riquelme et al. 2021, §4.1: capacity lowered at
     inference). ``model``: a ``moedsl run`` output folder (its latest checkpoint), or a spec with
-    ``checkpoint``. Returns loss, accuracy (image classifiers, else None) and the dropped fraction;
-    see ``moedsl.runtime.evaluate.evaluate``."""
+    ``checkpoint``. The held-out batches, their shape and the autocast dtype are the run's own
+    (recorded in the checkpoint); ``data``, ``batch``, ``seq`` and ``batches`` override them.
+    Returns loss, accuracy (image classifiers, else None) and the dropped fraction; see
+    ``moedsl.runtime.evaluate.evaluate``."""
     from .runtime.evaluate import evaluate as run_eval
 
-    return run_eval(model, capacity_factor, checkpoint=checkpoint, data=data, batch=batch)
+    return run_eval(model, capacity_factor, checkpoint=checkpoint, data=data, batch=batch, seq=seq, batches=batches)
 
 
 def inspect(model, *, checkpoint=None, text: str | None = None, data: str | None = None, tokens: int = 65536,

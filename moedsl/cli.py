@@ -260,7 +260,8 @@ def _cmd_eval(args) -> int:
     from .api import evaluate
 
     spec = args.model if not args.checkpoint else _spec_path(args.model)
-    r = evaluate(spec, args.capacity_factor, checkpoint=args.checkpoint, data=args.data, batch=args.batch)
+    r = evaluate(spec, args.capacity_factor, checkpoint=args.checkpoint, data=args.data, batch=args.batch,
+                 seq=args.seq, batches=args.eval_batches)
     if args.json:
         import json
 
@@ -460,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", metavar="PATH", help="the checkpoint to load (MODEL is then a spec)")
     ev.add_argument("--data", help="held-out data (default: the run's)")
     ev.add_argument("--batch", type=_positive, default=None, help="evaluation batch (default: the run's)")
+    ev.add_argument("--seq", type=_positive, default=None, help="sequence length (default: the run's --seq)")
+    ev.add_argument("--eval-batches", type=_positive, default=None,
+                    help="held-out batches, token and vector models (default: the run's)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(func=_cmd_eval)
 

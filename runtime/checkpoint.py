@@ -42,6 +42,9 @@ KEEP = 3  # complete checkpoints kept
 # The run options a checkpoint records (meta.json "train"): those that change the training
 # trajectory after a resume, each named in a note when it changed.
 TRAJECTORY = ("steps", "batch", "seq", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "seed", "data")
+# What ``moedsl eval`` needs to evaluate a checkpoint as its run's own held-out evaluation did
+# (meta.json "eval", with the spec's ``model.dtype``: the autocast it ran under; runtime/evaluate.py).
+EVALUATION = ("batch", "seq", "eval_batches", "data", "seed")
 
 
 class BrokenCheckpoint(MoedslError):
@@ -279,6 +282,8 @@ def _finish(directory: Path, tmp: Path, final: Path, step: int, spec, world: int
             "architecture": architecture(spec), "spec_data": spec.data, "time": time.time()}
     if options is not None:
         meta["train"] = {k: _plain(getattr(options, k)) for k in TRAJECTORY if hasattr(options, k)}
+        meta["eval"] = {**{k: _plain(getattr(options, k)) for k in EVALUATION if hasattr(options, k)},
+                        "dtype": spec.model.dtype}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if final.exists():
         shutil.rmtree(final)
