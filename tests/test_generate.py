@@ -19,7 +19,8 @@ from moedsl.runtime.evaluate import with_eval_capacity
 from moedsl.hf import registered
 from moedsl.runtime.generate import decode_module, left_pad, pick
 
-SPECS = sorted((Path(__file__).parents[1] / "specs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted((ROOT / "specs").glob("*.yaml"))
 HUGE = 50_000_000  # parameters: the specs that compile only on the meta device
 
 
@@ -172,20 +173,20 @@ def test_fused_decode_moe_layers_equal_the_packed_path_for_every_example_spec(pa
 
 
 def _switch(seed=0, **model):
-    data = moedsl.load_spec("specs/switch.yaml").data
+    data = moedsl.load_spec(ROOT / "specs" / "switch.yaml").data
     data = {**data, "model": {**data["model"], **model}}
     return moedsl.build_model(moedsl.load_spec(data), seed=seed, dtype=torch.float32).eval()
 
 
 def _learned_positions():
     """specs/switch.yaml with learned absolute positions (no example spec over tokens has them)."""
-    data = json.loads(json.dumps(moedsl.load_spec("specs/switch.yaml").data))
+    data = json.loads(json.dumps(moedsl.load_spec(ROOT / "specs" / "switch.yaml").data))
     data["layers"][0] = {"embedding": {"positions": "learned"}}
     return moedsl.build_model(_no_drops(moedsl.load_spec(data)), seed=0, dtype=torch.float32).eval()
 
 
 def _example(name):
-    return moedsl.build_model(moedsl.load_spec(f"specs/{name}.yaml"), seed=0, dtype=torch.float32).eval()
+    return moedsl.build_model(moedsl.load_spec(ROOT / "specs" / f"{name}.yaml"), seed=0, dtype=torch.float32).eval()
 
 
 MODELS = {"switch": _switch, "learned-positions": _learned_positions,
@@ -219,7 +220,8 @@ def test_decoding_follows_weights_changed_after_the_first_generate():
     """Decoding projects q, k and v with one stacked weight and reads each expert through views,
     both kept between steps: a weight changed in place after a generate (a training step, a
     loaded checkpoint) must be what the next generate uses, as the full forward does."""
-    model = moedsl.build_model(_no_drops(moedsl.load_spec("specs/switch.yaml")), seed=0, dtype=torch.float32).eval()
+    model = moedsl.build_model(_no_drops(moedsl.load_spec(ROOT / "specs" / "switch.yaml")), seed=0,
+                               dtype=torch.float32).eval()
     ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(4))
     moedsl.generate(model, ids, 2)
     attn = next(m for m in model.modules() if isinstance(m, Attention))
@@ -238,7 +240,7 @@ def test_decoding_follows_weights_changed_after_the_first_generate():
 
 
 def test_sliding_window_cache_sees_only_the_window():
-    data = moedsl.load_spec("specs/mixtral.yaml").data
+    data = moedsl.load_spec(ROOT / "specs" / "mixtral.yaml").data
     layers = json.loads(json.dumps(data["layers"]))
     layers[1]["block"][0]["attention"]["sliding_window"] = 3
     spec = moedsl.load_spec({**data, "layers": layers})
