@@ -243,12 +243,12 @@ def _cmd_verify(args) -> int:
     compiled = ", dense segments compiled" if args.compile else ""
     t = Table(title=f"{spec.name}: one training step, {args.nproc} processes against one (batch {args.batch} × "
               f"{seq}, layout {args.layout}{compiled}; the run's gradient sync, clip and AdamW)", title_justify="left")
-    for col in ("rank", "max |Δ output|", "|Δ aux loss|", "max |Δ gradient|", "worst parameter", "max |Δ after step|",
-                "buckets (from hooks)", "router counts", "ok"):
+    for col in ("rank", "max |Δ output|", "|Δ aux loss|", "max |Δ gradient|", "worst parameter",
+                "max |Δ after step|", "buckets from hooks", "router counts", "ok"):
         t.add_column(col)
     for rank, d in enumerate(diffs):
         t.add_row(str(rank), f"{d.output:.2e}", f"{d.aux_loss:.2e}", f"{d.grad:.2e}", d.worst_param,
-                  f"{d.param:.2e} {d.worst_after}", f"{d.buckets} ({d.from_hooks})",
+                  f"{d.param:.2e}", f"{d.from_hooks}/{d.buckets}",
                   "equal" if d.router == 0 else f"[red]{d.worst_router}[/red]", "yes" if d.ok() else "[red]NO[/red]")
     Console().print(t)
     return 0 if all(d.ok() for d in diffs) else 1

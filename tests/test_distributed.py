@@ -133,3 +133,16 @@ def test_verify_runs_the_runs_bucketed_sync_clip_and_adamw_and_sees_a_fault_in_e
     assert after_step[1].grad == clean[1].grad  # only the weights after the step tell
     clip = [r[0] for r in spawn(_faulty_worker, 2, "clip", *args)]
     assert not clip[1].ok() and clip[1].grad > 100 * clean[1].grad
+
+
+def test_verify_refuses_a_token_model_without_a_head_in_one_line(tmp_path, capsys):
+    """The step verify runs is a run's: its task loss needs the head's logits."""
+    from moedsl.cli import main
+
+    d = {"moedsl": 1, "name": "headless", "model": {"vocab_size": 32, "d_model": 16, "max_seq_len": 16},
+         "layers": [{"embedding": {}},
+                    {"moe": {"experts": {"count": 4, "hidden": 16}, "gate": {"type": "topk", "k": 2}}}]}
+    (tmp_path / "headless.yaml").write_text(yaml.safe_dump(d))
+    assert main(["verify", str(tmp_path / "headless.yaml"), "--nproc", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "without a head layer has no task loss" in err
