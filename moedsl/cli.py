@@ -241,13 +241,14 @@ def _cmd_verify(args) -> int:
     seq = spec.train.seq_len if spec.model.input == "image" else args.seq  # an image's tokens: from model.image
     diffs = check(spec, args.nproc, batch=args.batch, seq=seq, layout=args.layout, compile=args.compile)
     compiled = ", dense segments compiled" if args.compile else ""
-    t = Table(title=f"{spec.name}: {args.nproc} processes against one (batch {args.batch} × {seq}, "
-              f"layout {args.layout}{compiled})", title_justify="left")
-    for col in ("rank", "max |Δ output|", "|Δ aux loss|", "max |Δ gradient|", "worst parameter", "router counts",
-                "ok"):
+    t = Table(title=f"{spec.name}: one training step, {args.nproc} processes against one (batch {args.batch} × "
+              f"{seq}, layout {args.layout}{compiled}; the run's gradient sync, clip and AdamW)", title_justify="left")
+    for col in ("rank", "max |Δ output|", "|Δ aux loss|", "max |Δ gradient|", "worst parameter",
+                "max |Δ after step|", "buckets from hooks", "router counts", "ok"):
         t.add_column(col)
     for rank, d in enumerate(diffs):
         t.add_row(str(rank), f"{d.output:.2e}", f"{d.aux_loss:.2e}", f"{d.grad:.2e}", d.worst_param,
+                  f"{d.param:.2e}", f"{d.from_hooks}/{d.buckets}",
                   "equal" if d.router == 0 else f"[red]{d.worst_router}[/red]", "yes" if d.ok() else "[red]NO[/red]")
     Console().print(t)
     return 0 if all(d.ok() for d in diffs) else 1
@@ -260,7 +261,8 @@ def _cmd_eval(args) -> int:
     from .api import evaluate
 
     spec = args.model if not args.checkpoint else _spec_path(args.model)
-    r = evaluate(spec, args.capacity_factor, checkpoint=args.checkpoint, data=args.data, batch=args.batch)
+    r = evaluate(spec, args.capacity_factor, checkpoint=args.checkpoint, data=args.data, batch=args.batch,
+                 seq=args.seq, batches=args.eval_batches)
     if args.json:
         import json
 
@@ -439,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
     r.set_defaults(func=_cmd_run)
 
-    vf = sub.add_parser("verify", help="check that N processes compute what one does: outputs, aux loss, "
-                        "every gradient")
+    vf = sub.add_parser("verify", help="check that N processes compute one training step as one does: outputs, "
+                        "aux loss, every gradient (synced and clipped), every parameter after AdamW")
     vf.add_argument("spec", metavar="SPEC")
     vf.add_argument("--nproc", type=_positive, default=2, help="processes (gloo, CPU; default 2)")
     vf.add_argument("--batch", type=_positive, default=8, help="global batch in sequences (default 8)")
@@ -460,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", metavar="PATH", help="the checkpoint to load (MODEL is then a spec)")
     ev.add_argument("--data", help="held-out data (default: the run's)")
     ev.add_argument("--batch", type=_positive, default=None, help="evaluation batch (default: the run's)")
+    ev.add_argument("--seq", type=_positive, default=None, help="sequence length (default: the run's --seq)")
+    ev.add_argument("--eval-batches", type=_positive, default=None,
+                    help="held-out batches, token and vector models (default: the run's)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(func=_cmd_eval)
 

@@ -30,6 +30,9 @@ from moedsl.errors import MoedslError, UserError
 from .ckpt_compat import TRAJECTORY, architecture, compare, fingerprint
 from .optim import prime_optimizer
 
+# What ``moedsl eval`` needs to evaluate a checkpoint as its run's own held-out evaluation did
+# (meta.json "eval", with the spec's ``model.dtype``: the autocast it ran under; runtime/evaluate.py).
+EVALUATION = ("batch", "seq", "eval_batches", "data", "seed")
 FORMAT = 1  # the version ``meta.json`` records; bump it when the layout above changes
 READS = (None, 1)  # the versions ``read_meta`` accepts (None: written before versions existed)
 
@@ -49,6 +52,8 @@ def make_meta(step: int, world: int, spec, options=None) -> dict:
             "architecture": architecture(spec), "spec_data": spec.data, "time": time.time()}
     if options is not None:
         meta["train"] = {k: _plain(getattr(options, k)) for k in TRAJECTORY if hasattr(options, k)}
+        meta["eval"] = {**{k: _plain(getattr(options, k)) for k in EVALUATION if hasattr(options, k)},
+                        "dtype": spec.model.dtype}
     return meta
 
 

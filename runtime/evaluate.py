@@ -90,16 +90,22 @@ def with_eval_capacity(spec, factor: float) -> tuple[dict, int]:
 
 
 def evaluate(model, capacity_factor: Optional[float] = None, checkpoint: Optional[str] = None,
-             data: Optional[str] = None,
-             batch: Optional[int] = None) -> dict:
+             data: Optional[str] = None, batch: Optional[int] = None, seq: Optional[int] = None,
+             batches: Optional[int] = None) -> dict:
     """Evaluate a trained model on its held-out data at inference capacity factor ``capacity_factor``.
 
     ``model``: a ``moedsl run`` output folder (its latest checkpoint; the spec stored with it), or
     a spec (path, YAML text or dict) with ``checkpoint``. Every capacity gate's
-    ``eval_capacity_factor`` is set to ``capacity_factor`` (None: the spec's own). ``data`` and
-    ``batch`` default to the run's. Returns ``{"loss", "accuracy" (image
-    classifiers, else None), "dropped", "examples", "capacity_factor", "gates", "checkpoint",
-    "step"}``."""
+    ``eval_capacity_factor`` is set to ``capacity_factor`` (None: the spec's own). The held-out
+    set is the run's own evaluation: its data, seed, batch, sequence length, number of eval
+    batches and autocast dtype, as the checkpoint recorded them (meta.json "eval"); ``data``,
+    ``batch``, ``seq`` and ``batches`` override them. On one process, as trained (the capacity
+    factor left alone), the loss is the run's last ``eval_loss`` for that checkpoint: the same
+    batches through the same forward, summed in the same order. A run of several processes
+    evaluated each rank's share with a capacity of its own, which one process cannot repeat.
+    Returns ``{"loss", "accuracy" (image classifiers, else None), "dropped", "examples",
+    "capacity_factor", "gates", "checkpoint", "step", "data", "seq", "batch", "dtype"}``."""
+    from moedsl import dtypes
     from moedsl.spec_loader import load_spec
 
     from .data import make_source
@@ -116,33 +122,40 @@ def evaluate(model, capacity_factor: Optional[float] = None, checkpoint: Optiona
     else:
         spec_data, gates = with_eval_capacity(base, float(capacity_factor))
         spec = load_spec(spec_data, source=base.source)
-    train = meta.get("train") or {}
-    seed = int(train.get("seed", spec.train.seed))
-    data = data or train.get("data") or spec.train.data
-    batch = batch or int(train.get("batch", spec.train.batch_size))
+    # the run's evaluation as recorded; a checkpoint from before that record: its trajectory, then the spec
+    ran = {**(meta.get("train") or {}), **(meta.get("eval") or {})}
+    seed = int(ran.get("seed", spec.train.seed))
+    data = data or ran.get("data") or spec.train.data
+    batch = batch or int(ran.get("batch", spec.train.batch_size))
+    seq = seq or int(ran.get("seq", spec.train.seq_len))
+    batches = batches or int(ran.get("eval_batches", spec.train.eval_batches))
+    dtype = ran.get("dtype", spec.model.dtype)
+    amp = dtypes.autocast_dtype(dtype)  # the Trainer's: float32 weights, the forward under autocast
     net = build(weights, spec, seed=seed, dtype=torch.float32)
     source = make_source(spec, data, seed)
     result = {"spec": spec.name, "capacity_factor": capacity_factor, "gates": gates, "checkpoint": str(weights.path),
-              "step": int(meta.get("step", 0)), "data": data}
+              "step": int(meta.get("step", 0)), "data": data, "seq": seq, "batch": batch, "dtype": dtype}
     if spec.model.input == "image":
-        h = held_out_images(net, spec, source, batch)
+        h = held_out_images(net, spec, source, batch, amp=amp)
         result.update(loss=h.loss, accuracy=h.accuracy, dropped=h.dropped, examples=h.examples)
         return result
-    batches = int(train.get("eval_batches", spec.train.eval_batches))
-    result.update(_held_out_sequences(net, spec, source, batch, batches))
+    result.update(_held_out_sequences(net, spec, source, batch, seq, batches, amp))
     return result
 
 
 @torch.no_grad()
-def _held_out_sequences(model, spec, source, batch: int, batches: int) -> dict:
-    """Token or vector models: the mean held-out loss over ``batches`` batches, and the dropped fraction."""
+def _held_out_sequences(model, spec, source, batch: int, seq: int, batches: int, amp) -> dict:
+    """Token or vector models: the mean held-out loss over ``batches`` batches of ``batch`` × ``seq``
+    (``Trainer.evaluate`` on one process: the forward under autocast ``amp``, the loss in float32,
+    the batches' losses summed in order), and the dropped fraction."""
     from .step import task_loss
 
     model.eval()
     total, dropped, assigned = 0.0, 0.0, 0.0
     for i in range(batches):
-        b = source.batch(i, batch, spec.train.seq_len, split="eval")
-        out = model(b.inputs)
+        b = source.batch(i, batch, seq, split="eval")
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            out = model(b.inputs)
         total += float(task_loss(spec, out, b.targets))
         for s in out.router_stats:
             dropped += float(s.dropped)

@@ -155,6 +155,7 @@ class GradSync:
         self._armed = False
         self._ordered = False  # the launch order is still the first step's guess
         self.launched: list = []  # this step's launches: (group, key, numel), for tests and benchmarks
+        self.from_hooks = 0  # how many of them the hooks launched while backward ran (``moedsl verify`` shows it)
         self._handles = []
         if self.hooked:
             self._build(list(reversed(range(len(self._params)))))
@@ -217,7 +218,7 @@ class GradSync:
         self._next = 0
         self._seen = [False] * len(self._params)
         self._ready_order: list = []
-        self.launched = []
+        self.launched, self.from_hooks = [], 0
 
     def _ready(self, i: int) -> None:
         """A parameter's gradient is complete: launch every bucket now complete, in order."""
@@ -242,6 +243,7 @@ class GradSync:
         """The buckets not launched yet (a parameter without a gradient: zeros), in order; then
         every wait, and the sums back into the gradients."""
         self._armed = False
+        self.from_hooks = len(self.launched)
         while self._next < len(self.buckets):
             self._launch(self.buckets[self._next])
             self._next += 1

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from moedsl.compiler.collectives import Traffic
 
-from .grads import capturing
-from .optim import LossScale
+from .grads import GradSync, capturing
+from .optim import LossScale, make_optimizer
 
 
 def task_loss(spec, out, targets) -> torch.Tensor:
@@ -56,11 +56,25 @@ class TrainStep:
     """``step(inputs, targets) -> StepOutputs`` on this rank; ``lr`` is a tensor set before each call."""
 
     def __init__(self, model, spec, optimizer, sync, world: int, amp, grad_clip: float,
-                 loss_scale: Optional[LossScale] = None):
+                 loss_scale: Optional[LossScale] = None, lr: Optional[torch.Tensor] = None):
         self.model, self.spec, self.opt, self.sync = model, spec, optimizer, sync
         self.world, self.amp, self.grad_clip, self.loss_scale = world, amp, grad_clip, loss_scale
+        self.lr = lr  # the optimizer's learning rate tensor, when the step made it (``for_run``)
         self.gates = balancing_gates(model)
         self.device_type = next(model.parameters()).device.type
+
+    @classmethod
+    def for_run(cls, model, spec, options, rank: int, world: int, amp, capturable: bool) -> "TrainStep":
+        """The step a run executes, built as the ``Trainer`` builds it (and ``moedsl verify``, which
+        checks it): the fused AdamW reading the tensor ``step.lr`` (fill it before each call), the
+        gradient sync of ``options.grad_sync`` (bucketed: its hooks registered now, before any
+        backward), float16's loss scale (``amp`` float16), the clip at ``options.grad_clip``."""
+        device = next(model.parameters()).device
+        lr = torch.tensor(options.lr, dtype=torch.float32, device=device)
+        optimizer = make_optimizer(model, options, lr, capturable=capturable)
+        sync = GradSync(model, model.compiled.mesh, rank, mode=options.grad_sync, bucket_mb=options.bucket_mb)
+        loss_scale = LossScale(device) if amp == torch.float16 else None
+        return cls(model, spec, optimizer, sync, world, amp, options.grad_clip, loss_scale, lr)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutputs:
         self.model.train()

@@ -35,10 +35,10 @@ from .cpu import keep_freed_memory, release_freed_memory
 from .data import make_source
 from .diagnose import first_nonfinite
 from .faults import inject_fault
-from .grads import DEFAULT_BUCKET_MB, GradSync
+from .grads import DEFAULT_BUCKET_MB
 from .load import fill
 from .metrics import reduce_step, step_figures
-from .optim import LossScale, lr_at, make_optimizer
+from .optim import lr_at
 from .preflight import check_run
 from .progress import Reporter
 from .resolve import resolve
@@ -143,12 +143,10 @@ class Trainer:
         self.compile_on = use_compile(self.model, o, self.device, self.say, self.world)  # dense segments compiled
         self.amp = dtypes.autocast_dtype(spec.model.dtype)  # None: float32, no autocast
         self.graphs = _use_cuda_graphs(o, self.device, self.model.compiled, self.say)
-        self.lr = torch.tensor(o.lr, dtype=torch.float32, device=self.device)
-        self.opt = make_optimizer(self.model, o, self.lr, capturable=self.graphs)
-        self.sync = GradSync(self.model, self.model.compiled.mesh, self.rank, mode=o.grad_sync, bucket_mb=o.bucket_mb)
-        self.loss_scale = LossScale(self.device) if spec.model.dtype == "float16" else None
-        self.train_step = TrainStep(self.model, spec, self.opt, self.sync, self.world, self.amp, o.grad_clip,
-                                    self.loss_scale)
+        self.train_step = TrainStep.for_run(self.model, spec, o, self.rank, self.world, self.amp,
+                                            capturable=self.graphs)
+        ts = self.train_step
+        self.lr, self.opt, self.sync, self.loss_scale = ts.lr, ts.opt, ts.sync, ts.loss_scale
         self.source = make_source(spec, o.data, o.seed)
         self._graphed = None  # the captured step, made at the first step in graph mode
         self._eval_graph = None

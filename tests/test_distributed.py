@@ -80,3 +80,69 @@ def test_verify_command(capsys):
     assert main(["verify", str(ROOT / "specs" / "switch.yaml"), "--nproc", "3"]) == 2  # 8 experts on 3 ranks
     assert "expert-parallel ranks" in capsys.readouterr().err
 
+
+
+def _faulty_worker(rank: int, world: int, fault, *args):
+    """``moedsl verify``'s worker with ``fault`` in rank 1's distributed step, not in the
+    single-process reference it also runs: ``after_step`` moves a weight after AdamW's step,
+    ``clip`` halves the clipped gradients."""
+    import torch
+
+    from moedsl.runtime import equivalence
+    from moedsl.runtime.grads import GradSync
+    from moedsl.runtime.step import TrainStep
+
+    if rank == 1 and fault == "after_step":
+        step = TrainStep.__call__
+
+        def faulty_step(self, inputs, targets):
+            out = step(self, inputs, targets)
+            if self.world > 1:
+                with torch.no_grad():
+                    next(self.model.parameters()).view(-1)[0] += 1e-3
+            return out
+
+        TrainStep.__call__ = faulty_step
+    if rank == 1 and fault == "clip":
+        clip = GradSync.clip
+
+        def faulty_clip(self, max_norm, inv_scale=None):
+            norm = clip(self, max_norm, inv_scale)
+            if self.world > 1:
+                torch._foreach_mul_([p.grad for p in self._params if p.grad is not None], 0.5)
+            return norm
+
+        GradSync.clip = faulty_clip
+    return equivalence._worker(rank, world, *args)
+
+
+def test_verify_runs_the_runs_bucketed_sync_clip_and_adamw_and_sees_a_fault_in_either():
+    """verify checks the step a run executes: the bucketed sync's hooks, registered before
+    backward, launch all-reduces while it runs; a weight moved after the optimizer step, or a
+    wrong clip, on one rank is found there."""
+    from moedsl.runtime.launch import spawn
+
+    args = ([yaml.safe_load((ROOT / "specs" / "switch.yaml").read_text())], 8, 16, 0, "auto", 2e-5, 1e-4)
+    clean = [r[0] for r in spawn(_faulty_worker, 2, None, *args)]
+    for d in clean:
+        assert d.ok(), d
+        assert 0 < d.from_hooks <= d.buckets, d  # launched from backward's hooks, not after it
+    after_step = [r[0] for r in spawn(_faulty_worker, 2, "after_step", *args)]
+    assert after_step[0].ok() and not after_step[1].ok()
+    assert after_step[1].param == pytest.approx(1e-3, rel=1e-2) and after_step[1].worst_after == "embedding.weight"
+    assert after_step[1].grad == clean[1].grad  # only the weights after the step tell
+    clip = [r[0] for r in spawn(_faulty_worker, 2, "clip", *args)]
+    assert not clip[1].ok() and clip[1].grad > 100 * clean[1].grad
+
+
+def test_verify_refuses_a_token_model_without_a_head_in_one_line(tmp_path, capsys):
+    """The step verify runs is a run's: its task loss needs the head's logits."""
+    from moedsl.cli import main
+
+    d = {"moedsl": 1, "name": "headless", "model": {"vocab_size": 32, "d_model": 16, "max_seq_len": 16},
+         "layers": [{"embedding": {}},
+                    {"moe": {"experts": {"count": 4, "hidden": 16}, "gate": {"type": "topk", "k": 2}}}]}
+    (tmp_path / "headless.yaml").write_text(yaml.safe_dump(d))
+    assert main(["verify", str(tmp_path / "headless.yaml"), "--nproc", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "without a head layer has no task loss" in err

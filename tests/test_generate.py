@@ -19,7 +19,8 @@ from moedsl.nn.gates import Gate as GateModule
 from moedsl.hf import registered
 from moedsl.runtime.generate import decode_module, left_pad, pick
 
-SPECS = sorted((Path(__file__).parents[1] / "specs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted((ROOT / "specs").glob("*.yaml"))
 HUGE = 50_000_000  # parameters: the specs that compile only on the meta device
 
 
@@ -216,7 +217,7 @@ def test_fused_decode_moe_layers_equal_the_packed_path_for_every_example_spec(pa
 
 
 def _switch(seed=0, **model):
-    data = moedsl.load_spec("specs/switch.yaml").data
+    data = moedsl.load_spec(ROOT / "specs" / "switch.yaml").data
     data = {**data, "model": {**data["model"], **model}}
     return moedsl.build_model(moedsl.load_spec(data), seed=seed, dtype=torch.float32).eval()
 
@@ -225,14 +226,14 @@ def _learned_positions():
     """specs/mixtral.yaml with learned absolute positions in place of rotary ones (no example spec
     over tokens has them); its MoE layers are dropless, so the full forward is the reference at
     every position."""
-    data = json.loads(json.dumps(moedsl.load_spec("specs/mixtral.yaml").data))
+    data = json.loads(json.dumps(moedsl.load_spec(ROOT / "specs" / "mixtral.yaml").data))
     data["layers"][0] = {"embedding": {"positions": "learned"}}
     data["layers"][1]["block"][0]["attention"]["positions"] = "none"
     return moedsl.build_model(moedsl.load_spec(data), seed=0, dtype=torch.float32).eval()
 
 
 def _example(name):
-    return moedsl.build_model(moedsl.load_spec(f"specs/{name}.yaml"), seed=0, dtype=torch.float32).eval()
+    return moedsl.build_model(moedsl.load_spec(ROOT / "specs" / f"{name}.yaml"), seed=0, dtype=torch.float32).eval()
 
 
 MODELS = {"switch": _switch, "learned-positions": _learned_positions,
@@ -260,7 +261,7 @@ def test_a_lone_decoding_token_gets_a_slot_in_every_expert_under_round_capacity(
     from moedsl.nn.decode import DecodeMoE
     from moedsl.nn.grouped import static_shapes
 
-    spec = _set_gates(moedsl.load_spec("specs/switch.yaml"), capacity_rounding="round")
+    spec = _set_gates(moedsl.load_spec(ROOT / "specs" / "switch.yaml"), capacity_rounding="round")
     cfg = spec.moe_layers[0].config
     E, gate = cfg.experts.count, cfg.gate
     assert round(gate.eval_capacity_factor * gate.k / E) == 0 and gate.capacity(1, E, training=False) == 1
@@ -324,7 +325,7 @@ def test_decoding_follows_weights_changed_after_the_first_generate():
 
 
 def test_sliding_window_cache_sees_only_the_window():
-    data = moedsl.load_spec("specs/mixtral.yaml").data
+    data = moedsl.load_spec(ROOT / "specs" / "mixtral.yaml").data
     layers = json.loads(json.dumps(data["layers"]))
     layers[1]["block"][0]["attention"]["sliding_window"] = 3
     spec = moedsl.load_spec({**data, "layers": layers})

@@ -183,3 +183,26 @@ def test_vectors_spec_trains_on_the_regression_task(tmp_path):
     s = moedsl.load_spec(data)
     summary = run(s, RunOptions.from_spec(s, steps=30, out=tmp_path, progress=False, lr=1e-2))
     assert summary.train_loss < summary.first_loss
+
+
+def test_eval_of_a_run_repeats_the_runs_own_last_evaluation(tmp_path, capsys):
+    """`moedsl eval RUN` evaluates as the run did: its --seq (not the spec's seq_len), its batch and
+    --eval-batches, and the bfloat16 autocast it trained under. On one process it is the run's own
+    evaluation repeated (the same batches through the same forward, the losses summed in the same
+    order), so the loss equals the run's last eval_loss exactly, not to a tolerance."""
+    data = json.loads(json.dumps(spec("switch").data))
+    data["model"]["dtype"] = "bfloat16"
+    assert data["train"]["seq_len"] != 24 and data["train"]["batch_size"] != 4
+    spec_file = tmp_path / "switch-bf16.json"
+    spec_file.write_text(json.dumps(data))
+    out = tmp_path / "run"
+    assert main(["run", str(spec_file), "--steps", "2", "--batch", "4", "--seq", "24", "--eval-batches", "3",
+                 "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["seq"], r["batch"], r["examples"], r["dtype"]) == (24, 4, 12, "bfloat16")
+    assert r["loss"] == metrics(out)[-1]["eval_loss"]
+    assert main(["eval", str(out), "--seq", "32", "--json"]) == 0  # a flag still overrides the run's
+    longer = json.loads(capsys.readouterr().out)
+    assert longer["seq"] == 32 and longer["loss"] != r["loss"]

@@ -107,15 +107,37 @@ def test_float16_scales_the_loss_so_small_gradients_do_not_flush_to_zero():
     assert (scaled - reference).norm() / reference.norm() < 0.25
 
 
-def test_float16_overflow_skips_the_step_and_halves_the_loss_scale():
+def test_float16_overflow_skips_the_step_leaving_weights_and_optimizer_state_and_halves_the_loss_scale():
     t = trainer(vectors_spec("float16"), batch=2, seq=8)
     assert t.loss_scale is not None
-    t.loss_scale.scale.fill_(2.0**40)  # the scaled loss overflows float16
+    assert not bool(t.step(t.source.batch(0, 2, 8), 1e-3).skipped)  # AdamW's moments and step count exist now
+    assert int(t.loss_scale.clean_steps) == 1
+    t.loss_scale.scale.fill_(2.0**40)  # the scaled loss's gradient overflows float16
     before = state(t)
-    out = t.step(t.source.batch(0, 2, 8), 1e-3)
-    assert bool(out.skipped)
-    assert float(t.loss_scale.scale) == 2.0**39
-    assert all(torch.equal(before[k], v) for k, v in state(t).items() if k in before)
+    assert any(k.startswith("o/") for k in before)
+    out = t.step(t.source.batch(1, 2, 8), 1e-3)
+    assert bool(out.skipped) and not torch.isfinite(out.grad_norm)
+    after = state(t)
+    assert after.keys() == before.keys()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []  # weights, buffers, moments, step
+    assert float(t.loss_scale.scale) == 2.0**39 and int(t.loss_scale.clean_steps) == 0
+
+
+def test_float16_loss_scale_doubles_after_its_growth_interval_of_finite_steps_counted_since_a_skip():
+    """Micikevicius et al. 2018, §3.2: S doubles after N steps in a row without an overflow; a skipped
+    step halves it and starts the count again."""
+    t = trainer(vectors_spec("float16"), batch=2, seq=8)
+    t.loss_scale.growth_interval = 3
+    t.loss_scale.scale.fill_(16.0)  # low enough that no finite step here overflows
+    scales = []
+    for step in range(7):
+        b = t.source.batch(step, 2, 8)
+        if step == 2:  # a non-finite gradient: an infinite input
+            b.inputs[0, 0, 0] = float("inf")
+        out = t.step(b, 1e-3)
+        assert bool(out.skipped) == (step == 2)
+        scales.append(float(t.loss_scale.scale))
+    assert scales == [16.0, 16.0, 8.0, 8.0, 8.0, 16.0, 16.0]
 
 
 def test_float16_run_reports_skipped_steps_and_trains(tmp_path):
