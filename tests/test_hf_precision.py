@@ -176,6 +176,26 @@ def test_training_step_updates_deepseek_router_in_float32_and_export_writes_it_f
             assert torch.equal(after[name], t), name
 
 
+@pytest.mark.parametrize("router_dtype", ["bfloat16", "float32"])
+def test_router_linear_computes_in_router_dtype_in_training_as_in_inference(router_dtype):
+    """Under bfloat16 autocast (training, float32 weights and residual stream) the router's linear
+    computes in router_dtype as it does in a bfloat16 model: an imported Mixtral's bfloat16 (as
+    transformers trains it), DeepSeek-V3's float32; the logits come out float32 for the softmax."""
+    spec = {"moedsl": 1, "name": "r", "model": {"vocab_size": 64, "d_model": 32, "max_seq_len": 16,
+                                                 "dtype": "bfloat16", "router_dtype": router_dtype},
+            "layers": [{"embedding": {}}, {"moe": {"experts": {"count": 4, "hidden": 16, "activation": "swiglu"},
+                                                    "gate": {"type": "topk", "k": 2, "drop_policy": "dropless"}}},
+                       {"norm": {}}, {"head": {}}]}
+    gate = next(m for m in moedsl.build_model(spec, dtype=torch.float32).modules() if isinstance(m, Gate))
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    dt = getattr(torch, router_dtype)
+    want = torch.nn.functional.linear(x.to(dt), gate.weight.to(dt)).float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = gate.linear(x, gate.weight)
+    assert trained.dtype == torch.float32
+    assert torch.equal(trained, want)
+
+
 def _variants() -> list:
     """(model_type, config overrides, dtype): every family's base config in bfloat16 (float32:
     tests/test_generate.py), and in both the variants that change what decoding caches, masks or

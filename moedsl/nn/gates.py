@@ -107,7 +107,12 @@ class Gate(nn.Module):
 
     # -- helpers -------------------------------------------------------------------
     def dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The router's linear computes in the spec's router dtype, or wider if the model is (float64)."""
+        """The router's linear computes in the spec's router dtype, or wider if the model computes
+        wider: x's dtype (float64), or under autocast the autocast dtype (x there is the float32
+        residual stream's norm: a bfloat16 router dtype trains in bfloat16, as it infers)."""
+        device = x.device.type
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            return torch.promote_types(self.router_dtype, torch.get_autocast_dtype(device))
         return torch.promote_types(self.router_dtype, x.dtype)
 
     @staticmethod
