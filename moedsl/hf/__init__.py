@@ -18,6 +18,7 @@ model, each rank reading only its experts (``weights.py``).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -54,6 +55,15 @@ class Family:
     tiny_config: dict = {}
     # ((config overrides, what they cover), ...): each variant the family supports, run like tiny_config
     tiny_variants: tuple = ()
+    # regular expressions (``re.search``) of the checkpoint's tensor names that stay float32 whatever the
+    # model's dtype, as transformers' ``_keep_in_fp32_modules_strict`` keeps them (DeepSeek-V3's router):
+    # the import writes them float32, moedsl's model keeps them float32 (``router_dtype: float32``) and
+    # the export writes them float32
+    float32_tensors: Sequence[str] = ()
+
+    def keeps_float32(self, name: str) -> bool:
+        """Whether the checkpoint tensor ``name`` stays float32 in a 16-bit model (``float32_tensors``)."""
+        return any(re.search(p, name) for p in self.float32_tensors)
 
     def spec_text(self, config: dict, source: str, name: str) -> str:
         """The spec of the checkpoint (``source``: where it came from, for the header) as

@@ -65,8 +65,11 @@ def import_checkpoint(source: str, out: Path, overwrite: bool = False, max_shard
             src = next((s for s in t.sources if ck.shape(s) != ck.shape(t.sources[0])), t.sources[0])
             raise UserError(f"{ck.file_of(src)}: {src} is {_shape(ck.shape(src))}, which config.json does not "
                             f"fit: it makes {t.name} {why}")
-        plan.append((t.name, tuple(made.shape), made.dtype,
-                     (lambda t=t: t.make([ck.get(s) for s in t.sources]))))
+        # the family's float32 tensors (a router transformers keeps float32) are float32 here whatever
+        # the checkpoint holds: transformers widens them on load too
+        dtype = torch.float32 if any(fam.keeps_float32(s) for s in t.sources) else made.dtype
+        plan.append((t.name, tuple(made.shape), dtype,
+                     (lambda t=t, dtype=dtype: t.make([ck.get(s) for s in t.sources]).to(dtype))))
     unused = sorted(ck.names - used - fam.skipped_tensors(config, ck.names))
     if unused:
         raise UserError(f"{ck.file_of(unused[0])}: tensor {unused[0]} is not part of a {fam.model_type} model as "
@@ -159,12 +162,15 @@ def export_checkpoint(src: Path, out: Path, max_shard: int = 5 * 10**9, overwrit
             shape = reader.shape(name)
             metas.append(torch.empty(shape if e is None else shape[1:], device="meta"))
         made = t.make(metas)
+        # the spec's dtype, but float32 for the tensors the family keeps in float32 (DeepSeek-V3's
+        # router): the checkpoint holds them as transformers saves them
+        want = torch.float32 if fam.keeps_float32(t.name) else dtype
 
-        def make(t=t):
+        def make(t=t, want=want):
             ts = [reader.get(s) if isinstance(s, str) else reader.get_expert(*s) for s in t.sources]
-            return t.make(ts).to(dtype)
+            return t.make(ts).to(want)
 
-        plan.append((t.name, tuple(made.shape), dtype, make))
+        plan.append((t.name, tuple(made.shape), want, make))
     with staged(out, overwrite) as tmp:
         files = write_sharded(tmp, plan, max_shard)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

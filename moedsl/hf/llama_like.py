@@ -339,6 +339,14 @@ class LlamaLike(Family):
                   "adds it in training with output_router_logits"]
         return lines
 
+    def router_dtype_line(self, c: Config) -> str:
+        """The spec's ``router_dtype``: the model's dtype, since the family's router (MixtralTopKRouter,
+        Qwen2MoeTopKRouter, ...) computes its linear in the model's dtype and only the softmax in
+        float32; float32 if the family keeps its router weight in float32 (``float32_tensors``)."""
+        if self.keeps_float32(f"model.layers.0.{self.moe_prefix}gate.weight"):
+            return "  router_dtype: float32  # the router's weight kept in float32, its linear and softmax in float32"
+        return f"  router_dtype: {c['dtype']}  # the router's linear in the model's dtype, its softmax in float32"
+
     def dense_lines(self, c: Config, hidden: str) -> list:
         return [f"hidden: {c[hidden]}  # {c.where(hidden)}",
                 f"activation: {c['activation']}  # hidden_act {c['hidden_act']}: gate_proj, up_proj, down_proj"]
@@ -359,7 +367,7 @@ class LlamaLike(Family):
             f"  d_model: {c['hidden_size']}  # {w('hidden_size')}",
             f"  max_seq_len: {c['max_position_embeddings']}  # {w('max_position_embeddings')}",
             f"  dtype: {c['dtype']}  # dtype of config.json (the weights' dtype on disk)",
-            "  router_dtype: float32  # the router takes its softmax in float32",
+            self.router_dtype_line(c),
             "  norm: rmsnorm  # RMSNorm, before each sublayer",
             f"  norm_eps: {yaml_float(c['rms_norm_eps'])}  # {w('rms_norm_eps')}",
             f"  tie_embeddings: {'true' if tie else 'false'}  # {w('tie_word_embeddings')}",

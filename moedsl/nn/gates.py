@@ -5,8 +5,8 @@ Switch, Fedus et al. 2021, §2.1-2.2; ST-MoE, Zoph et al. 2022, §3; Expert Choi
 Liu et al. 2024, §2.1.2).
 
 A gate maps the tokens x [S, d] of a routing batch (split into G groups) to a
-``Routing``. Routers compute in the spec's router dtype (float32: Switch's selective
-precision) outside autocast. All randomness comes from ``moedsl.nn.rng`` keyed by the
+``Routing``. A router's linear computes in the spec's router dtype (float32: Switch's selective
+precision) outside autocast, its softmax or sigmoid in float32 at least. All randomness comes from ``moedsl.nn.rng`` keyed by the
 token's index in the global batch (``offset`` + position), so it does not depend on
 how the batch is spread over ranks.
 """
@@ -108,26 +108,56 @@ class Gate(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """Casting the model (to bfloat16, say) leaves the balancing bias and load in float32:
-        rate-sized steps would vanish in 8 mantissa bits."""
+        rate-sized steps would vanish in 8 mantissa bits (a loaded bias too: DeepSeek-V3's
+        ``e_score_correction_bias`` differs between experts by less than a bfloat16 step). It
+        leaves the router's own weights in the router dtype where that is wider: ``router_dtype:
+        float32`` keeps them float32 (as transformers keeps DeepSeek-V3's router,
+        ``_keep_in_fp32_modules_strict``; as the trainer's float32 weights are). Each keeps its
+        values from before the cast, not the cast's rounding of them."""
+        kept = {n: b for n, b in self._buffers.items()
+                if n in ("expert_bias", "load_acc") and b is not None and b.is_floating_point()}
+        weights = {n: p.data for n, p in self._parameters.items() if p is not None and p.is_floating_point()}
         super()._apply(fn, recurse)
-        for name in ("expert_bias", "load_acc"):
-            if name in self._buffers and self._buffers[name].is_floating_point():
-                self._buffers[name] = self._buffers[name].float()
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype.itemsize < 4:  # cast to 16 bits: the float32 values, moved where the cast put them
+                self._buffers[name] = before.to(device=after.device, dtype=torch.float32)
+        for name, before in weights.items():
+            p = self._parameters[name]
+            if p.dtype.itemsize < self.router_dtype.itemsize:
+                p.data = before.to(device=p.device, dtype=self.router_dtype)
         return self
 
     # -- helpers -------------------------------------------------------------------
     def dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The router computes in the spec's router dtype, or wider if the model is (float64)."""
+        """The router's linear computes in the spec's router dtype, or wider if the model computes
+        wider: x's dtype (float64), or under autocast the autocast dtype (x there is the float32
+        residual stream's norm: a bfloat16 router dtype trains in bfloat16, as it infers)."""
+        device = x.device.type
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            return torch.promote_types(self.router_dtype, torch.get_autocast_dtype(device))
         return torch.promote_types(self.router_dtype, x.dtype)
 
+    @staticmethod
+    def score_dtype(dt: torch.dtype) -> torch.dtype:
+        """The scores (softmax, sigmoid) of logits computed in ``dt``: at least float32."""
+        return torch.promote_types(dt, torch.float32)
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x·Wᵀ in the router dtype, returned widened to float32 for the scores: a 16-bit router
+        dtype rounds the logits to 16 bits and the softmax runs in float32, as transformers'
+        routers do (MixtralTopKRouter: ``softmax(router_logits.float())``; Qwen2MoeTopKRouter:
+        ``softmax(router_logits, dtype=torch.float)``)."""
         dt = self.dtype(x)
         if x.device.type in ("cpu", "cuda") and not torch.is_autocast_enabled(x.device.type):
             if x.dtype == dt and weight.dtype == dt:  # nothing to cast (a decode step: each call counts)
-                return F.linear(x, weight)
-            return F.linear(x.to(dt), weight.to(dt))  # no autocast to leave (a decode step: ~5 us saved)
-        with _no_autocast(x.device):
-            return F.linear(x.to(dt), weight.to(dt))
+                out = F.linear(x, weight)
+            else:
+                out = F.linear(x.to(dt), weight.to(dt))  # no autocast to leave (a decode step: ~5 us saved)
+        else:
+            with _no_autocast(x.device):
+                out = F.linear(x.to(dt), weight.to(dt))
+        return out.to(self.score_dtype(dt))
 
     def stream(self, purpose: str) -> torch.Tensor:
         return (self.rng_step * 0x9E3779B1 + rng.stream_id(self.layer, purpose)) & 0xFFFFFFFF
@@ -342,7 +372,7 @@ class TopKGate(RouterGate):
 
     As transformers computes them (modeling_mixtral.py MixtralTopKRouter, modeling_qwen2_moe.py
     Qwen2MoeTopKRouter, modeling_deepseek_v3.py DeepseekV3TopkRouter):
-      1. s = softmax(x·Wᵀ) or sigmoid(x·Wᵀ), in the router dtype;
+      1. s = softmax(x·Wᵀ) or sigmoid(x·Wᵀ), x·Wᵀ in the router dtype, s in float32;
       2. the k experts: the top k of s + b (b: the balancing bias, if any), among the best
          ``groups.top`` groups when the experts are grouped;
       3. w = the chosen s (without b); normalize: w / Σw (sigmoid: w / (Σw + 1e-20), as
@@ -525,10 +555,11 @@ class HierarchicalGate(Gate):
         dt = self.dtype(x)
         xr = x.reshape(G * n, d)[rows_token[order]].to(dt)
         with _no_autocast(x.device):
-            clean_s = grouped_matmul(xr, self.secondary_weight.to(dt).transpose(1, 2), sizes)
+            clean_s = grouped_matmul(xr, self.secondary_weight.to(dt).transpose(1, 2), sizes).to(self.score_dtype(dt))
             std_s = None
             if self.secondary_noise_weight is not None:
                 raw = grouped_matmul(xr, self.secondary_noise_weight.to(dt).transpose(1, 2), sizes)
+                raw = raw.to(self.score_dtype(dt))
                 std_s = F.softplus(raw) + h.secondary.noise_epsilon
         unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         clean_s = clean_s[unsort]

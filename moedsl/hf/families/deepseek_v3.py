@@ -227,7 +227,8 @@ def spec_text(config: dict, source: str, name: str) -> str:
         f"  d_model: {c['hidden_size']}  # {w('hidden_size')}",
         f"  max_seq_len: {c['max_position_embeddings']}  # {w('max_position_embeddings')}",
         f"  dtype: {c['dtype']}  # dtype of config.json (the weights' dtype on disk)",
-        "  router_dtype: float32  # DeepseekV3TopkRouter scores in float32",
+        "  router_dtype: float32  # DeepseekV3TopkRouter: float32 weight (_keep_in_fp32_modules_strict), logits and "
+        "sigmoid",
         "  norm: rmsnorm  # DeepseekV3RMSNorm, before each sublayer",
         f"  norm_eps: {_yaml_float(c['rms_norm_eps'])}  # {w('rms_norm_eps')}",
         f"  tie_embeddings: {'true' if tie else 'false'}  # {w('tie_word_embeddings')}",
@@ -420,6 +421,10 @@ class DeepseekV3(Family):
                                "mscale": 0.7, "mscale_all_dim": 1.0}),
          "yarn rope scaling with mscale_all_dim"),
     )
+
+    # DeepseekV3PreTrainedModel._keep_in_fp32_modules_strict: the router's weight and choice bias stay
+    # float32 in a bfloat16 or float16 model, and DeepseekV3TopkRouter computes its logits in float32
+    float32_tensors = (r"\.mlp\.gate\.weight$", r"\.mlp\.gate\.e_score_correction_bias$")
 
     def spec_text(self, config: dict, source: str, name: str = "deepseek-v3") -> str:
         return spec_text(config, source, name)
