@@ -35,6 +35,8 @@ import torch.distributed as dist
 
 from moedsl.compiler.plan import human_bytes
 from moedsl.errors import MoedslError, UserError, format_path
+from moedsl.kinds import layer_kinds
+from moedsl.spec import Model
 
 from .optim import prime_optimizer
 
@@ -64,20 +66,6 @@ def fingerprint(spec) -> str:
 
 # -- what a resume may change --------------------------------------------------------------
 
-_TRAINING_ONLY = {
-    "model": {"dropout", "init_std", "dtype", "router_dtype"},
-    "attention": {"dropout"},
-    "latent_attention": {"dropout"},
-    "lstm": {"dropout"},
-    "ffn": {"dropout"},
-    "experts": {"dropout", "init_scale"},
-    "gate": {"capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy", "drop_priority",
-             "capacity_rounding", "routing_groups", "jitter", "noise_epsilon", "max_experts_per_token", "bias_balancing_rate"},
-    "primary": {"jitter", "noise_epsilon"},
-    "secondary": {"jitter", "noise_epsilon"},
-}
-
-
 def training_only(names: tuple, old, new, gate_type=None) -> bool:
     """Whether a change of the field at ``names`` (its dict keys from the top, e.g.
     ``("layers", "moe", "gate", "capacity_factor")``) from ``old`` to ``new`` leaves the
@@ -103,20 +91,17 @@ def training_only(names: tuple, old, new, gate_type=None) -> bool:
     Mixtral), so the router and experts were trained for mixtures of exactly k. For the same
     reason expert choice's ``capacity_factor`` is refused: it is that gate's k, the average
     number of experts per token (Zhou et al. 2022, §3.1).
+
+    Each part declares its own: ``Model.training_only``, each layer kind's ``resume_may_change``
+    (its ``training_only`` fields: ``dropout`` for every kind), each gate type's.
     """
-    if len(names) < 2:
-        return False
-    parent, key = names[-2], names[-1]
-    if parent == "losses":
-        return True
-    if parent == "bias_balancing":  # as written in a spec: bias_balancing: {rate: ...}
-        return key == "rate" and old is not None and new is not None
-    if parent == "gate":
-        if key == "capacity_factor" and gate_type == "expert_choice":
-            return False
-        if key == "bias_balancing_rate" and (old is None) != (new is None):
-            return False
-    return key in _TRAINING_ONLY.get(parent, ())
+    if len(names) == 2 and names[0] == "model":
+        return names[1] in Model.training_only
+    kinds = layer_kinds()
+    for i in range(len(names) - 1, 0, -1):  # the innermost layer (as written, a repeat's block nests them)
+        if names[i - 1] in ("layers", "block", "cycle") and names[i] in kinds:
+            return kinds[names[i]].resume_may_change(names[i + 1:], old, new, gate_type)
+    return False
 
 
 def _differences(a, b, path: str, names: tuple, gate_type=None) -> list:

@@ -28,6 +28,7 @@ from dataclasses import MISSING, fields
 from typing import Optional
 
 from moedsl.errors import UserError, format_path
+from moedsl.kinds.gates.topk import TopK
 
 from . import Family, Tensor, same
 
@@ -214,7 +215,7 @@ def moe_problem(e, at, fam: str, activations: tuple = ("swiglu", "geglu"), score
     ch = changed(x, {"count", "hidden", "activation", "bias", "dropout", "init_scale", "shared"})
     if ch:
         return f"{at(e, 'experts', ch[0])} {ch[1]!r}"
-    if g.type != "topk":
+    if not isinstance(g, TopK.Options):
         return f"{at(e, 'gate', 'type')} {g.type} ({fam}'s router is top-k)"
     if g.drop_policy != "dropless":
         return f"{at(e, 'gate')}: capacity (drop_policy {g.drop_policy}; {fam} drops no token)"

@@ -43,6 +43,9 @@ class LayerKind:
     place: Optional[str] = None  # "first" / "last": the only place in the stack it may stand
     needs_tokens: bool = False  # only with model.input: tokens
     inputs: Optional[tuple] = None  # the model.input values it works with (None: see ``accepts``)
+    # the fields of its config a resume may change, keeping the checkpoint's weights meaning the same
+    # (``runtime.checkpoint.training_only``): dropout, which applies in training only, for every kind
+    training_only: frozenset = frozenset({"dropout"})
 
     def accepts(self, model_input: str) -> bool:
         """Whether it can stand in a model whose input is ``model_input``: one of ``inputs`` when
@@ -59,6 +62,11 @@ class LayerKind:
 
     def check_stack(self, layer, model, once) -> None:
         """Checks that need the layer's neighbours or the model; ``once(path, message, hint)``."""
+
+    def resume_may_change(self, names: tuple, old, new, gate: Optional[str] = None) -> bool:
+        """Whether a resume may change the field at ``names`` (keys below the layer's config) from
+        ``old`` to ``new`` (``gate``: the type of the gate above it, if any): one of ``training_only``."""
+        return len(names) == 1 and names[0] in self.training_only
 
     # -- the module ----------------------------------------------------------------------------
     def module(self, cfg, model):
