@@ -18,7 +18,7 @@ from moedsl.mesh import MeshShape, resolve_mesh
 from moedsl.validate import check_batch
 
 from .lower import Lowered, lower
-from .passes.collectives import LayerComm, insert_collectives
+from .passes.insert_collectives import LayerComm, insert_collectives
 from .passes.overlap import overlap_pass
 from .passes.placement import LayerPlacement, placement_pass
 from .passes.static_shapes import StaticInfo, static_shapes_pass

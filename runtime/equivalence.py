@@ -160,7 +160,7 @@ def check(specs, world: int, batch: int = 8, seq: int = 16, seed: int = 0, timeo
     (``build_model(compile=True)``), against the eager single process."""
     from moedsl.api import load_spec
 
-    from .launch import spawn
+    from .spawn import spawn
 
     single = not isinstance(specs, (list, tuple))
     datas = [load_spec(s).data for s in ([specs] if single else specs)]

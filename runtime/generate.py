@@ -45,7 +45,7 @@ def decode_module(model, static: bool = False) -> fx.GraphModule:
         return made[static]
     from moedsl.compiler.collectives import bind
     from moedsl.compiler.lower import lower
-    from moedsl.compiler.passes.collectives import insert_collectives
+    from moedsl.compiler.passes.insert_collectives import insert_collectives
     from moedsl.compiler.passes.placement import placement_pass
 
     spec, compiled = getattr(model, "spec", None), getattr(model, "compiled", None)
@@ -387,7 +387,7 @@ def _model_for_rank(src, checkpoint, rank: int, world: int, device="cpu"):
     from moedsl.compiler import compile_graph
     from moedsl.dtypes import torch_dtype
     from moedsl.runtime import checkpoint as ckpt
-    from moedsl.runtime.mesh import bind_model
+    from moedsl.runtime.process_groups import bind_model
 
     (kind, where), spec = _source(src, checkpoint, load_spec)
     compiled = compile_graph(spec, rank, world, device="cpu", init=False, verify_ranks=False)

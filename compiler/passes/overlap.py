@@ -30,7 +30,7 @@ from moedsl.nn import moe_ops
 from .. import chunks as K
 from .. import collectives as C
 from ..lower import Lowered
-from .collectives import _layer_nodes, _new
+from .insert_collectives import _layer_nodes, _new
 
 # the nodes of one layer the pass replaces, in an order that erases users first (the combine is kept,
 # as the join)
