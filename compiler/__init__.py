@@ -18,9 +18,9 @@ from moedsl.mesh import MeshShape, resolve_mesh
 from moedsl.validate import check_batch
 
 from .lower import Lowered, lower
-from .passes.insert_collectives import LayerComm, insert_collectives
+from .passes.insert_collectives import insert_collectives
 from .passes.overlap import overlap_pass
-from .passes.placement import LayerPlacement, placement_pass
+from .passes.placement import placement_pass
 from .passes.static_shapes import StaticInfo, static_shapes_pass
 from .passes.verify import collective_signature, verify
 
@@ -124,4 +124,4 @@ def _class_name(name: str) -> str:
     return "".join(p[:1].upper() + p[1:] for p in parts) or "MoEModel"
 
 
-__all__ = ["compile_graph", "resolve_layout", "LAYOUTS", "Compiled", "LayerComm", "LayerPlacement", "StaticInfo", "lower"]
+__all__ = ["compile_graph", "resolve_layout", "LAYOUTS", "Compiled", "StaticInfo", "lower"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 from . import yamlload
 from .errors import Issue, SpecError
@@ -37,11 +37,6 @@ def load_spec(src: SpecLike, source: str | None = None) -> Spec:
         raise SpecError([Issue((), f"cannot load a spec from {type(src).__name__}: give a path, YAML text, "
                                "a dict or a Spec")], source or "<spec>")
     return build_spec(located.data, located, schema.check(located.data, located))
-
-
-def validate_file(path: str | os.PathLike) -> Spec:
-    """``load_spec`` for a file path (never YAML text)."""
-    return load_spec(Path(path))
 
 
 def compile(spec: SpecLike, rank: int = 0, world_size: int | None = None, *, device="meta", seed: int = 0,

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Optional
@@ -460,4 +460,4 @@ def _verify_collectives(model, world: int) -> None:
                           "that would hang")
 
 
-__all__ = ["RunOptions", "Summary", "Trainer", "run", "lr_at", "task_loss", "asdict"]
+__all__ = ["RunOptions", "Summary", "Trainer", "run", "lr_at", "task_loss"]

@@ -39,7 +39,7 @@ def import_checkpoint(source: str, out: Path, overwrite: bool = False, max_shard
 
     from moedsl.api import load_spec
 
-    from .weights import _global_shapes
+    from .weights import global_shapes
 
     folder = resolve(source)
     config = read_config(folder)
@@ -47,7 +47,7 @@ def import_checkpoint(source: str, out: Path, overwrite: bool = False, max_shard
     text = fam.spec_text(config, source, _spec_name(source))
     spec = load_spec(text, source="spec.yaml")
     ck = Checkpoint(folder)
-    want = _global_shapes(spec)
+    want = global_shapes(spec)
     plan, used = [], set()
     for t in fam.import_tensors(spec, config, ck.names):
         missing = [s for s in t.sources if s not in ck.names]

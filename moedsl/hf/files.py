@@ -15,7 +15,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 from moedsl.errors import UserError
 
@@ -207,9 +207,6 @@ class Checkpoint:
 
     def get_expert(self, name: str, e: int):
         return self._file(name).get_slice(name)[e:e + 1][0]
-
-    def get_rows(self, name: str, lo: int, hi: int):
-        return self._file(name).get_slice(name)[lo:hi]
 
 
 # -- writing -------------------------------------------------------------------------------

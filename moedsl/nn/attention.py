@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import RMSNorm, _normal
+from .layers import RMSNorm, init_normal
 
 
 def rope_inv_freq(theta: float, Dh: int, device=None) -> torch.Tensor:
@@ -194,7 +194,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d_model, kv, bias=bias)
         self.wo = nn.Linear(q, d_model, bias=bias if out_bias is None else out_bias)
         for lin in (self.wq, self.wk, self.wv, self.wo):
-            _normal(lin, init_std)
+            init_normal(lin, init_std)
         if qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(self.head_dim, qk_norm_eps), RMSNorm(self.head_dim, qk_norm_eps)
         elif qk_norm == "projection":
@@ -311,7 +311,7 @@ class LatentAttention(nn.Module):
         self.wo = nn.Linear(heads * v_head_dim, d_model, bias=bias)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                _normal(m, init_std)
+                init_normal(m, init_std)
 
     def _rope(self) -> _Rope:
         rope = self.__dict__.get("_rope_tables")

@@ -40,7 +40,7 @@ from moedsl.errors import UserError, format_path
 
 from .. import Family, Tensor, register, same
 from ..llama_like import IGNORED as _IGNORED_LLAMA
-from ..llama_like import _count_experts, _fused, _stack_t, _t, at, head_problem, moe_problem, spec_header
+from ..llama_like import count_experts, fused_experts, stack_t, transposed, at, head_problem, moe_problem, spec_header
 from ..llama_like import spec_tail, stack_problem
 from ..llama_like import changed as _changed, yaml_float as _yaml_float
 
@@ -464,12 +464,12 @@ class DeepseekV3(Family):
             if g.bias_balancing_rate is not None:
                 out.append(Tensor(f"layers.{m}.gate.expert_bias", (moe + "gate.e_score_correction_bias",), same))
             if moe + "experts.gate_up_proj" in names:  # transformers 5's in-memory (fused) layout
-                out += _fused(m, moe)
+                out += fused_experts(m, moe)
             else:
                 for ours, theirs in _FFN:
-                    count = _count_experts(names, f"{moe}experts.", theirs) or x.count
+                    count = count_experts(names, f"{moe}experts.", theirs) or x.count
                     out.append(Tensor(f"layers.{m}.experts.{ours}",
-                                      tuple(f"{moe}experts.{e}.{theirs}.weight" for e in range(count)), _stack_t))
+                                      tuple(f"{moe}experts.{e}.{theirs}.weight" for e in range(count)), stack_t))
             if x.shared is not None:
                 out += [Tensor(f"layers.{m}.shared.{ours}.weight", (f"{moe}shared_experts.{theirs}.weight",), same)
                         for ours, theirs in _FFN]
@@ -541,7 +541,7 @@ class DeepseekV3(Family):
             for e in range(x.count):
                 for ours, theirs in _FFN:
                     out.append(Tensor(f"{moe}experts.{e}.{theirs}.weight", ((f"layers.{m}.experts.{ours}", e),),
-                                      lambda ts: _t(ts[0])))
+                                      lambda ts: transposed(ts[0])))
             if x.shared is not None:
                 out += [Tensor(f"{moe}shared_experts.{theirs}.weight", (f"layers.{m}.shared.{ours}.weight",), same)
                         for ours, theirs in _FFN]
