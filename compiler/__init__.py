@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from moedsl import spec as S
-from moedsl.errors import SpecError
+from moedsl.errors import MoedslError, SpecError
 from moedsl.mesh import MeshShape, resolve_mesh
 from moedsl.validate import check_batch
 
@@ -90,8 +90,6 @@ def compile_graph(spec: S.Spec, rank: int = 0, world_size: Optional[int] = None,
         world_size = spec.placement.mesh.size if spec.placement.mesh else 1
     mesh = resolve_mesh(spec, world_size)
     if not 0 <= rank < world_size:
-        from moedsl.errors import MoedslError
-
         raise MoedslError(f"rank {rank} is not in a world of {world_size}")
     if batch is not None:  # the spec's own batch was checked with the spec
         issues = check_batch(spec, batch[0], world_size, origin=batch_origin, seq=batch[1])

@@ -20,7 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moedsl.api import build_model, load_spec
+
 from .grads import GradSync
+from .spawn import spawn
 
 
 @dataclass
@@ -78,8 +81,6 @@ def _loss(spec, out, inputs) -> torch.Tensor:
 
 
 def _single(spec, inputs, seed, layout):
-    from moedsl.api import build_model
-
     model = build_model(spec, seed=seed, dtype=torch.float32, layout=layout)
     model.train()
     out = model(inputs)
@@ -97,8 +98,6 @@ def _worker(rank: int, world: int, spec_datas: list, batch: int, seq: int, seed:
 
 def _check_one(rank: int, world: int, spec_data, batch: int, seq: int, seed: int, layout: str, atol: float,
                rtol: float, compile: bool = False):
-    from moedsl.api import build_model, load_spec
-
     spec = load_spec(spec_data)
     inputs = _batch(spec, batch, seq, seed)
     ref_out, ref_aux, ref_grads, ref_experts, ref_stats = _single(spec, inputs, seed, layout)
@@ -158,10 +157,6 @@ def check(specs, world: int, batch: int = 8, seq: int = 16, seed: int = 0, timeo
     ``layout="static"`` checks the capacity layers' static buffers and all-to-alls on a CPU.
     ``compile=True``: the ``world`` processes run their dense segments through ``torch.compile``
     (``build_model(compile=True)``), against the eager single process."""
-    from moedsl.api import load_spec
-
-    from .spawn import spawn
-
     single = not isinstance(specs, (list, tuple))
     datas = [load_spec(s).data for s in ([specs] if single else specs)]
     if batch % world:

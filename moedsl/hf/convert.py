@@ -11,18 +11,21 @@ import re
 from pathlib import Path
 from typing import Optional
 
+import torch
+
+from moedsl.api import load_spec
+from moedsl.dtypes import torch_dtype
 from moedsl.errors import UserError
+from moedsl.runtime import checkpoint as ckpt
 
 from . import family, family_of_spec
-from .files import Checkpoint, copy_side_files, read_config, resolve, staged, write_sharded
-from .weights import dcp_checkpoint, is_import_dir, mismatch
+from .files import Checkpoint, copy_side_files, nbytes, read_config, resolve, staged, torch_dtype_of, write_sharded
+from .weights import dcp_checkpoint, global_shapes, is_import_dir, load_model, mismatch
 
 IMPORT_SHARD = 2 * 10**9  # moedsl's own files: shards of up to 2 GB
 HF_CONFIG = "hf_config.json"
 
 def _dtype(ck: Checkpoint, name: str):
-    from .files import torch_dtype_of
-
     return torch_dtype_of(ck.headers[ck.where[name]][name]["dtype"])
 
 
@@ -35,12 +38,6 @@ def _spec_name(source: str) -> str:
 def import_checkpoint(source: str, out: Path, overwrite: bool = False, max_shard: int = IMPORT_SHARD) -> dict:
     """Write ``out/spec.yaml``, ``out/hf_config.json``, moedsl-format safetensors and the
     tokenizer files from the Hugging Face checkpoint ``source``. Returns a summary."""
-    import torch
-
-    from moedsl.api import load_spec
-
-    from .weights import global_shapes
-
     folder = resolve(source)
     config = read_config(folder)
     fam = family(config.get("model_type"))
@@ -89,8 +86,6 @@ def _shape(shape) -> str:
 
 
 def _nbytes(shape, dtype) -> int:
-    from .files import nbytes
-
     return nbytes(shape, dtype)
 
 
@@ -118,10 +113,6 @@ class _StateReader:
 
 def _export_source(src: Path, checkpoint: Optional[Path]):
     """(spec, reader, folder holding hf_config.json and tokenizer files or None)."""
-    from moedsl.api import load_spec
-
-    from .weights import load_model
-
     src = Path(src)
     if checkpoint is None and src.is_dir() and is_import_dir(src):
         return load_spec(src / "spec.yaml"), Checkpoint(src), src
@@ -137,9 +128,6 @@ def _export_source(src: Path, checkpoint: Optional[Path]):
 
 
 def _spec_of(src: Path, checkpoint):
-    from moedsl.api import load_spec
-    from moedsl.runtime import checkpoint as ckpt
-
     if checkpoint is None:
         found = dcp_checkpoint(src)
         return load_spec(ckpt.read_meta(found)["spec_data"], source=str(found / "meta.json"))
@@ -151,10 +139,6 @@ def export_checkpoint(src: Path, out: Path, max_shard: int = 5 * 10**9, overwrit
     """Write a Hugging Face checkpoint (config.json, safetensors in the family's names, the
     tokenizer files) of ``src``: an import folder, a run folder, a DCP checkpoint, or a spec with
     ``checkpoint``."""
-    import torch
-
-    from moedsl.dtypes import torch_dtype
-
     src = Path(src)
     if not src.exists():
         raise UserError(f"{src}: no such file or folder")

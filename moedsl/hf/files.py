@@ -17,6 +17,9 @@ import struct
 from pathlib import Path
 from typing import Iterable, Optional
 
+import torch
+from safetensors import safe_open
+
 from moedsl.errors import UserError
 
 INDEX = "model.safetensors.index.json"
@@ -45,8 +48,6 @@ def read_tokenizer(folders: Iterable):
 
 def dtype_codes() -> dict:
     """torch dtype -> safetensors' dtype code (its format's names, not the spec's)."""
-    import torch
-
     return {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
             torch.bool: "BOOL"}
@@ -194,8 +195,6 @@ class Checkpoint:
         return list(self.headers[self.where[name]][name]["shape"])
 
     def _file(self, name: str):
-        from safetensors import safe_open
-
         if name not in self.where:
             raise KeyError(name)
         # a fresh map per tensor, dropped after it: pages touched count in the process's
@@ -212,8 +211,6 @@ class Checkpoint:
 # -- writing -------------------------------------------------------------------------------
 
 def nbytes(shape, dtype) -> int:
-    import torch
-
     n = 1
     for s in shape:
         n *= s
@@ -265,8 +262,6 @@ def write_sharded(folder: Path, entries: list, max_shard: int, index_name: str =
 
 
 def _write_file(path: Path, entries: list) -> int:
-    import torch
-
     head, offset, codes = {"__metadata__": {"format": "pt"}}, 0, dtype_codes()
     for name, shape, dtype, _ in entries:
         b = nbytes(shape, dtype)

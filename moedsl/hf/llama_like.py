@@ -27,6 +27,9 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 from typing import Optional
 
+import torch
+
+from moedsl.dtypes import NAMES
 from moedsl.errors import UserError, format_path
 from moedsl.kinds.gates.topk import TopK
 
@@ -89,8 +92,6 @@ def changed(cfg, handled: set) -> Optional[tuple]:
 
 def stack_t(ts):
     """Per-expert [out, in] -> stacked [E, in, out] (moedsl multiplies from the right)."""
-    import torch
-
     return torch.stack([t.t() for t in ts]).contiguous()
 
 
@@ -279,8 +280,6 @@ class LlamaLike(Family):
         if c["hidden_act"] not in GLU:
             self.refuse("hidden_act", c["hidden_act"], "'silu' (SwiGLU experts) or 'gelu' (exact GELU: GEGLU experts)")
         c["activation"] = GLU[c["hidden_act"]]
-        from moedsl.dtypes import NAMES
-
         dtype = config.get("dtype", config.get("torch_dtype", NAMES[0]))
         if dtype not in NAMES:
             self.refuse("dtype", dtype, ", ".join(NAMES))

@@ -19,6 +19,8 @@ not import torch: modules and lowerings import it when called.
 from __future__ import annotations
 
 import functools
+import importlib
+import pkgutil
 from dataclasses import fields
 from typing import Any, Optional
 
@@ -145,9 +147,6 @@ def norm_numel(kind: str, model) -> int:
 
 def import_all(package: str, path) -> None:
     """Import every module of a package: each registers its kind (adding one is adding a file)."""
-    import importlib
-    import pkgutil
-
     for info in sorted(pkgutil.iter_modules(path), key=lambda m: m.name):
         importlib.import_module(f"{package}.{info.name}")
 

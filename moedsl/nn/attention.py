@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .decode import attend_cached
 from .layers import RMSNorm, init_normal
 
 
@@ -267,8 +268,6 @@ class Attention(nn.Module):
         if self.rotary:
             cos, sin = self._rope().cos_sin(qk, positions)
             qk = apply_rope(qk, cos, sin)
-        from .decode import attend_cached
-
         y = attend_cached(qk[:, :H], qk[:, H:], v, cache, key, start, self.sliding_window)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * Dh))
 
