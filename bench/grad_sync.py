@@ -75,7 +75,7 @@ def _worker(rank: int, world: int, configs: list, steps: int, batch: int, seq: i
 
 
 def main(argv=None) -> int:
-    from moedsl.runtime.launch import spawn
+    from moedsl.runtime.spawn import spawn
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--specs", default="mixtral")

@@ -74,7 +74,7 @@ def _worker(rank: int, world: int, datas: list, rounds: int, batch: int, seq: in
 def main(argv=None) -> int:
     import yaml
 
-    from moedsl.runtime.launch import spawn
+    from moedsl.runtime.spawn import spawn
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", default=str(ROOT / "specs" / "mixtral.yaml"))

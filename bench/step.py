@@ -48,7 +48,7 @@ def _cpu_worker(rank: int, world: int, spec_path: str, steps: int, batch: int, s
 
 
 def cpu(specs, steps, batch, seq):
-    from moedsl.runtime.launch import spawn
+    from moedsl.runtime.spawn import spawn
 
     print("all-to-all payload sent per rank per step (forward + backward) against the plan's prediction, "
           "which is exact for static layers and assumes balanced routing with nothing dropped otherwise\n")

@@ -219,7 +219,7 @@ def _worker(rank: int, world: int, folder: str, dtype: str, args, settings: list
 
 
 def two_processes(folders: dict, args, hf_rows: list) -> None:
-    from moedsl.runtime.launch import spawn
+    from moedsl.runtime.spawn import spawn
 
     settings = [("after_backward", 1), ("bucketed", 1), ("bucketed", args.chunks)]
     print(f"\n2 gloo processes, 1 thread each, experts split between them (global batch {args.batch} × {args.seq}); "

@@ -2,7 +2,7 @@
 
     lower -> placement -> collective insertion -> overlap -> static shapes -> verification
 
-and a built model's decode graph (``compile_decode``, ``moedsl.compiler.decode``):
+and a built model's decode graph (``compile_decode``, ``moedsl.compiler.decode_graph``):
 
     lower(decode=True) -> placement -> collective insertion -> share token keys -> fuse decode MoE
 
@@ -17,15 +17,15 @@ import torch
 import torch.fx as fx
 
 from moedsl import spec as S
-from moedsl.errors import SpecError
+from moedsl.errors import MoedslError, SpecError
 from moedsl.mesh import MeshShape, resolve_mesh
 from moedsl.validate import check_batch
 
-from .decode import compile_decode
+from .decode_graph import compile_decode
 from .lower import Lowered, lower
-from .passes.collectives import LayerComm, insert_collectives
+from .passes.insert_collectives import insert_collectives
 from .passes.overlap import overlap_pass
-from .passes.placement import LayerPlacement, placement_pass
+from .passes.placement import placement_pass
 from .passes.static_shapes import StaticInfo, static_shapes_pass
 from .passes.verify import collective_signature, verify
 
@@ -95,8 +95,6 @@ def compile_graph(spec: S.Spec, rank: int = 0, world_size: Optional[int] = None,
         world_size = spec.placement.mesh.size if spec.placement.mesh else 1
     mesh = resolve_mesh(spec, world_size)
     if not 0 <= rank < world_size:
-        from moedsl.errors import MoedslError
-
         raise MoedslError(f"rank {rank} is not in a world of {world_size}")
     if batch is not None:  # the spec's own batch was checked with the spec
         issues = check_batch(spec, batch[0], world_size, origin=batch_origin, seq=batch[1])
@@ -129,5 +127,4 @@ def _class_name(name: str) -> str:
     return "".join(p[:1].upper() + p[1:] for p in parts) or "MoEModel"
 
 
-__all__ = ["compile_graph", "compile_decode", "resolve_layout", "LAYOUTS", "Compiled", "LayerComm", "LayerPlacement",
-           "StaticInfo", "lower"]
+__all__ = ["compile_graph", "compile_decode", "resolve_layout", "LAYOUTS", "Compiled", "StaticInfo", "lower"]

@@ -20,10 +20,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from moedsl import spec as S
+from moedsl.errors import UserError, format_path
 from moedsl.kinds import layer_kind
 from moedsl.kinds.moe import MOE
-from moedsl.nn import layers as L
 from moedsl.nn import decode as decode_ops
+from moedsl.nn import layers as L
 from moedsl.nn import moe_ops
 
 
@@ -118,8 +119,6 @@ class LowerContext:
 
     def cannot_decode(self, layer, why: str):
         """Refuse to decode ``layer``, in one line naming it (``UserError``)."""
-        from moedsl.errors import UserError, format_path
-
         path = tuple(layer.path) + (layer.kind,)
         line = self.spec.located.where(path)[0] if self.spec.located is not None else None
         where = f"{self.spec.source}:{line}" if line else self.spec.source

@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import networkx as nx
@@ -209,4 +208,4 @@ def human_flops(n: float) -> str:
     return f"{n:.0f} FLOP"
 
 
-__all__ = ["Plan", "make_plan", "mesh_graph", "human_bytes", "human_flops", "math"]
+__all__ = ["Plan", "make_plan", "mesh_graph", "human_bytes", "human_flops"]

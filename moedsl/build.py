@@ -52,7 +52,7 @@ def build_model(spec: SpecLike, *, device="cpu", rank: int = 0, world_size: int 
     gm.compiled = compiled
     gm.spec = spec  # what moedsl.generate lowers the decode graph from
     if world_size > 1:
-        from .runtime.mesh import bind_model
+        from .runtime.process_groups import bind_model
 
         bind_model(gm, compiled.mesh, rank)
     if compile:

@@ -89,7 +89,7 @@ def _spec_path(p: str):
 def _cmd_plan(args) -> int:
     import json
 
-    from .report import print_plan
+    from .plan_report import print_plan
 
     _, compiled, plan = _compiled(args)
     if args.json:
@@ -108,7 +108,7 @@ def _cmd_compile(args) -> int:
     from rich.console import Console
 
     from .compiler.dot import to_dot
-    from .report import print_plan
+    from .plan_report import print_plan
 
     spec, compiled, plan = _compiled(args)
     console = Console()

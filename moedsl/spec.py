@@ -10,14 +10,15 @@ Each layer kind's config (``LSTM``, ``MoE``, ...) is defined in its module of
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from .kinds.attention import Attention  # noqa: F401 - the layer kinds' configs, importable from here
 from .kinds.embedding import Embedding  # noqa: F401
 from .kinds.ffn import FFN, GLU_ACTIVATIONS  # noqa: F401
 from .kinds.head import Head  # noqa: F401
 from .kinds.lstm import LSTM  # noqa: F401
-from .kinds.moe import Experts, Gate, Hierarchy, Losses, MoE, SharedExperts, SubGate  # noqa: F401
+from .kinds.gates import Gate  # noqa: F401 - the options every gate type has (each adds its own)
+from .kinds.moe import Experts, Hierarchy, Losses, MoE, SharedExperts, SubGate  # noqa: F401
 from .kinds.norm import Norm  # noqa: F401
 from .schema import defaults, schema
 
@@ -61,6 +62,10 @@ class Model:
     tie_embeddings: bool = _MODEL["tie_embeddings"]
     image: Optional[Image] = None  # input: image
     classes: Optional[int] = None  # input: image
+
+    # what a resume may change (``runtime.checkpoint.training_only``): dropout (training only), the
+    # initialisation (the checkpoint replaces it), the autocast precision (weights are kept in float32)
+    training_only: ClassVar[frozenset] = frozenset({"dropout", "init_std", "dtype", "router_dtype"})
 
 
 LayerConfig = Any  # the config dataclass of a registered layer kind (moedsl.kinds)

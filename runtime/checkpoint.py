@@ -11,11 +11,11 @@ checkpoint``:
 """
 from __future__ import annotations
 
-from .ckpt_compat import TRAJECTORY, architecture, compare, fingerprint, training_only, training_only_fields
+from .ckpt_compat import TRAJECTORY, architecture, compare, fingerprint, training_only
 from .ckpt_format import FORMAT, READS, BrokenCheckpoint, load, make_meta, problem, read_meta, state_dict
 from .ckpt_resume import resume
 from .ckpt_storage import KEEP, latest, newest_first, newest_whole, remove_partial_saves, save
 
-__all__ = ["TRAJECTORY", "architecture", "compare", "fingerprint", "training_only", "training_only_fields", "FORMAT",
+__all__ = ["TRAJECTORY", "architecture", "compare", "fingerprint", "training_only", "FORMAT",
            "READS", "BrokenCheckpoint", "load", "make_meta", "problem", "read_meta", "state_dict", "resume", "KEEP",
            "latest", "newest_first", "newest_whole", "remove_partial_saves", "save"]

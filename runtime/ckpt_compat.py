@@ -3,8 +3,8 @@
 ``compare`` refuses a checkpoint whose weights' shapes or meaning differ from the spec's,
 naming the first difference, and names the training-only changes it allows (``training_only``)
 and the changed run options of ``TRAJECTORY``. Which fields of a section of the spec are
-training-only is one lookup, ``training_only_fields``: the one place to re-point when that
-knowledge moves into the layer kinds and gate types themselves.
+training-only is declared by each part of the spec itself: ``Model.training_only``, each layer
+kind's ``resume_may_change`` and each gate type's ``training_only``.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from moedsl.errors import UserError, format_path
+from moedsl.kinds import layer_kinds
+from moedsl.spec import Model
 from moedsl.spec_loader import load_spec
 
 # The run options a checkpoint records (meta.json "train"): those that change the training
@@ -29,26 +31,6 @@ def architecture(spec) -> dict:
 def fingerprint(spec) -> str:
     """A hash of ``architecture``: equal fingerprints need no closer comparison."""
     return hashlib.sha256(json.dumps(architecture(spec), sort_keys=True).encode()).hexdigest()[:16]
-
-
-_TRAINING_ONLY = {
-    "model": {"dropout", "init_std", "dtype", "router_dtype"},
-    "attention": {"dropout"},
-    "latent_attention": {"dropout"},
-    "lstm": {"dropout"},
-    "ffn": {"dropout"},
-    "experts": {"dropout", "init_scale"},
-    "gate": {"capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy", "drop_priority",
-             "capacity_rounding", "routing_groups", "jitter", "noise_epsilon", "max_experts_per_token", "bias_balancing_rate"},
-    "primary": {"jitter", "noise_epsilon"},
-    "secondary": {"jitter", "noise_epsilon"},
-}
-
-
-def training_only_fields(section: str) -> set:
-    """The fields of ``section`` (``model``, a layer kind, ``gate``, ``primary``, ...) that a resume
-    may change without changing what the weights mean (see ``training_only``)."""
-    return _TRAINING_ONLY.get(section, set())
 
 
 def training_only(names: tuple, old, new, gate_type=None) -> bool:
@@ -76,20 +58,17 @@ def training_only(names: tuple, old, new, gate_type=None) -> bool:
     Mixtral), so the router and experts were trained for mixtures of exactly k. For the same
     reason expert choice's ``capacity_factor`` is refused: it is that gate's k, the average
     number of experts per token (Zhou et al. 2022, §3.1).
+
+    Each part declares its own: ``Model.training_only``, each layer kind's ``resume_may_change``
+    (its ``training_only`` fields: ``dropout`` for every kind), each gate type's.
     """
-    if len(names) < 2:
-        return False
-    parent, key = names[-2], names[-1]
-    if parent == "losses":
-        return True
-    if parent == "bias_balancing":  # as written in a spec: bias_balancing: {rate: ...}
-        return key == "rate" and old is not None and new is not None
-    if parent == "gate":
-        if key == "capacity_factor" and gate_type == "expert_choice":
-            return False
-        if key == "bias_balancing_rate" and (old is None) != (new is None):
-            return False
-    return key in training_only_fields(parent)
+    if len(names) == 2 and names[0] == "model":
+        return names[1] in Model.training_only
+    kinds = layer_kinds()
+    for i in range(len(names) - 1, 0, -1):  # the innermost layer (as written, a repeat's block nests them)
+        if names[i - 1] in ("layers", "block", "cycle") and names[i] in kinds:
+            return kinds[names[i]].resume_may_change(names[i + 1:], old, new, gate_type)
+    return False
 
 
 def _differences(a, b, path: str, names: tuple, gate_type=None) -> list:

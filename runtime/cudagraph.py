@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from moedsl.nn.grouped import static_shapes
+
 from .optim import prime_optimizer
 
 
@@ -127,8 +129,6 @@ class GraphedDecodeStep:
     WARMUP = 2
 
     def __init__(self, dec, cache, tokens: torch.Tensor, slot: int):
-        from moedsl.nn.grouped import static_shapes
-
         if not cache.static:
             raise ValueError("GraphedDecodeStep needs a static DecodeCache (static=True)")
         self.tokens = tokens.clone()

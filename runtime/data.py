@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import importlib.util
 import math
 import sysconfig
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from moedsl.errors import MoedslError, UserError
@@ -231,10 +234,6 @@ def digits(seed: int = 0) -> Images:
 def read_npz(path: str, spec) -> tuple:
     """``images`` [N, H, W, C] float32 and ``labels`` [N] int64 from an .npz file, checked against
     ``spec``'s model.image and model.classes; each problem is one ``UserError`` line."""
-    import zipfile
-
-    import numpy as np
-
     im, where = spec.model.image, f"--data {path}"
     try:
         f = np.load(path, allow_pickle=False)
@@ -346,8 +345,6 @@ def _image_problems(spec, data: str, seq: int) -> list:
                             f"with {im.channels} channel(s)")
         if spec.model.classes < 10:
             problems.append(f"--data digits has 10 classes, model.classes is {spec.model.classes}")
-        import importlib.util
-
         if importlib.util.find_spec("sklearn") is None:  # looked up, not imported (seconds): make_source loads it
             problems.append("--data digits needs scikit-learn: pip install 'moedsl[digits]'")
         return problems

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moedsl.api import build_model, load_spec
 from moedsl.errors import UserError
 
 from .optim import lr_at
+from .spawn import spawn
 from .step import TrainStep, balancing_gates
 
 
@@ -115,8 +117,6 @@ def _after_step(model) -> dict:
 
 
 def _single(spec, inputs, targets, seed, layout):
-    from moedsl.api import build_model
-
     model = build_model(spec, seed=seed, dtype=torch.float32, layout=layout)
     output, figures, _ = _step(model, spec, inputs, targets, 0, 1)
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -131,8 +131,6 @@ def _worker(rank: int, world: int, spec_datas: list, batch: int, seq: int, seed:
 
 def _check_one(rank: int, world: int, spec_data, batch: int, seq: int, seed: int, layout: str, atol: float,
                rtol: float, compile: bool = False):
-    from moedsl.api import build_model, load_spec
-
     spec = load_spec(spec_data)
     inputs, targets = _batch(spec, batch, seq, seed)
     ref_out, ref, ref_grads, ref_after = _single(spec, inputs, targets, seed, layout)
@@ -202,10 +200,6 @@ def check(specs, world: int, batch: int = 8, seq: int = 16, seed: int = 0, timeo
     ``layout="static"`` checks the capacity layers' static buffers and all-to-alls on a CPU.
     ``compile=True``: the ``world`` processes run their dense segments through ``torch.compile``
     (``build_model(compile=True)``), against the eager single process."""
-    from moedsl.api import load_spec
-
-    from .launch import spawn
-
     single = not isinstance(specs, (list, tuple))
     loaded = [load_spec(s) for s in ([specs] if single else specs)]
     for spec in loaded:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moedsl.errors import UserError
+from moedsl.kinds.gates import gate_type
 
 
 @dataclass
@@ -75,7 +76,7 @@ def with_eval_capacity(spec, factor: float) -> tuple[dict, int]:
     done, layers = set(), 0
     for layer in spec.moe_layers:
         g = layer.config.gate
-        if not g.has_capacity or g.type == "expert_choice":
+        if not g.has_capacity or not gate_type(g.type).capacity_is_budget:
             continue
         layers += 1
         if layer.path in done:

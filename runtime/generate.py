@@ -1,6 +1,6 @@
 """Generation with a KV cache: ``moedsl.generate`` and ``moedsl generate``.
 
-The compiler builds the model's decode graph (``moedsl.compiler.decode.compile_decode``: a
+The compiler builds the model's decode graph (``moedsl.compiler.decode_graph.compile_decode``: a
 ``torch.fx.GraphModule`` over the trained model's own submodules, the same weights, nothing
 copied; a model whose experts are split over processes generates through the same all-to-alls).
 Here: the prompt is prefilled in one forward, then one token per step, each picked from the
@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from moedsl.compiler.collectives import bind
-from moedsl.compiler.decode import compile_decode
+from moedsl.compiler.decode_graph import compile_decode
 from moedsl.errors import UserError
 from moedsl.nn.decode import DecodeCache
 

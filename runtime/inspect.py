@@ -45,6 +45,7 @@ from typing import Optional
 import torch
 
 from moedsl.errors import UserError
+from moedsl.kinds.gates import gate_type
 
 DEFAULT_TOKENS = 65536
 MAX_SET = 10  # the chance over sets enumerates the 2^size subsets of a token's set
@@ -116,14 +117,15 @@ class _Layer:
 
     @property
     def expert_choice(self) -> bool:
-        return self.spec.type == "expert_choice"
+        """The experts pick their tokens: no per-token top-k."""
+        return gate_type(self.spec.type).experts_choose
 
     @property
     def dense_level(self) -> bool:
         """A level whose choices are all experts in expert order (softmax)."""
         h = getattr(self.gate, "h", None)
-        return self.spec.type == "softmax" or (h is not None and "softmax" in (h.primary.type,
-                                                                                      h.secondary.type))
+        levels = (self.spec,) if h is None else (self.spec, h.primary, h.secondary)
+        return any(gate_type(level.type).dense for level in levels)
 
     def on_choose(self, choice):
         self.choice = choice
@@ -178,7 +180,7 @@ def _with_capacity(gate_spec, factor: Optional[float]):
     """The gate's spec with evaluation capacity factor ``factor`` (0: dropless; a dropless gate
     given a factor > 0 drops past that capacity). Expert choice (its factor is its k) and dense
     softmax gates are left as they are."""
-    if factor is None or gate_spec.type in ("expert_choice", "softmax"):
+    if factor is None or not gate_type(gate_spec.type).capacity_is_budget:
         return gate_spec
     if factor == 0:
         return replace(gate_spec, capacity_factor=None, eval_capacity_factor=None, drop_policy="dropless")

@@ -15,10 +15,17 @@ The workers live and die with the launcher:
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import signal
 import sys
 import uuid
+
+import torch.distributed.elastic.agent.server.api  # noqa: F401 - creates the loggers to quiet
+import torch.distributed.elastic.multiprocessing.api  # noqa: F401
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from moedsl.errors import MoedslError
 
@@ -30,11 +37,6 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def launch(nproc: int, argv: list, monitor_interval: float = 0.5) -> None:
-    import logging
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     _quiet_elastic_logs(logging)
     configure_threads(nproc)  # the workers inherit it: the cores split between them, threads that sleep
     saved = {k: os.environ.get(k) for k in (LAUNCHER_PID, SIGNALS)}
@@ -72,9 +74,6 @@ def launch(nproc: int, argv: list, monitor_interval: float = 0.5) -> None:
 def _quiet_elastic_logs(logging) -> None:
     """The agent's own warnings ("Sending process … closing signal") are not the user's business;
     its loggers set their own level when created, so set each one's."""
-    import torch.distributed.elastic.agent.server.api  # noqa: F401 - creates the loggers to quiet
-    import torch.distributed.elastic.multiprocessing.api  # noqa: F401
-
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     for name in list(logging.root.manager.loggerDict):
         if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
@@ -93,8 +92,6 @@ def bind_to_launcher() -> None:
     died before we asked, our parent is already someone else, and we stop now."""
     if not launched_worker() or not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)

@@ -14,7 +14,7 @@ from moedsl.dtypes import torch_dtype
 from moedsl.hf.weights import load_weights
 
 from .ckpt_format import load as load_checkpoint
-from .mesh import bind_model
+from .process_groups import bind_model
 from .resolve import IMPORT, ModelSource, resolve
 
 

@@ -24,7 +24,16 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
+from moedsl.compiler import compile_graph
+from moedsl.compiler.plan import human_bytes, make_plan
 from moedsl.errors import SpecError, UserError
+from moedsl.hf.weights import problems
+from moedsl.mesh import resolve_mesh
+
+from .data import source_problems
+from .grads import MODES
 
 # the files of a run in its output folder (runtime/train.py writes them)
 RUN_FILES = ("metrics.jsonl", "checkpoints", "expert_load.png")
@@ -59,8 +68,6 @@ def check_run(spec, o, world: int, *, names: dict | None = None, world_name: str
     options = option_problems(spec, o, names)
     placement = placement_problems(spec, o, world, names, world_name)
     problems = options + placement
-    from .data import source_problems
-
     problems += [_err(p) for p in source_problems(spec, o.data, o.seq)]
     problems += resume_problems(o, overwrite)
     problems += init_problems(spec, o)
@@ -134,8 +141,6 @@ def option_problems(spec, o, names: dict) -> list:
         bad("weight_decay", "must be a finite number >= 0")
     if not _finite(o.grad_clip) or o.grad_clip <= 0:
         bad("grad_clip", "must be a finite number > 0")
-    from .grads import MODES
-
     if o.grad_sync not in MODES:
         bad("grad_sync", f"must be {' or '.join(MODES)}")
     if not _finite(o.bucket_mb) or o.bucket_mb <= 0:
@@ -162,8 +167,6 @@ def option_problems(spec, o, names: dict) -> list:
 def placement_problems(spec, o, world: int, names: dict, world_name: str) -> list:
     """What the number of processes or the batch breaks: the batch split, the experts' placement,
     the MoE layers' routing groups."""
-    from moedsl.mesh import resolve_mesh
-
     out = []
     if world > 1 and _whole(o.batch) and o.batch >= 1 and o.batch % world:
         low = o.batch // world * world
@@ -212,10 +215,6 @@ def init_problems(spec, o) -> list:
     if o.resume:
         return [_err("--init and --resume: choose one (--init starts from imported weights, --resume continues "
                      "the run in --out)")]
-    from moedsl.hf.weights import problems
-
-    from .resolve import IMPORT, resolve
-
     try:
         source = resolve(init)
     except UserError:
@@ -330,9 +329,6 @@ def memory_needed(spec, o, world: int) -> int:
     """Bytes one process of the run holds at most: fp32 weights, gradients and AdamW's two
     moments (16 bytes a parameter) and the training activations, from the plan of the rank
     with the most (compiled on the meta device: nothing is allocated)."""
-    from moedsl.compiler import compile_graph
-    from moedsl.compiler.plan import make_plan
-
     worst = 0
     for rank in range(min(world, 8)):  # ranks differ only by the experts they hold
         compiled = compile_graph(spec, rank, world, device="meta", batch=(o.batch, o.seq), verify_ranks=False)
@@ -344,8 +340,6 @@ def memory_needed(spec, o, world: int) -> int:
 def memory_available(o, processes_here: int) -> tuple:
     """(bytes available to the processes of this run on this machine, what they are, processes
     sharing them). A GPU run has one device per process; a CPU run shares MemAvailable."""
-    import torch
-
     if o.device in ("auto", "cuda") and torch.cuda.is_available():
         if "LOCAL_RANK" in os.environ or processes_here == 1:  # this process trains: free memory of its device
             free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0)))
@@ -360,8 +354,6 @@ def memory_available(o, processes_here: int) -> tuple:
 
 
 def memory_problem(spec, o, world: int, processes_here: int) -> str | None:
-    from moedsl.compiler.plan import human_bytes
-
     try:
         available, what, sharing = memory_available(o, processes_here)
     except (OSError, KeyError, ValueError):

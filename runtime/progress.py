@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 
 class Reporter:
     def __init__(self, rank: int, progress: bool):
@@ -20,8 +22,6 @@ class Reporter:
         if self.rank != 0 or not self.progress_on:
             return lambda *a, **k: None
         if sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
             bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
             task = bar.add_task("train", total=total, completed=start, info="")

@@ -4,6 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+from rich import box
+from rich.table import Table
+
 
 def plot_expert_load(metrics: Path, png: Path, title: str):
     """One heat map per MoE layer: the share of assignments each expert computed, over steps."""
@@ -15,8 +19,6 @@ def plot_expert_load(metrics: Path, png: Path, title: str):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
     layers = list(rows[0]["expert_load"])
     n = len(layers)
     cols = min(n, 4)
@@ -47,9 +49,6 @@ def plot_expert_load(metrics: Path, png: Path, title: str):
 
 
 def summary_table(s):
-    from rich import box
-    from rich.table import Table
-
     t = Table(title=f"{s.spec}: {s.steps} steps on {s.world} process(es)", box=box.SIMPLE_HEAVY,
               show_header=False, title_justify="left")
     t.add_column("what", style="bold")

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moedsl.compiler.collectives import Traffic
+from moedsl.nn.gates import Gate
 
 from .grads import GradSync, capturing
 from .optim import LossScale, make_optimizer
@@ -47,8 +48,6 @@ class StepOutputs:
 
 def balancing_gates(model) -> list:
     """The gates with aux-loss-free balancing (DeepSeek-V3 §2.1.2): their bias moves each step."""
-    from moedsl.nn.gates import Gate
-
     return [m for m in model.modules() if isinstance(m, Gate) and m.spec.bias_balancing_rate is not None]
 
 

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Optional
@@ -28,10 +28,14 @@ import torch
 import torch.distributed as dist
 
 from moedsl import dtypes
+from moedsl.api import build_model
+from moedsl.compiler.passes.verify import signature_digest
 from moedsl.errors import MoedslError
 
 from . import checkpoint as ckpt
+from .compile import use_compile
 from .cpu import keep_freed_memory, release_freed_memory
+from .cudagraph import GraphedTrainStep
 from .data import make_source
 from .diagnose import first_nonfinite
 from .faults import inject_fault
@@ -43,6 +47,7 @@ from .preflight import check_run
 from .progress import Reporter
 from .resolve import resolve
 from .step import TrainStep, task_loss
+
 
 @dataclass
 class RunOptions:
@@ -119,8 +124,6 @@ class Trainer:
     """
 
     def __init__(self, spec, options: RunOptions, layout: str = "auto"):
-        from moedsl.api import build_model
-
         o = self.options = options
         self.spec = spec
         self.rank, self.world, local_rank = _env()
@@ -138,8 +141,6 @@ class Trainer:
                                  dtype=torch.float32, layout=layout, init=not o.init)
         if o.init:  # each rank reads only the experts it holds, memory-mapped (moedsl/hf/weights.py)
             fill(self.model, resolve(o.init), spec)
-        from .compile import use_compile
-
         self.compile_on = use_compile(self.model, o, self.device, self.say, self.world)  # dense segments compiled
         self.amp = dtypes.autocast_dtype(spec.model.dtype)  # None: float32, no autocast
         self.graphs = _use_cuda_graphs(o, self.device, self.model.compiled, self.say)
@@ -174,8 +175,6 @@ class Trainer:
         return self.train_step(inputs, targets)
 
     def _capture(self, inputs, targets):
-        from .cudagraph import GraphedTrainStep
-
         try:
             graphed = GraphedTrainStep(self.train_step, inputs, targets)
         except Exception as e:  # noqa: BLE001 - any capture failure: fall back, or fail in `on` mode
@@ -448,8 +447,6 @@ def _verify_collectives(model, world: int) -> None:
     """Every rank must issue the same collectives in the same order; compare digests first."""
     if world == 1:
         return
-    from moedsl.compiler.passes.verify import signature_digest
-
     mine = signature_digest(model.graph)
     everyone: list = [None] * world
     dist.all_gather_object(everyone, mine)
@@ -458,4 +455,4 @@ def _verify_collectives(model, world: int) -> None:
                           "that would hang")
 
 
-__all__ = ["RunOptions", "Summary", "Trainer", "run", "lr_at", "task_loss", "asdict"]
+__all__ = ["RunOptions", "Summary", "Trainer", "run", "lr_at", "task_loss"]

@@ -332,7 +332,7 @@ def _two_ranks(rank: int, world: int, directory: Path):
 
 
 def test_two_ranks_resume_from_the_same_checkpoint_and_fail_a_save_together(tmp_path):
-    from moedsl.runtime.launch import spawn
+    from moedsl.runtime.spawn import spawn
 
     r0, r1 = spawn(_two_ranks, 2, tmp_path)
     assert r0 == r1  # the same checkpoint, the same notes, the same error, on both ranks

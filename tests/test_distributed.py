@@ -120,7 +120,7 @@ def test_verify_runs_the_runs_bucketed_sync_clip_and_adamw_and_sees_a_fault_in_e
     """verify checks the step a run executes: the bucketed sync's hooks, registered before
     backward, launch all-reduces while it runs; a weight moved after the optimizer step, or a
     wrong clip, on one rank is found there."""
-    from moedsl.runtime.launch import spawn
+    from moedsl.runtime.spawn import spawn
 
     args = ([yaml.safe_load((ROOT / "specs" / "switch.yaml").read_text())], 8, 16, 0, "auto", 2e-5, 1e-4)
     clean = [r[0] for r in spawn(_faulty_worker, 2, None, *args)]

@@ -191,7 +191,7 @@ def test_fused_decode_moe_layers_equal_the_packed_path_for_every_example_spec(pa
     3 (with left padding), in float32 and bfloat16 (whose combine sums through index_add), for
     every gate and expert kind of the example specs (those it does not take, such as GShard's
     unrouted second choices, run the packed path inside it)."""
-    from moedsl.compiler import decode as compiler_decode
+    from moedsl.compiler import decode_graph as compiler_decode
     from moedsl.nn.decode import DecodeMoE
 
     spec = _decodable(path)

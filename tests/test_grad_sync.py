@@ -16,7 +16,7 @@ from moedsl.cli import main
 from moedsl.runtime import checkpoint as ckpt
 from moedsl.runtime import report
 from moedsl.runtime import train as train_mod
-from moedsl.runtime.launch import spawn
+from moedsl.runtime.spawn import spawn
 from moedsl.runtime.train import RunOptions, run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,6 +4,7 @@ their errors, image spec errors, training on the digits, evaluation at a lower i
 capacity, and N processes against one for an image spec."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 import moedsl
 from moedsl.errors import SpecError, UserError
-from moedsl.kinds.moe import Gate
+from moedsl.kinds.gates import Gate
 from moedsl.nn.routing import assign_slots, assign_slots_torch
 from moedsl.nn.vision import PatchEmbed
 from moedsl.runtime.data import make_source, read_npz, source_problems
@@ -136,7 +137,7 @@ def test_gate_prioritises_tokens_by_their_largest_routing_weight(seed):
     gate.eval()
     x = torch.randn(20, 32, generator=torch.Generator().manual_seed(seed))
     for order in ("score", "position"):
-        gate.spec = Gate(**{**gate.spec.__dict__, "drop_priority": order})
+        gate.spec = dataclasses.replace(gate.spec, drop_priority=order)
         r = gate(x, groups=2)
         probs = torch.softmax(x @ gate.weight.T, -1).view(2, 10, 4)
         top = probs.topk(2, dim=-1)
@@ -461,7 +462,7 @@ def test_held_out_images_on_two_processes_equal_one_when_the_last_batch_is_parti
     """The last batch's rows 10 and 11 (wrapped around) are rank 1's share: with 2 routing groups
     each rank routes its own rows; with 1 the rows are gathered and routed as one batch, the rows
     that count gathered with them."""
-    from moedsl.runtime.launch import spawn
+    from moedsl.runtime.spawn import spawn
 
     d = image_spec(gate={"capacity_factor": 0.5, "routing_groups": groups})
     one = _held_out_on(0, 1, d)

@@ -30,7 +30,7 @@ from moedsl.nn import moe_ops
 from .. import chunks as K
 from .. import collectives as C
 from ..lower import Lowered
-from .collectives import _layer_nodes, _new
+from .insert_collectives import layer_nodes, new_node
 
 # the nodes of one layer the pass replaces, in an order that erases users first (the combine is kept,
 # as the join)
@@ -57,7 +57,7 @@ def overlap_pass(low: Lowered, comms: dict) -> dict:
 
 def _chunk_layer(low: Lowered, name: str, comm, D: int) -> None:
     g, base = low.graph, name.replace(".", "_")
-    nodes = _layer_nodes(g, name)
+    nodes = layer_nodes(g, name)
     disp, experts, combine = nodes["dispatch"], nodes["experts"], nodes["combine"]
     flat, route, extra_args = disp.args[0], disp.args[1], tuple(disp.args[2:])  # extra: a packed trip's send slots
     capacity = comm.layout == "capacity"
@@ -75,7 +75,7 @@ def _chunk_layer(low: Lowered, name: str, comm, D: int) -> None:
     made: dict = {}  # (what, j) -> node
 
     def new(op, target, args, what: str, j, role: str) -> fx.Node:
-        node = _new(g, op, target, args, f"{base}_{what}_c{j}", name, role)
+        node = new_node(g, op, target, args, f"{base}_{what}_c{j}", name, role)
         node.meta.update(chunk=j, comm=comm)
         made[what, j] = node
         return node
@@ -116,7 +116,7 @@ def _chunk_layer(low: Lowered, name: str, comm, D: int) -> None:
             issue("a2a_dispatch", 0, (prepare(0),))
         else:  # the row trips' splits: every chunk's counts in one exchange, before the first trip
             packs = tuple(prepare(j) for j in range(D))
-            exchanged = _new(g, "call_module", f"{name}.a2a_counts", (packs,), f"{base}_a2a_counts", name,
+            exchanged = new_node(g, "call_module", f"{name}.a2a_counts", (packs,), f"{base}_a2a_counts", name,
                              "a2a_counts")
             exchanged.meta["comm"] = comm
             issue("a2a_dispatch", 0, (packs[0], exchanged))

@@ -24,11 +24,6 @@ class LayerPlacement:
     slots: tuple  # per EP rank: the global expert ids of its slots, in slot order
     ep: int
 
-    def slot_index(self, ep_rank: int, expert: int) -> int:
-        """Global slot id (slots numbered rank-major over the EP group) of ``expert`` on ``ep_rank``."""
-        before = sum(len(self.slots[r]) for r in range(ep_rank))
-        return before + self.slots[ep_rank].index(expert)
-
     def send_slots(self, source: int) -> list:
         """For source EP rank ``source``: per global expert, the global slot id its tokens go to."""
         return _send_slots(self, source)

@@ -18,11 +18,13 @@ model, each rank reading only its experts (``weights.py``).
 """
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from moedsl.errors import UserError
+from moedsl.kinds import import_all
 
 _FAMILIES: dict = {}
 
@@ -129,10 +131,6 @@ def family_of_spec(spec, model_type: Optional[str] = None) -> Family:
 
 
 def _load_families() -> None:
-    import importlib
-
-    from moedsl.kinds import import_all
-
     package = importlib.import_module(f"{__name__}.families")
     import_all(package.__name__, package.__path__)
 

@@ -11,19 +11,21 @@ import re
 from pathlib import Path
 from typing import Optional
 
+import torch
+
+from moedsl.dtypes import torch_dtype
 from moedsl.errors import UserError
 from moedsl.spec_loader import load_spec
 
 from . import family, family_of_spec
-from .files import Checkpoint, copy_side_files, read_config, resolve, staged, write_sharded
-from .weights import mismatch
+from .files import Checkpoint, copy_side_files, nbytes, read_config, resolve, staged, torch_dtype_of, write_sharded
+from .weights import global_shapes, mismatch
 
 IMPORT_SHARD = 2 * 10**9  # moedsl's own files: shards of up to 2 GB
 HF_CONFIG = "hf_config.json"
 
-def _dtype(ck: Checkpoint, name: str):
-    from .files import torch_dtype_of
 
+def _dtype(ck: Checkpoint, name: str):
     return torch_dtype_of(ck.headers[ck.where[name]][name]["dtype"])
 
 
@@ -36,17 +38,13 @@ def _spec_name(source: str) -> str:
 def import_checkpoint(source: str, out: Path, overwrite: bool = False, max_shard: int = IMPORT_SHARD) -> dict:
     """Write ``out/spec.yaml``, ``out/hf_config.json``, moedsl-format safetensors and the
     tokenizer files from the Hugging Face checkpoint ``source``. Returns a summary."""
-    import torch
-
-    from .weights import _global_shapes
-
     folder = resolve(source)
     config = read_config(folder)
     fam = family(config.get("model_type"))
     text = fam.spec_text(config, source, _spec_name(source))
     spec = load_spec(text, source="spec.yaml")
     ck = Checkpoint(folder)
-    want = _global_shapes(spec)
+    want = global_shapes(spec)
     plan, used = [], set()
     for t in fam.import_tensors(spec, config, ck.names):
         missing = [s for s in t.sources if s not in ck.names]
@@ -91,8 +89,6 @@ def _shape(shape) -> str:
 
 
 def _nbytes(shape, dtype) -> int:
-    from .files import nbytes
-
     return nbytes(shape, dtype)
 
 
@@ -122,7 +118,7 @@ def _export_source(src: Path, checkpoint: Optional[Path]):
     """(spec, reader, folder holding hf_config.json and tokenizer files or None) of what ``src``
     (with ``checkpoint``) resolves to: an import's safetensors are read as they are, a checkpoint
     through the model it loads into."""
-    from moedsl.runtime.load import build
+    from moedsl.runtime.load import build  # runtime imports moedsl.hf: resolved on first use
     from moedsl.runtime.resolve import IMPORT, resolve as resolve_model
 
     source = resolve_model(src, checkpoint)
@@ -138,10 +134,6 @@ def export_checkpoint(src: Path, out: Path, max_shard: int = 5 * 10**9, overwrit
     """Write a Hugging Face checkpoint (config.json, safetensors in the family's names, the
     tokenizer files) of ``src``: an import folder, a run folder, a DCP checkpoint, or a spec with
     ``checkpoint``."""
-    import torch
-
-    from moedsl.dtypes import torch_dtype
-
     src = Path(src)
     if not src.exists():
         raise UserError(f"{src}: no such file or folder")

@@ -15,7 +15,10 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
+
+import torch
+from safetensors import safe_open
 
 from moedsl.errors import UserError
 
@@ -45,8 +48,6 @@ def read_tokenizer(folders: Iterable):
 
 def dtype_codes() -> dict:
     """torch dtype -> safetensors' dtype code (its format's names, not the spec's)."""
-    import torch
-
     return {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
             torch.bool: "BOOL"}
@@ -194,8 +195,6 @@ class Checkpoint:
         return list(self.headers[self.where[name]][name]["shape"])
 
     def _file(self, name: str):
-        from safetensors import safe_open
-
         if name not in self.where:
             raise KeyError(name)
         # a fresh map per tensor, dropped after it: pages touched count in the process's
@@ -208,15 +207,10 @@ class Checkpoint:
     def get_expert(self, name: str, e: int):
         return self._file(name).get_slice(name)[e:e + 1][0]
 
-    def get_rows(self, name: str, lo: int, hi: int):
-        return self._file(name).get_slice(name)[lo:hi]
-
 
 # -- writing -------------------------------------------------------------------------------
 
 def nbytes(shape, dtype) -> int:
-    import torch
-
     n = 1
     for s in shape:
         n *= s
@@ -268,8 +262,6 @@ def write_sharded(folder: Path, entries: list, max_shard: int, index_name: str =
 
 
 def _write_file(path: Path, entries: list) -> int:
-    import torch
-
     head, offset, codes = {"__metadata__": {"format": "pt"}}, 0, dtype_codes()
     for name, shape, dtype, _ in entries:
         b = nbytes(shape, dtype)

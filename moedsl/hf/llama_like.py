@@ -27,7 +27,11 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 from typing import Optional
 
+import torch
+
+from moedsl.dtypes import NAMES
 from moedsl.errors import UserError, format_path
+from moedsl.kinds.gates.topk import TopK
 
 from . import Family, Tensor, same
 
@@ -86,18 +90,17 @@ def changed(cfg, handled: set) -> Optional[tuple]:
     return None
 
 
-def _stack_t(ts):
+def stack_t(ts):
     """Per-expert [out, in] -> stacked [E, in, out] (moedsl multiplies from the right)."""
-    import torch
-
     return torch.stack([t.t() for t in ts]).contiguous()
 
 
-def _t(x):
+def transposed(x):
+    """[out, in] -> [in, out], contiguous (moedsl multiplies from the right)."""
     return x.t().contiguous()
 
 
-def _count_experts(names: set, prefix: str, which: str) -> int:
+def count_experts(names: set, prefix: str, which: str) -> int:
     """How many experts the checkpoint has (its tensors, not its config: an edited spec may differ)."""
     e = 0
     while f"{prefix}{e}.{which}.weight" in names:
@@ -105,7 +108,7 @@ def _count_experts(names: set, prefix: str, which: str) -> int:
     return e
 
 
-def _fused(m: int, moe: str) -> list:
+def fused_experts(m: int, moe: str) -> list:
     """transformers 5's fused layout: gate_up_proj [E, 2h, d] (gate rows first), down_proj [E, d, h]."""
     def gate(ts):
         h = ts[0].shape[1] // 2
@@ -214,7 +217,7 @@ def moe_problem(e, at, fam: str, activations: tuple = ("swiglu", "geglu"), score
     ch = changed(x, {"count", "hidden", "activation", "bias", "dropout", "init_scale", "shared"})
     if ch:
         return f"{at(e, 'experts', ch[0])} {ch[1]!r}"
-    if g.type != "topk":
+    if not isinstance(g, TopK.Options):
         return f"{at(e, 'gate', 'type')} {g.type} ({fam}'s router is top-k)"
     if g.drop_policy != "dropless":
         return f"{at(e, 'gate')}: capacity (drop_policy {g.drop_policy}; {fam} drops no token)"
@@ -277,8 +280,6 @@ class LlamaLike(Family):
         if c["hidden_act"] not in GLU:
             self.refuse("hidden_act", c["hidden_act"], "'silu' (SwiGLU experts) or 'gelu' (exact GELU: GEGLU experts)")
         c["activation"] = GLU[c["hidden_act"]]
-        from moedsl.dtypes import NAMES
-
         dtype = config.get("dtype", config.get("torch_dtype", NAMES[0]))
         if dtype not in NAMES:
             self.refuse("dtype", dtype, ", ".join(NAMES))
@@ -529,13 +530,13 @@ class LlamaLike(Family):
             moe = hf + ("mlp." if f"{hf}mlp.gate.weight" in names else self.moe_prefix)
             out.append(Tensor(f"layers.{m}.gate.weight", (moe + "gate.weight",), same))
             if moe + "experts.gate_up_proj" in names:  # transformers 5's in-memory (fused) layout
-                out += _fused(m, moe)
+                out += fused_experts(m, moe)
             else:
                 E = layer.config.experts.count
                 for ours, theirs in zip(("w_gate", "w_in", "w_out"), self.expert_names):
-                    count = _count_experts(names, f"{moe}experts.", theirs) or E
+                    count = count_experts(names, f"{moe}experts.", theirs) or E
                     out.append(Tensor(f"layers.{m}.experts.{ours}",
-                                      tuple(f"{moe}experts.{e}.{theirs}.weight" for e in range(count)), _stack_t))
+                                      tuple(f"{moe}experts.{e}.{theirs}.weight" for e in range(count)), stack_t))
             out += self._shared(m, moe, layer.config.experts.shared, import_=True)
         out.append(Tensor(f"layers.{norm}.norm.weight", ("model.norm.weight",), same))
         if not spec.model.tie_embeddings:
@@ -570,7 +571,7 @@ class LlamaLike(Family):
             for e in range(layer.config.experts.count):
                 for ours, theirs in zip(("w_gate", "w_in", "w_out"), self.expert_names):
                     out.append(Tensor(f"{moe}experts.{e}.{theirs}.weight",
-                                      ((f"layers.{m}.experts.{ours}", e),), lambda ts: _t(ts[0])))
+                                      ((f"layers.{m}.experts.{ours}", e),), lambda ts: transposed(ts[0])))
             out += self._shared(m, moe, layer.config.experts.shared, import_=False)
         out.append(Tensor("model.norm.weight", (f"layers.{norm}.norm.weight",), same))
         if not spec.model.tie_embeddings:

@@ -3,6 +3,8 @@ and ``bench/hf_parity.py`` compare imports and exports against. moedsl itself ne
 transformers; the caller passes the module in."""
 from __future__ import annotations
 
+import torch
+
 from . import registered
 
 
@@ -11,8 +13,6 @@ def tiny_reference(transformers, model_type: str, over: dict | None = None, seed
 
     transformers initialises norm weights to 1 and biases (DeepSeek-V3's choice bias included)
     to 0, where a mapping that dropped them would go unseen: they are moved off those values."""
-    import torch
-
     fam = registered()[model_type]
     torch.manual_seed(seed)
     cfg = getattr(transformers, fam.config_class)(**{**fam.tiny_config, **(over or {})})

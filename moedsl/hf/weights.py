@@ -15,7 +15,7 @@ from moedsl.errors import UserError, format_path
 from .files import Checkpoint
 
 
-def _global_shapes(spec) -> dict:
+def global_shapes(spec) -> dict:
     """name -> shape of every parameter of the whole model (one process holds every expert),
     built on the meta device."""
     from moedsl.compiler import compile_graph
@@ -102,7 +102,7 @@ def problems(spec, folder: Path, ck: Optional[Checkpoint] = None) -> list:
     """Every tensor of ``folder`` that does not fit ``spec`` (shape, missing, extra), one line
     each; reads only the files' headers."""
     ck = ck or Checkpoint(folder)
-    want = _global_shapes(spec)
+    want = global_shapes(spec)
     found: dict = {}  # the cause (a spec field) -> its lines: one line per cause, counting the tensors
     for name, shape in want.items():
         if name not in ck.names:

@@ -19,6 +19,8 @@ not import torch: modules and lowerings import it when called.
 from __future__ import annotations
 
 import functools
+import importlib
+import pkgutil
 from dataclasses import fields
 from typing import Any, Optional
 
@@ -43,6 +45,9 @@ class LayerKind:
     place: Optional[str] = None  # "first" / "last": the only place in the stack it may stand
     needs_tokens: bool = False  # only with model.input: tokens
     inputs: Optional[tuple] = None  # the model.input values it works with (None: see ``accepts``)
+    # the fields of its config a resume may change, keeping the checkpoint's weights meaning the same
+    # (``runtime.checkpoint.training_only``): dropout, which applies in training only, for every kind
+    training_only: frozenset = frozenset({"dropout"})
 
     def accepts(self, model_input: str) -> bool:
         """Whether it can stand in a model whose input is ``model_input``: one of ``inputs`` when
@@ -59,6 +64,11 @@ class LayerKind:
 
     def check_stack(self, layer, model, once) -> None:
         """Checks that need the layer's neighbours or the model; ``once(path, message, hint)``."""
+
+    def resume_may_change(self, names: tuple, old, new, gate: Optional[str] = None) -> bool:
+        """Whether a resume may change the field at ``names`` (keys below the layer's config) from
+        ``old`` to ``new`` (``gate``: the type of the gate above it, if any): one of ``training_only``."""
+        return len(names) == 1 and names[0] in self.training_only
 
     # -- the module ----------------------------------------------------------------------------
     def module(self, cfg, model):
@@ -137,9 +147,6 @@ def norm_numel(kind: str, model) -> int:
 
 def import_all(package: str, path) -> None:
     """Import every module of a package: each registers its kind (adding one is adding a file)."""
-    import importlib
-    import pkgutil
-
     for info in sorted(pkgutil.iter_modules(path), key=lambda m: m.name):
         importlib.import_module(f"{package}.{info.name}")
 

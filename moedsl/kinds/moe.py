@@ -15,7 +15,6 @@ experts its rank hosts.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -24,9 +23,9 @@ from moedsl.schema import defaults, schema
 
 from . import LayerKind, register, take
 from .ffn import GLU_ACTIVATIONS
-from .gates import gate_type, gate_types
+from .gates import Gate, gate_type, gate_types
 
-_EXPERTS, _GATE, _SUB = defaults("experts"), defaults("gate"), defaults("sub_gate")
+_EXPERTS, _SUB = defaults("experts"), defaults("sub_gate")
 _LOSSES, _MOE, _OVERLAP = defaults("losses"), defaults("moe"), defaults("overlap")
 _SHARED_GATE = schema()["$defs"]["experts"]["properties"]["shared"]["properties"]["gate"]["default"]
 
@@ -39,15 +38,6 @@ class SharedExperts:
 
 
 @dataclass(frozen=True)
-class ExpertGroups:
-    """Group-limited routing (DeepSeek-V3; transformers' DeepseekV3TopkRouter): ``count`` groups
-    of consecutive expert ids, a token chooses among the ``top`` best groups only."""
-
-    count: int
-    top: int
-
-
-@dataclass(frozen=True)
 class Experts:
     count: int
     hidden: int
@@ -57,67 +47,12 @@ class Experts:
     init_scale: float = _EXPERTS["init_scale"]
     shared: Optional[SharedExperts] = None
 
+    # what a resume may change: the dropout (training only), the initialisation (the checkpoint replaces it)
+    training_only = frozenset({"dropout", "init_scale"})
+
     @property
     def glu(self) -> bool:
         return self.activation in GLU_ACTIVATIONS
-
-
-@dataclass(frozen=True)
-class Gate:
-    """The routing of one MoE layer.
-
-    For a hierarchical MoE, ``type == "hierarchical"``, ``k`` is the total number of
-    experts per token (primary k × secondary k) and the sub-gates live in ``Hierarchy``.
-    ``capacity_factor is None`` means no capacity (dropless, or a dense softmax gate).
-    """
-
-    type: str
-    k: int  # experts per token; expert_choice: 0 (experts pick tokens); softmax: experts.count
-    capacity_factor: Optional[float] = None
-    eval_capacity_factor: Optional[float] = None
-    min_capacity: int = _GATE["min_capacity"]
-    drop_policy: str = "dropless"  # drop | dropless (resolved per type: see _capacity)
-    drop_priority: str = _GATE["drop_priority"]  # position | score
-    capacity_rounding: str = _GATE["capacity_rounding"]  # ceil | round (V-MoE)
-    routing_groups: int = _GATE["routing_groups"]
-    jitter: float = 0.0  # resolved per type (switch: 0.01)
-    noise_epsilon: float = _GATE["noise_epsilon"]
-    second_expert: str = _GATE["second_expert"]
-    normalize: bool = _GATE["normalize"]
-    score: str = _GATE["score"]
-    bias_balancing_rate: Optional[float] = None  # 0: a fixed choice bias (loaded, never moved)
-    groups: Optional[ExpertGroups] = None
-    scale: float = _GATE["scale"]
-    max_experts_per_token: Optional[int] = None
-    hash_seed: int = _GATE["hash_seed"]
-
-    @property
-    def has_capacity(self) -> bool:
-        return self.capacity_factor is not None
-
-    def capacity(self, tokens: int, experts: int, training: bool = True) -> int:
-        """C = ceil(capacity_factor · k · tokens / experts), at least min_capacity; with
-        ``capacity_rounding: round``, C = round(k · tokens · capacity_factor / experts) (V-MoE,
-        Riquelme et al. 2021, §2.2; Python's round, halves to the even neighbour).
-
-        A lone token (a routing group of one: a decode graph routes each token alone) always
-        fits: at least one slot in each expert, where round(capacity_factor · k / E) would be 0
-        below a half (a Switch gate over 8 experts) and drop every token of every step. Its k
-        choices are distinct experts, so one slot each drops nothing.
-
-        For expert choice k is 1 (each expert takes capacity_factor · tokens / E), and no
-        expert can take more tokens than there are; without a capacity, every token fits.
-        """
-        if self.capacity_factor is None:
-            return tokens
-        factor = self.capacity_factor if training else (self.eval_capacity_factor or self.capacity_factor)
-        k = self.k if self.k > 0 else 1
-        exact = factor * k * tokens / experts
-        whole = round(exact) if self.capacity_rounding == "round" else math.ceil(exact - 1e-9)
-        c = max(whole, self.min_capacity, 1 if tokens == 1 else 0)
-        if self.k == 0:  # experts choose: an expert cannot take more tokens than there are
-            c = min(c, tokens)
-        return c
 
 
 @dataclass(frozen=True)
@@ -187,7 +122,7 @@ class MoEParams:
 
 # ----------------------------------------------------------------------------- the spec
 
-def _capacity(g: dict, p, t: str, k: int, c) -> Gate:
+def _capacity(g: dict, p, t: str, c) -> dict:
     """Resolve capacity_factor / drop_policy with the papers' defaults, and refuse contradictions."""
     gt = gate_type(t)
     policy = g.get("drop_policy")
@@ -210,9 +145,7 @@ def _capacity(g: dict, p, t: str, k: int, c) -> Gate:
         if factor is None:
             c.error(p + ("drop_policy",), "drop_policy: drop needs a capacity_factor",
                     "add capacity_factor (e.g. 1.25), or use drop_policy: dropless")
-    return take(Gate, {key: g[key] for key in ("eval_capacity_factor", "min_capacity", "drop_priority",
-                                               "routing_groups", "capacity_rounding") if key in g},
-                type=t, k=k, capacity_factor=factor, drop_policy=policy)
+    return dict(capacity_factor=factor, drop_policy=policy)
 
 
 def _gate(g: dict, p, experts: Experts, c) -> Gate:
@@ -224,14 +157,7 @@ def _gate(g: dict, p, experts: Experts, c) -> Gate:
             c.error(p + (key,), f"{key!r} does not apply to {_a(t)} gate",
                     f"it is an option of: {', '.join(homes)}" if homes else None, key=True)
     gt.check(g, p, experts.count, c)
-    gate = _capacity(g, p, t, gt.k(g, experts.count), c)
-    extra = {key: g[key] for key in ("noise_epsilon", "second_expert", "normalize", "score", "scale",
-                                     "max_experts_per_token", "hash_seed") if key in g}
-    if "groups" in g:
-        extra["groups"] = ExpertGroups(count=g["groups"]["count"], top=g["groups"]["top"])
-    bias = g.get("bias_balancing")
-    return Gate(**{**gate.__dict__, **extra, "bias_balancing_rate": bias["rate"] if bias else None,
-                   "jitter": g.get("jitter", gt.option_defaults.get("jitter", Gate.jitter))})
+    return gt.build(g, type=t, k=gt.k(g, experts.count), **_capacity(g, p, t, c))
 
 
 def _sub_gate(g: dict, p, n: int, what: str, c) -> SubGate:
@@ -253,8 +179,8 @@ def _losses(d: dict, p, gate: Gate, hierarchy: Optional[Hierarchy], c) -> Losses
             kinds = ", ".join(sorted(n for n, other in gate_types().items() if name in other.losses))
             c.error(p + ("losses", name), f"the {name} loss does not apply to {_a(gate.type)} gate",
                     gt.losses_note or f"it is defined for: {kinds}")
-        elif weight and name == "load" and hierarchy and {hierarchy.primary.type, hierarchy.secondary.type} != {
-                "noisy_topk"}:
+        elif weight and name == "load" and hierarchy and not all(
+                gate_type(level.type).noise for level in (hierarchy.primary, hierarchy.secondary)):
             c.error(p + ("losses", name), "the load loss's estimator uses the gate noise: "
                     "both hierarchy levels must be noisy_topk")
     return take(Losses, d.get("losses"))
@@ -284,12 +210,28 @@ class MoEKind(LayerKind):
                 checks.error(path + ("experts", "count"),
                              f"experts.count {experts.count} != hierarchy groups {h['groups']} × experts_per_group "
                              f"{h['experts_per_group']} = {h['groups'] * h['experts_per_group']}")
-            gate = _capacity(h, hp, "hierarchical", primary.k * secondary.k, checks)
+            capacity = _capacity(h, hp, "hierarchical", checks)
+            gate = gate_type("hierarchical").build(h, type="hierarchical", k=primary.k * secondary.k, **capacity)
         else:
             gate = _gate(data["gate"], path + ("gate",), experts, checks)
         losses = _losses(data, path, gate, hierarchy, checks)
         overlap = take(Overlap, data.get("overlap"))
         return take(MoE, data, experts=experts, gate=gate, hierarchy=hierarchy, losses=losses, overlap=overlap)
+
+    def resume_may_change(self, names, old, new, gate=None) -> bool:
+        """The aux losses' weights (they add to the objective only), what ``Experts.training_only``
+        names, and what the gate type (or, under ``hierarchy:``, the hierarchical gate) allows."""
+        if len(names) < 2:
+            return False
+        if names[0] == "losses":
+            return True
+        if names[0] == "experts":
+            return len(names) == 2 and names[1] in Experts.training_only
+        if names[0] == "gate" and gate is not None:
+            return gate_type(gate).resume_may_change(names[1:], old, new)
+        if names[0] == "hierarchy":
+            return gate_type("hierarchical").resume_may_change(names[1:], old, new)
+        return False
 
     def check_stack(self, layer, model, once) -> None:
         if gate_type(layer.config.gate.type).needs_tokens and model.input != "tokens":
@@ -350,11 +292,11 @@ class MoEKind(LayerKind):
         m, cfg = ctx.model, layer.config
         name = f"layers.{layer.index}"
         meta = dict(moe_layer=name)
-        if ctx.decode and cfg.gate.type == "expert_choice":
-            ctx.cannot_decode(layer, "expert choice routing lets each expert pick among the tokens of a whole "
-                              "batch: it cannot decode token by token")
+        gt = gate_type(cfg.gate.type)
+        if ctx.decode and gt.cannot_decode:
+            ctx.cannot_decode(layer, gt.cannot_decode)
         # a dense gate is uniform (every expert takes every token): always the batched buffer
-        dense = gate_type(cfg.gate.type).dense
+        dense = gt.dense
         layout = "capacity" if (dense or (cfg.gate.has_capacity and ctx.static)) else "packed"
         # decoding routes each token as its own routing group (GShard's local groups at their smallest):
         # a token's experts depend neither on the other rows, their padding, nor how the sequence is
@@ -366,7 +308,7 @@ class MoEKind(LayerKind):
         owner = "hierarchy" if cfg.hierarchy is not None else "gate"
         flat = ctx.call_function(routing_tokens, (x, f"{name}.moe.{owner}", groups, 1),
                                  ctx.node_name(layer, "tokens"), **meta, role="tokens")
-        token_ids = ctx.token_ids() if gate_type(cfg.gate.type).needs_tokens else None
+        token_ids = ctx.token_ids() if gt.needs_tokens else None
         kwargs = {}
         mask = ctx.token_mask(x)
         if mask is not None:  # the tokens that count (images that only fill a batch do not)

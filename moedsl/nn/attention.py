@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import RMSNorm, _normal
+from .decode import attend_cached
+from .layers import RMSNorm, init_normal
 
 
 def rope_inv_freq(theta: float, Dh: int, device=None) -> torch.Tensor:
@@ -194,7 +195,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d_model, kv, bias=bias)
         self.wo = nn.Linear(q, d_model, bias=bias if out_bias is None else out_bias)
         for lin in (self.wq, self.wk, self.wv, self.wo):
-            _normal(lin, init_std)
+            init_normal(lin, init_std)
         if qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(self.head_dim, qk_norm_eps), RMSNorm(self.head_dim, qk_norm_eps)
         elif qk_norm == "projection":
@@ -231,8 +232,6 @@ class Attention(nn.Module):
             cos, sin = self._rope().cos_sin(q, positions)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            from .decode import attend_cached
-
             y = attend_cached(q, k, v, cache, key, start, self.sliding_window)
             return self.wo(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
         # grouped-query heads: SDPA reads each key/value head for its H/K query heads (enable_gqa),
@@ -267,8 +266,6 @@ class Attention(nn.Module):
         if self.rotary:
             cos, sin = self._rope().cos_sin(qk, positions)
             qk = apply_rope(qk, cos, sin)
-        from .decode import attend_cached
-
         y = attend_cached(qk[:, :H], qk[:, H:], v, cache, key, start, self.sliding_window)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * Dh))
 
@@ -311,7 +308,7 @@ class LatentAttention(nn.Module):
         self.wo = nn.Linear(heads * v_head_dim, d_model, bias=bias)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                _normal(m, init_std)
+                init_normal(m, init_std)
 
     def _rope(self) -> _Rope:
         rope = self.__dict__.get("_rope_tables")
@@ -341,8 +338,6 @@ class LatentAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(B, H, T, Dr)], dim=-1)  # [B, H, T, Dn+Dr]
         if cache is not None:
-            from .decode import attend_cached
-
             y = attend_cached(q, k, v, cache, key, start, None, self.scale)
             return self.wo(y.transpose(1, 2).reshape(B, T, H * Dv))
         y = _attend(q, k, v, self.causal, None, self.dropout if self.training else 0.0, self.scale)

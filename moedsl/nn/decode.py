@@ -26,6 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..kinds.gates import gate_type
+
 
 class DecodeCache:
     """Per-layer decoding state of one batch: attention keys and values, recurrent states."""
@@ -158,7 +160,7 @@ class DecodeMoE(torch.nn.Module):
         cap = gate.spec.capacity(1, gate.num_experts, False) if gate.spec.has_capacity else None  # a lone token's
         if (torch.is_grad_enabled() or x.device.type != "cpu" or grouped.static() or torch.is_autocast_enabled("cpu")
                 or gate.training or S * gate.spec.k > experts.SMALL_ROWS or S != groups
-                or len(experts.expert_ids) != gate.num_experts or gate.spec.type == "softmax" or experts.training
+                or len(experts.expert_ids) != gate.num_experts or gate_type(gate.spec.type).dense or experts.training
                 or x.dtype != experts.w_in.dtype):
             return None
         ids = token_ids.reshape(S, 1) if token_ids is not None else None

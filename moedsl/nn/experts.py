@@ -18,7 +18,7 @@ from . import rng
 from . import cpu_gemm
 from . import grouped
 from .grouped import grouped_matmul
-from .layers import _normal
+from .layers import init_normal
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu, "geglu": F.gelu}
 
@@ -282,7 +282,7 @@ class DenseFFN(nn.Module):
         self.w_out = nn.Linear(hidden, d_model, bias=bias)
         for lin in (self.w_in, self.w_gate, self.w_out):
             if lin is not None:
-                _normal(lin, init_std)  # weight N(0, std²), bias 0; nothing drawn on meta
+                init_normal(lin, init_std)  # weight N(0, std²), bias 0; nothing drawn on meta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.w_gate(x)) * self.w_in(x) if self.glu else self.act(self.w_in(x))
@@ -299,7 +299,7 @@ class GatedFFN(DenseFFN):
                  init_std: float = 0.02):
         super().__init__(d_model, hidden, activation, bias, dropout, init_std)
         self.gate = nn.Linear(d_model, 1, bias=False)
-        _normal(self.gate, init_std)
+        init_normal(self.gate, init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.gate(x)) * super().forward(x)

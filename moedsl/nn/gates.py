@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .. import spec as S
 from ..dtypes import torch_dtype
+from ..kinds.gates import gate_type
 from . import rng
 from .grouped import grouped_matmul
 from .routing import (Routing, assign_slots, balance_loss, bucket_positions, counts, cv_squared, group_limited_top,
@@ -179,7 +180,7 @@ class Gate(nn.Module):
         of the groups chosen by their two best scores (+ bias): scores, not logits, since a sum of
         two is not monotone in the logits."""
         biased = self.spec.bias_balancing_rate is not None
-        groups = self.spec.groups
+        groups = getattr(self.spec, "groups", None)  # an option of topk's (its Options)
         if groups is not None:
             v = scores + self.expert_bias if biased else scores
             return group_limited_top(v, k, groups.count, groups.top)
@@ -215,7 +216,7 @@ class Gate(nn.Module):
         ids = token_ids.reshape(G, n) if token_ids is not None else None
         choice = self.choose(x.reshape(G, n, d), ids, gidx)
         k = choice.expert.shape[-1]
-        if self.spec.type == "softmax":
+        if gate_type(self.spec.type).dense:
             cap = n  # dense: every expert takes every token of its group
         elif self.spec.has_capacity:
             cap = self.spec.capacity(n, E, self.training)
@@ -509,7 +510,7 @@ class HierarchicalGate(Gate):
         a, b, d = hierarchy.groups, hierarchy.experts_per_group, d_model
 
         def weights(*shape, sub):
-            if sub.type == "noisy_topk":  # Shazeer: zero init for W_g and W_noise
+            if gate_type(sub.type).noise:  # Shazeer: zero init for W_g and W_noise
                 return nn.Parameter(torch.zeros(*shape)), nn.Parameter(torch.zeros(*shape))
             return nn.Parameter(normal_init(*shape, std=init_std)), None
 
@@ -522,13 +523,13 @@ class HierarchicalGate(Gate):
         noisy = clean
         if std is not None and self.training:
             noisy = clean + rng.normal(self.seed, self.stream(purpose), noise_idx) * std
-        if sub.type == "softmax":
+        if gate_type(sub.type).dense:
             probs = torch.softmax(noisy, dim=-1)
             idx = torch.arange(clean.shape[-1], device=clean.device).expand_as(clean)
             return idx, probs, noisy, None
         idx = torch.topk(noisy, sub.k, dim=-1).indices
         vals = noisy.gather(-1, idx)
-        if sub.type == "noisy_topk" or sub.normalize:
+        if sub.normalize:  # noisy_topk's: always (softmax over KeepTopK, eq. 3-5; not an option of it)
             w = torch.softmax(vals, dim=-1)
             prob = torch.softmax(noisy, dim=-1).gather(-1, idx) if self.spec.drop_priority == "score" else None
         else:
@@ -608,8 +609,6 @@ def make_gate(moe: S.MoE, d_model: int, router_dtype: str, seed: int, layer: int
     E = moe.experts.count
     if moe.hierarchy is not None:
         return HierarchicalGate(moe.gate, moe.losses, d_model, E, moe.hierarchy, init_std=init_std, **kw)
-    from ..kinds.gates import gate_type
-
     cls = gate_type(moe.gate.type).module_class()
     if cls is HashGate:
         return HashGate(moe.gate, moe.losses, d_model, E, vocab_size=vocab_size, **kw)

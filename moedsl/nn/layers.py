@@ -6,7 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _normal(module: nn.Module, std: float) -> None:
+def init_normal(module: nn.Module, std: float) -> None:
+    """N(0, std²) for the module's own matrices, zeros for its vectors (biases)."""
     for p in module.parameters(recurse=False):
         if p.device.type != "meta":
             nn.init.normal_(p, std=std) if p.dim() > 1 else nn.init.zeros_(p)
@@ -17,7 +18,7 @@ class Embedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
         self.positions = nn.Parameter(torch.empty(max_seq_len, d_model)) if positions == "learned" else None
-        _normal(self, init_std)
+        init_normal(self, init_std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``positions`` [B, T] (decoding): each token's position, negative for left padding."""
@@ -88,7 +89,7 @@ class Head(nn.Module):
         self.weight = None if self.tied else nn.Parameter(torch.empty(vocab_size, d_model))
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
         if not self.tied:
-            _normal(self, init_std)
+            init_normal(self, init_std)
             if self.bias is not None and self.bias.device.type != "meta":
                 nn.init.zeros_(self.bias)
 

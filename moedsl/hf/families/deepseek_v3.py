@@ -36,13 +36,19 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
+from moedsl.dtypes import NAMES
 from moedsl.errors import UserError, format_path
+from moedsl.nn.attention import LatentAttention
 
 from .. import Family, Tensor, register, same
 from ..llama_like import IGNORED as _IGNORED_LLAMA
-from ..llama_like import _count_experts, _fused, _stack_t, _t, at, head_problem, moe_problem, spec_header
-from ..llama_like import spec_tail, stack_problem
-from ..llama_like import changed as _changed, yaml_float as _yaml_float
+from ..llama_like import at
+from ..llama_like import changed as _changed
+from ..llama_like import (count_experts, fused_experts, head_problem, moe_problem, spec_header, spec_tail,
+                          stack_problem, stack_t, transposed)
+from ..llama_like import yaml_float as _yaml_float
 
 # DeepseekV3Config's defaults (transformers' configuration_deepseek_v3.py), for fields a config.json omits
 DEFAULTS = {"vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
@@ -162,8 +168,6 @@ def read_config(config: dict) -> dict:
                     f"(at least {-(-c['num_experts_per_tok'] // (E // groups))})")
     if c["n_shared_experts"] is None:
         c["n_shared_experts"] = 0
-    from moedsl.dtypes import NAMES
-
     dtype = config.get("dtype", config.get("torch_dtype", NAMES[0]))
     if dtype not in NAMES:
         _refuse("dtype", dtype, ", ".join(NAMES))
@@ -369,8 +373,6 @@ def _moe_problem(e, at) -> Optional[str]:
 
 def _mla_names(spec, a: int) -> list:
     """(moedsl name, name under ``self_attn.``) of latent attention layer ``a``'s parameters."""
-    from moedsl.nn.attention import LatentAttention
-
     c = spec.layers[a].config
     mine = ["wq.weight"] if c.q_lora_rank is None else ["wq_a.weight", "q_norm.weight", "wq_b.weight"]
     mine += ["wkv_a.weight", "kv_norm.weight", "wkv_b.weight", "wo.weight"]
@@ -469,12 +471,12 @@ class DeepseekV3(Family):
             if g.bias_balancing_rate is not None:
                 out.append(Tensor(f"layers.{m}.gate.expert_bias", (moe + "gate.e_score_correction_bias",), same))
             if moe + "experts.gate_up_proj" in names:  # transformers 5's in-memory (fused) layout
-                out += _fused(m, moe)
+                out += fused_experts(m, moe)
             else:
                 for ours, theirs in _FFN:
-                    count = _count_experts(names, f"{moe}experts.", theirs) or x.count
+                    count = count_experts(names, f"{moe}experts.", theirs) or x.count
                     out.append(Tensor(f"layers.{m}.experts.{ours}",
-                                      tuple(f"{moe}experts.{e}.{theirs}.weight" for e in range(count)), _stack_t))
+                                      tuple(f"{moe}experts.{e}.{theirs}.weight" for e in range(count)), stack_t))
             if x.shared is not None:
                 out += [Tensor(f"layers.{m}.shared.{ours}.weight", (f"{moe}shared_experts.{theirs}.weight",), same)
                         for ours, theirs in _FFN]
@@ -523,8 +525,6 @@ class DeepseekV3(Family):
         return cfg
 
     def export_tensors(self, spec) -> list:
-        import torch
-
         pairs, norm = self._layout(spec)
         d = spec.model.d_model
         out = [Tensor("model.embed_tokens.weight", ("embedding.weight",), same)]
@@ -546,7 +546,7 @@ class DeepseekV3(Family):
             for e in range(x.count):
                 for ours, theirs in _FFN:
                     out.append(Tensor(f"{moe}experts.{e}.{theirs}.weight", ((f"layers.{m}.experts.{ours}", e),),
-                                      lambda ts: _t(ts[0])))
+                                      lambda ts: transposed(ts[0])))
             if x.shared is not None:
                 out += [Tensor(f"{moe}shared_experts.{theirs}.weight", (f"layers.{m}.shared.{ours}.weight",), same)
                         for ours, theirs in _FFN]

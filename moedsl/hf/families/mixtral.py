@@ -69,9 +69,10 @@ class Mixtral(LlamaLike):
         x, g = e.config.experts, e.config.gate
         if x.shared is not None:
             return f"{at(e, 'experts', 'shared')} (shared experts)"
-        if not g.normalize:
+        why = super().moe_problem(e, at)  # first: a top-k gate (whose options hold normalize)
+        if why is None and not g.normalize:
             return f"{at(e, 'gate', 'normalize')} false (Mixtral renormalises over the k)"
-        return super().moe_problem(e, at)
+        return why
 
     def layer_config(self, spec, a, e) -> tuple:
         x, g = e.config.experts, e.config.gate

@@ -2,12 +2,25 @@
 second expert kept with probability min(1, 2·g2), capacity factor 1."""
 from __future__ import annotations
 
-from . import CAPACITY_KEYS, GateType, register
+from dataclasses import dataclass
+
+from moedsl.schema import defaults
+
+from . import CAPACITY_KEYS, Gate, GateType, register
+
+_GATE = defaults("gate")
+
+
+@dataclass(frozen=True)
+class Options(Gate):
+    second_expert: str = _GATE["second_expert"]  # random (Algorithm 1) | always
+    normalize: bool = _GATE["normalize"]  # g1, g2 normalised to sum to 1
 
 
 class GShard(GateType):
     name = "gshard"
     module = "GShardGate"
+    Options = Options
     options = frozenset({"k", "second_expert", "normalize", "jitter", "bias_balancing", *CAPACITY_KEYS})
     losses = frozenset({"importance", "balance", "z_loss"})
     default_capacity = 1.0

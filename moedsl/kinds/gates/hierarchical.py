@@ -11,6 +11,14 @@ class Hierarchical(GateType):
     module = "HierarchicalGate"
     losses = frozenset({"importance", "load", "z_loss"})
     in_schema = False
+    # what a resume may change in a level (``hierarchy.primary`` / ``secondary``): its training noise
+    level_training_only = frozenset({"jitter", "noise_epsilon"})
+
+    def resume_may_change(self, names, old, new):
+        """``names`` below ``hierarchy:``: a level's option, or the layer's capacity."""
+        if len(names) == 2 and names[0] in ("primary", "secondary"):
+            return names[1] in self.level_training_only
+        return super().resume_may_change(names, old, new)
 
 
 register(Hierarchical())

@@ -11,6 +11,7 @@ class Softmax(GateType):
     options = frozenset({"jitter"})
     losses = frozenset({"importance", "z_loss"})
     dense = True
+    capacity_is_budget = False  # no capacity: every expert takes every token
     sub_gate_options = frozenset({"jitter"})
 
     def k(self, g, experts):

@@ -4,12 +4,37 @@
 routed_scaling_factor)."""
 from __future__ import annotations
 
-from . import CAPACITY_KEYS, GateType, check_k, register
+from dataclasses import dataclass
+from typing import Optional
+
+from moedsl.schema import defaults
+
+from . import CAPACITY_KEYS, Gate, GateType, check_k, register
+
+_GATE = defaults("gate")
+
+
+@dataclass(frozen=True)
+class ExpertGroups:
+    """Group-limited routing (DeepSeek-V3; transformers' DeepseekV3TopkRouter): ``count`` groups
+    of consecutive expert ids, a token chooses among the ``top`` best groups only."""
+
+    count: int
+    top: int
+
+
+@dataclass(frozen=True)
+class Options(Gate):
+    normalize: bool = _GATE["normalize"]  # the k selected weights renormalised to sum to 1
+    score: str = _GATE["score"]  # softmax | sigmoid
+    scale: float = _GATE["scale"]  # routed_scaling_factor
+    groups: Optional[ExpertGroups] = None
 
 
 class TopK(GateType):
     name = "topk"
     module = "TopKGate"
+    Options = Options
     options = frozenset({"k", "normalize", "score", "scale", "groups", "jitter", "bias_balancing", *CAPACITY_KEYS})
     losses = frozenset({"importance", "balance", "z_loss"})
     sub_gate_options = frozenset({"k", "normalize", "jitter"})
@@ -18,6 +43,11 @@ class TopK(GateType):
         check_k(g, path, experts, checks)
         if "groups" in g:
             check_groups(g, path, experts, checks)
+
+    def build(self, g, **resolved):
+        if "groups" in g:
+            resolved["groups"] = ExpertGroups(count=g["groups"]["count"], top=g["groups"]["top"])
+        return super().build(g, **resolved)
 
 
 def check_groups(g: dict, path: tuple, experts: int, checks) -> None:

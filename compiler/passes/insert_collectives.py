@@ -49,11 +49,13 @@ def routing_scope(info, world: int) -> tuple[str, int]:
     return "global", g.routing_groups
 
 
-def _layer_nodes(graph: fx.Graph, name: str) -> dict:
+def layer_nodes(graph: fx.Graph, name: str) -> dict:
+    """The nodes of MoE layer ``name`` by their role (``tokens``, ``route``, ``dispatch``, ...)."""
     return {n.meta["role"]: n for n in graph.nodes if n.meta.get("moe_layer") == name and "role" in n.meta}
 
 
-def _new(graph: fx.Graph, op: str, target, args, name: str, layer: str, role: str) -> fx.Node:
+def new_node(graph: fx.Graph, op: str, target, args, name: str, layer: str, role: str) -> fx.Node:
+    """A node of MoE layer ``layer`` with role ``role`` (the passes find a layer's nodes by them)."""
     node = graph.create_node(op, target, args, {}, name=name)
     node.meta.update(moe_layer=layer, role=role)
     return node
@@ -66,7 +68,7 @@ def insert_collectives(low: Lowered, spec, mesh: MeshShape, rank: int, placement
     ep_rank = rank % ep
     for info in low.moe:
         name, base = info.name, info.name.replace(".", "_")
-        nodes = _layer_nodes(g, name)
+        nodes = layer_nodes(g, name)
         scope, groups = routing_scope(info, world)
         if info.per_token:  # a decode graph: each token its own group, counted when it runs
             scope, groups = "local", nodes["route"].args[3]
@@ -83,23 +85,23 @@ def insert_collectives(low: Lowered, spec, mesh: MeshShape, rank: int, placement
                 low.modules[f"{name}.route_gather"] = C.GatherTokens(world, rank)
             mask = route.kwargs.get("mask")  # the tokens that count, gathered with them
             with g.inserting_before(route):
-                gathered = _new(g, "call_module", f"{name}.route_gather", (flat, ids, mask), f"{base}_route_gather",
+                gathered = new_node(g, "call_module", f"{name}.route_gather", (flat, ids, mask), f"{base}_route_gather",
                                 name, "route_gather")
-                gx = _new(g, "call_function", operator.getitem, (gathered, 0), f"{base}_gathered_tokens",
+                gx = new_node(g, "call_function", operator.getitem, (gathered, 0), f"{base}_gathered_tokens",
                           name, "gathered")
-                gids = _new(g, "call_function", operator.getitem, (gathered, 1), f"{base}_gathered_ids",
+                gids = new_node(g, "call_function", operator.getitem, (gathered, 1), f"{base}_gathered_ids",
                             name, "gathered_ids") if ids is not None else None
                 if mask is not None:
-                    route.kwargs = {**route.kwargs, "mask": _new(g, "call_function", operator.getitem, (gathered, 2),
+                    route.kwargs = {**route.kwargs, "mask": new_node(g, "call_function", operator.getitem, (gathered, 2),
                                                                  f"{base}_gathered_mask", name, "gathered_mask")}
             route.args = (gx, gids, 0, groups)
             with g.inserting_after(route):
-                local_route = _new(g, "call_function", C.localize, (route, flat, rank), f"{base}_route_local",
+                local_route = new_node(g, "call_function", C.localize, (route, flat, rank), f"{base}_route_local",
                                    name, "route_local")
             route.replace_all_uses_with(local_route, delete_user_cb=lambda u: u is not local_route)
         if layout != info.layout:  # capacity -> packed: rebuild dispatch / experts / combine
             _to_packed(g, nodes, local_route, name, base)
-            nodes = _layer_nodes(g, name)
+            nodes = layer_nodes(g, name)
         spread = ep > 1
         algorithm = "flat"
         if spread:
@@ -122,13 +124,13 @@ def _to_packed(g: fx.Graph, nodes: dict, route: fx.Node, name: str, base: str) -
     disp, experts, combine = nodes["dispatch"], nodes["experts"], nodes["combine"]
     flat = disp.args[0]
     with g.inserting_before(disp):
-        packed = _new(g, "call_function", moe_ops.dispatch_packed, (flat, route), f"{base}_dispatch_packed",
+        packed = new_node(g, "call_function", moe_ops.dispatch_packed, (flat, route), f"{base}_dispatch_packed",
                       name, "dispatch")
-        rows = _new(g, "call_function", getattr, (packed, "rows"), f"{base}_rows", name, "rows")
-        sizes = _new(g, "call_function", getattr, (packed, "sizes"), f"{base}_sizes", name, "sizes")
+        rows = new_node(g, "call_function", getattr, (packed, "rows"), f"{base}_rows", name, "rows")
+        sizes = new_node(g, "call_function", getattr, (packed, "sizes"), f"{base}_sizes", name, "sizes")
     experts.args = (rows, sizes)
     with g.inserting_before(combine):
-        comb = _new(g, "call_function", moe_ops.combine_packed, (experts, packed, route), f"{base}_combine_packed",
+        comb = new_node(g, "call_function", moe_ops.combine_packed, (experts, packed, route), f"{base}_combine_packed",
                     name, "combine")
     combine.replace_all_uses_with(comb)
     g.erase_node(combine)
@@ -142,17 +144,17 @@ def _insert_capacity_a2a(g, low, nodes, route, lp, ep_rank, name, base) -> None:
         low.modules[f"{name}.a2a_combine"] = C.CapacityAllToAllBack(fwd)
     disp, experts, combine = nodes["dispatch"], nodes["experts"], nodes["combine"]
     with g.inserting_after(disp):
-        a2a = _new(g, "call_module", f"{name}.a2a_dispatch", (disp,), f"{base}_a2a_dispatch", name, "a2a_dispatch")
+        a2a = new_node(g, "call_module", f"{name}.a2a_dispatch", (disp,), f"{base}_a2a_dispatch", name, "a2a_dispatch")
     if lp.uniform:
         experts.args = (a2a,)
     else:  # uneven slots (replicas): rows grouped by local slot
         with g.inserting_after(a2a):
-            rows = _new(g, "call_function", getattr, (a2a, "rows"), f"{base}_recv_rows", name, "rows")
+            rows = new_node(g, "call_function", getattr, (a2a, "rows"), f"{base}_recv_rows", name, "rows")
         with g.inserting_after(rows):
-            sizes = _new(g, "call_function", getattr, (a2a, "sizes"), f"{base}_recv_sizes", name, "sizes")
+            sizes = new_node(g, "call_function", getattr, (a2a, "sizes"), f"{base}_recv_sizes", name, "sizes")
         experts.args = (rows, sizes)
     with g.inserting_after(experts):
-        back = _new(g, "call_module", f"{name}.a2a_combine", (experts, route), f"{base}_a2a_combine", name,
+        back = new_node(g, "call_module", f"{name}.a2a_combine", (experts, route), f"{base}_a2a_combine", name,
                     "a2a_combine")
     combine.args = (back,) + tuple(combine.args[1:])
 
@@ -170,7 +172,7 @@ def _insert_packed_a2a(g, low, nodes, lp, ep_rank, name, base) -> None:
     disp.args = (disp.args[0], disp.args[1], slots, sum(len(s) for s in lp.slots))
     rows_node, sizes_node = nodes["rows"], nodes["sizes"]
     with g.inserting_after(disp):
-        a2a = _new(g, "call_module", f"{name}.a2a_dispatch", (disp,),
+        a2a = new_node(g, "call_module", f"{name}.a2a_dispatch", (disp,),
                    f"{base}_a2a_dispatch", name, "a2a_dispatch")
     rows_node.args = (a2a, "rows")
     sizes_node.args = (a2a, "sizes")
@@ -178,6 +180,6 @@ def _insert_packed_a2a(g, low, nodes, lp, ep_rank, name, base) -> None:
     a2a.append(rows_node)
     rows_node.append(sizes_node)
     with g.inserting_after(experts):
-        back = _new(g, "call_module", f"{name}.a2a_combine", (experts, a2a), f"{base}_a2a_combine", name,
+        back = new_node(g, "call_module", f"{name}.a2a_combine", (experts, a2a), f"{base}_a2a_combine", name,
                     "a2a_combine")
     combine.args = (back,) + tuple(combine.args[1:])

@@ -5,11 +5,11 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from moedsl.compiler.plan import human_bytes, human_flops
+from moedsl.params import human
+
 
 def plan_tables(plan) -> list:
-    from moedsl.compiler.plan import human_bytes, human_flops
-    from moedsl.params import human
-
     def both(d: dict) -> str:
         return ", ".join(f"{k} {human_bytes(v)}" for k, v in d.items())
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 from moedsl import spec as S
 
 from .lower import lower
-from .passes.collectives import insert_collectives
+from .passes.insert_collectives import insert_collectives
 from .passes.fuse_decode_moe import fuse_decode_moe
 from .passes.placement import placement_pass
 from .passes.share_token_keys import share_token_keys
