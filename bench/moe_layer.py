@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import moedsl
-from moedsl.nn import cpu_gemm
+from moedsl.nn import cpu_caps, cpu_gemm
 from moedsl.runtime.cpu import keep_freed_memory, release_freed_memory
 
 
@@ -278,7 +278,8 @@ def main(argv=None):
     grid = list(itertools.product(ints(a.tokens), ints(a.experts), ints(a.topk), a.act.split(","),
                                   a.mode.split(",")))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d={a.d}, h={a.h}, fp32, "
-          f"forward + backward, {a.repeats} repeats, malloc keeps freed memory: {kept}", flush=True)
+          f"forward + backward, {a.repeats} repeats, malloc keeps freed memory: {kept}; {cpu_caps.describe()}",
+          flush=True)
     rows = []
     for T, E, k, act, mode in grid:
         r = row(T, E, k, act, mode, a.d, a.h, a.capacity_factor, a.repeats, hf=not a.no_hf, mkl_only=a.mkl_only)
