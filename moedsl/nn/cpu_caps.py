@@ -6,10 +6,10 @@ benchmark prints beside its figures (``describe``).
 torch's 16-bit matmuls on a CPU are oneDNN's where oneDNN has a kernel for the type on this
 CPU (``torch.ops.mkldnn._is_mkldnn_bf16_supported`` / ``_fp16_supported``, which follow
 ``ONEDNN_MAX_CPU_ISA``), and a reference GEMM that converts element by element elsewhere.
-Measured on the project's machine (AVX512 with avx512_bf16, no avx512_fp16), n×n×n matmuls,
-GFLOP/s float32 / bfloat16 / float16: n = 1024: 46 / 89 / 0.5; with
-``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` (an AVX2-only CPU): 44 / 0.9 / 0.4.
-An AVX2-only CPU measured elsewhere: 8 / 0.2 (bfloat16).
+Measured on the project's machine (AVX512 with avx512_bf16, no avx512_fp16; loaded), a 1024³
+matmul on one thread, best of 3, GFLOP/s float32 / bfloat16 / float16: 42 / 150 / 0.3; with
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` (as on an AVX2-only CPU): 22 / 0.2 / 0.3.
+An AVX2-only CPU measured elsewhere: 8 / 0.2 (float32 / bfloat16).
 """
 from __future__ import annotations
 
