@@ -90,6 +90,9 @@ def child(code: str, arg: str) -> dict:
 
 
 def main() -> int:
+    from moedsl.nn import cpu_caps  # here, not at the top: only the children time anything
+
+    print(cpu_caps.describe())
     rows = []
     print("| experts | layers | experts × layers | load+validate ms | compile ms | plan ms | total ms "
           "| µs per expert-layer | peak RSS MiB | RSS grew MiB |")
@@ -115,7 +118,8 @@ def main() -> int:
     print(f"\nSwitch-C (specs/switch-c-2048.yaml, {sc['params'] / 1e12:.2f}T parameters, rank 0 of {sc['world']}): "
           f"load {sc['load']:.2f} s + compile {sc['compile']:.2f} s + plan {sc['plan']:.2f} s = {total:.2f} s "
           f"(target < 5 s); peak RSS {sc['peak_mib']:.0f} MiB (target < 1024 MiB)")
-    print("\n| built model | parameters + buffers MiB | RSS grew MiB | overhead | first build in the process: "
+    print(f"\n{cpu_caps.describe()}")
+    print("| built model | parameters + buffers MiB | RSS grew MiB | overhead | first build in the process: "
           "RSS grew MiB | overhead |")
     print("|---|---|---|---|---|---|")
 

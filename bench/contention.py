@@ -94,6 +94,9 @@ def main() -> None:
                 print(f"# run {rep + 1}/{a.repeats}, load {n}, {s}: median {statistics.median(step):.3f} s, "
                       f"max {max(step):.3f} s", file=sys.stderr, flush=True)
     cols = [f"{n} busy loop{'s' if n != 1 else ''}" if n else "no extra load" for n in a.load]
+    from moedsl.nn import cpu_caps  # here, not at the top: torch would load its OpenMP runtime in this process
+
+    print(cpu_caps.describe())
     print(f"step time, seconds: median (fastest) of {a.repeats} runs x {a.steps - a.skip} steps per cell; "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
     print("| setting | " + " | ".join(cols) + " |")

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from moedsl.nn import cpu_gemm
+from moedsl.nn import cpu_caps, cpu_gemm
 from moedsl.runtime.cpu import keep_freed_memory
 
 
@@ -83,7 +83,7 @@ def main(argv=None):
         return 1
     keep_freed_memory()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, d={a.d}, h={a.h}, "
-          f"{a.repeats} repeats, weights cold")
+          f"{a.repeats} repeats, weights cold; {cpu_caps.describe()}")
     print()
     print("| groups | rows each | product | bmm ms | kernel ms | kernel, MKL only ms | kernel/bmm | MKL only/bmm |")
     print("|---|---|---|---|---|---|---|---|")

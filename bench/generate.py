@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from moedsl.nn import cpu_caps
+
 
 def _time(fn) -> float:
     t = time.perf_counter()
@@ -115,7 +117,8 @@ def main() -> None:
     where = f"the GPU ({torch.cuda.get_device_name()})" if args.cuda else "the CPU"
     t = Table(title=f"generate on {where}: Mixtral d {args.d}, {args.layers} layers, {args.experts} experts (top 2), "
               f"prompt {args.prompt}, {args.new} new tokens, torch threads {torch.get_num_threads()}, median of "
-              f"{args.repeats}" + ("; moedsl decodes through a CUDA graph, 'moedsl eager' without" if args.cuda else ""),
+              f"{args.repeats}" + ("; moedsl decodes through a CUDA graph, 'moedsl eager' without" if args.cuda else "")
+              + f"; {cpu_caps.describe()}",
               title_justify="left")
     cols = ["batch", "prefill tok/s moedsl", "prefill tok/s HF", "prefill ratio", "decode tok/s moedsl"]
     cols += ["decode tok/s moedsl eager"] if args.cuda else []

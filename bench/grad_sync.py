@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from moedsl.nn import cpu_caps
+
 ROOT = Path(__file__).resolve().parents[1]
 MESHES = {"sharded": None, "expert-dp": {"expert_parallel": 1, "data_parallel": 2}}
 
@@ -101,7 +103,8 @@ def main(argv=None) -> int:
                 names.append(label)
     res = spawn(_worker, 2, configs, a.steps, a.batch, a.seq, a.threads, timeout=600)
     print(f"2 gloo processes, {a.threads} torch thread(s) each, batch {a.batch} × {a.seq}, "
-          f"{a.steps} steps per configuration, interleaved; medians (rank 0; wait and sync: max over ranks)\n")
+          f"{a.steps} steps per configuration, interleaved; medians (rank 0; wait and sync: max over ranks); "
+          f"{cpu_caps.describe()}\n")
     print("| spec | experts | sync | bucket MiB | step ms | Traffic.wait_s ms / step | sync call ms / step |")
     print("|---|---|---|---|---|---|---|")
     for i, (name, mesh, mode, mb) in enumerate(names):

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - the reference is an extra
 
 import moedsl
 from moedsl.cli import main as moedsl_main
+from moedsl.nn import cpu_caps
 from moedsl.hf import registered
 from moedsl.hf.reference import tiny_reference
 
@@ -89,6 +90,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif args.markdown:
+        print(cpu_caps.describe())
         print("| family | variant | after import | after export + reload | missing / unexpected keys |")
         print("|---|---|---|---|---|")
         for r in rows:
@@ -102,7 +104,7 @@ def main() -> int:
         from rich.table import Table
 
         table = Table(title=f"logits against transformers {transformers.__version__} (fp32; error = max|Δ| / max|logit|,"
-                            f" target ≤ {TARGET:g})")
+                            f" target ≤ {TARGET:g}; {cpu_caps.describe()})")
         for col in ("family", "variant", "after import", "after export + reload", "missing / unexpected keys", "ok"):
             table.add_column(col)
         for r in rows:

@@ -136,7 +136,9 @@ def main() -> None:
     for r in range(2):
         res = run_child("load", work / "imported", r, 2)
         rows.append((f"load, rank {r} of 2", res["seconds"], res["peak"], res["base"], res["held"]))
-    print()
+    from moedsl.nn import cpu_caps  # here, not at the top: only the children time anything
+
+    print(f"\n{cpu_caps.describe()}")
     print("| step | seconds | peak (VmHWM) | base (python + torch) | weights held | (peak - base) / held |")
     print("|---|---|---|---|---|---|")
     for name, s, peak, base, held in rows:

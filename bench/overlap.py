@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from moedsl.nn import cpu_caps
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -93,7 +95,8 @@ def main(argv=None) -> int:
     seq = args.seq or data["train"]["seq_len"]
     res = spawn(_worker, 2, datas, args.rounds, batch, seq, timeout=1200.0)
     print(f"{Path(args.spec).name}: batch {batch} × {seq}, d_model {datas[0]['model']['d_model']}, 2 gloo processes, "
-          f"1 thread each, {args.rounds} interleaved rounds (medians; step: the slower rank's)\n")
+          f"1 thread each, {args.rounds} interleaved rounds (medians; step: the slower rank's); "
+          f"{cpu_caps.describe()}\n")
     print("| chunks | step ms | wait ms / step (rank 0, rank 1) | step vs D=1 |")
     print("|---|---|---|---|")
     base = max(r[0]["step_s"] for r in res)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from moedsl.nn import cpu_caps
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,7 +53,8 @@ def cpu(specs, steps, batch, seq):
     from moedsl.runtime.spawn import spawn
 
     print("all-to-all payload sent per rank per step (forward + backward) against the plan's prediction, "
-          "which is exact for static layers and assumes balanced routing with nothing dropped otherwise\n")
+          "which is exact for static layers and assumes balanced routing with nothing dropped otherwise; "
+          f"{cpu_caps.describe()}\n")
     print("| spec | processes | layout | step ms | tokens/s | a2a sent / rank / step | plan predicted | measured / plan |")
     print("|---|---|---|---|---|---|---|---|")
     for name in specs:
@@ -77,7 +80,8 @@ def cuda(specs, steps, batch, seq):
     import moedsl
     from moedsl.runtime.train import RunOptions, Trainer
 
-    print(f"\n{torch.cuda.get_device_name()}: training step, eager vs CUDA-graph replay (batch {batch} × {seq})")
+    print(f"\n{torch.cuda.get_device_name()}: training step, eager vs CUDA-graph replay (batch {batch} × {seq}); "
+          f"host {cpu_caps.describe()}")
     print("| spec | dtype | eager ms | graph replay ms | speed-up |")
     print("|---|---|---|---|---|")
     for name in specs:

@@ -43,7 +43,10 @@ def main(argv=None) -> int:
                   f"({summary['seconds']:.0f} s)", flush=True)
     seeds = sorted({s for _, s in results})
     steps = [s for s, _ in results[("switch", seeds[0])][1]]
-    print(f"\nheld-out loss (bytes, nats/token) on --data pystdlib, batch 16 × 64, seeds {seeds}:\n")
+    from moedsl.nn import cpu_caps  # here, not at the top: only the children time anything
+
+    print(f"\nheld-out loss (bytes, nats/token) on --data pystdlib, batch 16 × 64, seeds {seeds}; "
+          f"{cpu_caps.describe()}:\n")
     print("| step | " + " | ".join(f"switch s{s} | dense s{s}" for s in seeds) + " | switch mean | dense mean |")
     print("|---|" + "---|---|" * len(seeds) + "---|---|")
     for i, step in enumerate(steps):

@@ -41,6 +41,8 @@ from types import SimpleNamespace
 
 import torch
 
+from moedsl.nn import cpu_caps
+
 MODELS = {  # name -> (experts, top-k, expert hidden)
     "mixtral": (8, 2, 1024),
     "fine": (64, 8, 256),
@@ -223,7 +225,8 @@ def two_processes(folders: dict, args, hf_rows: list) -> None:
 
     settings = [("after_backward", 1), ("bucketed", 1), ("bucketed", args.chunks)]
     print(f"\n2 gloo processes, 1 thread each, experts split between them (global batch {args.batch} × {args.seq}); "
-          "blocked: seconds per step a process spends inside collectives (max over the two)\n")
+          "blocked: seconds per step a process spends inside collectives (max over the two); "
+          f"{cpu_caps.describe()}\n")
     print("| model | dtype | gradient sync | MoE chunks | step ms | tokens/s | blocked in all-to-alls ms "
           "| blocked in the gradient sync ms | blocked, share of step | × transformers (1 process, 2 threads) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -266,7 +269,7 @@ def main(argv=None) -> int:
     folders = {name: _import(transformers, name, args, root) for name in args.models.split(",")}
     print(f"\ntraining step, 1 process, {args.threads} threads, batch {args.batch} × {args.seq}, d_model {args.d}, "
           f"{args.layers} layers, vocabulary {args.vocab}; transformers {transformers.__version__}, "
-          f"torch {torch.__version__}\n")
+          f"torch {torch.__version__}; {cpu_caps.describe()}\n")
     print("| model | dtype | implementation | step ms | tokens/s | × transformers |")
     print("|---|---|---|---|---|---|")
     rows = one_process(transformers, folders, args) if args.single else []

@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     variants = {"BPR": ROOT / "specs" / "v-moe.yaml", "position": position}
     acc: dict = {}  # (trained, inference order, seed, factor) -> accuracy; ("dense", "", seed, None)
     dropped: dict = {}
+    from moedsl.nn import cpu_caps  # here, not at the top: only the children time anything
+
     t0 = time.time()
     for seed in seeds:
         for name, spec in variants.items():
@@ -86,7 +88,8 @@ def main(argv=None) -> int:
               flush=True)
 
     t = Table(title=f"held-out accuracy on the digits (299 images), seeds {seeds}: mean (per seed); "
-              "columns: trained with / evaluated with; dropped: mean fraction of assignments dropped",
+              "columns: trained with / evaluated with; dropped: mean fraction of assignments dropped; "
+              + cpu_caps.describe(),
               title_justify="left")
     columns = [("BPR", "BPR"), ("position", "position"), ("BPR", "position"), ("position", "BPR")]
     t.add_column("eval capacity factor", justify="right")

@@ -146,7 +146,7 @@ def _cmd_run(args) -> int:
     spec = load_spec(_spec_path(args.spec))
     in_job = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     launching = bool(args.nproc and args.nproc > 1 and not in_job)
-    from .runtime.preflight import Replaced, check_run
+    from .runtime.preflight import Replaced, check_run, sixteen_bit_warning
     from .runtime.train import RunOptions, run
 
     opts = RunOptions.from_spec(
@@ -163,6 +163,10 @@ def _cmd_run(args) -> int:
         check_run(spec, opts, world, names=given, overwrite=args.overwrite, memory=not args.ignore_memory_check,
                   processes_here=here, world_name=f"{world} processes ({'--nproc' if launching else 'WORLD_SIZE'} "
                   f"{world})")
+        if rank == 0:
+            slow = sixteen_bit_warning(spec, opts)  # a 16-bit spec on a CPU without 16-bit GEMMs: tens of times slower
+            if slow:
+                print(slow, file=sys.stderr, flush=True)
     replaced = Replaced(opts.out) if args.overwrite and rank == 0 and not launched_worker() else None
     try:
         if launching:

@@ -15,6 +15,9 @@ traceback from AdamW, the allocator or the rendezvous. ``check_run`` looks at
 and raises ``RunRefused`` with one line per problem. The CLI calls it before it starts
 workers, with the world of ``--nproc``; ``runtime.train.run`` calls it again on every rank
 (for runs started by torchrun or from Python), and only rank 0 prints it.
+
+A run that can work but will be far slower than it need be is warned about, not refused:
+``sixteen_bit_warning``, a 16-bit spec on a CPU without native 16-bit GEMMs.
 """
 from __future__ import annotations
 
@@ -323,6 +326,52 @@ class Replaced:
         shutil.rmtree(self.aside, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------- 16 bits on a CPU
+
+def slow_sixteen_bit(spec, o, caps=None, cuda: bool | None = None) -> list:
+    """The spec's 16-bit dtypes (``model.dtype``, ``model.router_dtype``: (field, torch dtype))
+    that this run computes on a CPU without a native GEMM for them: none on CUDA (``o.device``
+    cuda, or auto with a GPU; ``cuda``: default ``torch.cuda.is_available()``) and none where
+    ``caps`` (default ``cpu_caps.probe()``) has them."""
+    import torch
+
+    from moedsl import dtypes
+    from moedsl.nn import cpu_caps
+
+    wanted = [(f"model.{f}", getattr(spec.model, f)) for f in ("dtype", "router_dtype")]
+    sixteen = [(f, dtypes.torch_dtype(n)) for f, n in wanted if n in ("bfloat16", "float16")]
+    if not sixteen or o.device == "cuda":
+        return []
+    if o.device == "auto" and (torch.cuda.is_available() if cuda is None else cuda):
+        return []
+    caps = caps or cpu_caps.probe()
+    return [(f, dt) for f, dt in sixteen if not caps.native(dt)]
+
+
+def sixteen_bit_warning(spec, o, caps=None, cuda: bool | None = None, slowdown=None) -> str | None:
+    """The line ``moedsl run`` prints before training a 16-bit spec on a CPU without native
+    GEMMs for the type (``slow_sixteen_bit``), None elsewhere: the capability, how many times
+    longer a 16-bit matmul took than a float32 one just now (``slowdown(dtype)``, default
+    ``cpu_caps.slowdown``: ~0.1 s, nothing kept), and what to do. There torch's 16-bit GEMMs
+    convert element by element: an AVX2-only CPU ran a 1024³ bfloat16 matmul at 0.2 GFLOP/s
+    against 8 in float32, and a bfloat16 training step of a 54M-parameter Mixtral took ~100 s."""
+    from moedsl.nn import cpu_caps
+
+    slow = slow_sixteen_bit(spec, o, caps, cuda)
+    if not slow:
+        return None
+    caps, slowdown = caps or cpu_caps.probe(), slowdown or cpu_caps.slowdown
+    names = {dt: str(dt).removeprefix("torch.") for _, dt in slow}  # each dtype once, measured once
+    took = [f"{r:.1f}×" if r < 10 else f"{r:.0f}×" for r in map(slowdown, names)]
+    took = " and ".join([f"a {n} matmul took {t}" if i == 0 else f"a {n} one {t}"
+                         for i, (n, t) in enumerate(zip(names.values(), took))])
+    fields = ", ".join(f"{f} {names[dt]}" for f, dt in slow)
+    return (f"moedsl: warning: {fields} on a CPU without native {'/'.join(names.values())} GEMMs "
+            f"({caps.capability}): {took} as long as float32 here just now, and every layer but the experts "
+            f"(computed in float32) runs about that much slower: set "
+            f"{' and '.join(f for f, _ in slow)} to float32 in the spec, or run on a GPU")
+
+
 # ----------------------------------------------------------------------------- memory
 
 def memory_needed(spec, o, world: int) -> int:
@@ -367,4 +416,4 @@ def memory_problem(spec, o, world: int, processes_here: int) -> str | None:
             "--ignore-memory-check to run anyway")
 
 
-__all__ = ["RunRefused", "check_run", "existing_run", "make_out", "Replaced", "memory_needed", "memory_available"]
+__all__ = ["RunRefused", "check_run", "slow_sixteen_bit", "sixteen_bit_warning", "existing_run", "make_out", "Replaced", "memory_needed", "memory_available"]

@@ -104,6 +104,22 @@ def test_small_row_kernels_every_tile_shape(K, n):
 
 
 @needs_kernel
+def test_the_kernel_loaded_first_inside_a_bfloat16_autocast_region_passes_its_self_check():
+    """Its first use may come inside ``torch.autocast("cpu", torch.bfloat16)`` (the combine of a
+    16-bit run): the self-check's float32 reference must not be computed in bfloat16 there, or
+    the kernel is refused for the whole process."""
+    code = textwrap.dedent("""
+        import torch
+        from moedsl.nn import cpu_gemm
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            print(cpu_gemm.why_unavailable())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None", out.stdout + out.stderr
+
+
+@needs_kernel
 def test_grouped_mm_takes_strided_operands_and_partial_grads():
     g = torch.Generator().manual_seed(1)
     sizes = torch.tensor([5, 0, 9, 2])

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moedsl.nn import cpu_gemm
+from moedsl.nn.cpu_caps import CpuCaps
 from moedsl.nn.experts import Experts
 from moedsl.nn.grouped import grouped_matmul
 
@@ -37,7 +38,10 @@ def reference(ex: Experts, x: torch.Tensor, sizes: list) -> torch.Tensor:
     return torch.cat(out)
 
 
-MODES = ["padded", "torch", "auto", "aligned"] + (["kernel"] if cpu_gemm.available() else [])
+MODES = ["padded", "torch", "auto", "aligned", "float32"] + (["kernel"] if cpu_gemm.available() else [])
+# CPUs for the cost model, injected: native bfloat16 and float16 (AMX), and AVX2 only (neither)
+NATIVE_16BIT = CpuCaps("AVX512", bf16=True, fp16=True)
+AVX2_ONLY = CpuCaps("AVX2", bf16=False, fp16=False)
 
 
 def run(ex: Experts, x: torch.Tensor, sizes: torch.Tensor, gy: torch.Tensor, mode: str):
@@ -133,15 +137,64 @@ def test_sixteen_bit_choice_pads_small_even_groups_and_aligns_large_skewed_ones(
     """The cost model in bfloat16: 64 experts of 256 × 512 with a few rows each (the calls
     dominate) are padded into one batched GEMM; the skewed groups of a 64-expert top-8 layer
     (from 1 row to 3× the mean) are aligned, where padding to the longest would compute 3×
-    the rows; float32 without the kernel keeps torch._grouped_mm on the groups as they are."""
+    the rows; float32 without the kernel keeps torch._grouped_mm on the groups as they are.
+    (On a CPU with native 16-bit GEMMs: the model was measured on one.)"""
     ex = Experts(512, 256, "swiglu", list(range(64)), init=False)
     even = torch.full((64,), 6)
     skewed = torch.cat([torch.tensor([1, 789, 600, 20]), torch.full((60,), 230)])
-    assert ex._cpu_choice(even, torch.bfloat16) == "padded"
-    assert ex._cpu_choice(skewed, torch.bfloat16) == "aligned"
-    assert ex._cpu_choice(skewed, torch.float16) == "aligned"
+    assert ex._cpu_choice(even, torch.bfloat16, NATIVE_16BIT) == "padded"
+    assert ex._cpu_choice(skewed, torch.bfloat16, NATIVE_16BIT) == "aligned"
+    assert ex._cpu_choice(skewed, torch.float16, NATIVE_16BIT) == "aligned"
     if not cpu_gemm.available():
-        assert ex._cpu_choice(skewed, torch.float32) == "torch"
+        assert ex._cpu_choice(skewed, torch.float32, NATIVE_16BIT) == "torch"
+
+
+def test_sixteen_bit_experts_compute_in_float32_on_a_cpu_without_a_native_gemm_for_the_type():
+    """Without a native GEMM for the type every 16-bit path converts element by element (7-100×
+    slower than float32 here under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2): bfloat16
+    and float16 experts take the float32 path on an AVX2-only CPU, whatever the groups; a CPU
+    with native bfloat16 but not float16 keeps the 16-bit model for the one, float32 for the
+    other; float32 experts are never re-routed."""
+    ex = Experts(512, 256, "swiglu", list(range(64)), init=False)
+    even = torch.full((64,), 6)
+    skewed = torch.cat([torch.tensor([1, 789, 600, 20]), torch.full((60,), 230)])
+    bf16_only = CpuCaps("AVX512", bf16=True, fp16=False)
+    for sizes in (even, skewed):
+        assert ex._cpu_choice(sizes, torch.bfloat16, AVX2_ONLY) == "float32"
+        assert ex._cpu_choice(sizes, torch.float16, AVX2_ONLY) == "float32"
+        assert ex._cpu_choice(sizes, torch.float16, bf16_only) == "float32"
+        assert ex._cpu_choice(sizes, torch.float32, AVX2_ONLY) == ex._cpu_choice(sizes, torch.float32, NATIVE_16BIT)
+    assert ex._cpu_choice(even, torch.bfloat16, bf16_only) == "padded"
+    assert ex._cpu_choice(skewed, torch.bfloat16, bf16_only) == "aligned"
+
+
+def test_the_float32_path_of_sixteen_bit_experts_is_the_float32_computation_in_the_callers_dtype():
+    """Under bfloat16 autocast the float32 path computes the experts as float32 does (to float32's
+    precision, where the bfloat16 paths are off by ~1e-2), outputs the input's dtype and
+    gives every weight its gradient; with bfloat16 weights and inputs (no autocast) it casts the
+    weights for the products, returns bfloat16 and the gradients reach the bfloat16 weights."""
+    g = torch.Generator().manual_seed(5)
+    ex = Experts(32, 48, "swiglu", list(range(5)), bias=True, seed=5)
+    with torch.no_grad():
+        for b in (ex.b_in, ex.b_gate, ex.b_out):
+            b.normal_(0, 0.1, generator=g)
+    sizes = torch.tensor([9, 0, 3, 17, 1])
+    x = torch.randn(int(sizes.sum()), 32, generator=g)
+    gy = torch.randn(int(sizes.sum()), 32, generator=g)
+    ref = reference(ex, x, sizes.tolist())
+    exact = run(ex, x, sizes, gy, "padded")  # float32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(ex, x, sizes, gy, "float32")
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0].double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1], exact[1], rtol=1e-4, atol=1e-5)
+    for name in exact[2]:
+        torch.testing.assert_close(got[2][name], exact[2][name], rtol=1e-4, atol=1e-5, msg=name)
+    ex16 = ex.to(torch.bfloat16)
+    y, gx, grads = run(ex16, x.bfloat16(), sizes, gy.bfloat16(), "float32")
+    assert y.dtype == gx.dtype == torch.bfloat16 and all(v.dtype == torch.bfloat16 for v in grads.values())
+    torch.testing.assert_close(y.double(), reference(ex16, x.bfloat16(), sizes.tolist()), rtol=2e-2, atol=2e-2)
+    assert torch.count_nonzero(grads["w_in"][1]) == 0 and torch.count_nonzero(grads["w_in"][0]) > 0
 
 
 def test_grouped_matmul_skips_nothing_and_mixes_nothing():

@@ -3,14 +3,22 @@ reason at once, one line each, exit 2, nothing left behind."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import moedsl
 from moedsl.cli import main
+from moedsl.nn import cpu_caps
+from moedsl.nn.cpu_caps import CpuCaps
 from moedsl.runtime import checkpoint as ckpt
+from moedsl.runtime import preflight
+from moedsl.runtime.train import RunOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 SWITCH = str(ROOT / "specs" / "switch.yaml")
@@ -169,3 +177,84 @@ def test_a_batch_the_routing_groups_do_not_divide_is_refused_naming_the_layer(tm
     assert ("moe.gate.routing_groups: routing_groups = 4 does not divide the batch of 3 sequences × 10 tokens "
             "(30 tokens)") in lines[0]
     assert "--batch is 3" in lines[0]
+
+
+# ----------------------------------------------------------------------------- 16 bits on a CPU
+
+AVX2_ONLY = CpuCaps("AVX2", bf16=False, fp16=False)
+BF16_ONLY = CpuCaps("AVX512", bf16=True, fp16=False, flags=("avx512_bf16",))
+# what a 16-bit run on an AVX2-only CPU gets: oneDNN without its 16-bit kernels, ATen's AVX2 code
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def tiny_spec(dtype: str = "bfloat16", router_dtype: str = "float32") -> dict:
+    return {"moedsl": 1, "name": "sixteen", "model": {"input": "vectors", "d_model": 16, "max_seq_len": 16,
+                                                      "dtype": dtype, "router_dtype": router_dtype},
+            "layers": [{"moe": {"experts": {"count": 4, "hidden": 32}, "gate": {"type": "topk", "k": 2},
+                                "residual": False}}],
+            "train": {"batch_size": 2, "seq_len": 8}}
+
+
+def slow_fields(dtype="bfloat16", router_dtype="float32", device="auto", caps=AVX2_ONLY, cuda=False) -> list:
+    spec = moedsl.load_spec(tiny_spec(dtype, router_dtype))
+    o = RunOptions.from_spec(spec, steps=1, device=device)
+    return [f for f, _ in preflight.slow_sixteen_bit(spec, o, caps, cuda)]
+
+
+def test_a_sixteen_bit_spec_is_slow_only_on_a_cpu_without_a_native_gemm_for_its_type():
+    assert slow_fields() == ["model.dtype"]
+    assert slow_fields("float16", "bfloat16") == ["model.dtype", "model.router_dtype"]
+    assert slow_fields("float32", "bfloat16") == ["model.router_dtype"]
+    assert slow_fields("float32") == []
+    assert slow_fields(caps=BF16_ONLY) == []  # native bfloat16 (avx512_bf16, AMX)
+    assert slow_fields("float16", caps=BF16_ONLY) == ["model.dtype"]  # but not float16
+    assert slow_fields(cuda=True) == []  # auto: the run goes to the GPU
+    assert slow_fields(device="cuda") == []
+    assert slow_fields(device="cpu", cuda=True) == ["model.dtype"]  # --device cpu beside a GPU
+
+
+def test_the_sixteen_bit_warning_names_the_cpu_the_measured_slowdown_and_what_to_do():
+    spec = moedsl.load_spec(tiny_spec())
+    o = RunOptions.from_spec(spec, steps=1)
+    measured = []
+
+    def slowdown(dt):
+        measured.append(dt)
+        return 43.4
+
+    line = preflight.sixteen_bit_warning(spec, o, AVX2_ONLY, cuda=False, slowdown=slowdown)
+    assert measured == [torch.bfloat16]
+    assert "\n" not in line and line.startswith("moedsl: warning: model.dtype bfloat16 ")
+    assert "(AVX2)" in line and "43×" in line and "set model.dtype to float32" in line and "GPU" in line
+
+    def never(dt):
+        raise AssertionError("measured where nothing is slow")
+
+    assert preflight.sixteen_bit_warning(spec, o, BF16_ONLY, cuda=False, slowdown=never) is None
+    assert preflight.sixteen_bit_warning(spec, o, AVX2_ONLY, cuda=True, slowdown=never) is None
+
+
+def test_moedsl_run_warns_once_before_training_bfloat16_on_an_avx2_only_cpu(tmp_path):
+    """The real thing: torch and oneDNN limited to AVX2 (as on a CPU without avx512_bf16/AMX), the
+    probe and the timed matmul run as they would there."""
+    if cpu_caps.probe().capability not in ("AVX2", "AVX512"):
+        pytest.skip(f"ATEN_CPU_CAPABILITY=avx2 needs an x86 CPU with AVX2 (this one: {cpu_caps.probe().capability})")
+    spec = tmp_path / "bf16.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec()))
+    res = subprocess.run([sys.executable, "-m", "moedsl", "run", str(spec), "--steps", "1", "--eval-batches", "1",
+                          "--out", str(tmp_path / "run"), "--no-progress", "--json"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, **AVX2_ENV, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    warned = [line for line in res.stderr.splitlines() if line.startswith("moedsl: warning:")]
+    assert len(warned) == 1, res.stderr
+    assert "model.dtype bfloat16" in warned[0] and "(AVX2)" in warned[0] and "set model.dtype to float32" in warned[0]
+    assert json.loads(res.stdout[res.stdout.index("{"):])["steps"] == 1  # and then it trains
+
+
+def test_moedsl_run_does_not_warn_where_the_cpu_has_native_bfloat16(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cpu_caps, "probe", lambda: BF16_ONLY)
+    spec = tmp_path / "bf16.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec()))
+    assert main(["run", str(spec), "--steps", "1", "--eval-batches", "1", "--out", str(tmp_path / "run"),
+                 "--no-progress", "--device", "cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err
