@@ -145,8 +145,6 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
     low = Lowered(graph=g, modules={}, input_kind=m.input, graph_only=graph_only, d_model=m.d_model,
                   decode=decode)
     if decode and m.input != "tokens":
-        from moedsl.errors import UserError
-
         raise UserError(f"{spec.source}: model.input: {m.input}: only a model over tokens generates")
     # dense weights come from the global RNG: seed it, without disturbing the caller's state
     with torch.random.fork_rng(devices=[]), torch.device(device):

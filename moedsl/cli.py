@@ -332,14 +332,14 @@ def _cmd_generate(args) -> int:
             from .errors import UserError
 
             raise UserError(f"{args.model}: no such folder (give a run or import folder, or a spec with --checkpoint)")
-        from .runtime.generate import precheck
+        from .runtime.generate_cli import precheck
         from .runtime.launcher import launch
 
         precheck(args)
 
         launch(args.nproc, [a for a in (args.raw or []) if a])
         return 0
-    from .runtime.generate import run_cli
+    from .runtime.generate_cli import run_cli
 
     r = run_cli(args)
     if _in_job_rank() == 0 and not (launched_worker() and int(os.environ.get("RANK", 0)) != 0):

@@ -274,7 +274,6 @@ def _check_image_stack(layers: list, model: Model, once) -> None:
 # ----------------------------------------------------------------------------- placement
 
 def _placement(d: dict, layers: tuple, c: _Checks) -> Placement:
-    p = ("placement",)
     ex = d.get("experts") or {}
     strategy = ex.get("strategy", Placement.strategy)
     moes = [layer for layer in layers if layer.kind == "moe"]

@@ -9,6 +9,7 @@ checkpoint loads into a model whose gates have another ``eval_capacity_factor``.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -17,8 +18,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moedsl import dtypes
 from moedsl.errors import UserError
 from moedsl.kinds.gates import gate_type
+from moedsl.spec_loader import load_spec
+
+from .data import make_source
+from .load import build
+from .resolve import resolve
+from .step import task_loss
 
 
 @dataclass
@@ -70,8 +78,6 @@ def with_eval_capacity(spec, factor: float) -> tuple[dict, int]:
     every MoE layer that has a capacity, and how many MoE layers that changes (a repeated item counts once
     per repetition). Expert choice is left
     alone: its capacity factor is its k (Zhou et al. 2022, §3.1), not a budget."""
-    import copy
-
     data = copy.deepcopy(spec.data)
     done, layers = set(), 0
     for layer in spec.moe_layers:
@@ -106,13 +112,6 @@ def evaluate(model, capacity_factor: Optional[float] = None, checkpoint: Optiona
     evaluated each rank's share with a capacity of its own, which one process cannot repeat.
     Returns ``{"loss", "accuracy" (image classifiers, else None), "dropped", "examples",
     "capacity_factor", "gates", "checkpoint", "step", "data", "seq", "batch", "dtype"}``."""
-    from moedsl import dtypes
-    from moedsl.spec_loader import load_spec
-
-    from .data import make_source
-    from .load import build
-    from .resolve import resolve
-
     if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and
                                             math.isfinite(capacity_factor) and capacity_factor > 0):
         raise UserError(f"--capacity-factor {capacity_factor}: must be a finite number > 0")
@@ -149,8 +148,6 @@ def _held_out_sequences(model, spec, source, batch: int, seq: int, batches: int,
     """Token or vector models: the mean held-out loss over ``batches`` batches of ``batch`` × ``seq``
     (``Trainer.evaluate`` on one process: the forward under autocast ``amp``, the loss in float32,
     the batches' losses summed in order), and the dropped fraction."""
-    from .step import task_loss
-
     model.eval()
     total, dropped, assigned = 0.0, 0.0, 0.0
     for i in range(batches):

@@ -1,4 +1,5 @@
-"""Generation with a KV cache: ``moedsl.generate`` and ``moedsl generate``.
+"""Generation with a KV cache: ``moedsl.generate`` (``moedsl generate``'s options and workers:
+``moedsl.runtime.generate_cli``).
 
 The compiler builds the model's decode graph (``moedsl.compiler.decode_graph.compile_decode``: a
 ``torch.fx.GraphModule`` over the trained model's own submodules, the same weights, nothing
@@ -16,16 +17,20 @@ Shape legend: B batch, T prompt block (the longest prompt), N new tokens, V voca
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 
 from moedsl.compiler.collectives import bind
 from moedsl.compiler.decode_graph import compile_decode
 from moedsl.errors import UserError
 from moedsl.nn.decode import DecodeCache
+
+from .cudagraph import GraphedDecodeStep
 
 
 # ----------------------------------------------------------------------------- the decode graph
@@ -89,7 +94,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
     return ids, mask
 
 
-def _check(spec, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+def check_prompt(spec, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """The left padding of each row [B]; refuses (``UserError``, one line) what cannot be generated."""
     m = spec.model
     if ids.dim() != 2:
@@ -160,7 +165,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
         mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).to("cpu")
     else:
         ids, mask = left_pad([list(p) for p in input_ids])
-    pad = _check(spec, ids, mask, max_new_tokens)
+    pad = check_prompt(spec, ids, mask, max_new_tokens)
     device = next(iter(model.parameters())).device
     use_graphs = _use_graphs(graphs, device)
     dec = decode_module(model, static=use_graphs)
@@ -198,8 +203,6 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
 
 def _use_graphs(graphs: str, device) -> bool:
     """Whether to decode through a CUDA graph (``generate``'s ``graphs``)."""
-    import torch.distributed as dist
-
     if graphs not in ("auto", "on", "off"):
         raise UserError(f"generate: graphs must be auto, on or off, got {graphs!r}")
     if graphs == "off":
@@ -217,10 +220,6 @@ def _use_graphs(graphs: str, device) -> bool:
 def _capture(dec, cache, tokens: torch.Tensor, slot: int, strict: bool):
     """A ``GraphedDecodeStep`` of the step at ``slot``; None (after one line on stderr) when capture
     fails and ``strict`` is off."""
-    import sys
-
-    from .cudagraph import GraphedDecodeStep
-
     try:
         return GraphedDecodeStep(dec, cache, tokens, slot)
     except Exception as e:  # what capture refused: decode eagerly, over the same static cache
@@ -234,126 +233,6 @@ def _capture(dec, cache, tokens: torch.Tensor, slot: int, strict: bool):
 
 def _agree(tokens: torch.Tensor) -> torch.Tensor:
     """In a job of several processes: rank 0's tokens on every rank."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(tokens, src=0)
     return tokens
-
-
-# ----------------------------------------------------------------------------- moedsl generate
-
-class Codec:
-    """Text <-> ids: a Hugging Face ``tokenizer.json`` (the ``tokenizers`` library), or UTF-8 bytes
-    for a byte-level vocabulary (vocab_size >= 256); None when neither applies."""
-
-    def __init__(self, kind: str, tokenizer=None):
-        self.kind, self.tokenizer = kind, tokenizer
-
-    @classmethod
-    def find(cls, spec, folders) -> Optional["Codec"]:
-        from moedsl.hf.files import read_tokenizer
-
-        tokenizer = read_tokenizer(folders)
-        if tokenizer is not None:
-            return cls("tokenizer", tokenizer)
-        if spec.model.vocab_size >= 256:
-            return cls("bytes")
-        return None
-
-    def encode(self, text: str) -> list:
-        if self.kind == "bytes":
-            return list(text.encode("utf-8"))
-        return self.tokenizer.encode(text).ids
-
-    def decode(self, ids: list) -> str:
-        if self.kind == "bytes":
-            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-        return self.tokenizer.decode(ids)
-
-
-def _device(choice: str, world: int) -> torch.device:
-    """``moedsl generate --device``: auto takes the GPU when there is one and the job is one
-    process (several processes generate on the CPU, over gloo)."""
-    if choice == "cuda" and world > 1:
-        raise UserError("--device cuda: generating with --nproc runs on the CPU (gloo); leave out --device or --nproc")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
-    if choice == "cuda" or (choice == "auto" and world == 1 and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def _model_for_rank(src, checkpoint, rank: int, world: int, device="cpu"):
-    """``load_model``'s model for rank ``rank`` of ``world`` (its experts only, collectives bound),
-    its spec, and the ``ModelSource`` it was loaded from (``moedsl.runtime.resolve``)."""
-    from .load import build
-    from .resolve import resolve
-
-    source = resolve(src, checkpoint)
-    return build(source, device=device, rank=rank, world=world), source.spec, source
-
-
-def parse_ids(text: str) -> list:
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise UserError(f"--prompt-ids {text!r}: expected whole numbers separated by commas (1,2,3)") from None
-    if not ids:
-        raise UserError("--prompt-ids: give at least one id")
-    return ids
-
-
-def _prompt(args, source) -> tuple:
-    """(the codec, the prompt's ids) of ``moedsl generate``'s options; ``source``: the model's
-    ``ModelSource``, whose folders may hold a tokenizer.json."""
-    spec = source.spec
-    codec = Codec.find(spec, source.folders)
-    if args.prompt_ids is not None:
-        return codec, parse_ids(args.prompt_ids)
-    if codec is None:
-        raise UserError(f"--prompt: {spec.source} has a vocabulary of {spec.model.vocab_size} ids and no "
-                        "tokenizer.json: give --prompt-ids")
-    return codec, codec.encode(args.prompt)
-
-
-def precheck(args) -> None:
-    """What ``moedsl generate --nproc`` refuses before it starts a worker: the model folder, the
-    prompt (ids in the vocabulary, not too long), from the spec alone (no weights read)."""
-    from .resolve import resolve
-
-    _device(getattr(args, "device", "auto"), args.nproc)  # --device cuda with --nproc: refused before any worker
-    source = resolve(args.model, args.checkpoint)
-    _, prompt = _prompt(args, source)
-    ids, mask = left_pad([prompt])
-    _check(source.spec, ids, mask, args.max_new_tokens)
-
-
-def run_cli(args) -> dict:
-    """``moedsl generate`` in this process (one of ``--nproc`` workers, or alone): returns what rank 0
-    prints."""
-    import os
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(seconds=300))
-    if args.checkpoint is None and not os.path.isdir(args.model) and not str(args.model).endswith((".yaml", ".yml")):
-        raise UserError(f"{args.model}: no such folder (give a run or import folder, or a spec with --checkpoint)")
-    device = _device(getattr(args, "device", "auto"), world)
-    model, spec, source = _model_for_rank(args.model, args.checkpoint, rank, world, device)
-    codec, prompt = _prompt(args, source)
-    timings: dict = {}
-    ids = generate(model, [prompt] * args.batch, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, timings=timings, graphs=getattr(args, "cuda_graphs", "auto"))
-    new = ids[:, ids.shape[1] - args.max_new_tokens:].tolist()
-    elapsed = timings["prefill_s"] + timings["decode_s"]
-    result = {"ids": new, "tokens_per_s": args.batch * args.max_new_tokens / max(elapsed, 1e-9),
-              "prefill_s": timings["prefill_s"], "decode_s": timings["decode_s"], "processes": world,
-              "device": device.type, "cuda_graphs": timings["graphs"]}
-    if codec is not None:
-        result["text"] = [codec.decode(row) for row in new]
-    return result

@@ -43,9 +43,17 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from rich.table import Table
 
 from moedsl.errors import UserError
+from moedsl.hf.files import read_tokenizer
 from moedsl.kinds.gates import gate_type
+from moedsl.nn import moe_ops
+from moedsl.validate import BatchError
+
+from .data import make_source, source_problems
+from .load import build
+from .resolve import DCP, IMPORT, resolve
 
 DEFAULT_TOKENS = 65536
 MAX_SET = 10  # the chance over sets enumerates the 2^size subsets of a token's set
@@ -170,8 +178,6 @@ def _gates(model) -> list:
 
 def _padded(model) -> set:
     """MoE layers computing in the padded [E, C, d] buffers (they cannot be made dropless)."""
-    from moedsl.nn import moe_ops
-
     return {n.meta["moe_layer"] for n in model.graph.nodes
             if n.meta.get("role") == "dispatch" and n.target is moe_ops.dispatch}
 
@@ -314,8 +320,6 @@ def _decoder(tokenizer, byte_level: bool):
 def _tokenizer(folder: Optional[Path]):
     """The ``tokenizers`` tokenizer of an import folder's tokenizer.json, or None (no file); one
     the library is missing to read is a ``UserError`` (``moedsl.hf.files.read_tokenizer``)."""
-    from moedsl.hf.files import read_tokenizer
-
     return read_tokenizer([folder])
 
 
@@ -359,9 +363,6 @@ def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optiona
     ``capacity_factor``: every token-choice gate's evaluation capacity factor (0: dropless; a
     dropless gate then drops past that capacity).
     ``top``: tokens shown per expert."""
-    from .load import build
-    from .resolve import DCP, IMPORT, resolve
-
     if text is not None and data is not None:
         raise UserError("give --text FILE or --data SOURCE, not both")
     for name, v in (("--tokens", tokens), ("--top", top)):
@@ -389,8 +390,6 @@ def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optiona
         source_name, byte_level = text, tok is None
         batches = _batches_of(ids, batch, seq, tokens, f"--text {text!r}")
     else:
-        from .data import make_source, source_problems
-
         data = data or meta_train.get("data") or spec.train.data
         found = source_problems(spec, data, seq)
         if found:
@@ -403,8 +402,6 @@ def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optiona
     try:
         layers = capture(net, batches, vocab, capacity_factor)
     except (ValueError, RuntimeError) as e:  # a batch the routing groups do not split (BatchError)
-        from moedsl.validate import BatchError
-
         if isinstance(e, BatchError):
             raise UserError(f"--batch {batch} × --seq {seq}: {e}") from None
         raise
@@ -444,8 +441,6 @@ def summary_line(fig: dict) -> str:
 
 def print_tables(result: dict, console) -> None:
     """A rich table per MoE layer: each expert's load, kept load and most frequent tokens."""
-    from rich.table import Table
-
     step = f" at step {result['step']}" if result["step"] is not None else ""
     console.print(f"{result['model']}{step} ({result['weights']}): {result['tokens']:,} tokens of {result['data']} "
                   f"in {result['sequences']} sequences of {result['seq']}", highlight=False, soft_wrap=True)

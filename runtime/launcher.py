@@ -23,7 +23,7 @@ import sys
 import uuid
 
 import torch.distributed.elastic.agent.server.api  # noqa: F401 - creates the loggers to quiet
-import torch.distributed.elastic.multiprocessing.api  # noqa: F401
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -57,8 +57,6 @@ def launch(nproc: int, argv: list, monitor_interval: float = 0.5) -> None:
             parts.append(f"rank {rank} ({how})")
         raise MoedslError(f"the run failed: {', '.join(parts)}; the other ranks were stopped") from None
     except Exception as e:  # the agent's SignalException (SIGTERM, SIGHUP, SIGQUIT): it has stopped the workers
-        from torch.distributed.elastic.multiprocessing.api import SignalException
-
         if isinstance(e, SignalException):
             raise MoedslError(f"the launcher got signal {signal.Signals(e.sigval).name}; the workers were stopped") \
                 from None

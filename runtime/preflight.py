@@ -29,14 +29,19 @@ from pathlib import Path
 
 import torch
 
+from moedsl import dtypes
 from moedsl.compiler import compile_graph
 from moedsl.compiler.plan import human_bytes, make_plan
 from moedsl.errors import SpecError, UserError
 from moedsl.hf.weights import problems
 from moedsl.mesh import resolve_mesh
+from moedsl.nn import cpu_caps
+from moedsl.validate import check_batch
 
+from . import checkpoint as ckpt
 from .data import source_problems
 from .grads import MODES
+from .resolve import IMPORT, resolve
 
 # the files of a run in its output folder (runtime/train.py writes them)
 RUN_FILES = ("metrics.jsonl", "checkpoints", "expert_load.png")
@@ -155,8 +160,6 @@ def option_problems(spec, o, names: dict) -> list:
     if _whole(o.seq) and o.seq > spec.model.max_seq_len:
         bad("seq", f"exceeds model.max_seq_len {spec.model.max_seq_len}")
     if o.device == "cuda" or o.cuda_graphs == "on":
-        import torch
-
         if not torch.cuda.is_available():
             if o.device == "cuda":
                 out.append(_err("--device cuda: no CUDA device is available here"))
@@ -180,8 +183,6 @@ def placement_problems(spec, o, world: int, names: dict, world_name: str) -> lis
     except SpecError as e:
         out += str(e).splitlines()
     if _whole(o.batch) and o.batch >= 1:  # routing groups must split the batch (and each rank's share)
-        from moedsl.validate import check_batch
-
         if _whole(o.seq) and o.seq >= 1:  # the gate's rule: the batch's tokens split into its groups
             out += [i.format(spec.source) for i in check_batch(spec, o.batch, origin=_name(names, "batch"),
                                                                 seq=o.seq)]
@@ -196,8 +197,6 @@ def resume_problems(o, overwrite) -> list:
     if overwrite:
         return [_err("--resume and --overwrite: choose one (continue the run in --out, or replace it)")]
     if o.resume is True:
-        from . import checkpoint as ckpt
-
         ckpt_dir = Path(o.out) / "checkpoints"
         if ckpt.latest(ckpt_dir) is None:
             return [_err(f"--resume: no checkpoint under {ckpt_dir}")]
@@ -243,8 +242,6 @@ def existing_run(out: Path) -> str | None:
             found.append("a metrics.jsonl")
     ckpt_dir = out / "checkpoints"
     if ckpt_dir.is_dir():
-        from . import checkpoint as ckpt
-
         latest = ckpt.latest(ckpt_dir)
         if latest is not None:
             found.append(f"checkpoint {latest.name}")
@@ -333,11 +330,6 @@ def slow_sixteen_bit(spec, o, caps=None, cuda: bool | None = None) -> list:
     that this run computes on a CPU without a native GEMM for them: none on CUDA (``o.device``
     cuda, or auto with a GPU; ``cuda``: default ``torch.cuda.is_available()``) and none where
     ``caps`` (default ``cpu_caps.probe()``) has them."""
-    import torch
-
-    from moedsl import dtypes
-    from moedsl.nn import cpu_caps
-
     wanted = [(f"model.{f}", getattr(spec.model, f)) for f in ("dtype", "router_dtype")]
     sixteen = [(f, dtypes.torch_dtype(n)) for f, n in wanted if n in ("bfloat16", "float16")]
     if not sixteen or o.device == "cuda":
@@ -355,8 +347,6 @@ def sixteen_bit_warning(spec, o, caps=None, cuda: bool | None = None, slowdown=N
     ``cpu_caps.slowdown``: ~0.1 s, nothing kept), and what to do. There torch's 16-bit GEMMs
     convert element by element: an AVX2-only CPU ran a 1024³ bfloat16 matmul at 0.2 GFLOP/s
     against 8 in float32, and a bfloat16 training step of a 54M-parameter Mixtral took ~100 s."""
-    from moedsl.nn import cpu_caps
-
     slow = slow_sixteen_bit(spec, o, caps, cuda)
     if not slow:
         return None

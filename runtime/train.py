@@ -31,13 +31,15 @@ from moedsl import dtypes
 from moedsl.api import build_model
 from moedsl.compiler.passes.verify import signature_digest
 from moedsl.errors import MoedslError
+from moedsl.hf.files import TOKENIZER_FILES, copy_side_files
 
 from . import checkpoint as ckpt
 from .compile import use_compile
 from .cpu import keep_freed_memory, release_freed_memory
-from .cudagraph import GraphedTrainStep
+from .cudagraph import GraphedForward, GraphedTrainStep
 from .data import make_source
 from .diagnose import first_nonfinite
+from .evaluate import held_out_images
 from .faults import inject_fault
 from .grads import DEFAULT_BUCKET_MB
 from .load import fill
@@ -45,6 +47,7 @@ from .metrics import reduce_step, step_figures
 from .optim import lr_at
 from .preflight import check_run
 from .progress import Reporter
+from .report import plot_expert_load
 from .resolve import resolve
 from .step import TrainStep, task_loss
 
@@ -192,8 +195,6 @@ class Trainer:
         a captured forward)."""
         o, model = self.options, self.model
         if self.spec.model.input == "image":  # the whole held-out set, once; its accuracy too
-            from .evaluate import held_out_images
-
             h = held_out_images(model, self.spec, self.source, o.batch, self.rank, self.world, self.device, self.amp)
             self.eval_accuracy = h.accuracy
             return h.loss
@@ -204,8 +205,6 @@ class Trainer:
             b = self.source.batch(i, o.batch, o.seq, self.rank, self.world, split="eval")
             inputs = b.inputs.to(self.device)
             if self.graphs:
-                from .cudagraph import GraphedForward
-
                 if self._eval_graph is None:
                     self._eval_graph = GraphedForward(model, inputs, self.amp)
                 out = self._eval_graph(inputs)
@@ -269,8 +268,6 @@ class Trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
             _trim_metrics(metrics_path, start)
             if o.init:  # what `moedsl export` of this run restores: the source config, the tokenizer
-                from moedsl.hf.files import TOKENIZER_FILES, copy_side_files
-
                 copy_side_files(Path(o.init), out_dir, ("hf_config.json",) + TOKENIZER_FILES)
         _verify_collectives(self.model, world)
         self.say.once(f"{spec.name}: {world} process(es) on {self.device.type}, batch {o.batch} × {o.seq}, "
@@ -338,8 +335,6 @@ class Trainer:
         seconds = time.perf_counter() - t0
         plot = None
         if rank == 0:
-            from .report import plot_expert_load
-
             plot = plot_expert_load(metrics_path, out_dir / "expert_load.png", spec.name)
         return Summary(spec=spec.name, steps=o.steps, tokens=tokens, seconds=seconds,
                        tokens_per_s=tokens / max(seconds, 1e-9), train_loss=losses[-1] if losses else float("nan"),

@@ -393,7 +393,7 @@ def test_a_newer_whole_checkpoint_wins_over_a_stale_latest_pointer_everywhere(tm
     """A run killed between the rename of step-00000002 and the update of ``latest``: the pointer
     still names step-00000001. Resume, load_model, export, generate, eval and inspect all take
     the newer whole one."""
-    from moedsl.runtime.generate import _model_for_rank
+    from moedsl.runtime.generate_cli import model_for_rank
 
     spec = write_spec(tmp_path, MIXTRAL_TINY, "mixtral-tiny.yaml")
     run_dir = tmp_path / "run"
@@ -406,7 +406,7 @@ def test_a_newer_whole_checkpoint_wins_over_a_stale_latest_pointer_everywhere(tm
 
     assert _same(moedsl.load_model(run_dir).state_dict(), want)
     assert _same(moedsl.load_model(checkpoints).state_dict(), want)
-    assert _same(_model_for_rank(str(run_dir), None, 0, 1)[0].state_dict(), want)  # moedsl generate's model
+    assert _same(model_for_rank(str(run_dir), None, 0, 1)[0].state_dict(), want)  # moedsl generate's model
     assert _same(_exported(tmp_path, "exp-run", str(run_dir)), _exported(tmp_path, "exp-new", spec, "--checkpoint",
                                                                            str(newer)))
     assert moedsl.evaluate(str(run_dir))["checkpoint"] == str(newer)

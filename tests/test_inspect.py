@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 from itertools import combinations
 from pathlib import Path
 
@@ -349,7 +348,7 @@ def test_a_tokenizer_json_without_the_tokenizers_library_is_one_clear_error(tmp_
     import sys
 
     from moedsl.errors import UserError
-    from moedsl.runtime.generate import Codec
+    from moedsl.runtime.generate_cli import Codec
 
     (tmp_path / "tokenizer.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers -> ImportError

@@ -13,7 +13,6 @@ import torch
 
 import moedsl
 from moedsl.cli import main
-from moedsl.errors import MoedslError
 from moedsl.runtime import checkpoint as ckpt
 from moedsl.runtime.data import Synthetic, make_source, pystdlib_bytes
 from moedsl.runtime.train import RunOptions, lr_at, run

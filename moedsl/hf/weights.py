@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import torch
+
+from moedsl.compiler import compile_graph
 from moedsl.errors import UserError, format_path
 
 from .files import Checkpoint
@@ -18,8 +21,6 @@ from .files import Checkpoint
 def global_shapes(spec) -> dict:
     """name -> shape of every parameter of the whole model (one process holds every expert),
     built on the meta device."""
-    from moedsl.compiler import compile_graph
-
     gm = compile_graph(spec, 0, 1, device="meta", init=False, verify_ranks=False).module
     return {k: tuple(p.shape) for k, p in _weights(gm)}
 
@@ -123,8 +124,6 @@ def problems(spec, folder: Path, ck: Optional[Checkpoint] = None) -> list:
 def load_weights(model, folder: Path, spec) -> None:
     """Fill ``model`` (one rank's share: its ``experts.expert_ids``) from the moedsl-format
     safetensors in ``folder``; refuse (``UserError``) weights that do not fit ``spec``."""
-    import torch
-
     ck = Checkpoint(folder)
     found = problems(spec, folder, ck)
     if found:

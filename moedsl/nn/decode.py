@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kinds.gates import gate_type
+from . import cpu_gemm, grouped
+from .moe_ops import RouterStats, combine_packed, dispatch_packed, router_stats, weighted_sum
 
 
 class DecodeCache:
@@ -145,16 +147,11 @@ class DecodeMoE(torch.nn.Module):
         return fast if fast is not None else self._packed(x, token_ids, rank, groups, gidx)
 
     def _packed(self, x, token_ids, rank, groups, gidx):
-        from .moe_ops import combine_packed, dispatch_packed, router_stats
-
         r = self.gate(x, token_ids, rank, groups, gidx=gidx)
         p = dispatch_packed(x, r)
         return combine_packed(self.experts(p.rows, p.sizes), p, r), r.aux_loss, router_stats(r, self.name)
 
     def _direct(self, x, token_ids, groups, gidx):
-        from . import grouped
-        from .moe_ops import RouterStats
-
         gate, experts = self.gate, self.experts
         S, d = x.shape
         cap = gate.spec.capacity(1, gate.num_experts, False) if gate.spec.has_capacity else None  # a lone token's
@@ -195,9 +192,6 @@ class DecodeMoE(torch.nn.Module):
         combine sums them: float32 with moedsl's kernel adds w·y to the running sum row by row,
         which Python's own additions repeat (no gathers); otherwise (bfloat16's index_add sums in
         its own way) the packed combine's own op, on the rows in its order."""
-        from . import cpu_gemm
-        from .moe_ops import weighted_sum
-
         if x.dtype == torch.float32 and cpu_gemm.available():
             weight, out = w.tolist(), [None] * S
             for idx, ye in outs:
