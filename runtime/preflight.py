@@ -331,7 +331,7 @@ def slow_sixteen_bit(spec, o, caps=None, cuda: bool | None = None) -> list:
     cuda, or auto with a GPU; ``cuda``: default ``torch.cuda.is_available()``) and none where
     ``caps`` (default ``cpu_caps.probe()``) has them."""
     wanted = [(f"model.{f}", getattr(spec.model, f)) for f in ("dtype", "router_dtype")]
-    sixteen = [(f, dtypes.torch_dtype(n)) for f, n in wanted if n in ("bfloat16", "float16")]
+    sixteen = [(f, dtypes.torch_dtype(n)) for f, n in wanted if dtypes.itemsize(n) == 2]
     if not sixteen or o.device == "cuda":
         return []
     if o.device == "auto" and (torch.cuda.is_available() if cuda is None else cuda):

@@ -174,7 +174,7 @@ def test_cuda_graphs_on_refused_off_a_gpu_and_capture_failure_decodes_eagerly(mo
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(gen, "_use_graphs", lambda graphs, device: True)
-    monkeypatch.setattr("moedsl.runtime.cudagraph.GraphedDecodeStep", refuse)
+    monkeypatch.setattr(gen, "GraphedDecodeStep", refuse)
     timings: dict = {}
     got = moedsl.generate(model, prompts, 6, timings=timings)
     assert torch.equal(got, want) and timings["graphs"] is False
