@@ -127,25 +127,29 @@ def balanced_groups(sizes: torch.Tensor) -> list:
 
 def bound(model, sizes, act):
     """The expert GEMMs alone on ``balanced_groups(sizes)``, pre-grouped: one torch.bmm per
-    product and group, each hit expert's own weights."""
+    product and group, each hit expert's own weights. Each group's weights are leaves of their
+    own (copies of those experts' weights), so the backward writes each weight gradient once:
+    slices of one stacked leaf would add a zero-filled gradient of every hit expert per group."""
     p = dict(model.named_parameters())
     hit = torch.nonzero(sizes).flatten()
     names = ["w_in", "w_out"] + (["w_gate"] if act == "swiglu" else [])
-    ws = [p[f"layers.0.experts.{n}"].detach()[hit].clone().requires_grad_() for n in names]
-    d = ws[0].shape[1]
+    stacked = [p[f"layers.0.experts.{n}"].detach()[hit] for n in names]
+    d = stacked[0].shape[1]
     groups, lo = [], 0
     for e, n in balanced_groups(sizes):
-        groups.append((slice(lo, lo + e), torch.randn(e, n, d, requires_grad=True), torch.randn(e, n, d)))
+        ws = [w[lo:lo + e].clone().requires_grad_() for w in stacked]
+        groups.append((ws, torch.randn(e, n, d, requires_grad=True), torch.randn(e, n, d)))
         lo += e
 
     def run():
-        for t in ws + [xg for _, xg, _ in groups]:
-            t.grad = None
+        for ws, xg, _ in groups:
+            for t in ws + [xg]:
+                t.grad = None
         outs = []
-        for sl, xg, _ in groups:
-            hid = torch.bmm(xg, ws[0][sl])
-            hid = F.silu(torch.bmm(xg, ws[2][sl])) * hid if act == "swiglu" else F.relu(hid)
-            outs.append(torch.bmm(hid, ws[1][sl]))
+        for ws, xg, _ in groups:
+            hid = torch.bmm(xg, ws[0])
+            hid = F.silu(torch.bmm(xg, ws[2])) * hid if act == "swiglu" else F.relu(hid)
+            outs.append(torch.bmm(hid, ws[1]))
         torch.autograd.backward(outs, [g for _, _, g in groups])
     return run
 
