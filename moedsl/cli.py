@@ -154,7 +154,8 @@ def _cmd_run(args) -> int:
         data=args.data, eval_every=args.eval_every, eval_batches=args.eval_batches,
         checkpoint_every=args.checkpoint_every, out=args.out or f"runs/{spec.name}", resume=args.resume,
         device=args.device, cuda_graphs=args.cuda_graphs, progress=not args.no_progress, timeout=args.timeout,
-        keep_memory=not args.no_keep_memory, init=args.init, compile=args.compile, log_every=args.log_every)
+        keep_memory=not args.no_keep_memory, init=args.init, compile=args.compile, log_every=args.log_every,
+        from_scratch=args.from_scratch)
     rank = int(os.environ.get("RANK", 0))
     if not launched_worker():  # the launcher has checked for its workers, before starting them
         world = args.nproc if launching else int(os.environ.get("WORLD_SIZE", 1))
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--init", metavar="DIR",
                    help="initial weights from an import folder (moedsl import): each process reads only the "
                         "experts it holds")
+    r.add_argument("--from-scratch", action="store_true",
+                   help="train an import's spec from random weights (without it or --init, such a run is refused)")
     r.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (without it, moedsl refuses to write over one); the old "
                         "run waits in OUT/.replaced until the new one has trained a step, and comes back if it "
