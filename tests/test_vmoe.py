@@ -285,6 +285,18 @@ def test_npz_that_is_not_an_npz(tmp_path, spec):
         read_npz(str(tmp_path / "one.npy"), spec)
 
 
+def test_text_given_to_an_image_spec_is_named_as_text_with_what_an_image_spec_takes(tmp_path, spec):
+    text = tmp_path / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    with pytest.raises(UserError) as e:
+        read_npz(str(text), spec)
+    line = str(e.value)
+    assert "\n" not in line and "pickled" not in line
+    assert line.startswith(f"--data {text}: a text file, not an .npz file: a spec over images (tiny-vit) takes "
+                           "digits or an .npz file with arrays images")
+    assert [p for p in source_problems(spec, str(text), 5)] == [line]  # what the run's preflight prints
+
+
 def test_npz_problem_refuses_the_run_in_one_line_exit_2(tmp_path):
     import yaml
 
