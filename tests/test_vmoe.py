@@ -433,7 +433,8 @@ def test_eval_sweeps_capacity_factors_on_one_loaded_model_and_0_is_dropless_as_i
     assert len(builds) == 1  # one model load for the whole sweep
     assert [r["capacity_factor"] for r in sweep] == [2.0, 0.25, 0.0]
     for r in sweep[:2]:  # each factor of the sweep is what evaluating it alone gives
-        assert (r["loss"], r["dropped"]) == (alone[r["capacity_factor"]]["loss"], alone[r["capacity_factor"]]["dropped"])
+        one = alone[r["capacity_factor"]]
+        assert (r["loss"], r["dropped"]) == (one["loss"], one["dropped"])
     assert sweep[1]["dropped"] > 0.3 and sweep[2]["dropped"] == 0  # 0: dropless, nothing dropped
     assert main(["eval", str(tmp_path / "run"), "--capacity-factor", "2,0.25,0"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if "eval capacity factor" in line]
