@@ -154,7 +154,8 @@ def _cmd_run(args) -> int:
         data=args.data, eval_every=args.eval_every, eval_batches=args.eval_batches,
         checkpoint_every=args.checkpoint_every, out=args.out or f"runs/{spec.name}", resume=args.resume,
         device=args.device, cuda_graphs=args.cuda_graphs, progress=not args.no_progress, timeout=args.timeout,
-        keep_memory=not args.no_keep_memory, init=args.init, compile=args.compile, log_every=args.log_every)
+        keep_memory=not args.no_keep_memory, init=args.init, compile=args.compile, log_every=args.log_every,
+        from_scratch=args.from_scratch)
     rank = int(os.environ.get("RANK", 0))
     if not launched_worker():  # the launcher has checked for its workers, before starting them
         world = args.nproc if launching else int(os.environ.get("WORLD_SIZE", 1))
@@ -265,18 +266,24 @@ def _cmd_eval(args) -> int:
     from .api import evaluate
 
     spec = args.model if not args.checkpoint else _spec_path(args.model)
-    r = evaluate(spec, args.capacity_factor, checkpoint=args.checkpoint, data=args.data, batch=args.batch,
-                 seq=args.seq, batches=args.eval_batches)
+    sweep = evaluate(spec, args.capacity_factor, checkpoint=args.checkpoint, data=args.data, batch=args.batch,
+                     seq=args.seq, batches=args.eval_batches)
     if args.json:
         import json
 
-        print(json.dumps(r, indent=2))
+        print(json.dumps(sweep, indent=2))
         return 0
-    cap = "as trained" if r["capacity_factor"] is None else f"{r['capacity_factor']:g} (in {r['gates']} MoE layer(s))"
-    acc = "" if r["accuracy"] is None else f"  accuracy {r['accuracy']:.4f}"
-    print(f"{r['spec']} at step {r['step']} ({r['checkpoint']}), eval capacity factor {cap}, data {r['data']}: "
-          f"held-out loss {r['loss']:.4f}{acc} over {r['examples']} examples, {r['dropped']:.2%} of assignments "
-          "dropped")
+    sweep = sweep if isinstance(sweep, list) else [sweep]
+    r = sweep[0]
+    data = {"spec": " (the spec's train.data: an import holds no held-out data of its own)"}.get(r["data_from"], "")
+    print(f"{r['spec']} at step {r['step']} ({r['checkpoint']}), data {r['data']}{data}, held-out {r['examples']} "
+          "examples:")
+    for r in sweep:
+        cap = ("as trained" if r["capacity_factor"] is None else "0 (dropless)" if r["capacity_factor"] == 0 else
+               f"{r['capacity_factor']:g}")
+        acc = "" if r["accuracy"] is None else f"  accuracy {r['accuracy']:.4f}"
+        print(f"  eval capacity factor {cap:<12} loss {r['loss']:.4f}{acc}  {r['dropped']:.2%} of assignments "
+              f"dropped  ({r['gates']} MoE layer(s) set)")
     return 0
 
 
@@ -424,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--init", metavar="DIR",
                    help="initial weights from an import folder (moedsl import): each process reads only the "
                         "experts it holds")
+    r.add_argument("--from-scratch", action="store_true",
+                   help="train an import's spec from random weights (without it or --init, such a run is refused)")
     r.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (without it, moedsl refuses to write over one); the old "
                         "run waits in OUT/.replaced until the new one has trained a step, and comes back if it "
@@ -459,10 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a trained run on its held-out data at an inference capacity factor: "
                         "loss, accuracy (image classifiers), dropped fraction")
-    ev.add_argument("model", metavar="MODEL", help="a `moedsl run` output folder (its latest checkpoint), or a spec "
-                    "with --checkpoint")
-    ev.add_argument("--capacity-factor", type=_number, default=None, metavar="C",
-                    help="every capacity gate's evaluation capacity factor (default: the spec's)")
+    ev.add_argument("model", metavar="MODEL", help="a `moedsl run` output folder (its latest checkpoint), an import "
+                    "folder (on its spec's train.data), or a spec with --checkpoint")
+    ev.add_argument("--capacity-factor", default=None, metavar="C[,C...]",
+                    help="every token-choice gate's evaluation capacity factor (0: dropless; a dropless gate drops "
+                    "past it; default: the spec's); several, comma-separated, evaluate a sweep on one loaded model")
     ev.add_argument("--checkpoint", metavar="PATH", help="the checkpoint to load (MODEL is then a spec)")
     ev.add_argument("--data", help="held-out data (default: the run's)")
     ev.add_argument("--batch", type=_positive, default=None, help="evaluation batch (default: the run's)")
@@ -487,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--seq", type=_positive, default=None, help="tokens per sequence (default: the run's)")
     ins.add_argument("--batch", type=_positive, default=None, help="sequences per batch (default: the run's; the "
                      "routing groups and the capacity follow it)")
-    ins.add_argument("--capacity-factor", type=_number, default=None, metavar="C",
+    ins.add_argument("--capacity-factor", default=None, metavar="C",
                      help="every token-choice gate's evaluation capacity factor (0: dropless; a dropless gate drops "
                      "past it; default: the spec's)")
     ins.add_argument("--top", type=_positive, default=8, help="tokens shown per expert (default 8)")

@@ -235,7 +235,15 @@ def read_npz(path: str, spec) -> tuple:
     """``images`` [N, H, W, C] float32 and ``labels`` [N] int64 from an .npz file, checked against
     ``spec``'s model.image and model.classes; each problem is one ``UserError`` line."""
     im, where = spec.model.image, f"--data {path}"
+    takes = (f"a spec over images ({spec.name}) takes digits or an .npz file with arrays images [N, H, W(, C)] "
+             "and labels [N] (numpy.savez)")
     try:
+        with open(path, "rb") as raw:
+            head = raw.read(512)
+        if not head.startswith((b"PK", b"\x93NUMPY")):  # a zip archive (.npz) or one .npy array
+            # np.load would take anything else for a pickle and say so ("contains pickled (object) data")
+            what = "a text file" if _is_text(head) else "neither a zip archive nor a .npy array"
+            raise UserError(f"{where}: {what}, not an .npz file: {takes}")
         f = np.load(path, allow_pickle=False)
         if not isinstance(f, np.lib.npyio.NpzFile):
             raise UserError(f"{where}: not an .npz file (a single .npy array): save with numpy.savez("
@@ -280,6 +288,17 @@ def read_npz(path: str, spec) -> tuple:
     if images.dtype == np.uint8:
         x = x / 255.0
     return x, torch.as_tensor(labels.astype(np.int64))
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether a file's first bytes read as UTF-8 text (a multi-byte character cut at the end aside)."""
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3  # only the last character was cut by the read
+    return True
 
 
 MIN_TEXT_BYTES = 1024

@@ -1,16 +1,15 @@
 """Held-out evaluation of a classifier over images, and ``moedsl eval``: a trained run's
-checkpoint evaluated with every capacity gate's evaluation capacity factor set to C.
+checkpoint evaluated with every token-choice gate's evaluation capacity factor set to C, or to
+each of a sweep of factors in turn on one loaded model (0: dropless).
 
 V-MoE (Riquelme et al. 2021, §4.1 and Figure 6) trains at one capacity and lowers it at
 inference: with batch-prioritized routing the tokens dropped first are those the router
 is least sure of, and accuracy degrades gracefully. The capacity of a token-choice gate is
-a compute budget that never changes the weights (``ckpt_compat.training_only``), so a
-checkpoint loads into a model whose gates have another ``eval_capacity_factor``.
+a compute budget that never changes the weights (``ckpt_compat.training_only``), so the gates
+of one loaded model take each factor in turn (``inspect.eval_capacity``).
 """
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,10 +19,9 @@ import torch.nn.functional as F
 
 from moedsl import dtypes
 from moedsl.errors import UserError
-from moedsl.kinds.gates import gate_type
-from moedsl.spec_loader import load_spec
 
-from .data import make_source
+from .data import make_source, source_problems
+from .inspect import capacity_factors, eval_capacity
 from .load import build
 from .resolve import resolve
 from .step import task_loss
@@ -73,74 +71,58 @@ def held_out_images(model, spec, source, batch: int, rank: int = 0, world: int =
 
 # ----------------------------------------------------------------------------- moedsl eval
 
-def with_eval_capacity(spec, factor: float) -> tuple[dict, int]:
-    """A copy of ``spec``'s data with ``eval_capacity_factor: factor`` in the gate (or hierarchy) of
-    every MoE layer that has a capacity, and how many MoE layers that changes (a repeated item counts once
-    per repetition). Expert choice is left
-    alone: its capacity factor is its k (Zhou et al. 2022, §3.1), not a budget."""
-    data = copy.deepcopy(spec.data)
-    done, layers = set(), 0
-    for layer in spec.moe_layers:
-        g = layer.config.gate
-        if not g.has_capacity or not gate_type(g.type).capacity_is_budget:
-            continue
-        layers += 1
-        if layer.path in done:
-            continue
-        node = data
-        for part in layer.path:
-            node = node[part]
-        moe = node["moe"]
-        moe["hierarchy" if "hierarchy" in moe else "gate"]["eval_capacity_factor"] = factor
-        done.add(layer.path)
-    return data, layers
-
-
-def evaluate(model, capacity_factor: Optional[float] = None, checkpoint: Optional[str] = None,
+def evaluate(model, capacity_factor=None, checkpoint: Optional[str] = None,
              data: Optional[str] = None, batch: Optional[int] = None, seq: Optional[int] = None,
-             batches: Optional[int] = None) -> dict:
+             batches: Optional[int] = None):
     """Evaluate a trained model on its held-out data at inference capacity factor ``capacity_factor``.
 
-    ``model``: a ``moedsl run`` output folder (its latest checkpoint; the spec stored with it), or
-    a spec (path, YAML text or dict) with ``checkpoint``. Every capacity gate's
-    ``eval_capacity_factor`` is set to ``capacity_factor`` (None: the spec's own). The held-out
-    set is the run's own evaluation: its data, seed, batch, sequence length, number of eval
-    batches and autocast dtype, as the checkpoint recorded them (meta.json "eval"); ``data``,
-    ``batch``, ``seq`` and ``batches`` override them. On one process, as trained (the capacity
-    factor left alone), the loss is the run's last ``eval_loss`` for that checkpoint: the same
-    batches through the same forward, summed in the same order. A run of several processes
-    evaluated each rank's share with a capacity of its own, which one process cannot repeat.
-    Returns ``{"loss", "accuracy" (image classifiers, else None), "dropped", "examples",
-    "capacity_factor", "gates", "checkpoint", "step", "data", "seq", "batch", "dtype"}``."""
-    if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and
-                                            math.isfinite(capacity_factor) and capacity_factor > 0):
-        raise UserError(f"--capacity-factor {capacity_factor}: must be a finite number > 0")
+    ``model``: a ``moedsl run`` output folder (its latest checkpoint; the spec stored with it), an
+    import folder, or a spec (path, YAML text or dict) with ``checkpoint``. Every token-choice
+    gate's evaluation capacity factor is set to ``capacity_factor`` (``inspect.capacity_factors``,
+    the rule ``moedsl inspect`` follows too: None the spec's own, 0 dropless, a dropless gate given
+    a factor > 0 drops past it). A list of factors is a sweep: the model is loaded once and
+    evaluated at each in turn, and a list of results comes back. The held-out set is the run's
+    own evaluation: its data, seed, batch, sequence length, number of eval batches and autocast
+    dtype, as the checkpoint recorded them (meta.json "eval"); ``data``, ``batch``, ``seq`` and
+    ``batches`` override them. An import has no run, so no held-out data of its own: it is
+    evaluated on the held-out part of its spec's ``train.data`` ("data_from": "spec"). On one
+    process, as trained (the capacity factor left alone), the loss is the run's last
+    ``eval_loss`` for that checkpoint: the same batches through the same forward, summed in the
+    same order. A run of several processes evaluated each rank's share with a capacity of its
+    own, which one process cannot repeat. Returns ``{"loss", "accuracy" (image classifiers, else
+    None), "dropped", "examples", "capacity_factor", "gates", "checkpoint", "step", "data",
+    "data_from", "seq", "batch", "dtype"}`` (a list of them for a list of factors)."""
+    factors = capacity_factors(capacity_factor)
     weights = resolve(model, checkpoint)
-    meta, base = weights.meta, weights.spec
-    if capacity_factor is None:
-        spec, gates = base, 0
-    else:
-        spec_data, gates = with_eval_capacity(base, float(capacity_factor))
-        spec = load_spec(spec_data, source=base.source)
+    meta, spec = weights.meta, weights.spec
     # the run's evaluation as recorded; a checkpoint from before that record: its trajectory, then the spec
     ran = {**(meta.get("train") or {}), **(meta.get("eval") or {})}
     seed = int(ran.get("seed", spec.train.seed))
+    data_from = "option" if data else "run" if ran.get("data") else "spec"
     data = data or ran.get("data") or spec.train.data
     batch = batch or int(ran.get("batch", spec.train.batch_size))
     seq = seq or int(ran.get("seq", spec.train.seq_len))
     batches = batches or int(ran.get("eval_batches", spec.train.eval_batches))
     dtype = ran.get("dtype", spec.model.dtype)
     amp = dtypes.autocast_dtype(dtype)  # the Trainer's: float32 weights, the forward under autocast
+    found = source_problems(spec, data, seq)
+    if found:
+        raise UserError(found[0])
     net = build(weights, spec, seed=seed, dtype=torch.float32)
     source = make_source(spec, data, seed)
-    result = {"spec": spec.name, "capacity_factor": capacity_factor, "gates": gates, "checkpoint": str(weights.path),
-              "step": int(meta.get("step", 0)), "data": data, "seq": seq, "batch": batch, "dtype": dtype}
-    if spec.model.input == "image":
-        h = held_out_images(net, spec, source, batch, amp=amp)
-        result.update(loss=h.loss, accuracy=h.accuracy, dropped=h.dropped, examples=h.examples)
-        return result
-    result.update(_held_out_sequences(net, spec, source, batch, seq, batches, amp))
-    return result
+    results = []
+    for factor in factors:
+        with eval_capacity(net, factor) as gates:
+            result = {"spec": spec.name, "capacity_factor": factor, "gates": gates, "checkpoint": str(weights.path),
+                      "step": int(meta.get("step", 0)), "data": data, "data_from": data_from, "seq": seq,
+                      "batch": batch, "dtype": dtype}
+            if spec.model.input == "image":
+                h = held_out_images(net, spec, source, batch, amp=amp)
+                result.update(loss=h.loss, accuracy=h.accuracy, dropped=h.dropped, examples=h.examples)
+            else:
+                result.update(_held_out_sequences(net, spec, source, batch, seq, batches, amp))
+        results.append(result)
+    return results if isinstance(capacity_factor, (list, tuple)) or len(results) > 1 else results[0]
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import replace
 from itertools import combinations
 from pathlib import Path
@@ -182,6 +183,56 @@ def _padded(model) -> set:
             if n.meta.get("role") == "dispatch" and n.target is moe_ops.dispatch}
 
 
+def capacity_factors(value) -> list:
+    """The evaluation capacity factors ``moedsl eval`` and ``inspect`` take (one rule for both):
+    ``value`` a number, a list of them, or the CLI's text ("2,1,0.5,0.25"); each finite and
+    >= 0, 0 meaning dropless (V-MoE, Riquelme et al. 2021 §4.1, lowers the capacity at
+    inference; 0 is the other end of that sweep: nothing dropped). None: ``[None]``, the spec's
+    own. A bad one is a ``UserError`` naming --capacity-factor, the value and the item."""
+    if value is None:
+        return [None]
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        try:
+            f = float(item.strip()) if isinstance(item, str) else item
+        except ValueError:
+            f = None
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 0:
+            raise UserError(f"--capacity-factor {value}: {item!r} is not a finite number >= 0 (0: dropless)")
+        out.append(float(f))
+    if not out:
+        raise UserError(f"--capacity-factor {value!r}: no factor given")
+    return out
+
+
+def _dropless_refused(model, names) -> None:
+    """Factor 0 (dropless) cannot be given to a layer computing in padded [E, C, d] buffers."""
+    bad = sorted(_padded(model) & set(names))
+    if bad:
+        raise UserError(f"--capacity-factor 0: {bad[0]} computes in padded [E, C, d] buffers (a GPU layout): "
+                        "load the model on the CPU to evaluate it dropless")
+
+
+@contextmanager
+def eval_capacity(model, factor: Optional[float]):
+    """``model``'s token-choice gates at evaluation capacity factor ``factor`` (``with_capacity``)
+    inside the block, as they were after it; yields how many MoE layers that changes. The weights
+    are untouched: one loaded model evaluates a whole sweep of factors."""
+    gates = [(name, g) for name, g in _gates(model)
+             if factor is not None and gate_type(g.spec.type).capacity_is_budget]
+    if factor == 0:
+        _dropless_refused(model, [name for name, g in gates if g.spec.has_capacity])
+    saved = [g.spec for _, g in gates]
+    try:
+        for _, g in gates:
+            g.spec = _with_capacity(g.spec, factor)
+        yield len(gates)
+    finally:
+        for (_, g), spec in zip(gates, saved):
+            g.spec = spec
+
+
 def _with_capacity(gate_spec, factor: Optional[float]):
     """The gate's spec with evaluation capacity factor ``factor`` (0: dropless; a dropless gate
     given a factor > 0 drops past that capacity). Expert choice (its factor is its k) and dense
@@ -203,10 +254,7 @@ def capture(model, batches, vocab: int, capacity_factor: Optional[float] = None)
     evaluation capacity factor for the run (0: dropless); the model is left as it was."""
     layers = [_Layer(name, gate, vocab) for name, gate in _gates(model)]
     if capacity_factor == 0:
-        bad = sorted(_padded(model) & {l.name for l in layers if l.gate.spec.has_capacity})
-        if bad:
-            raise UserError(f"--capacity-factor 0: {bad[0]} computes in padded [E, C, d] buffers (a GPU layout): "
-                            "load the model on the CPU to inspect it dropless")
+        _dropless_refused(model, [l.name for l in layers if l.gate.spec.has_capacity])
     was = model.training
     saved, hooks = [], []
     try:
@@ -368,8 +416,10 @@ def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optiona
     for name, v in (("--tokens", tokens), ("--top", top)):
         if not isinstance(v, int) or v < 1:
             raise UserError(f"{name} {v}: must be a whole number >= 1")
-    if capacity_factor is not None and not (math.isfinite(capacity_factor) and capacity_factor >= 0):
-        raise UserError(f"--capacity-factor {capacity_factor}: must be a finite number >= 0 (0: dropless)")
+    factors = capacity_factors(capacity_factor)
+    if len(factors) > 1:
+        raise UserError(f"--capacity-factor {capacity_factor}: inspect takes one factor (moedsl eval sweeps several)")
+    capacity_factor = factors[0]
     source = resolve(model, checkpoint)
     spec = source.spec
     if spec.model.input != "tokens":

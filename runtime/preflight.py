@@ -41,7 +41,7 @@ from moedsl.validate import check_batch
 from . import checkpoint as ckpt
 from .data import source_problems
 from .grads import MODES
-from .resolve import IMPORT, resolve
+from .resolve import IMPORT, is_import_dir, resolve
 
 # the files of a run in its output folder (runtime/train.py writes them)
 RUN_FILES = ("metrics.jsonl", "checkpoints", "expert_load.png")
@@ -212,8 +212,16 @@ def init_problems(spec, o) -> list:
     """``--init DIR``: an import folder whose weights fit the spec (from the files' headers
     alone: the tensor, both shapes and the spec's field and line where they do not)."""
     init = getattr(o, "init", None)
+    scratch = getattr(o, "from_scratch", False)
+    if init and scratch:
+        return [_err("--init and --from-scratch: choose one (--init starts from imported weights, --from-scratch "
+                     "from random ones)")]
     if not init:
-        return []
+        folder = _import_folder(spec)
+        if folder is None or o.resume or scratch:
+            return []
+        return [_err(f"{spec.source}: the spec of the import folder {folder}, which holds its weights: --init "
+                     f"{folder} to start from them, or --from-scratch to train from random weights")]
     if o.resume:
         return [_err("--init and --resume: choose one (--init starts from imported weights, --resume continues "
                      "the run in --out)")]
@@ -228,6 +236,15 @@ def init_problems(spec, o) -> list:
         return [_err(f"--init: {p}") for p in problems(spec, source.path)]
     except UserError as e:
         return [_err(f"--init: {e}")]
+
+
+def _import_folder(spec) -> Path | None:
+    """The import folder ``spec`` was read from (``moedsl import`` writes its spec.yaml beside
+    the weights, so the folder itself says the spec has weights), else None."""
+    source = Path(spec.source) if getattr(spec, "source", None) else None
+    if source is None or not source.is_file() or not is_import_dir(source.parent):
+        return None
+    return source.parent
 
 
 def existing_run(out: Path) -> str | None:

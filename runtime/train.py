@@ -80,6 +80,7 @@ class RunOptions:
     bucket_mb: float = DEFAULT_BUCKET_MB  # bucketed: a bucket's size cap, MiB
     keep_memory: bool = True  # on a CPU: malloc keeps freed memory (runtime/cpu.py)
     init: Optional[str] = None  # an import folder (moedsl import): the initial weights
+    from_scratch: bool = False  # an import's spec without --init: random weights on purpose (runtime/preflight.py)
     compile: str = "auto"  # auto | on | off: torch.compile the dense segments (runtime/compile.py)
 
     @staticmethod

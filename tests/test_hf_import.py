@@ -267,6 +267,40 @@ def test_init_and_resume_together_are_refused(tmp_path, capsys):
     assert "--init and --resume" in capsys.readouterr().err
 
 
+def test_an_imports_spec_without_init_is_refused_unless_from_scratch_says_random_weights_on_purpose(tmp_path, capsys):
+    src, _ = _hf(tmp_path)
+    imp = tmp_path / "imp"
+    assert _import(src, imp) == 0
+    capsys.readouterr()
+    run = ["run", str(imp / "spec.yaml"), "--steps", "1", "--batch", "2", "--seq", "8", "--eval-batches", "1",
+           "--no-progress", "--ignore-memory-check"]
+    assert main([*run, "--out", str(tmp_path / "forgot")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0]
+    assert f"import folder {imp}" in lines[0] and f"--init {imp}" in lines[0] and "--from-scratch" in lines[0]
+    assert not (tmp_path / "forgot").exists()  # refused before anything was written
+    assert main([*run, "--out", str(tmp_path / "both"), "--init", str(imp), "--from-scratch"]) == 2
+    assert "--init and --from-scratch: choose one" in capsys.readouterr().err
+    assert main([*run, "--out", str(tmp_path / "scratch"), "--from-scratch"]) == 0
+    assert (tmp_path / "scratch" / "metrics.jsonl").is_file()
+
+
+def test_eval_takes_an_import_folder_as_inspect_does_on_its_specs_train_data(tmp_path, capsys):
+    src, _ = _hf(tmp_path)
+    imp = tmp_path / "imp"
+    assert _import(src, imp) == 0
+    capsys.readouterr()
+    assert main(["eval", str(imp), "--capacity-factor", "1,0", "--batch", "2", "--seq", "8", "--eval-batches", "1",
+                 "--json"]) == 0
+    sweep = json.loads(capsys.readouterr().out)
+    train_data = moedsl.load_spec(imp / "spec.yaml").train.data
+    assert [(r["capacity_factor"], r["data"], r["data_from"]) for r in sweep] == [(1.0, train_data, "spec"),
+                                                                                    (0.0, train_data, "spec")]
+    assert sweep[1]["dropped"] == 0 and all(r["loss"] > 0 for r in sweep)
+    assert main(["eval", str(imp), "--batch", "2", "--seq", "8", "--eval-batches", "1"]) == 0
+    assert "the spec's train.data: an import holds no held-out data of its own" in capsys.readouterr().out
+
+
 def test_spec_without_a_hugging_face_equivalent_is_refused_on_export(tmp_path, capsys):
     spec = Path(__file__).parents[1] / "specs" / "switch.yaml"
     run = tmp_path / "run"

@@ -356,3 +356,18 @@ def test_a_tokenizer_json_without_the_tokenizers_library_is_one_clear_error(tmp_
         with pytest.raises(UserError, match=r"tokenizer\.json: reading it needs the tokenizers library: "
                                             r"pip install 'moedsl\[hf\]'"):
             load()
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "x", "1,,0"])
+def test_eval_and_inspect_refuse_the_same_capacity_factors_with_the_same_line(tmp_path, capsys, value):
+    for command in ("eval", "inspect"):  # checked before the model is looked for
+        assert main([command, str(tmp_path / "none"), "--capacity-factor", value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"moedsl: error: --capacity-factor {value}: {value.split(',')[-2 if ',,' in value else 0]!r} "
+                       "is not a finite number >= 0 (0: dropless)"]
+
+
+def test_a_sweep_of_capacity_factors_is_for_eval_inspect_takes_one(tmp_path, capsys):
+    assert ins.capacity_factors("2,1,0.5,0.25,0") == [2.0, 1.0, 0.5, 0.25, 0.0]
+    assert main(["inspect", str(tmp_path / "none"), "--capacity-factor", "1,0"]) == 2
+    assert "inspect takes one factor (moedsl eval sweeps several)" in capsys.readouterr().err

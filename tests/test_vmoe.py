@@ -285,6 +285,18 @@ def test_npz_that_is_not_an_npz(tmp_path, spec):
         read_npz(str(tmp_path / "one.npy"), spec)
 
 
+def test_text_given_to_an_image_spec_is_named_as_text_with_what_an_image_spec_takes(tmp_path, spec):
+    text = tmp_path / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    with pytest.raises(UserError) as e:
+        read_npz(str(text), spec)
+    line = str(e.value)
+    assert "\n" not in line and "pickled" not in line
+    assert line.startswith(f"--data {text}: a text file, not an .npz file: a spec over images (tiny-vit) takes "
+                           "digits or an .npz file with arrays images")
+    assert [p for p in source_problems(spec, str(text), 5)] == [line]  # what the run's preflight prints
+
+
 def test_npz_problem_refuses_the_run_in_one_line_exit_2(tmp_path):
     import yaml
 
@@ -393,11 +405,40 @@ def test_training_on_digits_beats_chance_and_lower_inference_capacity_drops_more
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "--capacity-factor", "0.25", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["dropped"] == low["dropped"]
-    for args, message in (([str(tmp_path / "run"), "--capacity-factor", "0"], "must be a finite number > 0"),
+    for args, message in (([str(tmp_path / "run"), "--capacity-factor", "-1"], "'-1' is not a finite number >= 0"),
+                          ([str(tmp_path / "run"), "--capacity-factor", "1,x"], "'x' is not a finite number >= 0"),
                           ([str(tmp_path), "--capacity-factor", "1"], "no checkpoint under")):
         assert main(["eval", *args]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_eval_sweeps_capacity_factors_on_one_loaded_model_and_0_is_dropless_as_in_inspect(tmp_path, one_thread,
+                                                                                          capsys, monkeypatch):
+    import os
+
+    from moedsl.cli import main
+    from moedsl.runtime import evaluate as ev
+    from moedsl.runtime.train import RunOptions, run
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # `moedsl eval` sets the OpenMP wait policy
+    spec = moedsl.load_spec(image_spec())
+    run(spec, RunOptions.from_spec(spec, out=tmp_path / "run", progress=False, steps=20))
+    alone = {c: moedsl.evaluate(str(tmp_path / "run"), c) for c in (2.0, 0.25)}
+    builds, real = [], ev.build
+    monkeypatch.setattr(ev, "build", lambda *a, **k: builds.append(1) or real(*a, **k))
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--capacity-factor", "2,0.25,0", "--json"]) == 0
+    sweep = json.loads(capsys.readouterr().out)
+    assert len(builds) == 1  # one model load for the whole sweep
+    assert [r["capacity_factor"] for r in sweep] == [2.0, 0.25, 0.0]
+    for r in sweep[:2]:  # each factor of the sweep is what evaluating it alone gives
+        one = alone[r["capacity_factor"]]
+        assert (r["loss"], r["dropped"]) == (one["loss"], one["dropped"])
+    assert sweep[1]["dropped"] > 0.3 and sweep[2]["dropped"] == 0  # 0: dropless, nothing dropped
+    assert main(["eval", str(tmp_path / "run"), "--capacity-factor", "2,0.25,0"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "eval capacity factor" in line]
+    assert len(rows) == 3 and "0 (dropless)" in rows[2]
 
 
 def test_image_spec_on_two_processes_equals_one():
