@@ -100,3 +100,21 @@ def test_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path, capsys, mo
     out = tmp_path / "new" / "deeper" / "o"
     _one_line(capsys, [command, str(src), "--out", str(out)], f"--out {out}", "no space left on device", "free there")
     assert not (tmp_path / "new").exists()  # the folders it made for --out go too, with the partial shard
+
+
+def test_overwrite_whose_final_rename_fails_puts_the_old_out_back_whole(tmp_path, capsys, monkeypatch):
+    src = _hf(tmp_path / "hf")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rename = files.os.replace
+
+    def failing(a, b):  # the old out moves aside, then the new one cannot take its place
+        if Path(b) == out and ".tmp-" in Path(a).name:
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(a))
+        return rename(a, b)
+
+    monkeypatch.setattr(files.os, "replace", failing)
+    _one_line(capsys, ["import", str(src), "--out", str(out), "--overwrite"], f"--out {out}", "not written")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "o"]
