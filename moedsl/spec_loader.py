@@ -13,8 +13,12 @@ from .spec import Spec
 SpecLike = Union[str, os.PathLike, dict, Spec]
 
 
-def _looks_like_path(src: str) -> bool:
-    return "\n" not in src and (src.endswith((".yaml", ".yml", ".json")) or os.path.exists(src))
+def looks_like_path(src: str) -> bool:
+    """A one-line string naming a spec file, an existing path, or text with none of ``:{[``:
+    a spec as YAML text is a mapping, which needs ``:`` or ``{``, so ``"nope"`` is a missing
+    file, not YAML text that is no mapping."""
+    return "\n" not in src and (src.endswith((".yaml", ".yml", ".json")) or os.path.exists(src)
+                                 or not any(c in src for c in ":{["))
 
 
 def load_spec(src: SpecLike, source: str | None = None) -> Spec:
@@ -29,7 +33,7 @@ def load_spec(src: SpecLike, source: str | None = None) -> Spec:
         return src
     if isinstance(src, dict):
         located = yamlload.Located(src, {}, {}, source or "<dict>")
-    elif isinstance(src, (os.PathLike, Path)) or (isinstance(src, str) and _looks_like_path(src)):
+    elif isinstance(src, (os.PathLike, Path)) or (isinstance(src, str) and looks_like_path(src)):
         name = source or str(src)
         located = yamlload.load(yamlload.read_text(src), name)
     elif isinstance(src, str):

@@ -64,14 +64,14 @@ def save(directory: Path, step: int, model, optimizer, spec, extra: dict, rank: 
             failure = e
     reasons = None
     if failure is not None:  # every rank tells why, from its own disk: a rank's full disk may be its own
-        reasons = gather(_reason(failure, tmp), world)
+        reasons = gather(failure_reason(failure, tmp), world)
     message = None
     if rank == 0:
         if failure is None:
             try:
                 _finish(directory, tmp, final, step, spec, world, options)
             except Exception as e:  # noqa: BLE001 - meta.json or the rename failed: the save did not happen
-                reasons = [_reason(e, tmp)]
+                reasons = [failure_reason(e, tmp)]
         if reasons:
             message = _not_saved(directory, tmp, final, reasons, _nbytes(sd) * world)
     message = agree(message, rank, world)
@@ -114,7 +114,7 @@ def _not_saved(directory: Path, tmp: Path, final: Path, reasons: list, estimate:
     text = f"checkpoint {final.name} not saved: {reason}"
     if full:
         needed = _size(good) if good is not None else estimate
-        free = _free(directory)
+        free = free_space(directory)
         text += f" (it needs about {human_bytes(needed)}"
         text += f", {human_bytes(free)} free in {directory})" if free is not None else ")"
     if tmp.exists():
@@ -126,7 +126,7 @@ def _not_saved(directory: Path, tmp: Path, final: Path, reasons: list, estimate:
 _FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 
 
-def _reason(failure: BaseException, tmp: Path) -> tuple[str, bool]:
+def failure_reason(failure: BaseException, tmp: Path) -> tuple[str, bool]:
     """(why, whether the disk is full) for a failed save. torch.save turns a failed write into
     ``RuntimeError: ... unexpected pos``, losing the errno; then a 1 MB probe written where the
     shards went, through DCP's own file layer, tells a full disk or quota from other failures."""
@@ -182,7 +182,7 @@ def _probe(tmp: Path, size: int = 1 << 20):
     return None
 
 
-def _free(directory: Path):
+def free_space(directory: Path):
     try:
         return shutil.disk_usage(directory).free
     except OSError:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from moedsl.errors import UserError
-from moedsl.spec_loader import load_spec
+from moedsl.spec_loader import looks_like_path, load_spec
 
 from .ckpt_format import problem, read_meta
 from .ckpt_storage import newest_whole
@@ -58,7 +58,7 @@ def resolve(src, checkpoint=None) -> ModelSource:
     see the module docstring. Raises ``UserError`` naming the path for anything else."""
     path = Path(str(src)) if isinstance(src, (str, os.PathLike)) and "\n" not in str(src) else None
     as_dir = path is not None and path.is_dir()
-    if path is not None and not as_dir and (_is_spec_file(src) or checkpoint is None) and not path.exists():
+    if path is not None and not as_dir and not path.exists() and (checkpoint is None or looks_like_path(str(src))):
         raise UserError(f"{src}: no such file or folder")
     if checkpoint is not None:
         spec = load_spec(path / "spec.yaml" if as_dir else src)

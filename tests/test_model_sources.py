@@ -60,6 +60,7 @@ def test_no_module_but_the_resolver_decides_what_a_model_folder_is():
 
 @pytest.mark.parametrize("src, checkpoint, needle", [
     ("{tmp}/nothing", None, "{tmp}/nothing: no such file or folder"),
+    ("{tmp}/nothing", "{tmp}/empty", "{tmp}/nothing: no such file or folder"),  # not read as YAML text
     ("{tmp}/empty", None, "{tmp}/empty: no checkpoint under it or its checkpoints/, and not an import folder"),
     ("{root}/specs/switch.yaml", None, "a spec needs a checkpoint"),
     ("{root}/specs/switch.yaml", "{tmp}/empty", "checkpoint {tmp}/empty: neither an import folder nor a moedsl"),
@@ -73,3 +74,17 @@ def test_a_path_that_holds_no_model_is_one_line_naming_it(tmp_path, src, checkpo
     with pytest.raises(UserError) as e:
         resolve(src.format(**fill), checkpoint.format(**fill) if checkpoint else None)
     assert "\n" not in str(e.value) and needle.format(**fill) in str(e.value)
+
+
+def test_load_model_of_a_missing_name_says_no_such_folder_like_the_cli_not_that_it_is_yaml_text(tmp_path,
+                                                                                                 monkeypatch):
+    import moedsl
+    from moedsl.errors import SpecError, UserError
+
+    monkeypatch.chdir(tmp_path)
+    for checkpoint in (None, tmp_path):
+        with pytest.raises(UserError, match="^nope: no such file or folder$"):
+            moedsl.load_model("nope", checkpoint=checkpoint)
+    with pytest.raises(SpecError, match="nope.*no such file"):
+        moedsl.load_spec("nope")
+    assert moedsl.load_spec((ROOT / "specs" / "switch.yaml").read_text()).model  # YAML text is still text

@@ -18,7 +18,7 @@ from moedsl.errors import UserError
 from moedsl.spec_loader import load_spec
 
 from . import family, family_of_spec
-from .files import Checkpoint, copy_side_files, nbytes, read_config, resolve, staged, torch_dtype_of, write_sharded
+from .files import Checkpoint, apart, copy_side_files, nbytes, read_config, resolve, staged, torch_dtype_of, write_sharded
 from .weights import global_shapes, mismatch
 
 IMPORT_SHARD = 2 * 10**9  # moedsl's own files: shards of up to 2 GB
@@ -39,6 +39,7 @@ def import_checkpoint(source: str, out: Path, overwrite: bool = False, max_shard
     """Write ``out/spec.yaml``, ``out/hf_config.json``, moedsl-format safetensors and the
     tokenizer files from the Hugging Face checkpoint ``source``. Returns a summary."""
     folder = resolve(source)
+    apart(out, [folder])
     config = read_config(folder)
     fam = family(config.get("model_type"))
     text = fam.spec_text(config, source, _spec_name(source))
@@ -137,6 +138,7 @@ def export_checkpoint(src: Path, out: Path, max_shard: int = 5 * 10**9, overwrit
     src = Path(src)
     if not src.exists():
         raise UserError(f"{src}: no such file or folder")
+    apart(out, [src, checkpoint])
     spec, reader, side = _export_source(src, checkpoint)
     recorded = None
     if side is not None and (side / HF_CONFIG).is_file():

@@ -283,35 +283,89 @@ def _write_file(path: Path, entries: list) -> int:
     return offset
 
 
+def apart(out: Path, sources: Iterable, option: str = "--out") -> None:
+    """Refuse an ``out`` that is one of ``sources`` (None entries skipped) or lies inside or above
+    one: ``staged`` replaces ``out`` whole, which would delete the source being read. Every
+    command with a source and an ``--out`` calls this before writing."""
+    here = Path(out).expanduser().resolve()
+    for source in sources:
+        if source is None:
+            continue
+        src = Path(source).expanduser().resolve()
+        if here == src:
+            where = "is"
+        elif src in here.parents:
+            where = "lies inside"
+        elif here in src.parents:
+            where = "holds"
+        else:
+            continue
+        raise UserError(f"{option} {out} {where} the source {source}: give an {option} apart from it (writing "
+                        f"{out} would {'write into' if where == 'lies inside' else 'delete'} the source)")
+
+
 @contextlib.contextmanager
 def staged(out: Path, overwrite: bool, option: str = "--out"):
     """A folder to write into, renamed to ``out`` when the block ends without an error (an
     existing ``out`` is replaced then, with ``overwrite``); on an error it is removed and
-    ``out`` is as it was. A non-empty ``out`` without ``overwrite`` is refused first."""
+    ``out`` is as it was. A non-empty ``out`` without ``overwrite`` is refused first; a write
+    that fails (a read-only place, a full disk) is a ``UserError`` saying why, in the words a
+    failed checkpoint save uses, with the folders it made removed."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{option} {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{option} {out} is not empty: --overwrite to replace it, or another {option}")
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # nearest first
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        _remove_empty(created)
         raise UserError(f"{option} {out}: cannot create {out.parent} ({e.strerror})") from None
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         yield tmp
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:  # the old out comes back whole
+                os.replace(old, out)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        from moedsl.compiler.plan import human_bytes
+        from moedsl.runtime.ckpt_storage import failure_reason, free_space  # runtime imports moedsl.hf
+
+        why, full = failure_reason(e, tmp)  # before the removal: without an errno it probes tmp
+        free = free_space(out.parent) if full else None
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+        text = f"{option} {out}: not written, {why} in {out.parent}"
+        if free is not None:
+            text += f" ({human_bytes(free)} free there)"
+        if e.filename and not str(e.filename).startswith(str(tmp)):
+            text += f" ({e.filename})"
+        raise UserError(text) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _remove_empty(folders: list) -> None:
+    """Remove ``folders`` (nearest first) that a failed write made and left empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def copy_side_files(src: Path, dst: Path, names: Iterable[str] = TOKENIZER_FILES) -> list:
@@ -323,5 +377,5 @@ def copy_side_files(src: Path, dst: Path, names: Iterable[str] = TOKENIZER_FILES
     return copied
 
 
-__all__ = ["Checkpoint", "resolve", "read_config", "write_sharded", "staged", "parse_size", "problem",
+__all__ = ["Checkpoint", "resolve", "read_config", "write_sharded", "staged", "apart", "parse_size", "problem",
            "hub_cache", "copy_side_files"]
