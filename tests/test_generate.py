@@ -482,3 +482,47 @@ def test_cli_prompt_text_goes_through_the_imports_tokenizer_json(imported, tmp_p
     out = json.loads(capsys.readouterr().out)
     want = moedsl.generate(moedsl.load_model(imported), [[1, 2, 3]], 6)[0, 3:].tolist()
     assert out["ids"] == [want] and out["text"] == [" ".join(f"w{i}" for i in want)]
+
+
+def _eos_model(tmp_path, batch):
+    """A tiny Mixtral saved with a generation_config.json whose eos is an id that its greedy
+    continuations of ``batch`` prompts first reach at different steps, imported; returns
+    (transformers model, import folder, prompts [B, T], mask [B, T], the steps where each row stops)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+    ref = transformers.MixtralForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in [5, 3, 6][:batch]]
+    ids, mask = left_pad(prompts)
+    ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 0
+    with torch.no_grad():
+        free = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False)[:, ids.shape[1]:]
+    for eos in range(1, 64):  # the id whose first appearance differs between the rows
+        first = [row.index(eos) if eos in row else None for row in free.tolist()]
+        if None not in first and len(set(first)) == batch and max(first) > 0:
+            break
+    else:
+        pytest.fail(f"no id stops the rows at different steps: {free.tolist()}")
+    ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = eos, 1
+    ref.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == eos
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")]) == 0
+    return ref, tmp_path / "imp", ids, mask, first
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_ids_stop_at_the_imports_eos_and_pad_finished_rows_as_transformers(tmp_path, batch):
+    ref, imp, ids, mask, first = _eos_model(tmp_path, batch)
+    with torch.no_grad():
+        theirs = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    timings: dict = {}
+    ours = moedsl.generate(moedsl.load_model(imp), ids, 16, attention_mask=mask, timings=timings)
+    assert torch.equal(ours, theirs)
+    assert ours.shape[1] == ids.shape[1] + max(first) + 1 < ids.shape[1] + 16  # stopped when the last row did
+    assert timings["stopped"] == ["eos"] * batch
+    new = ours[:, ids.shape[1]:]
+    for b, s in enumerate(first):  # each row: its eos, then the pad id of the config
+        assert new[b, s] == ref.generation_config.eos_token_id and (new[b, s + 1:] == 1).all()
