@@ -526,3 +526,70 @@ def test_greedy_ids_stop_at_the_imports_eos_and_pad_finished_rows_as_transformer
     new = ours[:, ids.shape[1]:]
     for b, s in enumerate(first):  # each row: its eos, then the pad id of the config
         assert new[b, s] == ref.generation_config.eos_token_id and (new[b, s + 1:] == 1).all()
+
+
+def test_an_image_model_is_refused_in_one_line_not_a_type_error():
+    model = moedsl.build_model(moedsl.load_spec(ROOT / "specs" / "vit-dense.yaml"), seed=0, dtype=torch.float32)
+    with pytest.raises(UserError, match=r"model of image inputs \(model.input = image\).*needs model.input = tokens"):
+        moedsl.generate(model, [[1, 2, 3]], 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt-ids", "1,,3"], "--prompt-ids '1,,3': expected whole numbers"),
+    (["--prompt-ids", "1", "--top-k", "5"], "top_k and top_p filter sampling: give a temperature above 0"),
+    (["--prompt-ids", "1", "--top-p", "0.5", "--temperature", "0"], "give a temperature above 0"),
+    (["--prompt-ids", "1", "--stop", "end"], "--stop 'end': text needs a tokenizer.json"),
+])
+@pytest.mark.parametrize("nproc", [[], ["--nproc", "2"]], ids=["1", "2"])
+def test_cli_refuses_empty_ids_and_filters_without_sampling_in_one_line(imported, capsys, argv, message, nproc):
+    assert main(["generate", str(imported), "--max-new-tokens", "4", *argv, *nproc]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_refuses_experts_that_do_not_split_over_nproc_once_before_any_worker(imported, capsys, monkeypatch):
+    import moedsl.runtime.launcher as launcher
+
+    started = []
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: started.append(a))
+    assert main(["generate", str(imported), "--prompt-ids", "1,2", "--max-new-tokens", "4", "--nproc", "3"]) == 2
+    err = capsys.readouterr().err
+    assert not started and len(err.strip().splitlines()) == 1 and "3" in err, err
+
+
+def test_api_stop_ids_and_eos_given_stop_rows_and_say_why(imported):
+    model = moedsl.load_model(imported)
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    free = moedsl.generate(model, prompts, 10, eos_token_id=None)[:, 3:].tolist()
+    eos, stop = free[0][2], free[1][4:6]  # row 0's third new token as eos; row 1's fifth and sixth as a stop
+
+    def end(row):  # the step where a row ends, and why
+        for s in range(len(row)):
+            if row[s] == eos:
+                return s, "eos"
+            if s >= 1 and row[s - 1:s + 1] == stop:
+                return s, "stop"
+        return len(row) - 1, "length"
+
+    ends = [end(row) for row in free]
+    assert ends[0] != ends[1]
+    timings: dict = {}
+    got = moedsl.generate(model, prompts, 10, eos_token_id=[eos], stop=[stop], pad_token_id=0,
+                          timings=timings)[:, 3:].tolist()
+    last = max(s for s, _ in ends)
+    assert timings["stopped"] == [why for _, why in ends]
+    assert got == [row[:s + 1] + [0] * (last - s) for row, (s, _) in zip(free, ends)]
+
+
+def test_cli_json_says_why_each_row_stopped_and_streams_without_json(imported, capsys):
+    model = moedsl.load_model(imported)
+    free = moedsl.generate(model, [[1, 2, 3]], 8, eos_token_id=None)[0, 3:].tolist()
+    assert main(["generate", str(imported), "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--json",
+                 "--stop", str(free[1])]) == 0
+    out = json.loads(capsys.readouterr().out)
+    k = free.index(free[1])
+    assert out["stopped"] == ["stop"] and out["ids"] == [free[:k + 1]]
+    assert main(["generate", str(imported), "--prompt-ids", "1,2,3", "--max-new-tokens", "8"]) == 0
+    streamed = capsys.readouterr().out
+    assert main(["generate", str(imported), "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--no-stream"]) == 0
+    assert capsys.readouterr().out == streamed
