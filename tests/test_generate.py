@@ -593,3 +593,28 @@ def test_cli_json_says_why_each_row_stopped_and_streams_without_json(imported, c
     streamed = capsys.readouterr().out
     assert main(["generate", str(imported), "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--no-stream"]) == 0
     assert capsys.readouterr().out == streamed
+
+
+def test_stop_text_goes_through_the_tokenizer_and_sampling_defaults_come_from_the_generation_config(
+        imported, tmp_path, capsys):
+    import shutil
+
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = tmp_path / "imp"
+    shutil.copytree(imported, folder)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.WordPiece()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.7, "top_k": 5}))
+    given = moedsl.generate(moedsl.load_model(imported), [[1, 2, 3]], 8, temperature=0.7, top_k=5, seed=4,
+                            eos_token_id=None)[0, 3:].tolist()
+    assert given != moedsl.generate(moedsl.load_model(imported), [[1, 2, 3]], 8, eos_token_id=None)[0, 3:].tolist()
+    assert moedsl.generate(moedsl.load_model(folder), [[1, 2, 3]], 8, seed=4)[0, 3:].tolist() == given
+    assert main(["generate", str(folder), "--prompt", "w1 w2 w3", "--max-new-tokens", "8", "--seed", "4", "--json",
+                 "--stop", f"w{given[2]}"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    k = given.index(given[2])
+    assert out["ids"] == [given[:k + 1]] and out["stopped"] == ["stop"]
+    assert main(["generate", str(folder), "--prompt", "w1 w2 w3", "--max-new-tokens", "8", "--seed", "4"]) == 0
+    assert capsys.readouterr().out == " ".join(f"w{i}" for i in given) + "\n"  # streamed, word by word
