@@ -280,10 +280,12 @@ def generate(model, input_ids, max_new_tokens: int, temperature: Optional[float]
         out[:, T + step] = nxt
         if on_token is not None:
             on_token(step, nxt)
-        for b in (~finished).nonzero().flatten().tolist():
-            if bool(torch.isin(nxt[b], eos_t)):
-                finished[b], stopped[b] = True, "eos"
-            elif any(step + 1 >= len(s) and out[b, T + step + 1 - len(s):T + step + 1].tolist() == s for s in stops):
+        hit = torch.isin(nxt, eos_t) & ~finished  # [B]; one vector test a step, rows in Python only on a hit
+        for b in hit.nonzero().flatten().tolist():
+            stopped[b] = "eos"
+        finished |= hit
+        for b in ((~finished).nonzero().flatten().tolist() if stops else ()):
+            if any(step + 1 >= len(s) and out[b, T + step + 1 - len(s):T + step + 1].tolist() == s for s in stops):
                 finished[b], stopped[b] = True, "stop"
         if bool(finished.all()):
             steps = step + 1
