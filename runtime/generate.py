@@ -93,14 +93,13 @@ def sampling(config: dict, temperature: Optional[float], top_k: Optional[int], t
     generation config (``do_sample`` with its ``temperature``, ``top_k``, ``top_p``, transformers'
     defaults 1.0, 50, 1.0; greedy without it). ``top_k``/``top_p`` with a temperature of 0 are
     refused (``UserError``): greedy decoding would silently ignore them."""
+    sampled = bool(config.get("do_sample", False))
     if temperature is None:
-        sampled = bool(config.get("do_sample", False))
-        if sampled:
-            temperature = float(config.get("temperature", 1.0))
-            top_k = config.get("top_k", 50) if top_k is None else top_k
-            top_p = config.get("top_p", 1.0) if top_p is None else top_p
-        else:
-            temperature = 0.0
+        t = config.get("temperature", 1.0)
+        temperature = float(1.0 if t is None else t) if sampled else 0.0
+    if sampled and temperature > 0:  # the config's filters; its top_k 0 (or null) is transformers' "no top-k"
+        top_k = (config.get("top_k", 50) or None) if top_k is None else top_k
+        top_p = config.get("top_p", 1.0) if top_p is None else top_p
     if temperature < 0 or temperature != temperature:
         raise UserError(f"generate: temperature must be >= 0, got {temperature}")
     if temperature == 0 and (top_k is not None or top_p is not None):

@@ -618,3 +618,17 @@ def test_stop_text_goes_through_the_tokenizer_and_sampling_defaults_come_from_th
     assert out["ids"] == [given[:k + 1]] and out["stopped"] == ["stop"]
     assert main(["generate", str(folder), "--prompt", "w1 w2 w3", "--max-new-tokens", "8", "--seed", "4"]) == 0
     assert capsys.readouterr().out == " ".join(f"w{i}" for i in given) + "\n"  # streamed, word by word
+
+
+def test_sampling_settings_left_out_follow_the_generation_config_as_transformers_reads_it():
+    from moedsl.runtime.generate import sampling
+
+    assert sampling({}, None, None, None) == (0.0, None, None)  # no config: greedy
+    assert sampling({"do_sample": False, "top_k": 3}, None, None, None) == (0.0, None, None)
+    assert sampling({"do_sample": True}, None, None, None) == (1.0, 50, 1.0)  # transformers' defaults
+    assert sampling({"do_sample": True, "top_k": 0, "temperature": 0.5}, None, None, None) == (0.5, None, 1.0)
+    assert sampling({"do_sample": True, "temperature": 0.0, "top_k": 20}, None, None, None) == (0.0, None, None)
+    assert sampling({"do_sample": True, "temperature": 0.5}, 0.9, 7, None) == (0.9, 7, 1.0)  # given wins
+    assert sampling({"do_sample": True}, 0, None, None) == (0.0, None, None)
+    with pytest.raises(UserError, match="give a temperature above 0"):
+        sampling({"do_sample": True}, 0, 5, None)
