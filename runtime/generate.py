@@ -80,6 +80,8 @@ def _ids(value, what: str) -> list:
     None) -> a list of ints."""
     if value is None:
         return []
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
     values = [value] if isinstance(value, int) else list(value)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise UserError(f"generate: {what} must be a token id or a list of token ids, got {value!r}")
@@ -188,7 +190,8 @@ def check_prompt(spec, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
 
 # ----------------------------------------------------------------------------- generate
 
-MODEL = "model"  # generate()'s default eos/pad: the model's generation_config.json (``read_generation_config``)
+MODEL = object()  # generate()'s default eos/pad: the model's generation_config.json (``read_generation_config``)
+
 
 @torch.inference_mode()
 def generate(model, input_ids, max_new_tokens: int, temperature: Optional[float] = None,
@@ -196,7 +199,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: Optional[float]
              timings: Optional[dict] = None, graphs: str = "auto", eos_token_id=MODEL, pad_token_id=MODEL,
              stop: Sequence = (), on_token: Optional[Callable] = None):
     """Continue each prompt by ``max_new_tokens`` tokens; returns ids [B, T + N] (the prompts as
-    given, left-padded, then the new tokens).
+    given, left-padded, then the new tokens; N fewer when every row stops first, see below).
 
     ``input_ids``: a tensor [B, T] (with ``attention_mask`` [B, T]: left padding, 0 on padding,
     as transformers' generate takes it), or a list of prompts (lists of ids) of any lengths,
@@ -233,14 +236,14 @@ def generate(model, input_ids, max_new_tokens: int, temperature: Optional[float]
     if spec is None:
         raise UserError("generate: give a model made by moedsl.load_model or moedsl.build_model")
     config = getattr(model, "generation_config", None) or {}
-    if eos_token_id == MODEL:
+    if eos_token_id is MODEL:
         eos_token_id = config.get("eos_token_id")
     eos = _ids(eos_token_id, "eos_token_id")
-    if pad_token_id == MODEL:
+    if pad_token_id is MODEL:
         pad_token_id = config.get("pad_token_id")
     pads = _ids(pad_token_id, "pad_token_id")
     pad_id = pads[0] if pads else (eos[0] if eos else 0)
-    stops = [[s] if isinstance(s, int) else list(s) for s in stop]
+    stops = [[s] if isinstance(s, int) else list(s) for s in ([stop] if isinstance(stop, int) else stop)]
     if any(len(s) == 0 for s in stops):
         raise UserError("generate: an empty stop sequence")
     for s in stops:
