@@ -63,6 +63,7 @@ def model_for_rank(src, checkpoint, rank: int, world: int, device="cpu"):
     """``load_model``'s model for rank ``rank`` of ``world`` (its experts only, collectives bound),
     its spec, and the ``ModelSource`` it was loaded from (``moedsl.runtime.resolve``)."""
     source = resolve(src, checkpoint)
+    check_generates(source.spec)  # an image model: one line before its weights are read
     return build(source, device=device, rank=rank, world=world), source.spec, source
 
 

@@ -632,3 +632,15 @@ def test_sampling_settings_left_out_follow_the_generation_config_as_transformers
     assert sampling({"do_sample": True}, 0, None, None) == (0.0, None, None)
     with pytest.raises(UserError, match="give a temperature above 0"):
         sampling({"do_sample": True}, 0, 5, None)
+
+
+@pytest.mark.parametrize("nproc", [[], ["--nproc", "2"]], ids=["1", "2"])
+def test_cli_refuses_an_image_model_in_one_line_with_exit_2(tmp_path_factory, capsys, nproc):
+    run = tmp_path_factory.getbasetemp() / "vit-run"
+    if not run.exists():
+        assert main(["run", str(ROOT / "specs" / "vit-dense.yaml"), "--steps", "1", "--out", str(run), "--no-progress",
+                     "--eval-batches", "1", "--ignore-memory-check"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt-ids", "1,2", "--max-new-tokens", "2", *nproc]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.input = image" in err and len(err.splitlines()) == 1, err
