@@ -486,8 +486,9 @@ def test_cli_prompt_text_goes_through_the_imports_tokenizer_json(imported, tmp_p
 
 def _eos_model(tmp_path, batch):
     """A tiny Mixtral saved with a generation_config.json whose eos is an id that its greedy
-    continuations of ``batch`` prompts first reach at different steps, imported; returns
-    (transformers model, import folder, prompts [B, T], mask [B, T], the steps where each row stops)."""
+    continuations of ``batch`` prompts first reach at different steps (at batch > 1 with a second
+    eos id never emitted: a list), imported; returns (transformers model, import folder,
+    prompts [B, T], mask [B, T], the steps where each row stops, the eos id emitted)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -506,16 +507,18 @@ def _eos_model(tmp_path, batch):
             break
     else:
         pytest.fail(f"no id stops the rows at different steps: {free.tolist()}")
-    ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = eos, 1
+    unused = next(i for i in range(1, 64) if i not in sum(free.tolist(), []))
+    eos_ids = [unused, eos] if batch > 1 else eos  # several eos ids, one never emitted, or one
+    ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = eos_ids, 1
     ref.save_pretrained(tmp_path / "hf")
-    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == eos
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == eos_ids
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")]) == 0
-    return ref, tmp_path / "imp", ids, mask, first
+    return ref, tmp_path / "imp", ids, mask, first, eos
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_ids_stop_at_the_imports_eos_and_pad_finished_rows_as_transformers(tmp_path, batch):
-    ref, imp, ids, mask, first = _eos_model(tmp_path, batch)
+    ref, imp, ids, mask, first, eos = _eos_model(tmp_path, batch)
     with torch.no_grad():
         theirs = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
     timings: dict = {}
@@ -525,7 +528,7 @@ def test_greedy_ids_stop_at_the_imports_eos_and_pad_finished_rows_as_transformer
     assert timings["stopped"] == ["eos"] * batch
     new = ours[:, ids.shape[1]:]
     for b, s in enumerate(first):  # each row: its eos, then the pad id of the config
-        assert new[b, s] == ref.generation_config.eos_token_id and (new[b, s + 1:] == 1).all()
+        assert new[b, s] == eos and (new[b, s + 1:] == 1).all()
 
 
 def test_an_image_model_is_refused_in_one_line_not_a_type_error():
