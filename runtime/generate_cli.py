@@ -80,13 +80,14 @@ def parse_ids(text: str, option: str = "--prompt-ids") -> list:
 
 def stops(args, codec) -> list:
     """``--stop``'s sequences of ids: each a comma-separated id list (5 or 7,8), or else text through
-    the run's tokenizer (refused where there is none)."""
+    the run's codec (its tokenizer.json, or UTF-8 bytes; refused where there is neither)."""
     out = []
     for item in getattr(args, "stop", None) or []:
         if item.replace(" ", "").replace(",", "").isdigit():
             out.append(parse_ids(item, "--stop"))
-        elif codec is None or codec.kind != "tokenizer":
-            raise UserError(f"--stop {item!r}: text needs a tokenizer.json beside the weights; give token ids (5 or 7,8)")
+        elif codec is None:
+            raise UserError(f"--stop {item!r}: text needs a tokenizer.json beside the weights (or a byte-level "
+                            "vocabulary); give token ids (5 or 7,8)")
         else:
             ids = codec.encode(item)
             if not ids:

@@ -647,3 +647,17 @@ def test_cli_refuses_an_image_model_in_one_line_with_exit_2(tmp_path_factory, ca
     assert main(["generate", str(run), "--prompt-ids", "1,2", "--max-new-tokens", "2", *nproc]) == 2
     err = capsys.readouterr().err.strip()
     assert "model.input = image" in err and len(err.splitlines()) == 1, err
+
+
+def test_stop_text_of_a_byte_level_run_is_its_utf8_bytes(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", str(ROOT / "specs" / "switch.yaml"), "--steps", "1", "--out", str(run), "--no-progress",
+                 "--eval-batches", "1", "--ignore-memory-check"]) == 0
+    capsys.readouterr()
+    base = ["generate", str(run), "--prompt", "def f(", "--max-new-tokens", "12", "--json"]
+    assert main(base) == 0
+    free = json.loads(capsys.readouterr().out)["ids"][0]
+    k = next(i for i, t in enumerate(free) if 32 < t < 127 and not chr(t).isdigit() and chr(t) != ",")
+    assert main(base + ["--stop", chr(free[k])]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ids"] == [free[:k + 1]] and out["stopped"] == ["stop"]
