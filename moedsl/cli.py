@@ -542,9 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--top-p", type=_number, default=None, help="sample from the nucleus of probability P (with a "
                     "temperature above 0)")
     gn.add_argument("--stop", action="append", metavar="IDS|TEXT", help="also stop a row that ends with these ids "
-                    "(5 or 7,8) or this text (through the tokenizer); repeatable. The model's eos_token_id always "
-                    "stops")
-    gn.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
+                    "(5 or 7,8) or this text (through the tokenizer, or UTF-8 bytes); repeatable. The model's "
+                    "eos_token_id (its generation_config.json) always stops")
+    gn.add_argument("--no-stream", action="store_true", help="print one row when done instead of token by token as it comes")
     gn.add_argument("--seed", type=_whole, default=0, help="seed of the sampling")
     gn.add_argument("--batch", type=_positive, default=1, help="rows, each continuing the prompt (default 1)")
     gn.add_argument("--checkpoint", metavar="PATH", help="the weights (an import folder or a DCP checkpoint) when "
