@@ -346,14 +346,26 @@ def _cmd_generate(args) -> int:
 
         launch(args.nproc, [a for a in (args.raw or []) if a])
         return 0
+    import sys
+
     from .runtime.generate_cli import run_cli
 
-    r = run_cli(args)
-    if _in_job_rank() == 0 and not (launched_worker() and int(os.environ.get("RANK", 0)) != 0):
+    printer = _in_job_rank() == 0 and not (launched_worker() and int(os.environ.get("RANK", 0)) != 0)
+    streamed = printer and not args.json and not args.no_stream and args.batch == 1
+
+    def piece(row: int, text: str) -> None:  # one row: its text as it comes, on rank 0
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    r = run_cli(args, on_text=piece if streamed else None)
+    if printer:
         if args.json:
             import json
 
-            print(json.dumps({k: r[k] for k in ("ids", "text", "tokens_per_s", "device", "cuda_graphs") if k in r}))
+            keys = ("ids", "text", "stopped", "tokens_per_s", "device", "cuda_graphs")
+            print(json.dumps({k: r[k] for k in keys if k in r}))
+        elif streamed:
+            print()
         else:
             for i, row in enumerate(r["ids"]):
                 print(r["text"][i] if "text" in r else ",".join(str(t) for t in row))
@@ -533,9 +545,16 @@ def build_parser() -> argparse.ArgumentParser:
                       "vocabulary)")
     what.add_argument("--prompt-ids", metavar="IDS", help="token ids, comma-separated: 1,2,3")
     gn.add_argument("--max-new-tokens", type=_positive, required=True, metavar="N")
-    gn.add_argument("--temperature", type=_number, default=0.0, help="0 (default): greedy; else sample")
-    gn.add_argument("--top-k", type=_positive, default=None, help="sample among the K most likely tokens")
-    gn.add_argument("--top-p", type=_number, default=None, help="sample from the nucleus of probability P")
+    gn.add_argument("--temperature", type=_number, default=None, help="0: greedy; else sample (default: the "
+                    "import's generation_config.json, else greedy)")
+    gn.add_argument("--top-k", type=_positive, default=None, help="sample among the K most likely tokens (with a "
+                    "temperature above 0)")
+    gn.add_argument("--top-p", type=_number, default=None, help="sample from the nucleus of probability P (with a "
+                    "temperature above 0)")
+    gn.add_argument("--stop", action="append", metavar="IDS|TEXT", help="also stop a row that ends with these ids "
+                    "(5 or 7,8) or this text (through the tokenizer, or UTF-8 bytes); repeatable. The model's "
+                    "eos_token_id (its generation_config.json) always stops")
+    gn.add_argument("--no-stream", action="store_true", help="print one row when done instead of token by token as it comes")
     gn.add_argument("--seed", type=_whole, default=0, help="seed of the sampling")
     gn.add_argument("--batch", type=_positive, default=1, help="rows, each continuing the prompt (default 1)")
     gn.add_argument("--checkpoint", metavar="PATH", help="the weights (an import folder or a DCP checkpoint) when "
@@ -545,8 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: the GPU when there is one (one process), else the CPU")
     gn.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
                     help="decode through a captured CUDA graph (auto: on a GPU, in one process)")
-    gn.add_argument("--json", action="store_true", help="one JSON object: ids (new ids per row), text, tokens_per_s, "
-                    "device, cuda_graphs")
+    gn.add_argument("--json", action="store_true", help="one JSON object: ids (new ids per row), text, stopped (per "
+                    "row: eos, stop or length), tokens_per_s, device, cuda_graphs")
     gn.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("schema", help="print the JSON Schema of a spec (for editors)")

@@ -17,9 +17,11 @@ Shape legend: B batch, T prompt block (the longest prompt), N new tokens, V voca
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,7 +56,63 @@ def decode_module(model, static: bool = False) -> fx.GraphModule:
     return made[static]
 
 
+# ----------------------------------------------------------------------------- generation config
+
+def read_generation_config(folders) -> dict:
+    """The ``generation_config.json`` an import copied beside the weights (the first in ``folders``;
+    None entries skipped), as a dict; {} where there is none. A file that is not a JSON object is
+    a ``UserError`` naming it."""
+    for folder in folders:
+        path = Path(folder) / "generation_config.json" if folder is not None else None
+        if path is not None and path.is_file():
+            try:
+                cfg = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise UserError(f"{path}: not readable as JSON ({e})") from None
+            if not isinstance(cfg, dict):
+                raise UserError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+            return cfg
+    return {}
+
+
+def _ids(value, what: str) -> list:
+    """``eos_token_id`` / ``pad_token_id`` as transformers takes them (an int, a list of ints, or
+    None) -> a list of ints."""
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    values = [value] if isinstance(value, int) else list(value)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise UserError(f"generate: {what} must be a token id or a list of token ids, got {value!r}")
+    return values
+
+
 # ----------------------------------------------------------------------------- sampling
+
+def sampling(config: dict, temperature: Optional[float], top_k: Optional[int], top_p: Optional[float]) -> tuple:
+    """(temperature, top_k, top_p) of ``generate``: what the user gave, the rest from the model's
+    generation config (``do_sample`` with its ``temperature``, ``top_k``, ``top_p``, transformers'
+    defaults 1.0, 50, 1.0; greedy without it). ``top_k``/``top_p`` with a temperature of 0 are
+    refused (``UserError``): greedy decoding would silently ignore them."""
+    sampled = bool(config.get("do_sample", False))
+    if temperature is None:
+        t = config.get("temperature", 1.0)
+        temperature = float(1.0 if t is None else t) if sampled else 0.0
+    if sampled and temperature > 0:  # the config's filters; its top_k 0 (or null) is transformers' "no top-k"
+        top_k = (config.get("top_k", 50) or None) if top_k is None else top_k
+        top_p = config.get("top_p", 1.0) if top_p is None else top_p
+    if temperature < 0 or temperature != temperature:
+        raise UserError(f"generate: temperature must be >= 0, got {temperature}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise UserError("generate: top_k and top_p filter sampling: give a temperature above 0 with them "
+                        "(temperature 0 is greedy decoding, which would ignore them)")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"generate: top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"generate: top_p must be in (0, 1], got {top_p}")
+    return temperature, top_k, top_p
+
 
 def pick(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
          generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -94,8 +152,16 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
     return ids, mask
 
 
+def check_generates(spec) -> None:
+    """Refuses (``UserError``, one line) a model that does not continue token sequences."""
+    if spec.model.input != "tokens":
+        raise UserError(f"generate: {spec.source} is a model of {spec.model.input} inputs (model.input = "
+                        f"{spec.model.input}): generation continues token ids; it needs model.input = tokens")
+
+
 def check_prompt(spec, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """The left padding of each row [B]; refuses (``UserError``, one line) what cannot be generated."""
+    check_generates(spec)
     m = spec.model
     if ids.dim() != 2:
         raise UserError(f"generate: input_ids must be [batch, tokens], got shape {list(ids.shape)}")
@@ -124,12 +190,16 @@ def check_prompt(spec, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
 
 # ----------------------------------------------------------------------------- generate
 
+MODEL = object()  # generate()'s default eos/pad: the model's generation_config.json (``read_generation_config``)
+
+
 @torch.inference_mode()
-def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
-             top_p: Optional[float] = None, seed: int = 0, attention_mask=None, timings: Optional[dict] = None,
-             graphs: str = "auto"):
+def generate(model, input_ids, max_new_tokens: int, temperature: Optional[float] = None,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0, attention_mask=None,
+             timings: Optional[dict] = None, graphs: str = "auto", eos_token_id=MODEL, pad_token_id=MODEL,
+             stop: Sequence = (), on_token: Optional[Callable] = None):
     """Continue each prompt by ``max_new_tokens`` tokens; returns ids [B, T + N] (the prompts as
-    given, left-padded, then the new tokens).
+    given, left-padded, then the new tokens; N fewer when every row stops first, see below).
 
     ``input_ids``: a tensor [B, T] (with ``attention_mask`` [B, T]: left padding, 0 on padding,
     as transformers' generate takes it), or a list of prompts (lists of ids) of any lengths,
@@ -147,17 +217,38 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     processes); if capture fails it says so in one line and decodes eagerly. "on" refuses
     (``UserError``) where it cannot capture; "off" decodes eagerly.
 
+    Stopping, as transformers' generate: a row is finished once it emits one of
+    ``eos_token_id`` (an id or a list; default the model's ``generation_config.json``, as an
+    import copies it; None never stops) or ends with one of ``stop`` (ids, or sequences of ids);
+    a finished row continues with ``pad_token_id`` (default the config's, else the first eos id),
+    and generation ends when every row is finished, so the result may be shorter than
+    T + ``max_new_tokens``. ``timings["stopped"]``: per row, "eos", "stop" or "length".
+    ``on_token(step, tokens [B])``: called with each step's tokens as they come (streaming).
+
+    Sampling settings left None take the model's generation config (its ``do_sample``,
+    ``temperature``, ``top_k``, ``top_p``, with transformers' defaults 1.0, 50, 1.0); without
+    one, greedy. ``top_k`` or ``top_p`` given with a temperature of 0 is refused (greedy
+    decoding would ignore them).
+
     A prompt id outside the vocabulary, or a prompt plus the new tokens longer than
     ``model.max_seq_len``, is a ``UserError`` (one line)."""
     spec = getattr(model, "spec", None)
     if spec is None:
         raise UserError("generate: give a model made by moedsl.load_model or moedsl.build_model")
-    if temperature < 0 or temperature != temperature:
-        raise UserError(f"generate: temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"generate: top_k must be at least 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"generate: top_p must be in (0, 1], got {top_p}")
+    config = getattr(model, "generation_config", None) or {}
+    if eos_token_id is MODEL:
+        eos_token_id = config.get("eos_token_id")
+    eos = _ids(eos_token_id, "eos_token_id")
+    if pad_token_id is MODEL:
+        pad_token_id = config.get("pad_token_id")
+    pads = _ids(pad_token_id, "pad_token_id")
+    pad_id = pads[0] if pads else (eos[0] if eos else 0)
+    stops = [[s] if isinstance(s, int) else list(s) for s in ([stop] if isinstance(stop, int) else stop)]
+    if any(len(s) == 0 for s in stops):
+        raise UserError("generate: an empty stop sequence")
+    for s in stops:
+        _ids(s, "stop")
+    temperature, top_k, top_p = sampling(config, temperature, top_k, top_p)
     if isinstance(input_ids, torch.Tensor):
         ids = input_ids.detach().to("cpu", torch.int64)
         if ids.dim() == 1:
@@ -181,9 +272,26 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     logits = dec(tokens, cache, 0).output[:, -1]  # [B, V]
     t1 = time.perf_counter()
     graphed = None
+    eos_t = torch.tensor(eos, dtype=torch.int64)
+    finished = torch.zeros(B, dtype=torch.bool)
+    stopped = ["length"] * B
+    steps = max_new_tokens
     for step in range(max_new_tokens):
         nxt = _agree(pick(logits.float().cpu(), temperature, top_k, top_p, generator))
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)  # transformers pads finished rows
         out[:, T + step] = nxt
+        if on_token is not None:
+            on_token(step, nxt)
+        hit = torch.isin(nxt, eos_t) & ~finished  # [B]; one vector test a step, rows in Python only on a hit
+        for b in hit.nonzero().flatten().tolist():
+            stopped[b] = "eos"
+        finished |= hit
+        for b in ((~finished).nonzero().flatten().tolist() if stops else ()):
+            if any(step + 1 >= len(s) and out[b, T + step + 1 - len(s):T + step + 1].tolist() == s for s in stops):
+                finished[b], stopped[b] = True, "stop"
+        if bool(finished.all()):
+            steps = step + 1
+            break
         if step + 1 < max_new_tokens:
             tokens = nxt[:, None].to(device)
             if use_graphs and graphed is None:
@@ -197,8 +305,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     model.train(was)
     if timings is not None:
         timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, prompt_tokens=int(mask.sum()), batch=B,
-                       new_tokens=max_new_tokens, graphs=graphed is not None)
-    return out
+                       new_tokens=steps, graphs=graphed is not None, stopped=stopped)
+    return out[:, :T + steps]
 
 
 def _use_graphs(graphs: str, device) -> bool:

@@ -13,7 +13,9 @@ import torch.distributed as dist
 from moedsl.errors import UserError
 from moedsl.hf.files import read_tokenizer
 
-from .generate import check_prompt, generate, left_pad
+from moedsl.mesh import resolve_mesh
+
+from .generate import check_generates, check_prompt, generate, left_pad, read_generation_config, sampling
 from .load import build
 from .resolve import resolve
 
@@ -61,23 +63,44 @@ def model_for_rank(src, checkpoint, rank: int, world: int, device="cpu"):
     """``load_model``'s model for rank ``rank`` of ``world`` (its experts only, collectives bound),
     its spec, and the ``ModelSource`` it was loaded from (``moedsl.runtime.resolve``)."""
     source = resolve(src, checkpoint)
+    check_generates(source.spec)  # an image model: one line before its weights are read
     return build(source, device=device, rank=rank, world=world), source.spec, source
 
 
-def parse_ids(text: str) -> list:
+def parse_ids(text: str, option: str = "--prompt-ids") -> list:
+    parts = text.replace(" ", "").split(",")
+    if parts == [""]:
+        raise UserError(f"{option}: give at least one id")
     try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+        ids = [int(t) for t in parts]  # an empty item (1,,3) is an error, not skipped
     except ValueError:
-        raise UserError(f"--prompt-ids {text!r}: expected whole numbers separated by commas (1,2,3)") from None
-    if not ids:
-        raise UserError("--prompt-ids: give at least one id")
+        raise UserError(f"{option} {text!r}: expected whole numbers separated by commas (1,2,3)") from None
     return ids
+
+
+def stops(args, codec) -> list:
+    """``--stop``'s sequences of ids: each a comma-separated id list (5 or 7,8), or else text through
+    the run's codec (its tokenizer.json, or UTF-8 bytes; refused where there is neither)."""
+    out = []
+    for item in getattr(args, "stop", None) or []:
+        if item.replace(" ", "").replace(",", "").isdigit():
+            out.append(parse_ids(item, "--stop"))
+        elif codec is None:
+            raise UserError(f"--stop {item!r}: text needs a tokenizer.json beside the weights (or a byte-level "
+                            "vocabulary); give token ids (5 or 7,8)")
+        else:
+            ids = codec.encode(item)
+            if not ids:
+                raise UserError(f"--stop {item!r}: the tokenizer makes no ids of it")
+            out.append(ids)
+    return out
 
 
 def _prompt(args, source) -> tuple:
     """(the codec, the prompt's ids) of ``moedsl generate``'s options; ``source``: the model's
     ``ModelSource``, whose folders may hold a tokenizer.json."""
     spec = source.spec
+    check_generates(spec)
     codec = Codec.find(spec, source.folders)
     if args.prompt_ids is not None:
         return codec, parse_ids(args.prompt_ids)
@@ -92,14 +115,17 @@ def precheck(args) -> None:
     prompt (ids in the vocabulary, not too long), from the spec alone (no weights read)."""
     _device(getattr(args, "device", "auto"), args.nproc)  # --device cuda with --nproc: refused before any worker
     source = resolve(args.model, args.checkpoint)
-    _, prompt = _prompt(args, source)
+    codec, prompt = _prompt(args, source)
     ids, mask = left_pad([prompt])
     check_prompt(source.spec, ids, mask, args.max_new_tokens)
+    stops(args, codec)
+    sampling(read_generation_config(source.folders), args.temperature, args.top_k, args.top_p)
+    resolve_mesh(source.spec, args.nproc)  # a placement error is a SpecError, once, before any worker starts
 
 
-def run_cli(args) -> dict:
+def run_cli(args, on_text=None) -> dict:
     """``moedsl generate`` in this process (one of ``--nproc`` workers, or alone): returns what rank 0
-    prints."""
+    prints. ``on_text(row, piece)``: called on rank 0 with each row's new text (or ids) as tokens come."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if world > 1 and not dist.is_initialized():
@@ -110,13 +136,36 @@ def run_cli(args) -> dict:
     model, spec, source = model_for_rank(args.model, args.checkpoint, rank, world, device)
     codec, prompt = _prompt(args, source)
     timings: dict = {}
+    stream = _Stream(codec, on_text) if on_text is not None and rank == 0 else None
     ids = generate(model, [prompt] * args.batch, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, timings=timings, graphs=getattr(args, "cuda_graphs", "auto"))
-    new = ids[:, ids.shape[1] - args.max_new_tokens:].tolist()
+                   top_p=args.top_p, seed=args.seed, timings=timings, graphs=getattr(args, "cuda_graphs", "auto"),
+                   stop=stops(args, codec), on_token=stream)
+    new = ids[:, len(prompt):].tolist()
     elapsed = timings["prefill_s"] + timings["decode_s"]
-    result = {"ids": new, "tokens_per_s": args.batch * args.max_new_tokens / max(elapsed, 1e-9),
+    result = {"ids": new, "tokens_per_s": args.batch * timings["new_tokens"] / max(elapsed, 1e-9),
               "prefill_s": timings["prefill_s"], "decode_s": timings["decode_s"], "processes": world,
-              "device": device.type, "cuda_graphs": timings["graphs"]}
+              "device": device.type, "cuda_graphs": timings["graphs"], "stopped": timings["stopped"]}
     if codec is not None:
         result["text"] = [codec.decode(row) for row in new]
     return result
+
+
+class _Stream:
+    """``generate``'s ``on_token`` for the terminal: each row's text so far decoded again, and what
+    it adds since the last piece passed on (held back while it ends in half a character)."""
+
+    def __init__(self, codec, on_text):
+        self.codec, self.on_text, self.rows, self.shown = codec, on_text, [], []
+
+    def __call__(self, step: int, tokens) -> None:
+        if not self.rows:
+            self.rows, self.shown = [[] for _ in range(len(tokens))], [0] * len(tokens)
+        for b, t in enumerate(tokens.tolist()):
+            self.rows[b].append(t)
+            if self.codec is None:
+                self.on_text(b, ("," if step else "") + str(t))
+                continue
+            now = self.codec.decode(self.rows[b])
+            if not now.endswith("\ufffd") and len(now) > self.shown[b]:
+                self.on_text(b, now[self.shown[b]:])
+                self.shown[b] = len(now)

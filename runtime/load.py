@@ -14,6 +14,7 @@ from moedsl.dtypes import torch_dtype
 from moedsl.hf.weights import load_weights
 
 from .ckpt_format import load as load_checkpoint
+from .generate import read_generation_config
 from .process_groups import bind_model
 from .resolve import IMPORT, ModelSource, resolve
 
@@ -41,6 +42,7 @@ def build(source: ModelSource, spec=None, *, device="cpu", dtype=None, rank: int
     gm.to(dtype=dtype or torch_dtype(spec.model.dtype))
     gm.compiled = compiled
     gm.spec = spec  # what moedsl.generate lowers the decode graph from
+    gm.generation_config = read_generation_config(source.folders)  # moedsl.generate's eos and sampling defaults
     if world > 1:
         bind_model(gm, compiled.mesh, rank)
     return gm.eval()

@@ -393,7 +393,7 @@ def test_greedy_ids_equal_transformers_generate_for_every_family(tmp_path, model
     ref.generation_config.pad_token_id = 0
     with torch.no_grad():
         theirs = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
-    ours = moedsl.generate(model, ids, 32, attention_mask=mask)
+    ours = moedsl.generate(model, ids, 32, attention_mask=mask, eos_token_id=None)  # as ref: no eos
     assert torch.equal(ours, theirs)
 
 
@@ -482,3 +482,182 @@ def test_cli_prompt_text_goes_through_the_imports_tokenizer_json(imported, tmp_p
     out = json.loads(capsys.readouterr().out)
     want = moedsl.generate(moedsl.load_model(imported), [[1, 2, 3]], 6)[0, 3:].tolist()
     assert out["ids"] == [want] and out["text"] == [" ".join(f"w{i}" for i in want)]
+
+
+def _eos_model(tmp_path, batch):
+    """A tiny Mixtral saved with a generation_config.json whose eos is an id that its greedy
+    continuations of ``batch`` prompts first reach at different steps (at batch > 1 with a second
+    eos id never emitted: a list), imported; returns (transformers model, import folder,
+    prompts [B, T], mask [B, T], the steps where each row stops, the eos id emitted)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+    ref = transformers.MixtralForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in [5, 3, 6][:batch]]
+    ids, mask = left_pad(prompts)
+    ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 0
+    with torch.no_grad():
+        free = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False)[:, ids.shape[1]:]
+    for eos in range(1, 64):  # the id whose first appearance differs between the rows
+        first = [row.index(eos) if eos in row else None for row in free.tolist()]
+        if None not in first and len(set(first)) == batch and max(first) > 0:
+            break
+    else:
+        pytest.fail(f"no id stops the rows at different steps: {free.tolist()}")
+    unused = next(i for i in range(1, 64) if i not in sum(free.tolist(), []))
+    eos_ids = [unused, eos] if batch > 1 else eos  # several eos ids, one never emitted, or one
+    ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = eos_ids, 1
+    ref.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == eos_ids
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")]) == 0
+    return ref, tmp_path / "imp", ids, mask, first, eos
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_ids_stop_at_the_imports_eos_and_pad_finished_rows_as_transformers(tmp_path, batch):
+    ref, imp, ids, mask, first, eos = _eos_model(tmp_path, batch)
+    with torch.no_grad():
+        theirs = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    timings: dict = {}
+    ours = moedsl.generate(moedsl.load_model(imp), ids, 16, attention_mask=mask, timings=timings)
+    assert torch.equal(ours, theirs)
+    assert ours.shape[1] == ids.shape[1] + max(first) + 1 < ids.shape[1] + 16  # stopped when the last row did
+    assert timings["stopped"] == ["eos"] * batch
+    new = ours[:, ids.shape[1]:]
+    for b, s in enumerate(first):  # each row: its eos, then the pad id of the config
+        assert new[b, s] == eos and (new[b, s + 1:] == 1).all()
+
+
+def test_an_image_model_is_refused_in_one_line_not_a_type_error():
+    model = moedsl.build_model(moedsl.load_spec(ROOT / "specs" / "vit-dense.yaml"), seed=0, dtype=torch.float32)
+    with pytest.raises(UserError, match=r"model of image inputs \(model.input = image\).*needs model.input = tokens"):
+        moedsl.generate(model, [[1, 2, 3]], 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt-ids", "1,,3"], "--prompt-ids '1,,3': expected whole numbers"),
+    (["--prompt-ids", "1", "--top-k", "5"], "top_k and top_p filter sampling: give a temperature above 0"),
+    (["--prompt-ids", "1", "--top-p", "0.5", "--temperature", "0"], "give a temperature above 0"),
+    (["--prompt-ids", "1", "--stop", "end"], "--stop 'end': text needs a tokenizer.json"),
+])
+@pytest.mark.parametrize("nproc", [[], ["--nproc", "2"]], ids=["1", "2"])
+def test_cli_refuses_empty_ids_and_filters_without_sampling_in_one_line(imported, capsys, argv, message, nproc):
+    assert main(["generate", str(imported), "--max-new-tokens", "4", *argv, *nproc]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_refuses_experts_that_do_not_split_over_nproc_once_before_any_worker(imported, capsys, monkeypatch):
+    import moedsl.runtime.launcher as launcher
+
+    started = []
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: started.append(a))
+    assert main(["generate", str(imported), "--prompt-ids", "1,2", "--max-new-tokens", "4", "--nproc", "3"]) == 2
+    err = capsys.readouterr().err
+    assert not started and len(err.strip().splitlines()) == 1 and "3" in err, err
+
+
+def test_api_stop_ids_and_eos_given_stop_rows_and_say_why(imported):
+    model = moedsl.load_model(imported)
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    free = moedsl.generate(model, prompts, 10, eos_token_id=None)[:, 3:].tolist()
+    eos, stop = free[0][2], free[1][4:6]  # row 0's third new token as eos; row 1's fifth and sixth as a stop
+
+    def end(row):  # the step where a row ends, and why
+        for s in range(len(row)):
+            if row[s] == eos:
+                return s, "eos"
+            if s >= 1 and row[s - 1:s + 1] == stop:
+                return s, "stop"
+        return len(row) - 1, "length"
+
+    ends = [end(row) for row in free]
+    assert ends[0] != ends[1]
+    timings: dict = {}
+    got = moedsl.generate(model, prompts, 10, eos_token_id=[eos], stop=[stop], pad_token_id=0,
+                          timings=timings)[:, 3:].tolist()
+    last = max(s for s, _ in ends)
+    assert timings["stopped"] == [why for _, why in ends]
+    assert got == [row[:s + 1] + [0] * (last - s) for row, (s, _) in zip(free, ends)]
+
+
+def test_cli_json_says_why_each_row_stopped_and_streams_without_json(imported, capsys):
+    model = moedsl.load_model(imported)
+    free = moedsl.generate(model, [[1, 2, 3]], 8, eos_token_id=None)[0, 3:].tolist()
+    assert main(["generate", str(imported), "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--json",
+                 "--stop", str(free[1])]) == 0
+    out = json.loads(capsys.readouterr().out)
+    k = free.index(free[1])
+    assert out["stopped"] == ["stop"] and out["ids"] == [free[:k + 1]]
+    assert main(["generate", str(imported), "--prompt-ids", "1,2,3", "--max-new-tokens", "8"]) == 0
+    streamed = capsys.readouterr().out
+    assert main(["generate", str(imported), "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--no-stream"]) == 0
+    assert capsys.readouterr().out == streamed
+
+
+def test_stop_text_goes_through_the_tokenizer_and_sampling_defaults_come_from_the_generation_config(
+        imported, tmp_path, capsys):
+    import shutil
+
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = tmp_path / "imp"
+    shutil.copytree(imported, folder)
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.WordPiece()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.7, "top_k": 5}))
+    given = moedsl.generate(moedsl.load_model(imported), [[1, 2, 3]], 8, temperature=0.7, top_k=5, seed=4,
+                            eos_token_id=None)[0, 3:].tolist()
+    assert given != moedsl.generate(moedsl.load_model(imported), [[1, 2, 3]], 8, eos_token_id=None)[0, 3:].tolist()
+    assert moedsl.generate(moedsl.load_model(folder), [[1, 2, 3]], 8, seed=4)[0, 3:].tolist() == given
+    assert main(["generate", str(folder), "--prompt", "w1 w2 w3", "--max-new-tokens", "8", "--seed", "4", "--json",
+                 "--stop", f"w{given[2]}"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    k = given.index(given[2])
+    assert out["ids"] == [given[:k + 1]] and out["stopped"] == ["stop"]
+    assert main(["generate", str(folder), "--prompt", "w1 w2 w3", "--max-new-tokens", "8", "--seed", "4"]) == 0
+    assert capsys.readouterr().out == " ".join(f"w{i}" for i in given) + "\n"  # streamed, word by word
+
+
+def test_sampling_settings_left_out_follow_the_generation_config_as_transformers_reads_it():
+    from moedsl.runtime.generate import sampling
+
+    assert sampling({}, None, None, None) == (0.0, None, None)  # no config: greedy
+    assert sampling({"do_sample": False, "top_k": 3}, None, None, None) == (0.0, None, None)
+    assert sampling({"do_sample": True}, None, None, None) == (1.0, 50, 1.0)  # transformers' defaults
+    assert sampling({"do_sample": True, "top_k": 0, "temperature": 0.5}, None, None, None) == (0.5, None, 1.0)
+    assert sampling({"do_sample": True, "temperature": 0.0, "top_k": 20}, None, None, None) == (0.0, None, None)
+    assert sampling({"do_sample": True, "temperature": 0.5}, 0.9, 7, None) == (0.9, 7, 1.0)  # given wins
+    assert sampling({"do_sample": True}, 0, None, None) == (0.0, None, None)
+    with pytest.raises(UserError, match="give a temperature above 0"):
+        sampling({"do_sample": True}, 0, 5, None)
+
+
+@pytest.mark.parametrize("nproc", [[], ["--nproc", "2"]], ids=["1", "2"])
+def test_cli_refuses_an_image_model_in_one_line_with_exit_2(tmp_path_factory, capsys, nproc):
+    run = tmp_path_factory.getbasetemp() / "vit-run"
+    if not run.exists():
+        assert main(["run", str(ROOT / "specs" / "vit-dense.yaml"), "--steps", "1", "--out", str(run), "--no-progress",
+                     "--eval-batches", "1", "--ignore-memory-check"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt-ids", "1,2", "--max-new-tokens", "2", *nproc]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.input = image" in err and len(err.splitlines()) == 1, err
+
+
+def test_stop_text_of_a_byte_level_run_is_its_utf8_bytes(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", str(ROOT / "specs" / "switch.yaml"), "--steps", "1", "--out", str(run), "--no-progress",
+                 "--eval-batches", "1", "--ignore-memory-check"]) == 0
+    capsys.readouterr()
+    base = ["generate", str(run), "--prompt", "def f(", "--max-new-tokens", "12", "--json"]
+    assert main(base) == 0
+    free = json.loads(capsys.readouterr().out)["ids"][0]
+    k = next(i for i, t in enumerate(free) if 32 < t < 127 and not chr(t).isdigit() and chr(t) != ",")
+    assert main(base + ["--stop", chr(free[k])]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ids"] == [free[:k + 1]] and out["stopped"] == ["stop"]
