@@ -17,10 +17,8 @@ Shape legend: B batch, T prompt block (the longest prompt), N new tokens, V voca
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -57,23 +55,6 @@ def decode_module(model, static: bool = False) -> fx.GraphModule:
 
 
 # ----------------------------------------------------------------------------- generation config
-
-def read_generation_config(folders) -> dict:
-    """The ``generation_config.json`` an import copied beside the weights (the first in ``folders``;
-    None entries skipped), as a dict; {} where there is none. A file that is not a JSON object is
-    a ``UserError`` naming it."""
-    for folder in folders:
-        path = Path(folder) / "generation_config.json" if folder is not None else None
-        if path is not None and path.is_file():
-            try:
-                cfg = json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                raise UserError(f"{path}: not readable as JSON ({e})") from None
-            if not isinstance(cfg, dict):
-                raise UserError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-            return cfg
-    return {}
-
 
 def _ids(value, what: str) -> list:
     """``eos_token_id`` / ``pad_token_id`` as transformers takes them (an int, a list of ints, or
@@ -190,7 +171,7 @@ def check_prompt(spec, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
 
 # ----------------------------------------------------------------------------- generate
 
-MODEL = object()  # generate()'s default eos/pad: the model's generation_config.json (``read_generation_config``)
+MODEL = object()  # generate()'s default eos/pad: the model's generation_config.json (``moedsl.hf.files.read_generation_config``)
 
 
 @torch.inference_mode()

@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 
 from moedsl.errors import UserError
-from moedsl.hf.files import read_tokenizer
+from moedsl.hf.files import read_generation_config, read_tokenizer
 
 from moedsl.mesh import resolve_mesh
 
-from .generate import check_generates, check_prompt, generate, left_pad, read_generation_config, sampling
+from .generate import check_generates, check_prompt, generate, left_pad, sampling
 from .load import build
 from .resolve import resolve
 

@@ -11,10 +11,10 @@ from typing import Optional
 
 from moedsl.compiler import compile_graph
 from moedsl.dtypes import torch_dtype
+from moedsl.hf.files import read_generation_config
 from moedsl.hf.weights import load_weights
 
 from .ckpt_format import load as load_checkpoint
-from .generate import read_generation_config
 from .process_groups import bind_model
 from .resolve import IMPORT, ModelSource, resolve
 

@@ -29,21 +29,45 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model")
 
 
-def read_tokenizer(folders: Iterable):
-    """The ``tokenizers`` Tokenizer of the first ``tokenizer.json`` in ``folders`` (an import
-    folder, a checkpoint, the run folder above it; None entries skipped), or None where there is
-    none. One there that the ``tokenizers`` library is missing to read is a ``UserError`` naming
-    the file and the install, not ids shown in place of text."""
+def side_file(folders: Iterable, name: str) -> Optional[Path]:
+    """The first ``name`` in ``folders`` (an import folder, a checkpoint, the run folder above it;
+    None entries skipped), or None."""
     for folder in folders:
-        path = Path(folder) / "tokenizer.json" if folder is not None else None
-        if path is not None and path.is_file():
-            try:
-                from tokenizers import Tokenizer
-            except ImportError:
-                raise UserError(f"{path}: reading it needs the tokenizers library: pip install 'moedsl[hf]'") from None
-            return Tokenizer.from_file(str(path))
+        if folder is not None and (Path(folder) / name).is_file():
+            return Path(folder) / name
     return None
 
+
+def read_tokenizer(folders: Iterable):
+    """The ``tokenizers`` Tokenizer of the first ``tokenizer.json`` in ``folders`` (``side_file``),
+    or None where there is none. One there that the ``tokenizers`` library is missing to read is a
+    ``UserError`` naming the file and the install, not ids shown in place of text."""
+    path = side_file(folders, "tokenizer.json")
+    if path is None:
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise UserError(f"{path}: reading it needs the tokenizers library: pip install 'moedsl[hf]'") from None
+    return Tokenizer.from_file(str(path))
+
+
+def read_generation_config(folders: Iterable) -> dict:
+    """The first ``generation_config.json`` in ``folders`` (``side_file``: an import copies it
+    beside the weights) as a dict; {} where there is none."""
+    path = side_file(folders, "generation_config.json")
+    return {} if path is None else read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object; anything else is a ``UserError`` naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return value
 
 
 def dtype_codes() -> dict:
@@ -96,16 +120,10 @@ def resolve(source: str) -> Path:
 
 
 def read_config(folder: Path) -> dict:
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
+    if not (folder / "config.json").exists():
         raise UserError(f"{folder}: no config.json (a Hugging Face checkpoint folder has config.json and "
-                        "*.safetensors)") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder / 'config.json'}: unreadable ({str(e).splitlines()[0]})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{folder / 'config.json'}: not a JSON object")
-    return config
+                        "*.safetensors)")
+    return read_json_object(folder / "config.json")
 
 
 # -- reading -------------------------------------------------------------------------------
