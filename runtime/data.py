@@ -48,6 +48,12 @@ class Batch:
     inputs: torch.Tensor  # [B, T] token ids, [B, T, d] vectors, or [B, H, W, C] images
     targets: torch.Tensor  # [B, T] next tokens, [B, T, d], or [B] class labels
     mask: Optional[torch.Tensor] = None  # [B] bool: the rows that count (held-out images past the end: not)
+    # token models, optional: [B, T] int64, each input token's document within its row, counted from 0
+    # (prepared corpora under ``--pack documents``: attention stays inside a document, positions restart)
+    documents: Optional[torch.Tensor] = None
+    # token models, optional: [B, T] bool, the targets that count in the loss (instruction data: the
+    # completion's or the assistant's tokens only)
+    loss_mask: Optional[torch.Tensor] = None
 
 
 class Source:
