@@ -296,7 +296,7 @@ def _cmd_inspect(args) -> int:
     from pathlib import Path
 
     from .api import inspect
-    from .runtime.inspect import console as inspect_console, default_out, print_tables, write_png
+    from .runtime.inspect import default_out, output_console, print_tables, write_png
 
     r = inspect(args.model, checkpoint=args.checkpoint, text=args.text, data=args.data, tokens=args.tokens,
                 seq=args.seq, batch=args.batch, capacity_factor=args.capacity_factor, top=args.top)
@@ -314,7 +314,7 @@ def _cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(r))
         return 0
-    console = inspect_console()  # 80 columns where piped
+    console = output_console()  # 80 columns where piped
     print_tables(r, console)
     console.print(f"wrote {png} and {out / 'inspect.json'}", highlight=False, markup=False)
     return 0

@@ -58,7 +58,7 @@ from moedsl.validate import BatchError
 
 from .data import HELD_OUT, make_source, pystdlib_bytes, source_problems
 from .load import build
-from .resolve import DCP, IMPORT, resolve
+from .resolve import DCP, resolve
 
 DEFAULT_TOKENS = 65536
 MAX_SET = 10  # the chance over sets enumerates the 2^size subsets of a token's set
@@ -582,7 +582,7 @@ def summary_line(fig: dict) -> str:
 PIPED_WIDTH = 80  # the width of the tables where stdout is no terminal (a pipe, a file)
 
 
-def console(file=None) -> Console:
+def output_console(file=None) -> Console:
     """The rich Console inspect prints with: the terminal's width on a terminal; where stdout is
     piped, ``COLUMNS`` if set, else 80 (rich alone would take the width of a terminal on stdin
     or stderr, and a table piped from a wide terminal would be that wide)."""

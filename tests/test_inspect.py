@@ -422,7 +422,8 @@ def test_an_import_with_a_tokenizer_inspects_held_out_pystdlib_through_it_and_sh
     code, out, err = _cli("inspect", imp, "--tokens", "1024", "--top", "64", "--out", tmp_path / "o", "--json")
     assert code == 0, err
     r = json.loads(out)
-    assert (r["data"], r["held_out"], r["shown"]) == ("pystdlib", True, "tokenizer")
+    assert r["data"] == "pystdlib", r["data"]
+    assert (r["held_out"], r["shown"]) == (True, "tokenizer")
     assert r["tokenizer"] == str(imp / "tokenizer.json") and "tokenizer" in r["data_from"]
     # the ids inspected are the tokenizer's of pystdlib's held-out files: every token's count over the
     # experts (all of its assignments, --top 64 = the vocabulary) is k = 2 × its count in those ids
@@ -478,9 +479,8 @@ def test_text_given_itself_or_in_a_file_goes_through_the_tokenizer(imported, tmp
     # shorter than a batch of the spec's 8 × 64: read whole as one sequence
     assert (r["data_from"], r["tokens"], r["batch"], r["seq"]) == ("--text", len(ids), 1, len(ids))
     seen = {x["id"]: x["text"] for e in r["layers"][0]["top_tokens"] for x in e["tokens"]}
-    assert set(seen) == set(ids) and seen[ids[1]] == repr(tok.decode([ids[1]]) if not
-                                                           tok.id_to_token(ids[1]).startswith("▁") else
-                                                           " " + tok.decode([ids[1]]).lstrip(" "))
+    assert set(seen) == set(ids) and all(seen[i] == ins.tokenizer_piece(tok, i) for i in ids)
+    assert tok.id_to_token(ids[-2]) == "▁+" and seen[ids[-2]] == "' +'"  # a word start keeps its space
     (tmp_path / "t.txt").write_text((line + "\n") * 40)
     code, out, err = _cli("inspect", imp, "--text", tmp_path / "t.txt", "--seq", "16", "--batch", "2", "--out",
                           tmp_path / "o", "--json")
@@ -489,10 +489,12 @@ def test_text_given_itself_or_in_a_file_goes_through_the_tokenizer(imported, tmp
     assert code == 0 and r["tokens"] == n // 32 * 32 and r["data"] == str(tmp_path / "t.txt")
 
 
-def _entries(fig: dict) -> list:
-    """The token entries the tables show (piece, id, count, share of the token)."""
-    return [f"{x['text']} #{x['id']} {x['count']} ({x['of_token']:.0%})"
-            for e in fig["top_tokens"] for x in e["tokens"]]
+def _entries(r: dict) -> list:
+    """The token entries the tables show of the first layer: the token (a tokenizer's piece and its
+    id; a byte; an id), its count, the share of its occurrences going to the expert."""
+    ids = r.get("shown") == "tokenizer"
+    return [f"{x['text']}{' #' + str(x['id']) if ids else ''} {x['count']} ({x['of_token']:.0%})"
+            for e in r["layers"][0]["top_tokens"] for x in e["tokens"]]
 
 
 def test_piped_tables_fit_80_columns_even_from_a_wide_terminal_and_wrap_between_entries(imported, tmp_path,
@@ -507,20 +509,21 @@ def test_piped_tables_fit_80_columns_even_from_a_wide_terminal_and_wrap_between_
     lines = out.splitlines()
     assert max(len(line) for line in lines) <= 80, max(lines, key=len)
     r = json.loads((tmp_path / "o" / "inspect.json").read_text())
-    for entry in _entries(r["layers"][0]):  # each on one line, whole
+    for entry in _entries(r):  # each on one line, whole
         assert any(entry in line for line in lines), entry
 
 
-def test_token_lists_wrap_between_entries_in_a_narrow_terminal(imported, tmp_path):
+@pytest.mark.parametrize("width", [64, 100])
+def test_token_lists_wrap_between_entries_in_a_narrow_or_wide_terminal(tiny_run, width):
     from rich.console import Console
 
-    r = ins.inspect(imported / "imp", tokens=1024, top=12)
+    r = ins.inspect(tiny_run / "run", data="synthetic", tokens=256, top=12)
     buf = io.StringIO()
-    ins.print_tables(r, Console(file=buf, width=64))
+    ins.print_tables(r, Console(file=buf, width=width))
     lines = buf.getvalue().splitlines()
-    assert max(len(line) for line in lines) <= 64
-    for entry in _entries(r["layers"][0]):
+    for entry in _entries(r):
         assert any(entry in line for line in lines), entry
+    assert max(len(line) for line in lines) <= width
 
 
 def test_the_pngs_legends_cover_no_bar(tmp_path, monkeypatch):
@@ -548,3 +551,19 @@ def test_the_pngs_legends_cover_no_bar(tmp_path, monkeypatch):
         for bar in bars:
             cut = legend.intersection(legend, bar)
             assert cut is None or cut.width * cut.height == 0, (legend, bar)
+
+
+def test_a_byte_level_run_on_text_inspects_its_held_out_text_as_quoted_bytes(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 80)
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(_spec({"type": "topk", "k": 2})))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["run", str(spec), "--steps", "1", "--data", str(text), "--out", str(tmp_path / "run"),
+                     "--no-progress"]) == 0
+    code, out, err = _cli("inspect", tmp_path / "run", "--tokens", "128", "--top", "40", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert (r["data"], r["data_from"], r["shown"], r["tokenizer"]) == (str(text), "the run's data", "bytes", None)
+    shown = {x["text"] for e in r["layers"][0]["top_tokens"] for x in e["tokens"]}
+    assert {"'\\n'", "' '", "'x'"} <= shown
