@@ -589,7 +589,8 @@ def output_console(file=None) -> Console:
     out = file if file is not None else sys.stdout
     tty = getattr(out, "isatty", lambda: False)()
     columns = os.environ.get("COLUMNS", "")
-    return Console(file=file, width=None if tty else int(columns) if columns.isdigit() else PIPED_WIDTH)
+    return Console(file=file, width=None if tty else int(columns) if columns.isdigit() and int(columns) else
+                   PIPED_WIDTH)
 
 
 def wrap_between(entries: list, width: int, sep: str = "  ") -> str:
