@@ -296,7 +296,7 @@ def _cmd_inspect(args) -> int:
     from pathlib import Path
 
     from .api import inspect
-    from .runtime.inspect import default_out, print_tables, write_png
+    from .runtime.inspect import default_out, output_console, print_tables, write_png
 
     r = inspect(args.model, checkpoint=args.checkpoint, text=args.text, data=args.data, tokens=args.tokens,
                 seq=args.seq, batch=args.batch, capacity_factor=args.capacity_factor, top=args.top)
@@ -314,11 +314,9 @@ def _cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(r))
         return 0
-    from rich.console import Console
-
-    console = Console()
+    console = output_console()  # 80 columns where piped
     print_tables(r, console)
-    console.print(f"wrote {png} and {out / 'inspect.json'}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {png} and {out / 'inspect.json'}", highlight=False, markup=False)
     return 0
 
 
@@ -499,10 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("model", metavar="MODEL", help="a `moedsl run` output folder (its latest checkpoint), an "
                      "import folder, or a spec with --checkpoint")
     src = ins.add_mutually_exclusive_group()
-    src.add_argument("--text", metavar="FILE", help="a text file, read whole in consecutive sequences (with the "
-                     "import's tokenizer.json if it has one, else as bytes)")
+    src.add_argument("--text", metavar="FILE|TEXT", help="a text file, read whole in consecutive sequences, or "
+                     "else the text itself (through the model's tokenizer.json if it has one, else as bytes)")
     src.add_argument("--data", help="synthetic, pystdlib or a text file: its held-out part, as `moedsl run --data` "
-                     "(default: the run's data)")
+                     "(default: the run's data; pystdlib where that is synthetic and the model has a "
+                     "tokenizer.json)")
     ins.add_argument("--checkpoint", metavar="PATH", help="the weights (MODEL is then a spec): a checkpoint, a run "
                      "folder or an import folder")
     ins.add_argument("--tokens", type=_positive, default=65536, help="tokens to inspect (default 65536)")

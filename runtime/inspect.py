@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from itertools import combinations
@@ -44,17 +45,20 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from rich.cells import cell_len
+from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from moedsl.errors import UserError
-from moedsl.hf.files import read_tokenizer
+from moedsl.hf.files import read_tokenizer, side_file
 from moedsl.kinds.gates import gate_type
 from moedsl.nn import moe_ops
 from moedsl.validate import BatchError
 
-from .data import make_source, source_problems
+from .data import HELD_OUT, make_source, pystdlib_bytes, source_problems
 from .load import build
-from .resolve import DCP, IMPORT, resolve
+from .resolve import DCP, resolve
 
 DEFAULT_TOKENS = 65536
 MAX_SET = 10  # the chance over sets enumerates the 2^size subsets of a token's set
@@ -344,25 +348,35 @@ def _top_tokens(l: _Layer, top: int, decode) -> list:
 
 # ----------------------------------------------------------------------------- tokens and text
 
-def byte_text(i: int) -> str:
-    """A byte as a printable character (space as ␣, control bytes escaped)."""
-    if i >= 256:
-        return f"#{i}"
-    c = chr(i)
-    if c == " ":
-        return "␣"
-    if c in "\n\t\r":
-        return {"\n": "\\n", "\t": "\\t", "\r": "\\r"}[c]
-    return c if 32 < i < 127 else f"\\x{i:02x}"
+def byte_piece(i: int) -> str:
+    """A byte id as its piece, quoted so whitespace shows: printable ASCII as it is (``' '``, ``'a'``),
+    the rest escaped (``'\\n'``, ``'\\x00'``, ``'\\xc8'``: half of a UTF-8 character)."""
+    return repr(bytes([i]))[1:] if 0 <= i < 256 else f"#{i}"
+
+
+def tokenizer_piece(tokenizer, i: int) -> str:
+    """Token ``i`` of a ``tokenizers`` tokenizer as the text it stands for, quoted (``' the'``,
+    ``'\\n'``). A SentencePiece word start (``▁the``) keeps its space, which the decoder drops at
+    the start of a text; where the token is no text of its own (a byte-fallback ``<0xC3>``, half
+    a character; a token the decoder drops) its vocabulary entry is shown instead."""
+    raw = tokenizer.id_to_token(i)
+    text = tokenizer.decode([i], skip_special_tokens=False)
+    if raw is not None and raw.startswith("▁") and not text.startswith(" "):
+        text = " " + text
+    if not text or "\ufffd" in text:
+        text = raw if raw is not None else f"#{i}"
+    return repr(text)
+
+
+# how the tokens of a vocabulary are shown: pieces of a tokenizer.json (with their ids), bytes, or ids
+TOKENIZER, BYTES, IDS = "tokenizer", "bytes", "ids"
 
 
 def _decoder(tokenizer, byte_level: bool):
+    """id -> what the tables show of it: the tokenizer's piece, the byte, or the id itself."""
     if tokenizer is not None:
-        def dec(i):
-            s = tokenizer.decode([i])
-            return s if s.strip() else repr(s)
-        return dec
-    return byte_text if byte_level else str
+        return lambda i: tokenizer_piece(tokenizer, i)
+    return byte_piece if byte_level else str
 
 
 def _tokenizer(folder: Optional[Path]):
@@ -371,18 +385,62 @@ def _tokenizer(folder: Optional[Path]):
     return read_tokenizer([folder])
 
 
+def _looks_like_path(value: str) -> bool:
+    """A ``--text`` value meant as a file: one word with a folder or a suffix (``notes.txt``)."""
+    return not any(c.isspace() for c in value) and ("/" in value or os.sep in value or Path(value).suffix != "")
+
+
+def _text_of(value: str) -> tuple:
+    """(the text, whether it came from a file) of ``--text``: a file read whole, or else the text
+    itself; a value that names no file but reads as a path is refused as a missing file."""
+    p = Path(value)
+    if p.is_file():
+        return p.read_bytes().decode("utf-8", errors="replace"), True
+    if p.is_dir() or _looks_like_path(value):
+        raise UserError(f"--text {value!r}: {'is a directory' if p.is_dir() else 'no such file'} "
+                        "(give a text file, or the text itself)")
+    return value, False
+
+
+def _encode(text: str, tokenizer, vocab: int, what: str, need: Optional[int] = None) -> torch.Tensor:
+    """The ids of ``text``: through ``tokenizer``, else its UTF-8 bytes (``vocab`` >= 256). ``need``:
+    at least that many ids of its beginning are enough (a held-out part of 600 KB need not be
+    encoded whole for 64K tokens). An id past the model's vocabulary is a ``UserError``."""
+    if tokenizer is None:
+        if vocab < 256:
+            raise UserError(f"{what}: the model has no tokenizer.json and model.vocab_size = {vocab} < 256, so "
+                            "the text cannot be read as bytes")
+        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+    n = len(text) if need is None else 16 * need
+    while True:
+        ids = tokenizer.encode(text[:n]).ids
+        if need is None or len(ids) >= need or n >= len(text):
+            break
+        n *= 4
+    ids = torch.tensor(ids, dtype=torch.int64)
+    if ids.numel() and int(ids.max()) >= vocab:
+        raise UserError(f"{what}: the tokenizer.json gives id {int(ids.max())}, past model.vocab_size = {vocab}")
+    return ids
+
+
 def _text_ids(path: str, tokenizer, vocab: int) -> torch.Tensor:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--text {path!r}: {'is a directory' if p.is_dir() else 'no such file'} (give a text file)")
-    raw = p.read_bytes()
-    if tokenizer is not None:
-        ids = tokenizer.encode(raw.decode("utf-8", errors="replace")).ids
-        return torch.tensor(ids, dtype=torch.int64)
-    if vocab < 256:
-        raise UserError(f"--text {path!r}: the model has no tokenizer.json and model.vocab_size = {vocab} < 256, so "
-                        "the text cannot be read as bytes")
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+    """The ids of ``--text`` (a file, or the text itself)."""
+    return _encode(_text_of(path)[0], tokenizer, vocab, f"--text {path!r}")
+
+
+def _held_out_text(data: str) -> str:
+    """The held-out part of a text source, as ``moedsl run --data`` holds it out: pystdlib's held-out
+    files, or a text file's last ``HELD_OUT``."""
+    if data == "pystdlib":
+        raw = pystdlib_bytes()[1]
+    else:
+        p = Path(data)
+        if not p.is_file():
+            raise UserError(f"--data {data!r}: {'is a directory' if p.is_dir() else 'no such file'} "
+                            "(give a text file, synthetic or pystdlib)")
+        raw = p.read_bytes()
+        raw = raw[int(len(raw) * (1 - HELD_OUT)):]
+    return raw.decode("utf-8", errors="replace")
 
 
 def _batches_of(ids: torch.Tensor, batch: int, seq: int, tokens: int, what: str) -> list:
@@ -404,10 +462,16 @@ def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optiona
     """The routing figures of a trained model (see the module docstring) as a dict.
 
     ``model``: a ``moedsl run`` output folder (its newest checkpoint), an import folder, or a
-    spec with ``checkpoint``. ``text`` (a file, read whole) or ``data`` (``synthetic``,
-    ``pystdlib`` or a text file: its held-out part, as ``moedsl run --data``; default the
-    run's). ``tokens`` inspected in sequences of ``seq`` (default the run's seq_len), ``batch``
-    to a batch (default the run's: the routing groups and the capacity follow it).
+    spec with ``checkpoint``. ``text``: a file, read whole, or else the text itself; ``data``:
+    ``synthetic``, ``pystdlib`` or a text file, its held-out part, as ``moedsl run --data``.
+    Default: the run's data (the spec's train.data), except that a model with a tokenizer.json
+    (an import; a run started from one) reads real text where that is synthetic: pystdlib's
+    held-out part. Text goes through the tokenizer.json where there is one, else it is read as
+    bytes (a byte-level run); the tables show each token as its piece (with its id for a
+    tokenizer), and synthetic data's tokens without a tokenizer as ids.
+    ``tokens`` inspected in sequences of ``seq`` (default the run's seq_len; a text given
+    itself that is shorter than a batch of them is one sequence, unless ``seq`` or ``batch``
+    is given), ``batch`` to a batch (default the run's: the routing groups and the capacity follow it).
     ``capacity_factor``: every token-choice gate's evaluation capacity factor (0: dropless; a
     dropless gate then drops past that capacity).
     ``top``: tokens shown per expert."""
@@ -427,27 +491,49 @@ def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optiona
     if not spec.moe_layers:
         raise UserError(f"{spec.name}: the model has no MoE layer to inspect")
     meta_train = source.meta.get("train") or {}
+    seq_given, batch_given = seq is not None, batch is not None
     seq = seq or int(meta_train.get("seq") or spec.train.seq_len)
     batch = batch or int(meta_train.get("batch") or spec.train.batch_size)
     if seq > spec.model.max_seq_len:
         raise UserError(f"--seq {seq}: longer than model.max_seq_len = {spec.model.max_seq_len}")
     if seq < 2:
         raise UserError(f"--seq {seq}: consecutive tokens need sequences of at least 2")
-    tok = _tokenizer(source.path if source.kind == IMPORT else None)
+    # the import's tokenizer.json, or the one `run --init` copied beside a run started from an import
+    tok = read_tokenizer(source.folders)
     vocab = spec.model.vocab_size
     if text is not None:
-        ids = _text_ids(text, tok, vocab)
-        source_name, byte_level = text, tok is None
+        body, from_file = _text_of(text)
+        ids = _encode(body, tok, vocab, f"--text {text!r}")
+        if not from_file and not (seq_given or batch_given) and ids.numel() < batch * seq:
+            # a text given itself, shorter than a batch: read whole, as one sequence
+            if ids.numel() < 2:
+                raise UserError(f"--text {text!r}: {ids.numel()} token(s); consecutive tokens need at least 2")
+            batch, seq = 1, min(ids.numel(), spec.model.max_seq_len)
+        source_name = text if from_file else repr(text if len(text) <= 40 else text[:39] + "…")
+        data_from = "--text, read whole" if from_file else "--text"
         batches = _batches_of(ids, batch, seq, tokens, f"--text {text!r}")
+        shown = TOKENIZER if tok is not None else BYTES
     else:
-        data = data or meta_train.get("data") or spec.train.data
-        found = source_problems(spec, data, seq)
-        if found:
-            raise UserError(found[0])
-        src = make_source(spec, data, int(meta_train.get("seed", spec.train.seed)))
-        n = max(tokens // (batch * seq), 1)
-        batches = [src.batch(i, batch, seq, split="eval").inputs for i in range(n)]
-        source_name, byte_level = data, data != "synthetic"
+        data_from = "--data"
+        if data is None:
+            data = meta_train.get("data") or spec.train.data
+            data_from = "the run's data" if meta_train.get("data") else "the spec's train.data"
+            if data == "synthetic" and tok is not None:
+                data, data_from = "pystdlib", "default: the model has a tokenizer.json"
+        if data != "synthetic" and tok is not None:  # text through the tokenizer, not bytes
+            need = max(tokens, batch * seq)
+            ids = _encode(_held_out_text(data), tok, vocab, f"--data {data!r}", need=need)
+            batches = _batches_of(ids, batch, seq, tokens, f"--data {data!r} (its held-out part)")
+            shown = TOKENIZER
+        else:
+            found = source_problems(spec, data, seq)
+            if found:
+                raise UserError(found[0])
+            src = make_source(spec, data, int(meta_train.get("seed", spec.train.seed)))
+            n = max(tokens // (batch * seq), 1)
+            batches = [src.batch(i, batch, seq, split="eval").inputs for i in range(n)]
+            shown = TOKENIZER if tok is not None else IDS if data == "synthetic" else BYTES
+        source_name = data
     net = build(source)
     try:
         layers = capture(net, batches, vocab, capacity_factor)
@@ -455,11 +541,15 @@ def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optiona
         if isinstance(e, BatchError):
             raise UserError(f"--batch {batch} × --seq {seq}: {e}") from None
         raise
-    decode = _decoder(tok if text is not None else None, byte_level)  # --data ids are bytes or synthetic
+    decode = _decoder(tok if shown == TOKENIZER else None, shown == BYTES)
     step = source.meta.get("step") if source.kind == DCP else None
+    tok_file = side_file(source.folders, "tokenizer.json")
     return {"model": spec.name, "weights": str(source.path), "step": step,
             "run": str(source.run) if source.run else None,
-            "data": source_name, "tokens": sum(b.numel() for b in batches), "sequences": len(batches) * batch,
+            "data": source_name, "held_out": text is None and data != "synthetic", "data_from": data_from,
+            "shown": shown,
+            "tokenizer": str(tok_file) if shown == TOKENIZER else None,
+            "tokens": sum(b.numel() for b in batches), "sequences": len(batches) * batch,
             "seq": seq, "batch": batch, "capacity_factor": capacity_factor,
             "layers": [layer_figures(l, top, decode) for l in layers]}
 
@@ -489,25 +579,81 @@ def summary_line(fig: dict) -> str:
     return "; ".join(parts)
 
 
-def print_tables(result: dict, console) -> None:
-    """A rich table per MoE layer: each expert's load, kept load and most frequent tokens."""
+PIPED_WIDTH = 80  # the width of the tables where stdout is no terminal (a pipe, a file)
+
+
+def output_console(file=None) -> Console:
+    """The rich Console inspect prints with: the terminal's width on a terminal; where stdout is
+    piped, ``COLUMNS`` if set, else 80 (rich alone would take the width of a terminal on stdin
+    or stderr, and a table piped from a wide terminal would be that wide)."""
+    out = file if file is not None else sys.stdout
+    tty = getattr(out, "isatty", lambda: False)()
+    columns = os.environ.get("COLUMNS", "")
+    return Console(file=file, width=None if tty else int(columns) if columns.isdigit() and int(columns) else
+                   PIPED_WIDTH)
+
+
+def wrap_between(entries: list, width: int, sep: str = "  ") -> str:
+    """``entries`` joined by ``sep`` in lines of at most ``width`` cells, broken between entries only
+    (an entry wider than a line has one to itself)."""
+    lines = []
+    for item in entries:
+        if lines and cell_len(lines[-1] + sep + item) <= width:
+            lines[-1] += sep + item
+        else:
+            lines.append(item)
+    return "\n".join(lines)
+
+
+def _entry(x: dict, shown: str) -> str:
+    """One token of an expert's list: its piece (and id, for a tokenizer's), its count, the share of
+    the token's occurrences that go to the expert."""
+    what = f"{x['text']} #{x['id']}" if shown == TOKENIZER else x["text"]
+    return f"{what} {x['count']} ({x['of_token']:.0%})"
+
+
+def header_lines(result: dict) -> list:
+    """What was inspected: the model, the text (or synthetic data) and why, the tokenizer (how the
+    tokens are shown), how many tokens."""
     step = f" at step {result['step']}" if result["step"] is not None else ""
-    console.print(f"{result['model']}{step} ({result['weights']}): {result['tokens']:,} tokens of {result['data']} "
-                  f"in {result['sequences']} sequences of {result['seq']}", highlight=False, soft_wrap=True)
+    what = "data" if result["data"] == "synthetic" else "text"
+    held = ", its held-out part" if result.get("held_out") else ""
+    shown = {TOKENIZER: f"tokenizer: {result['tokenizer']} (tokens shown as 'piece' #id)",
+             BYTES: "tokenizer: none, the vocabulary is bytes (tokens shown as 'a', ' ', '\\n')",
+             IDS: "tokenizer: none (tokens shown as ids: synthetic data is no text)"}[result.get("shown", IDS)]
+    return [f"{result['model']}{step} ({result['weights']})",
+            f"{what}: {result['data']}{held} ({result['data_from']})", shown,
+            f"{result['tokens']:,} tokens in {result['sequences']} sequences of {result['seq']}"]
+
+
+def print_tables(result: dict, console) -> None:
+    """A rich table per MoE layer: each expert's load, kept load and most frequent tokens, sized to
+    the console's width (the token lists wrap between entries)."""
+    for line in header_lines(result):
+        console.print(line, highlight=False, markup=False)
+    shown = result.get("shown", IDS)
     for fig in result["layers"]:
-        console.print(summary_line(fig), highlight=False, soft_wrap=True)
+        console.print(summary_line(fig), highlight=False, markup=False)
+        # expert, load, kept, top-N: 6 cells each, 3 between columns (" │ ")
+        width = max(console.width - 4 * 6 - 4 * 3, 16)
         t = Table(show_edge=False, pad_edge=False)
-        for col, just in (("expert", "right"), ("load", "right"), ("kept", "right"), ("top-N share", "right"),
-                          ("tokens it takes most (count, share of that token going there)", "left")):
-            t.add_column(col, justify=just)
+        for col in ("expert", "load", "kept", "top-N"):
+            t.add_column(col, justify="right", width=6, no_wrap=True)
+        t.add_column("its tokens: count (share of the token)", justify="left", width=width, no_wrap=True,
+                     overflow="fold")
         tops = fig["top_tokens"] or [None] * fig["experts"]
         for e in range(fig["experts"]):
             top = tops[e]
-            words = "-" if top is None else "  ".join(
-                f"{x['text']} {x['count']} ({x['of_token']:.0%})" for x in top["tokens"])
+            words = "-" if top is None else wrap_between([_entry(x, shown) for x in top["tokens"]], width)
             t.add_row(str(e), _pct(fig["load"][e]), _pct(fig["kept_load"][e]),
-                      "-" if top is None else _pct(top["top_share"]), words)
+                      "-" if top is None else _pct(top["top_share"]), Text(words))
         console.print(t)
+
+
+def _legend_beside(ax) -> None:
+    """The axes' legend to the right of it, outside: inside (upper right) it covered the tallest
+    bars, the last experts' load or the measured rate. ``tight_layout`` makes room for it."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def write_png(result: dict, path: Path) -> Path:
@@ -535,7 +681,7 @@ def write_png(result: dict, path: Path) -> Path:
         if E <= 32:
             ax.set_xticks(x)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, loc="upper right")
+        _legend_beside(ax)
         ax = row[1]
         c = f["consecutive"]
         groups = [(name, c[key]) for name, key in (("first choice", "first"), ("shared top-k", "shared"))
@@ -549,12 +695,12 @@ def write_png(result: dict, path: Path) -> Path:
         ax.set_ylim(0, 1)
         ax.set_title("consecutive tokens, same expert", fontsize=9)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, loc="upper right")
+        _legend_beside(ax)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    fig.savefig(tmp, dpi=80, bbox_inches="tight")  # the legends beside the axes are in the image
     plt.close(fig)
     os.replace(tmp, path)
     return path

@@ -260,8 +260,8 @@ def test_each_expert_of_a_hash_gate_takes_exactly_the_tokens_hashed_to_it():
         assert b["top_share"] == pytest.approx(sum(x["count"] for x in a["tokens"][:2]) / a["assignments"])
 
 
-def test_bytes_are_shown_as_printable_characters():
-    assert [ins.byte_text(i) for i in (97, 32, 10, 0, 200)] == ["a", "␣", "\\n", "\\x00", "\\xc8"]
+def test_bytes_are_shown_as_quoted_pieces_with_whitespace_and_control_bytes_escaped():
+    assert [ins.byte_piece(i) for i in (97, 32, 10, 0, 200)] == ["'a'", "' '", "'\\n'", "'\\x00'", "'\\xc8'"]
 
 
 # ----------------------------------------------------------------------------- the command
@@ -337,7 +337,7 @@ def test_an_imports_tokenizer_json_reads_the_text_and_names_the_tokens(tmp_path)
     loaded = ins._tokenizer(tmp_path)
     (tmp_path / "t.txt").write_text("w3 w17 w3 w39")
     assert ins._text_ids(str(tmp_path / "t.txt"), loaded, 40).tolist() == [3, 17, 3, 39]
-    assert ins._decoder(loaded, byte_level=False)(17) == "w17"
+    assert ins._decoder(loaded, byte_level=False)(17) == "'w17'"
     assert ins._tokenizer(tmp_path / "elsewhere") is None  # no tokenizer.json: ids (or bytes) are shown
     assert ins._decoder(None, byte_level=False)(17) == "17"
 
@@ -371,3 +371,199 @@ def test_a_sweep_of_capacity_factors_is_for_eval_inspect_takes_one(tmp_path, cap
     assert ins.capacity_factors("2,1,0.5,0.25,0") == [2.0, 1.0, 0.5, 0.25, 0.0]
     assert main(["inspect", str(tmp_path / "none"), "--capacity-factor", "1,0"]) == 2
     assert "inspect takes one factor (moedsl eval sweeps several)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- real text by default, pieces
+
+TINY_MIXTRAL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128)
+
+
+def _bpe(vocab: int):
+    """A SentencePiece-style BPE tokenizer (Metaspace: '▁' starts a word) of ``vocab`` pieces, trained
+    offline on a few lines of Python; characters it never saw are <unk> (id 0)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    tok.decoder = tokenizers.decoders.Metaspace()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>"], limit_alphabet=40)
+    tok.train_from_iterator(["def the(self, x):\n    return self.value + x\n" * 50], trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A tiny Mixtral import (transformers' weights, nothing downloaded) with a BPE tokenizer.json,
+    and the same import without one."""
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("inspect-import")
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(transformers.MixtralConfig(**TINY_MIXTRAL)).save_pretrained(d / "hf")
+    _bpe(TINY_MIXTRAL["vocab_size"]).save(str(d / "hf" / "tokenizer.json"))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["import", str(d / "hf"), "--out", str(d / "imp")]) == 0
+    bare = d / "bare"
+    bare.mkdir()
+    for f in (d / "imp").iterdir():
+        if f.name != "tokenizer.json":
+            (bare / f.name).write_bytes(f.read_bytes())
+    return d
+
+
+def _files(folder: Path) -> dict:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def test_an_import_with_a_tokenizer_inspects_held_out_pystdlib_through_it_and_shows_pieces(imported, tmp_path):
+    from moedsl.runtime.data import pystdlib_bytes
+
+    imp = imported / "imp"
+    before = _files(imp)
+    code, out, err = _cli("inspect", imp, "--tokens", "1024", "--top", "64", "--out", tmp_path / "o", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["data"] == "pystdlib", r["data"]
+    assert (r["held_out"], r["shown"]) == (True, "tokenizer")
+    assert r["tokenizer"] == str(imp / "tokenizer.json") and "tokenizer" in r["data_from"]
+    # the ids inspected are the tokenizer's of pystdlib's held-out files: every token's count over the
+    # experts (all of its assignments, --top 64 = the vocabulary) is k = 2 × its count in those ids
+    tok = ins._tokenizer(imp)
+    ids = tok.encode(pystdlib_bytes()[1].decode("utf-8", errors="replace")[:20000]).ids[:r["tokens"]]
+    assert r["tokens"] == 1024 == len(ids)
+    want = torch.bincount(torch.tensor(ids), minlength=64)
+    for fig in r["layers"]:
+        got = torch.zeros(64, dtype=torch.int64)
+        for entry in fig["top_tokens"]:
+            for x in entry["tokens"]:
+                got[x["id"]] += x["count"]
+                assert x["text"] == ins.tokenizer_piece(tok, x["id"]) and x["text"][0] in "'\""
+        assert torch.equal(got, 2 * want)
+    assert len(set(ids)) > 10  # real text, many pieces
+    assert _files(imp) == before  # the import is left as it was
+    # the tables: first what was read and through which tokenizer, then the pieces with their ids
+    code, out, _ = _cli("inspect", imp, "--tokens", "1024", "--out", tmp_path / "o")
+    lines = out.splitlines()
+    assert code == 0 and lines[1].startswith("text: pystdlib, its held-out part")
+    assert lines[2].startswith(f"tokenizer: {imp / 'tokenizer.json'}")
+    top = r["layers"][0]["top_tokens"][0]["tokens"][0]
+    assert f"{top['text']} #{top['id']} " in out
+
+
+def test_the_same_import_without_a_tokenizer_keeps_synthetic_data_and_shows_ids(imported, tmp_path):
+    code, out, err = _cli("inspect", imported / "bare", "--tokens", "1024", "--out", tmp_path / "o", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert (r["data"], r["shown"], r["tokenizer"]) == ("synthetic", "ids", None)
+    assert all(x["text"] == str(x["id"]) for e in r["layers"][0]["top_tokens"] for x in e["tokens"])
+    code, out, _ = _cli("inspect", imported / "bare", "--tokens", "1024", "--out", tmp_path / "o")
+    assert out.splitlines()[1:3] == ["data: synthetic (the spec's train.data)",
+                                     "tokenizer: none (tokens shown as ids: synthetic data is no text)"]
+
+
+def test_data_synthetic_still_inspects_synthetic_data_on_a_model_with_a_tokenizer(imported, tmp_path):
+    code, out, err = _cli("inspect", imported / "imp", "--data", "synthetic", "--tokens", "1024", "--out",
+                          tmp_path / "o", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert (r["data"], r["data_from"], r["shown"]) == ("synthetic", "--data", "tokenizer")
+
+
+def test_text_given_itself_or_in_a_file_goes_through_the_tokenizer(imported, tmp_path):
+    imp = imported / "imp"
+    tok = ins._tokenizer(imp)
+    line = "def the(self, x): return self.value + x"
+    code, out, err = _cli("inspect", imp, "--text", line, "--top", "64", "--out", tmp_path / "o", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    ids = tok.encode(line).ids
+    # shorter than a batch of the spec's 8 × 64: read whole as one sequence
+    assert (r["data_from"], r["tokens"], r["batch"], r["seq"]) == ("--text", len(ids), 1, len(ids))
+    seen = {x["id"]: x["text"] for e in r["layers"][0]["top_tokens"] for x in e["tokens"]}
+    assert set(seen) == set(ids) and all(seen[i] == ins.tokenizer_piece(tok, i) for i in ids)
+    assert tok.id_to_token(ids[-2]) == "▁+" and seen[ids[-2]] == "' +'"  # a word start keeps its space
+    (tmp_path / "t.txt").write_text((line + "\n") * 40)
+    code, out, err = _cli("inspect", imp, "--text", tmp_path / "t.txt", "--seq", "16", "--batch", "2", "--out",
+                          tmp_path / "o", "--json")
+    r = json.loads(out)
+    n = len(tok.encode((line + "\n") * 40).ids)
+    assert code == 0 and r["tokens"] == n // 32 * 32 and r["data"] == str(tmp_path / "t.txt")
+
+
+def _entries(r: dict) -> list:
+    """The token entries the tables show of the first layer: the token (a tokenizer's piece and its
+    id; a byte; an id), its count, the share of its occurrences going to the expert."""
+    ids = r.get("shown") == "tokenizer"
+    return [f"{x['text']}{' #' + str(x['id']) if ids else ''} {x['count']} ({x['of_token']:.0%})"
+            for e in r["layers"][0]["top_tokens"] for x in e["tokens"]]
+
+
+def test_piped_tables_fit_80_columns_even_from_a_wide_terminal_and_wrap_between_entries(imported, tmp_path,
+                                                                                         monkeypatch):
+    import os
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    # stdout piped, a 200-column terminal on stdin (where rich looks for a width)
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((200, 50)))
+    code, out, err = _cli("inspect", imported / "imp", "--tokens", "1024", "--top", "12", "--out", tmp_path / "o")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    r = json.loads((tmp_path / "o" / "inspect.json").read_text())
+    for entry in _entries(r):  # each on one line, whole
+        assert any(entry in line for line in lines), entry
+
+
+@pytest.mark.parametrize("width", [64, 100])
+def test_token_lists_wrap_between_entries_in_a_narrow_or_wide_terminal(tiny_run, width):
+    from rich.console import Console
+
+    r = ins.inspect(tiny_run / "run", data="synthetic", tokens=256, top=12)
+    buf = io.StringIO()
+    ins.print_tables(r, Console(file=buf, width=width))
+    lines = buf.getvalue().splitlines()
+    for entry in _entries(r):
+        assert any(entry in line for line in lines), entry
+    assert max(len(line) for line in lines) <= width
+
+
+def test_the_pngs_legends_cover_no_bar(tmp_path, monkeypatch):
+    import matplotlib.figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    # the tallest bars at the right of both plots, where a legend in the upper right would sit
+    layer = {"layer": "layers.2", "gate": "topk", "experts": 4, "dropped_share": 0.1,
+             "load": [0.05, 0.05, 0.1, 0.8], "kept_load": [0.05, 0.05, 0.1, 0.8],
+             "consecutive": {"first": {"rate": 0.9, "chance": 0.7, "uniform": 0.25},
+                             "shared": {"k": 2, "rate": 0.97, "chance": 0.95, "uniform": 0.93}}}
+    saved = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **kw: (saved.append(self), real(self, *a, **kw))[1])
+    ins.write_png({"layers": [layer, {**layer, "layer": "layers.4"}]}, tmp_path / "inspect.png")
+    (fig,) = saved
+    canvas = FigureCanvasAgg(fig)  # the figure as drawn for the file (write_png closed its own canvas)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    bars = [p.get_window_extent(renderer) for ax in fig.axes for p in ax.patches]
+    legends = [ax.get_legend().get_window_extent(renderer) for ax in fig.axes]
+    assert len(legends) == 4 and len(bars) == 2 * (8 + 6)
+    for legend in legends:
+        for bar in bars:
+            cut = legend.intersection(legend, bar)
+            assert cut is None or cut.width * cut.height == 0, (legend, bar)
+
+
+def test_a_byte_level_run_on_text_inspects_its_held_out_text_as_quoted_bytes(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 80)
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(_spec({"type": "topk", "k": 2})))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["run", str(spec), "--steps", "1", "--data", str(text), "--out", str(tmp_path / "run"),
+                     "--no-progress"]) == 0
+    code, out, err = _cli("inspect", tmp_path / "run", "--tokens", "128", "--top", "40", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert (r["data"], r["data_from"], r["shown"], r["tokenizer"]) == (str(text), "the run's data", "bytes", None)
+    shown = {x["text"] for e in r["layers"][0]["top_tokens"] for x in e["tokens"]}
+    assert {"'\\n'", "' '", "'x'"} <= shown
