@@ -23,7 +23,7 @@ from moedsl.hf.files import header  # noqa: E402
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
-LINE = re.compile(r"^(import|export) +(\d+)%  (\d+)/(\d+) tensors  ([\d.,]+)/([\d.,]+) (\w+)  \S+ \w+/s  .+$")
+LINE = re.compile(r"^(import|export) +(\d+)%  (\d+)/(\d+) tensors  ([\d.,]+)/([\d.,]+) (\w+)  \S+ \w+/s(  .+)?$")
 
 
 def _hf(folder: Path) -> Path:
@@ -126,3 +126,11 @@ def test_on_a_terminal_a_bar_shows_bytes_tensors_and_rate(tmp_path):
     assert f"{tensors}/{tensors} tensors" in plain, plain
     assert progress._sizes(data, data) in plain and "B/s" in plain, plain
     assert "imported " in text
+
+
+def test_empty_tensors_after_the_last_byte_still_count_before_the_hundred_percent_line(capsys):
+    with progress.Written("export", 4, 300, True) as written:
+        for nbytes in (100, 200, 0, 0):  # zero-width shared experts last (DeepSeek-V3, n_shared_experts 0)
+            written(nbytes)
+    lines = _lines(capsys.readouterr().out, "export")
+    assert [(pct, n) for pct, n, *_ in lines] == [(33, 1), (99, 2), (100, 4)]

@@ -62,8 +62,7 @@ class Written:
         if self.bar is not None:
             self.bar.update(self.task, completed=self.bytes, n=self.n)
             return
-        # a job of only empty tensors counts its tensors instead
-        tenth = (10 * self.bytes // self.total) if self.total else (10 * self.n // max(self.tensors, 1))
+        tenth = 10 if self.n == self.tensors else self._percent() // 10
         if tenth > self.tenth:
             self.tenth = tenth
             print(self._line(), flush=True)
@@ -75,9 +74,16 @@ class Written:
             when = f"in {_seconds(elapsed)}"
         else:
             when = f"{_seconds((self.total - self.bytes) / rate)} left" if rate else ""
-        pct = 100 * self.bytes // self.total if self.total else 100 * self.n // max(self.tensors, 1)
+        pct = 100 if self.n == self.tensors else self._percent()
         return (f"{self.what} {pct:>3}%  {self.n}/{self.tensors} tensors  {_sizes(self.bytes, self.total)}  "
                 f"{filesize.decimal(int(rate))}/s  {when}").rstrip()
+
+    def _percent(self) -> int:
+        """Percent of the bytes written, at most 99 before the last tensor: empty tensors (a
+        zero-width shared expert) may come after the last byte. A job of only empty tensors
+        counts its tensors instead."""
+        done = 100 * self.bytes // self.total if self.total else 100 * self.n // self.tensors
+        return min(done, 99)
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
