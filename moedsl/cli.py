@@ -213,7 +213,8 @@ def _cmd_import(args) -> int:
     from .hf.files import parse_size
 
     done = import_checkpoint(args.source, Path(args.out), overwrite=args.overwrite,
-                             max_shard=parse_size(args.max_shard_size) if args.max_shard_size else IMPORT_SHARD)
+                             max_shard=parse_size(args.max_shard_size) if args.max_shard_size else IMPORT_SHARD,
+                             progress=args.progress)
     print(f"imported {args.source} ({done['model_type']}) into {done['out']}: spec.yaml, {done['tensors']} tensors "
           f"in {len(done['files'])} file(s)" + (f", {', '.join(done['copied'])}" if done["copied"] else ""))
     return 0
@@ -226,7 +227,8 @@ def _cmd_export(args) -> int:
     from .hf.files import parse_size
 
     done = export_checkpoint(Path(args.source), Path(args.out), max_shard=parse_size(args.max_shard_size),
-                             overwrite=args.overwrite, checkpoint=Path(args.checkpoint) if args.checkpoint else None)
+                             overwrite=args.overwrite, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+                             progress=args.progress)
     print(f"exported {args.source} as {done['model_type']} into {done['out']}: config.json, {done['tensors']} "
           f"tensors in {len(done['files'])} file(s)")
     return 0
@@ -524,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--out", required=True, metavar="DIR", help="where spec.yaml and the weights go")
     im.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     im.add_argument("--max-shard-size", default=None, help="largest weights file (default 2GB)")
+    _add_progress_option(im)
     im.set_defaults(func=_cmd_import)
 
     ex = sub.add_parser("export", help="an import folder, a run or a checkpoint -> a Hugging Face checkpoint")
@@ -533,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", help="the weights, when DIR is a spec")
     ex.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_progress_option(ex)
     ex.set_defaults(func=_cmd_export)
 
     gn = sub.add_parser("generate", help="continue a prompt with a trained or imported model (KV cache; greedy or "
@@ -571,6 +575,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--path", action="store_true", help="print where the schema file is installed instead")
     s.set_defaults(func=_cmd_schema)
     return ap
+
+
+def _add_progress_option(p) -> None:
+    # None: moedsl.hf.progress decides by size (AUTO_BYTES), without importing moedsl.hf for --help
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tensors and bytes written (a bar on a terminal, a line every 10%% otherwise); default: "
+                   "when writing 64 MB or more")
 
 
 def _without_nproc(argv: list) -> list:

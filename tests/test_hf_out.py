@@ -91,7 +91,7 @@ def test_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path, capsys, mo
         assert main(["import", str(src), "--out", str(tmp_path / "imp")]) == 0
         src = tmp_path / "imp"
 
-    def full(path, entries):  # a disk that fills after the first bytes of the first shard
+    def full(path, entries, *_):  # a disk that fills after the first bytes of the first shard
         with open(path, "wb") as f:
             f.write(b"\0" * 64)
         raise OSError(errno.ENOSPC, "No space left on device", str(path))

@@ -19,6 +19,7 @@ from moedsl.spec_loader import load_spec
 
 from . import family, family_of_spec
 from .files import Checkpoint, apart, copy_side_files, nbytes, read_config, resolve, staged, torch_dtype_of, write_sharded
+from .progress import Written
 from .weights import global_shapes, mismatch
 
 IMPORT_SHARD = 2 * 10**9  # moedsl's own files: shards of up to 2 GB
@@ -35,9 +36,12 @@ def _spec_name(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "imported"
 
 
-def import_checkpoint(source: str, out: Path, overwrite: bool = False, max_shard: int = IMPORT_SHARD) -> dict:
+def import_checkpoint(source: str, out: Path, overwrite: bool = False, max_shard: int = IMPORT_SHARD,
+                      progress: Optional[bool] = False) -> dict:
     """Write ``out/spec.yaml``, ``out/hf_config.json``, moedsl-format safetensors and the
-    tokenizer files from the Hugging Face checkpoint ``source``. Returns a summary."""
+    tokenizer files from the Hugging Face checkpoint ``source``. Returns a summary. ``progress``:
+    tensors and bytes written on stdout, True always, None past ``progress.AUTO_BYTES`` (the CLI),
+    False never."""
     folder = resolve(source)
     apart(out, [folder])
     config = read_config(folder)
@@ -76,13 +80,15 @@ def import_checkpoint(source: str, out: Path, overwrite: bool = False, max_shard
     absent = sorted(set(want) - {p[0] for p in plan})
     if absent:  # a family's map that misses a parameter is a bug of moedsl, not the user's
         raise RuntimeError(f"the {fam.model_type} import makes no tensor for {absent[0]}")
+    total = sum(_nbytes(p[1], p[2]) for p in plan)
     with staged(out, overwrite) as tmp:
-        files = write_sharded(tmp, plan, max_shard)
+        with Written("import", len(plan), total, progress) as written:
+            files = write_sharded(tmp, plan, max_shard, written=written)
         (tmp / "spec.yaml").write_text(text)
         (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         side = copy_side_files(folder, tmp)
     return {"out": str(out), "model_type": fam.model_type, "tensors": len(plan), "files": files, "copied": side,
-            "bytes": sum(_nbytes(p[1], p[2]) for p in plan)}
+            "bytes": total}
 
 
 def _shape(shape) -> str:
@@ -131,10 +137,10 @@ def _export_source(src: Path, checkpoint: Optional[Path]):
 
 
 def export_checkpoint(src: Path, out: Path, max_shard: int = 5 * 10**9, overwrite: bool = False,
-                      checkpoint: Optional[Path] = None) -> dict:
+                      checkpoint: Optional[Path] = None, progress: Optional[bool] = False) -> dict:
     """Write a Hugging Face checkpoint (config.json, safetensors in the family's names, the
     tokenizer files) of ``src``: an import folder, a run folder, a DCP checkpoint, or a spec with
-    ``checkpoint``."""
+    ``checkpoint``. ``progress`` as for ``import_checkpoint``."""
     src = Path(src)
     if not src.exists():
         raise UserError(f"{src}: no such file or folder")
@@ -165,8 +171,11 @@ def export_checkpoint(src: Path, out: Path, max_shard: int = 5 * 10**9, overwrit
             return t.make(ts).to(want)
 
         plan.append((t.name, tuple(made.shape), want, make))
+    total = sum(_nbytes(p[1], p[2]) for p in plan)
     with staged(out, overwrite) as tmp:
-        files = write_sharded(tmp, plan, max_shard)
+        with Written("export", len(plan), total, progress) as written:
+            files = write_sharded(tmp, plan, max_shard, written=written)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copied = copy_side_files(side, tmp) if side is not None else []
-    return {"out": str(out), "model_type": fam.model_type, "tensors": len(plan), "files": files, "copied": copied}
+    return {"out": str(out), "model_type": fam.model_type, "tensors": len(plan), "files": files, "copied": copied,
+            "bytes": total}

@@ -15,7 +15,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from safetensors import safe_open
@@ -252,11 +252,12 @@ def parse_size(text: str) -> int:
 
 
 def write_sharded(folder: Path, entries: list, max_shard: int, index_name: str = INDEX,
-                  stem: str = "model") -> list:
+                  stem: str = "model", written: Optional[Callable[[int], None]] = None) -> list:
     """Write ``entries`` [(name, shape, torch dtype, make() -> tensor)] as safetensors into
     ``folder``: one ``model.safetensors`` if they fit in ``max_shard`` bytes, else
     ``model-0000i-of-0000n.safetensors`` plus the index (``index_name``). Each tensor is made,
-    written and dropped before the next: memory holds one tensor, not a shard."""
+    written and dropped before the next: memory holds one tensor, not a shard. ``written(nbytes)``,
+    if given, is called after each tensor is written (``progress.Written``)."""
     shards, current, size = [], [], 0
     for entry in entries:
         b = nbytes(entry[1], entry[2])
@@ -271,7 +272,7 @@ def write_sharded(folder: Path, entries: list, max_shard: int, index_name: str =
     names = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map, total = {}, 0
     for fname, shard in zip(names, shards):
-        total += _write_file(folder / fname, shard)
+        total += _write_file(folder / fname, shard, written)
         weight_map.update({e[0]: fname for e in shard})
     if n > 1:
         (folder / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
@@ -279,7 +280,7 @@ def write_sharded(folder: Path, entries: list, max_shard: int, index_name: str =
     return names
 
 
-def _write_file(path: Path, entries: list) -> int:
+def _write_file(path: Path, entries: list, written: Optional[Callable[[int], None]] = None) -> int:
     head, offset, codes = {"__metadata__": {"format": "pt"}}, 0, dtype_codes()
     for name, shape, dtype, _ in entries:
         b = nbytes(shape, dtype)
@@ -297,6 +298,8 @@ def _write_file(path: Path, entries: list) -> int:
                 raise AssertionError(f"{name}: made {tuple(t.shape)} {t.dtype}, planned {tuple(shape)} {dtype}")
             t = t.detach().to("cpu").contiguous()
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            if written is not None:
+                written(t.numel() * t.element_size())
             del t
     return offset
 
