@@ -404,7 +404,7 @@ def data_items(data: str, base: Optional[Path] = None) -> list:
         path, sep, text = given.rpartition(":") if ":" in given else (given, "", "")
         if not path:
             raise UserError(f"--data {data}: item {given!r} names no folder (give path or path:weight)")
-        if path in BUILT_IN:
+        if path in BUILT_IN and path != "pystdlib":
             raise UserError(f"--data {data}: item {given!r}: {path} cannot be mixed; a mixture takes prepared "
                             "folders (or text the model's tokenizer prepares)")
         try:
@@ -492,13 +492,13 @@ def source_problems(spec, data: str, seq: int, *, init=None) -> list:
                 folders.append((it, open_tokens(it.path)))
             except UserError as e:
                 problems.append(f"--data {it.given}: {e}")
-        elif len(items) > 1 and not Path(it.path).exists():
+        elif len(items) > 1 and it.path != "pystdlib" and not Path(it.path).exists():
             problems.append(f"--data {data}: item {it.given!r}: no such file or folder")
         elif tokenizer is not None:  # raw text: prepared with the model's tokenizer when the run starts
             if it.path != "pystdlib" and not Path(it.path).exists():
                 problems.append(f"--data {it.given!r}: no such file or folder")
         elif len(items) > 1:
-            problems.append(f"--data {data}: item {it.given!r} is not a prepared folder (no {MANIFEST}), and the "
+            problems.append(f"--data {data}: item {it.given!r} is raw text, not a prepared folder (no {MANIFEST}), and the "
                             "model has no tokenizer to prepare it with: moedsl data prepare it first")
         else:
             why = _vocabulary_not_bytes(spec, init)
@@ -541,21 +541,21 @@ def _folder_problems(spec, folders: list, tokenizer: Optional[Path], seq: Option
 def _byte_text_problems(spec, data: str, seq: int) -> list:
     """source_problems for raw text read as bytes (a model with no tokenizer, a byte vocabulary)."""
     m = spec.model
+    path = Path(data)
+    if path.is_dir():
+        return [f"--data {data!r} is a directory but not a prepared folder (no {MANIFEST}): give a prepared folder "
+                "(moedsl data prepare), a text file, synthetic or pystdlib"]
     problems = []
     if m.vocab_size < 256:
         problems.append(f"--data {data!r}: byte-level data needs model.vocab_size >= 256, the spec has "
                         f"{m.vocab_size}")
     if data == "pystdlib":
         return problems
-    path = Path(data)
     try:
         st = path.stat()
     except OSError as e:
         what = "no such file" if isinstance(e, FileNotFoundError) else e.strerror or str(e)
         return problems + [f"--data {data!r}: {what} (give a text file, a prepared folder, synthetic or pystdlib)"]
-    if path.is_dir():
-        return problems + [f"--data {data!r} is a directory but not a prepared folder (no {MANIFEST}): give a "
-                           "prepared folder (moedsl data prepare), a text file, synthetic or pystdlib"]
     if not path.is_file():
         return problems + [f"--data {data!r} is not a regular file: give a text file, synthetic or pystdlib"]
     try:
