@@ -17,6 +17,7 @@ import yaml
 
 import moedsl
 from moedsl.cli import main
+from moedsl.hf.reference import tiny_reference
 from moedsl.runtime.data import Tokens, data_items, make_source, spec_data
 from moedsl.runtime.tokens import ShardWriter, token_dtype, tokenizer_sha256, write_manifest
 
@@ -304,12 +305,8 @@ def test_a_split_shorter_than_a_sequence_and_its_target_is_refused(tmp_path, cap
 @pytest.fixture
 def imported(tmp_path):
     """A tiny Mixtral imported without a tokenizer.json."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                     num_experts_per_tok=2, max_position_embeddings=64)
-    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    ref, _ = tiny_reference(pytest.importorskip("transformers"), "mixtral")
+    ref.save_pretrained(tmp_path / "hf")
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")]) == 0
     assert not (tmp_path / "imp" / "tokenizer.json").exists()
     return tmp_path / "imp"
