@@ -496,10 +496,10 @@ def source_problems(spec, data: str, seq: int, *, init=None) -> list:
             problems.append(f"--data {data}: item {it.given!r}: no such file or folder")
         elif tokenizer is not None:  # raw text: prepared with the model's tokenizer when the run starts
             if it.path != "pystdlib" and not Path(it.path).exists():
-                problems.append(f"--data {it.given!r}: no such file or folder")
+                problems.append(f"--data {it.given}: no such file or folder")
         elif len(items) > 1:
-            problems.append(f"--data {data}: item {it.given!r} is raw text, not a prepared folder (no {MANIFEST}), and the "
-                            "model has no tokenizer to prepare it with: moedsl data prepare it first")
+            problems.append(f"--data {data}: item {it.given!r} is raw text, not a prepared folder (no {MANIFEST}), "
+                            "and the model has no tokenizer to prepare it with: moedsl data prepare it first")
         else:
             why = _vocabulary_not_bytes(spec, init)
             problems += [_not_bytes(data, why)] if why else _byte_text_problems(spec, data, seq)
