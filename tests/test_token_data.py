@@ -151,6 +151,12 @@ def test_a_mixture_draws_each_folder_as_often_as_its_weight(tmp_path):
         from_a = (rows.masked_fill(rows == EOS, 0) < 32).all(1)
         assert ((rows >= 32).any(1) ^ from_a).all()  # every row from one folder
         assert abs(from_a.double().mean().item() - 0.7) < 0.03
+    # bits per byte of a mixture weighs each row by its own folder's bytes per token
+    first = src.batch(0, 64, SEQ, split="eval").inputs
+    ratio = {f.path: f.bytes_per_token("eval") for f in src.folders}
+    assert ratio[a] != ratio[b]
+    want = [ratio[a] if (row[row != EOS] < 32).all() else ratio[b] for row in first]
+    assert src.bytes_per_token(0, range(64), SEQ, "eval").tolist() == want
     same = make_source(spec, f"{a}:7,{b}:3", seed=0)  # weights are normalised
     assert torch.equal(same.batch(5, 16, SEQ).inputs, src.batch(5, 16, SEQ).inputs)
     assert data_items(f"{a},{b}")[0].weight == 0.5
