@@ -330,6 +330,21 @@ def test_raw_text_for_an_imported_model_without_its_tokenizer_is_refused(importe
     assert str(imported) in line and "tokenizer.json" in line
 
 
+def test_an_import_trains_on_a_folder_prepared_with_its_own_tokenizer_and_says_which(imported, corpus, tmp_path,
+                                                                                       capsys):
+    (imported / "tokenizer.json").write_text((corpus / "tokenizer.json").read_text())  # the same tokenizer
+    capsys.readouterr()
+    assert main(["run", str(imported / "spec.yaml"), "--init", str(imported), "--data", str(corpus), *RUN,
+                 "--steps", "1", "--out", str(tmp_path / "run")]) == 0
+    sha = tokenizer_sha256(corpus / "tokenizer.json")[:12]
+    assert f"moedsl: tokenizer {imported / 'tokenizer.json'} (sha256 {sha}), the model's" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "run"), "--json"]) == 0  # the run folder holds the import's tokenizer
+    assert json.loads(capsys.readouterr().out)["loss"] == metrics(tmp_path / "run")[-1]["eval_loss"]
+    other = prepare(tmp_path / "other", documents(1, 60), documents(2, 12), word="v")
+    assert main(["eval", str(tmp_path / "run"), "--data", str(other)]) == 2
+    assert "not the model's" in capsys.readouterr().err
+
+
 def test_text_for_a_hand_written_spec_without_a_tokenizer_is_read_as_bytes_and_the_run_says_so(tmp_path, capsys):
     text = tmp_path / "notes.txt"
     text.write_text("some words of text, read byte by byte\n" * 200)
