@@ -28,6 +28,9 @@ from .load import build
 from .resolve import resolve
 from .step import task_loss
 
+# files an import folder holds, and a run started from one copies beside its checkpoints
+_IMPORTED = ("tokenizer.json", "hf_config.json")
+
 
 @dataclass
 class HeldOut:
@@ -131,10 +134,6 @@ def evaluate(model, capacity_factor=None, checkpoint: Optional[str] = None,
                 result.update(_held_out_sequences(net, spec, source, batch, seq, batches, amp))
         results.append(result)
     return results if isinstance(capacity_factor, (list, tuple)) or len(results) > 1 else results[0]
-
-
-# files an import folder holds, and a run started from one copies beside its checkpoints
-_IMPORTED = ("tokenizer.json", "hf_config.json")
 
 
 @torch.no_grad()
