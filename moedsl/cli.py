@@ -284,6 +284,7 @@ def _cmd_eval(args) -> int:
         cap = ("as trained" if r["capacity_factor"] is None else "0 (dropless)" if r["capacity_factor"] == 0 else
                f"{r['capacity_factor']:g}")
         acc = "" if r["accuracy"] is None else f"  accuracy {r['accuracy']:.4f}"
+        acc += "" if r.get("bits_per_byte") is None else f"  bits/byte {r['bits_per_byte']:.4f}"
         print(f"  eval capacity factor {cap:<12} loss {r['loss']:.4f}{acc}  {r['dropped']:.2%} of assignments "
               f"dropped  ({r['gates']} MoE layer(s) set)")
     return 0
@@ -430,8 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=_number, help="peak learning rate")
     r.add_argument("--warmup", type=_whole, help="warm-up steps")
     r.add_argument("--seed", type=_whole, help="seed of weights, data and routing noise")
-    r.add_argument("--data", help="synthetic (default), pystdlib, or a text file (byte-level); for image specs "
-                   "digits (default) or an .npz file with arrays images [N, H, W(, C)] and labels [N]")
+    r.add_argument("--data", help="synthetic (default), a prepared folder (moedsl data prepare), several mixed by "
+                   "weight (a:0.7,b:0.3), or raw text (a text file, pystdlib): tokenized with the model's tokenizer, "
+                   "as bytes only for a model without one; for image specs digits (default) or an .npz file with "
+                   "arrays images [N, H, W(, C)] and labels [N]")
     r.add_argument("--eval-every", type=_whole, help="held-out evaluation every N steps")
     r.add_argument("--eval-batches", type=_whole, help="batches per held-out evaluation")
     r.add_argument("--checkpoint-every", type=_whole, help="save a checkpoint every N steps (and at the end)")
@@ -479,14 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
     vf.set_defaults(func=_cmd_verify)
 
     ev = sub.add_parser("eval", help="evaluate a trained run on its held-out data at an inference capacity factor: "
-                        "loss, accuracy (image classifiers), dropped fraction")
+                        "loss, bits per byte (text), accuracy (image classifiers), dropped fraction")
     ev.add_argument("model", metavar="MODEL", help="a `moedsl run` output folder (its latest checkpoint), an import "
                     "folder (on its spec's train.data), or a spec with --checkpoint")
     ev.add_argument("--capacity-factor", default=None, metavar="C[,C...]",
                     help="every token-choice gate's evaluation capacity factor (0: dropless; a dropless gate drops "
                     "past it; default: the spec's); several, comma-separated, evaluate a sweep on one loaded model")
     ev.add_argument("--checkpoint", metavar="PATH", help="the checkpoint to load (MODEL is then a spec)")
-    ev.add_argument("--data", help="held-out data (default: the run's)")
+    ev.add_argument("--data", help="held-out data, as `moedsl run --data` (a prepared folder: its eval split; "
+                    "default: the run's)")
     ev.add_argument("--batch", type=_positive, default=None, help="evaluation batch (default: the run's)")
     ev.add_argument("--seq", type=_positive, default=None, help="sequence length (default: the run's --seq)")
     ev.add_argument("--eval-batches", type=_positive, default=None,

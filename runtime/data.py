@@ -5,7 +5,16 @@ global batch split N ways.
 - ``synthetic``: a built-in mixture of sequence tasks (copying, counting, reversal, sorting,
   and fixed random Markov chains), each in its own region of the vocabulary, so a model
   learns quickly and experts have distinct things to specialise on. No download.
-- a path: a byte-level text file (vocab_size >= 256); the last 5% is held out.
+- a prepared folder (``moedsl data prepare``, runtime/tokens.py), or several mixed by weight
+  (``a:0.7,b:0.3``): random windows of ``seq + 1`` tokens (``Tokens``); each folder's eval
+  split is held out (whole documents). A relative path in a spec's ``train.data`` is read from
+  the spec file's folder (``spec_data``), one on the command line from the working directory.
+- raw text (a text file or folder, ``pystdlib``) for a model with a tokenizer (the spec's
+  ``model.tokenizer``, an import's tokenizer.json): prepared once into a cache folder with it,
+  then read as a prepared folder.
+- a path, for a model with no tokenizer and a vocabulary of bytes (a hand-written spec,
+  vocab_size >= 256): a byte-level text file; the last 5% is held out. An import's
+  vocabulary is its tokenizer's, never bytes: raw text without its tokenizer.json is refused.
 - ``pystdlib``: the installed Python's standard-library source, a real text corpus every
   machine has; one file in 20 is held out (whole files, so nothing leaks).
 - for ``model.input: vectors``: a synthetic regression whose target is a fixed mixture of
@@ -40,6 +49,9 @@ import torch
 
 from moedsl.errors import MoedslError, UserError
 
+from .resolve import is_import_dir
+from .tokens import MANIFEST, TOKENIZER, model_tokenizer, open_tokens, tokenizer_sha256
+
 PYSTDLIB_MAX_BYTES = 24 * 2**20
 
 
@@ -58,6 +70,7 @@ class Batch:
 
 class Source:
     name = "data"
+    notes: tuple = ()  # what the run's first lines say about the data (the files, the tokenizer)
 
     def batch(self, step: int, batch: int, seq: int, rank: int = 0, world: int = 1, split: str = "train") -> Batch:
         """Rank ``rank``'s share of the global batch of ``step`` (sequences [rank·B/N, (rank+1)·B/N))."""
@@ -67,6 +80,11 @@ class Source:
 
     def rows(self, step: int, rows, seq: int, split: str) -> Batch:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def bytes_per_token(self, step: int, rows, seq: int, split: str) -> Optional[torch.Tensor]:
+        """[len(rows)] float64: UTF-8 bytes of text per token in each row of ``rows(step, rows, seq,
+        split)`` (bits per byte), or None where the tokens are not text (synthetic tasks)."""
+        return None
 
 
 def _gen(seed: int, *parts) -> torch.Generator:
@@ -135,6 +153,11 @@ class Bytes(Source):
         self.name, self.seed = name, seed
         self.data = {"train": torch.frombuffer(bytearray(train), dtype=torch.uint8),
                      "eval": torch.frombuffer(bytearray(held_out), dtype=torch.uint8)}
+        self.notes = (f"text as UTF-8 bytes: the model has no tokenizer ({name}: train {len(train):,} bytes, "
+                      f"eval {len(held_out):,})",)
+
+    def bytes_per_token(self, step, rows, seq, split):
+        return torch.ones(len(rows), dtype=torch.float64)
 
     def rows(self, step, rows, seq, split):
         data = self.data[split]
@@ -167,6 +190,50 @@ def pystdlib_bytes(limit: int = PYSTDLIB_MAX_BYTES) -> tuple[bytes, bytes, int]:
     if not train or not held:
         raise MoedslError(f"found no Python source under {root} for --data pystdlib")
     return b"\n".join(train), b"\n".join(held), len(files)
+
+
+class Tokens(Source):
+    """Random windows of prepared folders (runtime/tokens.py), mixed by weight.
+
+    Row r of step s draws, from ``_gen(seed, split, s, r)``, a folder (folder k with probability
+    ``weights[k]``) and then a uniform start in that folder's split, and reads the ``seq + 1``
+    tokens there: inputs are the first ``seq``, targets the last ``seq``, and ``documents`` numbers
+    each input token's document within the row (a window crosses document ends: each document
+    ends with eos). Held-out windows come from each folder's eval split drawn with seed 0, so
+    every run (whatever its training seed) and ``moedsl eval`` see the same ones, and eval batch
+    i is a function of i alone.
+    """
+
+    def __init__(self, folders: list, weights: list, seed: int, name: str, notes: tuple = ()):
+        self.folders, self.seed, self.name, self.notes = list(folders), seed, name, tuple(notes)
+        total = float(sum(weights))
+        self.weights = [w / total for w in weights]
+        self.cdf = np.cumsum(self.weights).tolist()
+
+    def _draw(self, step: int, row: int, seq: int, split: str) -> tuple:
+        """(folder, start) of row ``row`` of batch ``step``: a function of (seed, split, step, row)."""
+        g = _gen(self.seed if split == "train" else 0, split, step, row)
+        u = float(torch.rand(1, generator=g, dtype=torch.float64))
+        k = min(bisect.bisect_right(self.cdf, u), len(self.folders) - 1)
+        data = self.folders[k].splits[split]
+        if data.size < seq + 1:
+            raise MoedslError(f"{self.folders[k].path}: the {split} split has {data.size} tokens, fewer than a "
+                              f"sequence of {seq} tokens plus its target ({seq + 1})")
+        return k, int(torch.randint(0, data.size - seq, (1,), generator=g))
+
+    def rows(self, step, rows, seq, split):
+        out = torch.empty(len(rows), seq + 1, dtype=torch.int64)
+        documents = torch.empty(len(rows), seq, dtype=torch.int64)
+        for i, row in enumerate(rows):
+            k, start = self._draw(step, row, seq, split)
+            data = self.folders[k].splits[split]
+            out[i] = torch.from_numpy(data.tokens(start, seq + 1))
+            documents[i] = torch.from_numpy(data.documents(start, seq))
+        return Batch(out[:, :-1], out[:, 1:], documents=documents)
+
+    def bytes_per_token(self, step, rows, seq, split):
+        return torch.tensor([self.folders[self._draw(step, row, seq, split)[0]].bytes_per_token(split)
+                             for row in rows], dtype=torch.float64)
 
 
 class Regression(Source):
@@ -311,10 +378,97 @@ MIN_TEXT_BYTES = 1024
 HELD_OUT = 0.05  # the last 5% of a text file is held out
 
 
-def source_problems(spec, data: str, seq: int) -> list:
+BUILT_IN = ("synthetic", "synthetic-regression", "pystdlib", "digits")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One element of ``--data``: as the user wrote it, its path, and its weight (normalised)."""
+
+    given: str
+    path: str
+    weight: float
+
+
+def data_items(data: str, base: Optional[Path] = None) -> list:
+    """``--data`` as a list of ``Item``: one (a built-in name, a path that exists, or anything else,
+    refused later by name), or a mixture ``a:0.7,b:0.3`` (``a,b``: equal weights) whose weights
+    are normalised to sum to 1. ``base``: the folder relative paths are read from (None: the working
+    directory). A weight that is not a number > 0, or weights for some items and not others, is a
+    ``UserError`` naming the item."""
+    here = Path(data).expanduser()
+    if data in BUILT_IN or (base / here if base is not None else here).exists() or not any(c in data for c in ",:"):
+        return [Item(data, data, 1.0)]
+    parsed = []
+    for given in data.split(","):
+        path, sep, text = given.rpartition(":") if ":" in given else (given, "", "")
+        if not path:
+            raise UserError(f"--data {data}: item {given!r} names no folder (give path or path:weight)")
+        if path in BUILT_IN and path != "pystdlib":
+            raise UserError(f"--data {data}: item {given!r}: {path} cannot be mixed; a mixture takes prepared "
+                            "folders (or text the model's tokenizer prepares)")
+        try:
+            weight = float(text) if sep else 1.0
+        except ValueError:
+            weight = float("nan")
+        if not (math.isfinite(weight) and weight > 0):
+            raise UserError(f"--data {data}: item {given!r}: the weight {text!r} is not a number > 0")
+        parsed.append((given, path, weight, bool(sep)))
+    if len({has for *_, has in parsed}) > 1:
+        given = next(g for g, _, _, has in parsed if not has)
+        raise UserError(f"--data {data}: item {given!r} has no weight: give every item one (path:weight) or "
+                        "none (equal weights)")
+    total = sum(w for _, _, w, _ in parsed)
+    return [Item(given, path, weight / total) for given, path, weight, _ in parsed]
+
+
+def spec_data(spec) -> str:
+    """The spec's ``train.data`` with each relative path read from the spec file's folder, as a
+    spec's other paths are (a path on the command line is read from the working directory)."""
+    data = spec.train.data
+    source = Path(spec.source) if getattr(spec, "source", None) else None
+    if source is None or not source.is_file() or data in BUILT_IN:
+        return data
+    try:
+        items = data_items(data, source.parent)
+    except UserError:
+        return data  # refused as it is written, when the run checks its data
+    rebased = [str(source.parent / Path(it.path).expanduser()) for it in items]
+    if len(items) == 1 and items[0].given == data:
+        return rebased[0]
+    return ",".join(f"{path}:{it.weight!r}" for path, it in zip(rebased, items))
+
+
+def _is_prepared(path) -> bool:
+    """A folder with a manifest: prepared tokens (``open_tokens`` checks it), not raw text."""
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def _vocabulary_not_bytes(spec, init) -> Optional[str]:
+    """Why a model with no tokenizer must still not read text as bytes: its vocabulary is an
+    imported model's tokenizer's (the spec is an import's, or the weights come from ``init``).
+    None: a hand-written spec, whose vocabulary (>= 256 ids) may be bytes."""
+    if init:
+        return f"its weights come from {init}, which has no {TOKENIZER}"
+    source = Path(spec.source) if getattr(spec, "source", None) else None
+    if source is not None and source.is_file() and is_import_dir(source.parent):
+        return f"{source} is an import's spec and {source.parent} has no {TOKENIZER}"
+    return None
+
+
+def _not_bytes(data: str, why: str) -> str:
+    return (f"--data {data!r}: raw text for a model with no tokenizer whose vocabulary is not bytes ({why}): give "
+            f"a folder prepared with the model's tokenizer (moedsl data prepare --tokenizer), or put its {TOKENIZER} "
+            "beside the weights")
+
+
+def source_problems(spec, data: str, seq: int, *, init=None) -> list:
     """What is wrong with ``data`` as the source of a run of ``spec`` with sequences of ``seq``
     tokens: one message per problem, each naming --data and its value (empty: nothing).
-    Cheap: a text file is looked at (os.stat) but not read, pystdlib is not gathered."""
+    ``init``: the import folder the weights come from (``--init``), or the folder holding a trained
+    run's side files; the model's tokenizer is looked for there too (``tokens.model_tokenizer``).
+    Cheap: a text file is looked at (os.stat) but not read, pystdlib is not gathered, a prepared
+    folder's shards are checked against its manifest but not read."""
     m = spec.model
     if m.input == "image":
         return _image_problems(spec, data, seq)
@@ -326,20 +480,82 @@ def source_problems(spec, data: str, seq: int) -> list:
     if data == "synthetic":
         return [] if m.vocab_size >= 16 else [
             f"--data synthetic needs model.vocab_size >= 16, the spec has {m.vocab_size}"]
+    try:
+        items = data_items(data)
+        tokenizer = model_tokenizer(spec, init)
+    except UserError as e:
+        return [str(e)]
+    problems, folders = [], []
+    for it in items:
+        if _is_prepared(it.path):
+            try:
+                folders.append((it, open_tokens(it.path)))
+            except UserError as e:
+                problems.append(f"--data {it.given}: {e}")
+        elif len(items) > 1 and it.path != "pystdlib" and not Path(it.path).exists():
+            problems.append(f"--data {data}: item {it.given!r}: no such file or folder")
+        elif tokenizer is not None:  # raw text: prepared with the model's tokenizer when the run starts
+            if it.path != "pystdlib" and not Path(it.path).exists():
+                problems.append(f"--data {it.given}: no such file or folder")
+        elif len(items) > 1:
+            problems.append(f"--data {data}: item {it.given!r} is raw text, not a prepared folder (no {MANIFEST}), "
+                            "and the model has no tokenizer to prepare it with: moedsl data prepare it first")
+        else:
+            why = _vocabulary_not_bytes(spec, init)
+            problems += [_not_bytes(data, why)] if why else _byte_text_problems(spec, data, seq)
+    try:
+        problems += _folder_problems(spec, folders, tokenizer, seq)
+    except UserError as e:  # the model's tokenizer.json cannot be read
+        problems.append(f"--data {data}: {e}")
+    return problems
+
+
+def _folder_problems(spec, folders: list, tokenizer: Optional[Path], seq: Optional[int]) -> list:
+    """Prepared ``folders`` ([(Item, TokenFolder)]) against the model: the tokenizer they were
+    prepared with is the model's (by hash), or, where the model has none, one and the same for
+    all; every id < model.vocab_size; each split holds a window of ``seq + 1`` tokens."""
+    problems, vocab = [], spec.model.vocab_size
+    want = tokenizer_sha256(tokenizer) if tokenizer is not None and folders else None
+    for it, f in folders:
+        have = f.tokenizer_sha256
+        if want is not None and have != want:
+            problems.append(f"--data {it.given}: prepared with the tokenizer {f.path / TOKENIZER} (sha256 "
+                            f"{have[:12]}), not the model's {tokenizer} (sha256 {want[:12]}): prepare it again with "
+                            f"--tokenizer {tokenizer}")
+        if f.max_id() >= vocab:
+            problems.append(f"--data {it.given}: token id {f.max_id()} >= model.vocab_size {vocab} (its tokenizer "
+                            f"has {f.vocab_size} ids): a model over this data needs vocab_size > {f.max_id()}")
+        for name, split in f.splits.items():
+            if seq is not None and split.size < seq + 1:
+                problems.append(f"--data {it.given}: the {name} split has {split.size} tokens, fewer than a "
+                                f"sequence of {seq} tokens plus its target ({seq + 1})")
+    if want is None and len({f.tokenizer_sha256 for _, f in folders}) > 1:
+        (a, fa), (b, fb) = next(((x, y) for x, y in zip(folders, folders[1:])
+                                 if x[1].tokenizer_sha256 != y[1].tokenizer_sha256))
+        problems.append(f"--data: {a.given} and {b.given} were prepared with different tokenizers (sha256 "
+                        f"{fa.tokenizer_sha256[:12]} and {fb.tokenizer_sha256[:12]}), and the model has none to "
+                        "say which its ids are")
+    return problems
+
+
+def _byte_text_problems(spec, data: str, seq: int) -> list:
+    """source_problems for raw text read as bytes (a model with no tokenizer, a byte vocabulary)."""
+    m = spec.model
+    path = Path(data)
+    if path.is_dir():
+        return [f"--data {data!r} is a directory but not a prepared folder (no {MANIFEST}): give a prepared folder "
+                "(moedsl data prepare), a text file, synthetic or pystdlib"]
     problems = []
     if m.vocab_size < 256:
         problems.append(f"--data {data!r}: byte-level data needs model.vocab_size >= 256, the spec has "
                         f"{m.vocab_size}")
     if data == "pystdlib":
         return problems
-    path = Path(data)
     try:
         st = path.stat()
     except OSError as e:
         what = "no such file" if isinstance(e, FileNotFoundError) else e.strerror or str(e)
-        return problems + [f"--data {data!r}: {what} (give a text file, synthetic or pystdlib)"]
-    if path.is_dir():
-        return problems + [f"--data {data!r} is a directory: give a text file, synthetic or pystdlib"]
+        return problems + [f"--data {data!r}: {what} (give a text file, a prepared folder, synthetic or pystdlib)"]
     if not path.is_file():
         return problems + [f"--data {data!r} is not a regular file: give a text file, synthetic or pystdlib"]
     try:
@@ -382,7 +598,9 @@ def _image_problems(spec, data: str, seq: int) -> list:
     return problems
 
 
-def make_source(spec, data: str, seed: int) -> Source:
+def make_source(spec, data: str, seed: int, *, init=None) -> Source:
+    """The source of ``data`` for a run of ``spec`` (``source_problems`` has refused what cannot
+    work); ``init`` as there."""
     m = spec.model
     if m.input == "image":
         if data == "digits":
@@ -395,14 +613,59 @@ def make_source(spec, data: str, seed: int) -> Source:
         return Regression(m.d_model, seed)
     if data == "synthetic":
         return Synthetic(m.vocab_size, seed)
+    items = data_items(data)
+    tokenizer = model_tokenizer(spec, init)
+    if tokenizer is None and not all(_is_prepared(it.path) for it in items):
+        why = _vocabulary_not_bytes(spec, init)
+        if why or len(items) > 1:
+            raise UserError(_not_bytes(data, why or "a mixture takes prepared folders"))
+        return _byte_text(spec, data, seed)
+    folders = []
+    for it in items:
+        path = it.path
+        if not _is_prepared(path):  # raw text for a model with a tokenizer: prepared once, then read from a cache
+            from .prepare import cached_prepare
+
+            path = cached_prepare(it.path, tokenizer)
+        folders.append(open_tokens(path))
+    found = _folder_problems(spec, list(zip(items, folders)), tokenizer, None)
+    if found:
+        raise UserError(found[0])
+    return Tokens(folders, [it.weight for it in items], seed, data, notes=_data_notes(items, folders, tokenizer))
+
+
+def _data_notes(items: list, folders: list, tokenizer: Optional[Path]) -> tuple:
+    """The run's first lines about prepared data: each folder, its tokens per split, its weight
+    in a mixture; the tokenizer file and its hash."""
+    lines = []
+    for it, f in zip(items, folders):
+        weight = f" (weight {it.weight:.3g})" if len(items) > 1 else ""
+        tr, ev = f.manifest["splits"]["train"], f.manifest["splits"]["eval"]
+        lines.append(f"data {f.path}{weight}: train {tr['tokens']:,} tokens in {tr['documents']:,} documents, eval "
+                     f"{ev['tokens']:,} tokens in {ev['documents']:,} documents")
+    sha = folders[0].tokenizer_sha256[:12]
+    if tokenizer is not None:
+        lines.append(f"tokenizer {tokenizer} (sha256 {sha}), the model's: the data was prepared with it")
+    else:
+        named = folders[0].path / folders[0].manifest["tokenizer"].get("file", TOKENIZER)
+        lines.append(f"tokenizer {named} (sha256 {sha}), the data's: the model has none of its own and trains on "
+                     "its ids")
+    return tuple(lines)
+
+
+def _byte_text(spec, data: str, seed: int) -> Bytes:
+    """Raw text as UTF-8 bytes: pystdlib, or a text file whose last 5% is held out."""
+    m = spec.model
     if data == "pystdlib":
         train, held, _ = pystdlib_bytes()
         return Bytes(train, held, m.vocab_size, seed, "pystdlib")
     path = Path(data)
     if path.is_dir():
-        raise MoedslError(f"--data {data!r} is a directory: give a text file, synthetic or pystdlib")
+        raise MoedslError(f"--data {data!r} is a directory but not a prepared folder (no {MANIFEST}): give a "
+                          "prepared folder, a text file, synthetic or pystdlib")
     if not path.is_file():
-        raise MoedslError(f"--data {data!r}: no such file (give a text file, 'synthetic' or 'pystdlib')")
+        raise MoedslError(f"--data {data!r}: no such file (give a text file, a prepared folder, 'synthetic' or "
+                          "'pystdlib')")
     raw = path.read_bytes()
     if len(raw) < MIN_TEXT_BYTES:
         raise MoedslError(f"--data {data!r} has {len(raw)} bytes: too little text to train on")

@@ -10,7 +10,9 @@ of one loaded model take each factor in turn (``inspect.eval_capacity``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -20,11 +22,14 @@ import torch.nn.functional as F
 from moedsl import dtypes
 from moedsl.errors import UserError
 
-from .data import make_source, source_problems
+from .data import make_source, source_problems, spec_data
 from .inspect import capacity_factors, eval_capacity
 from .load import build
 from .resolve import resolve
 from .step import task_loss
+
+# files an import folder holds, and a run started from one copies beside its checkpoints
+_IMPORTED = ("tokenizer.json", "hf_config.json")
 
 
 @dataclass
@@ -89,9 +94,11 @@ def evaluate(model, capacity_factor=None, checkpoint: Optional[str] = None,
     process, as trained (the capacity factor left alone), the loss is the run's last
     ``eval_loss`` for that checkpoint: the same batches through the same forward, summed in the
     same order. A run of several processes evaluated each rank's share with a capacity of its
-    own, which one process cannot repeat. Returns ``{"loss", "accuracy" (image classifiers, else
-    None), "dropped", "examples", "capacity_factor", "gates", "checkpoint", "step", "data",
-    "data_from", "seq", "batch", "dtype"}`` (a list of them for a list of factors)."""
+    own, which one process cannot repeat. Text (a prepared folder, text as bytes) also gives bits
+    per byte, which compares models whose tokenizers differ. Returns ``{"loss", "bits_per_byte"
+    (None where the tokens are not text), "accuracy" (image classifiers, else None), "dropped",
+    "examples", "capacity_factor", "gates", "checkpoint", "step", "data", "data_from", "seq",
+    "batch", "dtype"}`` (a list of them for a list of factors)."""
     factors = capacity_factors(capacity_factor)
     weights = resolve(model, checkpoint)
     meta, spec = weights.meta, weights.spec
@@ -99,17 +106,20 @@ def evaluate(model, capacity_factor=None, checkpoint: Optional[str] = None,
     ran = {**(meta.get("train") or {}), **(meta.get("eval") or {})}
     seed = int(ran.get("seed", spec.train.seed))
     data_from = "option" if data else "run" if ran.get("data") else "spec"
-    data = data or ran.get("data") or spec.train.data
+    data = data or ran.get("data") or spec_data(spec)
     batch = batch or int(ran.get("batch", spec.train.batch_size))
     seq = seq or int(ran.get("seq", spec.train.seq_len))
     batches = batches or int(ran.get("eval_batches", spec.train.eval_batches))
     dtype = ran.get("dtype", spec.model.dtype)
     amp = dtypes.autocast_dtype(dtype)  # the Trainer's: float32 weights, the forward under autocast
-    found = source_problems(spec, data, seq)
+    # where the model's tokenizer.json is when its spec does not name one: an import's folder, or the
+    # run folder a run from an import copied it to (its hf_config.json says the weights were imported)
+    origin = next((f for f in weights.folders if any((Path(f) / n).is_file() for n in _IMPORTED)), None)
+    found = source_problems(spec, data, seq, init=origin)
     if found:
         raise UserError(found[0])
     net = build(weights, spec, seed=seed, dtype=torch.float32)
-    source = make_source(spec, data, seed)
+    source = make_source(spec, data, seed, init=origin)
     results = []
     for factor in factors:
         with eval_capacity(net, factor) as gates:
@@ -118,7 +128,8 @@ def evaluate(model, capacity_factor=None, checkpoint: Optional[str] = None,
                       "batch": batch, "dtype": dtype}
             if spec.model.input == "image":
                 h = held_out_images(net, spec, source, batch, amp=amp)
-                result.update(loss=h.loss, accuracy=h.accuracy, dropped=h.dropped, examples=h.examples)
+                result.update(loss=h.loss, bits_per_byte=None, accuracy=h.accuracy, dropped=h.dropped,
+                              examples=h.examples)
             else:
                 result.update(_held_out_sequences(net, spec, source, batch, seq, batches, amp))
         results.append(result)
@@ -129,16 +140,26 @@ def evaluate(model, capacity_factor=None, checkpoint: Optional[str] = None,
 def _held_out_sequences(model, spec, source, batch: int, seq: int, batches: int, amp) -> dict:
     """Token or vector models: the mean held-out loss over ``batches`` batches of ``batch`` × ``seq``
     (``Trainer.evaluate`` on one process: the forward under autocast ``amp``, the loss in float32,
-    the batches' losses summed in order), and the dropped fraction."""
+    the batches' losses summed in order), the dropped fraction, and for text the bits per byte:
+    the nats of every row over ln 2 and the UTF-8 bytes its tokens stand for (a row of a prepared
+    folder: seq × the eval split's bytes / tokens, from its manifest; text as bytes: seq). For one
+    folder that is loss × tokens / (bytes · ln 2); a mixture weighs each folder by the rows drawn
+    from it."""
     model.eval()
-    total, dropped, assigned = 0.0, 0.0, 0.0
+    total, dropped, assigned, nats, text_bytes = 0.0, 0.0, 0.0, 0.0, 0.0
     for i in range(batches):
         b = source.batch(i, batch, seq, split="eval")
         with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
             out = model(b.inputs)
         total += float(task_loss(spec, out, b.targets))
+        per_token = source.bytes_per_token(i, range(batch), seq, "eval")  # [B] bytes per token of each row
+        if per_token is not None:
+            logits = out.output.float()  # [B, T, V]
+            nats += float(F.cross_entropy(logits.flatten(0, 1), b.targets.flatten(), reduction="sum"))
+            text_bytes += float(per_token.sum()) * b.targets.shape[1]
         for s in out.router_stats:
             dropped += float(s.dropped)
             assigned += float(s.assignments)
-    return {"loss": total / max(batches, 1), "accuracy": None, "dropped": dropped / max(assigned, 1.0),
-            "examples": batches * batch}
+    bpb = nats / (text_bytes * math.log(2)) if text_bytes else None
+    return {"loss": total / max(batches, 1), "bits_per_byte": bpb, "accuracy": None,
+            "dropped": dropped / max(assigned, 1.0), "examples": batches * batch}

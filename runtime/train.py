@@ -37,7 +37,7 @@ from . import checkpoint as ckpt
 from .compile import use_compile
 from .cpu import keep_freed_memory, release_freed_memory
 from .cudagraph import GraphedForward, GraphedTrainStep
-from .data import make_source
+from .data import make_source, spec_data
 from .diagnose import first_nonfinite
 from .evaluate import held_out_images
 from .faults import inject_fault
@@ -87,7 +87,7 @@ class RunOptions:
     def from_spec(spec, **overrides) -> "RunOptions":
         t = spec.train
         base = dict(steps=t.steps, batch=t.batch_size, seq=t.seq_len, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup,
-                    weight_decay=t.weight_decay, grad_clip=t.grad_clip, seed=t.seed, data=t.data,
+                    weight_decay=t.weight_decay, grad_clip=t.grad_clip, seed=t.seed, data=spec_data(spec),
                     eval_every=t.eval_every, eval_batches=t.eval_batches, checkpoint_every=t.checkpoint_every)
         base.update({k: v for k, v in overrides.items() if v is not None})
         base["out"] = Path(base.get("out", "runs/run"))
@@ -152,7 +152,7 @@ class Trainer:
                                             capturable=self.graphs)
         ts = self.train_step
         self.lr, self.opt, self.sync, self.loss_scale = ts.lr, ts.opt, ts.sync, ts.loss_scale
-        self.source = make_source(spec, o.data, o.seed)
+        self.source = make_source(spec, o.data, o.seed, init=o.init)
         self._graphed = None  # the captured step, made at the first step in graph mode
         self._eval_graph = None
         self.start_step = 0
@@ -275,6 +275,8 @@ class Trainer:
                       f"steps {start}..{o.steps}, data {self.source.name}, {spec.model.dtype}"
                       f"{', loss scaling' if self.loss_scale is not None else ''}"
                       f"{', CUDA graphs' if self.graphs else ''}")
+        for note in self.source.notes:  # which files, how many tokens, which tokenizer (or text as bytes)
+            self.say.once(note)
         log = open(metrics_path, "a") if rank == 0 else None
         losses, last_ckpt, eval_loss, first, skipped = [], None, None, None, 0
         balance = dropped = float("nan")

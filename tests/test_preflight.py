@@ -82,7 +82,8 @@ def test_an_out_folder_refused_for_another_reason_is_not_left_behind(tmp_path, c
 
 def test_data_that_is_a_directory_or_too_short_to_hold_out_a_sequence_says_so(tmp_path, capsys, no_model):
     lines = refused(capsys, SWITCH, "--data", tmp_path, "--steps", "1", "--out", tmp_path / "run")
-    assert lines == [f"moedsl: error: --data '{tmp_path}' is a directory: give a text file, synthetic or pystdlib"]
+    assert lines == [f"moedsl: error: --data '{tmp_path}' is a directory but not a prepared folder (no manifest.json): "
+                     "give a prepared folder (moedsl data prepare), a text file, synthetic or pystdlib"]
     text = tmp_path / "short.txt"
     text.write_bytes(b"x" * 2000)  # its held-out 5% (100 bytes) is shorter than a sequence of 128
     lines = refused(capsys, SWITCH, "--data", text, "--seq", "128", "--steps", "1", "--out", tmp_path / "run")
