@@ -1,4 +1,5 @@
-"""What a run leaves for a person: the loss and expert-load plots and the summary table."""
+"""What a person reads of a run and of the checks on it: the loss and expert-load plots, the run
+summary, and the tables of `moedsl eval` and `moedsl verify`."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,9 @@ from pathlib import Path
 import numpy as np
 from rich import box
 from rich.table import Table
+from rich.text import Text
+
+from moedsl.plan_report import key_value_table
 
 LOG_Y_RATIO = 5.0  # losses spanning more than this factor: a log axis keeps the late, small gains visible
 
@@ -140,21 +144,65 @@ def plot_expert_load(metrics: Path, png: Path, title: str):
         plt.close(fig)
 
 
+def shown_path(path) -> str:
+    """``path`` as the summary shows it: relative to the working directory where that is shorter,
+    so it stays short enough to read and whole to copy."""
+    text = str(path)
+    try:
+        rel = os.path.relpath(text)
+    except ValueError:  # another drive (Windows)
+        return text
+    return rel if len(rel) < len(text) else text
+
+
 def summary_table(s):
-    t = Table(title=f"{s.spec}: {s.steps} steps on {s.world} process(es)", box=box.SIMPLE_HEAVY,
-              show_header=False, title_justify="left")
-    t.add_column("what", style="bold")
-    t.add_column("value", justify="right")
-    rows = [("train loss (first → last)", f"{s.first_loss:.4f} → {s.train_loss:.4f}")]
+    t = key_value_table(f"{s.spec}: {s.steps} steps on {s.world} process(es)")
+    rows = [("train loss", f"{s.first_loss:.4f} → {s.train_loss:.4f} (first → last)")]
     if s.eval_loss is not None:
-        rows.append(("held-out loss", f"{s.eval_loss:.4f}" + (f"  (perplexity {s.eval_ppl:.2f})" if s.eval_ppl else "")))
+        rows.append(("held-out loss", f"{s.eval_loss:.4f}" + (f" (perplexity {s.eval_ppl:.2f})" if s.eval_ppl else "")))
     if getattr(s, "eval_accuracy", None) is not None:
         rows.append(("held-out accuracy", f"{s.eval_accuracy:.4f}"))
     rows += [("tokens", f"{s.tokens:,}"), ("time", f"{s.seconds:.1f} s"), ("tokens / s", f"{s.tokens_per_s:,.0f}"),
-             ("expert load, max / mean (1 = even)", f"{s.balance:.2f}"), ("assignments dropped", f"{s.dropped:.2%}"),
-             ("CUDA graphs", "on" if s.cuda_graphs else "off"),
-             ("checkpoint", s.checkpoint or "-"), ("metrics", s.metrics), ("loss plot", s.loss_plot or "-"),
-             ("plot", s.plot or "-")]
+             ("expert load", f"{s.balance:.2f} max / mean (1 = even)"),
+             ("dropped", f"{s.dropped:.2%} of assignments"), ("CUDA graphs", "on" if s.cuda_graphs else "off")]
+    for label, path in (("checkpoint", s.checkpoint), ("metrics", s.metrics), ("loss plot", s.loss_plot),
+                        ("load plot", s.plot)):
+        rows.append((label, shown_path(path) if path else "-"))
     for k, v in rows:
         t.add_row(k, v)
     return t
+
+
+def verify_table(title: str, diffs: list) -> Table:
+    """``moedsl verify``'s table: one row per rank, each the largest |Δ| against one process. In
+    80 columns (rich's width when piped): short headers, one space between columns, and the
+    names (the worst parameter, where a router count differs) folded, never cut."""
+    t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False, padding=0)
+    for col in ("rank", "output", "aux loss", "gradient", "worst parameter", "after step", "hooks", "router", "ok"):
+        t.add_column(col, overflow="fold")
+    for rank, d in enumerate(diffs):
+        router = Text("equal") if d.router == 0 else Text(d.worst_router, style="red")  # holds [...]: not markup
+        t.add_row(str(rank), f"{d.output:.2e}", f"{d.aux_loss:.2e}", f"{d.grad:.2e}", d.worst_param,
+                  f"{d.param:.2e}", f"{d.from_hooks}/{d.buckets}", router,
+                  "yes" if d.ok() else Text("NO", style="red"))
+    return t
+
+
+def eval_tables(sweep: list) -> list:
+    """``moedsl eval``'s tables: what was evaluated (the checkpoint's path whole, folded where it
+    is longer than a line), then one row per evaluation capacity factor."""
+    r = sweep[0]
+    head = key_value_table(f"{r['spec']} at step {r['step']}: {r['examples']} held-out examples")
+    head.add_row("checkpoint", shown_path(r["checkpoint"]))
+    note = {"spec": " (the spec's train.data: an import holds no held-out data of its own)"}.get(r["data_from"], "")
+    head.add_row("data", f"{r['data']}{note}")
+    accuracy = any(x["accuracy"] is not None for x in sweep)
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    for col in ("eval capacity factor", "loss") + (("accuracy",) if accuracy else ()) + ("dropped", "MoE layers set"):
+        t.add_column(col, overflow="fold", justify="left" if col == "eval capacity factor" else "right")
+    for x in sweep:
+        cap = ("as trained" if x["capacity_factor"] is None else "0 (dropless)" if x["capacity_factor"] == 0 else
+               f"{x['capacity_factor']:g}")
+        acc = (f"{x['accuracy']:.4f}" if x["accuracy"] is not None else "-",) if accuracy else ()
+        t.add_row(cap, f"{x['loss']:.4f}", *acc, f"{x['dropped']:.2%}", str(x["gates"]))
+    return [head, t]
