@@ -91,7 +91,7 @@ def loss_figure(rows: list, title: str):
         ax2.set_ylim(0, 1)
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="upper right")
+    ax.legend(handles, labels, loc="best")
     ax.set_title(f"{title}: loss over steps")
     fig.tight_layout()
     return fig
