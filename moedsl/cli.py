@@ -236,10 +236,10 @@ def _cmd_export(args) -> int:
 
 def _cmd_verify(args) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from .api import load_spec
     from .runtime.equivalence import check
+    from .runtime.report import verify_table
 
     spec = load_spec(_spec_path(args.spec))
     from .mesh import resolve_mesh
@@ -248,16 +248,10 @@ def _cmd_verify(args) -> int:
     seq = spec.train.seq_len if spec.model.input == "image" else args.seq  # an image's tokens: from model.image
     diffs = check(spec, args.nproc, batch=args.batch, seq=seq, layout=args.layout, compile=args.compile)
     compiled = ", dense segments compiled" if args.compile else ""
-    t = Table(title=f"{spec.name}: one training step, {args.nproc} processes against one (batch {args.batch} × "
-              f"{seq}, layout {args.layout}{compiled}; the run's gradient sync, clip and AdamW)", title_justify="left")
-    for col in ("rank", "max |Δ output|", "|Δ aux loss|", "max |Δ gradient|", "worst parameter",
-                "max |Δ after step|", "buckets from hooks", "router counts", "ok"):
-        t.add_column(col)
-    for rank, d in enumerate(diffs):
-        t.add_row(str(rank), f"{d.output:.2e}", f"{d.aux_loss:.2e}", f"{d.grad:.2e}", d.worst_param,
-                  f"{d.param:.2e}", f"{d.from_hooks}/{d.buckets}",
-                  "equal" if d.router == 0 else f"[red]{d.worst_router}[/red]", "yes" if d.ok() else "[red]NO[/red]")
-    Console().print(t)
+    Console().print(verify_table(f"{spec.name}: one training step, {args.nproc} processes against one (batch "
+                                 f"{args.batch} × {seq}, layout {args.layout}{compiled}; the run's gradient sync, "
+                                 "clip and AdamW): the largest |Δ| of the outputs, the aux loss, the gradients, "
+                                 "the weights after the step; all-reduces launched from backward's hooks", diffs))
     return 0 if all(d.ok() for d in diffs) else 1
 
 
@@ -275,18 +269,13 @@ def _cmd_eval(args) -> int:
 
         print(json.dumps(sweep, indent=2))
         return 0
-    sweep = sweep if isinstance(sweep, list) else [sweep]
-    r = sweep[0]
-    data = {"spec": " (the spec's train.data: an import holds no held-out data of its own)"}.get(r["data_from"], "")
-    print(f"{r['spec']} at step {r['step']} ({r['checkpoint']}), data {r['data']}{data}, held-out {r['examples']} "
-          "examples:")
-    for r in sweep:
-        cap = ("as trained" if r["capacity_factor"] is None else "0 (dropless)" if r["capacity_factor"] == 0 else
-               f"{r['capacity_factor']:g}")
-        acc = "" if r["accuracy"] is None else f"  accuracy {r['accuracy']:.4f}"
-        acc += "" if r.get("bits_per_byte") is None else f"  bits/byte {r['bits_per_byte']:.4f}"
-        print(f"  eval capacity factor {cap:<12} loss {r['loss']:.4f}{acc}  {r['dropped']:.2%} of assignments "
-              f"dropped  ({r['gates']} MoE layer(s) set)")
+    from rich.console import Console
+
+    from .runtime.report import eval_tables
+
+    console = Console()
+    for table in eval_tables(sweep if isinstance(sweep, list) else [sweep]):
+        console.print(table)
     return 0
 
 

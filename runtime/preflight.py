@@ -44,7 +44,7 @@ from .grads import MODES
 from .resolve import IMPORT, is_import_dir, resolve
 
 # the files of a run in its output folder (runtime/train.py writes them)
-RUN_FILES = ("metrics.jsonl", "checkpoints", "expert_load.png")
+RUN_FILES = ("metrics.jsonl", "checkpoints", "expert_load.png", "loss.png")
 REPLACED = ".replaced"  # where --overwrite keeps the old run until the new one has started
 MAX_TIMEOUT_S = 10**9  # torch keeps a timeout in milliseconds as a 64-bit int; far below that
 

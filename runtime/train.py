@@ -34,6 +34,7 @@ from moedsl.errors import MoedslError
 from moedsl.hf.files import TOKENIZER_FILES, copy_side_files
 
 from . import checkpoint as ckpt
+from . import report
 from .compile import use_compile
 from .cpu import keep_freed_memory, release_freed_memory
 from .cudagraph import GraphedForward, GraphedTrainStep
@@ -47,9 +48,10 @@ from .metrics import reduce_step, step_figures
 from .optim import lr_at
 from .preflight import check_run
 from .progress import Reporter
-from .report import plot_expert_load
 from .resolve import resolve
 from .step import TrainStep, task_loss
+
+PLOT_EVERY_S = 30.0  # loss.png is redrawn at an evaluation at most this often (a redraw takes ~0.2 s)
 
 
 @dataclass
@@ -115,6 +117,7 @@ class Summary:
     skipped_steps: int = 0  # float16: steps skipped because the scaled gradient overflowed
     losses: list = field(default_factory=list)
     eval_accuracy: Optional[float] = None  # image classifiers: held-out accuracy at the last evaluation
+    loss_plot: Optional[str] = None  # loss.png: train and held-out loss over the whole run's steps
 
 
 class Trainer:
@@ -258,7 +261,8 @@ class Trainer:
     def fit(self) -> Summary:
         """Train from ``start_step`` (or the checkpoint ``options.resume`` names) to ``options.steps``:
         metrics to ``out/metrics.jsonl`` (rank 0), held-out loss every ``eval_every`` steps,
-        checkpoints every ``checkpoint_every`` steps and at the end, the expert-load plot."""
+        checkpoints every ``checkpoint_every`` steps and at the end, the expert-load plot, and
+        the loss plot (``loss.png``: at evaluations as the run goes, and at the end)."""
         o, spec, rank, world = self.options, self.spec, self.rank, self.world
         if o.resume:
             self.resume(o.resume)
@@ -284,6 +288,7 @@ class Trainer:
         bar = self.say.progress(o.steps, start)
         # the steps since the last logging step: their figures stay on the device until it
         history, since, window_t = [], start, None
+        plotted = None  # when loss.png was last drawn (rank 0)
         try:
             for step in range(start, o.steps):
                 inject_fault(step, rank, self.model)
@@ -326,6 +331,11 @@ class Trainer:
                 if log is not None:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
+                    redraw = plotted is None or time.perf_counter() - plotted >= PLOT_EVERY_S
+                    if evaluating and redraw and step + 1 < o.steps:  # the last step's: drawn below
+                        # from the whole file: a resumed run's steps before its checkpoint too
+                        report.plot_losses(metrics_path, out_dir / "loss.png", spec.name)
+                        plotted = time.perf_counter()
                 bar(step + 1, m.loss, row["tokens_per_s"], balance, eval_loss, accuracy=self.eval_accuracy)
                 if saving:
                     last_ckpt = self.save(step + 1)
@@ -336,16 +346,18 @@ class Trainer:
             if log is not None:
                 log.close()
         seconds = time.perf_counter() - t0
-        plot = None
+        plot = loss_plot = None
         if rank == 0:
-            plot = plot_expert_load(metrics_path, out_dir / "expert_load.png", spec.name)
+            plot = report.plot_expert_load(metrics_path, out_dir / "expert_load.png", spec.name)
+            loss_plot = report.plot_losses(metrics_path, out_dir / "loss.png", spec.name)
         return Summary(spec=spec.name, steps=o.steps, tokens=tokens, seconds=seconds,
                        tokens_per_s=tokens / max(seconds, 1e-9), train_loss=losses[-1] if losses else float("nan"),
                        eval_loss=eval_loss, eval_ppl=_ppl(spec, eval_loss), balance=balance, dropped=dropped,
                        first_loss=first if first is not None else float("nan"),
                        checkpoint=str(last_ckpt) if last_ckpt else None, metrics=str(metrics_path),
                        plot=str(plot) if plot else None, world=world, cuda_graphs=self.graphs,
-                       skipped_steps=skipped, losses=losses, eval_accuracy=self.eval_accuracy)
+                       skipped_steps=skipped, losses=losses, eval_accuracy=self.eval_accuracy,
+                       loss_plot=str(loss_plot) if loss_plot else None)
 
     def _overflow(self, m) -> bool:
         """A float16 step whose loss was finite but whose scaled gradient overflowed: expected now

@@ -150,7 +150,7 @@ def test_a_new_run_into_an_earlier_one_is_refused_unless_resumed_or_overwritten(
     monkeypatch.setenv("MOEDSL_FAULT", "nan@1")  # an --overwrite whose run fails before its first step
     assert main(["run", SWITCH, *TINY, "--steps", "2", "--out", str(out), "--overwrite"]) == 1
     assert steps(out) == [1, 2, 3] and ckpt.latest(out / "checkpoints").name == "step-00000003"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "expert_load.png", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "expert_load.png", "loss.png", "metrics.jsonl"]
 
     monkeypatch.delenv("MOEDSL_FAULT")
     assert main(["run", SWITCH, *TINY, "--steps", "2", "--out", str(out), "--overwrite"]) == 0

@@ -375,7 +375,7 @@ def test_eval_of_a_run_on_a_folder_repeats_its_eval_loss_and_gives_bits_per_byte
     other = prepare(tmp_path / "other", documents(5, 60), documents(6, 12))  # the same tokenizer, other text
     assert main(["eval", str(run), "--data", str(other)]) == 0
     table = capsys.readouterr().out
-    assert f"data {other}" in table and "bits/byte" in table
+    assert "bits/byte" in table and "".join(table.split()).count(str(other).replace(" ", "")) == 1  # folded or not
 
 
 def test_a_source_problem_reaches_eval_as_one_line(corpus, tmp_path, capsys):

@@ -437,8 +437,10 @@ def test_eval_sweeps_capacity_factors_on_one_loaded_model_and_0_is_dropless_as_i
         assert (r["loss"], r["dropped"]) == (one["loss"], one["dropped"])
     assert sweep[1]["dropped"] > 0.3 and sweep[2]["dropped"] == 0  # 0: dropless, nothing dropped
     assert main(["eval", str(tmp_path / "run"), "--capacity-factor", "2,0.25,0"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if "eval capacity factor" in line]
-    assert len(rows) == 3 and "0 (dropless)" in rows[2]
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.split()[:1] in (["2"], ["0.25"], ["0"])]
+    assert [row[:2] for row in rows] == [["2", f"{sweep[0]['loss']:.4f}"], ["0.25", f"{sweep[1]['loss']:.4f}"],
+                                         ["0", "(dropless)"]]  # a row per factor: the factor, the loss, ...
 
 
 def test_image_spec_on_two_processes_equals_one():
