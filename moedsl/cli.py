@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_progress_option(p) -> None:
-    # None: moedsl.hf.progress decides by size (AUTO_BYTES), without importing moedsl.hf for --help
+    # None: moedsl.hf.write_progress decides by size (AUTO_BYTES), without importing moedsl.hf for --help
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tensors and bytes written (a bar on a terminal, a line every 10%% otherwise); default: "
                    "when writing 64 MB or more")

@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import moedsl.hf.progress as progress  # noqa: E402
+import moedsl.hf.write_progress as progress  # noqa: E402
 from moedsl.cli import main  # noqa: E402
 from moedsl.hf.convert import import_checkpoint  # noqa: E402
 from moedsl.hf.files import header  # noqa: E402
