@@ -68,6 +68,10 @@ class Source:
     def rows(self, step: int, rows, seq: int, split: str) -> Batch:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def notes(self, seq: int) -> list:
+        """Lines the run prints first about its data (at sequences of ``seq`` tokens)."""
+        return []
+
 
 def _gen(seed: int, *parts) -> torch.Generator:
     h = hashlib.blake2b(repr((seed,) + parts).encode(), digest_size=8).digest()
@@ -311,10 +315,11 @@ MIN_TEXT_BYTES = 1024
 HELD_OUT = 0.05  # the last 5% of a text file is held out
 
 
-def source_problems(spec, data: str, seq: int) -> list:
-    """What is wrong with ``data`` as the source of a run of ``spec`` with sequences of ``seq``
-    tokens: one message per problem, each naming --data and its value (empty: nothing).
-    Cheap: a text file is looked at (os.stat) but not read, pystdlib is not gathered."""
+def source_problems(spec, data: str, seq: int, init=None) -> list:
+    """What is wrong with ``data`` as the source of a run of ``spec`` (``init``: its --init import)
+    with sequences of ``seq`` tokens: one message per problem, each naming --data and its value
+    (empty: nothing). Cheap: a text file is looked at (os.stat) but not read, pystdlib is not
+    gathered; instruction data (runtime/instruct.py) is read and checked, not tokenized."""
     m = spec.model
     if m.input == "image":
         return _image_problems(spec, data, seq)
@@ -326,6 +331,10 @@ def source_problems(spec, data: str, seq: int) -> list:
     if data == "synthetic":
         return [] if m.vocab_size >= 16 else [
             f"--data synthetic needs model.vocab_size >= 16, the spec has {m.vocab_size}"]
+    from . import instruct  # here, not at the top: it builds on this module's Source
+
+    if instruct.kind_of(data):  # JSONL of prompt/completion pairs or chat messages
+        return instruct.problems(spec, data, init)
     problems = []
     if m.vocab_size < 256:
         problems.append(f"--data {data!r}: byte-level data needs model.vocab_size >= 256, the spec has "
@@ -382,7 +391,7 @@ def _image_problems(spec, data: str, seq: int) -> list:
     return problems
 
 
-def make_source(spec, data: str, seed: int) -> Source:
+def make_source(spec, data: str, seed: int, init=None) -> Source:
     m = spec.model
     if m.input == "image":
         if data == "digits":
@@ -398,6 +407,10 @@ def make_source(spec, data: str, seed: int) -> Source:
     if data == "pystdlib":
         train, held, _ = pystdlib_bytes()
         return Bytes(train, held, m.vocab_size, seed, "pystdlib")
+    from .instruct import Instructions, kind_of  # here: it builds on this module's Source
+
+    if kind_of(data):
+        return Instructions(data, spec, seed, init)
     path = Path(data)
     if path.is_dir():
         raise MoedslError(f"--data {data!r} is a directory: give a text file, synthetic or pystdlib")

@@ -11,6 +11,7 @@ of one loaded model take each factor in turn (``inspect.eval_capacity``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -105,11 +106,13 @@ def evaluate(model, capacity_factor=None, checkpoint: Optional[str] = None,
     batches = batches or int(ran.get("eval_batches", spec.train.eval_batches))
     dtype = ran.get("dtype", spec.model.dtype)
     amp = dtypes.autocast_dtype(dtype)  # the Trainer's: float32 weights, the forward under autocast
-    found = source_problems(spec, data, seq)
+    # instruction data is tokenized with the model's tokenizer: the import's, or the one a run copied beside it
+    init = next((f for f in weights.folders if (Path(f) / "tokenizer.json").is_file()), None)
+    found = source_problems(spec, data, seq, init)
     if found:
         raise UserError(found[0])
     net = build(weights, spec, seed=seed, dtype=torch.float32)
-    source = make_source(spec, data, seed)
+    source = make_source(spec, data, seed, init=init)
     results = []
     for factor in factors:
         with eval_capacity(net, factor) as gates:
@@ -136,7 +139,7 @@ def _held_out_sequences(model, spec, source, batch: int, seq: int, batches: int,
         b = source.batch(i, batch, seq, split="eval")
         with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
             out = model(b.inputs)
-        total += float(task_loss(spec, out, b.targets))
+        total += float(task_loss(spec, out, b.targets, b.loss_mask))  # instruction data: the answers' tokens
         for s in out.router_stats:
             dropped += float(s.dropped)
             assigned += float(s.assignments)

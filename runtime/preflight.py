@@ -76,7 +76,7 @@ def check_run(spec, o, world: int, *, names: dict | None = None, world_name: str
     options = option_problems(spec, o, names)
     placement = placement_problems(spec, o, world, names, world_name)
     problems = options + placement
-    problems += [_err(p) for p in source_problems(spec, o.data, o.seq)]
+    problems += [_err(p) for p in source_problems(spec, o.data, o.seq, getattr(o, "init", None))]
     problems += resume_problems(o, overwrite)
     problems += init_problems(spec, o)
     if overwrite is not None and not o.resume and not overwrite:
