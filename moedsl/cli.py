@@ -430,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=_number, help="peak learning rate")
     r.add_argument("--warmup", type=_whole, help="warm-up steps")
     r.add_argument("--seed", type=_whole, help="seed of weights, data and routing noise")
-    r.add_argument("--data", help="synthetic (default), pystdlib, or a text file (byte-level); for image specs "
-                   "digits (default) or an .npz file with arrays images [N, H, W(, C)] and labels [N]")
+    r.add_argument("--data", help="synthetic (default), pystdlib, a text file (byte-level), or a JSONL file of "
+                   "prompt/completion or chat messages records (instruction data, the model's tokenizer); for image "
+                   "specs digits (default) or an .npz file with arrays images [N, H, W(, C)] and labels [N]")
     r.add_argument("--eval-every", type=_whole, help="held-out evaluation every N steps")
     r.add_argument("--eval-batches", type=_whole, help="batches per held-out evaluation")
     r.add_argument("--checkpoint-every", type=_whole, help="save a checkpoint every N steps (and at the end)")

@@ -287,9 +287,9 @@ class Instructions(Source):
         examples = self.examples["train"] + self.examples["eval"]
         cut = [counts for ids, counts in examples if ids.size > seq + 1]
         lost = sum(1 for counts in cut if not counts[1:seq + 1].any())
-        line = (f"{self.name}: {len(examples)} {self.kind} examples ({self.size('eval')} held out), tokenized with "
-                f"{self.codec.path}; {len(cut)} of {len(examples)} examples truncated to seq+1 = {seq + 1} tokens")
-        return [line + (f" ({lost} of them keep no token of the answer)" if lost else "")]
+        cuts = f"{self.name}: {len(cut)} of {len(examples)} examples truncated to seq+1 = {seq + 1} tokens"
+        return [f"{self.name}: {len(examples)} {self.kind} examples ({self.size('eval')} held out), tokenized with "
+                f"{self.codec.path}", cuts + (f" ({lost} of them keep no token of the answer)" if lost else "")]
 
     def _epoch(self, epoch: int) -> torch.Tensor:
         if epoch not in self._epochs:

@@ -30,10 +30,10 @@ CORPUS = ["the capital of france is paris. hello world, how are you? fine thanks
           "a quick brown fox jumps over the lazy dog; one two three four five six seven."] * 20
 
 # real-world templates, verbatim from their tokenizer_config.json
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
-          "You are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + "
-          "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>"
-          "assistant\\n' }}{% endif %}")  # Qwen2-7B-Instruct
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + "
+          "message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if "
+          "add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")  # Qwen2-7B-Instruct
 LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
           "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
           "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
@@ -56,10 +56,11 @@ ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{
 GENERATION = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}{% if message['role'] == "
               "'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
               "{% else %}{{ message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt "
-              "%}{{ '<|im_start|>assistant\\n' }}{% endif %}")  # SmolLM-style, with transformers' {% generation %} blocks
+              "%}{{ '<|im_start|>assistant\\n' }}{% endif %}")  # ChatML with transformers' {% generation %} blocks
+# transformers' tojson does not escape HTML ('<b>' stays), jinja2's own would
+TOJSON = "{% for m in messages %}{{ m | tojson }}\n{% endfor %}{% if add_generation_prompt %}>{% endif %}"
 TEMPLATES = {"chatml": CHATML, "llama2": LLAMA2, "mistral": MISTRAL, "zephyr": ZEPHYR, "generation": GENERATION,
-             "tojson": "{% for m in messages %}{{ m | tojson }}\n{% endfor %}{% if add_generation_prompt %}>{% endif %}",
-             "named": {"default": CHATML, "tool_use": ZEPHYR}}
+             "tojson": TOJSON, "named": {"default": CHATML, "tool_use": ZEPHYR}}
 CONVERSATIONS = [
     [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"}],
     [{"role": "system", "content": "you are <b>fine</b> & quick"}, {"role": "user", "content": "capital of france?"},
@@ -151,6 +152,15 @@ def test_generation_blocks_give_transformers_assistant_mask(tmp_path):
         assert out["assistant_masks"] == counts.astype(int).tolist()
 
 
+def test_a_chat_template_jinja_file_comes_before_the_configs_as_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = tokenizer_folder(tmp_path / "tok", CHATML)
+    (folder / "chat_template.jinja").write_text(ZEPHYR)
+    want = transformers.AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(CONVERSATIONS[1], tokenize=False)
+    assert want.startswith("<|system|>")
+    assert find_chat_template(folder / "tokenizer.json").render(CONVERSATIONS[1]) == want
+
+
 def test_a_dict_of_templates_without_default_is_one_line(tmp_path):
     folder = tokenizer_folder(tmp_path / "tok", {"tool_use": CHATML, "rag": ZEPHYR})
     with pytest.raises(UserError, match=r"chat_template: several templates \(rag, tool_use\) and no 'default'"):
@@ -166,7 +176,8 @@ def _masked_text(src, split="train", seq=64):
     for s in range(n):
         b = src.batch(s, 1, seq, split=split)
         ids = torch.cat([b.inputs[0, :1], b.targets[0]])
-        out.append((decode(src.codec.tok, ids[ids != src.codec.pad]), decode(src.codec.tok, b.targets[0][b.loss_mask[0]])))
+        masked = b.targets[0][b.loss_mask[0]]
+        out.append((decode(src.codec.tok, ids[ids != src.codec.pad]), decode(src.codec.tok, masked)))
     return out
 
 
@@ -222,10 +233,10 @@ def test_rows_are_cut_at_seq_plus_one_and_padded_outside_the_loss(tmp_path):
         else:  # a long one: its first seq + 1 tokens, the prompt's alone (the completion is cut away)
             assert decode(src.codec.tok, row).startswith("<s>one two three")
             assert not b.loss_mask[r].any()
-    note = src.notes(seq)[0]
-    assert "4 of 8 examples truncated to seq+1 = 13 tokens" in note
+    note = src.notes(seq)[1]
+    assert note.startswith("pc.jsonl: 4 of 8 examples truncated to seq+1 = 13 tokens")
     assert "(4 of them keep no token of the answer)" in note
-    assert "0 of 8 examples truncated" in src.notes(64)[0]
+    assert src.notes(64)[1] == "pc.jsonl: 0 of 8 examples truncated to seq+1 = 65 tokens"
 
 
 def test_task_loss_with_a_mask_is_the_mean_cross_entropy_of_the_marked_targets():
@@ -301,6 +312,22 @@ def test_masked_loss_and_gradients_on_two_processes_equal_one_process():
     for loss, ref_loss, worst, _ in results:
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         assert worst < 2e-6
+
+
+def test_a_masked_step_reads_nothing_back_to_the_host():
+    """The count that divides the masked loss stays a device tensor: the step CUDA graphs capture
+    (a static layout, run here on a CPU) makes no host read with a loss mask either."""
+    from test_trainer import HostSyncs, trainer
+
+    from moedsl.runtime.data import Batch
+
+    t = trainer("switch", layout="static")
+    b = t.source.batch(0, 4, 16)
+    mask = torch.zeros(4, 16, dtype=torch.bool)
+    mask[1:, 5:] = True
+    with HostSyncs() as probe:
+        out = t.step(Batch(b.inputs, b.targets, loss_mask=mask), 1e-3)
+    assert probe.seen == [] and torch.isfinite(out.loss)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -380,14 +407,18 @@ def test_run_init_on_prompt_completion_jsonl_trains_the_loss_down(tmp_path):
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")]) == 0
     tokenizer_folder(tmp_path / "imp")
     pairs = [{"prompt": f"capital of france? {'one two ' * (i % 3)}", "completion": " paris. fine thanks"}
-             for i in range(30)] + [{"prompt": "the lazy dog " * 6, "completion": " jumps"}]
+             for i in range(30)] + [{"prompt": "the lazy dog " * 12, "completion": " jumps"}]
     data = write_jsonl(tmp_path / "pc.jsonl", pairs)
     r = subprocess.run([sys.executable, "-m", "moedsl", "run", str(tmp_path / "imp" / "spec.yaml"), "--init",
-                        str(tmp_path / "imp"), "--data", str(data), "--steps", "12", "--batch", "4", "--seq", "16",
+                        str(tmp_path / "imp"), "--data", str(data), "--steps", "12", "--batch", "4", "--seq", "32",
                         "--lr", "1e-2", "--warmup", "1", "--eval-every", "12", "--eval-batches", "1", "--no-progress",
                         "--out", str(tmp_path / "run"), "--ignore-memory-check"],
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "1 of 31 examples truncated to seq+1 = 17 tokens" in r.stdout + r.stderr
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    said = " ".join((r.stdout + r.stderr).split())  # as printed, wrapped to the terminal's width or not
+    # the lazy dog's prompt alone is longer than a row
+    assert "pc.jsonl: 1 of 31 examples truncated to seq+1 = 33 tokens (1 of them keep no token of the answer)" in said
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows]
     assert len(losses) == 12 and sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
+    assert rows[-1]["eval_loss"] < 0.7 * sum(losses[:3]) / 3  # the held-out answers, learnt too
