@@ -325,9 +325,14 @@ def test_a_masked_step_reads_nothing_back_to_the_host():
     b = t.source.batch(0, 4, 16)
     mask = torch.zeros(4, 16, dtype=torch.bool)
     mask[1:, 5:] = True
+    logits = []
+    hook = t.model.register_forward_hook(lambda _m, _a, out: logits.append(out.output.detach()))
     with HostSyncs() as probe:
         out = t.step(Batch(b.inputs, b.targets, loss_mask=mask), 1e-3)
-    assert probe.seen == [] and torch.isfinite(out.loss)
+    hook.remove()
+    assert probe.seen == []
+    each = F.cross_entropy(logits[0].flatten(0, 1), b.targets.flatten(), reduction="none")
+    assert float(out.loss) == pytest.approx(float(each[mask.flatten()].mean()), rel=1e-5)  # the answers' tokens only
 
 
 # ----------------------------------------------------------------------------- batches
