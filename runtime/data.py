@@ -191,6 +191,29 @@ class Regression(Source):
         return Batch(x, y)
 
 
+class Epochs:
+    """Example i of an endless stream of epochs over ``n`` examples, each epoch a permutation seeded
+    by (seed, epoch): ``order(i)``; ``stream(step, batch, rank, world)``: the stream positions of
+    rank ``rank``'s rows of global batch ``step`` (row r of batch s is position s·B + r)."""
+
+    def __init__(self, n: int, seed: int, name: str = "epoch"):
+        self.n, self.seed, self.name = n, seed, name
+        self._perms: dict = {}
+
+    def order(self, i: int) -> int:
+        epoch = i // self.n
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            self._perms[epoch] = torch.randperm(self.n, generator=_gen(self.seed, self.name, epoch))
+        return int(self._perms[epoch][i % self.n])
+
+    @staticmethod
+    def stream(step: int, batch: int, rank: int, world: int) -> list:
+        share = batch // world
+        return [step * batch + r for r in range(rank * share, (rank + 1) * share)]
+
+
 class Images(Source):
     """Labelled images (model.input: image), split once into training and held-out sets."""
 
@@ -201,7 +224,7 @@ class Images(Source):
         self.data = {"train": (images[order[held:]], labels[order[held:]]),
                      "eval": (images[order[:held]], labels[order[:held]])}
         self.name, self.seed = name, seed
-        self._epochs: dict = {}
+        self._epochs = Epochs(self.size("train"), seed)
 
     def size(self, split: str) -> int:
         return self.data[split][0].shape[0]
@@ -210,20 +233,12 @@ class Images(Source):
         """Held-out batches of ``batch`` images that cover the held-out set once."""
         return max(math.ceil(self.size("eval") / batch), 1)
 
-    def _epoch(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._epochs:
-            if len(self._epochs) > 4:
-                self._epochs.clear()
-            self._epochs[epoch] = torch.randperm(self.size("train"), generator=_gen(self.seed, "epoch", epoch))
-        return self._epochs[epoch]
-
     def batch(self, step, batch, seq, rank=0, world=1, split="train"):
-        share = batch // world
-        stream = [step * batch + r for r in range(rank * share, (rank + 1) * share)]
+        stream = Epochs.stream(step, batch, rank, world)
         images, labels = self.data[split]
         n = images.shape[0]
         if split == "train":
-            index = torch.tensor([int(self._epoch(i // n)[i % n]) for i in stream], dtype=torch.int64)
+            index = torch.tensor([self._epochs.order(i) for i in stream], dtype=torch.int64)
             return Batch(images[index], labels[index])
         index = torch.tensor([i % n for i in stream], dtype=torch.int64)
         return Batch(images[index], labels[index], mask=torch.tensor([i < n for i in stream]))

@@ -44,7 +44,7 @@ import torch
 from moedsl.errors import UserError
 
 from .chat_template import TemplateRefused, find_chat_template, special_tokens
-from .data import Batch, Source, _gen
+from .data import Batch, Epochs, Source
 from .tokens import model_tokenizer
 
 HOLD_OUT = 20  # one example in 20 (5%) held out, by the hash of its line; at least one
@@ -277,7 +277,7 @@ class Instructions(Source):
         if hi >= spec.model.vocab_size:
             raise UserError(f"--data {path}: token id {hi} from {tokenizer} is outside model.vocab_size "
                             f"{spec.model.vocab_size}")
-        self._epochs: dict = {}
+        self._epochs = Epochs(self.size("train"), seed, "instruct-epoch")
 
     def size(self, split: str) -> int:
         return len(self.examples[split])
@@ -291,21 +291,10 @@ class Instructions(Source):
         return [f"{self.name}: {len(examples)} {self.kind} examples ({self.size('eval')} held out), tokenized with "
                 f"{self.codec.path}", cuts + (f" ({lost} of them keep no token of the answer)" if lost else "")]
 
-    def _epoch(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._epochs:
-            if len(self._epochs) > 4:
-                self._epochs.clear()
-            self._epochs[epoch] = torch.randperm(self.size("train"), generator=_gen(self.seed, "instruct-epoch", epoch))
-        return self._epochs[epoch]
-
     def batch(self, step, batch, seq, rank=0, world=1, split="train"):
-        share = batch // world
-        stream = [step * batch + r for r in range(rank * share, (rank + 1) * share)]
+        stream = Epochs.stream(step, batch, rank, world)
         n = self.size(split)
-        if split == "train":
-            index = [int(self._epoch(i // n)[i % n]) for i in stream]
-        else:
-            index = [i % n for i in stream]
+        index = [self._epochs.order(i) if split == "train" else i % n for i in stream]
         rows = torch.full((len(index), seq + 1), self.codec.pad, dtype=torch.int64)
         counts = torch.zeros(len(index), seq + 1, dtype=torch.bool)
         for r, i in enumerate(index):

@@ -43,6 +43,20 @@ def save_fused(src: Path, ref, out: Path) -> Path:
     return out
 
 
+def import_tiny_mixtral(tmp: Path, vocab_size: int = 64) -> Path:
+    """A tiny random Mixtral saved in ``tmp/hf`` and imported into ``tmp/imp`` (returned)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp / "hf")
+    assert main(["import", str(tmp / "hf"), "--out", str(tmp / "imp")]) == 0
+    return tmp / "imp"
+
+
 def _losses(run: Path) -> list:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 

@@ -403,14 +403,10 @@ def test_refusals_before_any_model_is_built(tmp_path):
 def test_run_init_on_prompt_completion_jsonl_trains_the_loss_down(tmp_path):
     """``moedsl run`` of a tiny import (its tokenizer beside the weights) with --init on instruction
     data: the first lines say how many examples were cut, and the loss falls."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                     num_experts_per_tok=2, max_position_embeddings=64)
-    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "hf")
-    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")]) == 0
-    tokenizer_folder(tmp_path / "imp")
+    pytest.importorskip("transformers")
+    from hf_helpers import import_tiny_mixtral
+
+    tokenizer_folder(import_tiny_mixtral(tmp_path, vocab_size=320))
     pairs = [{"prompt": f"capital of france? {'one two ' * (i % 3)}", "completion": " paris. fine thanks"}
              for i in range(30)] + [{"prompt": "the lazy dog " * 12, "completion": " jumps"}]
     data = write_jsonl(tmp_path / "pc.jsonl", pairs)
