@@ -108,9 +108,12 @@ def find_chat_template(tokenizer_json) -> Optional[ChatTemplate]:
         if not isinstance(source, str):
             raise UserError(f"{where}: a {type(source).__name__}, not a template")
     try:
-        import jinja2  # noqa: F401
+        import jinja2
     except ImportError:
         raise UserError(f"{where}: rendering the chat template needs jinja2: pip install 'moedsl[data]'") from None
+    if tuple(int(x) for x in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):  # as transformers refuses
+        raise UserError(f"{where}: jinja2 {jinja2.__version__} has known sandbox escapes and a template is untrusted "
+                        "code: pip install 'jinja2>=3.1.6'")
     try:
         return ChatTemplate(source, tokens, where)
     except Exception as e:  # noqa: BLE001 - jinja2.TemplateSyntaxError and the like: the template is broken

@@ -48,7 +48,7 @@ from .data import Batch, Epochs, Source
 from .tokens import model_tokenizer
 
 HOLD_OUT = 20  # one example in 20 (5%) held out, by the hash of its line; at least one
-SNIFF_BYTES = 1 << 20  # detection reads at most this much of a file for its first record
+SNIFF_BYTES = 1 << 26  # detection reads at most this much of a file for its first record (one line)
 PROMPT, MESSAGES = "prompt/completion", "messages"
 # eos by name, where the tokenizer's config names none (byte-level BPE tokenizers and the like)
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "<|im_end|>")
@@ -63,12 +63,15 @@ def kind_of(path) -> Optional[str]:
         return None
     try:
         with open(p, "rb") as f:
-            head = f.read(SNIFF_BYTES)
+            if f.read(1).strip() not in (b"{", b""):  # a JSONL of objects starts with one (blank lines aside)
+                return None
+            f.seek(0)
+            line = f.readline(SNIFF_BYTES)
+            while line and not line.strip():
+                line = f.readline(SNIFF_BYTES)
     except OSError:
         return None
-    for line in head.splitlines():
-        if not line.strip():
-            continue
+    if line.strip():
         try:
             first = json.loads(line)
         except ValueError:
@@ -79,7 +82,6 @@ def kind_of(path) -> Optional[str]:
             return MESSAGES
         if "prompt" in first or "completion" in first:
             return PROMPT
-        return None
     return None
 
 
