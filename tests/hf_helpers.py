@@ -61,14 +61,14 @@ def _losses(run: Path) -> list:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_init_on_one_and_two_processes(imp: Path, tmp_path: Path) -> tuple:
-    """``moedsl run --init imp --steps 1`` with 1 and with 2 processes (into tmp_path/run1, run2):
-    the two runs' losses."""
+def run_init_on_one_and_two_processes(imp: Path, tmp_path: Path, *extra) -> tuple:
+    """``moedsl run --init imp --steps 1`` (``extra`` options after, overriding) with 1 and with 2
+    processes (into tmp_path/run1, run2): the two runs' losses."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "moedsl", "run", str(imp / "spec.yaml"), "--init", str(imp), "--steps", "1",
             "--batch", "4", "--seq", "8", "--no-progress", "--eval-batches", "1", "--ignore-memory-check"]
     for n in (1, 2):
-        r = subprocess.run(base + ["--out", str(tmp_path / f"run{n}"), "--nproc", str(n)], env=env,
+        r = subprocess.run(base + [*extra, "--out", str(tmp_path / f"run{n}"), "--nproc", str(n)], env=env,
                            capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stderr[-2000:]
     return _losses(tmp_path / "run1"), _losses(tmp_path / "run2")

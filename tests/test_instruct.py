@@ -423,3 +423,20 @@ def test_run_init_on_prompt_completion_jsonl_trains_the_loss_down(tmp_path):
     losses = [row["loss"] for row in rows]
     assert len(losses) == 12 and sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
     assert rows[-1]["eval_loss"] < 0.7 * sum(losses[:3]) / 3  # the held-out answers, learnt too
+
+
+def test_a_run_on_instruction_data_on_two_processes_follows_one_process(tmp_path):
+    """Three steps of `moedsl run --init` on chat data with 1 and 2 processes: the same losses, so
+    the same batches, masks, global normalisation and updates (rows of a few answer tokens beside
+    rows of many: the ranks' masked counts differ)."""
+    pytest.importorskip("transformers")
+    from hf_helpers import import_tiny_mixtral, run_init_on_one_and_two_processes
+
+    imp = import_tiny_mixtral(tmp_path, vocab_size=320)
+    tokenizer_folder(imp, CHATML)
+    convs = [[{"role": "system", "content": "hello"}, {"role": "user", "content": f"capital of france? {i}"},
+              {"role": "assistant", "content": "paris" + " fine thanks" * (i % 4)}] for i in range(24)]
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in convs])
+    one, two = run_init_on_one_and_two_processes(imp, tmp_path, "--data", str(data), "--steps", "3", "--seq", "64",
+                                                 "--lr", "1e-2")
+    assert len(one) == 3 and min(one) > 1 and two == pytest.approx(one, rel=1e-5)
