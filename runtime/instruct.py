@@ -246,7 +246,7 @@ def _overlapping(offsets: list, spans: list) -> np.ndarray:
             k += 1
         if k == len(spans):
             break
-        if end > spans[k][0] and end > start:
+        if end > spans[k][0]:
             mask[t] = True
     return mask
 
@@ -265,6 +265,9 @@ class Instructions(Source):
         if problem:
             raise UserError(problem)
         self.codec = Codec(Path(tokenizer))
+        problem = template_problem(self.codec, self.kind, str(path))
+        if problem:
+            raise UserError(problem)
         records = read_records(self.path, self.kind)
         if len(records) < 2:
             raise UserError(f"--data {path}: {len(records)} record: at least 2 (one is held out)")
@@ -317,6 +320,14 @@ def tokenizer_problem(tokenizer, spec, kind: Optional[str], data: str) -> Option
     return None
 
 
+def template_problem(codec: Codec, kind: Optional[str], data: str) -> Optional[str]:
+    """Why chat data ``data`` cannot be rendered with ``codec``'s tokenizer (None: it can, or it is not chat)."""
+    if kind != MESSAGES or codec.template is not None:
+        return None
+    return (f"--data {data!r}: chat messages are rendered with the tokenizer's chat template, and "
+            f"{codec.path.parent} has none (tokenizer_config.json chat_template, or chat_template.jinja)")
+
+
 def problems(spec, data: str, init=None) -> list:
     """``source_problems`` for instruction data: the tokenizer, its chat template, every record
     (read and checked, and each conversation rendered once; nothing is tokenized)."""
@@ -327,10 +338,9 @@ def problems(spec, data: str, init=None) -> list:
         return [problem]
     try:
         codec = Codec(Path(tokenizer))
-        if kind == MESSAGES and codec.template is None:
-            folder = Path(tokenizer).parent
-            return [f"--data {data!r}: chat messages are rendered with the tokenizer's chat template, and "
-                    f"{folder} has none (tokenizer_config.json chat_template, or chat_template.jinja)"]
+        problem = template_problem(codec, kind, data)
+        if problem:
+            return [problem]
         vocab = codec.tok.get_vocab_size(with_added_tokens=True)
         if vocab > spec.model.vocab_size:
             return [f"--data {data!r}: the tokenizer {tokenizer} has {vocab} tokens, more than model.vocab_size "

@@ -64,8 +64,8 @@ TEMPLATES = {"chatml": CHATML, "llama2": LLAMA2, "mistral": MISTRAL, "zephyr": Z
 CONVERSATIONS = [
     [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"}],
     [{"role": "system", "content": "you are <b>fine</b> & quick"}, {"role": "user", "content": "capital of france?"},
-     {"role": "assistant", "content": " paris. "}, {"role": "user", "content": "and you?"},
-     {"role": "assistant", "content": "fine thanks"}],
+     {"role": "assistant", "content": " paris. "}, {"role": "user", "content": "and you, café? ☕"},
+     {"role": "assistant", "content": "fine thanks ☕ é"}],  # offsets count characters, not bytes
     [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three four"},
      {"role": "user", "content": "five"}],
     [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "how are you?"}],  # roles out of order
@@ -387,6 +387,8 @@ def test_refusals_before_any_model_is_built(tmp_path):
     tokenizer_folder(tmp_path / "tok")  # a tokenizer, but no chat template
     found = source_problems(spec_with_tokenizer(tmp_path), str(data), 16)
     assert len(found) == 1 and "has none (tokenizer_config.json chat_template" in found[0]
+    with pytest.raises(UserError, match="has none"):  # Python's make_source, without the preflight
+        make_source(spec_with_tokenizer(tmp_path), str(data), 0)
     tokenizer_folder(tmp_path / "tok", MISTRAL)  # a template that refuses the second record's roles
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}, {"messages": CONVERSATIONS[3]}])
     found = source_problems(spec_with_tokenizer(tmp_path), str(data), 16)
