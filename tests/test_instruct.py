@@ -358,6 +358,25 @@ def test_batches_are_a_function_of_seed_step_and_row_across_a_resume_and_process
     assert not torch.equal(Instructions(data, spec, seed=6).batch(0, 4, 16).inputs, first.batch(0, 4, 16).inputs)
 
 
+def test_a_run_on_instruction_data_resumed_from_a_checkpoint_repeats_the_uninterrupted_one(tmp_path):
+    import shutil
+
+    tokenizer_folder(tmp_path / "tok")
+    spec_with_tokenizer(tmp_path)  # tok/spec.yaml, beside its tokenizer
+    pairs = [{"prompt": f"capital of france? {i}", "completion": " paris." + " fine thanks" * (i % 3)}
+             for i in range(24)]
+    data = write_jsonl(tmp_path / "pc.jsonl", pairs)
+    out = tmp_path / "run"
+    run = ["run", str(tmp_path / "tok" / "spec.yaml"), "--data", str(data), "--steps", "4", "--batch", "4", "--seq",
+           "32", "--checkpoint-every", "2", "--eval-batches", "1", "--out", str(out), "--no-progress",
+           "--ignore-memory-check"]
+    assert main(run) == 0
+    whole = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    assert main(run + ["--resume"]) == 0  # from step 2: steps 3 and 4 again
+    assert [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()] == whole
+
+
 @pytest.mark.parametrize("lines,where,why", [
     (['{"prompt": "a", "completion": "b"}', '{"prompt": "a", "completion": "b"', ], 2, "not JSON"),
     (['{"prompt": "a", "completion": "b"}', '', '{"prompt": "a"}'], 3, "no 'completion'"),
