@@ -444,6 +444,11 @@ def test_run_init_on_prompt_completion_jsonl_trains_the_loss_down(tmp_path):
     losses = [row["loss"] for row in rows]
     assert len(losses) == 12 and sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
     assert rows[-1]["eval_loss"] < 0.7 * sum(losses[:3]) / 3  # the held-out answers, learnt too
+    # `moedsl eval` of the run: the same held-out answers through the run's tokenizer, the same loss
+    r = subprocess.run([sys.executable, "-m", "moedsl", "eval", str(tmp_path / "run"), "--json"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["loss"] == pytest.approx(rows[-1]["eval_loss"], rel=1e-6)
 
 
 def test_a_run_on_instruction_data_on_two_processes_follows_one_process(tmp_path):
