@@ -93,7 +93,8 @@ class Record:
 
 
 def read_records(path, kind: str) -> list:
-    """Every record of ``path``, checked: a bad one is a ``UserError`` naming ``file:line`` and why."""
+    """Every record of ``path``, checked: a bad one is a ``UserError`` naming ``file:line`` and why;
+    fewer than two (one is held out), a ``UserError``."""
     path = Path(path)
     records = []
     try:
@@ -116,8 +117,8 @@ def read_records(path, kind: str) -> list:
             _check_record(value, kind, where)
             records.append(Record(n, value, int.from_bytes(hashlib.blake2b(raw.strip(), digest_size=8).digest(),
                                                            "little")))
-    if not records:
-        raise UserError(f"--data {path}: no records")
+    if len(records) < 2:
+        raise UserError(f"--data {path}: {len(records)} record(s): at least 2 (one is held out)")
     return records
 
 
@@ -261,7 +262,7 @@ class Instructions(Source):
         self.name, self.seed = self.path.name, seed
         self.kind = kind_of(self.path)
         tokenizer = model_tokenizer(spec, init)
-        problem = tokenizer_problem(tokenizer, spec, self.kind, str(path))
+        problem = tokenizer_problem(tokenizer, self.kind, str(path))
         if problem:
             raise UserError(problem)
         self.codec = Codec(Path(tokenizer))
@@ -269,8 +270,6 @@ class Instructions(Source):
         if problem:
             raise UserError(problem)
         records = read_records(self.path, self.kind)
-        if len(records) < 2:
-            raise UserError(f"--data {path}: {len(records)} record: at least 2 (one is held out)")
         examples = tokenize(records, self.kind, self.codec, self.path)
         held = [i for i, r in enumerate(records) if r.key % HOLD_OUT == 0]
         if not held or len(held) == len(records):
@@ -310,8 +309,8 @@ class Instructions(Source):
         return Batch(rows[:, :-1], rows[:, 1:], loss_mask=counts[:, 1:])
 
 
-def tokenizer_problem(tokenizer, spec, kind: Optional[str], data: str) -> Optional[str]:
-    """Why instruction data ``data`` cannot be tokenized for ``spec``'s model (None: it can)."""
+def tokenizer_problem(tokenizer, kind: Optional[str], data: str) -> Optional[str]:
+    """Why instruction data ``data`` cannot be tokenized with the model's ``tokenizer`` (None: it can)."""
     if tokenizer is None:
         return (f"--data {data!r}: instruction data ({kind}) is tokenized with the model's tokenizer, and this "
                 "model has none (model.tokenizer in the spec, or --init an import folder with tokenizer.json)")
@@ -333,7 +332,7 @@ def problems(spec, data: str, init=None) -> list:
     (read and checked, and each conversation rendered once; nothing is tokenized)."""
     kind = kind_of(data)
     tokenizer = model_tokenizer(spec, init)
-    problem = tokenizer_problem(tokenizer, spec, kind, data)
+    problem = tokenizer_problem(tokenizer, kind, data)
     if problem:
         return [problem]
     try:
@@ -346,8 +345,6 @@ def problems(spec, data: str, init=None) -> list:
             return [f"--data {data!r}: the tokenizer {tokenizer} has {vocab} tokens, more than model.vocab_size "
                     f"{spec.model.vocab_size}"]
         records = read_records(data, kind)
-        if len(records) < 2:
-            return [f"--data {data!r}: {len(records)} record: at least 2 (one is held out)"]
         if kind == MESSAGES:
             for r in records:
                 try:

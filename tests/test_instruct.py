@@ -386,6 +386,8 @@ def test_a_run_on_instruction_data_resumed_from_a_checkpoint_repeats_the_uninter
       '{"messages": [{"role": "user"}]}'], 2, "messages[0] has no 'content'"),
     (['{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
       '{"messages": [{"role": "user", "content": "a"}]}'], 2, "no assistant message"),
+    (['{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+      '{"messages": {"role": "user", "content": "a"}}'], 2, "'messages' is a JSON object, not a list"),
 ])
 def test_a_bad_line_is_one_error_naming_file_and_line(tmp_path, capsys, lines, where, why):
     tokenizer_folder(tmp_path / "tok", CHATML)
@@ -414,6 +416,9 @@ def test_refusals_before_any_model_is_built(tmp_path):
     assert len(found) == 1 and found[0].startswith(f"{data}:2: ") and "roles must alternate" in found[0]
     found = source_problems(spec_with_tokenizer(tmp_path, vocab=256), str(data), 16)
     assert len(found) == 1 and "more than model.vocab_size 256" in found[0]
+    one = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "a", "completion": "b"}])
+    assert source_problems(spec_with_tokenizer(tmp_path), str(one), 16) == [
+        f"--data {one}: 1 record(s): at least 2 (one is held out)"]
     # a JSONL of text is a plain corpus, not instruction data
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "hello world"}] * 100)
     assert not any("instruction" in p for p in source_problems(spec, str(text), 16))
