@@ -60,7 +60,8 @@ GENERATION = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] 
 # transformers' tojson does not escape HTML ('<b>' stays), jinja2's own would
 TOJSON = "{% for m in messages %}{{ m | tojson }}\n{% endfor %}{% if add_generation_prompt %}>{% endif %}"
 TEMPLATES = {"chatml": CHATML, "llama2": LLAMA2, "mistral": MISTRAL, "zephyr": ZEPHYR, "generation": GENERATION,
-             "tojson": TOJSON, "named": {"default": CHATML, "tool_use": ZEPHYR}}
+             "tojson": TOJSON, "named": {"default": CHATML, "tool_use": ZEPHYR},
+             "listed": [{"name": "rag", "template": CHATML}, {"name": "default", "template": ZEPHYR}]}
 CONVERSATIONS = [
     [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"}],
     [{"role": "system", "content": "you are <b>fine</b> & quick"}, {"role": "user", "content": "capital of france?"},
