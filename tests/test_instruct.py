@@ -425,6 +425,16 @@ def test_refusals_before_any_model_is_built(tmp_path):
     assert not any("instruction" in p for p in source_problems(spec, str(text), 16))
 
 
+def test_run_refuses_chat_data_for_a_model_without_a_tokenizer_in_one_line_with_exit_2(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}] * 3)
+    out = tmp_path / "run"
+    assert main(["run", str(ROOT / "specs" / "mixtral.yaml"), "--data", str(data), "--out", str(out), "--steps", "1",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "instruction data (messages) is tokenized with the model's tokenizer" in err
+    assert not out.exists()  # refused before anything was built or written
+
+
 # ----------------------------------------------------------------------------- end to end
 
 def test_run_init_on_prompt_completion_jsonl_trains_the_loss_down(tmp_path):
