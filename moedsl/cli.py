@@ -421,9 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup", type=_whole, help="warm-up steps")
     r.add_argument("--seed", type=_whole, help="seed of weights, data and routing noise")
     r.add_argument("--data", help="synthetic (default), a prepared folder (moedsl data prepare), several mixed by "
-                   "weight (a:0.7,b:0.3), or raw text (a text file, pystdlib): tokenized with the model's tokenizer, "
-                   "as bytes only for a model without one; for image specs digits (default) or an .npz file with "
-                   "arrays images [N, H, W(, C)] and labels [N]")
+                   "weight (a:0.7,b:0.3), raw text (a text file, pystdlib): tokenized with the model's tokenizer, "
+                   "as bytes only for a model without one, or a JSONL file of prompt/completion or chat messages "
+                   "records (instruction data, the model's tokenizer); for image specs digits (default) or an .npz "
+                   "file with arrays images [N, H, W(, C)] and labels [N]")
     r.add_argument("--eval-every", type=_whole, help="held-out evaluation every N steps")
     r.add_argument("--eval-batches", type=_whole, help="batches per held-out evaluation")
     r.add_argument("--checkpoint-every", type=_whole, help="save a checkpoint every N steps (and at the end)")

@@ -43,8 +43,10 @@ def _restore(model, opt, loss_scale, state: dict) -> None:
 
 
 class GraphedTrainStep:
-    """A ``TrainStep`` (runtime/step.py) captured once and replayed: ``graphed(inputs, targets)``
-    copies the batch into static buffers, replays, and returns the captured ``StepOutputs``.
+    """A ``TrainStep`` (runtime/step.py) captured once and replayed: ``graphed(inputs, targets,
+    loss_mask)`` copies the batch into static buffers, replays, and returns the captured
+    ``StepOutputs``. A step captured with a loss mask replays with one (instruction data: every
+    batch has one), a step captured without, without.
     The caller sets the learning-rate tensor before each call, as in eager mode.
 
     Warm-up steps run on a side stream first (as capture requires); the weights, buffers,
@@ -53,10 +55,11 @@ class GraphedTrainStep:
 
     WARMUP = 3
 
-    def __init__(self, step, example_inputs: torch.Tensor, example_targets: torch.Tensor):
+    def __init__(self, step, example_inputs: torch.Tensor, example_targets: torch.Tensor, example_mask=None):
         self.step = step
         self.static_in = example_inputs.clone()
         self.static_tgt = example_targets.clone()
+        self.static_mask = None if example_mask is None else example_mask.clone()
         model, opt = step.model, step.opt
         prime_optimizer(opt)  # the snapshot must hold the optimizer's state as it is before any step
         saved = _snapshot(model, opt, step.loss_scale)
@@ -66,18 +69,20 @@ class GraphedTrainStep:
             with torch.cuda.stream(side):
                 for _ in range(self.WARMUP):
                     opt.zero_grad(set_to_none=True)
-                    step(self.static_in, self.static_tgt)
+                    step(self.static_in, self.static_tgt, self.static_mask)
             torch.cuda.current_stream().wait_stream(side)
             opt.zero_grad(set_to_none=True)  # backward in the graph then writes (not adds) the grads
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.outputs = step(self.static_in, self.static_tgt)
+                self.outputs = step(self.static_in, self.static_tgt, self.static_mask)
         finally:
             _restore(model, opt, step.loss_scale, saved)
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor):
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, loss_mask=None):
         self.static_in.copy_(inputs, non_blocking=True)
         self.static_tgt.copy_(targets, non_blocking=True)
+        if self.static_mask is not None:
+            self.static_mask.copy_(loss_mask, non_blocking=True)
         self.graph.replay()
         return self.outputs
 

@@ -70,7 +70,7 @@ class Batch:
 
 class Source:
     name = "data"
-    notes: tuple = ()  # what the run's first lines say about the data (the files, the tokenizer)
+    _notes: tuple = ()  # what the run's first lines say about the data (the files, the tokenizer): notes()
 
     def batch(self, step: int, batch: int, seq: int, rank: int = 0, world: int = 1, split: str = "train") -> Batch:
         """Rank ``rank``'s share of the global batch of ``step`` (sequences [rank·B/N, (rank+1)·B/N))."""
@@ -85,6 +85,10 @@ class Source:
         """[len(rows)] float64: UTF-8 bytes of text per token in each row of ``rows(step, rows, seq,
         split)`` (bits per byte), or None where the tokens are not text (synthetic tasks)."""
         return None
+
+    def notes(self, seq: int) -> list:
+        """Lines the run prints first about its data (at sequences of ``seq`` tokens)."""
+        return list(self._notes)
 
 
 def _gen(seed: int, *parts) -> torch.Generator:
@@ -153,7 +157,7 @@ class Bytes(Source):
         self.name, self.seed = name, seed
         self.data = {"train": torch.frombuffer(bytearray(train), dtype=torch.uint8),
                      "eval": torch.frombuffer(bytearray(held_out), dtype=torch.uint8)}
-        self.notes = (f"text as UTF-8 bytes: the model has no tokenizer ({name}: train {len(train):,} bytes, "
+        self._notes = (f"text as UTF-8 bytes: the model has no tokenizer ({name}: train {len(train):,} bytes, "
                       f"eval {len(held_out):,})",)
 
     def bytes_per_token(self, step, rows, seq, split):
@@ -205,7 +209,7 @@ class Tokens(Source):
     """
 
     def __init__(self, folders: list, weights: list, seed: int, name: str, notes: tuple = ()):
-        self.folders, self.seed, self.name, self.notes = list(folders), seed, name, tuple(notes)
+        self.folders, self.seed, self.name, self._notes = list(folders), seed, name, tuple(notes)
         total = float(sum(weights))
         self.weights = [w / total for w in weights]
         self.cdf = np.cumsum(self.weights).tolist()
@@ -254,6 +258,29 @@ class Regression(Source):
         return Batch(x, y)
 
 
+class Epochs:
+    """Example i of an endless stream of epochs over ``n`` examples, each epoch a permutation seeded
+    by (seed, epoch): ``order(i)``; ``stream(step, batch, rank, world)``: the stream positions of
+    rank ``rank``'s rows of global batch ``step`` (row r of batch s is position s·B + r)."""
+
+    def __init__(self, n: int, seed: int, name: str = "epoch"):
+        self.n, self.seed, self.name = n, seed, name
+        self._perms: dict = {}
+
+    def order(self, i: int) -> int:
+        epoch = i // self.n
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            self._perms[epoch] = torch.randperm(self.n, generator=_gen(self.seed, self.name, epoch))
+        return int(self._perms[epoch][i % self.n])
+
+    @staticmethod
+    def stream(step: int, batch: int, rank: int, world: int) -> list:
+        share = batch // world
+        return [step * batch + r for r in range(rank * share, (rank + 1) * share)]
+
+
 class Images(Source):
     """Labelled images (model.input: image), split once into training and held-out sets."""
 
@@ -264,7 +291,7 @@ class Images(Source):
         self.data = {"train": (images[order[held:]], labels[order[held:]]),
                      "eval": (images[order[:held]], labels[order[:held]])}
         self.name, self.seed = name, seed
-        self._epochs: dict = {}
+        self._epochs = Epochs(self.size("train"), seed)
 
     def size(self, split: str) -> int:
         return self.data[split][0].shape[0]
@@ -273,20 +300,12 @@ class Images(Source):
         """Held-out batches of ``batch`` images that cover the held-out set once."""
         return max(math.ceil(self.size("eval") / batch), 1)
 
-    def _epoch(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._epochs:
-            if len(self._epochs) > 4:
-                self._epochs.clear()
-            self._epochs[epoch] = torch.randperm(self.size("train"), generator=_gen(self.seed, "epoch", epoch))
-        return self._epochs[epoch]
-
     def batch(self, step, batch, seq, rank=0, world=1, split="train"):
-        share = batch // world
-        stream = [step * batch + r for r in range(rank * share, (rank + 1) * share)]
+        stream = Epochs.stream(step, batch, rank, world)
         images, labels = self.data[split]
         n = images.shape[0]
         if split == "train":
-            index = torch.tensor([int(self._epoch(i // n)[i % n]) for i in stream], dtype=torch.int64)
+            index = torch.tensor([self._epochs.order(i) for i in stream], dtype=torch.int64)
             return Batch(images[index], labels[index])
         index = torch.tensor([i % n for i in stream], dtype=torch.int64)
         return Batch(images[index], labels[index], mask=torch.tensor([i < n for i in stream]))
@@ -480,6 +499,10 @@ def source_problems(spec, data: str, seq: int, *, init=None) -> list:
     if data == "synthetic":
         return [] if m.vocab_size >= 16 else [
             f"--data synthetic needs model.vocab_size >= 16, the spec has {m.vocab_size}"]
+    from . import instruct  # here, not at the top: it builds on this module's Source
+
+    if instruct.kind_of(data):  # JSONL of prompt/completion pairs or chat messages
+        return instruct.problems(spec, data, init)
     try:
         items = data_items(data)
         tokenizer = model_tokenizer(spec, init)
@@ -613,6 +636,10 @@ def make_source(spec, data: str, seed: int, *, init=None) -> Source:
         return Regression(m.d_model, seed)
     if data == "synthetic":
         return Synthetic(m.vocab_size, seed)
+    from .instruct import Instructions, kind_of  # here: it builds on this module's Source
+
+    if kind_of(data):  # JSONL of prompt/completion pairs or chat messages
+        return Instructions(data, spec, seed, init)
     items = data_items(data)
     tokenizer = model_tokenizer(spec, init)
     if tokenizer is None and not all(_is_prepared(it.path) for it in items):

@@ -25,21 +25,45 @@ from .grads import GradSync, capturing
 from .optim import LossScale, make_optimizer
 
 
-def task_loss(spec, out, targets) -> torch.Tensor:
+def task_loss(spec, out, targets, loss_mask=None, count=None) -> torch.Tensor:
     """Next-token cross-entropy (token models), cross-entropy over the classes per image (image
-    models: logits [B, classes], labels [B]) or mean squared error (vector models)."""
+    models: logits [B, classes], labels [B]) or mean squared error (vector models).
+
+    ``loss_mask`` [B, T] bool (token models, instruction data): only the targets it marks count,
+    their cross-entropies summed and divided by ``count`` (a 0-dim tensor; default this batch's
+    marked targets, at least 1). A step on N ranks passes ``masked_count``: the step's marked
+    targets over every rank ÷ N, so the ranks' losses average to the mean over the global batch
+    and their gradients (each divided by N in the objective) sum to its gradient, however the
+    marked targets fall between the ranks."""
     if spec.model.input == "image":
         return F.cross_entropy(out.output.float(), targets)
     if spec.model.input == "tokens":
-        return F.cross_entropy(out.output.flatten(0, 1).float(), targets.flatten())
+        if loss_mask is None:
+            return F.cross_entropy(out.output.flatten(0, 1).float(), targets.flatten())
+        each = F.cross_entropy(out.output.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        mask = loss_mask.flatten()
+        if count is None:
+            count = mask.sum().clamp(min=1)
+        return each.masked_fill(~mask, 0.0).sum() / count
     return F.mse_loss(out.output.float(), targets.float())
+
+
+def masked_count(loss_mask: torch.Tensor, world: int) -> torch.Tensor:
+    """The marked targets of the whole step (``loss_mask`` summed over every rank; at least 1) ÷
+    ``world``: ``task_loss``'s ``count`` on each rank. A 0-dim device tensor and one all-reduce,
+    no read to the host, so a captured CUDA graph holds it."""
+    count = loss_mask.sum().to(torch.float32)
+    if world > 1:
+        with Traffic.waiting("other"):
+            dist.all_reduce(count)
+    return count.clamp(min=1) / world
 
 
 @dataclass
 class StepOutputs:
     """Device tensors of one step (0-dim), and the per-layer router statistics."""
 
-    loss: torch.Tensor  # this rank's task loss
+    loss: torch.Tensor  # this rank's task loss (with a loss mask: its share of the step's, times world)
     aux_loss: torch.Tensor  # this rank's weighted auxiliary losses
     grad_norm: torch.Tensor  # global gradient norm before clipping (unscaled)
     skipped: torch.Tensor  # 1.0 when the gradient was not finite: nothing was updated
@@ -52,7 +76,8 @@ def balancing_gates(model) -> list:
 
 
 class TrainStep:
-    """``step(inputs, targets) -> StepOutputs`` on this rank; ``lr`` is a tensor set before each call."""
+    """``step(inputs, targets, loss_mask=None) -> StepOutputs`` on this rank; ``lr`` is a tensor set
+    before each call."""
 
     def __init__(self, model, spec, optimizer, sync, world: int, amp, grad_clip: float,
                  loss_scale: Optional[LossScale] = None, lr: Optional[torch.Tensor] = None):
@@ -75,11 +100,13 @@ class TrainStep:
         loss_scale = LossScale(device) if amp == torch.float16 else None
         return cls(model, spec, optimizer, sync, world, amp, options.grad_clip, loss_scale, lr)
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutputs:
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor,
+                 loss_mask: Optional[torch.Tensor] = None) -> StepOutputs:
         self.model.train()
+        count = None if loss_mask is None else masked_count(loss_mask, self.world)
         with torch.autocast(self.device_type, dtype=self.amp, enabled=self.amp is not None):
             out = self.model(inputs)
-            loss = task_loss(self.spec, out, targets)
+            loss = task_loss(self.spec, out, targets, loss_mask, count)
         objective = (loss + out.aux_loss) / self.world
         if self.loss_scale is not None:
             objective = objective * self.loss_scale.scale

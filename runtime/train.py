@@ -49,7 +49,7 @@ from .optim import lr_at
 from .preflight import check_run
 from .progress import Reporter
 from .resolve import resolve
-from .step import TrainStep, task_loss
+from .step import TrainStep, masked_count, task_loss
 
 PLOT_EVERY_S = 30.0  # loss.png is redrawn at an evaluation at most this often (a redraw takes ~0.2 s)
 
@@ -174,16 +174,17 @@ class Trainer:
         self.lr.fill_(lr)
         inputs = batch.inputs.to(self.device, non_blocking=True)
         targets = batch.targets.to(self.device, non_blocking=True)
+        mask = None if batch.loss_mask is None else batch.loss_mask.to(self.device, non_blocking=True)
         if self.graphs and self._graphed is None:
-            self._graphed = self._capture(inputs, targets)
+            self._graphed = self._capture(inputs, targets, mask)
         if self._graphed is not None:
-            return self._graphed(inputs, targets)
+            return self._graphed(inputs, targets, mask)
         self.opt.zero_grad(set_to_none=True)  # the last step's gradients stay readable until now
-        return self.train_step(inputs, targets)
+        return self.train_step(inputs, targets, mask)
 
-    def _capture(self, inputs, targets):
+    def _capture(self, inputs, targets, mask=None):
         try:
-            graphed = GraphedTrainStep(self.train_step, inputs, targets)
+            graphed = GraphedTrainStep(self.train_step, inputs, targets, mask)
         except Exception as e:  # noqa: BLE001 - any capture failure: fall back, or fail in `on` mode
             if self.options.cuda_graphs == "on":
                 raise MoedslError(f"--cuda-graphs on: capturing the training step failed: {e}") from e
@@ -215,7 +216,9 @@ class Trainer:
             else:
                 with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                     out = model(inputs)
-            total += float(task_loss(self.spec, out, b.targets.to(self.device)))
+            mask = None if b.loss_mask is None else b.loss_mask.to(self.device)  # instruction data: the answers
+            count = None if mask is None else masked_count(mask, self.world)
+            total += float(task_loss(self.spec, out, b.targets.to(self.device), mask, count))
         model.train(was)
         return _mean(total / o.eval_batches, self.world, self.device)
 
@@ -279,7 +282,7 @@ class Trainer:
                       f"steps {start}..{o.steps}, data {self.source.name}, {spec.model.dtype}"
                       f"{', loss scaling' if self.loss_scale is not None else ''}"
                       f"{', CUDA graphs' if self.graphs else ''}")
-        for note in self.source.notes:  # which files, how many tokens, which tokenizer (or text as bytes)
+        for note in self.source.notes(o.seq):  # what the data is (instruction data: how many examples were cut)
             self.say.once(note)
         log = open(metrics_path, "a") if rank == 0 else None
         losses, last_ckpt, eval_loss, first, skipped = [], None, None, None, 0

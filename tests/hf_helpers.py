@@ -43,18 +43,32 @@ def save_fused(src: Path, ref, out: Path) -> Path:
     return out
 
 
+def import_tiny_mixtral(tmp: Path, vocab_size: int = 64) -> Path:
+    """A tiny random Mixtral saved in ``tmp/hf`` and imported into ``tmp/imp`` (returned)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp / "hf")
+    assert main(["import", str(tmp / "hf"), "--out", str(tmp / "imp")]) == 0
+    return tmp / "imp"
+
+
 def _losses(run: Path) -> list:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_init_on_one_and_two_processes(imp: Path, tmp_path: Path) -> tuple:
-    """``moedsl run --init imp --steps 1`` with 1 and with 2 processes (into tmp_path/run1, run2):
-    the two runs' losses."""
+def run_init_on_one_and_two_processes(imp: Path, tmp_path: Path, *extra) -> tuple:
+    """``moedsl run --init imp --steps 1`` (``extra`` options after, overriding) with 1 and with 2
+    processes (into tmp_path/run1, run2): the two runs' losses."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "moedsl", "run", str(imp / "spec.yaml"), "--init", str(imp), "--steps", "1",
             "--batch", "4", "--seq", "8", "--no-progress", "--eval-batches", "1", "--ignore-memory-check"]
     for n in (1, 2):
-        r = subprocess.run(base + ["--out", str(tmp_path / f"run{n}"), "--nproc", str(n)], env=env,
+        r = subprocess.run(base + [*extra, "--out", str(tmp_path / f"run{n}"), "--nproc", str(n)], env=env,
                            capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stderr[-2000:]
     return _losses(tmp_path / "run1"), _losses(tmp_path / "run2")

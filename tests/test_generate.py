@@ -400,15 +400,10 @@ def test_greedy_ids_equal_transformers_generate_for_every_family(tmp_path, model
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     """A tiny Mixtral, imported (with its transformers greedy continuation of a prompt)."""
-    transformers = pytest.importorskip("transformers")
-    tmp = tmp_path_factory.mktemp("gen")
-    torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                     num_experts_per_tok=2, max_position_embeddings=64)
-    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp / "hf")
-    assert main(["import", str(tmp / "hf"), "--out", str(tmp / "imp")]) == 0
-    return tmp / "imp"
+    pytest.importorskip("transformers")
+    from hf_helpers import import_tiny_mixtral
+
+    return import_tiny_mixtral(tmp_path_factory.mktemp("gen"))
 
 
 def test_cli_prints_the_new_ids_as_json(imported, capsys):

@@ -26,7 +26,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # copied as they are, for generation later
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "tokenizer.model")
+                   "tokenizer.model", "chat_template.jinja")  # transformers 5 saves the chat template apart
 
 
 def side_file(folders: Iterable, name: str) -> Optional[Path]:
