@@ -71,6 +71,7 @@ class Batch:
 class Source:
     name = "data"
     _notes: tuple = ()  # what the run's first lines say about the data (the files, the tokenizer): notes()
+    tokenizer: Optional[Path] = None  # the tokenizer.json its token ids come from (None: bytes, synthetic, ...)
 
     def batch(self, step: int, batch: int, seq: int, rank: int = 0, world: int = 1, split: str = "train") -> Batch:
         """Rank ``rank``'s share of the global batch of ``step`` (sequences [rank·B/N, (rank+1)·B/N))."""
@@ -210,6 +211,7 @@ class Tokens(Source):
 
     def __init__(self, folders: list, weights: list, seed: int, name: str, notes: tuple = ()):
         self.folders, self.seed, self.name, self._notes = list(folders), seed, name, tuple(notes)
+        self.tokenizer = self.folders[0].path / TOKENIZER  # one tokenizer for all (source_problems holds them equal)
         total = float(sum(weights))
         self.weights = [w / total for w in weights]
         self.cdf = np.cumsum(self.weights).tolist()

@@ -266,6 +266,7 @@ class Instructions(Source):
         if problem:
             raise UserError(problem)
         self.codec = Codec(Path(tokenizer))
+        self.tokenizer = Path(tokenizer)
         problem = template_problem(self.codec, self.kind, str(path))
         if problem:
             raise UserError(problem)

@@ -307,7 +307,13 @@ def model_tokenizer(spec, init=None) -> Optional[Path]:
         source = Path(spec.source) if getattr(spec, "source", None) else None
         if not p.is_absolute() and source is not None and source.is_file():
             p = source.parent / p
-        return p
+        if p.is_file():
+            return p
+        # a trained run's spec, rebuilt from its checkpoint, names the file relative to a spec file that is not
+        # there: the run kept its copy beside the checkpoints (runtime/train.py)
+        from moedsl.hf.files import side_file
+
+        return side_file([init], TOKENIZER) or p
     from moedsl.hf.files import side_file
 
     source = Path(spec.source) if getattr(spec, "source", None) else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -277,6 +278,8 @@ class Trainer:
             _trim_metrics(metrics_path, start)
             if o.init:  # what `moedsl export` of this run restores: the source config, the tokenizer
                 copy_side_files(Path(o.init), out_dir, ("hf_config.json",) + TOKENIZER_FILES)
+            elif self.source.tokenizer is not None:  # the tokenizer its ids came from: generate, eval and
+                _keep_tokenizer(self.source.tokenizer, out_dir)  # inspect of the run read text through it
         _verify_collectives(self.model, world)
         self.say.once(f"{spec.name}: {world} process(es) on {self.device.type}, batch {o.batch} × {o.seq}, "
                       f"steps {start}..{o.steps}, data {self.source.name}, {spec.model.dtype}"
@@ -431,6 +434,15 @@ def _use_cuda_graphs(o: RunOptions, device, compiled, say) -> bool:
         raise MoedslError(f"--cuda-graphs on: cannot capture, {why}")
     say.once(f"CUDA graphs off: {why}; running eager")
     return False
+
+
+def _keep_tokenizer(tokenizer: Path, out_dir: Path) -> None:
+    """Copy the tokenizer a run's token ids come from (the spec's ``model.tokenizer`` or the prepared
+    data's) into the run folder as tokenizer.json, with the tokenizer_config.json and chat template
+    beside it, where ``moedsl generate``, ``eval`` and ``inspect`` of the run look for it."""
+    if tokenizer.resolve() != (out_dir / "tokenizer.json").resolve():
+        shutil.copyfile(tokenizer, out_dir / "tokenizer.json")
+    copy_side_files(tokenizer.parent, out_dir, ("tokenizer_config.json", "chat_template.jinja"))
 
 
 def _trim_metrics(path: Path, start: int) -> None:

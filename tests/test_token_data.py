@@ -387,3 +387,20 @@ def test_a_source_problem_reaches_eval_as_one_line(corpus, tmp_path, capsys):
     assert main(["eval", str(run), "--data", str(wide)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and ">= model.vocab_size 64" in err
+
+
+def test_a_run_keeps_the_tokenizer_of_its_prepared_data_so_generate_and_eval_of_the_run_read_text(
+        corpus, tmp_path, capsys):
+    """A hand-written spec (no tokenizer) trained on a prepared folder: the run folder gets the
+    folder's tokenizer.json, so `generate --prompt` of the run encodes and decodes words, and
+    eval of the run on raw text is refused as bytes no more (text goes through that tokenizer)."""
+    run = tmp_path / "run"
+    assert main(["run", str(write_spec(tmp_path / "s")), "--data", str(corpus), *RUN, "--steps", "1", "--out",
+                 str(run)]) == 0
+    assert tokenizer_sha256(run / "tokenizer.json") == tokenizer_sha256(corpus / "tokenizer.json")
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "w5 w6 w7", "--max-new-tokens", "3", "--json", "--no-stream"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    words = out["text"][0].split()
+    assert len(out["ids"][0]) == 3 and all(w.startswith("w") for w in words), out  # words, not bytes
+    assert main(["eval", str(run), "--json"]) == 0  # its own data, through the kept tokenizer's hash check
