@@ -56,9 +56,10 @@ from moedsl.kinds.gates import gate_type
 from moedsl.nn import moe_ops
 from moedsl.validate import BatchError
 
-from .data import HELD_OUT, make_source, pystdlib_bytes, source_problems
+from .data import HELD_OUT, data_items, make_source, pystdlib_bytes, source_problems
 from .load import build
 from .resolve import DCP, resolve
+from .tokens import is_token_folder
 
 DEFAULT_TOKENS = 65536
 MAX_SET = 10  # the chance over sets enumerates the 2^size subsets of a token's set
@@ -520,16 +521,20 @@ def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optiona
             data_from = "the run's data" if meta_train.get("data") else "the spec's train.data"
             if data == "synthetic" and tok is not None:
                 data, data_from = "pystdlib", "default: the model has a tokenizer.json"
-        if data != "synthetic" and tok is not None:  # text through the tokenizer, not bytes
+        prepared = data != "synthetic" and any(is_token_folder(it.path) for it in data_items(data))
+        if data != "synthetic" and tok is not None and not prepared:  # text through the tokenizer, not bytes
             need = max(tokens, batch * seq)
             ids = _encode(_held_out_text(data), tok, vocab, f"--data {data!r}", need=need)
             batches = _batches_of(ids, batch, seq, tokens, f"--data {data!r} (its held-out part)")
             shown = TOKENIZER
         else:
-            found = source_problems(spec, data, seq)
+            # prepared folders: their held-out windows, checked against the tokenizer the model has
+            kept = side_file(source.folders, "tokenizer.json")
+            origin = kept.parent if kept is not None else None
+            found = source_problems(spec, data, seq, init=origin)
             if found:
                 raise UserError(found[0])
-            src = make_source(spec, data, int(meta_train.get("seed", spec.train.seed)))
+            src = make_source(spec, data, int(meta_train.get("seed", spec.train.seed)), init=origin)
             n = max(tokens // (batch * seq), 1)
             batches = [src.batch(i, batch, seq, split="eval").inputs for i in range(n)]
             shown = TOKENIZER if tok is not None else IDS if data == "synthetic" else BYTES

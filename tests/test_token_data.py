@@ -19,7 +19,7 @@ import moedsl
 from moedsl.cli import main
 from moedsl.hf.reference import tiny_reference
 from moedsl.runtime.data import Tokens, data_items, make_source, spec_data
-from moedsl.runtime.tokens import ShardWriter, token_dtype, tokenizer_sha256, write_manifest
+from moedsl.runtime.tokens import ShardWriter, open_tokens, token_dtype, tokenizer_sha256, write_manifest
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -404,3 +404,18 @@ def test_a_run_keeps_the_tokenizer_of_its_prepared_data_so_generate_and_eval_of_
     words = out["text"][0].split()
     assert len(out["ids"][0]) == 3 and all(w.startswith("w") for w in words), out  # words, not bytes
     assert main(["eval", str(run), "--json"]) == 0  # its own data, through the kept tokenizer's hash check
+
+
+def test_inspect_of_a_run_on_a_prepared_folder_reads_its_held_out_windows_as_pieces(corpus, tmp_path, capsys):
+    """inspect defaults to the run's data; a prepared folder is read as tokens (its held-out windows),
+    not as a text file, and the tokens are shown as the kept tokenizer's words."""
+    run = tmp_path / "run"
+    assert main(["run", str(write_spec(tmp_path / "s")), "--data", str(corpus), *RUN, "--steps", "1", "--out",
+                 str(run)]) == 0
+    figures = moedsl.inspect(str(run), tokens=64)
+    assert (figures["data"], figures["shown"], figures["held_out"]) == (str(corpus), "tokenizer", True)
+    held = open_tokens(corpus).splits["eval"]
+    held_ids = set(held.tokens(0, held.size).tolist())
+    top = [t for layer in figures["layers"] for e in layer["top_tokens"] for t in e["tokens"]]
+    assert top and {t["id"] for t in top} <= held_ids  # the held-out split's ids, not bytes of a text
+    assert all(t["text"] == repr(f"w{t['id']}") for t in top), top[:3]  # each shown as its word
