@@ -285,6 +285,7 @@ def test_attention_parameters_and_flops_follow_head_dim_window_and_latent_ranks(
     assert layer_kind("latent_attention").parameters(m, mla.model) == (want, want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["deepseek-v3-small", "qwen3-moe-small"])
 def test_example_specs_with_latent_attention_and_qk_norm_train_a_step(name):
     import moedsl

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -40,6 +41,7 @@ def test_the_bound_at_64_tokens_over_256_experts_computes_the_64_kept_rows_not_o
         assert flops.get_total_flops() == 18 * (64 - dropped) * d * h
 
 
+@pytest.mark.slow
 def test_capacity_rows_are_judged_against_the_same_target_as_dropless_rows():
     ml = bench()
     for tokens, target in ((64, 1.5), (4096, 1.15)):

@@ -69,6 +69,7 @@ def truncate(path: Path, keep: float = 0.4, shard: str = "__0_0.distcp") -> None
 
 # -- 10: a truncated checkpoint ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_skips_a_truncated_checkpoint_and_says_so(tmp_path, capsys):
     assert train(tmp_path, tiny(), "--checkpoint-every", "2") == 0
     first = losses(tmp_path / "run")
@@ -83,6 +84,7 @@ def test_resume_skips_a_truncated_checkpoint_and_says_so(tmp_path, capsys):
     assert ckpt.problem(checkpoints / "step-00000004") is None  # saved again, whole
 
 
+@pytest.mark.slow
 def test_resume_from_a_named_truncated_checkpoint_is_one_clear_error(tmp_path, capsys):
     assert train(tmp_path, tiny(), "--checkpoint-every", "2") == 0
     broken = tmp_path / "run" / "checkpoints" / "step-00000002"
@@ -94,6 +96,7 @@ def test_resume_from_a_named_truncated_checkpoint_is_one_clear_error(tmp_path, c
     assert f"--resume {broken}: its shard __0_0.distcp is truncated" in err
 
 
+@pytest.mark.slow
 def test_resume_with_no_whole_checkpoint_names_each_one_tried(tmp_path, capsys):
     assert train(tmp_path, tiny(), "--checkpoint-every", "3") == 0
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -107,6 +110,7 @@ def test_resume_with_no_whole_checkpoint_names_each_one_tried(tmp_path, capsys):
     assert "step-00000003: its DCP .metadata is unreadable" in err
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_fails_to_load_leaves_the_model_as_it_was(tmp_path):
     s = moedsl.load_spec(tiny())
     run(s, RunOptions.from_spec(s, steps=2, out=tmp_path, progress=False))
@@ -125,6 +129,7 @@ def test_a_checkpoint_that_fails_to_load_leaves_the_model_as_it_was(tmp_path):
 
 # -- 13: what a resume may change ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_allows_training_only_changes_and_names_them(tmp_path, capsys):
     assert train(tmp_path, tiny(), "--steps", "3") == 0
 
@@ -198,6 +203,7 @@ def test_a_checkpoint_whose_spec_this_version_cannot_read_is_compared_as_written
         ckpt.compare(meta, moedsl.load_spec(tiny(lambda d: moe(d)["experts"].update(count=8))), "p")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_recorded_run_options_still_resumes(tmp_path, capsys):
     assert train(tmp_path, tiny(), "--steps", "3") == 0
     meta_path = tmp_path / "run" / "checkpoints" / "step-00000003" / "meta.json"
@@ -243,6 +249,7 @@ class FullDisk:
         return limited
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     FullDisk(monkeypatch.setattr, "step-00000004.tmp", free=20_000)
     assert train(tmp_path, tiny(), "--checkpoint-every", "2") == 1
@@ -259,6 +266,7 @@ def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_good_checkpoint(tm
     assert "resumed from" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_failed_meta_json_write_removes_the_partial_save(tmp_path, monkeypatch):
     s = moedsl.load_spec(tiny())
     run(s, RunOptions.from_spec(s, steps=2, out=tmp_path, progress=False))
@@ -296,6 +304,7 @@ def test_a_save_failing_for_another_reason_names_it(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_partial_save_left_by_a_killed_run_is_removed_on_resume_and_said(tmp_path, capsys):
     assert train(tmp_path, tiny(), "--steps", "2") == 0
     stale = tmp_path / "run" / "checkpoints" / "step-00000004.tmp"
@@ -331,6 +340,7 @@ def _two_ranks(rank: int, world: int, directory: Path):
     return meta["path"].name, meta["notes"], error, sorted(p.name for p in directory.iterdir())
 
 
+@pytest.mark.slow
 def test_two_ranks_resume_from_the_same_checkpoint_and_fail_a_save_together(tmp_path):
     from moedsl.runtime.spawn import spawn
 
@@ -389,6 +399,7 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_newer_whole_checkpoint_wins_over_a_stale_latest_pointer_everywhere(tmp_path, capsys):
     """A run killed between the rename of step-00000002 and the update of ``latest``: the pointer
     still names step-00000001. Resume, load_model, export, generate, eval and inspect all take

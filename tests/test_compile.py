@@ -60,6 +60,7 @@ def pair():
     return eager, compiled, outs, breaks
 
 
+@pytest.mark.slow
 def test_compiled_model_matches_eager_outputs_aux_loss_router_stats_and_gradients(pair):
     eager, compiled, outs, _ = pair
     for a, b in outs:
@@ -150,6 +151,7 @@ def test_auto_compiles_only_runs_long_enough_to_repay_the_compilation():
         decide("yes", torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_trainer_with_compile_on_trains_as_eager(pair, capsys):
     """Two steps of ``RunOptions.compile`` on and off from the same weights: the same losses and
     gradient norms (the fixture's compilation of these shapes is in inductor's cache by now)."""
@@ -167,6 +169,7 @@ def test_trainer_with_compile_on_trains_as_eager(pair, capsys):
         assert abs(a - b) < 1e-5 and abs(ga - gb) < 1e-4 * ga
 
 
+@pytest.mark.slow
 def test_compiled_processes_equal_one_eager_process():
     """Two gloo processes with compiled dense segments against the single eager process:
     outputs, aux loss, every gradient, router counts (runtime/equivalence.py)."""

@@ -23,6 +23,7 @@ def spec(name):
     return moedsl.load_spec(ROOT / "specs" / f"{name}.yaml")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SMALL)
 def test_parameter_count_equals_the_modules(name):
     s = spec(name)
@@ -150,6 +151,7 @@ def test_decode_graph_is_one_decode_moe_call_a_layer_reading_one_routing_key_nod
     assert not any(isinstance(m, DecodeMoE) for m in static.modules())
 
 
+@pytest.mark.slow
 def test_weights_do_not_depend_on_world_size():
     one = dict(moedsl.build_model(spec("switch"), seed=3).named_parameters())
     c = compile_graph(spec("switch"), rank=1, world_size=2, device="cpu", seed=3)
@@ -221,6 +223,7 @@ def test_plan_json_says_which_layout_and_device(capsys):
     assert "layout packed (as a CPU run executes)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_forward_on_a_batch_the_routing_groups_do_not_divide_names_the_gate():
     model = moedsl.build_model(spec("switch"))  # routing_groups: 4
     with pytest.raises(ValueError, match=r"^layers\.2\.moe\.gate\.routing_groups = 4 does not divide the batch "

@@ -54,6 +54,7 @@ def one_step(tmp_path: Path, name: str, **env) -> tuple:
     return torch.load(out), proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(cpu_gemm._unsupported() is not None, reason=f"no kernel to compare: {cpu_gemm._unsupported()}")
 def test_a_whole_model_without_the_cpu_kernel_matches_it_and_says_so_once(tmp_path):
     on, on_err = one_step(tmp_path, "on")

@@ -41,6 +41,7 @@ def reference(x, w, sizes, dy):
     return y, xd.grad, wd.grad if wd.grad is not None else torch.zeros_like(wd)
 
 
+@pytest.mark.slow
 @needs_kernel
 @settings(**SETTINGS)
 @given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 40), K=st.integers(1, 70),
@@ -103,6 +104,7 @@ def test_small_row_kernels_every_tile_shape(K, n):
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_the_kernel_loaded_first_inside_a_bfloat16_autocast_region_passes_its_self_check():
     """Its first use may come inside ``torch.autocast("cpu", torch.bfloat16)`` (the combine of a
@@ -170,6 +172,7 @@ FALLBACK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env, reason", [
     ({"MOEDSL_CPU_KERNEL": "0"}, "disabled by MOEDSL_CPU_KERNEL=0"),
     ({"CXX": "/bin/false"}, "/bin/false failed"),

@@ -46,6 +46,7 @@ def probe(mode: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RUSAGE_THREAD is Linux's")
 @pytest.mark.parametrize("mode", ["busy", "free"])
 def test_configured_openmp_threads_sleep_while_the_main_thread_is_away(mode):
@@ -87,6 +88,7 @@ def test_configure_threads_says_when_torch_was_loaded_before_it():
     assert configure_threads(environ={}) is False
 
 
+@pytest.mark.slow
 def test_moedsl_run_sets_how_threads_wait_before_the_openmp_runtime_reads_it(tmp_path):
     """The OpenMP runtime prints what it read (OMP_DISPLAY_ENV): moedsl run's setting, not libgomp's default."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}

@@ -38,6 +38,7 @@ def assert_equal(results, names):
             assert diff.ok(), f"{name}: {diff}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,layout", [(2, "grouped"), (4, "grouped"), (2, "static"), (4, "static")])
 def test_examples_equal_single_process(world, layout):
     """Capacity layers both ways: their kept rows grouped (a CPU's default) and the padded
@@ -49,6 +50,7 @@ def test_examples_equal_single_process(world, layout):
     assert results[names.index("switch")][0].dropped > 0
 
 
+@pytest.mark.slow
 def test_placements_equal_single_process():
     """On 4 ranks: the two-stage all-to-all over 2 nodes × 2 devices; replicated hot experts
     (uneven slots, static and dropless layouts); expert data parallelism (2 × 2)."""
@@ -71,6 +73,7 @@ def test_placements_equal_single_process():
     assert_equal(check(list(grouped.values()), 4, layout="grouped"), list(grouped))
 
 
+@pytest.mark.slow
 def test_verify_command(capsys):
     from moedsl.cli import main
 
@@ -116,6 +119,7 @@ def _faulty_worker(rank: int, world: int, fault, *args):
     return equivalence._worker(rank, world, *args)
 
 
+@pytest.mark.slow
 def test_verify_runs_the_runs_bucketed_sync_clip_and_adamw_and_sees_a_fault_in_either():
     """verify checks the step a run executes: the bucketed sync's hooks, registered before
     backward, launch all-reduces while it runs; a weight moved after the optimizer step, or a

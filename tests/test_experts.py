@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -58,6 +59,7 @@ def run(ex: Experts, x: torch.Tensor, sizes: torch.Tensor, gy: torch.Tensor, mod
     return y.detach(), xi.grad, grads
 
 
+@pytest.mark.slow
 @settings(**SETTINGS)
 @given(seed=st.integers(0, 2**31 - 1), experts=st.integers(1, 12),
        activation=st.sampled_from(["relu", "gelu", "silu", "swiglu", "geglu"]), bias=st.booleans(),

@@ -98,6 +98,7 @@ def _decodable(path):
     return spec
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_cached_decoding_equals_the_full_forward_for_every_example_spec(path):
     spec = moedsl.load_spec(path)
@@ -128,6 +129,7 @@ def test_cached_decoding_equals_the_full_forward_for_every_example_spec(path):
         assert compared > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_static_decoding_equals_dynamic_decoding_for_every_example_spec(path):
     """The decode step CUDA graphs capture (a static graph over a static cache: the slot a 0-dim
@@ -156,6 +158,7 @@ def test_static_decoding_equals_dynamic_decoding_for_every_example_spec(path):
     assert (outs["static"] - outs["dynamic"])[real].abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
 def test_cuda_graphs_on_refused_off_a_gpu_and_capture_failure_decodes_eagerly(monkeypatch, capsys):
     """``graphs="on"`` where nothing can be captured is one clear error; when capture itself
     fails under "auto", generate says so in one line and decodes eagerly over the static cache,
@@ -182,6 +185,7 @@ def test_cuda_graphs_on_refused_off_a_gpu_and_capture_failure_decodes_eagerly(mo
     assert err.count("\n") == 1 and "CUDA graphs off: capture failed (RuntimeError: operation not permitted" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_fused_decode_moe_layers_equal_the_packed_path_for_every_example_spec(path, dtype, monkeypatch):
@@ -290,6 +294,7 @@ def test_a_lone_decoding_token_gets_a_slot_in_every_expert_under_round_capacity(
     assert _equal_before_drops(model, ids, decoded) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", sorted(MODELS))
 def test_left_padded_rows_generate_what_each_prompt_generates_alone(which):
     model = MODELS[which]()
@@ -372,6 +377,7 @@ def test_a_prompt_id_outside_the_vocabulary_or_too_long_is_one_line():
         moedsl.generate(model, [[1] * 120], 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("model_type", sorted(registered()))
 def test_greedy_ids_equal_transformers_generate_for_every_family(tmp_path, model_type, batch):
@@ -430,6 +436,7 @@ def test_cli_refuses_a_gpu_or_cuda_graphs_it_cannot_have(imported, capsys):
                                                 "(gloo); leave out --device or --nproc")
 
 
+@pytest.mark.slow
 def test_cli_generates_the_same_ids_on_two_processes(imported):
     import subprocess
     import sys

@@ -125,6 +125,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_bucketed_sync_sums_what_the_after_backward_sync_sums_and_launches_in_one_order(world):
     cases = [(variant(name, placement), how) for name, placement, how in CASES[world]]
@@ -177,6 +178,7 @@ def _train_worker(rank: int, world: int, data: dict, modes: list, placement=None
     return out
 
 
+@pytest.mark.slow
 def test_a_training_step_moves_the_balancing_bias_as_one_process_does_with_either_sync():
     data = balancing_mixtral()
     per_rank = spawn(_train_worker, 2, data, ["bucketed", "after_backward"])

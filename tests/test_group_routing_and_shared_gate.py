@@ -134,6 +134,7 @@ def test_scale_multiplies_the_routed_weights_only():
     torch.testing.assert_close(outs[2.5], x + sh + 2.5 * routed, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_new_example_specs_equal_single_process_on_two_ranks():
     """Group-limited routing with its bias, and the gated shared expert (a replicated parameter,
     its gradient summed over the ranks), under expert parallelism: a training step's outputs and

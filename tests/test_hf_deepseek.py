@@ -194,6 +194,7 @@ def test_config_value_not_expressible_is_refused_by_name(tmp_path, capsys, field
     assert err.startswith(f"error: config.json: {field}") or f"config.json: {field}" in err, err
 
 
+@pytest.mark.slow
 def test_run_init_of_a_deepseek_import_on_two_processes_matches_one(tmp_path):
     src, _ = _hf(tmp_path)
     assert _import(src, tmp_path / "imp") == 0

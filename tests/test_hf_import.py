@@ -58,6 +58,7 @@ def _cases() -> list:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type,over", _cases())
 def test_every_family_imports_to_transformers_logits_and_exports_back(tmp_path, model_type, over):
     """Each registered family's ``tiny_config`` (and its variants), built by transformers, through
@@ -312,6 +313,7 @@ def test_spec_without_a_hugging_face_equivalent_is_refused_on_export(tmp_path, c
              "mixtral")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type,over", [("mixtral", {}), ("qwen2_moe", {"mlp_only_layers": [0]})],
                          ids=["mixtral", "qwen2_moe-dense_layer_and_gated_shared_expert"])
 def test_run_init_on_two_processes_matches_one_and_its_checkpoint_exports(tmp_path, model_type, over):
@@ -351,6 +353,7 @@ def test_a_rank_reads_only_the_experts_it_holds(tmp_path, monkeypatch):
     assert torch.equal(rank1.state_dict()["layers.2.experts.w_out"], full.state_dict()["layers.2.experts.w_out"][2:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec_name,architecture", [
     ("mixtral", "MixtralForCausalLM"),
     ("qwen2-moe", "Qwen2MoeForCausalLM"),  # dense and MoE layers in cycles, a gated shared expert

@@ -212,6 +212,7 @@ def _variants() -> list:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type,over,dtype", _variants())
 def test_greedy_ids_and_step_logits_equal_transformers_generate_for_each_variant(tmp_path, monkeypatch, model_type,
                                                                                  over, dtype):

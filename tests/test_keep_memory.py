@@ -27,6 +27,7 @@ PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_kept_memory_is_reused_without_page_faults():
     def faults(mode):

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,6 +44,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_2_process_run_with_one_line_and_exit_130(tmp_path):
     proc = start(tmp_path)
     try:
@@ -55,6 +58,7 @@ def test_ctrl_c_stops_a_2_process_run_with_one_line_and_exit_130(tmp_path):
     assert err.strip().splitlines() == ["moedsl: interrupted"]
 
 
+@pytest.mark.slow
 def test_workers_stop_when_their_launcher_is_killed(tmp_path):
     proc = start(tmp_path)
     workers = []

@@ -99,6 +99,7 @@ def _two_ranks(rank: int, world: int, gate: str, chunks: int):
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gate,chunks", [("capacity", 3), ("packed", 2), ("packed", 3)])
 def test_chunked_layer_equals_the_whole_layer_on_two_processes(gate, chunks):
     from moedsl.runtime.spawn import spawn

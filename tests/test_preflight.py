@@ -138,6 +138,7 @@ def steps(out: Path) -> list:
     return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_new_run_into_an_earlier_one_is_refused_unless_resumed_or_overwritten(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert main(["run", SWITCH, *TINY, "--steps", "3", "--out", str(out)]) == 0
@@ -235,6 +236,7 @@ def test_the_sixteen_bit_warning_names_the_cpu_the_measured_slowdown_and_what_to
     assert preflight.sixteen_bit_warning(spec, o, AVX2_ONLY, cuda=True, slowdown=never) is None
 
 
+@pytest.mark.slow
 def test_moedsl_run_warns_once_before_training_bfloat16_on_an_avx2_only_cpu(tmp_path):
     """The real thing: torch and oneDNN limited to AVX2 (as on a CPU without avx512_bf16/AMX), the
     probe and the timed matmul run as they would there."""

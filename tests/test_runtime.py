@@ -33,6 +33,7 @@ def moedsl_cli(*args, env=None, timeout=300):
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_run_trains_and_writes_metrics_plot_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", str(ROOT / "specs" / "switch.yaml"), "--steps", "40", "--out", str(out), "--eval-every",
@@ -47,6 +48,7 @@ def test_run_trains_and_writes_metrics_plot_checkpoint(tmp_path, capsys):
     assert "CUDA graphs off: the run is on the CPU" in text and "held-out loss" in text
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_gives_identical_losses(tmp_path):
     args = ["run", "specs/deepseek-shared.yaml", "--steps", "12", "--checkpoint-every", "4", "--no-progress",
             "--eval-every", "6"]
@@ -62,6 +64,7 @@ def test_interrupted_and_resumed_run_gives_identical_losses(tmp_path):
     assert [r.get("eval_loss") for r in ra] == [r.get("eval_loss") for r in rb]
 
 
+@pytest.mark.slow
 def test_checkpoint_of_4_ranks_resumes_on_2_and_on_1(tmp_path):
     base = ["run", "specs/switch.yaml", "--steps", "4", "--no-progress", "--eval-every", "4"]
     four = moedsl_cli(*base, "--nproc", "4", "--checkpoint-every", "2", "--out", tmp_path / "4")
@@ -125,6 +128,7 @@ def test_nan_stops_the_run_naming_step_and_layer(tmp_path, capsys):
     assert ckpt.latest(tmp_path / "checkpoints").name == "step-00000002"
 
 
+@pytest.mark.slow
 def test_a_dead_worker_stops_the_others_with_a_clear_error(tmp_path):
     t = time.perf_counter()
     res = moedsl_cli("run", "specs/switch.yaml", "--nproc", "2", "--steps", "20", "--out", tmp_path,
@@ -166,6 +170,7 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_at(55, o) == pytest.approx(0.55) and lr_at(99, o) == pytest.approx(0.1, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_aux_loss_free_bias_moves_towards_balance(tmp_path):
     s = spec("deepseek-shared")
     run(s, RunOptions.from_spec(s, steps=5, out=tmp_path, progress=False))

@@ -375,6 +375,7 @@ def _contribute(tree: Path) -> list[str]:
             "contributed.yaml"]
 
 
+@pytest.mark.slow
 def test_a_gate_type_and_a_layer_kind_added_as_a_contributor_would_validate_and_train_a_step(tmp_path):
     """A copy of the package, and in it only the new modules, their schema entries and a spec
     that names them: the spec validates (an option of another gate is refused), trains a step,

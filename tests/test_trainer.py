@@ -156,6 +156,7 @@ def test_float16_run_reports_skipped_steps_and_trains(tmp_path):
     assert summary.train_loss < summary.first_loss
 
 
+@pytest.mark.slow
 def test_dropped_fraction_on_two_processes_equals_one_process(tmp_path):
     """A layer routed over the whole batch (ST-MoE's, on 2 ranks) reports the batch's drops once."""
     def first_row(out, *extra):

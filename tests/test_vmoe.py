@@ -297,6 +297,7 @@ def test_text_given_to_an_image_spec_is_named_as_text_with_what_an_image_spec_ta
     assert [p for p in source_problems(spec, str(text), 5)] == [line]  # what the run's preflight prints
 
 
+@pytest.mark.slow
 def test_npz_problem_refuses_the_run_in_one_line_exit_2(tmp_path):
     import yaml
 
@@ -443,6 +444,7 @@ def test_eval_sweeps_capacity_factors_on_one_loaded_model_and_0_is_dropless_as_i
                                          ["0", "(dropless)"]]  # a row per factor: the factor, the loss, ...
 
 
+@pytest.mark.slow
 def test_image_spec_on_two_processes_equals_one():
     from moedsl.runtime.equivalence import check
 
@@ -500,6 +502,7 @@ def _held_out_on(rank, world, spec_data):
     return h.loss, h.accuracy, h.dropped, h.examples
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("groups", [2, 1])
 def test_held_out_images_on_two_processes_equal_one_when_the_last_batch_is_partial(groups):
     """The last batch's rows 10 and 11 (wrapped around) are rank 1's share: with 2 routing groups
