@@ -75,10 +75,12 @@ class TrainStep:
         loss_scale = LossScale(device) if amp == torch.float16 else None
         return cls(model, spec, optimizer, sync, world, amp, options.grad_clip, loss_scale, lr)
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutputs:
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor,
+                 documents: Optional[torch.Tensor] = None) -> StepOutputs:
+        """``documents`` [B, T]: packed rows (--pack documents), each token's document in its row."""
         self.model.train()
         with torch.autocast(self.device_type, dtype=self.amp, enabled=self.amp is not None):
-            out = self.model(inputs)
+            out = self.model(inputs) if documents is None else self.model(inputs, documents)
             loss = task_loss(self.spec, out, targets)
         objective = (loss + out.aux_loss) / self.world
         if self.loss_scale is not None:

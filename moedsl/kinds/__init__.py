@@ -48,6 +48,10 @@ class LayerKind:
     # the fields of its config a resume may change, keeping the checkpoint's weights meaning the same
     # (``runtime.checkpoint.training_only``): dropout, which applies in training only, for every kind
     training_only: frozenset = frozenset({"dropout"})
+    # whether it keeps to each document of a packed row (--pack documents): a layer that computes each
+    # token on its own does; one that mixes positions does through ``document_kwargs``, or is False and
+    # such a run is refused before it starts (runtime/preflight.py)
+    packs_documents: bool = True
 
     def accepts(self, model_input: str) -> bool:
         """Whether it can stand in a model whose input is ``model_input``: one of ``inputs`` when
@@ -99,7 +103,15 @@ class LayerKind:
         its output node. A sublayer gets its (pre-normed) input; the residual is added around it."""
         target = ctx.module(self.target(layer), lambda: self.module(layer.config, ctx.model))
         extra = self.decode_args(ctx, layer) if ctx.decode else ()
-        return ctx.call_module(target, (x,) + extra, ctx.node_name(layer, self.name))
+        kwargs = self.document_kwargs(ctx, layer) if ctx.documents is not None else {}
+        return ctx.call_module(target, (x,) + extra, ctx.node_name(layer, self.name), kwargs=kwargs)
+
+    def document_kwargs(self, ctx, layer) -> dict:
+        """In a graph over rows that may pack several documents (``ctx.documents``): the keyword
+        arguments its module takes to keep to each document, from ``ctx.document_mask()`` and
+        ``ctx.document_positions()`` (shared by every layer). None by default: a layer that
+        computes each token on its own keeps to its document as it runs."""
+        return {}
 
     def decode_args(self, ctx, layer) -> tuple:
         """In a decode graph (``ctx.decode``): the arguments its module takes after x to decode a few

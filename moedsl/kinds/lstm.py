@@ -23,6 +23,9 @@ class LSTMKind(LayerKind):
     name = "lstm"
     config = LSTM
     sublayer = True
+    # its state runs along the whole row; resetting it at each document start would run the row's
+    # documents as separate sequences (a regrouping that depends on each batch): refused instead
+    packs_documents = False
 
     def module(self, cfg: LSTM, model):
         from moedsl.nn.layers import LSTMBlock
@@ -32,6 +35,10 @@ class LSTMKind(LayerKind):
     def activations(self, cfg: LSTM, model) -> float:
         return 6.0 * model.d_model * cfg.layers  # four gates, cell and hidden state per layer
 
+
+    def document_kwargs(self, ctx, layer) -> dict:
+        """The documents themselves: the module refuses packed rows it would read across."""
+        return {"documents": ctx.documents}
 
     def decode_args(self, ctx, layer) -> tuple:
         """Its (h, c) per layer, carried from step to step."""

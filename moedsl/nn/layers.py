@@ -38,9 +38,13 @@ class LSTMBlock(nn.Module):
                             dropout=dropout if layers > 1 else 0.0)
 
     def forward(self, x: torch.Tensor, cache=None, positions: torch.Tensor | None = None, start: int = 0,
-                key: str | None = None) -> torch.Tensor:
+                key: str | None = None, documents: torch.Tensor | None = None) -> torch.Tensor:
         """``cache``: decode, continuing from the (h, c) [layers, B, d] kept under ``key``; a left-padding
-        token (negative position) leaves its row's state as it was."""
+        token (negative position) leaves its row's state as it was. ``documents``: refused (its state
+        would run across the documents of a packed row)."""
+        if documents is not None:
+            raise ValueError("an lstm layer cannot keep to the documents of packed rows: its state runs along "
+                             "the whole row (train it without --pack documents)")
         if cache is None:
             return self.lstm(x)[0]
         B, T, d = x.shape
