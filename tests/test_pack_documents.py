@@ -244,6 +244,24 @@ def test_a_packed_run_passes_each_batchs_documents_to_the_model(monkeypatch, tmp
     assert trainer.evaluate() == pytest.approx(want_eval, abs=1e-6)
 
 
+def test_moedsl_eval_of_a_packed_run_packs_as_the_run_did(monkeypatch, tmp_path):
+    """The run's own held-out loss again: its checkpoint records the packing (meta.json "eval")."""
+    import moedsl
+    import moedsl.runtime.evaluate as evaluate_mod
+
+    spec = model_of("rotary attention, top-k dropless MoE").spec
+    fake = lambda spec, data, seed: _Packed(V, seed)  # noqa: E731 - stands for a prepared folder's source
+    monkeypatch.setattr(train_mod, "make_source", fake)
+    monkeypatch.setattr(evaluate_mod, "make_source", fake)
+    monkeypatch.setattr(evaluate_mod, "pack_problems", lambda *a, **k: [])  # "synthetic" names the fake
+    o = RunOptions.from_spec(spec, steps=2, batch=2, seq=12, out=tmp_path / "run", progress=False,
+                             pack="documents", compile="off", eval_every=2, eval_batches=2)
+    summary = Trainer(spec, o).fit()
+    again = moedsl.evaluate(str(tmp_path / "run"))
+    assert again["loss"] == pytest.approx(summary.eval_loss, abs=1e-6)
+    assert abs(moedsl.evaluate(str(tmp_path / "run"), pack="none")["loss"] - summary.eval_loss) > 1e-4
+
+
 def test_a_packed_run_over_batches_without_documents_stops_in_one_line(monkeypatch, tmp_path):
     spec = model_of("rotary attention, top-k dropless MoE").spec
     o = RunOptions.from_spec(spec, steps=1, batch=2, seq=12, out=tmp_path, progress=False, pack="documents",
