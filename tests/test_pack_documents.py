@@ -213,6 +213,26 @@ def test_flex_attention_and_the_boolean_mask_give_the_same_gradients(monkeypatch
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_compiled_dense_segments_keep_to_documents_as_eager_ones_do():
+    """torch.compile of the dense segments (runtime/compile.py) traces the mask and positions nodes too."""
+    from moedsl.runtime.compile import compile_model
+
+    spec = model_of("sliding window of 3 keys").spec
+    eager, compiled = build_model(spec, seed=3).train(), build_model(spec, seed=3).train()
+    state = compile_model(compiled, "on")
+    tokens = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(7))
+    documents = torch.cat([documents_of([5, 11]), documents_of([3, 3, 3, 7])])
+    outs = [m(tokens, documents).output for m in (eager, compiled)]
+    assert state.failed is None and state.compiled == set(range(state.segments))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    for out in outs:
+        out.square().mean().backward()
+    mine = dict(compiled.named_parameters())
+    for name, p in eager.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(mine[name].grad, p.grad, rtol=0, atol=1e-6, msg=name)
+
+
 class _Packed(Synthetic):
     """Synthetic rows with documents: each row cut into documents at fixed places."""
 
