@@ -197,6 +197,29 @@ def test_flex_attention_and_the_boolean_mask_give_the_same_logits(monkeypatch, s
     torch.testing.assert_close(flex, dense, rtol=0, atol=1e-5)
 
 
+def test_attention_dropout_under_flex_takes_the_boolean_mask_of_the_same_documents(monkeypatch):
+    """FlexAttention has no dropout: a training layer with attention dropout gets the boolean mask
+    made from the step's BlockMask, the same as the boolean path's (the same dropout draws follow)."""
+    spec = load_spec(f"""moedsl: 1
+name: dropout
+model: {{vocab_size: {V}, d_model: 32, max_seq_len: 64}}
+layers:
+  - embedding: {{}}
+  - attention: {{heads: 2, positions: rotary, dropout: 0.2, sliding_window: 4}}
+  - attention: {{heads: 2, positions: rotary, dropout: 0.2, causal: false}}
+  - head: {{}}
+""")
+    model = build_model(spec, seed=3).train()
+    tokens = torch.randint(0, V, (2, 13), generator=torch.Generator().manual_seed(8))
+    documents = torch.cat([documents_of([6, 7]), documents_of([2, 2, 9])])
+    outs = []
+    for flex in (False, True):
+        monkeypatch.setattr(D, "FLEX", flex)
+        torch.manual_seed(0)
+        outs.append(model(tokens, documents).output)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward runs on CUDA only")
 def test_flex_attention_and_the_boolean_mask_give_the_same_gradients(monkeypatch):
     model = model_of("sliding window of 3 keys")

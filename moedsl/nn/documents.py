@@ -89,25 +89,39 @@ def _variant(base, causal: bool, window: Optional[int]):
     return mod
 
 
-# a step's masks derived from its BlockMask (a non-causal or windowed layer's), made once for all
-# the layers that share them while that BlockMask comes back (as moedsl.nn.attention._Rope does)
-_derived: list = [None, {}]  # [the step's BlockMask, {(causal, window, dense): mask}]
+# a step's masks for a non-causal or windowed layer, made once for all the layers that share them
+# while the step's mask comes back (as moedsl.nn.attention._Rope does for rotary tables)
+_derived: list = [None, {}]  # [the step's document_mask, {(causal, window, dense): mask}]
 
 
-def _derive(block: BlockMask, causal: bool, window: Optional[int], dense: bool):
+def _derive(base, causal: bool, window: Optional[int], dense: bool):
+    """``base`` (``document_mask``'s: causal, same document) for a layer that is causal or not and
+    has a sliding window of ``window`` keys or none: a ``BlockMask``, or with ``dense`` [B, 1, T, T]
+    bool."""
     global _derived
-    if _derived[0] is not block:
-        _derived = [block, {}]
+    if torch.compiler.is_compiling():  # inside inductor's graph: no step cache
+        return _make(base, causal, window, dense)
+    if _derived[0] is not base:
+        _derived = [base, {}]
     key = (causal, window, dense)
     got = _derived[1].get(key)
     if got is None:
-        B, _, T, _ = block.shape
-        mod = block.mask_mod if causal and window is None else _variant(block.mask_mod, causal, window)
-        device = block.kv_num_blocks.device
-        got = create_mask(mod, B, 1, T, T, device=device) if dense else \
-            create_block_mask(mod, B, None, T, T, device=device)
-        _derived[1][key] = got
+        got = _derived[1][key] = _make(base, causal, window, dense)
     return got
+
+
+def _make(base, causal: bool, window: Optional[int], dense: bool):
+    if isinstance(base, BlockMask):
+        B, _, T, _ = base.shape
+        mod = base.mask_mod if causal and window is None else _variant(base.mask_mod, causal, window)
+        device = base.kv_num_blocks.device
+        return create_mask(mod, B, 1, T, T, device=device) if dense else \
+            create_block_mask(mod, B, None, T, T, device=device)
+    mask = base if causal else base | base.transpose(-1, -2)  # same document, either order
+    if window is not None:
+        T = base.shape[-1]
+        mask = mask & torch.ones(T, T, dtype=torch.bool, device=base.device).triu(1 - window)  # j > i - window
+    return mask
 
 
 _compiled_flex = None
@@ -129,16 +143,9 @@ def attend_in_documents(q, k, v, mask, causal: bool, window: Optional[int], drop
     """Softmax attention of q [B, H, T, D] over k [B, H or K, T, D], v [B, H or K, T, Dv] within
     documents (``mask``: ``document_mask``'s), causal or not, in a sliding window of ``window``
     keys or not. Attention dropout has no FlexAttention form: such a layer takes the boolean mask."""
-    if isinstance(mask, BlockMask):
-        if dropout == 0.0:
-            block = mask if causal and window is None else _derive(mask, causal, window, dense=False)
-            return _flex(q, k, v, block, scale, gqa)
-        mask = _derive(mask, causal, window, dense=True)
-    else:
-        if not causal:  # same document, either order: the causal mask or its transpose
-            mask = mask | mask.transpose(-1, -2)
-        if window is not None:
-            T = q.shape[-2]
-            band = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1 - window)  # [T, T]: j > i - window
-            mask = mask & band
+    flex = isinstance(mask, BlockMask) and dropout == 0.0
+    if not (causal and window is None and flex == isinstance(mask, BlockMask)):  # not the step's mask as it is
+        mask = _derive(mask, causal, window, dense=not flex)
+    if flex:
+        return _flex(q, k, v, mask, scale, gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa)
