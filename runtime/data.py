@@ -39,7 +39,6 @@ import numpy as np
 import torch
 
 from moedsl.errors import MoedslError, UserError
-from moedsl.kinds import layer_kind
 
 from .tokens import model_tokenizer
 
@@ -429,23 +428,19 @@ def packed(batch: Batch, pack: str, source: Source, device=None) -> Optional[tor
 
 def pack_problems(spec, data: str, pack: str, init=None, name: str = "--pack") -> list:
     """What is wrong with packing ``pack`` (given as ``name``) for a run of ``spec`` on ``data``: one
-    message per problem (empty: nothing). ``documents`` needs a token model whose every layer keeps
-    to documents (``LayerKind.packs_documents``: an lstm's state runs along the whole row) and data
-    with document boundaries: not the built-in sources (synthetic, pystdlib) nor raw text read as
-    bytes (a model with no tokenizer reads a text file as one stream)."""
+    message per problem (empty: nothing). ``documents`` needs a token model and data with document
+    boundaries: not the built-in sources (synthetic, pystdlib), nor raw text read as bytes (a
+    model with no tokenizer reads a text file as one stream)."""
     if pack not in PACKS:
         return [f"{name} {pack!r}: must be {' or '.join(PACKS)}"]
     if pack == "none":
         return []
     if spec.model.input != "tokens":
         return [f"{name} documents: a spec over {spec.model.input} (model.input) has no documents to pack"]
-    problems = [f"{name} documents: layers.{layer.index} ({layer.kind}) carries its state across the documents "
-                "of a row; train it without packing" for layer in spec.layers
-                if not layer_kind(layer.kind).packs_documents][:1]
     if data in ("synthetic", "pystdlib"):
-        problems.append(f"{name} documents: --data {data} has no document boundaries (a folder from "
-                        "`moedsl data prepare` has them)")
-    elif Path(data).is_file() and model_tokenizer(spec, init) is None:
-        problems.append(f"{name} documents: --data {data!r} is read as bytes, one stream with no document "
-                        "boundaries (a folder from `moedsl data prepare` has them)")
-    return problems
+        return [f"{name} documents: --data {data} has no document boundaries (a folder from "
+                "`moedsl data prepare` has them)"]
+    if Path(data).is_file() and model_tokenizer(spec, init) is None:
+        return [f"{name} documents: --data {data!r} is read as bytes, one stream with no document "
+                "boundaries (a folder from `moedsl data prepare` has them)"]
+    return []

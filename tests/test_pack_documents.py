@@ -1,7 +1,8 @@
 """``--pack documents``: a row packing several documents computes, for each of them, what the
 document computes alone as its own row: attention stays inside a document (causal, and within a
 sliding window where the layer has one), positions restart at each document's start (rotary
-angles, learned position embeddings), for every attention kind. The MoE layers here route with
+angles, learned position embeddings), for every attention kind; an LSTM's state starts afresh at
+each document. The MoE layers here route with
 top-k and no capacity (dropless): a token's expert outputs depend on that token alone, as in a
 dense FFN; a capacity would couple the tokens of a routing group, packed or not."""
 from __future__ import annotations
@@ -50,6 +51,9 @@ STACKS = {
   - attention: {{heads: 2, positions: rotary, sliding_window: 5}}""",
     "attention that is not causal": """  - embedding: {}
   - attention: {heads: 2, positions: rotary, causal: false}
+  - ffn: {hidden: 24}""",
+    "two-layer lstm": """  - embedding: {}
+  - lstm: {layers: 2}
   - ffn: {hidden: 24}""",
 }
 
@@ -103,8 +107,9 @@ def test_rows_of_a_batch_keep_their_own_documents():
                                        rtol=0, atol=1e-5)
 
 
-def test_a_packed_row_gives_each_document_the_gradients_it_gives_alone():
-    model = model_of("rotary attention, top-k dropless MoE").train()
+@pytest.mark.parametrize("stack", ["rotary attention, top-k dropless MoE", "two-layer lstm"])
+def test_a_packed_row_gives_each_document_the_gradients_it_gives_alone(stack):
+    model = model_of(stack).train()
     try:
         lengths = [6, 2, 8]
         tokens = torch.randint(0, V, (1, 16), generator=torch.Generator().manual_seed(2))
@@ -167,7 +172,7 @@ def test_positions_restart_at_each_document_and_the_mask_keeps_each_query_in_its
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.integers(1, 9), min_size=1, max_size=6), st.integers(0, 2**31 - 1),
-       st.sampled_from(["rotary attention, top-k dropless MoE", "sliding window of 3 keys"]))
+       st.sampled_from(["rotary attention, top-k dropless MoE", "sliding window of 3 keys", "two-layer lstm"]))
 def test_any_split_of_a_row_into_documents_gives_each_its_logits_alone(lengths, seed, stack):
     model = model_of(stack)
     tokens = torch.randint(0, V, (1, sum(lengths)), generator=torch.Generator().manual_seed(seed))
@@ -334,13 +339,6 @@ def test_packing_data_without_document_boundaries_is_refused_in_one_line(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-def test_packing_an_lstm_spec_is_refused_in_one_line(tmp_path, capsys):
-    lines = refused(capsys, SPECS / "shazeer-lstm-moe.yaml", "--pack", "documents", "--data", "synthetic",
-                    "--steps", "1", "--out", tmp_path / "run")
-    assert lines[0].startswith("moedsl: error: --pack documents: layers.1 (lstm) carries its state across the "
-                               "documents of a row")
-
-
 def test_the_spec_can_ask_for_packing_and_names_itself_when_refused(tmp_path, capsys):
     spec = tmp_path / "spec.yaml"
     spec.write_text((SPECS / "mixtral.yaml").read_text().replace("lr: 3.0e-3}", "lr: 3.0e-3, pack: documents}"))
@@ -350,9 +348,12 @@ def test_the_spec_can_ask_for_packing_and_names_itself_when_refused(tmp_path, ca
                      "from `moedsl data prepare` has them)"]
 
 
-def test_an_lstm_layer_given_documents_refuses_them():
-    spec = load_spec(str(SPECS / "shazeer-lstm-moe.yaml"))
-    model = build_model(spec)
-    tokens = torch.randint(0, spec.model.vocab_size, (1, 8))
-    with pytest.raises(ValueError, match="lstm layer cannot keep to the documents"):
-        model(tokens, torch.zeros(1, 8, dtype=torch.int64))
+def test_an_lstm_starts_each_document_of_a_packed_row_from_the_zero_state():
+    spec = load_spec(str(SPECS / "shazeer-lstm-moe.yaml"))  # LSTM, noisy top-k MoE (no capacity), LSTM
+    model = build_model(spec, seed=1).eval()  # no routing noise outside training
+    lengths = [5, 1, 12, 6]
+    tokens = torch.randint(0, spec.model.vocab_size, (1, sum(lengths)), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        packed = model(tokens, documents_of(lengths)).output
+        torch.testing.assert_close(packed, alone(model, tokens, lengths), rtol=0, atol=1e-5)
+        assert (packed - model(tokens).output).abs().max() > 1e-3

@@ -48,10 +48,6 @@ class LayerKind:
     # the fields of its config a resume may change, keeping the checkpoint's weights meaning the same
     # (``runtime.checkpoint.training_only``): dropout, which applies in training only, for every kind
     training_only: frozenset = frozenset({"dropout"})
-    # whether it keeps to each document of a packed row (--pack documents): a layer that computes each
-    # token on its own does; one that mixes positions does through ``document_kwargs``, or is False and
-    # such a run is refused before it starts (runtime/preflight.py)
-    packs_documents: bool = True
 
     def accepts(self, model_input: str) -> bool:
         """Whether it can stand in a model whose input is ``model_input``: one of ``inputs`` when

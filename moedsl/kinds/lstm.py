@@ -23,9 +23,6 @@ class LSTMKind(LayerKind):
     name = "lstm"
     config = LSTM
     sublayer = True
-    # its state runs along the whole row; resetting it at each document start would run the row's
-    # documents as separate sequences (a regrouping that depends on each batch): refused instead
-    packs_documents = False
 
     def module(self, cfg: LSTM, model):
         from moedsl.nn.layers import LSTMBlock
@@ -37,7 +34,7 @@ class LSTMKind(LayerKind):
 
 
     def document_kwargs(self, ctx, layer) -> dict:
-        """The documents themselves: the module refuses packed rows it would read across."""
+        """The documents themselves: its state starts afresh at each one."""
         return {"documents": ctx.documents}
 
     def decode_args(self, ctx, layer) -> tuple:
