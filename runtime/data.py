@@ -429,18 +429,18 @@ def packed(batch: Batch, pack: str, source: Source, device=None) -> Optional[tor
 def pack_problems(spec, data: str, pack: str, init=None, name: str = "--pack") -> list:
     """What is wrong with packing ``pack`` (given as ``name``) for a run of ``spec`` on ``data``: one
     message per problem (empty: nothing). ``documents`` needs a token model and data with document
-    boundaries: not the built-in sources (synthetic, pystdlib), nor raw text read as bytes (a
-    model with no tokenizer reads a text file as one stream)."""
+    boundaries: not the synthetic tasks, nor raw text read as bytes (a model with no tokenizer
+    reads a text file or pystdlib as one stream; with one, raw text is prepared into documents)."""
     if pack not in PACKS:
         return [f"{name} {pack!r}: must be {' or '.join(PACKS)}"]
     if pack == "none":
         return []
     if spec.model.input != "tokens":
         return [f"{name} documents: a spec over {spec.model.input} (model.input) has no documents to pack"]
-    if data in ("synthetic", "pystdlib"):
-        return [f"{name} documents: --data {data} has no document boundaries (a folder from "
+    if data == "synthetic":
+        return [f"{name} documents: --data synthetic has no document boundaries (a folder from "
                 "`moedsl data prepare` has them)"]
-    if Path(data).is_file() and model_tokenizer(spec, init) is None:
+    if (data == "pystdlib" or Path(data).is_file()) and model_tokenizer(spec, init) is None:
         return [f"{name} documents: --data {data!r} is read as bytes, one stream with no document "
                 "boundaries (a folder from `moedsl data prepare` has them)"]
     return []

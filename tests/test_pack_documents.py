@@ -275,7 +275,7 @@ class _Packed(Synthetic):
 
 def test_a_packed_run_passes_each_batchs_documents_to_the_model(monkeypatch, tmp_path):
     spec = model_of("rotary attention, top-k dropless MoE").spec
-    monkeypatch.setattr(train_mod, "make_source", lambda spec, data, seed: _Packed(V, seed))
+    monkeypatch.setattr(train_mod, "make_source", lambda spec, data, seed, **kw: _Packed(V, seed))
     o = RunOptions.from_spec(spec, steps=1, batch=2, seq=12, out=tmp_path, progress=False, pack="documents",
                              compile="off", eval_batches=1)
     trainer = Trainer(spec, o)
@@ -298,7 +298,7 @@ def test_moedsl_eval_of_a_packed_run_packs_as_the_run_did(monkeypatch, tmp_path)
     import moedsl.runtime.evaluate as evaluate_mod
 
     spec = model_of("rotary attention, top-k dropless MoE").spec
-    fake = lambda spec, data, seed: _Packed(V, seed)  # noqa: E731 - stands for a prepared folder's source
+    fake = lambda spec, data, seed, **kw: _Packed(V, seed)  # noqa: E731 - stands for a prepared folder's source
     monkeypatch.setattr(train_mod, "make_source", fake)
     monkeypatch.setattr(evaluate_mod, "make_source", fake)
     monkeypatch.setattr(evaluate_mod, "pack_problems", lambda *a, **k: [])  # "synthetic" names the fake
@@ -336,6 +336,10 @@ def test_packing_data_without_document_boundaries_is_refused_in_one_line(tmp_pat
     lines = refused(capsys, SPECS / "mixtral.yaml", "--pack", "documents", "--data", text, "--steps", "1",
                     "--out", tmp_path / "run")
     assert len(lines) == 1 and "is read as bytes, one stream with no document boundaries" in lines[0]
+    lines = refused(capsys, SPECS / "mixtral.yaml", "--pack", "documents", "--data", "pystdlib", "--steps", "1",
+                    "--out", tmp_path / "run")
+    assert lines == ["moedsl: error: --pack documents: --data 'pystdlib' is read as bytes, one stream with no "
+                     "document boundaries (a folder from `moedsl data prepare` has them)"]
     assert not (tmp_path / "run").exists()
 
 
