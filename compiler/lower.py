@@ -156,6 +156,11 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
     Each layer is lowered by its kind (``moedsl.kinds``); a residual sublayer is wrapped here in
     its pre-norm, dropout and residual add.
 
+    A graph over tokens (not decoding) takes ``documents`` [B, T] after the tokens, None by
+    default (``moedsl.nn.documents``): given, every layer keeps to each document of a packed row
+    (its kind's ``document_kwargs``: one mask and one positions node, shared by every layer);
+    None, the graph computes what it computed without them.
+
     ``decode``: the graph that decodes a few tokens at a time, ``forward(tokens [B, t], cache,
     start)`` (``moedsl.nn.decode``): a layer with state across positions (attention, a recurrent layer) gets
     the cache, the tokens' positions and ``start`` as extra arguments (its kind's
