@@ -13,8 +13,8 @@ once per forward and shared by every layer (two nodes of the graph, ``compiler/l
   2024, "Flex Attention: A Programming Model for Generating Optimized Attention Kernels";
   PyTorch's FlexAttention post, "Document Masking/Jagged Sequences").
 
-An LSTM (``moedsl.nn.layers.LSTMBlock``) takes ``documents`` itself: its state starts from zero
-at each document.
+A recurrent layer takes ``documents`` itself (its kind's ``document_kwargs``): its state starts
+from zero at each document.
 
 A document is a run of equal values: [0, 0, 1, 1, 1, 2] is three documents. Both nodes are None
 when ``documents`` is (every row one sequence: the layers keep ``is_causal`` and 0..T-1).
