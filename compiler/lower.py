@@ -24,6 +24,7 @@ from moedsl.errors import UserError, format_path
 from moedsl.kinds import layer_kind
 from moedsl.kinds.moe import MOE
 from moedsl.nn import decode as decode_ops
+from moedsl.nn import documents as documents_ops
 from moedsl.nn import layers as L
 from moedsl.nn import moe_ops
 
@@ -62,7 +63,8 @@ class LowerContext:
     statistics)."""
 
     def __init__(self, spec: S.Spec, low: Lowered, seed: int, static: bool, tokens: Optional[fx.Node],
-                 decode: Optional[tuple] = None, rows: Optional[fx.Node] = None):
+                 decode: Optional[tuple] = None, rows: Optional[fx.Node] = None,
+                 documents: Optional[fx.Node] = None):
         self.spec, self.model, self.low = spec, spec.model, low
         # a decode graph's (cache, start, positions) nodes: see moedsl.nn.decode
         self.decode = decode is not None
@@ -73,6 +75,8 @@ class LowerContext:
         self._token_ids: Optional[fx.Node] = None
         self.rows = rows  # the [B] rows-that-count placeholder (images only; its value may be None)
         self._token_mask: Optional[fx.Node] = None
+        self.documents = documents  # the [B, T] documents placeholder (token training graphs; its value may be None)
+        self._document_nodes: dict = {}
         self.aux: list = []  # each MoE layer's aux loss node
         self.stats: list = []  # each MoE layer's router statistics node
 
@@ -82,8 +86,8 @@ class LowerContext:
             self.modules[name] = make()
         return name
 
-    def call_module(self, target: str, args: tuple, name: str, **meta) -> fx.Node:
-        node = self.graph.create_node("call_module", target, args, {}, name=name)
+    def call_module(self, target: str, args: tuple, name: str, kwargs: Optional[dict] = None, **meta) -> fx.Node:
+        node = self.graph.create_node("call_module", target, args, kwargs or {}, name=name)
         node.meta.update(meta)
         return node
 
@@ -108,6 +112,24 @@ class LowerContext:
         if self._token_mask is None and self.rows is not None:
             self._token_mask = self.call_function(moe_ops.token_mask, (self.rows, x), "token_mask")
         return self._token_mask
+
+    def document_positions(self) -> Optional[fx.Node]:
+        """Each token's position within its document [B, T] (``moedsl.nn.documents``; made once,
+        where first needed; its value None without documents); None in a graph without them."""
+        return self._document_node("document_positions", documents_ops.document_positions)
+
+    def document_mask(self) -> Optional[fx.Node]:
+        """The packed rows' attention mask (``moedsl.nn.documents.document_mask``; made once, where
+        first needed, shared by every attention layer; its value None without documents); None in a
+        graph without them."""
+        return self._document_node("document_mask", documents_ops.document_mask)
+
+    def _document_node(self, name: str, fn) -> Optional[fx.Node]:
+        if self.documents is None:
+            return None
+        if name not in self._document_nodes:
+            self._document_nodes[name] = self.call_function(fn, (self.documents,), name)
+        return self._document_nodes[name]
 
     def add_moe(self, **info) -> None:
         self.low.moe.append(MoEInfo(**info))
@@ -134,6 +156,11 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
     Each layer is lowered by its kind (``moedsl.kinds``); a residual sublayer is wrapped here in
     its pre-norm, dropout and residual add.
 
+    A graph over tokens (not decoding) takes ``documents`` [B, T] after the tokens, None by
+    default (``moedsl.nn.documents``): given, every layer keeps to each document of a packed row
+    (its kind's ``document_kwargs``: one mask and one positions node, shared by every layer);
+    None, the graph computes what it computed without them.
+
     ``decode``: the graph that decodes a few tokens at a time, ``forward(tokens [B, t], cache,
     start)`` (``moedsl.nn.decode``): a layer with state across positions (attention, a recurrent layer) gets
     the cache, the tokens' positions and ``start`` as extra arguments (its kind's
@@ -149,11 +176,15 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
     # dense weights come from the global RNG: seed it, without disturbing the caller's state
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        rows = None
+        rows = documents = None
         if m.input == "tokens":
             tokens = g.placeholder("tokens")
             tokens.meta["doc"] = "[B, T] int64 token ids"
             h = tokens
+            if not decode:  # packed rows (--pack documents): attention and positions keep to each document
+                documents = g.placeholder("documents", default_value=None)
+                documents.meta["doc"] = ("[B, T] int64 or None: each token's document within its row, from 0 "
+                                         "(None: each row one sequence)")
         elif m.input == "image":
             tokens = None
             h = g.placeholder("images")
@@ -173,7 +204,7 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
             start.meta["doc"] = "int: the cache slot of tokens[:, 0]"
             pos = g.create_node("call_function", decode_ops.positions, (tokens, cache, start), {}, name="positions")
             state = (cache, start, pos)
-        ctx = LowerContext(spec, low, seed, static, tokens, decode=state, rows=rows)
+        ctx = LowerContext(spec, low, seed, static, tokens, decode=state, rows=rows, documents=documents)
         for layer in spec.layers:
             kind, cfg, name = layer_kind(layer.kind), layer.config, f"layers.{layer.index}"
             if not kind.sublayer:

@@ -129,7 +129,8 @@ def _cmd_compile(args) -> int:
 # the RunOptions field each `moedsl run` option sets, as the user writes it
 _RUN_FLAGS = {"steps": "--steps", "batch": "--batch", "seq": "--seq", "lr": "--lr", "warmup": "--warmup",
               "seed": "--seed", "eval_every": "--eval-every", "eval_batches": "--eval-batches",
-              "checkpoint_every": "--checkpoint-every", "timeout": "--timeout", "log_every": "--log-every"}
+              "checkpoint_every": "--checkpoint-every", "timeout": "--timeout", "log_every": "--log-every",
+              "pack": "--pack"}
 
 
 def _cmd_run(args) -> int:
@@ -155,7 +156,7 @@ def _cmd_run(args) -> int:
         checkpoint_every=args.checkpoint_every, out=args.out or f"runs/{spec.name}", resume=args.resume,
         device=args.device, cuda_graphs=args.cuda_graphs, progress=not args.no_progress, timeout=args.timeout,
         keep_memory=not args.no_keep_memory, init=args.init, compile=args.compile, log_every=args.log_every,
-        from_scratch=args.from_scratch)
+        from_scratch=args.from_scratch, pack=args.pack)
     rank = int(os.environ.get("RANK", 0))
     if not launched_worker():  # the launcher has checked for its workers, before starting them
         world = args.nproc if launching else int(os.environ.get("WORLD_SIZE", 1))
@@ -263,7 +264,7 @@ def _cmd_eval(args) -> int:
 
     spec = args.model if not args.checkpoint else _spec_path(args.model)
     sweep = evaluate(spec, args.capacity_factor, checkpoint=args.checkpoint, data=args.data, batch=args.batch,
-                     seq=args.seq, batches=args.eval_batches)
+                     seq=args.seq, batches=args.eval_batches, pack=args.pack)
     if args.json:
         import json
 
@@ -425,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "as bytes only for a model without one, or a JSONL file of prompt/completion or chat messages "
                    "records (instruction data, the model's tokenizer); for image specs digits (default) or an .npz "
                    "file with arrays images [N, H, W(, C)] and labels [N]")
+    r.add_argument("--pack", choices=["none", "documents"], default=None,
+                   help="documents: a row of a prepared folder packs several documents; each token attends only "
+                        "to earlier tokens of its own document, positions restart at each (default: train.pack)")
     r.add_argument("--eval-every", type=_whole, help="held-out evaluation every N steps")
     r.add_argument("--eval-batches", type=_whole, help="batches per held-out evaluation")
     r.add_argument("--checkpoint-every", type=_whole, help="save a checkpoint every N steps (and at the end)")
@@ -482,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="held-out data, as `moedsl run --data` (a prepared folder: its eval split; "
                     "default: the run's)")
     ev.add_argument("--batch", type=_positive, default=None, help="evaluation batch (default: the run's)")
+    ev.add_argument("--pack", choices=["none", "documents"], default=None,
+                    help="documents: attention and positions keep to each document of a row (default: the run's)")
     ev.add_argument("--seq", type=_positive, default=None, help="sequence length (default: the run's --seq)")
     ev.add_argument("--eval-batches", type=_positive, default=None,
                     help="held-out batches, token and vector models (default: the run's)")

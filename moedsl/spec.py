@@ -124,6 +124,7 @@ class Train:
     eval_every: int = _TRAIN["eval_every"]
     eval_batches: int = _TRAIN["eval_batches"]
     checkpoint_every: Optional[int] = None
+    pack: str = _TRAIN["pack"]  # none | documents: rows pack several documents (runtime/train.py RunOptions.pack)
 
 
 @dataclass(frozen=True)

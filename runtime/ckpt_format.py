@@ -32,7 +32,7 @@ from .optim import prime_optimizer
 
 # What ``moedsl eval`` needs to evaluate a checkpoint as its run's own held-out evaluation did
 # (meta.json "eval", with the spec's ``model.dtype``: the autocast it ran under; runtime/evaluate.py).
-EVALUATION = ("batch", "seq", "eval_batches", "data", "seed")
+EVALUATION = ("batch", "seq", "eval_batches", "data", "seed", "pack")
 FORMAT = 1  # the version ``meta.json`` records; bump it when the layout above changes
 READS = (None, 1)  # the versions ``read_meta`` accepts (None: written before versions existed)
 

@@ -700,3 +700,42 @@ def _byte_text(spec, data: str, seed: int) -> Bytes:
         raise MoedslError(f"--data {data!r} has {len(raw)} bytes: too little text to train on")
     cut = int(len(raw) * (1 - HELD_OUT))
     return Bytes(raw[:cut], raw[cut:], m.vocab_size, seed, path.name)
+
+
+PACKS = ("none", "documents")
+
+
+def packed(batch: Batch, pack: str, source: Source, device=None) -> Optional[torch.Tensor]:
+    """``batch.documents`` (on ``device``) when the run packs documents (``pack`` "documents"), else
+    None; batches with no document boundaries under it are refused in one line."""
+    if pack != "documents":
+        return None
+    if batch.documents is None:
+        raise UserError(f"--pack documents: the batches of --data {source.name} carry no document boundaries "
+                        "(a folder from `moedsl data prepare` has them)")
+    return batch.documents if device is None else batch.documents.to(device, non_blocking=True)
+
+
+def pack_problems(spec, data: str, pack: str, init=None, name: str = "--pack") -> list:
+    """What is wrong with packing ``pack`` (given as ``name``) for a run of ``spec`` on ``data``: one
+    message per problem (empty: nothing). ``documents`` needs a token model and data with document
+    boundaries: not the synthetic tasks, nor raw text read as bytes (a model with no tokenizer
+    reads a text file or pystdlib as one stream; with one, raw text is prepared into documents)."""
+    if pack not in PACKS:
+        return [f"{name} {pack!r}: must be {' or '.join(PACKS)}"]
+    if pack == "none":
+        return []
+    if spec.model.input != "tokens":
+        return [f"{name} documents: a spec over {spec.model.input} (model.input) has no documents to pack"]
+    if data == "synthetic":
+        return [f"{name} documents: --data synthetic has no document boundaries (a folder from "
+                "`moedsl data prepare` has them)"]
+    from .instruct import kind_of
+
+    if kind_of(data):
+        return [f"{name} documents: --data {data!r} is instruction data, one example per row (padded): there is "
+                "nothing to pack"]
+    if (data == "pystdlib" or Path(data).is_file()) and model_tokenizer(spec, init) is None:
+        return [f"{name} documents: --data {data!r} is read as bytes, one stream with no document "
+                "boundaries (a folder from `moedsl data prepare` has them)"]
+    return []

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from moedsl import dtypes
 from moedsl.errors import UserError
 
-from .data import make_source, source_problems, spec_data
+from .data import make_source, pack_problems, packed, source_problems, spec_data
 from .inspect import capacity_factors, eval_capacity
 from .load import build
 from .resolve import resolve
@@ -78,7 +78,7 @@ def held_out_images(model, spec, source, batch: int, rank: int = 0, world: int =
 
 def evaluate(model, capacity_factor=None, checkpoint: Optional[str] = None,
              data: Optional[str] = None, batch: Optional[int] = None, seq: Optional[int] = None,
-             batches: Optional[int] = None):
+             batches: Optional[int] = None, pack: Optional[str] = None):
     """Evaluate a trained model on its held-out data at inference capacity factor ``capacity_factor``.
 
     ``model``: a ``moedsl run`` output folder (its latest checkpoint; the spec stored with it), an
@@ -87,9 +87,10 @@ def evaluate(model, capacity_factor=None, checkpoint: Optional[str] = None,
     the rule ``moedsl inspect`` follows too: None the spec's own, 0 dropless, a dropless gate given
     a factor > 0 drops past it). A list of factors is a sweep: the model is loaded once and
     evaluated at each in turn, and a list of results comes back. The held-out set is the run's
-    own evaluation: its data, seed, batch, sequence length, number of eval batches and autocast
-    dtype, as the checkpoint recorded them (meta.json "eval"); ``data``, ``batch``, ``seq`` and
-    ``batches`` override them. An import has no run, so no held-out data of its own: it is
+    own evaluation: its data, seed, batch, sequence length, number of eval batches, packing
+    (``pack``: documents, each row's documents attended apart) and autocast dtype, as the
+    checkpoint recorded them (meta.json "eval"); ``data``, ``batch``, ``seq``, ``batches`` and
+    ``pack`` override them. An import has no run, so no held-out data of its own: it is
     evaluated on the held-out part of its spec's ``train.data`` ("data_from": "spec"). On one
     process, as trained (the capacity factor left alone), the loss is the run's last
     ``eval_loss`` for that checkpoint: the same batches through the same forward, summed in the
@@ -111,11 +112,12 @@ def evaluate(model, capacity_factor=None, checkpoint: Optional[str] = None,
     seq = seq or int(ran.get("seq", spec.train.seq_len))
     batches = batches or int(ran.get("eval_batches", spec.train.eval_batches))
     dtype = ran.get("dtype", spec.model.dtype)
+    pack = pack or ran.get("pack", spec.train.pack)
     amp = dtypes.autocast_dtype(dtype)  # the Trainer's: float32 weights, the forward under autocast
     # where the model's tokenizer.json is when its spec does not name one: an import's folder, or the
     # run folder a run from an import copied it to (its hf_config.json says the weights were imported)
     origin = next((f for f in weights.folders if any((Path(f) / n).is_file() for n in _IMPORTED)), None)
-    found = source_problems(spec, data, seq, init=origin)
+    found = source_problems(spec, data, seq, init=origin) + pack_problems(spec, data, pack, origin)
     if found:
         raise UserError(found[0])
     net = build(weights, spec, seed=seed, dtype=torch.float32)
@@ -131,26 +133,27 @@ def evaluate(model, capacity_factor=None, checkpoint: Optional[str] = None,
                 result.update(loss=h.loss, bits_per_byte=None, accuracy=h.accuracy, dropped=h.dropped,
                               examples=h.examples)
             else:
-                result.update(_held_out_sequences(net, spec, source, batch, seq, batches, amp))
+                result.update(_held_out_sequences(net, spec, source, batch, seq, batches, amp, pack))
         results.append(result)
     return results if isinstance(capacity_factor, (list, tuple)) or len(results) > 1 else results[0]
 
 
 @torch.no_grad()
-def _held_out_sequences(model, spec, source, batch: int, seq: int, batches: int, amp) -> dict:
+def _held_out_sequences(model, spec, source, batch: int, seq: int, batches: int, amp, pack: str = "none") -> dict:
     """Token or vector models: the mean held-out loss over ``batches`` batches of ``batch`` × ``seq``
     (``Trainer.evaluate`` on one process: the forward under autocast ``amp``, the loss in float32,
     the batches' losses summed in order), the dropped fraction, and for text the bits per byte:
     the nats of every row over ln 2 and the UTF-8 bytes its tokens stand for (a row of a prepared
     folder: seq × the eval split's bytes / tokens, from its manifest; text as bytes: seq). For one
     folder that is loss × tokens / (bytes · ln 2); a mixture weighs each folder by the rows drawn
-    from it."""
+    from it. ``pack`` documents: each batch's documents passed."""
     model.eval()
     total, dropped, assigned, nats, text_bytes = 0.0, 0.0, 0.0, 0.0, 0.0
     for i in range(batches):
         b = source.batch(i, batch, seq, split="eval")
+        documents = packed(b, pack, source)
         with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-            out = model(b.inputs)
+            out = model(b.inputs) if documents is None else model(b.inputs, documents)
         total += float(task_loss(spec, out, b.targets, b.loss_mask))  # instruction data: the answers' tokens
         per_token = source.bytes_per_token(i, range(batch), seq, "eval")  # [B] bytes per token of each row
         if per_token is not None:

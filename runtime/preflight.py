@@ -39,7 +39,7 @@ from moedsl.nn import cpu_caps
 from moedsl.validate import check_batch
 
 from . import checkpoint as ckpt
-from .data import source_problems
+from .data import pack_problems, source_problems
 from .grads import MODES
 from .resolve import IMPORT, is_import_dir, resolve
 
@@ -77,6 +77,10 @@ def check_run(spec, o, world: int, *, names: dict | None = None, world_name: str
     placement = placement_problems(spec, o, world, names, world_name)
     problems = options + placement
     problems += [_err(p) for p in source_problems(spec, o.data, o.seq, init=getattr(o, "init", None))]
+    problems += [_err(p) for p in pack_problems(spec, o.data, o.pack, o.init, _name(names, "pack"))]
+    if o.pack == "documents" and o.cuda_graphs == "on":
+        problems.append(_err("--cuda-graphs on: packed documents (--pack documents) run the step eagerly, each "
+                             "batch's attention masks made from its documents"))
     problems += resume_problems(o, overwrite)
     problems += init_problems(spec, o)
     if overwrite is not None and not o.resume and not overwrite:
@@ -107,7 +111,7 @@ def check_run(spec, o, world: int, *, names: dict | None = None, world_name: str
 _SPEC_FIELD = {"batch": "batch_size", "seq": "seq_len"}  # RunOptions field -> train.* key of the spec
 # RunOptions fields that RunOptions.from_spec fills from the spec's train section
 _FROM_SPEC = {"steps", "batch", "seq", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "seed", "data",
-              "eval_every", "eval_batches", "checkpoint_every"}
+              "eval_every", "eval_batches", "checkpoint_every", "pack"}
 
 
 def _name(names: dict, field: str) -> str:

@@ -101,11 +101,14 @@ class TrainStep:
         return cls(model, spec, optimizer, sync, world, amp, options.grad_clip, loss_scale, lr)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor,
-                 loss_mask: Optional[torch.Tensor] = None) -> StepOutputs:
+                 loss_mask: Optional[torch.Tensor] = None,
+                 documents: Optional[torch.Tensor] = None) -> StepOutputs:
+        """``loss_mask`` [B, T]: the targets that count (instruction data); ``documents`` [B, T]: packed
+        rows (--pack documents), each token's document in its row."""
         self.model.train()
         count = None if loss_mask is None else masked_count(loss_mask, self.world)
         with torch.autocast(self.device_type, dtype=self.amp, enabled=self.amp is not None):
-            out = self.model(inputs)
+            out = self.model(inputs) if documents is None else self.model(inputs, documents)
             loss = task_loss(self.spec, out, targets, loss_mask, count)
         objective = (loss + out.aux_loss) / self.world
         if self.loss_scale is not None:

@@ -39,7 +39,7 @@ from . import report
 from .compile import use_compile
 from .cpu import keep_freed_memory, release_freed_memory
 from .cudagraph import GraphedForward, GraphedTrainStep
-from .data import make_source, spec_data
+from .data import make_source, packed, spec_data
 from .diagnose import first_nonfinite
 from .evaluate import held_out_images
 from .faults import inject_fault
@@ -85,13 +85,15 @@ class RunOptions:
     init: Optional[str] = None  # an import folder (moedsl import): the initial weights
     from_scratch: bool = False  # an import's spec without --init: random weights on purpose (runtime/preflight.py)
     compile: str = "auto"  # auto | on | off: torch.compile the dense segments (runtime/compile.py)
+    pack: str = "none"  # none | documents: the model gets Batch.documents (attention and positions per document)
 
     @staticmethod
     def from_spec(spec, **overrides) -> "RunOptions":
         t = spec.train
         base = dict(steps=t.steps, batch=t.batch_size, seq=t.seq_len, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup,
                     weight_decay=t.weight_decay, grad_clip=t.grad_clip, seed=t.seed, data=spec_data(spec),
-                    eval_every=t.eval_every, eval_batches=t.eval_batches, checkpoint_every=t.checkpoint_every)
+                    eval_every=t.eval_every, eval_batches=t.eval_batches, checkpoint_every=t.checkpoint_every,
+                    pack=t.pack)
         base.update({k: v for k, v in overrides.items() if v is not None})
         base["out"] = Path(base.get("out", "runs/run"))
         return RunOptions(**base)
@@ -176,12 +178,13 @@ class Trainer:
         inputs = batch.inputs.to(self.device, non_blocking=True)
         targets = batch.targets.to(self.device, non_blocking=True)
         mask = None if batch.loss_mask is None else batch.loss_mask.to(self.device, non_blocking=True)
+        documents = packed(batch, self.options.pack, self.source, self.device)  # None unless --pack (no CUDA graphs then)
         if self.graphs and self._graphed is None:
             self._graphed = self._capture(inputs, targets, mask)
         if self._graphed is not None:
             return self._graphed(inputs, targets, mask)
         self.opt.zero_grad(set_to_none=True)  # the last step's gradients stay readable until now
-        return self.train_step(inputs, targets, mask)
+        return self.train_step(inputs, targets, mask, documents)
 
     def _capture(self, inputs, targets, mask=None):
         try:
@@ -210,13 +213,14 @@ class Trainer:
         for i in range(o.eval_batches):
             b = self.source.batch(i, o.batch, o.seq, self.rank, self.world, split="eval")
             inputs = b.inputs.to(self.device)
+            documents = packed(b, o.pack, self.source, self.device)
             if self.graphs:
                 if self._eval_graph is None:
                     self._eval_graph = GraphedForward(model, inputs, self.amp)
                 out = self._eval_graph(inputs)
             else:
                 with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                    out = model(inputs)
+                    out = model(inputs) if documents is None else model(inputs, documents)
             mask = None if b.loss_mask is None else b.loss_mask.to(self.device)  # instruction data: the answers
             count = None if mask is None else masked_count(mask, self.world)
             total += float(task_loss(self.spec, out, b.targets.to(self.device), mask, count))
@@ -426,6 +430,8 @@ def _use_cuda_graphs(o: RunOptions, device, compiled, say) -> bool:
     why = None
     if device.type != "cuda":
         why = "the run is on the CPU"
+    elif o.pack == "documents":  # each batch's own masks; the captured step copies only inputs and targets in
+        why = "--pack documents builds each batch's attention masks from its documents"
     elif not compiled.static.capturable:
         why = f"{', '.join(compiled.static.dynamic_layers)} have data-dependent shapes (dropless or routed as one batch)"
     if why is None:

@@ -99,7 +99,15 @@ class LayerKind:
         its output node. A sublayer gets its (pre-normed) input; the residual is added around it."""
         target = ctx.module(self.target(layer), lambda: self.module(layer.config, ctx.model))
         extra = self.decode_args(ctx, layer) if ctx.decode else ()
-        return ctx.call_module(target, (x,) + extra, ctx.node_name(layer, self.name))
+        kwargs = self.document_kwargs(ctx, layer) if ctx.documents is not None else {}
+        return ctx.call_module(target, (x,) + extra, ctx.node_name(layer, self.name), kwargs=kwargs)
+
+    def document_kwargs(self, ctx, layer) -> dict:
+        """In a graph over rows that may pack several documents (``ctx.documents``): the keyword
+        arguments its module takes to keep to each document, from ``ctx.document_mask()`` and
+        ``ctx.document_positions()`` (shared by every layer). None by default: a layer that
+        computes each token on its own keeps to its document as it runs."""
+        return {}
 
     def decode_args(self, ctx, layer) -> tuple:
         """In a decode graph (``ctx.decode``): the arguments its module takes after x to decode a few

@@ -96,6 +96,11 @@ class AttentionKind(LayerKind):
         return 4.0 * model.d_model + 4.0 * inner + (2.0 * inner if cfg.qk_norm != "none" else 0.0)
 
 
+    def document_kwargs(self, ctx, layer) -> dict:
+        """The documents' mask, and each token's position within its document for the rotation."""
+        positions = ctx.document_positions() if layer.config.positions == "rotary" else None
+        return {"positions": positions, "documents": ctx.document_mask()}
+
     def decode_args(self, ctx, layer) -> tuple:
         """Keys and values cached per layer (a causal layer only: a token must not see later ones)."""
         if not layer.config.causal:

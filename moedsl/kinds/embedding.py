@@ -39,7 +39,13 @@ class EmbeddingKind(LayerKind):
 
     def lower(self, ctx, layer, x):
         target = ctx.module("embedding", lambda: self.module(layer.config, ctx.model))
-        args = (x, ctx.positions) if ctx.decode and layer.config.positions == "learned" else (x,)
+        learned = layer.config.positions == "learned"
+        if ctx.decode and learned:
+            args = (x, ctx.positions)
+        elif ctx.documents is not None and learned:  # packed rows: each document's positions from 0
+            args = (x, ctx.document_positions())
+        else:
+            args = (x,)
         return ctx.call_module(target, args, "embedding")
 
 

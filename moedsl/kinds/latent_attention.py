@@ -96,6 +96,10 @@ class LatentAttentionKind(LayerKind):
         return 2.0 * model.d_model + q_path + h * qk + latent + h * qk + 2.0 * h * v
 
 
+    def document_kwargs(self, ctx, layer) -> dict:
+        """The documents' mask, and each token's position within its document for the rotary part."""
+        return {"positions": ctx.document_positions(), "documents": ctx.document_mask()}
+
     def decode_args(self, ctx, layer) -> tuple:
         """Keys and values cached per layer (a causal layer only: a token must not see later ones)."""
         if not layer.config.causal:

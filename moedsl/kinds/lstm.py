@@ -33,6 +33,10 @@ class LSTMKind(LayerKind):
         return 6.0 * model.d_model * cfg.layers  # four gates, cell and hidden state per layer
 
 
+    def document_kwargs(self, ctx, layer) -> dict:
+        """The documents themselves: its state starts afresh at each one."""
+        return {"documents": ctx.documents}
+
     def decode_args(self, ctx, layer) -> tuple:
         """Its (h, c) per layer, carried from step to step."""
         return ctx.decode_state(layer, self.target(layer))

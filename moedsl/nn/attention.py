@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .decode import attend_cached
+from .documents import attend_in_documents
 from .layers import RMSNorm, init_normal
 
 
@@ -102,6 +103,8 @@ class _Rope:
                 if not torch.is_inference_mode_enabled():  # an inference tensor cannot serve autograd later
                     self.tables[(T, x.dtype, x.device)] = got
             return got
+        if torch.compiler.is_compiling():  # packed rows under inductor: no step cache inside its graph
+            return self._compute(x, T, positions)
         step = _Rope._step
         if step[0] is not positions:
             step = _Rope._step = [positions, {}]
@@ -161,9 +164,13 @@ def sliding_window_mask(T: int, window: int, device) -> torch.Tensor:
 
 
 def _attend(q, k, v, causal: bool, window: Optional[int], dropout: float, scale: Optional[float] = None,
-            gqa: bool = False):
+            gqa: bool = False, documents=None):
     """Softmax attention of q [B, H, T, D] over k [B, H, T, D], v [B, H, T, Dv]; with ``gqa``, k and v
-    have K heads (H divisible by K) and query head h attends with key/value head h // (H / K)."""
+    have K heads (H divisible by K) and query head h attends with key/value head h // (H / K).
+    ``documents``: packed rows' mask (``moedsl.nn.documents.document_mask``): each query keeps to
+    its document."""
+    if documents is not None:
+        return attend_in_documents(q, k, v, documents, causal, window, dropout, scale, gqa)
     mask = sliding_window_mask(q.shape[-2], window, q.device) if window is not None else None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                           dropout_p=dropout, scale=scale, enable_gqa=gqa)
@@ -210,9 +217,11 @@ class Attention(nn.Module):
         return rope
 
     def forward(self, x: torch.Tensor, cache=None, positions: Optional[torch.Tensor] = None, start: int = 0,
-                key: Optional[str] = None) -> torch.Tensor:
+                key: Optional[str] = None, documents=None) -> torch.Tensor:
         """``cache`` (a ``moedsl.nn.decode.DecodeCache``): decode x, the tokens at slots
-        start..start+T-1 at ``positions`` [B, T], against the keys and values cached under ``key``."""
+        start..start+T-1 at ``positions`` [B, T], against the keys and values cached under ``key``.
+        Packed rows (no cache): ``positions`` [B, T] each token's within its document and
+        ``documents`` the rows' document mask (``moedsl.nn.documents``)."""
         B, T, _ = x.shape
         if cache is not None and not torch.is_grad_enabled() and self.qk_norm == "none" and self.clip_qkv is None:
             return self._decode(x, cache, positions, start, key)
@@ -237,7 +246,7 @@ class Attention(nn.Module):
         # grouped-query heads: SDPA reads each key/value head for its H/K query heads (enable_gqa),
         # with no repeated copy of k and v and no sum over the copies in backward
         y = _attend(q, k, v, self.causal, self.sliding_window, self.dropout if self.training else 0.0,
-                    gqa=self.kv_heads != self.heads)
+                    gqa=self.kv_heads != self.heads, documents=documents)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
     def _qkv(self) -> tuple:
@@ -320,9 +329,10 @@ class LatentAttention(nn.Module):
         return rope
 
     def forward(self, x: torch.Tensor, cache=None, positions: Optional[torch.Tensor] = None, start: int = 0,
-                key: Optional[str] = None) -> torch.Tensor:
-        """``cache``: decode, as ``Attention.forward``; the cache holds the heads' expanded keys
-        [B, H, T_max, Dn+Dr] and values [B, H, T_max, Dv] (what transformers' cache holds)."""
+                key: Optional[str] = None, documents=None) -> torch.Tensor:
+        """``cache``: decode, and packed rows (``positions``, ``documents``), as ``Attention.forward``;
+        the cache holds the heads' expanded keys [B, H, T_max, Dn+Dr] and values [B, H, T_max, Dv]
+        (what transformers' cache holds)."""
         B, T, _ = x.shape
         H, Dn, Dr, Dv = self.heads, self.nope, self.rope, self.v_dim
         q = self.wq(x) if not self.q_lora else self.wq_b(self.q_norm(self.wq_a(x)))  # [B, T, H·(Dn+Dr)]
@@ -340,7 +350,8 @@ class LatentAttention(nn.Module):
         if cache is not None:
             y = attend_cached(q, k, v, cache, key, start, None, self.scale)
             return self.wo(y.transpose(1, 2).reshape(B, T, H * Dv))
-        y = _attend(q, k, v, self.causal, None, self.dropout if self.training else 0.0, self.scale)
+        y = _attend(q, k, v, self.causal, None, self.dropout if self.training else 0.0, self.scale,
+                    documents=documents)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * Dv))  # y: [B, H, T, Dv]
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .documents import document_positions
 
 
 def init_normal(module: nn.Module, std: float) -> None:
@@ -38,9 +41,12 @@ class LSTMBlock(nn.Module):
                             dropout=dropout if layers > 1 else 0.0)
 
     def forward(self, x: torch.Tensor, cache=None, positions: torch.Tensor | None = None, start: int = 0,
-                key: str | None = None) -> torch.Tensor:
+                key: str | None = None, documents: torch.Tensor | None = None) -> torch.Tensor:
         """``cache``: decode, continuing from the (h, c) [layers, B, d] kept under ``key``; a left-padding
-        token (negative position) leaves its row's state as it was."""
+        token (negative position) leaves its row's state as it was. ``documents`` [B, T] (packed rows,
+        ``moedsl.nn.documents``): the state starts from zero at each document's first token."""
+        if documents is not None:
+            return self._per_document(x, documents)
         if cache is None:
             return self.lstm(x)[0]
         B, T, d = x.shape
@@ -60,6 +66,23 @@ class LSTMBlock(nn.Module):
         h.copy_(h2)
         c.copy_(c2)
         return y
+
+
+    def _per_document(self, x: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d] with each row's documents run as sequences of their own: the N documents of
+        the batch become one packed batch of N sequences (their lengths on the host), each
+        starting from the zero state, as it would alone."""
+        B, T, d = x.shape
+        positions = document_positions(documents)  # [B, T]: each token's index in its document
+        starts = (positions == 0).flatten()  # [B·T]
+        doc = starts.long().cumsum(0) - 1  # [B·T]: each token's document in the batch, from 0
+        N = int(doc[-1]) + 1
+        lengths = torch.bincount(doc, minlength=N)  # [N]
+        padded = x.new_zeros(N, int(lengths.max()), d)
+        padded[doc, positions.flatten()] = x.reshape(B * T, d)  # [N, L, d]
+        packed = pack_padded_sequence(padded, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        y = pad_packed_sequence(self.lstm(packed)[0], batch_first=True)[0]  # [N, L, d]
+        return y[doc, positions.flatten()].view(B, T, d)
 
 
 class RMSNorm(nn.Module):
