@@ -29,7 +29,6 @@ import bisect
 import hashlib
 import importlib.util
 import math
-import sysconfig
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 
 from moedsl.errors import MoedslError, UserError
 
-PYSTDLIB_MAX_BYTES = 24 * 2**20
+from .corpus import PYSTDLIB_MAX_BYTES, pystdlib_files
 
 
 @dataclass
@@ -151,8 +150,7 @@ class Bytes(Source):
 
 def pystdlib_bytes(limit: int = PYSTDLIB_MAX_BYTES) -> tuple[bytes, bytes, int]:
     """(train, held-out, files) from the standard library's .py files, in a fixed order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
+    root, files = pystdlib_files()
     train, held, total = [], [], 0
     for p in files:
         try:

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from moedsl.errors import UserError
+from moedsl.paths import apart  # noqa: F401 - here too, beside staged (it has no torch: data prepare uses it)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -299,27 +300,6 @@ def _write_file(path: Path, entries: list) -> int:
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
             del t
     return offset
-
-
-def apart(out: Path, sources: Iterable, option: str = "--out") -> None:
-    """Refuse an ``out`` that is one of ``sources`` (None entries skipped) or lies inside or above
-    one: ``staged`` replaces ``out`` whole, which would delete the source being read. Every
-    command with a source and an ``--out`` calls this before writing."""
-    here = Path(out).expanduser().resolve()
-    for source in sources:
-        if source is None:
-            continue
-        src = Path(source).expanduser().resolve()
-        if here == src:
-            where = "is"
-        elif src in here.parents:
-            where = "lies inside"
-        elif here in src.parents:
-            where = "holds"
-        else:
-            continue
-        raise UserError(f"{option} {out} {where} the source {source}: give an {option} apart from it (writing "
-                        f"{out} would {'write into' if where == 'lies inside' else 'delete'} the source)")
 
 
 @contextlib.contextmanager
