@@ -85,7 +85,8 @@ def _binary(path: Path) -> bool:
     if b"\0" in head:
         return True
     try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut multi-byte tail is fine
+        # a multi-byte character cut at the end of the sniffed bytes is fine, not at the file's end
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < SNIFF_BYTES)
     except UnicodeDecodeError:
         return True
     return False
