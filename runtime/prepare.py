@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -42,7 +43,7 @@ from .tokens import (MANIFEST, TOKENIZER, VERSION, ShardWriter, atomic_folder, i
 
 HELD_OUT = 0.05
 BATCH_DOCS = 1024  # documents per encode_batch call ...
-BATCH_BYTES = 4 << 20  # ... or this much text, whichever comes first (bounds the memory of a batch)
+BATCH_BYTES = 1 << 20  # ... or this much text, whichever comes first (bounds the memory of a batch)
 
 
 def cache_root() -> Path:
@@ -199,17 +200,31 @@ def _fill(plan: _Plan, tmp: Path, batch_docs: int, progress) -> None:
     last: dict = {"train": None, "eval": None}
     cut = int(plan.options["held_out"] * 2**64)
     bar = _Progress(progress, plan.corpus.total_bytes)
+    # the same ids as encode_batch without the character offsets (tokenizers >= 0.21): 1.6x faster
+    encode = getattr(plan.tokenizer, "encode_batch_fast", plan.tokenizer.encode_batch)
+
+    def write(texts, sizes, encoded, done):
+        for text, nbytes, enc in zip(texts, sizes, encoded.result()):
+            ids = np.array(enc.ids + [eos], dtype=dtype)
+            digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+            split = "eval" if int.from_bytes(digest, "little") < cut else "train"
+            if last[split] is not None:
+                writers[split].add(*last[split])
+            last[split] = (ids, nbytes)
+        bar.update(done)
+
+    # one batch encodes (Rust threads, the GIL released) while this thread reads the next and
+    # writes the one before: the reading and writing hide behind the tokenizer's work
     try:
-        for texts, sizes in _batches(plan.corpus, batch_docs):
-            encodings = plan.tokenizer.encode_batch(texts, add_special_tokens=False)
-            for text, nbytes, enc in zip(texts, sizes, encodings):
-                ids = np.array(enc.ids + [eos], dtype=dtype)
-                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-                split = "eval" if int.from_bytes(digest, "little") < cut else "train"
-                if last[split] is not None:
-                    writers[split].add(*last[split])
-                last[split] = (ids, nbytes)
-            bar.update(plan.corpus.done_bytes)
+        with ThreadPoolExecutor(1, thread_name_prefix="moedsl-encode") as pool:
+            before = None
+            for texts, sizes in _batches(plan.corpus, batch_docs):
+                job = (texts, sizes, pool.submit(encode, texts, add_special_tokens=False), plan.corpus.done_bytes)
+                if before is not None:
+                    write(*before)
+                before = job
+            if before is not None:
+                write(*before)
     finally:
         bar.close()
     counts = {s: w.info.documents + (last[s] is not None) for s, w in writers.items()}
