@@ -1,7 +1,9 @@
-"""Paths a command writes, checked against the paths it reads (no torch here: ``moedsl data
-prepare`` runs without it)."""
+"""Folders a command writes: checked against the paths it reads, and swapped into place whole
+(no torch here: ``moedsl data prepare`` runs without it)."""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -27,3 +29,20 @@ def apart(out: Path, sources: Iterable, option: str = "--out") -> None:
             continue
         raise UserError(f"{option} {out} {where} the source {source}: give an {option} apart from it (writing "
                         f"{out} would {'write into' if where == 'lies inside' else 'delete'} the source)")
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` onto ``out``; an existing ``out`` is moved aside first
+    and removed after, or put back whole when the rename fails."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:  # the old out comes back whole
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -65,7 +65,8 @@ def _stat(path: Path, kind: str) -> SourceFile:
     return SourceFile(path, kind, st.st_size, st.st_mtime_ns)
 
 
-def _kind(path: Path) -> str:
+def file_kind(path: Path) -> str:
+    """How a file is read, from its name: JSONL, PARQUET or (anything else) TEXT."""
     name = path.name.lower()
     if name.endswith(JSONL_SUFFIXES):
         return JSONL
@@ -164,7 +165,7 @@ class Corpus:
             return self._folder(p, src)
         if not p.is_file():
             raise UserError(f"{src}: not a regular file or a folder")
-        return [_stat(p, _kind(p))]
+        return [_stat(p, file_kind(p))]
 
     def _folder(self, root: Path, src: str) -> list:
         if (root / "manifest.json").is_file():
@@ -190,7 +191,7 @@ class Corpus:
                 p = Path(here) / name
                 if not p.is_file():
                     continue
-                kind = _kind(p)
+                kind = file_kind(p)
                 if kind == TEXT and _binary(p):
                     self.skipped.append(p)
                     continue
@@ -373,4 +374,4 @@ def _pyarrow(path: Path, parquet: bool = False):
     return pa, pq
 
 
-__all__ = ["Corpus", "SourceFile", "pystdlib_files", "PYSTDLIB", "PYSTDLIB_MAX_BYTES"]
+__all__ = ["Corpus", "SourceFile", "file_kind", "pystdlib_files", "PYSTDLIB", "PYSTDLIB_MAX_BYTES"]

@@ -34,14 +34,15 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from moedsl.errors import UserError
-from moedsl.paths import apart
+from moedsl.paths import apart, swap_in
 
-from .corpus import Corpus
-from .tokenizer_train import CONFIG, EOS_NAMES, load_tokenizer, special_tokens
+from .corpus import TEXT, Corpus, file_kind
+from .tokenizer_train import CONFIG, EOS_NAMES, load_tokenizer, special_tokens, tokenizer_file
 from .tokens import (MANIFEST, TOKENIZER, VERSION, ShardWriter, atomic_folder, is_token_folder, open_tokens,
                      token_dtype, tokenizer_max_id, tokenizer_sha256, write_manifest)
 
 HELD_OUT = 0.05
+PARAGRAPHS = "\n\n"  # where cached_prepare cuts a lone text file into documents
 BATCH_DOCS = 1024  # documents per encode_batch call ...
 BATCH_BYTES = 1 << 20  # ... or this much text, whichever comes first (bounds the memory of a batch)
 
@@ -78,7 +79,7 @@ class _Plan:
 def _plan(sources: Iterable, tokenizer, field: str, separator: Optional[str], held_out: float) -> _Plan:
     if not 0.0 < held_out < 1.0:
         raise UserError(f"--held-out {held_out}: the fraction of documents held out, above 0 and below 1")
-    path = Path(tokenizer).expanduser()
+    path = tokenizer_file(tokenizer)
     tok = load_tokenizer(path)
     eos = special_tokens(path, tok).get("eos")
     if eos is None:
@@ -157,18 +158,7 @@ def _write(plan: _Plan, out: Path, batch_docs: int, progress) -> None:
         raise UserError(f"--out {out}: cannot create a folder in {out.parent} ({e.strerror or e})") from None
     try:
         _fill(plan, tmp, batch_docs, progress)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if old is not None:  # the old out comes back whole
-                os.replace(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         where = f" ({e.filename})" if e.filename else ""
@@ -284,8 +274,14 @@ def cached_prepare(source: str, tokenizer, field: str = "text", progress=False,
     """``source`` (a text file, a folder, a JSONL file) prepared with ``tokenizer`` once, into
     a folder of the cache (``cache_root()/tokens``) named by the sources' identity (paths,
     sizes, mtimes), the tokenizer's hash and the options; later calls return it unread. A lock
-    file makes processes that ask at once prepare it once."""
-    plan = _plan([source], tokenizer, field, None, HELD_OUT)
+    file makes processes that ask at once prepare it once.
+
+    A text file is cut into documents at blank lines (paragraphs: ``PARAGRAPHS``, the blank
+    line itself replaced by the eos that ends each one), so that one file has documents to
+    hold out; a folder's files and JSONL lines are documents as in ``prepare``."""
+    p = Path(str(source)).expanduser()
+    separator = PARAGRAPHS if p.is_file() and file_kind(p) == TEXT else None
+    plan = _plan([source], tokenizer, field, separator, HELD_OUT)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(source)).name)[:40] or "corpus"
     out = cache_root() / "tokens" / f"{stem}-{plan.key[:16]}"
     if up_to_date(out, plan.key):

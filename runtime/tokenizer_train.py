@@ -31,13 +31,18 @@ BYTES = 256
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>")
 
 
+def tokenizer_file(path) -> Path:
+    """``path`` (a tokenizer.json), or the tokenizer.json in the folder ``path`` (an import's)."""
+    path = Path(path).expanduser()
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
 def load_tokenizer(path: Path):
     """The ``tokenizers`` Tokenizer in ``path``; a missing file, a missing library or a file
     that is not a tokenizer.json is a ``UserError`` naming it."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such tokenizer file" + (" (a folder: name its tokenizer.json)"
-                                                             if path.is_dir() else ""))
+        raise UserError(f"{path}: no such tokenizer file")
     try:
         from tokenizers import Tokenizer
     except ImportError:
@@ -149,4 +154,4 @@ def train_tokenizer(sources: Iterable, vocab_size: int, out, *, field: str = "te
             "special": special, "skipped": len(corpus.skipped), **stats}
 
 
-__all__ = ["train_tokenizer", "load_tokenizer", "special_tokens", "SPECIAL", "CONFIG", "EOS_NAMES"]
+__all__ = ["train_tokenizer", "tokenizer_file", "load_tokenizer", "special_tokens", "SPECIAL", "CONFIG", "EOS_NAMES"]

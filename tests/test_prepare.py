@@ -362,3 +362,13 @@ def test_cached_prepare_prepares_once_per_source_and_tokenizer(tok_path, tmp_pat
     b = prep.cached_prepare(str(tmp_path / "more"), tok_path)
     assert b != a and sorted(sum(_documents(b).values(), [])) == sorted(
         _expected(tok_path, ["another file", "and one more, edited"]))
+
+
+def test_cached_prepare_cuts_a_lone_text_file_at_blank_lines_and_takes_an_import_folder(tok_path, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setenv("MOEDSL_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "notes.txt"
+    src.write_text("first paragraph\nstill the first\n\nsecond one\n\nthird")
+    out = prep.cached_prepare(str(src), tok_path.parent)  # the folder holding tokenizer.json
+    assert sorted(sum(_documents(out).values(), [])) == sorted(
+        _expected(tok_path, ["first paragraph\nstill the first", "second one", "third"]))

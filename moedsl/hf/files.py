@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from moedsl.errors import UserError
-from moedsl.paths import apart  # noqa: F401 - here too, beside staged (it has no torch: data prepare uses it)
+from moedsl.paths import apart, swap_in  # noqa: F401 - apart here too, beside staged (moedsl.paths has no torch)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -325,18 +325,7 @@ def staged(out: Path, overwrite: bool, option: str = "--out"):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if old is not None:  # the old out comes back whole
-                os.replace(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, out)
     except OSError as e:
         from moedsl.compiler.plan import human_bytes
         from moedsl.runtime.ckpt_storage import failure_reason, free_space  # runtime imports moedsl.hf
