@@ -2,7 +2,7 @@
 against what a training step consumes, and prepare's peak memory on a corpus 4x the memory
 it is allowed.
 
-    python bench/data.py              # pystdlib throughput (3 repeats), loader, memory on 4 x 384 MiB
+    python bench/data.py              # pystdlib throughput (3 repeats), loader, memory on 4 x 512 MiB
     python bench/data.py --quick      # under a minute: 2 MB of pystdlib, 1 repeat, a 32 MiB corpus
 
 (a) **prepare** (``runtime.prepare.prepare``: read the files, tokenize in batches, hash each
@@ -184,7 +184,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="under a minute: 2 MB of pystdlib, 1 repeat, a 32 MiB corpus")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=4096, help="the BPE's vocabulary (default 4096)")
-    ap.add_argument("--limit-mb", type=int, default=384, help="prepare's address-space limit, MiB (default 384)")
+    ap.add_argument("--limit-mb", type=int, default=512, help="prepare's address-space limit, MiB (default 512)")
     ap.add_argument("--corpus-x", type=float, default=4.0, help="the memory corpus, times the limit (default 4)")
     args = ap.parse_args()
     from rich.console import Console

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -129,9 +131,9 @@ def test_rerunning_on_the_same_inputs_writes_nothing_and_a_changed_source_needs_
     src = _jsonl(tmp_path / "d.jsonl", ["one document", "another one", "a third"])
     argv = ["data", "prepare", str(src), "--tokenizer", str(tok_path), "--out", str(tmp_path / "out")]
     assert main(argv) == 0
+    assert "MB read (100%)" in capsys.readouterr().out  # progress as plain lines when not on a terminal
     manifest = tmp_path / "out" / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
-    capsys.readouterr()
     assert main(argv) == 0
     assert "is up to date" in capsys.readouterr().out and manifest.stat().st_mtime_ns == stamp
     _jsonl(src, ["one document", "another one", "a third, changed"])
@@ -372,3 +374,9 @@ def test_cached_prepare_cuts_a_lone_text_file_at_blank_lines_and_takes_an_import
     out = prep.cached_prepare(str(src), tok_path.parent)  # the folder holding tokenizer.json
     assert sorted(sum(_documents(out).values(), [])) == sorted(
         _expected(tok_path, ["first paragraph\nstill the first", "second one", "third"]))
+
+
+def test_importing_prepare_does_not_import_torch():
+    """A memory-limited prepare (bench/data.py runs one under RLIMIT_AS) must not carry torch."""
+    code = "import sys, moedsl.runtime.prepare, moedsl.cli; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
