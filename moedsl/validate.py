@@ -140,10 +140,15 @@ def _tokenizer(spec: Spec, c: _Checks) -> None:
         return
     from .runtime.tokens import model_tokenizer, tokenizer_max_id
 
-    path = model_tokenizer(spec)
-    if not path.is_file():
+    try:
+        path = model_tokenizer(spec)
+        found, folder = path.is_file(), path.is_dir()
+    except (OSError, ValueError, RuntimeError) as e:  # ~user with no such user
+        c.error(("model", "tokenizer"), f"{m.tokenizer!r} is not a usable path ({e})")
+        return
+    if not found:
         c.error(("model", "tokenizer"), f"{path}: no such file" + (" (a folder: name its tokenizer.json)"
-                                                                   if path.is_dir() else ""))
+                                                                   if folder else ""))
         return
     try:
         top = tokenizer_max_id(path)

@@ -136,6 +136,13 @@ def test_spec_naming_a_missing_tokenizer_gets_a_located_error(tmp_path):
     assert main(["validate", str(tmp_path / "s.yaml")]) == 2
 
 
+def test_a_tokenizer_path_that_cannot_be_a_path_is_a_located_error_not_a_crash(tmp_path):
+    (tmp_path / "s.yaml").write_text(SPEC.format(vocab=300, tokenizer="~no-such-user-moedsl/tokenizer.json"))
+    with pytest.raises(SpecError) as e:
+        moedsl.load_spec(tmp_path / "s.yaml")
+    assert e.value.issues[0].line == 5 and "not a usable path" in e.value.issues[0].message
+
+
 def test_a_tokenizer_on_a_model_without_token_ids_is_refused(tmp_path):
     spec = {"moedsl": 1, "name": "v", "model": {"input": "vectors", "d_model": 8, "tokenizer": "t.json"},
             "layers": [{"ffn": {"hidden": 8}}]}
