@@ -128,8 +128,8 @@ def loader(folder: Path, quick: bool) -> dict:
         if step >= warm:
             times.append(time.perf_counter() - s)
     step_rate = B * T / statistics.median(times)
-    return dict(B=B, T=T, windows=rates[False], windows_docs=rates[True], step=step_rate, step_ms=1e3 * statistics.median(times),
-                threads=torch.get_num_threads())
+    return dict(B=B, T=T, windows=rates[False], windows_docs=rates[True], step=step_rate,
+                step_ms=1e3 * statistics.median(times), threads=torch.get_num_threads())
 
 
 CHILD = """

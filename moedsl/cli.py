@@ -614,8 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "special tokens, the merges learned")
     tt.add_argument("--out", required=True, metavar="PATH", help="the tokenizer.json to write (or a folder for "
                     "it); tokenizer_config.json goes beside it")
-    tt.add_argument("--min-frequency", type=_positive, default=2, help="a merge is learned from pairs seen at least "
-                    "this often (default 2)")
+    tt.add_argument("--min-frequency", type=_positive, default=2, metavar="N", help="a merge is learned from "
+                    "pairs seen at least this often (default 2)")
     tt.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer")
     tt.set_defaults(func=_cmd_tokenizer_train)
 

@@ -10,7 +10,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -22,7 +21,8 @@ from moedsl.runtime.tokens import ShardWriter, open_tokens, tokenizer_sha256
 tokenizers = pytest.importorskip("tokenizers")
 
 EOS = "<|endoftext|>"
-TRAIN_TEXT = ["def f(x):\n    return x * 2\n", "Grüße aus Köln", "東京タワー", "the cat sat on the mat", "🙂🙃 ok"] * 30
+TRAIN_TEXT = ["def f(x):\n    return x * 2\n", "Grüße aus Köln", "東京タワー", "the cat sat on the mat",
+              "🙂🙃 ok"] * 30
 
 
 def _bpe(folder: Path) -> Path:
