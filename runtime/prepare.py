@@ -36,7 +36,7 @@ import numpy as np
 from moedsl.errors import UserError
 from moedsl.paths import apart, swap_in
 
-from .corpus import TEXT, Corpus, file_kind
+from .corpus import PYSTDLIB, TEXT, Corpus, file_kind
 from .tokenizer_train import CONFIG, EOS_NAMES, load_tokenizer, special_tokens, tokenizer_file
 from .tokens import (MANIFEST, TOKENIZER, VERSION, ShardWriter, atomic_folder, is_token_folder, open_tokens,
                      token_dtype, tokenizer_max_id, tokenizer_sha256, write_manifest)
@@ -280,7 +280,7 @@ def cached_prepare(source: str, tokenizer, field: str = "text", progress=False,
     line itself replaced by the eos that ends each one), so that one file has documents to
     hold out; a folder's files and JSONL lines are documents as in ``prepare``."""
     p = Path(str(source)).expanduser()
-    separator = PARAGRAPHS if p.is_file() and file_kind(p) == TEXT else None
+    separator = PARAGRAPHS if str(source) != PYSTDLIB and p.is_file() and file_kind(p) == TEXT else None
     plan = _plan([source], tokenizer, field, separator, HELD_OUT)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(source)).name)[:40] or "corpus"
     out = cache_root() / "tokens" / f"{stem}-{plan.key[:16]}"
