@@ -363,6 +363,44 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_tokenizer_train(args) -> int:
+    from .runtime.prepare import unescape
+    from .runtime.tokenizer_train import train_tokenizer
+
+    sep = "\n" if args.split_lines else (unescape(args.separator) if args.separator is not None else None)
+    done = train_tokenizer(args.sources, args.vocab_size, args.out, field=args.field, separator=sep,
+                           min_frequency=args.min_frequency, overwrite=args.overwrite,
+                           progress=sys.stderr.isatty())
+    if done["skipped"]:
+        print(f"moedsl: skipped {done['skipped']} binary file(s)")
+    special = ", ".join(f"{role} {text} = {i}" for role, (text, i) in done["special"].items())
+    print(f"trained a byte-level BPE of {done['vocab_size']:,} tokens on {done['documents']:,} documents "
+          f"({done['bytes'] / 1e6:,.1f} MB) into {done['out']} (+ {done['config'].name}): {special}")
+    return 0
+
+
+def _cmd_data_prepare(args) -> int:
+    from .runtime.prepare import prepare, unescape
+
+    sep = "\n" if args.split_lines else (unescape(args.separator) if args.separator is not None else None)
+    prepare(args.sources, args.tokenizer, args.out, field=args.field, separator=sep, held_out=args.held_out,
+            overwrite=args.overwrite, progress=not args.no_progress, report=lambda text: print(f"moedsl: {text}"))
+    return 0
+
+
+def _add_source_options(p) -> None:
+    """SRC... and how documents are read from them (``runtime.corpus``)."""
+    p.add_argument("sources", nargs="+", metavar="SRC", help="text files, folders (recursive; binary files "
+                   "skipped), .jsonl, .parquet, a datasets save_to_disk folder, or pystdlib")
+    p.add_argument("--field", default="text", help="the JSONL field / parquet or datasets column holding the text "
+                   "(default text)")
+    cut = p.add_mutually_exclusive_group()
+    cut.add_argument("--split-lines", action="store_true", help="each line of a text file is a document (default: "
+                     "each file is one)")
+    cut.add_argument("--separator", metavar="TEXT", help="cut text files into documents at TEXT (\\n, \\t "
+                     "understood; e.g. '\\n\\n' for paragraphs)")
+
+
 def _add_compile_options(p) -> None:
     p.add_argument("spec", metavar="SPEC")
     p.add_argument("--world-size", type=_positive, default=None,
@@ -570,6 +608,32 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--json", action="store_true", help="one JSON object: ids (new ids per row), text, stopped (per "
                     "row: eos, stop or length), tokens_per_s, device, cuda_graphs")
     gn.set_defaults(func=_cmd_generate)
+
+    tk = sub.add_parser("tokenizer", help="train a tokenizer on text").add_subparsers(dest="action", required=True)
+    tt = tk.add_parser("train", help="a byte-level BPE (any text encodes) with bos/eos/pad special tokens -> "
+                       "tokenizer.json + tokenizer_config.json")
+    _add_source_options(tt)
+    tt.add_argument("--vocab-size", type=_positive, required=True, metavar="N", help="ids in all: 256 bytes, 3 "
+                    "special tokens, the merges learned")
+    tt.add_argument("--out", required=True, metavar="PATH", help="the tokenizer.json to write (or a folder for "
+                    "it); tokenizer_config.json goes beside it")
+    tt.add_argument("--min-frequency", type=_positive, default=2, metavar="N", help="a merge is learned from "
+                    "pairs seen at least this often (default 2)")
+    tt.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer")
+    tt.set_defaults(func=_cmd_tokenizer_train)
+
+    da = sub.add_parser("data", help="prepare training data").add_subparsers(dest="action", required=True)
+    dp = da.add_parser("prepare", help="tokenize text into memory-mapped token shards with a held-out split, "
+                       "for `moedsl run --data DIR`")
+    _add_source_options(dp)
+    dp.add_argument("--tokenizer", required=True, metavar="PATH", help="a tokenizer.json (its eos ends each "
+                    "document: eos_token of the tokenizer_config.json beside it, or a common name)")
+    dp.add_argument("--out", required=True, metavar="DIR")
+    dp.add_argument("--held-out", type=_number, default=0.05, metavar="P", help="fraction of documents held out "
+                    "for evaluation, chosen by a hash of each document's text (default 0.05; at least one)")
+    dp.add_argument("--overwrite", action="store_true", help="replace an --out that holds something else")
+    dp.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    dp.set_defaults(func=_cmd_data_prepare)
 
     s = sub.add_parser("schema", help="print the JSON Schema of a spec (for editors)")
     s.add_argument("--path", action="store_true", help="print where the schema file is installed instead")

@@ -52,6 +52,7 @@ class Model:
     d_model: int
     input: str = _MODEL["input"]  # tokens | vectors | image
     vocab_size: Optional[int] = None
+    tokenizer: Optional[str] = None  # a tokenizer.json path (input: tokens), relative to the spec file's folder
     max_seq_len: int = _MODEL["max_seq_len"]
     dtype: str = _MODEL["dtype"]
     router_dtype: str = _MODEL["router_dtype"]

@@ -11,7 +11,7 @@ from typing import Any
 from .checks import Checks as _Checks
 from .checks import NoLocation
 from .checks import a as _a
-from .errors import Issue, MoedslError, format_path
+from .errors import Issue, MoedslError, UserError, format_path
 from .kinds import layer_kind, layer_kinds, take
 from .kinds.moe import overlap_issue
 from .kinds.patch_embed import tokens_per_image
@@ -47,6 +47,8 @@ def build_spec(data: dict, located, schema_issues=()) -> Spec:
     spec = Spec(version=data["moedsl"], name=data["name"], description=data.get("description", ""),
                 model=model, layers=layers, placement=placement, train=train,
                 source=located.source, located=located, data=data)
+    if model.tokenizer is not None:
+        _tokenizer(spec, c)
     c.issues.extend(i for i in check_batch(spec, train.batch_size, origin="train.batch_size") if i not in c.issues)
     if placement.mesh is not None:
         check_mesh(spec, placement.mesh.size, c)
@@ -122,6 +124,40 @@ def _model(d: dict, c: _Checks) -> Model:
                 c.error(("model", key), f"{key!r} applies to input: image only (this model's input is {m.input})",
                         key=True)
     return m
+
+
+def _tokenizer(spec: Spec, c: _Checks) -> None:
+    """model.tokenizer: a file whose every id the embedding has a row for. Checked where the spec
+    is YAML a person wrote (it has positions); a spec rebuilt from a dict (a checkpoint's
+    meta.json, a worker's copy) was checked when written, and its relative path no longer has
+    the folder it was relative to."""
+    m = spec.model
+    if m.input != "tokens":
+        c.error(("model", "tokenizer"), f"'tokenizer' applies to input: tokens only (this model's input is "
+                f"{m.input})", key=True)
+        return
+    if not spec.located.values:
+        return
+    from .runtime.tokens import model_tokenizer, tokenizer_max_id
+
+    try:
+        path = model_tokenizer(spec)
+        found, folder = path.is_file(), path.is_dir()
+    except (OSError, ValueError, RuntimeError) as e:  # ~user with no such user
+        c.error(("model", "tokenizer"), f"{m.tokenizer!r} is not a usable path ({e})")
+        return
+    if not found:
+        c.error(("model", "tokenizer"), f"{path}: no such file" + (" (a folder: name its tokenizer.json)"
+                                                                   if folder else ""))
+        return
+    try:
+        top = tokenizer_max_id(path)
+    except UserError as e:
+        c.error(("model", "tokenizer"), str(e))
+        return
+    if m.vocab_size is not None and top >= m.vocab_size:
+        c.error(("model", "vocab_size"), f"{m.vocab_size} does not cover the tokenizer {path}: its ids run to {top}",
+                f"vocab_size: {top + 1} or more")
 
 
 def _image(d: dict, m: Model, c: _Checks) -> None:

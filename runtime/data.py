@@ -38,7 +38,6 @@ import bisect
 import hashlib
 import importlib.util
 import math
-import sysconfig
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +48,9 @@ import torch
 
 from moedsl.errors import MoedslError, UserError
 
+from .corpus import PYSTDLIB_MAX_BYTES, pystdlib_files
 from .resolve import is_import_dir
 from .tokens import MANIFEST, TOKENIZER, model_tokenizer, open_tokens, tokenizer_sha256
-
-PYSTDLIB_MAX_BYTES = 24 * 2**20
 
 
 @dataclass
@@ -179,8 +177,7 @@ class Bytes(Source):
 
 def pystdlib_bytes(limit: int = PYSTDLIB_MAX_BYTES) -> tuple[bytes, bytes, int]:
     """(train, held-out, files) from the standard library's .py files, in a fixed order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
+    root, files = pystdlib_files()
     train, held, total = [], [], 0
     for p in files:
         try:

@@ -41,18 +41,38 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-def tokenizer_sha256(path) -> str:
-    """The hash that names a tokenizer: sha256 of its tokenizer.json as canonical JSON (keys
-    sorted, no spaces), so the same tokenizer saved with other formatting hashes the same."""
+def _tokenizer_json(path):
     p = Path(path)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        return json.loads(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise UserError(f"{p}: cannot be read ({e.strerror or e})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{p}: not a tokenizer.json ({e})") from None
-    canon = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def tokenizer_sha256(path) -> str:
+    """The hash that names a tokenizer: sha256 of its tokenizer.json as canonical JSON (keys
+    sorted, no spaces), so the same tokenizer saved with other formatting hashes the same."""
+    canon = json.dumps(_tokenizer_json(path), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+def tokenizer_max_id(path) -> int:
+    """The largest id a tokenizer.json can give, read from the JSON alone (no ``tokenizers``):
+    its model's vocabulary ({token: id} of BPE, WordPiece and WordLevel; Unigram's list of
+    [token, score] in id order) and its added tokens. -1 where it has none."""
+    data = _tokenizer_json(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a tokenizer.json (a JSON {type(data).__name__}, not an object)")
+    vocab = (data.get("model") or {}).get("vocab") if isinstance(data.get("model"), dict) else None
+    ids = [-1]
+    if isinstance(vocab, dict):
+        ids += [v for v in vocab.values() if isinstance(v, int)]
+    elif isinstance(vocab, list):
+        ids.append(len(vocab) - 1)
+    ids += [t["id"] for t in data.get("added_tokens") or () if isinstance(t, dict) and isinstance(t.get("id"), int)]
+    return max(ids)
 
 
 # ---------------------------------------------------------------------------------------- writing

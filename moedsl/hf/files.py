@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from moedsl.errors import UserError
+from moedsl.paths import apart, swap_in  # noqa: F401 - apart here too, beside staged (moedsl.paths has no torch)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -304,27 +305,6 @@ def _write_file(path: Path, entries: list, written: Optional[Callable[[int], Non
     return offset
 
 
-def apart(out: Path, sources: Iterable, option: str = "--out") -> None:
-    """Refuse an ``out`` that is one of ``sources`` (None entries skipped) or lies inside or above
-    one: ``staged`` replaces ``out`` whole, which would delete the source being read. Every
-    command with a source and an ``--out`` calls this before writing."""
-    here = Path(out).expanduser().resolve()
-    for source in sources:
-        if source is None:
-            continue
-        src = Path(source).expanduser().resolve()
-        if here == src:
-            where = "is"
-        elif src in here.parents:
-            where = "lies inside"
-        elif here in src.parents:
-            where = "holds"
-        else:
-            continue
-        raise UserError(f"{option} {out} {where} the source {source}: give an {option} apart from it (writing "
-                        f"{out} would {'write into' if where == 'lies inside' else 'delete'} the source)")
-
-
 @contextlib.contextmanager
 def staged(out: Path, overwrite: bool, option: str = "--out"):
     """A folder to write into, renamed to ``out`` when the block ends without an error (an
@@ -348,18 +328,7 @@ def staged(out: Path, overwrite: bool, option: str = "--out"):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if old is not None:  # the old out comes back whole
-                os.replace(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, out)
     except OSError as e:
         from moedsl.compiler.plan import human_bytes
         from moedsl.runtime.ckpt_storage import failure_reason, free_space  # runtime imports moedsl.hf
