@@ -48,10 +48,10 @@ BATCH_BYTES = 1 << 20  # ... or this much text, whichever comes first (bounds th
 
 
 def cache_root() -> Path:
-    """Where ``cached_prepare`` keeps prepared folders: $MOEDSL_CACHE, else
+    """Where ``cached_prepare`` keeps prepared folders: $MOEDSL_CACHE_DIR, else
     $XDG_CACHE_HOME/moedsl, else ~/.cache/moedsl."""
-    if os.environ.get("MOEDSL_CACHE"):
-        return Path(os.environ["MOEDSL_CACHE"]).expanduser()
+    if os.environ.get("MOEDSL_CACHE_DIR"):
+        return Path(os.environ["MOEDSL_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME")
     return (Path(base).expanduser() if base else Path.home() / ".cache") / "moedsl"
 
@@ -290,7 +290,7 @@ def cached_prepare(source: str, tokenizer, field: str = "text", progress=False,
         out.parent.mkdir(parents=True, exist_ok=True)
         lock = open(out.parent / f".{out.name}.lock", "w")
     except OSError as e:
-        raise UserError(f"the data cache {out.parent}: cannot be written ({e.strerror or e}; $MOEDSL_CACHE "
+        raise UserError(f"the data cache {out.parent}: cannot be written ({e.strerror or e}; $MOEDSL_CACHE_DIR "
                         f"chooses another place)") from None
     with lock, _locked(lock):
         if not up_to_date(out, plan.key):  # not prepared by another process meanwhile

@@ -348,7 +348,7 @@ def test_pystdlib_documents_are_the_files_the_run_reads(tok_path):
 
 
 def test_cached_prepare_prepares_once_per_source_and_tokenizer(tok_path, tmp_path, monkeypatch):
-    monkeypatch.setenv("MOEDSL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MOEDSL_CACHE_DIR", str(tmp_path / "cache"))
     src = tmp_path / "notes.txt"
     src.write_text("first paragraph")
     (tmp_path / "more").mkdir()
@@ -367,7 +367,7 @@ def test_cached_prepare_prepares_once_per_source_and_tokenizer(tok_path, tmp_pat
 
 def test_cached_prepare_cuts_a_lone_text_file_at_blank_lines_and_takes_an_import_folder(tok_path, tmp_path,
                                                                                        monkeypatch):
-    monkeypatch.setenv("MOEDSL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MOEDSL_CACHE_DIR", str(tmp_path / "cache"))
     src = tmp_path / "notes.txt"
     src.write_text("first paragraph\nstill the first\n\nsecond one\n\nthird")
     out = prep.cached_prepare(str(src), tok_path.parent)  # the folder holding tokenizer.json
@@ -379,3 +379,35 @@ def test_importing_prepare_does_not_import_torch():
     """A memory-limited prepare (bench/data.py runs one under RLIMIT_AS) must not carry torch."""
     code = "import sys, moedsl.runtime.prepare, moedsl.cli; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_raw_text_for_an_import_with_a_tokenizer_is_tokenized_with_it_the_same_on_two_processes(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    """The issue's case: `moedsl run IMPORT/spec.yaml --init IMPORT --data notes.txt`, where the
+    import has its tokenizer.json. The text is prepared with that tokenizer once into the cache
+    (both processes of a 2-process run find the one folder), the first lines name the tokenizer,
+    and 1 and 2 processes see the same tokens (the same losses) - not UTF-8 bytes as ids."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_helpers import import_tiny_mixtral, run_init_on_one_and_two_processes
+
+    imp = import_tiny_mixtral(tmp_path, vocab_size=320)
+    tok = _bpe(imp)  # the import's own tokenizer (320 ids, as the model's vocabulary)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n\n".join(f"note {i}: {TRAIN_TEXT[i % len(TRAIN_TEXT)]} and more words" for i in range(200)))
+    monkeypatch.setenv("MOEDSL_CACHE_DIR", str(tmp_path / "cache"))
+    one, two = run_init_on_one_and_two_processes(imp, tmp_path, "--data", str(notes), "--steps", "2")
+    assert len(one) == 2 and two == pytest.approx(one, rel=1e-5)
+    made = [p.parent for p in (tmp_path / "cache").rglob("manifest.json")]
+    assert len(made) == 1 and open_tokens(made[0]).tokenizer_sha256 == tokenizer_sha256(tok)
+    # the text's documents are the tokenizer's ids + eos, not its bytes
+    eos = json.loads(tok.read_text())["added_tokens"][1]["id"]
+    split = open_tokens(made[0]).splits["train"]
+    first = split.tokens(0, int(split._starts[0][1]) if split.document_count > 1 else split.size)
+    assert first[-1] == eos and max(first[:-1]) < 320
+    capsys.readouterr()
+    assert main(["run", str(imp / "spec.yaml"), "--init", str(imp), "--data", str(notes), "--steps", "1", "--batch",
+                 "4", "--seq", "8", "--no-progress", "--ignore-memory-check", "--out", str(tmp_path / "run3")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"tokenizer {imp / 'tokenizer.json'}" in said and "bytes" not in said, said[:600]
