@@ -13,9 +13,10 @@ within each repeat (the machine's speed drifts; a triple shares its state); the 
 medians and the median of the per-repeat ratios. The tokenizer is a byte-level BPE trained
 first with ``moedsl tokenizer train`` on the same files.
 
-(b) **loader**: a training batch drawn as the loader draws one: B random windows of seq + 1
-tokens from the prepared folder (``Split.tokens``, memory-mapped), as torch inputs/targets;
-and with each token's document (``Split.documents``, what ``--pack documents`` reads). Against
+(b) **loader**: training batches from the run's own loader (``runtime.data.Tokens.batch``: per row
+a generator seeded by (seed, step, row), a window of seq + 1 tokens from the memory-mapped folder,
+and each token's document, which ``--pack documents`` reads); and the raw windows alone
+(``Split.tokens``, B random starts from one generator), what the loader costs above reading. Against
 ``moedsl run``'s training step on specs/switch.yaml at its own batch and seq (CPU, the step's
 default threads), timed in-process after two warm-up steps.
 
@@ -95,29 +96,31 @@ def loader(folder: Path, quick: bool) -> dict:
     import torch
 
     import moedsl
+    from moedsl.runtime.data import Tokens
     from moedsl.runtime.tokens import open_tokens
     from moedsl.runtime.train import RunOptions, Trainer
 
     spec = moedsl.load_spec(ROOT / "specs" / "switch.yaml")
     B, T = spec.train.batch_size, spec.train.seq_len
-    split = open_tokens(folder).splits["train"]
+    prepared = open_tokens(folder)
+    split = prepared.splits["train"]
+    source = Tokens([prepared], [1.0], seed=0, name=str(folder))
     rng = np.random.default_rng(0)
 
-    def draw(documents: bool):
+    def draw(step: int, loader: bool):
+        if loader:
+            return source.batch(step, B, T)
         starts = rng.integers(0, split.size - T - 1, B)
         x = torch.from_numpy(np.stack([split.tokens(int(s), T + 1) for s in starts]))
-        inputs, targets = x[:, :-1], x[:, 1:]
-        if documents:
-            inputs = (inputs, torch.from_numpy(np.stack([split.documents(int(s), T) for s in starts])))
-        return inputs, targets
+        return x[:, :-1], x[:, 1:]
 
     rates = {}
-    for documents in (False, True):
+    for loader in (False, True):
         n, s = 0, time.perf_counter()
         while time.perf_counter() - s < (0.3 if quick else 2.0):
-            draw(documents)
+            draw(n, loader)
             n += 1
-        rates[documents] = n * B * T / (time.perf_counter() - s)
+        rates[loader] = n * B * T / (time.perf_counter() - s)
     o = RunOptions.from_spec(spec, device="cpu", data="synthetic", seed=0, progress=False)
     trainer = Trainer(spec, o)
     (warm, steps), times = ((1, 2) if quick else (2, 8)), []
@@ -224,9 +227,9 @@ def main() -> None:
         tb.add_column(col, justify="right" if col else "left")
     tb.add_row(f"training step ({b['step_ms']:.0f} ms)", f"{b['step']:,.0f}", "1")
     r1, r2 = b["windows"] / b["step"], b["windows_docs"] / b["step"]
-    tb.add_row("loader: random windows", f"{b['windows']:,.0f}", f"{r1:,.0f}x (target >= 100x: "
-               f"{'met' if r1 >= 100 else 'MISSED'})")
-    tb.add_row("loader: windows + documents", f"{b['windows_docs']:,.0f}", f"{r2:,.0f}x")
+    tb.add_row("the run's loader (Tokens.batch)", f"{b['windows_docs']:,.0f}", f"{r2:,.0f}x (target >= 100x: "
+               f"{'met' if r2 >= 100 else 'MISSED'})")
+    tb.add_row("raw windows (Split.tokens)", f"{b['windows']:,.0f}", f"{r1:,.0f}x")
     con.print(tb)
     tc = Table(title="(c) prepare's memory under RLIMIT_AS (ulimit -v)")
     for col in ("limit", "corpus", "x limit", "finished", "peak RSS (VmHWM)", "ru_maxrss", "VmPeak", "MB/s",
