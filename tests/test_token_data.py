@@ -420,3 +420,20 @@ def test_inspect_of_a_run_on_a_prepared_folder_reads_its_held_out_windows_as_pie
     top = [t for layer in figures["layers"] for e in layer["top_tokens"] for t in e["tokens"]]
     assert top and {t["id"] for t in top} <= held_ids  # the held-out split's ids, not bytes of a text
     assert all(t["text"] == repr(f"w{t['id']}") for t in top), top[:3]  # each shown as its word
+
+
+def test_a_packed_run_on_a_prepared_folder_trains_and_eval_repeats_its_loss(corpus, tmp_path, capsys):
+    """--pack documents through the real loader: each batch carries the windows' documents (the
+    corpus's documents are 5-41 tokens, so a row of 16 spans several), the run trains, and eval
+    packs as the run did (its loss is the run's last eval_loss, and differs unpacked)."""
+    run = tmp_path / "run"
+    assert main(["run", str(write_spec(tmp_path / "s")), "--data", str(corpus), *RUN, "--steps", "2", "--out",
+                 str(run), "--pack", "documents"]) == 0
+    batch = make_source(moedsl.load_spec(tmp_path / "s" / "spec.yaml"), str(corpus), seed=0).batch(0, 4, SEQ)
+    assert int(batch.documents.max()) >= 1  # rows that pack more than one document
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    packed = json.loads(capsys.readouterr().out)["loss"]
+    assert packed == metrics(run)[-1]["eval_loss"]
+    assert main(["eval", str(run), "--json", "--pack", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] != packed
