@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,16 +114,19 @@ def upcycle(src, out, experts: int, k: int, *, checkpoint=None, layers: str = "a
     (config.json and safetensors: imported into a temporary folder first). Returns a summary."""
     o = Options(experts, k, layers, granularity, gate, router, noise, shared, seed)
     check(o)
-    src_path = Path(str(src))
+    src_path = Path(src) if isinstance(src, (str, os.PathLike)) and "\n" not in str(src) else None
     out = Path(out)
     apart(out, [src_path, checkpoint])
-    if checkpoint is None and src_path.is_dir() and (src_path / "config.json").is_file() \
+    if checkpoint is None and src_path is not None and src_path.is_dir() and (src_path / "config.json").is_file() \
             and not is_import_dir(src_path):
-        with tempfile.TemporaryDirectory(prefix="moedsl-upcycle-") as tmp:
+        # beside --out rather than in /tmp: the import is as large as the dense model
+        with tempfile.TemporaryDirectory(prefix=".moedsl-upcycle-",
+                                         dir=out.parent if out.parent.is_dir() else None) as tmp:
             dense = Path(tmp) / "dense"
             import_checkpoint(str(src_path), dense)
             return _upcycle(resolve(dense), str(src), out, o, overwrite, max_shard)
-    return _upcycle(resolve(src, checkpoint), str(src), out, o, overwrite, max_shard)
+    label = str(src) if src_path is not None else "the spec"
+    return _upcycle(resolve(src, checkpoint), label, out, o, overwrite, max_shard)
 
 
 def _upcycle(source, label: str, out: Path, o: Options, overwrite: bool, max_shard: int) -> dict:

@@ -11,7 +11,6 @@ from moedsl.cli import main
 from moedsl.errors import UserError
 from moedsl.hf import family
 from moedsl.hf.files import Checkpoint, write_sharded
-from hf_helpers import close  # noqa: E402
 
 DENSE = """moedsl: 1
 name: tiny-dense
@@ -108,13 +107,15 @@ def test_the_written_folder_runs_with_init_and_keeps_the_tokenizer(tmp_path, cap
     assert (tmp_path / "run" / "metrics.jsonl").read_text().strip()
 
 
-def test_a_run_folder_upcycles_too(tmp_path, capsys):
+def test_a_run_folder_and_a_spec_with_its_checkpoint_upcycle_too(tmp_path, capsys):
     spec = tmp_path / "dense.yaml"
     spec.write_text(DENSE)
     assert main(["run", str(spec), "--out", str(tmp_path / "run"), "--steps", "2", "--no-progress",
                  "--eval-batches", "1", "--ignore-memory-check"]) == 0, capsys.readouterr().err
     moedsl.upcycle(tmp_path / "run", tmp_path / "moe", 4, 2, granularity=2)
     assert (_logits(tmp_path / "moe") - _logits(tmp_path / "run")).abs().max().item() < 1e-5
+    moedsl.upcycle(spec, tmp_path / "moe-of-spec", 4, 2, checkpoint=tmp_path / "run")  # a spec with --checkpoint
+    assert (_logits(tmp_path / "moe-of-spec") - _logits(tmp_path / "run")).abs().max().item() < 1e-5
 
 
 def _changed_units(a: torch.Tensor, b: torch.Tensor) -> list:
@@ -201,4 +202,4 @@ def test_a_hugging_face_dense_folder_is_imported_then_upcycled_in_one_call(tmp_p
     with torch.no_grad():
         want = ref(ids).logits
         got = moedsl.load_model(tmp_path / "moe", dtype=torch.float32)(ids).output
-    close(got, want)
+    assert (got - want).abs().max().item() < 1e-5
