@@ -16,12 +16,12 @@ from .errors import Issue, MoedslError, SpecError
 from .spec import Spec
 
 __version__ = "0.1.0"
-__all__ = ["load_spec", "compile", "build_model", "load_model", "evaluate", "generate", "inspect", "Spec",
+__all__ = ["load_spec", "compile", "build_model", "load_model", "evaluate", "generate", "inspect", "upcycle", "Spec",
            "SpecError", "Issue", "MoedslError", "__version__"]
 
 
 def __getattr__(name):  # lazy: these import torch
-    if name in ("compile", "build_model", "load_model", "evaluate", "generate", "inspect"):
+    if name in ("compile", "build_model", "load_model", "evaluate", "generate", "inspect", "upcycle"):
         from . import api
 
         return getattr(api, name)

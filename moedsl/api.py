@@ -5,9 +5,10 @@
 * ``load_model``: a model with its weights from an import folder, a run, a checkpoint or a spec
   with ``checkpoint=`` (``moedsl.runtime.load``, which asks ``moedsl.runtime.resolve`` what the
   path is);
-* ``generate``, ``evaluate``, ``inspect``: ``moedsl.runtime.generate``, ``.evaluate``, ``.inspect``.
+* ``generate``, ``evaluate``, ``inspect``, ``upcycle``: ``moedsl.runtime.generate``, ``.evaluate``,
+  ``.inspect``, ``.upcycle`` (a dense model -> an MoE model whose output equals it).
 
-The last four import torch, so they are looked up on first use: importing moedsl stays fast.
+The last five import torch, so they are looked up on first use: importing moedsl stays fast.
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from .build import build_model, compile
 from .spec_loader import SpecLike, load_spec, validate_file
 
 __all__ = ["SpecLike", "load_spec", "validate_file", "compile", "build_model", "load_model", "generate", "evaluate",
-           "inspect"]
+           "inspect", "upcycle"]
 
 _LAZY = {"load_model": ("moedsl.runtime.load", "load_model"), "generate": ("moedsl.runtime.generate", "generate"),
-         "evaluate": ("moedsl.runtime.evaluate", "evaluate"), "inspect": ("moedsl.runtime.inspect", "inspect")}
+         "evaluate": ("moedsl.runtime.evaluate", "evaluate"), "inspect": ("moedsl.runtime.inspect", "inspect"),
+         "upcycle": ("moedsl.runtime.upcycle", "upcycle")}
 
 
 def __getattr__(name):  # lazy: these import torch

@@ -221,6 +221,23 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _cmd_upcycle(args) -> int:
+    from pathlib import Path
+
+    from .hf.convert import IMPORT_SHARD
+    from .hf.files import parse_size
+    from .runtime.upcycle import upcycle
+
+    done = upcycle(args.source, Path(args.out), args.experts, args.k, checkpoint=args.checkpoint,
+                   layers=args.layers, granularity=args.granularity, gate=args.gate, router=args.router,
+                   noise=args.noise, shared=args.shared, seed=args.seed, overwrite=args.overwrite,
+                   max_shard=parse_size(args.max_shard_size) if args.max_shard_size else IMPORT_SHARD)
+    print(f"upcycled {args.source} into {done['out']}: layers {', '.join(map(str, done['layers']))} -> "
+          f"{args.experts} experts each; spec.yaml, {done['tensors']} tensors in {len(done['files'])} file(s)"
+          + (f", {', '.join(done['copied'])}" if done["copied"] else ""))
+    return 0
+
+
 def _cmd_export(args) -> int:
     from pathlib import Path
 
@@ -566,6 +583,31 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--max-shard-size", default=None, help="largest weights file (default 2GB)")
     _add_progress_option(im)
     im.set_defaults(func=_cmd_import)
+
+    up = sub.add_parser("upcycle", help="a dense model -> an MoE model whose output equals it (sparse upcycling)")
+    up.add_argument("source", metavar="SRC", help="a dense run's --out folder, an import folder, a spec with "
+                    "--checkpoint, or a Hugging Face dense checkpoint folder (imported first)")
+    up.add_argument("--experts", type=int, required=True, metavar="E", help="experts per upcycled layer")
+    up.add_argument("--k", type=int, required=True, metavar="K", help="experts per token (a multiple of "
+                    "--granularity)")
+    up.add_argument("--out", required=True, metavar="DIR", help="where spec.yaml and the weights go (an import "
+                    "folder)")
+    up.add_argument("--checkpoint", help="the weights, when SRC is a spec")
+    up.add_argument("--layers", default="all", choices=["all", "every-other"], help="the ffn layers upcycled: all, "
+                    "or the 2nd, 4th, ... (GLaM, V-MoE)")
+    up.add_argument("--granularity", type=int, default=1, metavar="G", help="cut each ffn into G shards of "
+                    "hidden/G; expert j holds shard j mod G (Megatron's --moe-upcycling-granularity)")
+    up.add_argument("--gate", default="topk", help="topk (softmax over the chosen k) or softmax (every expert): "
+                    "the gates whose output equals the dense model's")
+    up.add_argument("--router", default="normal", choices=["normal", "zero"], help="router weights: N(0, "
+                    "model.init_std²), or zero")
+    up.add_argument("--noise", type=float, default=0.0, metavar="R", help="re-draw a fraction R of each expert's "
+                    "hidden units (Drop-Upcycling)")
+    up.add_argument("--shared", action="store_true", help="the ffn also becomes a shared expert (both halved)")
+    up.add_argument("--seed", type=int, default=0, help="seed of the router and --noise draws")
+    up.add_argument("--max-shard-size", default=None, help="largest weights file (default 2GB)")
+    up.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    up.set_defaults(func=_cmd_upcycle)
 
     ex = sub.add_parser("export", help="an import folder, a run or a checkpoint -> a Hugging Face checkpoint")
     ex.add_argument("source", metavar="DIR", help="an import folder, a run's --out folder, a checkpoint folder, "
