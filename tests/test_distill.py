@@ -101,6 +101,19 @@ def test_alpha_zero_trains_exactly_as_without_a_teacher(tmp_path, teacher):
         assert torch.equal(x, y), n
 
 
+def test_a_resume_may_change_the_distillation_settings_and_says_so(tmp_path, teacher):
+    first = student(tmp_path, teacher, steps=1)
+    first.fit()
+    spec = first.spec
+    again = Trainer(spec, RunOptions.from_spec(spec, device="cpu", progress=False, out=tmp_path / "s", steps=2,
+                                               resume=True, distill_teacher=str(teacher), distill_alpha=0.5))
+    notes = []
+    again.say.once = notes.append
+    again.fit()
+    assert again.start_step == 1
+    assert any("distill_alpha 0.25 -> 0.5" in n for n in notes), notes
+
+
 def test_distill_init_shares_every_non_expert_weight_with_the_teacher_bit_for_bit(tmp_path, teacher, capsys):
     dense = write(tmp_path / "dense.yaml", spec_data("student", dense_layers()))
     assert main(["distill-init", str(teacher), "--dense", str(dense), "--out", str(tmp_path / "init")]) == 0
