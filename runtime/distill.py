@@ -29,7 +29,7 @@ from moedsl.compiler import compile_graph
 from moedsl.errors import UserError
 from moedsl.hf.convert import IMPORT_SHARD
 from moedsl.hf.files import TOKENIZER_FILES, copy_side_files, side_file, staged, write_sharded
-from moedsl.hf.weights import _weights as tensors, mismatch
+from moedsl.hf.weights import mismatch, stored_tensors
 from moedsl.spec_loader import load_spec
 
 from .load import build
@@ -128,9 +128,9 @@ def distill_init(teacher, dense, out: Path, overwrite: bool = False) -> dict:
     if why:
         raise UserError(why[0].replace("--distill-teacher", "distill-init"))
     source = resolve(teacher)
-    theirs = dict(tensors(build(source, dtype=torch.float32)))  # the whole teacher, as on one process
+    theirs = dict(stored_tensors(build(source, dtype=torch.float32)))  # the whole teacher, as on one process
     student = compile_graph(spec, 0, 1, device="cpu", seed=spec.train.seed, verify_ranks=False).module
-    mine = dict(tensors(student))
+    mine = dict(stored_tensors(student))
     copied, fresh = [], []
     for name, t in mine.items():
         have = theirs.get(name)
