@@ -32,9 +32,10 @@ from moedsl.hf.files import TOKENIZER_FILES, copy_side_files, side_file, staged,
 from moedsl.hf.weights import mismatch, stored_tensors
 from moedsl.spec_loader import load_spec
 
+from .data import data_items
 from .load import build
 from .resolve import resolve
-from .tokens import TOKENIZER, model_tokenizer, tokenizer_sha256
+from .tokens import MANIFEST, TOKENIZER, model_tokenizer, tokenizer_sha256
 
 
 def soft_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
@@ -82,9 +83,11 @@ def load_teacher(src, device, alpha: float, temperature: float) -> Teacher:
     return Teacher(model.eval(), alpha, temperature)
 
 
-def teacher_problems(spec, teacher, init=None) -> list:
-    """Why ``teacher`` cannot teach ``spec``'s model (``init``: the student's --init folder), from
-    the specs and tokenizer files alone, before any model is built: one line each."""
+def teacher_problems(spec, teacher, init=None, data=None) -> list:
+    """Why ``teacher`` cannot teach ``spec``'s model (``init``: the student's --init folder,
+    ``data``: its --data), from the specs and tokenizer files alone, before any model is built:
+    one line each. A model's tokenizer is its spec's or import's, else (the student) that of the
+    prepared folders it trains on, else (the teacher) the copy its run folder keeps."""
     try:
         source = resolve(teacher)
     except UserError as e:
@@ -96,7 +99,7 @@ def teacher_problems(spec, teacher, init=None) -> list:
     if t.model.vocab_size != spec.model.vocab_size:
         return [f"--distill-teacher {teacher}: the teacher's vocab_size {t.model.vocab_size} is not the student's "
                 f"{spec.model.vocab_size}: both must read the same tokens"]
-    mine = model_tokenizer(spec, init)
+    mine = model_tokenizer(spec, init) or _data_tokenizer(data)
     theirs = model_tokenizer(t) or side_file(source.folders, TOKENIZER)  # a run keeps its copy in its folder
     if mine is None and theirs is None:
         return []
@@ -107,6 +110,16 @@ def teacher_problems(spec, teacher, init=None) -> list:
                 f"{name(mine)}: both must read the same tokens"]
     return []
 
+
+
+def _data_tokenizer(data) -> Optional[Path]:
+    """The tokenizer.json of the first prepared folder in ``data`` (all of them share one:
+    ``data.source_problems`` holds them equal), or None."""
+    try:
+        items = data_items(data) if data else []
+    except UserError:
+        return None
+    return next((Path(it.path) / TOKENIZER for it in items if (Path(it.path) / MANIFEST).is_file()), None)
 
 
 # ---------------------------------------------------------------------------- distill-init

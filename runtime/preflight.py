@@ -85,7 +85,7 @@ def check_run(spec, o, world: int, *, names: dict | None = None, world_name: str
     problems += resume_problems(o, overwrite)
     problems += init_problems(spec, o)
     if getattr(o, "distill_teacher", None):  # from the specs and tokenizer files: nothing built yet
-        problems += [_err(p) for p in teacher_problems(spec, o.distill_teacher, getattr(o, "init", None))]
+        problems += [_err(p) for p in teacher_problems(spec, o.distill_teacher, getattr(o, "init", None), o.data)]
     if overwrite is not None and not o.resume and not overwrite:
         held = existing_run(Path(o.out))
         if held:

@@ -3,6 +3,7 @@ plus (1 - alpha) x the labels, the teacher forward only; ``moedsl distill-init``
 teacher's non-expert weights into a dense student."""
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import yaml
 
 import moedsl
 from moedsl.cli import main
+from moedsl.runtime.distill import teacher_problems
 from moedsl.runtime.load import load_model
 from moedsl.runtime.train import RunOptions, Trainer
 
@@ -154,6 +156,22 @@ def test_a_teacher_with_another_vocabulary_or_tokenizer_is_refused_in_one_line(t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tokenizer" in err and "none (bytes)" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_students_tokenizer_is_that_of_the_prepared_data_it_trains_on(tmp_path, teacher):
+    """A teacher whose run folder keeps the tokenizer it trained with teaches a student that trains
+    on data prepared with that tokenizer, and not one whose text is bytes."""
+    words = '{"model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}}, "added_tokens": []}'
+    taught = shutil.copytree(teacher, tmp_path / "teacher")
+    (taught / "tokenizer.json").write_text(words)
+    prepared = tmp_path / "prepared"  # what the check reads of a prepared folder: its manifest and tokenizer
+    prepared.mkdir()
+    (prepared / "manifest.json").write_text("{}")
+    (prepared / "tokenizer.json").write_text(words)
+    spec = moedsl.load_spec(spec_data("student", dense_layers()))
+    assert teacher_problems(spec, taught, data=str(prepared)) == []
+    bytes_only = teacher_problems(spec, taught, data="synthetic")
+    assert len(bytes_only) == 1 and "none (bytes)" in bytes_only[0]
 
 
 def test_distillation_on_two_processes_gives_the_loss_of_one(tmp_path, teacher, capsys):
