@@ -55,6 +55,19 @@ def soft_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
     return each.masked_fill(~mask, 0.0).sum() / count
 
 
+def spec_teacher(spec) -> Optional[str]:
+    """``train.distill.teacher`` with a relative path read from the spec file's folder, as the
+    spec's ``train.data`` is (``--distill-teacher`` is read from the working directory)."""
+    d = spec.train.distill
+    if d is None:
+        return None
+    here = Path(d.teacher).expanduser()
+    source = Path(spec.source) if getattr(spec, "source", None) else None
+    if here.is_absolute() or source is None or not source.is_file():
+        return d.teacher
+    return str(source.parent / here)
+
+
 class Teacher:
     """A teacher model and the mix of its soft targets with the labels (the module docstring)."""
 

@@ -41,7 +41,7 @@ from .cpu import keep_freed_memory, release_freed_memory
 from .cudagraph import GraphedForward, GraphedTrainStep
 from .data import make_source, packed, spec_data
 from .diagnose import first_nonfinite
-from .distill import load_teacher
+from .distill import load_teacher, spec_teacher
 from .evaluate import held_out_images
 from .faults import inject_fault
 from .grads import DEFAULT_BUCKET_MB
@@ -99,7 +99,7 @@ class RunOptions:
                     eval_every=t.eval_every, eval_batches=t.eval_batches, checkpoint_every=t.checkpoint_every,
                     pack=t.pack)
         if t.distill is not None:
-            base.update(distill_teacher=t.distill.teacher, distill_alpha=t.distill.alpha,
+            base.update(distill_teacher=spec_teacher(spec), distill_alpha=t.distill.alpha,
                         distill_temperature=t.distill.temperature)
         base.update({k: v for k, v in overrides.items() if v is not None})
         base["out"] = Path(base.get("out", "runs/run"))

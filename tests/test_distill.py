@@ -158,6 +158,18 @@ def test_a_teacher_with_another_vocabulary_or_tokenizer_is_refused_in_one_line(t
     assert not (tmp_path / "o").exists()
 
 
+def test_train_distill_in_the_spec_reads_the_teacher_beside_the_spec_file(tmp_path, teacher):
+    data = spec_data("student", dense_layers())
+    data["train"]["distill"] = {"teacher": "teacher", "temperature": 2.0}
+    shutil.copytree(teacher, tmp_path / "teacher")
+    spec = moedsl.load_spec(write(tmp_path / "dense.yaml", data))
+    o = RunOptions.from_spec(spec)
+    assert (o.distill_teacher, o.distill_alpha, o.distill_temperature) == (str(tmp_path / "teacher"), 0.25, 2.0)
+    data["train"]["distill"]["alpha"] = 1.5
+    with pytest.raises(moedsl.SpecError, match="alpha"):
+        moedsl.load_spec(data)
+
+
 def test_a_students_tokenizer_is_that_of_the_prepared_data_it_trains_on(tmp_path, teacher):
     """A teacher whose run folder keeps the tokenizer it trained with teaches a student that trains
     on data prepared with that tokenizer, and not one whose text is bytes."""
