@@ -168,6 +168,9 @@ def option_problems(spec, o, names: dict) -> list:
         bad("seed", "must be a whole number that fits in 64 bits")
     if _whole(o.seq) and o.seq > spec.model.max_seq_len:
         bad("seq", f"exceeds model.max_seq_len {spec.model.max_seq_len}")
+    lone = [names[f] for f in ("distill_alpha", "distill_temperature") if f in names]
+    if lone and not getattr(o, "distill_teacher", None):
+        out.append(_err(f"{' and '.join(lone)} without a teacher: give --distill-teacher (or train.distill)"))
     if getattr(o, "distill_teacher", None):
         if not _finite(o.distill_alpha) or not 0 <= o.distill_alpha <= 1:
             bad("distill_alpha", "the soft targets' weight must be between 0 and 1")

@@ -156,6 +156,8 @@ def test_a_teacher_with_another_vocabulary_or_tokenizer_is_refused_in_one_line(t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tokenizer" in err and "none (bytes)" in err, err
     assert not (tmp_path / "o").exists()
+    assert main(["run", str(other), "--distill-alpha", "0.5", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "--distill-alpha without a teacher" in capsys.readouterr().err
 
 
 def test_train_distill_in_the_spec_reads_the_teacher_beside_the_spec_file(tmp_path, teacher):
