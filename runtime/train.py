@@ -11,7 +11,8 @@
 Read top to bottom; the pieces it calls are in this folder: step.py (the step itself),
 grads.py (gradient sync), optim.py (AdamW, schedule, loss scale), cudagraph.py (capture),
 metrics.py (one collective per logging step), checkpoint.py, data.py, diagnose.py (where a
-NaN came from), faults.py (tests' fault injection), progress.py (what rank 0 prints).
+NaN came from), faults.py (tests' fault injection), progress.py (what rank 0 prints),
+distill.py (a teacher's soft targets in the loss).
 """
 from __future__ import annotations
 
