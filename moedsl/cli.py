@@ -223,16 +223,6 @@ def _cmd_import(args) -> int:
     return 0
 
 
-def _cmd_distill_init(args) -> int:
-    from pathlib import Path
-
-    from .runtime.distill import distill_init, init_summary
-
-    done = distill_init(args.teacher, _spec_path(args.dense), Path(args.out), overwrite=args.overwrite)
-    print(init_summary(args.teacher, done))
-    return 0
-
-
 def _cmd_export(args) -> int:
     from pathlib import Path
 
@@ -244,6 +234,16 @@ def _cmd_export(args) -> int:
                              progress=args.progress)
     print(f"exported {args.source} as {done['model_type']} into {done['out']}: config.json, {done['tensors']} "
           f"tensors in {len(done['files'])} file(s)")
+    return 0
+
+
+def _cmd_distill_init(args) -> int:
+    from pathlib import Path
+
+    from .runtime.distill import distill_init, init_summary
+
+    done = distill_init(args.teacher, _spec_path(args.dense), Path(args.out), overwrite=args.overwrite)
+    print(init_summary(args.teacher, done))
     return 0
 
 
@@ -586,15 +586,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress_option(im)
     im.set_defaults(func=_cmd_import)
 
-    di = sub.add_parser("distill-init", help="a dense student initialised from a teacher's non-expert weights "
-                        "(Switch Transformer §4.2) -> an import folder for run --init")
-    di.add_argument("teacher", metavar="TEACHER", help="a run, checkpoint or import folder")
-    di.add_argument("--dense", required=True, metavar="SPEC", help="the student's spec (the same vocabulary and "
-                    "tokenizer)")
-    di.add_argument("--out", required=True, metavar="DIR", help="where spec.yaml and the weights go")
-    di.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    di.set_defaults(func=_cmd_distill_init)
-
     ex = sub.add_parser("export", help="an import folder, a run or a checkpoint -> a Hugging Face checkpoint")
     ex.add_argument("source", metavar="DIR", help="an import folder, a run's --out folder, a checkpoint folder, "
                     "or a spec with --checkpoint")
@@ -604,6 +595,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     _add_progress_option(ex)
     ex.set_defaults(func=_cmd_export)
+
+    di = sub.add_parser("distill-init", help="a dense student initialised from a teacher's non-expert weights "
+                        "(Switch Transformer §4.2) -> an import folder for run --init")
+    di.add_argument("teacher", metavar="TEACHER", help="a run, checkpoint or import folder")
+    di.add_argument("--dense", required=True, metavar="SPEC", help="the student's spec (the same vocabulary and "
+                    "tokenizer)")
+    di.add_argument("--out", required=True, metavar="DIR", help="where spec.yaml and the weights go")
+    di.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    di.set_defaults(func=_cmd_distill_init)
 
     gn = sub.add_parser("generate", help="continue a prompt with a trained or imported model (KV cache; greedy or "
                         "sampled)")
