@@ -130,7 +130,8 @@ def _cmd_compile(args) -> int:
 _RUN_FLAGS = {"steps": "--steps", "batch": "--batch", "seq": "--seq", "lr": "--lr", "warmup": "--warmup",
               "seed": "--seed", "eval_every": "--eval-every", "eval_batches": "--eval-batches",
               "checkpoint_every": "--checkpoint-every", "timeout": "--timeout", "log_every": "--log-every",
-              "pack": "--pack"}
+              "pack": "--pack", "distill_teacher": "--distill-teacher", "distill_alpha": "--distill-alpha",
+              "distill_temperature": "--distill-temperature"}
 
 
 def _cmd_run(args) -> int:
@@ -156,7 +157,8 @@ def _cmd_run(args) -> int:
         checkpoint_every=args.checkpoint_every, out=args.out or f"runs/{spec.name}", resume=args.resume,
         device=args.device, cuda_graphs=args.cuda_graphs, progress=not args.no_progress, timeout=args.timeout,
         keep_memory=not args.no_keep_memory, init=args.init, compile=args.compile, log_every=args.log_every,
-        from_scratch=args.from_scratch, pack=args.pack)
+        from_scratch=args.from_scratch, pack=args.pack, distill_teacher=args.distill_teacher,
+        distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature)
     rank = int(os.environ.get("RANK", 0))
     if not launched_worker():  # the launcher has checked for its workers, before starting them
         world = args.nproc if launching else int(os.environ.get("WORLD_SIZE", 1))
@@ -249,6 +251,16 @@ def _cmd_export(args) -> int:
                              progress=args.progress)
     print(f"exported {args.source} as {done['model_type']} into {done['out']}: config.json, {done['tensors']} "
           f"tensors in {len(done['files'])} file(s)")
+    return 0
+
+
+def _cmd_distill_init(args) -> int:
+    from pathlib import Path
+
+    from .runtime.distill import distill_init, init_summary
+
+    done = distill_init(args.teacher, _spec_path(args.dense), Path(args.out), overwrite=args.overwrite)
+    print(init_summary(args.teacher, done))
     return 0
 
 
@@ -495,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--init", metavar="DIR",
                    help="initial weights from an import folder (moedsl import): each process reads only the "
                         "experts it holds")
+    r.add_argument("--distill-teacher", metavar="RUN_OR_IMPORT",
+                   help="distil from this teacher (a run, checkpoint or import folder; the same tokenizer): the loss "
+                        "mixes its soft targets with the labels, Switch Transformer §4.2 (default: train.distill)")
+    r.add_argument("--distill-alpha", type=float, metavar="A",
+                   help="the teacher's soft targets' weight; 1 - A goes to the labels (default 0.25)")
+    r.add_argument("--distill-temperature", type=float, metavar="T",
+                   help="softmax temperature of the soft targets; the soft term is scaled by T² (default 1)")
     r.add_argument("--from-scratch", action="store_true",
                    help="train an import's spec from random weights (without it or --init, such a run is refused)")
     r.add_argument("--overwrite", action="store_true",
@@ -618,6 +637,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     _add_progress_option(ex)
     ex.set_defaults(func=_cmd_export)
+
+    di = sub.add_parser("distill-init", help="a dense student initialised from a teacher's non-expert weights "
+                        "(Switch Transformer §4.2) -> an import folder for run --init")
+    di.add_argument("teacher", metavar="TEACHER", help="a run, checkpoint or import folder")
+    di.add_argument("--dense", required=True, metavar="SPEC", help="the student's spec (the same vocabulary and "
+                    "tokenizer)")
+    di.add_argument("--out", required=True, metavar="DIR", help="where spec.yaml and the weights go")
+    di.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    di.set_defaults(func=_cmd_distill_init)
 
     gn = sub.add_parser("generate", help="continue a prompt with a trained or imported model (KV cache; greedy or "
                         "sampled)")

@@ -110,6 +110,18 @@ class Placement:
         return dict(self.layer_maps).get(moe_index, self.map)
 
 
+_DISTILL = schema()["$defs"]["train"]["properties"]["distill"]["properties"]
+
+
+@dataclass(frozen=True)
+class Distill:
+    """train.distill: the student learns from a teacher's soft targets and the labels (runtime/distill.py)."""
+
+    teacher: str  # anything runtime/resolve.py reads: a run folder, a checkpoint, an import folder
+    alpha: float = _DISTILL["alpha"]["default"]
+    temperature: float = _DISTILL["temperature"]["default"]
+
+
 @dataclass(frozen=True)
 class Train:
     batch_size: int = _TRAIN["batch_size"]
@@ -126,6 +138,7 @@ class Train:
     eval_batches: int = _TRAIN["eval_batches"]
     checkpoint_every: Optional[int] = None
     pack: str = _TRAIN["pack"]  # none | documents: rows pack several documents (runtime/train.py RunOptions.pack)
+    distill: Optional[Distill] = None  # knowledge distillation from a teacher (training only)
 
 
 @dataclass(frozen=True)

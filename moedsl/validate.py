@@ -16,7 +16,7 @@ from .kinds import layer_kind, layer_kinds, take
 from .kinds.moe import overlap_issue
 from .kinds.patch_embed import tokens_per_image
 from .mesh import check_mesh
-from .spec import Image, Layer, Mesh, Model, Placement, Spec, Train
+from .spec import Distill, Image, Layer, Mesh, Model, Placement, Spec, Train
 
 MAX_LAYERS = 10_000  # after repeat expansion
 
@@ -373,7 +373,7 @@ def _train(d: dict, model: Model, c: _Checks, layers: tuple = ()) -> Train:
     seq = d.get("seq_len", min(model.max_seq_len, 64))
     if seq > model.max_seq_len:
         c.error(("train", "seq_len"), f"seq_len {seq} exceeds model.max_seq_len {model.max_seq_len}")
-    return _take(Train, d, seq_len=seq)
+    return _take(Train, d, seq_len=seq, distill=_take(Distill, d["distill"]) if "distill" in d else None)
 
 
 def _image_train(d: dict, model: Model, c: _Checks, layers: tuple) -> Train:
@@ -387,4 +387,5 @@ def _image_train(d: dict, model: Model, c: _Checks, layers: tuple) -> Train:
     if tokens > model.max_seq_len:
         c.error(("model", "image"), f"an image is {tokens} tokens, more than model.max_seq_len "
                 f"{model.max_seq_len}")
-    return _take(Train, {"data": "digits", **d}, seq_len=tokens)
+    return _take(Train, {"data": "digits", **d}, seq_len=tokens,
+                 distill=_take(Distill, d["distill"]) if "distill" in d else None)

@@ -20,7 +20,9 @@ from moedsl.spec_loader import load_spec
 
 # The run options a checkpoint records (meta.json "train"): those that change the training
 # trajectory after a resume, each named in a note when it changed.
-TRAJECTORY = ("steps", "batch", "seq", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "seed", "data")
+# Distillation (train.distill) is one of them: it changes the objective, never the weights' meaning.
+TRAJECTORY = ("steps", "batch", "seq", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "seed", "data",
+              "distill_teacher", "distill_alpha", "distill_temperature")
 
 
 def architecture(spec) -> dict:

@@ -40,6 +40,7 @@ from moedsl.validate import check_batch
 
 from . import checkpoint as ckpt
 from .data import pack_problems, source_problems
+from .distill import teacher_problems
 from .grads import MODES
 from .resolve import IMPORT, is_import_dir, resolve
 
@@ -83,6 +84,8 @@ def check_run(spec, o, world: int, *, names: dict | None = None, world_name: str
                              "batch's attention masks made from its documents"))
     problems += resume_problems(o, overwrite)
     problems += init_problems(spec, o)
+    if getattr(o, "distill_teacher", None):  # from the specs and tokenizer files: nothing built yet
+        problems += [_err(p) for p in teacher_problems(spec, o.distill_teacher, getattr(o, "init", None), o.data)]
     if overwrite is not None and not o.resume and not overwrite:
         held = existing_run(Path(o.out))
         if held:
@@ -108,10 +111,12 @@ def check_run(spec, o, world: int, *, names: dict | None = None, world_name: str
 
 # ----------------------------------------------------------------------------- options
 
-_SPEC_FIELD = {"batch": "batch_size", "seq": "seq_len"}  # RunOptions field -> train.* key of the spec
+_SPEC_FIELD = {"batch": "batch_size", "seq": "seq_len", "distill_teacher": "distill.teacher",  # RunOptions field
+               "distill_alpha": "distill.alpha", "distill_temperature": "distill.temperature"}  # -> train.* key
 # RunOptions fields that RunOptions.from_spec fills from the spec's train section
 _FROM_SPEC = {"steps", "batch", "seq", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "seed", "data",
-              "eval_every", "eval_batches", "checkpoint_every", "pack"}
+              "eval_every", "eval_batches", "checkpoint_every", "pack", "distill_teacher", "distill_alpha",
+              "distill_temperature"}
 
 
 def _name(names: dict, field: str) -> str:
@@ -163,6 +168,16 @@ def option_problems(spec, o, names: dict) -> list:
         bad("seed", "must be a whole number that fits in 64 bits")
     if _whole(o.seq) and o.seq > spec.model.max_seq_len:
         bad("seq", f"exceeds model.max_seq_len {spec.model.max_seq_len}")
+    lone = [names[f] for f in ("distill_alpha", "distill_temperature") if f in names]
+    if lone and not getattr(o, "distill_teacher", None):
+        out.append(_err(f"{' and '.join(lone)} without a teacher: give --distill-teacher (or train.distill)"))
+    if getattr(o, "distill_teacher", None):
+        if not _finite(o.distill_alpha) or not 0 <= o.distill_alpha <= 1:
+            bad("distill_alpha", "the soft targets' weight must be between 0 and 1")
+        if not _finite(o.distill_temperature) or o.distill_temperature <= 0:
+            bad("distill_temperature", "the temperature must be a finite number > 0")
+        if o.cuda_graphs == "on":
+            out.append(_err("--cuda-graphs on: distillation runs the teacher's forward in each step, eagerly"))
     if o.device == "cuda" or o.cuda_graphs == "on":
         if not torch.cuda.is_available():
             if o.device == "cuda":

@@ -80,25 +80,28 @@ class TrainStep:
     before each call."""
 
     def __init__(self, model, spec, optimizer, sync, world: int, amp, grad_clip: float,
-                 loss_scale: Optional[LossScale] = None, lr: Optional[torch.Tensor] = None):
+                 loss_scale: Optional[LossScale] = None, lr: Optional[torch.Tensor] = None, teacher=None):
         self.model, self.spec, self.opt, self.sync = model, spec, optimizer, sync
+        self.teacher = teacher  # distillation (runtime/distill.py Teacher): its soft targets mix into the loss
         self.world, self.amp, self.grad_clip, self.loss_scale = world, amp, grad_clip, loss_scale
         self.lr = lr  # the optimizer's learning rate tensor, when the step made it (``for_run``)
         self.gates = balancing_gates(model)
         self.device_type = next(model.parameters()).device.type
 
     @classmethod
-    def for_run(cls, model, spec, options, rank: int, world: int, amp, capturable: bool) -> "TrainStep":
+    def for_run(cls, model, spec, options, rank: int, world: int, amp, capturable: bool,
+                teacher=None) -> "TrainStep":
         """The step a run executes, built as the ``Trainer`` builds it (and ``moedsl verify``, which
         checks it): the fused AdamW reading the tensor ``step.lr`` (fill it before each call), the
         gradient sync of ``options.grad_sync`` (bucketed: its hooks registered now, before any
-        backward), float16's loss scale (``amp`` float16), the clip at ``options.grad_clip``."""
+        backward), float16's loss scale (``amp`` float16), the clip at ``options.grad_clip``,
+        distillation from ``teacher`` (runtime/distill.py) when given."""
         device = next(model.parameters()).device
         lr = torch.tensor(options.lr, dtype=torch.float32, device=device)
         optimizer = make_optimizer(model, options, lr, capturable=capturable)
         sync = GradSync(model, model.compiled.mesh, rank, mode=options.grad_sync, bucket_mb=options.bucket_mb)
         loss_scale = LossScale(device) if amp == torch.float16 else None
-        return cls(model, spec, optimizer, sync, world, amp, options.grad_clip, loss_scale, lr)
+        return cls(model, spec, optimizer, sync, world, amp, options.grad_clip, loss_scale, lr, teacher)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor,
                  loss_mask: Optional[torch.Tensor] = None,
@@ -110,6 +113,9 @@ class TrainStep:
         with torch.autocast(self.device_type, dtype=self.amp, enabled=self.amp is not None):
             out = self.model(inputs) if documents is None else self.model(inputs, documents)
             loss = task_loss(self.spec, out, targets, loss_mask, count)
+            if self.teacher is not None:  # the same inputs, forward only; the same mask and count
+                soft = self.teacher.logits(inputs, documents)
+                loss = self.teacher.loss(loss, out.output, soft, loss_mask, count)
         objective = (loss + out.aux_loss) / self.world
         if self.loss_scale is not None:
             objective = objective * self.loss_scale.scale

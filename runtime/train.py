@@ -11,7 +11,8 @@
 Read top to bottom; the pieces it calls are in this folder: step.py (the step itself),
 grads.py (gradient sync), optim.py (AdamW, schedule, loss scale), cudagraph.py (capture),
 metrics.py (one collective per logging step), checkpoint.py, data.py, diagnose.py (where a
-NaN came from), faults.py (tests' fault injection), progress.py (what rank 0 prints).
+NaN came from), faults.py (tests' fault injection), progress.py (what rank 0 prints),
+distill.py (a teacher's soft targets in the loss).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from .cpu import keep_freed_memory, release_freed_memory
 from .cudagraph import GraphedForward, GraphedTrainStep
 from .data import make_source, packed, spec_data
 from .diagnose import first_nonfinite
+from .distill import load_teacher, spec_teacher
 from .evaluate import held_out_images
 from .faults import inject_fault
 from .grads import DEFAULT_BUCKET_MB
@@ -86,6 +88,9 @@ class RunOptions:
     from_scratch: bool = False  # an import's spec without --init: random weights on purpose (runtime/preflight.py)
     compile: str = "auto"  # auto | on | off: torch.compile the dense segments (runtime/compile.py)
     pack: str = "none"  # none | documents: the model gets Batch.documents (attention and positions per document)
+    distill_teacher: Optional[str] = None  # distillation (runtime/distill.py): the teacher, anything resolve reads
+    distill_alpha: float = 0.25  # the soft targets' weight (1 - alpha: the labels')
+    distill_temperature: float = 1.0  # T of both softmaxes; the soft term is scaled by T²
 
     @staticmethod
     def from_spec(spec, **overrides) -> "RunOptions":
@@ -94,6 +99,9 @@ class RunOptions:
                     weight_decay=t.weight_decay, grad_clip=t.grad_clip, seed=t.seed, data=spec_data(spec),
                     eval_every=t.eval_every, eval_batches=t.eval_batches, checkpoint_every=t.checkpoint_every,
                     pack=t.pack)
+        if t.distill is not None:
+            base.update(distill_teacher=spec_teacher(spec), distill_alpha=t.distill.alpha,
+                        distill_temperature=t.distill.temperature)
         base.update({k: v for k, v in overrides.items() if v is not None})
         base["out"] = Path(base.get("out", "runs/run"))
         return RunOptions(**base)
@@ -154,8 +162,11 @@ class Trainer:
         self.compile_on = use_compile(self.model, o, self.device, self.say, self.world)  # dense segments compiled
         self.amp = dtypes.autocast_dtype(spec.model.dtype)  # None: float32, no autocast
         self.graphs = _use_cuda_graphs(o, self.device, self.model.compiled, self.say)
+        # distillation: the teacher built once here, whole on every rank (runtime/distill.py)
+        self.teacher = None if not o.distill_teacher else \
+            load_teacher(o.distill_teacher, self.device, o.distill_alpha, o.distill_temperature)
         self.train_step = TrainStep.for_run(self.model, spec, o, self.rank, self.world, self.amp,
-                                            capturable=self.graphs)
+                                            capturable=self.graphs, teacher=self.teacher)
         ts = self.train_step
         self.lr, self.opt, self.sync, self.loss_scale = ts.lr, ts.opt, ts.sync, ts.loss_scale
         self.source = make_source(spec, o.data, o.seed, init=o.init)
@@ -432,6 +443,8 @@ def _use_cuda_graphs(o: RunOptions, device, compiled, say) -> bool:
         why = "the run is on the CPU"
     elif o.pack == "documents":  # each batch's own masks; the captured step copies only inputs and targets in
         why = "--pack documents builds each batch's attention masks from its documents"
+    elif o.distill_teacher:  # the captured step holds the student's graph only
+        why = "distillation runs the teacher's forward in each step"
     elif not compiled.static.capturable:
         why = f"{', '.join(compiled.static.dynamic_layers)} have data-dependent shapes (dropless or routed as one batch)"
     if why is None:

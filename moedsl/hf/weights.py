@@ -22,10 +22,10 @@ def global_shapes(spec) -> dict:
     """name -> shape of every parameter of the whole model (one process holds every expert),
     built on the meta device."""
     gm = compile_graph(spec, 0, 1, device="meta", init=False, verify_ranks=False).module
-    return {k: tuple(p.shape) for k, p in _weights(gm)}
+    return {k: tuple(p.shape) for k, p in stored_tensors(gm)}
 
 
-def _weights(model):
+def stored_tensors(model):
     """(name, tensor) of what a checkpoint holds: the parameters, and the gates' choice bias
     (``expert_bias``, a buffer: DeepSeek-V3's ``e_score_correction_bias``)."""
     yield from model.named_parameters()
@@ -131,7 +131,7 @@ def load_weights(model, folder: Path, spec) -> None:
         raise UserError(found[0] + more)
     slots = {n: m.expert_ids.tolist() for n, m in model.named_modules() if n.endswith(".experts")}
     with torch.no_grad():
-        for name, p in _weights(model):
+        for name, p in stored_tensors(model):
             owner = name.rsplit(".", 1)[0]
             if owner in slots:
                 for i, e in enumerate(slots[owner]):  # only the experts this rank holds
