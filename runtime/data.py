@@ -52,6 +52,8 @@ from .corpus import PYSTDLIB_MAX_BYTES, pystdlib_files
 from .resolve import is_import_dir
 from .tokens import MANIFEST, TOKENIZER, model_tokenizer, open_tokens, tokenizer_sha256
 
+HF_CONFIG = "hf_config.json"  # what `moedsl import` keeps of a Hugging Face checkpoint's config.json
+
 
 @dataclass
 class Batch:
@@ -466,13 +468,15 @@ def _is_prepared(path) -> bool:
 
 
 def _vocabulary_not_bytes(spec, init) -> Optional[str]:
-    """Why a model with no tokenizer must still not read text as bytes: its vocabulary is an
-    imported model's tokenizer's (the spec is an import's, or the weights come from ``init``).
-    None: a hand-written spec, whose vocabulary (>= 256 ids) may be bytes."""
-    if init:
-        return f"its weights come from {init}, which has no {TOKENIZER}"
+    """Why a model with no tokenizer must still not read text as bytes: its vocabulary is a Hugging
+    Face model's (the spec is an import's, or the weights come from ``init``: either folder keeps
+    the checkpoint's config as hf_config.json). None: a spec of moedsl's own (hand-written, or
+    upcycled or distill-initialised from a run), whose vocabulary (>= 256 ids) may be bytes."""
+    if init and (Path(init) / HF_CONFIG).is_file():
+        return f"its weights come from {init}, a Hugging Face import with no {TOKENIZER}"
     source = Path(spec.source) if getattr(spec, "source", None) else None
-    if source is not None and source.is_file() and is_import_dir(source.parent):
+    if source is not None and source.is_file() and is_import_dir(source.parent) \
+            and (source.parent / HF_CONFIG).is_file():
         return f"{source} is an import's spec and {source.parent} has no {TOKENIZER}"
     return None
 

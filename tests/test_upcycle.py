@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import moedsl
 from moedsl.cli import main
@@ -203,3 +204,26 @@ def test_a_hugging_face_dense_folder_is_imported_then_upcycled_in_one_call(tmp_p
         want = ref(ids).logits
         got = moedsl.load_model(tmp_path / "moe", dtype=torch.float32)(ids).output
     assert (got - want).abs().max().item() < 1e-5
+
+
+def test_an_upcycled_byte_level_run_reads_text_as_bytes_with_init(tmp_path, capsys):
+    """An upcycled folder is moedsl's own (no hf_config.json): its vocabulary is the dense run's, here
+    bytes, so `run --init` of it on a text file reads bytes and says so, where a Hugging Face
+    import without a tokenizer.json is refused (tests/test_token_data.py)."""
+    text = tmp_path / "notes.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 200)
+    spec = tmp_path / "dense.yaml"
+    spec.write_text(yaml.safe_dump({"moedsl": 1, "name": "tiny-dense", "model": {"vocab_size": 256, "d_model": 16,
+                                                                                 "max_seq_len": 32},
+                                    "layers": [{"embedding": {}}, {"attention": {"heads": 2}},
+                                               {"ffn": {"hidden": 32, "activation": "swiglu"}}, {"norm": {}},
+                                               {"head": {}}]}))
+    run = tmp_path / "run"
+    common = ["--data", str(text), "--steps", "1", "--batch", "2", "--seq", "8", "--eval-batches", "1",
+              "--no-progress", "--ignore-memory-check"]
+    assert main(["run", str(spec), *common, "--out", str(run)]) == 0
+    assert main(["upcycle", str(run), "--experts", "4", "--k", "2", "--out", str(tmp_path / "up")]) == 0
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "up" / "spec.yaml"), "--init", str(tmp_path / "up"), *common, "--out",
+                 str(tmp_path / "run-up")]) == 0
+    assert "text as UTF-8 bytes" in " ".join(capsys.readouterr().out.split())
