@@ -249,7 +249,6 @@ class LlamaLike(Family):
     expert_names = ("gate_proj", "up_proj", "down_proj")  # per expert on disk: gate, up, down
     shared_prefix = "shared_expert."
     attention_comment = "self_attn: q_proj, k_proj, v_proj, o_proj"
-    routed = True  # False: a dense family (no router, so no router_dtype in its spec)
 
     # -- config.json -> spec ----------------------------------------------------------------
 
@@ -645,7 +644,7 @@ class DenseLlamaLike(LlamaLike):
     geglu for hidden_act gelu) in the spec language. Subclasses add their attention's fields
     (``attention_extra``) and config.json fields (``dense_config``)."""
 
-    routed = False
+    routed = False  # so no router_dtype in its spec
     attention_features = {"head_dim"}
 
     def layer(self, c: Config, i: int) -> tuple:
