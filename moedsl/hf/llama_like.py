@@ -1,5 +1,6 @@
-"""What the Llama-like MoE families share (transformers' modeling_mixtral.py, modeling_qwen2_moe.py,
-modeling_qwen3_moe.py, modeling_olmoe.py):
+"""What the Llama-like families share: MoE (transformers' modeling_mixtral.py, modeling_qwen2_moe.py,
+modeling_qwen3_moe.py, modeling_olmoe.py) and dense (modeling_llama.py, modeling_mistral.py,
+modeling_qwen2.py, modeling_qwen3.py; ``DenseLlamaLike``):
 
     XForCausalLM: embed_tokens -> [input_layernorm -> self_attn (GQA, rotary) -> post_attention_layernorm
     -> mlp (a sparse MoE block or a dense SwiGLU MLP)] × N -> norm -> lm_head
