@@ -184,6 +184,11 @@ def test_config_field_not_yet_expressible_is_refused_by_name(tmp_path, capsys, f
     ("qwen3_moe", "layer_types", ["full_attention", "full_attention"], "Qwen3MoeConfig"),
     ("olmoe", "head_dim", 16, "hidden_size / num_attention_heads = 8"),
     ("olmoe", "sliding_window", 4, "OlmoeConfig"),
+    ("llama", "mlp_bias", True, "moedsl's imported MLPs have no bias"),
+    ("llama", "rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}, "'llama3'"),
+    ("mistral", "sliding_window", 0, "null or a positive number of keys"),
+    ("qwen2", "layer_types", ["sliding_attention", "full_attention"], "use_sliding_window is False"),
+    ("qwen3", "layer_types", ["full_attention"], "2 (num_hidden_layers)"),
 ])
 def test_config_variant_a_family_cannot_express_is_refused_by_name(tmp_path, capsys, model_type, field, value,
                                                                     needle):
@@ -195,19 +200,70 @@ def test_config_variant_a_family_cannot_express_is_refused_by_name(tmp_path, cap
     assert model_type in err
 
 
-def test_qwen2_moe_config_without_layer_types_slides_the_layers_transformers_derives(tmp_path):
-    """Older Qwen2-MoE config.json files have no layer_types: Qwen2MoeConfig.__post_init__ makes
-    layers 0 and 2 of 4 sliding (even, below max_window_layers 3) from use_sliding_window."""
-    src, ref = _family_hf(tmp_path, "qwen2_moe", num_hidden_layers=4, use_sliding_window=True, sliding_window=3,
-                          max_window_layers=3)
-    assert ref.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+@pytest.mark.parametrize("model_type,max_window_layers,types", [
+    ("qwen2_moe", 3, ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
+    ("qwen2", 2, ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]),
+    ("qwen3", 2, ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]),
+])
+def test_qwen_config_without_layer_types_slides_the_layers_transformers_derives(tmp_path, model_type,
+                                                                                max_window_layers, types):
+    """Older Qwen config.json files have no layer_types: with use_sliding_window,
+    Qwen2MoeConfig.__post_init__ makes the even layers below max_window_layers sliding, Qwen2Config
+    and Qwen3Config the layers from max_window_layers on."""
+    src, ref = _family_hf(tmp_path, model_type, num_hidden_layers=4, use_sliding_window=True, sliding_window=3,
+                          max_window_layers=max_window_layers)
+    assert ref.config.layer_types == types
     cfg = json.loads((src / "config.json").read_text())
     del cfg["layer_types"]
     (src / "config.json").write_text(json.dumps(cfg))
     assert _import(src, tmp_path / "imp") == 0
+    windows = [L.config.sliding_window for L in moedsl.load_spec(tmp_path / "imp" / "spec.yaml").layers
+               if L.kind == "attention"]
+    assert windows == [3 if t == "sliding_attention" else None for t in types]
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         _close(moedsl.load_model(tmp_path / "imp")(x).output, ref(x).logits)
+
+
+@pytest.mark.parametrize("model_type,recorded,needle", [
+    ("mixtral", "llama", "(a sparse layer: llama's MLPs are dense)"),
+    ("qwen2", "mistral", "qkv_bias true"),
+    ("llama", "qwen2", "qkv_bias false (Qwen2's q_proj, k_proj, v_proj always have a bias)"),
+    ("qwen3", "llama", "qk_norm 'head'"),
+])
+def test_import_exported_as_a_dense_family_it_is_not_is_refused_naming_the_feature(tmp_path, capsys, model_type,
+                                                                                   recorded, needle):
+    src, _ = _family_hf(tmp_path, model_type)
+    assert _import(src, tmp_path / "imp") == 0
+    rec = json.loads((tmp_path / "imp" / "hf_config.json").read_text())
+    rec["model_type"] = recorded
+    (tmp_path / "imp" / "hf_config.json").write_text(json.dumps(rec))
+    capsys.readouterr()
+    _refused(capsys, ["export", str(tmp_path / "imp"), "--out", str(tmp_path / "exp")], tmp_path / "exp",
+             needle, f"no Hugging Face {recorded} equivalent")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention,architecture", [
+    ({}, "LlamaForCausalLM"),
+    ({"sliding_window": 4}, "MistralForCausalLM"),
+    ({"qkv_bias": True}, "Qwen2ForCausalLM"),
+    ({"qk_norm": "head"}, "Qwen3ForCausalLM"),
+])
+def test_hand_written_dense_spec_trains_and_exports_as_the_dense_family_of_its_attention(tmp_path, attention,
+                                                                                        architecture):
+    """A dense rotary stack with SwiGLU MLPs written by hand (no family recorded): the export is
+    the dense family whose attention it has, which transformers loads to the same logits."""
+    spec = {"moedsl": 1, "name": "dense-swiglu",
+            "model": {"vocab_size": 64, "d_model": 32, "max_seq_len": 32, "norm": "rmsnorm"},
+            "layers": [{"embedding": {}},
+                       {"repeat": 2, "block": [
+                           {"attention": {"heads": 4, "kv_heads": 2, "positions": "rotary", **attention}},
+                           {"ffn": {"hidden": 48, "activation": "swiglu"}}]},
+                       {"norm": {}}, {"head": {}}],
+            "train": {"steps": 1, "lr": 1e-3}}
+    (tmp_path / "spec.yaml").write_text(json.dumps(spec))
+    _trains_and_exports_as(tmp_path / "spec.yaml", tmp_path, architecture)
 
 
 def test_spec_of_one_family_is_refused_as_another_naming_the_feature(tmp_path, capsys):
@@ -360,7 +416,12 @@ def test_a_rank_reads_only_the_experts_it_holds(tmp_path, monkeypatch):
     ("qwen3-moe-small", "Qwen3MoeForCausalLM"),  # qk_norm head, head_dim 48 over d_model 128 / 4 heads
 ])
 def test_hand_written_spec_trains_and_exports_as_its_family(tmp_path, spec_name, architecture):
-    spec = Path(__file__).parents[1] / "specs" / f"{spec_name}.yaml"
+    _trains_and_exports_as(Path(__file__).parents[1] / "specs" / f"{spec_name}.yaml", tmp_path, architecture)
+
+
+def _trains_and_exports_as(spec: Path, tmp_path: Path, architecture: str) -> None:
+    """``spec`` trained one step and exported: transformers loads it as ``architecture`` with no
+    missing or unexpected keys, to the run's logits."""
     run = tmp_path / "run"
     assert main(["run", str(spec), "--steps", "1", "--batch", "4", "--seq", "8", "--out", str(run),
                  "--no-progress", "--eval-batches", "1"]) == 0
@@ -368,7 +429,8 @@ def test_hand_written_spec_trains_and_exports_as_its_family(tmp_path, spec_name,
     back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp", output_loading_info=True)
     assert type(back).__name__ == architecture
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    vocab = moedsl.load_spec(spec).model.vocab_size
+    x = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         _close(back.eval()(x).logits, moedsl.load_model(run)(x).output)
 

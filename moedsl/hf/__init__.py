@@ -62,6 +62,7 @@ class Family:
     # the import writes them float32, moedsl's model keeps them float32 (``router_dtype: float32``) and
     # the export writes them float32
     float32_tensors: Sequence[str] = ()
+    routed = True  # False: a dense family (Llama, ...): no router, every layer's MLP dense
 
     def keeps_float32(self, name: str) -> bool:
         """Whether the checkpoint tensor ``name`` stays float32 in a 16-bit model (``float32_tensors``)."""

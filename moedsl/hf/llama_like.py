@@ -1,5 +1,6 @@
-"""What the Llama-like MoE families share (transformers' modeling_mixtral.py, modeling_qwen2_moe.py,
-modeling_qwen3_moe.py, modeling_olmoe.py):
+"""What the Llama-like families share: MoE (transformers' modeling_mixtral.py, modeling_qwen2_moe.py,
+modeling_qwen3_moe.py, modeling_olmoe.py) and dense (modeling_llama.py, modeling_mistral.py,
+modeling_qwen2.py, modeling_qwen3.py; ``DenseLlamaLike``):
 
     XForCausalLM: embed_tokens -> [input_layernorm -> self_attn (GQA, rotary) -> post_attention_layernorm
     -> mlp (a sparse MoE block or a dense SwiGLU MLP)] × N -> norm -> lm_head
@@ -368,7 +369,7 @@ class LlamaLike(Family):
             f"  d_model: {c['hidden_size']}  # {w('hidden_size')}",
             f"  max_seq_len: {c['max_position_embeddings']}  # {w('max_position_embeddings')}",
             f"  dtype: {c['dtype']}  # dtype of config.json (the weights' dtype on disk)",
-            self.router_dtype_line(c),
+            *([self.router_dtype_line(c)] if self.routed else []),
             "  norm: rmsnorm  # RMSNorm, before each sublayer",
             f"  norm_eps: {yaml_float(c['rms_norm_eps'])}  # {w('rms_norm_eps')}",
             f"  tie_embeddings: {'true' if tie else 'false'}  # {w('tie_word_embeddings')}",
@@ -632,3 +633,106 @@ def dense_export(per: list, recorded: Optional[dict]) -> dict:
         step = 1
     only = [i for i, m in enumerate(moe) if not m and (i + 1) % step == 0]
     return {"decoder_sparse_step": step, "mlp_only_layers": only}
+
+
+SLIDING, FULL = "sliding_attention", "full_attention"  # transformers' layer_types
+
+
+class DenseLlamaLike(LlamaLike):
+    """A dense Llama-like family (transformers' modeling_llama.py, modeling_mistral.py,
+    modeling_qwen2.py, modeling_qwen3.py): every decoder layer's ``mlp`` is a bias-free GLU MLP
+    ``down_proj(act(gate_proj(x)) ⊙ up_proj(x))`` of ``intermediate_size``, ``ffn`` (swiglu, or
+    geglu for hidden_act gelu) in the spec language. Subclasses add their attention's fields
+    (``attention_extra``) and config.json fields (``dense_config``)."""
+
+    routed = False  # so no router_dtype in its spec
+    attention_features = {"head_dim"}
+
+    def layer(self, c: Config, i: int) -> tuple:
+        attn = self.attention_fields(c, i) + self.attention_extra(c, i)
+        return attn, ("ffn", "mlp: gate_proj, up_proj, down_proj", self.dense_lines(c, "intermediate_size"))
+
+    def attention_extra(self, c: Config, i: int) -> list:
+        """Decoder layer ``i``'s attention fields beyond heads, kv_heads, head_dim and rope."""
+        return []
+
+    def moe_problem(self, e, at) -> Optional[str]:
+        return f"{at(e)} (a sparse layer: {self.model_type}'s MLPs are dense)"
+
+    def ffn_problem(self, f, at) -> Optional[str]:
+        return self.dense_ffn_problem(f, at)
+
+    def layer_config(self, spec, a, e) -> tuple:
+        cfg = self.attention_config(spec, a)
+        cfg["intermediate_size"] = e.config.hidden
+        return self.dense_config(cfg, a)
+
+    def dense_config(self, cfg: dict, a) -> tuple:
+        """(the fields every layer agrees on, this layer's own) from attention layer ``a``."""
+        return cfg, {}
+
+
+def layer_windows(fam: LlamaLike, c: Config, default_types: list) -> None:
+    """Each layer's sliding window (``c["windows"]``, None for full attention) from
+    ``layer_types`` (``default_types`` if config.json has none, as the config class's
+    __post_init__ derives them) and ``sliding_window``, kept only with ``use_sliding_window``;
+    a sliding layer sees its last ``sliding_window`` keys (create_sliding_window_causal_mask)."""
+    n = c["num_hidden_layers"]
+    window = c["sliding_window"] if c["use_sliding_window"] else None
+    types = c["layer_types"]
+    if types is None:
+        types = default_types
+    elif not isinstance(types, list) or len(types) != n or set(types) - {SLIDING, FULL}:
+        fam.refuse("layer_types", types, f"{n} (num_hidden_layers) of '{FULL}', '{SLIDING}'")
+    if SLIDING in types and (not isinstance(window, int) or window < 1):
+        fam.refuse("layer_types", types, f"'{SLIDING}' layers only with use_sliding_window true and a positive "
+                   f"sliding_window (use_sliding_window is {c['use_sliding_window']}, sliding_window "
+                   f"{c['sliding_window']})")
+    c["windows"] = [window if t == SLIDING else None for t in types]
+    c["types_from"] = "layer_types" if c["layer_types"] is not None else \
+        "use_sliding_window, max_window_layers (layer_types' default)"
+
+
+def window_export(per: list, recorded: Optional[dict]) -> dict:
+    """layer_types, use_sliding_window and sliding_window (null unless some layer slides, as
+    __post_init__ leaves it) from the layers' own ``sliding`` flags; the window itself is one of
+    the fields the layers agree on."""
+    out = {"layer_types": [SLIDING if p["sliding"] else FULL for p in per],
+           "use_sliding_window": any(p["sliding"] for p in per)}
+    if not out["use_sliding_window"]:
+        out["sliding_window"] = None
+    return out
+
+
+class DenseLayerTypes(DenseLlamaLike):
+    """A dense family whose layers slide or not by ``layer_types`` (Qwen2, Qwen3: their config's
+    __post_init__ keeps ``sliding_window`` only with ``use_sliding_window`` and, if config.json
+    has no ``layer_types``, makes layer i sliding when ``i >= max_window_layers``). Subclasses add
+    their attention's own fields (``attention_own``, ``attention_own_config``)."""
+
+    def read(self, c: Config, config: dict) -> None:
+        keep = c["use_sliding_window"] and c["sliding_window"] is not None
+        layer_windows(self, c, [SLIDING if keep and i >= c["max_window_layers"] else FULL
+                                for i in range(c["num_hidden_layers"])])
+
+    def attention_own(self, c: Config) -> list:
+        return []
+
+    def attention_extra(self, c: Config, i: int) -> list:
+        out = self.attention_own(c)
+        if c["windows"][i] is not None:
+            out.append(("sliding_window", c["windows"][i], f"sliding_window; layer {i} slides by {c['types_from']}"))
+        return out
+
+    def attention_own_config(self, cfg: dict, a) -> None:
+        """Add the config.json fields of attention layer ``a`` the family has beyond the shared ones."""
+
+    def dense_config(self, cfg: dict, a) -> tuple:
+        self.attention_own_config(cfg, a)
+        w = a.config.sliding_window
+        if w is not None:
+            cfg["sliding_window"] = w
+        return cfg, {"sliding": w is not None}
+
+    def per_layer_config(self, per: list, cfg: dict, recorded: Optional[dict]) -> dict:
+        return window_export(per, recorded)

@@ -28,9 +28,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import register
-from ..llama_like import LlamaLike, dense_export, sparse_layers
-
-SLIDING, FULL = "sliding_attention", "full_attention"
+from ..llama_like import FULL, SLIDING, LlamaLike, dense_export, layer_windows, sparse_layers
 
 
 class Qwen2Moe(LlamaLike):
@@ -72,20 +70,9 @@ class Qwen2Moe(LlamaLike):
         if any(c["sparse"]) and c["shared_expert_intermediate_size"] < 1:
             self.refuse("shared_expert_intermediate_size", c["shared_expert_intermediate_size"],
                         "a positive width (moedsl's shared expert has one)")
-        window = c["sliding_window"] if c["use_sliding_window"] else 0
-        types = c["layer_types"]
-        if types is None:  # Qwen2MoeConfig.__post_init__
-            types = [SLIDING if (i + 1) % 2 and i < c["max_window_layers"] and c["use_sliding_window"] else FULL
-                     for i in range(n)]
-        elif len(types) != n or set(types) - {SLIDING, FULL}:
-            self.refuse("layer_types", types, f"{n} (num_hidden_layers) of '{FULL}', '{SLIDING}'")
-        if SLIDING in types and (window is None or window < 1):
-            self.refuse("layer_types", types, f"'{SLIDING}' layers only with use_sliding_window true and a positive "
-                        f"sliding_window (use_sliding_window is {c['use_sliding_window']}, sliding_window "
-                        f"{c['sliding_window']}: transformers' window would be {window})")
-        c["windows"] = [window if t == SLIDING else None for t in types]
-        c["types_from"] = "layer_types" if c["layer_types"] is not None else \
-            "use_sliding_window, max_window_layers (layer_types' default)"
+        # Qwen2MoeConfig.__post_init__: every other layer below max_window_layers
+        layer_windows(self, c, [SLIDING if (i + 1) % 2 and i < c["max_window_layers"] and c["use_sliding_window"]
+                                else FULL for i in range(n)])
 
     def layer(self, c, i: int) -> tuple:
         attn = self.attention_fields(c, i)
