@@ -10,8 +10,10 @@ byte-level), for several seeds, whatever the outcome:
 - **Distillation** (Fedus et al. 2021, "Switch Transformers", §4.2): a switch teacher (specs/switch.yaml)
   trained N steps; a dense student (specs/dense.yaml) initialised from the teacher's non-expert
   weights (``moedsl distill-init``) and trained N steps on 0.25 × the teacher's probabilities +
-  0.75 × the labels, against the dense spec trained N steps on the labels alone. The share of the
-  sparse model's gain the student keeps: (dense − student) / (dense − teacher), in held-out loss.
+  0.75 × the labels, against the dense spec trained N steps on the labels alone, and against the
+  same initialisation trained N steps on the labels alone (the control: what the start alone is
+  worth). The share of the sparse model's gain the student keeps: (dense − student) /
+  (dense − teacher), in held-out loss.
 
     python bench/dense_sparse.py                       # N = M = 300, seeds 0, 1, 2 (about 10 min on 2 cores)
     python bench/dense_sparse.py --steps 100 --seeds 0
@@ -76,11 +78,15 @@ def main(argv=None) -> int:
         r["student N"] = train(out / f"student-{seed}-init" / "spec.yaml", out / f"student-{seed}", N, seed,
                                a.eval_batches, "--init", out / f"student-{seed}-init", "--distill-teacher", teacher,
                                "--distill-alpha", 0.25)
+        # the control: the same initialisation trained on the labels alone (alpha 0), which says how
+        # much of the student's gain is its start rather than the teacher's probabilities
+        r["init only N"] = train(out / f"student-{seed}-init" / "spec.yaml", out / f"init-only-{seed}", N, seed,
+                                 a.eval_batches, "--init", out / f"student-{seed}-init")
         r["kept"] = (r["dense N"] - r["student N"]) / (r["dense N"] - r["switch N"])
         rows.append(r)
         print(json.dumps(r), flush=True)
     con = Console(width=120)
-    cols = ["dense N", "dense N+M", "upcycled N+M", "switch N", "student N", "kept"]
+    cols = ["dense N", "dense N+M", "upcycled N+M", "switch N", "student N", "init only N", "kept"]
     t = Table(title=f"held-out loss (nats per byte) on pystdlib, N = M = {N} steps; kept = share of the switch "
                     "teacher's gain over dense the distilled student keeps")
     t.add_column("seed")
