@@ -5,9 +5,20 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 from .errors import UserError
+
+HF_CONFIG = "hf_config.json"  # what `moedsl import` keeps of a Hugging Face checkpoint's config.json
+
+
+def side_file(folders: Iterable, name: str) -> Optional[Path]:
+    """The first ``name`` in ``folders`` (an import folder, a checkpoint, the run folder above it;
+    None entries skipped), or None."""
+    for folder in folders:
+        if folder is not None and (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
 
 
 def apart(out: Path, sources: Iterable, option: str = "--out") -> None:

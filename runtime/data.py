@@ -47,12 +47,11 @@ import numpy as np
 import torch
 
 from moedsl.errors import MoedslError, UserError
+from moedsl.paths import HF_CONFIG
 
 from .corpus import PYSTDLIB_MAX_BYTES, pystdlib_files
 from .resolve import is_import_dir
 from .tokens import MANIFEST, TOKENIZER, model_tokenizer, open_tokens, tokenizer_sha256
-
-HF_CONFIG = "hf_config.json"  # what `moedsl import` keeps of a Hugging Face checkpoint's config.json
 
 
 @dataclass

@@ -21,15 +21,17 @@ import torch.nn.functional as F
 
 from moedsl import dtypes
 from moedsl.errors import UserError
+from moedsl.paths import HF_CONFIG
 
 from .data import make_source, pack_problems, packed, source_problems, spec_data
 from .inspect import capacity_factors, eval_capacity
 from .load import build
 from .resolve import resolve
 from .step import task_loss
+from .tokens import TOKENIZER
 
 # files an import folder holds, and a run started from one copies beside its checkpoints
-_IMPORTED = ("tokenizer.json", "hf_config.json")
+_IMPORTED = (TOKENIZER, HF_CONFIG)
 
 
 @dataclass

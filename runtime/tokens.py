@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 
 from moedsl.errors import UserError
+from moedsl.paths import side_file
 
 FORMAT = "moedsl-tokens"
 VERSION = 1
@@ -321,20 +322,16 @@ def model_tokenizer(spec, init=None) -> Optional[Path]:
     """The tokenizer.json of the model a run trains: the spec's ``model.tokenizer`` (a path, read
     relative to the spec file's folder), else the one beside an import's spec.yaml, else the one
     in the ``--init`` import folder; None where the model has none (its text is bytes)."""
-    named = getattr(spec.model, "tokenizer", None)
-    if named:
-        p = Path(named).expanduser()
-        source = Path(spec.source) if getattr(spec, "source", None) else None
-        if not p.is_absolute() and source is not None and source.is_file():
-            p = source.parent / p
-        if p.is_file():
-            return p
-        # a trained run's spec, rebuilt from its checkpoint, names the file relative to a spec file that is not
-        # there: the run kept its copy beside the checkpoints (runtime/train.py)
-        from moedsl.hf.files import side_file
-
-        return side_file([init], TOKENIZER) or p
-    from moedsl.hf.files import side_file
-
     source = Path(spec.source) if getattr(spec, "source", None) else None
-    return side_file([source.parent if source is not None and source.is_file() else None, init], TOKENIZER)
+    here = source.parent if source is not None and source.is_file() else None
+    named = getattr(spec.model, "tokenizer", None)
+    if not named:
+        return side_file([here, init], TOKENIZER)
+    p = Path(named).expanduser()
+    if not p.is_absolute() and here is not None:
+        p = here / p
+    if p.is_file():
+        return p
+    # a trained run's spec, rebuilt from its checkpoint, names the file relative to a spec file that is not
+    # there: the run kept its copy beside the checkpoints (runtime/train.py)
+    return side_file([init], TOKENIZER) or p

@@ -33,7 +33,7 @@ from moedsl import dtypes
 from moedsl.api import build_model
 from moedsl.compiler.passes.verify import signature_digest
 from moedsl.errors import MoedslError
-from moedsl.hf.files import TOKENIZER_FILES, copy_side_files
+from moedsl.hf.files import HF_CONFIG, TOKENIZER_FILES, copy_side_files
 
 from . import checkpoint as ckpt
 from . import report
@@ -292,7 +292,7 @@ class Trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
             _trim_metrics(metrics_path, start)
             if o.init:  # what `moedsl export` of this run restores: the source config, the tokenizer
-                copy_side_files(Path(o.init), out_dir, ("hf_config.json",) + TOKENIZER_FILES)
+                copy_side_files(Path(o.init), out_dir, (HF_CONFIG,) + TOKENIZER_FILES)
             elif self.source.tokenizer is not None:  # the tokenizer its ids came from: generate, eval and
                 _keep_tokenizer(self.source.tokenizer, out_dir)  # inspect of the run read text through it
         _verify_collectives(self.model, world)

@@ -18,12 +18,11 @@ from moedsl.errors import UserError
 from moedsl.spec_loader import load_spec
 
 from . import family, family_of_spec
-from .files import Checkpoint, apart, copy_side_files, nbytes, read_config, resolve, staged, torch_dtype_of, write_sharded
+from .files import HF_CONFIG, Checkpoint, apart, copy_side_files, nbytes, read_config, resolve, staged, torch_dtype_of, write_sharded
 from .write_progress import Written
 from .weights import global_shapes, mismatch
 
 IMPORT_SHARD = 2 * 10**9  # moedsl's own files: shards of up to 2 GB
-HF_CONFIG = "hf_config.json"
 
 
 def _dtype(ck: Checkpoint, name: str):

@@ -21,22 +21,13 @@ import torch
 from safetensors import safe_open
 
 from moedsl.errors import UserError
-from moedsl.paths import apart, swap_in  # noqa: F401 - apart here too, beside staged (moedsl.paths has no torch)
+from moedsl.paths import HF_CONFIG, apart, side_file, swap_in  # noqa: F401 - here too (moedsl.paths has no torch)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # copied as they are, for generation later
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "tokenizer.model", "chat_template.jinja")  # transformers 5 saves the chat template apart
-
-
-def side_file(folders: Iterable, name: str) -> Optional[Path]:
-    """The first ``name`` in ``folders`` (an import folder, a checkpoint, the run folder above it;
-    None entries skipped), or None."""
-    for folder in folders:
-        if folder is not None and (Path(folder) / name).is_file():
-            return Path(folder) / name
-    return None
 
 
 def read_tokenizer(folders: Iterable):
@@ -368,4 +359,4 @@ def copy_side_files(src: Path, dst: Path, names: Iterable[str] = TOKENIZER_FILES
 
 
 __all__ = ["Checkpoint", "resolve", "read_config", "write_sharded", "staged", "apart", "parse_size", "problem",
-           "hub_cache", "copy_side_files"]
+           "hub_cache", "copy_side_files", "side_file", "HF_CONFIG"]
