@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -21,17 +20,12 @@ import torch.nn.functional as F
 
 from moedsl import dtypes
 from moedsl.errors import UserError
-from moedsl.paths import HF_CONFIG
 
 from .data import make_source, pack_problems, packed, source_problems, spec_data
 from .inspect import capacity_factors, eval_capacity
 from .load import build
 from .resolve import resolve
 from .step import task_loss
-from .tokens import TOKENIZER
-
-# files an import folder holds, and a run started from one copies beside its checkpoints
-_IMPORTED = (TOKENIZER, HF_CONFIG)
 
 
 @dataclass
@@ -116,9 +110,7 @@ def evaluate(model, capacity_factor=None, checkpoint: Optional[str] = None,
     dtype = ran.get("dtype", spec.model.dtype)
     pack = pack or ran.get("pack", spec.train.pack)
     amp = dtypes.autocast_dtype(dtype)  # the Trainer's: float32 weights, the forward under autocast
-    # where the model's tokenizer.json is when its spec does not name one: an import's folder, or the
-    # run folder a run from an import copied it to (its hf_config.json says the weights were imported)
-    origin = next((f for f in weights.folders if any((Path(f) / n).is_file() for n in _IMPORTED)), None)
+    origin = weights.origin  # where the tokenizer.json is when the spec names none, and the import the run came from
     found = source_problems(spec, data, seq, init=origin) + pack_problems(spec, data, pack, origin)
     if found:
         raise UserError(found[0])

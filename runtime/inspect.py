@@ -529,8 +529,7 @@ def inspect(model, *, checkpoint=None, text: Optional[str] = None, data: Optiona
             shown = TOKENIZER
         else:
             # prepared folders: their held-out windows, checked against the tokenizer the model has
-            kept = side_file(source.folders, "tokenizer.json")
-            origin = kept.parent if kept is not None else None
+            origin = source.origin  # as `moedsl eval` takes it
             found = source_problems(spec, data, seq, init=origin)
             if found:
                 raise UserError(found[0])

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Optional
 
 from moedsl.errors import UserError
+from moedsl.paths import HF_CONFIG
 from moedsl.spec_loader import looks_like_path, load_spec
 
 from .ckpt_format import problem, read_meta
 from .ckpt_storage import newest_whole
 
+SIDE_MARKS = ("tokenizer.json", HF_CONFIG)  # the side files that make a folder the model's origin
 IMPORT = "import"  # safetensors in moedsl's names (moedsl/hf/weights.py reads them)
 DCP = "dcp"  # a moedsl checkpoint (runtime/ckpt_format.py reads it)
 
@@ -41,6 +43,13 @@ class ModelSource:
     run: Optional[Path] = None  # the folder ``src`` named when it holds a checkpoint (a run, ...), else None
     meta: dict = field(default_factory=dict)  # a checkpoint's meta.json ({} for an import)
     folders: tuple = ()  # where side files may be (tokenizer.json, hf_config.json), nearest first
+
+    @property
+    def origin(self) -> Optional[Path]:
+        """What a run of these weights would have as ``--init``, for the data checks and sources
+        (``runtime.data``): the nearest of ``folders`` holding a tokenizer.json or a Hugging Face
+        config (an import, or the run folder a run from one copied them to), else None."""
+        return next((Path(f) for f in self.folders if any((Path(f) / n).is_file() for n in SIDE_MARKS)), None)
 
 
 def is_import_dir(path) -> bool:
