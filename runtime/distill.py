@@ -174,8 +174,8 @@ def distill_init(teacher, dense, out: Path, overwrite: bool = False) -> dict:
     with staged(out, overwrite) as tmp:
         files = write_sharded(tmp, plan, IMPORT_SHARD)
         (tmp / "spec.yaml").write_text(Path(dense).read_text())
-        held = next((Path(f) for f in source.folders if side_file([f], TOKENIZER)), None)  # the teacher's tokenizer
-        side = copy_side_files(held, tmp, TOKENIZER_FILES) if held is not None else []
+        held = side_file(source.folders, TOKENIZER)  # the teacher's tokenizer, with its side files
+        side = copy_side_files(held.parent, tmp, TOKENIZER_FILES) if held is not None else []
     return {"out": str(out), "copied": copied, "skipped": skipped, "fresh": fresh, "files": files, "side": side}
 
 
