@@ -95,6 +95,20 @@ class Mesh:
         return self.nodes * self.devices_per_node
 
 
+_REPLICATION = schema()["$defs"]["placement"]["properties"]["replication"]["properties"]
+
+
+@dataclass(frozen=True)
+class Replication:
+    """placement.replication: redundant expert slots that follow the measured load."""
+
+    policy: str  # eplb | shadow
+    redundant: int = _REPLICATION["redundant"]["default"]  # extra physical slots per MoE layer
+    window: int = _REPLICATION["window"]["default"]  # steps of load the placement is computed from
+    every: int = _REPLICATION["every"]["default"]  # steps between placements (migrations)
+    dispatch: str = _REPLICATION["dispatch"]["default"]  # modulo | nearest
+
+
 @dataclass(frozen=True)
 class Placement:
     mesh: Optional[Mesh] = None  # None: 1 node × the world size of the run
@@ -105,6 +119,8 @@ class Placement:
     layer_maps: tuple = ()  # explicit: ((moe_index, map), ...)
     replicas: tuple = ()  # ((expert, copies), ...)
     all_to_all: str = _PLACEMENT["all_to_all"]
+    shard: str = _PLACEMENT["shard"]  # none | optimizer | full: training states split over data-parallel groups
+    replication: Optional[Replication] = None  # None: the placement is fixed
 
     def map_for(self, moe_index: int) -> Optional[tuple]:
         return dict(self.layer_maps).get(moe_index, self.map)
@@ -138,6 +154,8 @@ class Train:
     eval_batches: int = _TRAIN["eval_batches"]
     checkpoint_every: Optional[int] = None
     pack: str = _TRAIN["pack"]  # none | documents: rows pack several documents (runtime/train.py RunOptions.pack)
+    recompute: str = _TRAIN["recompute"]  # none | experts | layers: activations recomputed in backward
+    micro_batches: int = _TRAIN["micro_batches"]  # gradient accumulation: a step's batch in M pieces
     distill: Optional[Distill] = None  # knowledge distillation from a teacher (training only)
 
 
