@@ -52,22 +52,26 @@ def teacher(tmp_path_factory) -> Path:
     return out / "run"
 
 
-def student(tmp_path: Path, teacher=None, **options) -> Trainer:
-    spec = moedsl.load_spec(write(tmp_path / "dense.yaml", spec_data("student", dense_layers())))
+def student(tmp_path: Path, teacher=None, dtype: str = "float32", **options) -> Trainer:
+    data = spec_data("student", dense_layers())
+    data["model"]["dtype"] = dtype
+    spec = moedsl.load_spec(write(tmp_path / "dense.yaml", data))
     return Trainer(spec, RunOptions.from_spec(spec, device="cpu", progress=False, out=tmp_path / "s",
                                               distill_teacher=None if teacher is None else str(teacher), **options))
 
 
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked,dtype", [(False, "float32"), (True, "float32"), (False, "bfloat16"),
+                                          (True, "bfloat16")])
 def test_a_distillation_step_loss_is_alpha_kl_at_temperature_plus_the_labels_cross_entropy(tmp_path, teacher,
-                                                                                          masked):
+                                                                                          masked, dtype):
     """loss = alpha · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − alpha) · CE, averaged over the
-    (marked) targets: computed here from the two models' float32 logits."""
+    (marked) targets: computed here from the two models' logits, both under the student's autocast
+    (bfloat16: the teacher's forward runs under it too) and taken to float32 for the loss."""
     alpha, temp = 0.3, 2.0
-    t = student(tmp_path, teacher, distill_alpha=alpha, distill_temperature=temp)
+    t = student(tmp_path, teacher, dtype, distill_alpha=alpha, distill_temperature=temp)
     b = t.source.batch(0, 4, 8)
     mask = torch.rand(b.targets.shape, generator=torch.Generator().manual_seed(1)) < 0.5 if masked else None
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
         zs = t.model(b.inputs).output.float()
         zt = load_model(teacher)(b.inputs).output.float()
     p, q = torch.softmax(zt / temp, -1), torch.softmax(zs / temp, -1)
