@@ -69,6 +69,25 @@ def test_upcycled_logits_equal_the_dense_models(tmp_path, g, k, extra):
     assert (got - want).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("g", [1, 2])
+def test_in_bfloat16_the_upcycled_model_is_as_close_to_the_dense_one_as_bfloat16_rounding_allows(tmp_path, g):
+    """Under bfloat16 autocast the copies' outputs are rounded before the gate weights (which sum to 1)
+    combine them, so equality holds only to rounding: the upcycled model's logits must lie as close to
+    the dense model's (both bfloat16) as the dense model's own bfloat16 logits lie to its float32 ones."""
+    dense = _dense(tmp_path)
+    moedsl.upcycle(dense, tmp_path / "moe", 8, 2, granularity=g)
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+
+    def logits(src, bf16: bool) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return moedsl.load_model(src, dtype=torch.float32)(ids).output.float()
+
+    rounding = (logits(dense, True) - logits(dense, False)).abs().max().item()
+    gap = (logits(tmp_path / "moe", True) - logits(dense, True)).abs().max().item()
+    assert 0 < rounding < 0.1
+    assert gap <= 2 * rounding, (gap, rounding)
+
+
 def test_granular_experts_hold_each_shard_and_their_router_rows_repeat_per_group(tmp_path):
     moedsl.upcycle(_dense(tmp_path), tmp_path / "moe", 4, 2, granularity=2)
     w = read_weights(tmp_path / "moe")
