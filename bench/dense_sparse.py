@@ -12,11 +12,14 @@ byte-level), for several seeds, whatever the outcome:
   weights (``moedsl distill-init``) and trained N steps on 0.25 × the teacher's probabilities +
   0.75 × the labels, against the dense spec trained N steps on the labels alone, and against the
   same initialisation trained N steps on the labels alone (the control: what the start alone is
-  worth). The share of the sparse model's gain the student keeps: (dense − student) /
-  (dense − teacher), in held-out loss.
+  worth), and against the dense spec from its own initialisation trained N steps on the same mix
+  (``scratch student``: the teacher's probabilities alone, without its weights). The share of the
+  sparse model's gain a student keeps: (dense − student) / (dense − teacher), in held-out loss
+  (``kept``, ``kept scratch``).
 
     python bench/dense_sparse.py                       # N = M = 300, seeds 0, 1, 2 (about 10 min on 2 cores)
     python bench/dense_sparse.py --steps 100 --seeds 0
+    python bench/dense_sparse.py --steps 1500 --reuse    # keep the runs already finished in --out
 """
 from __future__ import annotations
 
@@ -40,8 +43,22 @@ def moedsl(*args) -> None:
         raise SystemExit(f"moedsl {' '.join(map(str, args))} failed:\n{res.stderr[-3000:]}")
 
 
+REUSE = False  # --reuse: a run whose metrics.jsonl already ends at its last step with an evaluation is kept
+
+
+def finished(out: Path, steps: int):
+    """The held-out loss a finished run of ``steps`` steps in ``out`` recorded, else None."""
+    try:
+        last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return last.get("eval_loss") if last.get("step") == steps else None
+
+
 def train(spec, out: Path, steps: int, seed: int, eval_batches: int, *extra) -> float:
     """A run of ``steps`` (its own schedule) on pystdlib: its last held-out loss (nats per byte)."""
+    if REUSE and finished(out, steps) is not None:
+        return finished(out, steps)
     moedsl("run", spec, "--data", "pystdlib", "--steps", steps, "--seed", seed, "--eval-every", steps,
            "--eval-batches", eval_batches, "--out", out, "--no-progress", "--overwrite", *extra)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -54,7 +71,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--eval-batches", type=int, default=32)
     ap.add_argument("--out", default="runs/dense-sparse")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the runs in --out that already finished (an added column runs alone)")
     a = ap.parse_args(argv)
+    global REUSE
+    REUSE = a.reuse
     out, N = Path(a.out).resolve(), a.steps
     rows = []
     for seed in [int(s) for s in a.seeds.split(",")]:
@@ -82,19 +103,26 @@ def main(argv=None) -> int:
         # much of the student's gain is its start rather than the teacher's probabilities
         r["init only N"] = train(out / f"student-{seed}-init" / "spec.yaml", out / f"init-only-{seed}", N, seed,
                                  a.eval_batches, "--init", out / f"student-{seed}-init")
+        # distillation alone: the dense spec from its own initialisation (no distill-init), trained N
+        # steps on the same mix, against "dense N": what the teacher's probabilities are worth at equal
+        # steps and equal compute in the student, without the teacher's weights
+        r["scratch student N"] = train(SPECS / "dense.yaml", out / f"scratch-student-{seed}", N, seed,
+                                       a.eval_batches, "--distill-teacher", teacher, "--distill-alpha", 0.25)
         r["kept"] = (r["dense N"] - r["student N"]) / (r["dense N"] - r["switch N"])
+        r["kept scratch"] = (r["dense N"] - r["scratch student N"]) / (r["dense N"] - r["switch N"])
         rows.append(r)
         print(json.dumps(r), flush=True)
     con = Console(width=120)
-    cols = ["dense N", "dense N+M", "upcycled N+M", "switch N", "student N", "init only N", "kept"]
+    cols = ["dense N", "dense N+M", "upcycled N+M", "switch N", "student N", "init only N", "scratch student N",
+            "kept", "kept scratch"]
     t = Table(title=f"held-out loss (nats per byte) on pystdlib, N = M = {N} steps; kept = share of the switch "
                     "teacher's gain over dense the distilled student keeps")
     t.add_column("seed")
     for c in cols:
         t.add_column(c, justify="right")
     for r in rows:
-        t.add_row(str(r["seed"]), *(f"{r[c]:.4f}" if c != "kept" else f"{r[c]:.0%}" for c in cols))
-    t.add_row("mean", *(f"{statistics.mean(r[c] for r in rows):.4f}" if c != "kept" else
+        t.add_row(str(r["seed"]), *(f"{r[c]:.4f}" if not c.startswith("kept") else f"{r[c]:.0%}" for c in cols))
+    t.add_row("mean", *(f"{statistics.mean(r[c] for r in rows):.4f}" if not c.startswith("kept") else
                         f"{statistics.mean(r[c] for r in rows):.0%}" for c in cols))
     con.print(t)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
