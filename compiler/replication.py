@@ -356,7 +356,8 @@ def rank_tokens(phy2log: Sequence[int], load, ep: int, dispatch: str = "modulo",
     return out
 
 
-def model_step(phy2log: Sequence[int], load, ep: int, cost: LayerCost, dispatch: str = "modulo") -> Modelled:
+def model_step(phy2log: Sequence[int], load, ep: int, cost: LayerCost, dispatch: str = "modulo",
+               hosts: Optional[list] = None) -> Modelled:
     """The modelled training step of one MoE layer: the busiest rank's expert compute (3 × the
     forward GEMMs), 4 all-to-all trips (dispatch and combine, forward and backward; a trip
     lasts as long as the rank with the most bytes to send or receive, each byte at its link's
@@ -364,10 +365,12 @@ def model_step(phy2log: Sequence[int], load, ep: int, cost: LayerCost, dispatch:
     all-reduce, 2 (c − 1) / c of the gradient per rank, serial on each rank). FasterMoE's
     model (§4, ``global_policy``) has the same three terms with one expert per rank: 3 ×
     compute and 4 × feature transfers of the busiest expert, plus the shadowed experts'
-    parameter transfers. No overlap is modelled. ``load`` as for ``rank_tokens``, per step."""
+    parameter transfers. No overlap is modelled. ``load`` as for ``rank_tokens``, per step;
+    ``hosts`` (per expert, its ranks; then ``phy2log`` is unused): a placement whose ranks
+    hold unequal slot counts, as a static spec's may."""
     src = _per_source(load, ep)
     E, dpn = len(src[0]), max(cost.devices_per_node, 1)
-    hosts = hosts_of(phy2log, ep, E)
+    hosts = hosts if hosts is not None else hosts_of(phy2log, ep, E)
     tokens = [0.0] * ep
     send = [[0.0, 0.0] for _ in range(ep)]  # [intra, inter] rows
     recv = [[0.0, 0.0] for _ in range(ep)]
@@ -396,6 +399,49 @@ def model_step(phy2log: Sequence[int], load, ep: int, cost: LayerCost, dispatch:
     return Modelled(rank_tokens=tokens, sent_bytes=[4 * sum(x) * cost.row_bytes for x in send],
                     compute_s=max(tokens) * cost.flops_per_assignment / cost.device_flops,
                     all_to_all_s=4 * trip, sync_s=max(sync))
+
+
+@dataclass
+class LayerReplan:
+    """One MoE layer's step before replication (the spec's placement) and after (a policy's)."""
+
+    layer: str
+    policy: str
+    redundant: int
+    phy2log: tuple
+    before: Modelled
+    after: Modelled
+
+
+def replan(spec, compiled, loads: dict, policy_spec) -> list:
+    """``moedsl plan --load``: per MoE layer of ``compiled``, the modelled step under the spec's
+    placement and under the one ``policy_spec`` computes from ``loads`` (layer name → load per
+    expert, any scale: shares or counts), scaled to the assignments of one step of the
+    expert-parallel group (the plan's batch × its experts per token)."""
+    mesh = compiled.mesh
+    ep = mesh.expert_parallel
+    B_local, T = compiled.static.batch
+    nodes = max(1, ep // mesh.devices_per_node) if ep % mesh.devices_per_node == 0 else 1
+    out = []
+    for layer in spec.moe_layers:
+        name = f"layers.{layer.index}"
+        cfg = layer.config
+        E = cfg.experts.count
+        raw = [float(x) for x in loads[name]]
+        if len(raw) != E:
+            raise ValueError(f"{name}: the load lists {len(raw)} experts, the layer has {E}")
+        total = sum(raw) or 1.0
+        per_step = [x / total * B_local * T * ep * cfg.experts_per_token for x in raw]
+        cost = layer_cost(spec, layer, devices_per_node=min(ep, mesh.devices_per_node))
+        lp = compiled.placements[name]
+        before = model_step((), per_step, ep, cost, policy_spec.dispatch, hosts=[list(h) for h in lp.hosts])
+        groups = getattr(cfg.gate, "groups", None)
+        phy2log = place(policy_spec, [x * policy_spec.window for x in per_step], ep, nodes,
+                        groups.count if groups is not None else None, cost)
+        after = model_step(phy2log, per_step, ep, cost, policy_spec.dispatch)
+        out.append(LayerReplan(layer=name, policy=policy_spec.policy, redundant=policy_spec.redundant,
+                               phy2log=phy2log, before=before, after=after))
+    return out
 
 
 # ----------------------------------------------------------------------------- the policies
@@ -466,5 +512,5 @@ def place(policy_spec, load: Sequence[float], ep: int, nodes: int = 1, groups: O
     raise ValueError(f"unknown replication policy {policy_spec.policy!r} (eplb or shadow)")
 
 
-__all__ = ["LayerCost", "Modelled", "balanced_packing", "balancedness", "eplb", "hosts_of", "layer_cost",
-           "model_step", "place", "rank_tokens", "rebalance_experts_hierarchical", "replicate_experts", "shadow"]
+__all__ = ["LayerCost", "LayerReplan", "Modelled", "balanced_packing", "balancedness", "eplb", "hosts_of", "layer_cost",
+           "model_step", "place", "rank_tokens", "rebalance_experts_hierarchical", "replan", "replicate_experts", "shadow"]

@@ -156,3 +156,54 @@ def test_placement_hardware_has_defaults_and_takes_the_figures_written(tmp_path)
     assert spec.placement.hardware.intra_node_bandwidth == default.intra_node_bandwidth
     with pytest.raises(SpecError, match="device_flops"):
         moedsl.load_spec(hash_spec(tmp_path, hardware={"device_flops": 0}))
+
+
+def plan_spec(tmp_path: Path, **replication) -> Path:
+    placement = {"mesh": {"nodes": 1, "devices_per_node": 4}}
+    if replication:
+        placement["replication"] = replication
+    return hash_spec(tmp_path, **placement)
+
+
+def plan_json(capsys, *argv) -> dict:
+    assert main(["plan", *map(str, argv), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_load_prints_each_ranks_tokens_before_and_after_eplb_from_inspect_output(tmp_path, capsys):
+    spec = plan_spec(tmp_path, policy="eplb", redundant=4)
+    load = zipf(8, 1.0, 1.0)
+    (tmp_path / "inspect.json").write_text(json.dumps({"tokens": 4096, "layers": [{"layer": "layers.2",
+                                                                                    "load": load}]}))
+    out = plan_json(capsys, spec, "--load", tmp_path / "inspect.json")
+    (layer,) = out["replication"]
+    step = 16 * 64  # the spec's batch × seq, k = 1 (hash)
+    before, after = layer["before"]["rank_tokens"], layer["after"]["rank_tokens"]
+    assert before == pytest.approx([step * sum(load[2 * r:2 * r + 2]) for r in range(4)])  # contiguous: 2 per rank
+    assert sum(after) == pytest.approx(step) and len(layer["phy2log"]) == 12
+    assert layer["balancedness_before"] == pytest.approx(sum(before) / 4 / max(before))
+    assert layer["balancedness_before"] < 0.5 < 0.9 < layer["balancedness_after"]
+    assert main(["plan", str(spec), "--load", str(tmp_path / "inspect.json")]) == 0
+    text = capsys.readouterr().out
+    assert "tokens before" in text and f"balancedness (mean/max tokens per rank) {layer['balancedness_before']:.3f}" \
+        in text
+
+
+def test_plan_load_reads_a_runs_metrics_over_the_policys_window(tmp_path, capsys):
+    spec = plan_spec(tmp_path, policy="eplb", redundant=4, window=2)
+    hot = [0.65, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05]
+    rows = [{"step": 10, "expert_load": {"layers.2": [1 / 8] * 8}},  # outside the window: not counted
+            {"step": 20, "expert_load": {"layers.2": hot}}, {"step": 30, "loss": 1.0},
+            {"step": 40, "expert_load": {"layers.2": hot}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (layer,) = plan_json(capsys, spec, "--load", tmp_path / "metrics.jsonl")["replication"]
+    assert layer["before"]["rank_tokens"][0] == pytest.approx(16 * 64 * 0.7)
+
+
+def test_plan_load_without_a_policy_says_how_to_name_one(tmp_path, capsys):
+    spec = plan_spec(tmp_path)
+    (tmp_path / "inspect.json").write_text(json.dumps({"layers": [{"layer": "layers.2", "load": [1] * 8}]}))
+    assert main(["plan", str(spec), "--load", str(tmp_path / "inspect.json")]) == 2
+    assert "name a policy with --policy eplb|shadow" in capsys.readouterr().err
+    out = plan_json(capsys, spec, "--load", tmp_path / "inspect.json", "--policy", "shadow", "--redundant", "4")
+    assert out["replication"][0]["policy"] == "shadow" and len(out["replication"][0]["phy2log"]) == 12
