@@ -113,7 +113,8 @@ def test_one_redundant_slot_per_rank_evens_a_zipf_load_where_each_replica_takes_
 def test_modelled_all_to_all_leaves_a_ranks_own_tokens_off_the_wire():
     load = [400.0] * 4  # one expert per rank, 100 tokens from each source
     m = model_step((0, 1, 2, 3), load, 4, COST)
-    assert m.sent_bytes == [4 * 300 * COST.row_bytes] * 4  # 3 of 4 sources' shares leave, 4 trips
+    # 300 of a rank's tokens leave it and 300 come back computed, each way forward and backward
+    assert m.sent_bytes == [4 * 300 * COST.row_bytes] * 4
     assert m.rank_tokens == [400.0] * 4 and m.sync_s == 0.0
     shadowed = model_step((0, 1, 1, 2, 1, 3, 1, 0), load, 4, COST)  # expert 1 on every rank (2 slots each)
     assert shadowed.sent_bytes[0] < m.sent_bytes[0] and shadowed.sync_s > 0
@@ -207,3 +208,16 @@ def test_plan_load_without_a_policy_says_how_to_name_one(tmp_path, capsys):
     assert "name a policy with --policy eplb|shadow" in capsys.readouterr().err
     out = plan_json(capsys, spec, "--load", tmp_path / "inspect.json", "--policy", "shadow", "--redundant", "4")
     assert out["replication"][0]["policy"] == "shadow" and len(out["replication"][0]["phy2log"]) == 12
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=layouts(), per_node=st.sampled_from([1, 2, 4]), policy=st.sampled_from(["eplb", "shadow"]))
+def test_the_even_split_shortcut_models_what_the_per_source_loop_models(layout, per_node, policy):
+    E, R, ep, nodes, groups, load = layout
+    cost = LayerCost(**{**COST.__dict__, "devices_per_node": per_node})
+    phy2log = place(Replication(policy=policy, redundant=R), load, ep, cost=cost)
+    even = model_step(phy2log, load, ep, cost)  # a flat load: the shortcut
+    loop = model_step(phy2log, [[x / ep for x in load]] * ep, ep, cost)  # per source: the loop
+    assert even.rank_tokens == pytest.approx(loop.rank_tokens, rel=1e-9, abs=1e-6)
+    assert even.sent_bytes == pytest.approx(loop.sent_bytes, rel=1e-9, abs=1e-3)
+    assert (even.all_to_all_s, even.sync_s) == pytest.approx((loop.all_to_all_s, loop.sync_s), rel=1e-9, abs=1e-12)
