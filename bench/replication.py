@@ -15,7 +15,7 @@ balancedness (mean/max), the step time (all configurations built once in the sam
 their steps interleaved; medians, max over ranks) and the all-to-all bytes a rank sends
 (``Traffic.sent``, max over ranks). The model's figures for the same placements and loads sit
 beside them: it is calibrated in the same processes (the experts' GEMMs' FLOP/s, gloo's
-all-to-all bandwidth) and prices the MoE layer only; "predicted step" adds the rest of the step,
+all-to-all latency and bandwidth) and prices the MoE layer only; "predicted step" adds the rest of the step,
 measured once (1×, no replicas) as measured step − modelled layer.
 
     python bench/replication.py                 # about 2 minutes on 2 cores
@@ -108,17 +108,22 @@ def _calibrate(rank: int, world: int, d: int, hidden: int, rows: int) -> dict:
         if i >= 1:
             ts.append(time.perf_counter() - t)
     flops = 3 * 2 * (2 * d * hidden) * rows / statistics.median(ts)
-    buf = torch.randn(world * (rows // world), d)
-    out = torch.empty_like(buf)
-    ts = []
-    for i in range(6):
-        dist.barrier()
-        t = time.perf_counter()
-        dist.all_to_all_single(out, buf)
-        if i >= 1:
-            ts.append(time.perf_counter() - t)
-    sent = buf.numel() * 4 * (world - 1) / world
-    return {"flops": flops, "bandwidth": sent / statistics.median(ts)}
+
+    def a2a(n: int) -> float:  # seconds of an all-to-all of n rows to each rank
+        buf = torch.randn(world * n, d)
+        out = torch.empty_like(buf)
+        ts = []
+        for i in range(8):
+            dist.barrier()
+            t = time.perf_counter()
+            dist.all_to_all_single(out, buf)
+            if i >= 2:
+                ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    small, large = a2a(1), a2a(rows // world)  # latency, then latency + bytes / bandwidth
+    sent = (rows // world - 1) * d * 4 * (world - 1)
+    return {"flops": flops, "latency": small, "bandwidth": sent / max(large - small, 1e-9)}
 
 
 def _worker(rank: int, world: int, configs: list, steps: int, batch: int, seq: int, vocab: int) -> list:
@@ -173,9 +178,10 @@ def measured(args) -> None:
     cal = spawn(_calibrate, WORLD, args.d, args.hidden, tokens, timeout=600)
     flops = min(c["flops"] for c in cal)
     bandwidth = min(c["bandwidth"] for c in cal)
+    latency = max(c["latency"] for c in cal)
     cost = LayerCost(flops_per_assignment=3 * 2 * (2 * args.d * args.hidden), row_bytes=4 * args.d,
                      grad_bytes=4 * 2 * args.d * args.hidden, device_flops=flops, intra_node_bandwidth=bandwidth,
-                     inter_node_bandwidth=bandwidth, devices_per_node=WORLD)
+                     inter_node_bandwidth=bandwidth, devices_per_node=WORLD, latency_s=latency)
     configs, rows = [], []
     for ratio in SKEWS:
         table = hash_table(args.vocab, E, ratio)
@@ -202,10 +208,12 @@ def measured(args) -> None:
           f"d = {args.d}, hidden {args.hidden}, batch {args.batch} × {args.seq} tokens per rank, hash routing "
           f"(k = 1, dropless), {args.steps} steps per configuration interleaved; {cpu_caps.describe()}")
     print(f"calibrated in the same processes: expert GEMMs {flops / 1e9:.1f} GFLOP/s per rank, gloo all-to-all "
-          f"{bandwidth / 1e9:.2f} GB/s per rank; the rest of the step (embedding, head, router, optimizer, "
-          f"non-expert gradient sum) {rest * 1e3:.1f} ms, measured at 1× without replicas\n")
+          f"{bandwidth / 1e9:.2f} GB/s per rank after {latency * 1e3:.2f} ms per collective; the rest of the step "
+          f"(embedding, head, router, optimizer, non-expert gradient sum) {rest * 1e3:.1f} ms, measured at 1× "
+          f"without replicas\n")
     print("| hottest / mean | policy | rows per rank (measured) | balancedness measured | predicted | "
-          "step ms measured | predicted | speed-up measured | predicted | a2a sent, busiest rank, measured | predicted |")
+          "step ms measured | predicted | speed-up measured | predicted | a2a sent, busiest rank, measured | "
+          "predicted |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     base = {}
     for r in rows:

@@ -266,6 +266,7 @@ class LayerCost:
     intra_node_bandwidth: float  # bytes/s a device sends (and receives) inside its node
     inter_node_bandwidth: float  # bytes/s a device sends (and receives) to other nodes
     devices_per_node: int = 8
+    latency_s: float = 0.0  # seconds a collective takes however small (measured: gloo's; not a spec field)
 
 
 def layer_cost(spec, layer, devices_per_node: Optional[int] = None) -> LayerCost:
@@ -392,13 +393,13 @@ def model_step(phy2log: Sequence[int], load, ep: int, cost: LayerCost, dispatch:
     def seconds(rows):
         return sum(r * cost.row_bytes / b for r, b in zip(rows, bw))
 
-    trip = max(max(seconds(send[r]), seconds(recv[r])) for r in range(ep))
+    trip = cost.latency_s + max(max(seconds(send[r]), seconds(recv[r])) for r in range(ep))
     sync = [0.0] * ep
     for hs in hosts:
         c = len(hs)
         if c > 1:
             spans = len({h // dpn for h in hs}) > 1
-            t = 2 * (c - 1) / c * cost.grad_bytes / bw[1 if spans else 0]
+            t = cost.latency_s + 2 * (c - 1) / c * cost.grad_bytes / bw[1 if spans else 0]
             for h in hs:
                 sync[h] += t
     # a rank sends its tokens out (dispatch; the combine's gradient) and the rows it computed back
@@ -549,5 +550,6 @@ def place(policy_spec, load: Sequence[float], ep: int, nodes: int = 1, groups: O
     raise ValueError(f"unknown replication policy {policy_spec.policy!r} (eplb or shadow)")
 
 
-__all__ = ["LayerCost", "LayerReplan", "Modelled", "balanced_packing", "balancedness", "eplb", "hosts_of", "layer_cost",
-           "model_step", "place", "rank_tokens", "rebalance_experts_hierarchical", "replan", "replicate_experts", "shadow"]
+__all__ = ["LayerCost", "LayerReplan", "Modelled", "balanced_packing", "balancedness", "eplb", "hosts_of",
+           "layer_cost", "model_step", "place", "rank_tokens", "rebalance_experts_hierarchical", "replan",
+           "replicate_experts", "shadow"]
