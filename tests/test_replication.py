@@ -51,10 +51,11 @@ def test_eplb_never_gives_an_expert_more_replicas_than_there_are_devices():
 
 
 def test_two_replicas_of_one_expert_go_to_different_devices():
-    # DeepSeek's code packs [1, 0, 3 | 0, 0, 2]: both of expert 0's replicas on device 1
-    phy2log = eplb([[60.0, 30.0, 5.0, 5.0]], 6, 1, 1, 2)[0][0].tolist()
-    assert sorted(phy2log) == [0, 0, 1, 1, 2, 3]
-    assert all(len(set(r)) == 3 for r in per_rank(phy2log, 2))
+    # every expert gets 2 replicas; DeepSeek's code packs them [1, 1, 0, 0 | 2, 2, 3, 3]: both
+    # copies of each expert on one device, so replication evens nothing
+    phy2log = eplb([[40.0, 60.0, 60.0, 40.0]], 8, 1, 1, 2)[0][0].tolist()
+    assert sorted(phy2log) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all(sorted(r) == [0, 1, 2, 3] for r in per_rank(phy2log, 2))
 
 
 def test_packing_separates_an_expert_the_greedy_order_left_twice_on_one_pack():
