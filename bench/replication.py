@@ -158,17 +158,23 @@ def _worker(rank: int, world: int, configs: list, steps: int, batch: int, seq: i
         inputs = ids.view(batch, seq)
         b = Batch(inputs, torch.roll(inputs, -1, dims=1))
         for i, t in enumerate(trainers):
-            torch.distributed.barrier()
-            Traffic.reset()
             rows[i][0] = 0
-            s = time.perf_counter()
-            t.step(b, t.options.lr)
-            torch.distributed.barrier()
+            seconds, sent = _timed(t, b, Traffic)
             if step >= 2:
-                res[i]["step"].append(time.perf_counter() - s)
-                res[i]["sent"].append(Traffic.sent)
-                res[i]["rows"].append(rows[i][0])
+                for key, value in (("step", seconds), ("sent", sent), ("rows", rows[i][0])):
+                    res[i][key].append(value)
     return res
+
+
+def _timed(trainer, batch, traffic) -> tuple:
+    """One training step between barriers: its seconds (the slowest rank's) and this rank's
+    all-to-all bytes."""
+    torch.distributed.barrier()
+    traffic.reset()
+    start = time.perf_counter()
+    trainer.step(batch, trainer.options.lr)
+    torch.distributed.barrier()
+    return time.perf_counter() - start, traffic.sent
 
 
 def measured(args) -> None:
