@@ -41,7 +41,7 @@ EPLB's own choice would have made one, so its output is ours, bit for bit.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -265,7 +265,7 @@ class LayerCost:
     device_flops: float  # FLOP/s a device sustains in the expert GEMMs
     intra_node_bandwidth: float  # bytes/s a device sends (and receives) inside its node
     inter_node_bandwidth: float  # bytes/s a device sends (and receives) to other nodes
-    devices_per_node: int = 8
+    devices_per_node: int = 8  # which peers are across the (slower) inter-node links
     latency_s: float = 0.0  # seconds a collective takes however small (measured: gloo's; not a spec field)
 
 
@@ -293,7 +293,6 @@ class Modelled:
     compute_s: float  # the busiest rank's expert GEMMs, forward and backward
     all_to_all_s: float  # 4 trips, each as long as its slowest rank
     sync_s: float  # the busiest rank's all-reduces of replicated experts' gradients
-    extra: dict = field(default_factory=dict)
 
     @property
     def total_s(self) -> float:
@@ -305,8 +304,8 @@ class Modelled:
 
 
 def balancedness(rank_tokens: Sequence[float]) -> float:
-    """Mean over max of the tokens per rank (EPLB's and DeepSeek-V3's figure): 1 is even, 1/P is
-    everything on one rank."""
+    """Mean over max of the tokens per rank: 1 is even, 1/P is everything on one rank, and the
+    experts' share of a step takes about 1/balancedness times as long as it would evenly."""
     top = max(rank_tokens)
     return sum(rank_tokens) / len(rank_tokens) / top if top > 0 else 1.0
 
