@@ -91,9 +91,16 @@ def _cmd_plan(args) -> int:
 
     from .plan_report import print_plan
 
-    _, compiled, plan = _compiled(args)
+    spec, compiled, plan = _compiled(args)
+    replans = _replan(args, spec, compiled) if args.load else None
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        out = plan.to_dict()
+        if replans is not None:
+            from dataclasses import asdict
+
+            out["replication"] = [dict(asdict(r), balancedness_before=r.before.balancedness,
+                                       balancedness_after=r.after.balancedness) for r in replans[0]]
+        print(json.dumps(out, indent=2))
     else:
         from rich.console import Console
 
@@ -101,7 +108,40 @@ def _cmd_plan(args) -> int:
         print_plan(plan, console)
         console.print(f"plan of the graph of rank {compiled.rank} of {compiled.mesh.world}, {_layout_line(compiled)}",
                       highlight=False, soft_wrap=True)
+        if replans is not None:
+            from .plan_report import replication_tables
+
+            for table in replication_tables(*replans, compiled.mesh.expert_parallel):
+                console.print(table)
     return 0
+
+
+def _replan(args, spec, compiled):
+    """``plan --load``: the spec's replication policy (or --policy / --redundant) on the loads."""
+    from dataclasses import replace
+
+    from .compiler.replication import replan
+    from .errors import UserError
+    from .plan_report import read_loads
+    from .spec import Replication
+
+    policy = spec.placement.replication
+    if policy is None and args.policy is None:
+        raise UserError("--load: the spec has no placement.replication; name a policy with --policy eplb|shadow")
+    policy = policy or Replication(policy=args.policy)
+    policy = replace(policy, policy=args.policy or policy.policy,
+                     redundant=policy.redundant if args.redundant is None else args.redundant)
+    loads, source = read_loads(args.load, policy.window)
+    names = [f"layers.{layer.index}" for layer in spec.moe_layers]
+    if sorted(loads) != sorted(names):
+        if len(loads) != len(names):
+            raise UserError(f"--load {args.load}: it has {len(loads)} MoE layer(s) ({', '.join(loads)}), the spec "
+                            f"{len(names)} ({', '.join(names)})")
+        loads = dict(zip(names, loads.values()))  # another model's names, the same stack: in order
+    try:
+        return replan(spec, compiled, loads, policy), source
+    except ValueError as e:
+        raise UserError(f"--load {args.load}: {e}") from None
 
 
 def _cmd_compile(args) -> int:
@@ -476,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="parameters, FLOPs, memory and all-to-all bytes of a compiled spec")
     _add_compile_options(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--load", metavar="FILE", help="expert loads (`moedsl inspect --json` output or a run's "
+                   "metrics.jsonl): each rank's tokens before and after replication, and the balancedness")
+    p.add_argument("--policy", choices=("eplb", "shadow"), help="with --load: the replication policy "
+                   "(default: the spec's placement.replication)")
+    p.add_argument("--redundant", type=_nonnegative, metavar="R", help="with --load: redundant slots per MoE "
+                   "layer (default: the spec's placement.replication.redundant)")
     p.set_defaults(func=_cmd_plan)
 
     r = sub.add_parser("run", help="train a spec (CPU, one GPU, or N processes): metrics, plot, checkpoints")
@@ -740,6 +786,13 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _nonnegative(text: str) -> int:
+    n = _whole(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
     return n
 
 

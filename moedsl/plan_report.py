@@ -4,6 +4,7 @@ from __future__ import annotations
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from moedsl.compiler.plan import human_bytes, human_flops
 from moedsl.params import human
@@ -63,3 +64,74 @@ def print_plan(plan, console: Console | None = None) -> None:
     console = console or Console()
     for table in plan_tables(plan):
         console.print(table)
+
+
+# ----------------------------------------------------------------------------- plan --load
+
+def read_loads(path, window: int = 10) -> tuple[dict, str]:
+    """The expert loads in ``path`` (layer name → load per expert) and where they came from:
+    ``moedsl inspect --json`` output (each layer's ``load``, its share of the assignments before
+    drops) or a run's ``metrics.jsonl`` (the mean ``expert_load`` of its last ``window`` logged
+    rows: the load a replication policy would place from)."""
+    import json
+    from pathlib import Path
+
+    from .errors import UserError
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise UserError(f"--load {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, dict) and isinstance(whole.get("layers"), list):
+        return {f["layer"]: f["load"] for f in whole["layers"]}, f"{p} (moedsl inspect, {whole.get('tokens')} tokens)"
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"--load {path}: line {n} is not JSON; give the output of `moedsl inspect "
+                                f"--json` or a run's metrics.jsonl") from None
+            if isinstance(row, dict) and row.get("expert_load"):
+                rows.append(row)
+    if not rows:
+        raise UserError(f"--load {path}: no expert loads in it; give the output of `moedsl inspect --json` or a "
+                        f"run's metrics.jsonl")
+    rows = rows[-window:]
+    layers = rows[-1]["expert_load"]
+    mean = {name: [sum(r["expert_load"][name][e] for r in rows) / len(rows) for e in range(len(load))]
+            for name, load in layers.items()}
+    return mean, f"{p} (steps {rows[0]['step']}..{rows[-1]['step']}, {len(rows)} logged rows)"
+
+
+def replication_tables(replans: list, source: str, ep: int) -> list:
+    """Per MoE layer: each rank's assignments per step before and after replication, the
+    balancedness (mean over max) and the modelled step of the layer's experts."""
+    out = []
+    for r in replans:
+        t = Table(title=f"{r.layer}: {r.policy}, {r.redundant} redundant slot(s); load from {source}",
+                  box=box.SIMPLE, title_justify="left", padding=(0, 1, 0, 0))
+        for col in ("rank", "tokens before", "tokens after", "experts after"):
+            t.add_column(col, justify="left" if col == "experts after" else "right", overflow="fold")
+        per = len(r.phy2log) // ep
+        for k in range(ep):
+            t.add_row(str(k), f"{r.before.rank_tokens[k]:,.0f}", f"{r.after.rank_tokens[k]:,.0f}",
+                      " ".join(str(e) for e in r.phy2log[k * per:(k + 1) * per]))
+        out.append(t)
+        out.append(Text(f"balancedness (mean/max tokens per rank) {r.before.balancedness:.3f} → "
+                        f"{r.after.balancedness:.3f}; modelled step of the experts {_s(r.before.total_s)} → "
+                        f"{_s(r.after.total_s)} (compute {_s(r.after.compute_s)}, all-to-all "
+                        f"{_s(r.after.all_to_all_s)}, replicas' gradient sums {_s(r.after.sync_s)})\n"))
+    return out
+
+
+def _s(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"

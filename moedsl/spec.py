@@ -109,6 +109,19 @@ class Replication:
     dispatch: str = _REPLICATION["dispatch"]["default"]  # modulo | nearest
 
 
+_HARDWARE = schema()["$defs"]["placement"]["properties"]["hardware"]["properties"]
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """placement.hardware: the figures the plan's cost model prices a step with
+    (compiler/replication.py ``model_step``)."""
+
+    device_flops: float = _HARDWARE["device_flops"]["default"]  # FLOP/s sustained in the expert GEMMs
+    intra_node_bandwidth: float = _HARDWARE["intra_node_bandwidth"]["default"]  # bytes/s per device, in a node
+    inter_node_bandwidth: float = _HARDWARE["inter_node_bandwidth"]["default"]  # bytes/s per device, across nodes
+
+
 @dataclass(frozen=True)
 class Placement:
     mesh: Optional[Mesh] = None  # None: 1 node × the world size of the run
@@ -121,6 +134,7 @@ class Placement:
     all_to_all: str = _PLACEMENT["all_to_all"]
     shard: str = _PLACEMENT["shard"]  # none | optimizer | full: training states split over data-parallel groups
     replication: Optional[Replication] = None  # None: the placement is fixed
+    hardware: Hardware = field(default_factory=Hardware)  # the cost model's device and link figures
 
     def map_for(self, moe_index: int) -> Optional[tuple]:
         return dict(self.layer_maps).get(moe_index, self.map)

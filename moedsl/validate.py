@@ -16,7 +16,7 @@ from .kinds import layer_kind, layer_kinds, take
 from .kinds.moe import overlap_issue
 from .kinds.patch_embed import tokens_per_image
 from .mesh import check_mesh
-from .spec import Distill, Image, Layer, Mesh, Model, Placement, Replication, Spec, Train
+from .spec import Distill, Hardware, Image, Layer, Mesh, Model, Placement, Replication, Spec, Train
 
 MAX_LAYERS = 10_000  # after repeat expansion
 
@@ -363,7 +363,8 @@ def _placement(d: dict, layers: tuple, c: _Checks) -> Placement:
     return Placement(mesh=mesh, expert_parallel=d.get("expert_parallel"), data_parallel=d.get("data_parallel"),
                      strategy=strategy, map=emap, layer_maps=layer_maps, replicas=replicas,
                      all_to_all=d.get("all_to_all", Placement.all_to_all), shard=d.get("shard", Placement.shard),
-                     replication=_take(Replication, d["replication"]) if "replication" in d else None)
+                     replication=_take(Replication, d["replication"]) if "replication" in d else None,
+                     hardware=_take(Hardware, d.get("hardware") or {}))
 
 
 # ----------------------------------------------------------------------------- train
