@@ -183,6 +183,7 @@ class TrainStep:
             losses.append(loss.detach())
             aux.append(out.aux_loss.detach())
             stats.append(out.router_stats)
+            out = loss = objective = None  # a micro-batch's output goes before the next one's forward
         self.sync()
         inv_scale = None if self.loss_scale is None else 1.0 / self.loss_scale.scale
         norm = self.sync.clip(self.grad_clip, inv_scale)  # non-finite: AdamW skips (found_inf)

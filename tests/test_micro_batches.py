@@ -65,9 +65,9 @@ def test_dropless_micro_batches_equal_one_batch_of_m_times_the_size(micro):
     assert [g.rng_step.item() for g in got.train_step.routers] == [1] * 2
 
 
-def _sync_worker(rank: int, world: int, data: dict, micro: int, out):
+def _sync_worker(rank: int, world: int, data: dict, micro: int, out, recompute: str):
     torch.set_num_threads(1)
-    t = trainer(data, micro, out, bucket_mb=0.005)
+    t = trainer(data, micro, out, bucket_mb=0.005, recompute=recompute)
     sync, starts, launches = t.sync, [], []
     start, launch = sync.start, sync._launch
     sync.start = lambda: (starts.append(1), start())[1]
@@ -81,9 +81,12 @@ def _sync_worker(rank: int, world: int, data: dict, micro: int, out):
 
 
 @pytest.mark.slow
-def test_two_processes_in_micro_batches_sync_once_and_equal_one_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("recompute", ["none", "layers"])
+def test_two_processes_in_micro_batches_sync_once_and_equal_one_process_on_the_whole_batch(tmp_path, recompute):
+    """Each rank holds 2 of the 4 experts. With ``layers`` the recomputed sublayers' all-to-alls
+    run in backward while the sync's hooks launch their all-reduces."""
     ref, ref_out = one_step(DROPLESS, 1)
-    ranks = spawn(_sync_worker, 2, DROPLESS, 2, str(tmp_path / "two"))
+    ranks = spawn(_sync_worker, 2, DROPLESS, 2, str(tmp_path / "two"), recompute)
     for rank, r in enumerate(ranks):
         # the hooks were armed for the last backward only: each bucket all-reduced once, most while it ran
         assert r["starts"] == 1 and len(r["launches"]) == r["buckets"] == len(set(r["launches"])) > 2, r
