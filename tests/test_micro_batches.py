@@ -198,3 +198,18 @@ def test_a_gpu_run_in_micro_batches_or_recomputing_steps_eagerly_and_says_why(se
     o.cuda_graphs = "on"
     with pytest.raises(MoedslError, match=f"--cuda-graphs on: cannot capture, train.{name} {value} runs"):
         _use_cuda_graphs(o, cuda, compiled, say)
+
+
+def test_a_checkpoint_resumes_with_other_micro_batches_and_recomputation_and_names_the_change(tmp_path, capsys):
+    spec = moedsl.load_spec(DROPLESS)
+    first = RunOptions.from_spec(spec, steps=1, device="cpu", progress=False, out=tmp_path / "run", compile="off",
+                                 eval_every=1, eval_batches=1)
+    Trainer(spec, first).fit()
+    capsys.readouterr()
+    then = RunOptions.from_spec(spec, steps=2, device="cpu", progress=False, out=tmp_path / "run", compile="off",
+                                eval_every=1, eval_batches=1, resume=True, micro_batches=2, recompute="layers")
+    summary = Trainer(spec, then).fit()
+    assert summary.steps == 2 and len(summary.losses) == 1
+    said = capsys.readouterr().out
+    assert "resuming with training-only changes" in said and "micro_batches 1 -> 2" in said, said
+    assert "recompute" not in said.split("resuming")[1].splitlines()[0]
