@@ -17,11 +17,11 @@ HIDDEN = 48  # the experts' width: no other tensor of these models is this wide
 
 
 def tiny(gate: dict, activation: str = "swiglu", dropout: float = 0.1, losses=None, placement=None) -> dict:
+    experts = {"count": 4, "hidden": HIDDEN, "activation": activation}
     d = {"moedsl": 1, "name": "tiny", "model": {"vocab_size": 32, "d_model": 16, "max_seq_len": 16, "dropout": dropout},
          "layers": [{"embedding": {}},
                     {"repeat": 2, "block": [{"attention": {"heads": 2}},
-                                            {"moe": {"experts": {"count": 4, "hidden": HIDDEN, "activation": activation},
-                                                     "gate": gate, "losses": losses or {}}}]},
+                                            {"moe": {"experts": experts, "gate": gate, "losses": losses or {}}}]},
                     {"norm": {}}, {"head": {}}],
          "train": {"batch_size": 4, "seq_len": 8}}
     if placement:
