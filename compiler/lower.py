@@ -210,6 +210,7 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
             if not kind.sublayer:
                 h = kind.lower(ctx, layer, h)
                 continue
+            before = next(reversed(g.nodes))  # the sublayer's nodes come after it
             x = h
             if cfg.prenorm:
                 ctx.module(f"{name}.norm", lambda: L.make_norm(m.norm, m.d_model, m.norm_eps))
@@ -219,9 +220,20 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
                 ctx.module(f"{name}.dropout", lambda: nn.Dropout(m.dropout))
                 y = ctx.call_module(f"{name}.dropout", (y,), _node_name(name, "dropout"))
             h = ctx.call_function(operator.add, (h, y), _node_name(name, "residual")) if cfg.residual else y
+            _mark_block(before, name)
         out = ctx.call_function(moe_ops.model_output, (h, tuple(ctx.aux), tuple(ctx.stats)), "model_output")
         g.output(out)
     return low
+
+
+def _mark_block(before: fx.Node, name: str) -> None:
+    """The nodes after ``before`` are sublayer ``name``'s (meta ``block``): the unit that
+    ``train.recompute: layers`` recomputes in backward (runtime/recompute.py). Nodes a pass
+    inserts between them later belong to it too."""
+    node = before.next
+    while node.op != "root":
+        node.meta["block"] = name
+        node = node.next
 
 
 def make_experts(spec: S.Spec, info: MoEInfo, expert_ids, device, seed: int, init: bool = True):

@@ -171,7 +171,8 @@ _RUN_FLAGS = {"steps": "--steps", "batch": "--batch", "seq": "--seq", "lr": "--l
               "seed": "--seed", "eval_every": "--eval-every", "eval_batches": "--eval-batches",
               "checkpoint_every": "--checkpoint-every", "timeout": "--timeout", "log_every": "--log-every",
               "pack": "--pack", "distill_teacher": "--distill-teacher", "distill_alpha": "--distill-alpha",
-              "distill_temperature": "--distill-temperature"}
+              "distill_temperature": "--distill-temperature", "recompute": "--recompute",
+              "micro_batches": "--micro-batches"}
 
 
 def _cmd_run(args) -> int:
@@ -198,7 +199,8 @@ def _cmd_run(args) -> int:
         device=args.device, cuda_graphs=args.cuda_graphs, progress=not args.no_progress, timeout=args.timeout,
         keep_memory=not args.no_keep_memory, init=args.init, compile=args.compile, log_every=args.log_every,
         from_scratch=args.from_scratch, pack=args.pack, distill_teacher=args.distill_teacher,
-        distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature)
+        distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature, recompute=args.recompute,
+        micro_batches=args.micro_batches)
     rank = int(os.environ.get("RANK", 0))
     if not launched_worker():  # the launcher has checked for its workers, before starting them
         world = args.nproc if launching else int(os.environ.get("WORLD_SIZE", 1))
@@ -560,6 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the teacher's soft targets' weight; 1 - A goes to the labels (default 0.25)")
     r.add_argument("--distill-temperature", type=float, metavar="T",
                    help="softmax temperature of the soft targets; the soft term is scaled by T² (default 1)")
+    r.add_argument("--recompute", choices=["none", "experts", "layers"], default=None,
+                   help="recompute activations in backward instead of keeping them: experts (the experts' hidden "
+                        "activations), layers (each sublayer); routing draws are reused (default: train.recompute)")
+    r.add_argument("--micro-batches", type=_positive, metavar="M",
+                   help="split each step's batch into M micro-batches, gradients accumulated and synchronised once "
+                        "(capacity and balancing losses per micro-batch; default: train.micro_batches)")
     r.add_argument("--from-scratch", action="store_true",
                    help="train an import's spec from random weights (without it or --init, such a run is refused)")
     r.add_argument("--overwrite", action="store_true",

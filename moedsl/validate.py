@@ -370,6 +370,11 @@ def _placement(d: dict, layers: tuple, c: _Checks) -> Placement:
 # ----------------------------------------------------------------------------- train
 
 def _train(d: dict, model: Model, c: _Checks, layers: tuple = ()) -> Train:
+    micro = d.get("micro_batches", Train.micro_batches)
+    batch = d.get("batch_size", Train.batch_size)
+    if batch % micro:
+        c.error(("train", "micro_batches"), f"micro_batches {micro} does not split batch_size {batch} into equal "
+                "micro-batches", f"use a divisor of {batch}")
     if model.input == "image" and model.image is not None:
         return _image_train(d, model, c, layers)
     seq = d.get("seq_len", min(model.max_seq_len, 64))

@@ -20,9 +20,11 @@ from moedsl.spec_loader import load_spec
 
 # The run options a checkpoint records (meta.json "train"): those that change the training
 # trajectory after a resume, each named in a note when it changed.
-# Distillation (train.distill) is one of them: it changes the objective, never the weights' meaning.
+# Distillation (train.distill) is one of them: it changes the objective, never the weights' meaning;
+# so are micro-batches (capacity and balancing losses are per micro-batch). Recomputation is not:
+# it changes what memory holds, never what a step computes.
 TRAJECTORY = ("steps", "batch", "seq", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "seed", "data",
-              "distill_teacher", "distill_alpha", "distill_temperature")
+              "distill_teacher", "distill_alpha", "distill_temperature", "micro_batches")
 
 
 def architecture(spec) -> dict:

@@ -108,15 +108,21 @@ def segments(order: list) -> list:
     for nodes in runs:
         if not any(n.op == "call_module" for n in nodes):
             continue
-        inside = set(nodes)
-        inputs = []
-        for n in nodes:
-            for a in n.all_input_nodes:
-                if a not in inside and a not in inputs:
-                    inputs.append(a)
-        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-        out.append(Segment(nodes, inputs, outputs))
+        out.append(segment(nodes))
     return out
+
+
+def segment(nodes: list) -> Segment:
+    """``nodes`` (consecutive in an order the graph may run in) as a Segment: its inputs, the
+    nodes outside it that it reads, and its outputs, its nodes read outside it."""
+    inside = set(nodes)
+    inputs = []
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in inputs:
+                inputs.append(a)
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    return Segment(nodes, inputs, outputs)
 
 
 def segment_module(root: nn.Module, seg: Segment) -> fx.GraphModule:
@@ -185,6 +191,19 @@ def compile_model(gm: fx.GraphModule, mode: str = "on", say: Optional[Callable[[
     order = schedule(gm)
     segs = segments(order)
     state.segments = len(segs)
+    runner = partitioned(gm, order, segs, lambda i, seg: (f"dense_{i}", CompiledSegment(segment_module(gm, seg),
+                                                                                          state, i)), "Compiled")
+    gm.__dict__["compile_state"] = state
+    gm.__dict__["_compiled_runner"] = runner
+    gm.forward = runner.forward
+    return state
+
+
+def partitioned(gm: fx.GraphModule, order: list, segs: list, make: Callable, suffix: str) -> fx.GraphModule:
+    """A GraphModule running ``gm``'s nodes in ``order``, each segment of ``segs`` as one call of
+    the module ``make(i, seg)`` returns (with its name), the other nodes as they are, over
+    ``gm``'s own modules: what ``gm.forward`` becomes while its graph, parameter names and state
+    dict stay as they are (here, and ``train.recompute: layers`` in runtime/recompute.py)."""
     g = fx.Graph()
     env: dict = {}
     root: dict = {}
@@ -196,8 +215,8 @@ def compile_model(gm: fx.GraphModule, mode: str = "on", say: Optional[Callable[[
             if i in done:
                 continue
             done.add(i)
-            name = f"dense_{i}"
-            root[name] = CompiledSegment(segment_module(gm, seg), state, i)
+            name, module = make(i, seg)
+            root[name] = module
             call = g.call_module(name, tuple(env[a] for a in seg.inputs))
             for j, out in enumerate(seg.outputs):
                 env[out] = g.call_function(_item, (call, j))
@@ -209,11 +228,7 @@ def compile_model(gm: fx.GraphModule, mode: str = "on", say: Optional[Callable[[
             root[node.target] = gm.get_submodule(node.target)
         elif node.op == "get_attr":
             root[node.target] = _get_attr(gm, node.target)
-    runner = fx.GraphModule(root, g, class_name=type(gm).__name__ + "Compiled")
-    gm.__dict__["compile_state"] = state
-    gm.__dict__["_compiled_runner"] = runner
-    gm.forward = runner.forward
-    return state
+    return fx.GraphModule(root, g, class_name=type(gm).__name__ + suffix)
 
 
 def _item(t: tuple, i: int):

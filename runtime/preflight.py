@@ -42,6 +42,7 @@ from . import checkpoint as ckpt
 from .data import pack_problems, source_problems
 from .distill import teacher_problems
 from .grads import MODES
+from .recompute import MODES as RECOMPUTE
 from .resolve import IMPORT, is_import_dir, resolve
 
 # the files of a run in its output folder (runtime/train.py writes them)
@@ -116,7 +117,7 @@ _SPEC_FIELD = {"batch": "batch_size", "seq": "seq_len", "distill_teacher": "dist
 # RunOptions fields that RunOptions.from_spec fills from the spec's train section
 _FROM_SPEC = {"steps", "batch", "seq", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "seed", "data",
               "eval_every", "eval_batches", "checkpoint_every", "pack", "distill_teacher", "distill_alpha",
-              "distill_temperature"}
+              "distill_temperature", "recompute", "micro_batches"}
 
 
 def _name(names: dict, field: str) -> str:
@@ -178,6 +179,17 @@ def option_problems(spec, o, names: dict) -> list:
             bad("distill_temperature", "the temperature must be a finite number > 0")
         if o.cuda_graphs == "on":
             out.append(_err("--cuda-graphs on: distillation runs the teacher's forward in each step, eagerly"))
+    if o.recompute not in RECOMPUTE:
+        bad("recompute", f"must be {', '.join(RECOMPUTE[:-1])} or {RECOMPUTE[-1]}")
+    elif o.recompute == "layers" and o.compile == "on":
+        out.append(_err(f"--compile on and {_name(names, 'recompute')} layers: choose one (torch.compile runs the "
+                        "dense segments whole; recomputing layers runs each sublayer under checkpoint)"))
+    if not _whole(o.micro_batches) or o.micro_batches < 1:
+        bad("micro_batches", "must be a whole number >= 1")
+    if o.cuda_graphs == "on" and (o.recompute != "none" or o.micro_batches != 1):
+        field = "recompute" if o.recompute != "none" else "micro_batches"
+        out.append(_err(f"--cuda-graphs on: {_name(names, field)} {getattr(o, field)} runs the step eagerly (its "
+                        "capture is not checked on a GPU yet)"))
     if o.device == "cuda" or o.cuda_graphs == "on":
         if not torch.cuda.is_available():
             if o.device == "cuda":
@@ -201,10 +213,17 @@ def placement_problems(spec, o, world: int, names: dict, world_name: str) -> lis
         resolve_mesh(spec, world)
     except SpecError as e:
         out += str(e).splitlines()
-    if _whole(o.batch) and o.batch >= 1:  # routing groups must split the batch (and each rank's share)
-        if _whole(o.seq) and o.seq >= 1:  # the gate's rule: the batch's tokens split into its groups
-            out += [i.format(spec.source) for i in check_batch(spec, o.batch, origin=_name(names, "batch"),
-                                                                seq=o.seq)]
+    M = o.micro_batches if _whole(o.micro_batches) and o.micro_batches >= 1 else 1
+    if _whole(o.batch) and o.batch >= 1:
+        if M > 1 and o.batch % world == 0 and o.batch // world % M:
+            out.append(_err(f"{_name(names, 'micro_batches')} {M}: the {o.batch // world} sequences of each of "
+                            f"{world_name} do not split into {M} equal micro-batches: give a batch that is a "
+                            f"multiple of {world * M}"))
+        elif _whole(o.seq) and o.seq >= 1 and o.batch % M == 0:  # the gate's rule: the tokens of a forward
+            # (each forward routes one micro-batch: B / M sequences over the ranks) split into its groups
+            origin = _name(names, "batch") if M == 1 else \
+                f"the micro-batch ({_name(names, 'batch')} / {_name(names, 'micro_batches')})"
+            out += [i.format(spec.source) for i in check_batch(spec, o.batch // M, origin=origin, seq=o.seq)]
     return out
 
 

@@ -8,9 +8,20 @@ captures. Both modes run this same code, so they skip, scale and update alike.
     when found_inf) → aux-loss-free bias (not when found_inf) → loss scale update (float16)
 
 No value goes to the host here: the caller decides what to read back and when.
+
+Micro-batches (``train.micro_batches`` M, gradient accumulation): the rank's batch is split
+into M equal micro-batches, each run forward and backward in turn, its objective divided by M
+more, so the gradients add up to those of the whole batch. The gradient sync starts with the
+last backward (its hooks armed then, not before) and runs once. Routing is per micro-batch: a
+capacity is that of the micro-batch's tokens, and the balancing losses are computed over its
+groups (the papers compute both per group of tokens); a dropless layer without them routes each
+token as the whole batch would (its draws keyed by the token's place in the global batch,
+``Gate.share``). The step's loss and aux loss are the means over the micro-batches, its router
+statistics their sums; the balancing bias moves once, from the load of all of them.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +31,7 @@ import torch.nn.functional as F
 
 from moedsl.compiler.collectives import Traffic
 from moedsl.nn.gates import Gate
+from moedsl.nn.moe_ops import RouterStats
 
 from .grads import GradSync, capturing
 from .optim import LossScale, make_optimizer
@@ -59,6 +71,41 @@ def masked_count(loss_mask: torch.Tensor, world: int) -> torch.Tensor:
     return count.clamp(min=1) / world
 
 
+def _split(t: Optional[torch.Tensor], M: int) -> list:
+    """A batch tensor [b, ...] (or None) in M equal micro-batches along its first dim."""
+    if t is None or M == 1:
+        return [t] * M
+    if t.shape[0] % M:
+        raise ValueError(f"a batch of {t.shape[0]} rows does not split into {M} micro-batches")
+    return list(t.chunk(M))
+
+
+@contextlib.contextmanager
+def _routing_share(gates: list, m: int, M: int):
+    """The gates route the m-th of M micro-batches of this rank's batch (``Gate.share``)."""
+    if M == 1:
+        yield
+        return
+    for g in gates:
+        g.share = (m, M)
+    try:
+        yield
+    finally:
+        for g in gates:
+            g.share = (0, 1)
+
+
+def merged_stats(parts: tuple) -> RouterStats:
+    """One MoE layer's router statistics of a step's micro-batches, as one: counts, drops,
+    assignments and capacities (slots) summed, the unweighted losses averaged."""
+    first = parts[0]
+    return RouterStats(layer=first.layer, tokens_per_expert=sum(p.tokens_per_expert for p in parts),
+                       expert_load=sum(p.expert_load for p in parts), dropped=sum(p.dropped for p in parts),
+                       assignments=sum(p.assignments for p in parts),
+                       capacity=None if first.capacity is None else sum(p.capacity for p in parts),
+                       losses={k: sum(p.losses[k] for p in parts) / len(parts) for k in first.losses})
+
+
 @dataclass
 class StepOutputs:
     """Device tensors of one step (0-dim), and the per-layer router statistics."""
@@ -80,12 +127,15 @@ class TrainStep:
     before each call."""
 
     def __init__(self, model, spec, optimizer, sync, world: int, amp, grad_clip: float,
-                 loss_scale: Optional[LossScale] = None, lr: Optional[torch.Tensor] = None, teacher=None):
+                 loss_scale: Optional[LossScale] = None, lr: Optional[torch.Tensor] = None, teacher=None,
+                 micro_batches: int = 1):
         self.model, self.spec, self.opt, self.sync = model, spec, optimizer, sync
         self.teacher = teacher  # distillation (runtime/distill.py Teacher): its soft targets mix into the loss
         self.world, self.amp, self.grad_clip, self.loss_scale = world, amp, grad_clip, loss_scale
         self.lr = lr  # the optimizer's learning rate tensor, when the step made it (``for_run``)
+        self.micro_batches = micro_batches  # M: the rank's batch in M parts, gradients accumulated
         self.gates = balancing_gates(model)
+        self.routers = [m for m in model.modules() if isinstance(m, Gate)]
         self.device_type = next(model.parameters()).device.type
 
     @classmethod
@@ -101,7 +151,8 @@ class TrainStep:
         optimizer = make_optimizer(model, options, lr, capturable=capturable)
         sync = GradSync(model, model.compiled.mesh, rank, mode=options.grad_sync, bucket_mb=options.bucket_mb)
         loss_scale = LossScale(device) if amp == torch.float16 else None
-        return cls(model, spec, optimizer, sync, world, amp, options.grad_clip, loss_scale, lr, teacher)
+        return cls(model, spec, optimizer, sync, world, amp, options.grad_clip, loss_scale, lr, teacher,
+                   micro_batches=options.micro_batches)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor,
                  loss_mask: Optional[torch.Tensor] = None,
@@ -109,19 +160,30 @@ class TrainStep:
         """``loss_mask`` [B, T]: the targets that count (instruction data); ``documents`` [B, T]: packed
         rows (--pack documents), each token's document in its row."""
         self.model.train()
-        count = None if loss_mask is None else masked_count(loss_mask, self.world)
-        with torch.autocast(self.device_type, dtype=self.amp, enabled=self.amp is not None):
-            out = self.model(inputs) if documents is None else self.model(inputs, documents)
-            loss = task_loss(self.spec, out, targets, loss_mask, count)
-            if self.teacher is not None:  # the same inputs, forward only; the same mask and count
-                soft = self.teacher.logits(inputs, documents)
-                loss = self.teacher.loss(loss, out.output, soft, loss_mask, count)
-        objective = (loss + out.aux_loss) / self.world
-        if self.loss_scale is not None:
-            objective = objective * self.loss_scale.scale
-        loads = self._sum_loads()  # in flight during backward
-        self.sync.start()
-        objective.backward()
+        M = self.micro_batches
+        # with a loss mask: each micro-batch's share of the step's marked targets (÷ M more)
+        count = None if loss_mask is None else masked_count(loss_mask, self.world) / M
+        parts = zip(*(_split(t, M) for t in (inputs, targets, loss_mask, documents)))
+        losses, aux, stats = [], [], []
+        for m, (x, y, mask, docs) in enumerate(parts):
+            with _routing_share(self.routers, m, M):
+                with torch.autocast(self.device_type, dtype=self.amp, enabled=self.amp is not None):
+                    out = self.model(x) if docs is None else self.model(x, docs)
+                    loss = task_loss(self.spec, out, y, mask, count)
+                    if self.teacher is not None:  # the same inputs, forward only; the same mask and count
+                        soft = self.teacher.logits(x, docs)
+                        loss = self.teacher.loss(loss, out.output, soft, mask, count)
+                objective = (loss + out.aux_loss) / (self.world * M)
+                if self.loss_scale is not None:
+                    objective = objective * self.loss_scale.scale
+                if m == M - 1:  # the sync's hooks fire on the last backward only: one sync a step
+                    loads = self._sum_loads()  # in flight during backward
+                    self.sync.start()
+                objective.backward()
+            losses.append(loss.detach())
+            aux.append(out.aux_loss.detach())
+            stats.append(out.router_stats)
+            out = loss = objective = None  # a micro-batch's output goes before the next one's forward
         self.sync()
         inv_scale = None if self.loss_scale is None else 1.0 / self.loss_scale.scale
         norm = self.sync.clip(self.grad_clip, inv_scale)  # non-finite: AdamW skips (found_inf)
@@ -131,7 +193,10 @@ class TrainStep:
         self._move_bias(loads, 1.0 - skipped)
         if self.loss_scale is not None:
             self.loss_scale.update(skipped)
-        return StepOutputs(loss.detach(), out.aux_loss.detach(), norm, skipped, out.router_stats)
+        if M == 1:
+            return StepOutputs(losses[0], aux[0], norm, skipped, stats[0])
+        return StepOutputs(torch.stack(losses).mean(), torch.stack(aux).mean(), norm, skipped,
+                           [merged_stats(layer) for layer in zip(*stats)])
 
     @torch.no_grad()
     def _sum_loads(self):

@@ -51,6 +51,7 @@ from .metrics import reduce_step, step_figures
 from .optim import lr_at
 from .preflight import check_run
 from .progress import Reporter
+from .recompute import apply_recompute
 from .resolve import resolve
 from .step import TrainStep, masked_count, task_loss
 
@@ -91,6 +92,8 @@ class RunOptions:
     distill_teacher: Optional[str] = None  # distillation (runtime/distill.py): the teacher, anything resolve reads
     distill_alpha: float = 0.25  # the soft targets' weight (1 - alpha: the labels')
     distill_temperature: float = 1.0  # T of both softmaxes; the soft term is scaled by T²
+    recompute: str = "none"  # none | experts | layers: activations recomputed in backward (runtime/recompute.py)
+    micro_batches: int = 1  # M: each rank's batch in M micro-batches, gradients accumulated (runtime/step.py)
 
     @staticmethod
     def from_spec(spec, **overrides) -> "RunOptions":
@@ -98,7 +101,7 @@ class RunOptions:
         base = dict(steps=t.steps, batch=t.batch_size, seq=t.seq_len, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup,
                     weight_decay=t.weight_decay, grad_clip=t.grad_clip, seed=t.seed, data=spec_data(spec),
                     eval_every=t.eval_every, eval_batches=t.eval_batches, checkpoint_every=t.checkpoint_every,
-                    pack=t.pack)
+                    pack=t.pack, recompute=t.recompute, micro_batches=t.micro_batches)
         if t.distill is not None:
             base.update(distill_teacher=spec_teacher(spec), distill_alpha=t.distill.alpha,
                         distill_temperature=t.distill.temperature)
@@ -159,7 +162,9 @@ class Trainer:
                                  dtype=torch.float32, layout=layout, init=not o.init)
         if o.init:  # each rank reads only the experts it holds, memory-mapped (moedsl/hf/weights.py)
             fill(self.model, resolve(o.init), spec)
-        self.compile_on = use_compile(self.model, o, self.device, self.say, self.world)  # dense segments compiled
+        apply_recompute(self.model, o.recompute)  # before compiling: layers refuses --compile on (preflight)
+        self.compile_on = o.recompute != "layers" and \
+            use_compile(self.model, o, self.device, self.say, self.world)  # dense segments compiled
         self.amp = dtypes.autocast_dtype(spec.model.dtype)  # None: float32, no autocast
         self.graphs = _use_cuda_graphs(o, self.device, self.model.compiled, self.say)
         # distillation: the teacher built once here, whole on every rank (runtime/distill.py)
@@ -445,6 +450,9 @@ def _use_cuda_graphs(o: RunOptions, device, compiled, say) -> bool:
         why = "--pack documents builds each batch's attention masks from its documents"
     elif o.distill_teacher:  # the captured step holds the student's graph only
         why = "distillation runs the teacher's forward in each step"
+    elif o.micro_batches > 1 or o.recompute != "none":  # not captured on a GPU yet: eager until it is checked
+        why = (f"train.micro_batches {o.micro_batches}" if o.micro_batches > 1 else
+               f"train.recompute {o.recompute}") + " runs the step eagerly (its capture is not checked on a GPU yet)"
     elif not compiled.static.capturable:
         why = f"{', '.join(compiled.static.dynamic_layers)} have data-dependent shapes (dropless or routed as one batch)"
     if why is None:

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import rng
 from . import cpu_caps
@@ -223,9 +224,20 @@ class Experts(nn.Module):
             return x.new_empty(0, self.d_model)
         return ys[0] if len(ys) == 1 else torch.cat(ys)
 
+    # train.recompute: experts (runtime/recompute.py): backward recomputes the hidden activations
+    # [.., h] from the input rows instead of keeping them from forward, the memory saving of
+    # Shazeer et al. 2017, who store not the experts' hidden activations but recompute them in the
+    # backward pass. The routing, before this module, is not recomputed.
+    recompute = False
+
     def forward(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [E_local, T, d] (a capacity buffer) -> [E_local, T, d]; or x [N, d] rows grouped
         by local expert with ``sizes`` [E_local] -> [N, d]."""
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, sizes, use_reentrant=False)
+        return self._forward(x, sizes)
+
+    def _forward(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         w = self.w_in
         if x.dtype != w.dtype and not torch.is_autocast_enabled():
             x = x.to(w.dtype)

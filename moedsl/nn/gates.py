@@ -95,6 +95,12 @@ def _no_autocast(device: torch.device):
 class Gate(nn.Module):
     """Base of the top-k style gates: capacity, drops, losses and statistics are shared."""
 
+    # The part of this rank's batch a training forward routes: (m, M), the m-th of M equal
+    # micro-batches (train.micro_batches, runtime/step.py). A token's random draws are keyed by
+    # its place in the global batch, and the draws' counter (rng_step) advances once a step, after
+    # the last part: a step in micro-batches draws what one batch of M× the size draws.
+    share = (0, 1)
+
     def __init__(self, gate: S.Gate, losses: S.Losses, d_model: int, num_experts: int,
                  router_dtype: str = "float32", seed: int = 0, layer: int = 0):
         super().__init__()
@@ -160,6 +166,18 @@ class Gate(nn.Module):
                 out = F.linear(x.to(dt), weight.to(dt))
         return out.to(self.score_dtype(dt))
 
+    def token_keys(self, rank: int, Sn: int, device) -> torch.Tensor:
+        """[Sn] the keys of the random draws of the Sn tokens routed here, the rank-th of equal
+        shares of the global batch (of the micro-batch ``share``): their places in that batch."""
+        m, M = self.share
+        return (rank * M + m) * Sn + torch.arange(Sn, device=device)
+
+    def advance(self) -> None:
+        """A training forward's draws are made: the next step draws afresh (after the last part
+        of a step in micro-batches)."""
+        if self.training and self.share[0] == self.share[1] - 1:
+            self.rng_step += 1
+
     def stream(self, purpose: str) -> torch.Tensor:
         return (self.rng_step * 0x9E3779B1 + rng.stream_id(self.layer, purpose)) & 0xFFFFFFFF
 
@@ -212,7 +230,7 @@ class Gate(nn.Module):
         Sn, d = x.shape
         G, n = groups, Sn // groups
         E = self.num_experts
-        gidx = (rank * Sn + torch.arange(Sn, device=x.device)).view(G, n) if gidx is None else gidx.view(G, n)
+        gidx = (self.token_keys(rank, Sn, x.device) if gidx is None else gidx).view(G, n)
         ids = token_ids.reshape(G, n) if token_ids is not None else None
         choice = self.choose(x.reshape(G, n, d), ids, gidx)
         k = choice.expert.shape[-1]
@@ -243,8 +261,7 @@ class Gate(nn.Module):
             dropped = (routed & (slot < 0)).sum()
         if self.training and self.spec.bias_balancing_rate is not None:
             self.load_acc += load.detach()
-        if self.training:
-            self.rng_step += 1
+        self.advance()
         token = torch.arange(Sn, device=x.device).view(G, n, 1).expand(G, n, k)
         return Routing(
             token=token.reshape(-1), expert=choice.expert.reshape(-1), weight=weight.reshape(-1),
@@ -460,7 +477,7 @@ class ExpertChoiceGate(RouterGate):
         group's k_e is that of its tokens that count."""
         Sn, d = x.shape
         G, n, E = groups, Sn // groups, self.num_experts
-        gidx = (rank * Sn + torch.arange(Sn, device=x.device)).view(G, n)
+        gidx = self.token_keys(rank, Sn, x.device).view(G, n)
         logits = self.logits(x.reshape(G, n, d), gidx)
         probs = torch.softmax(logits, dim=-1)
         C = self.spec.capacity(n, E, self.training)
@@ -489,8 +506,7 @@ class ExpertChoiceGate(RouterGate):
             weight = torch.where(over, torch.zeros_like(weight), weight)
             dropped = over.sum()
         losses = {"z_loss": z_loss(logits)} if self.loss_weights.z_loss else {}
-        if self.training:
-            self.rng_step += 1
+        self.advance()
         return Routing(token=token, expert=expert, weight=weight, slot=slot, num_tokens=Sn, num_experts=E,
                        capacity=G * C, aux_loss=self.weigh(losses, x),
                        losses={k: v.detach() for k, v in losses.items()},
