@@ -1,0 +1,219 @@
+"""placement.replication's runtime: E + R physical slots over the EP ranks, dispatch among
+replicas, replicas' gradients summed into the logical one, experts (weights and AdamW moments)
+moved between steps by a policy, the balancedness a run logs, and checkpoints that stay
+logical. The policies themselves (EPLB, shadowing) are tested with compiler/replication.py;
+these tests pass their own."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moedsl
+from moedsl.compiler.passes.placement import LayerPlacement, initial_phy2log
+from moedsl.errors import SpecError
+from moedsl.mesh import resolve_mesh
+from moedsl.runtime.metrics import rank_tokens, reduce_step
+from moedsl.runtime.replicate import plan_moves
+from moedsl.runtime.spawn import spawn
+
+TINY = {  # 4 experts per MoE layer, two MoE layers; top-1 with a capacity (drops) or top-2 dropless
+    "moedsl": 1,
+    "name": "tiny-replicas",
+    "model": {"vocab_size": 32, "d_model": 16, "max_seq_len": 16},
+    "layers": [
+        {"embedding": {}},
+        {"repeat": 2, "block": [
+            {"attention": {"heads": 2}},
+            {"moe": {"experts": {"count": 4, "hidden": 16},
+                     "gate": {"type": "switch", "capacity_factor": 1.25},
+                     "losses": {"balance": 0.01}}},
+        ]},
+        {"norm": {}},
+        {"head": {}},
+    ],
+    "train": {"batch_size": 8, "seq_len": 8, "steps": 20, "lr": 3.0e-3, "warmup": 2, "eval_every": 1000},
+}
+
+
+def tiny(redundant=None, dropless=False, every=1000, window=2, dispatch="modulo") -> dict:
+    d = copy.deepcopy(TINY)
+    if dropless:
+        d["layers"][1]["block"][1]["moe"]["gate"] = {"type": "topk", "k": 2, "drop_policy": "dropless"}
+    if redundant is not None:
+        d["placement"] = {"replication": {"policy": "eplb", "redundant": redundant, "every": every, "window": window,
+                                          "dispatch": dispatch}}
+    return d
+
+
+# ----------------------------------------------------------------------------- placement, on paper
+
+
+def test_a_replicated_layer_has_experts_plus_redundant_slots_spread_evenly_over_the_ranks():
+    spec = moedsl.load_spec(tiny(redundant=2))
+    compiled = moedsl.compiler.compile_graph(spec, rank=0, world_size=2, device="meta")
+    for lp in compiled.placements.values():
+        assert [len(s) for s in lp.slots] == [3, 3]
+        assert lp.phy2log == initial_phy2log(4, 2, 2) == (0, 1, 2, 3, 0, 1)
+        assert lp.hosts == ((0, 1), (0, 1), (0,), (1,))
+    one = moedsl.compiler.compile_graph(spec, rank=0, world_size=1, device="meta")
+    assert all(lp.slots == ((0, 1, 2, 3),) for lp in one.placements.values())  # one process: one copy of each
+
+
+def test_a_placement_that_puts_two_copies_on_one_rank_or_forgets_an_expert_is_refused():
+    with pytest.raises(ValueError, match="slot 2 puts a second copy of expert 0 on rank 0"):
+        LayerPlacement.of((0, 1, 0, 2, 3, 1), ep=2)
+    with pytest.raises(ValueError, match="expert 2 has no slot"):
+        LayerPlacement.of((0, 1, 3, 0, 1, 3), ep=2)
+
+
+def test_nearest_dispatch_takes_the_sources_own_copy_then_one_on_its_node():
+    # 4 ranks, 2 per node, 2 slots each; expert 0 on rank 0 (node 0) and rank 3 (node 1)
+    phy = (0, 1, 2, 3, 4, 5, 0, 6)
+    lp = LayerPlacement.of(phy, ep=4, dispatch="nearest", per_node=2)
+    assert lp.hosts[0] == (0, 3)
+    assert [lp.host_for(0, s) for s in range(4)] == [0, 0, 3, 3]  # the copy on the source's node
+    modulo = LayerPlacement.of(phy, ep=4)
+    assert [modulo.host_for(0, s) for s in range(4)] == [0, 3, 0, 3]  # copy s mod 2
+
+
+def test_the_mesh_check_names_redundant_slots_that_do_not_divide_or_that_double_an_expert_on_a_rank():
+    with pytest.raises(SpecError, match=r"placement\.replication\.redundant.*4 experts \+ 1 redundant slots"):
+        resolve_mesh(moedsl.load_spec(tiny(redundant=1)), 2)
+    with pytest.raises(SpecError, match="a rank would hold two copies of one expert"):
+        resolve_mesh(moedsl.load_spec(tiny(redundant=6)), 2)
+    both = tiny(redundant=2)
+    both["placement"]["experts"] = {"replicas": {0: 2}}
+    with pytest.raises(SpecError, match="cannot be combined with placement.experts.replicas"):
+        resolve_mesh(moedsl.load_spec(both), 2)
+    assert resolve_mesh(moedsl.load_spec(tiny(redundant=6)), 1).expert_parallel == 1  # one process: ignored
+
+
+def test_a_move_takes_each_expert_a_rank_lacks_from_an_old_holder_and_nothing_it_has():
+    old = LayerPlacement.of((0, 1, 2, 3, 0, 1), ep=2)
+    new = LayerPlacement.of((3, 2, 1, 0, 1, 2), ep=2)
+    moves = plan_moves(old, new)
+    assert [(m.expert, m.src, m.src_slot, m.dst, m.dst_slot) for m in moves] == [(2, 0, 2, 1, 2), (3, 1, 0, 0, 0)]
+    assert plan_moves(new, new) == []
+
+
+def test_balancedness_is_the_mean_over_the_max_of_the_tokens_each_rank_computes():
+    lp = LayerPlacement.of((0, 1, 2, 3, 0, 1), ep=2)  # experts 0, 1 on both ranks; 2 on rank 0, 3 on rank 1
+    stats = [SimpleNamespace(layer="layers.2", tokens_per_expert=torch.tensor([6, 2, 4, 0]),
+                             expert_load=torch.tensor([6.0, 2, 4, 0]), dropped=torch.tensor(0), assignments=12)]
+    # source EP rank 1 sends experts 0 and 1 to its own copies: rank 0 gets expert 2's 4, rank 1 gets 8
+    (layer, sent), = rank_tokens(stats, {"layers.2": lp}, ep_rank=1)
+    assert layer == "layers.2" and sent.tolist() == [4.0, 8.0]
+    zero = torch.zeros(())
+    out = SimpleNamespace(loss=zero, aux_loss=zero, grad_norm=zero, skipped=zero, router_stats=stats)
+    m = reduce_step(out, 1, placements={"layers.2": lp}, ep_rank=1)
+    assert m.balancedness == {"layers.2": pytest.approx(6 / 8)}
+
+
+# ----------------------------------------------------------------------------- on gloo processes
+
+
+def _logical(model, grads: bool = False) -> dict:
+    """(parameter, expert id) -> value of each slot this rank holds; replicated parameters by name."""
+    out = {}
+    ids = {n: m.expert_ids.tolist() for n, m in model.named_modules() if n.endswith(".experts")}
+    for name, p in model.named_parameters():
+        v = p.grad if grads else p.detach()
+        v = torch.zeros_like(p) if v is None else v.clone()
+        owner = name.rsplit(".", 1)[0]
+        if owner in ids:
+            for j, e in enumerate(ids[owner]):
+                out[(name, e)] = v[j].numpy()  # numpy: a tensor would leave the process as a shared-memory handle
+        else:
+            out[(name, None)] = v.numpy()
+    return out
+
+
+def _forward_backward(rank: int, world: int, datas: list):
+    from moedsl.runtime.grads import GradSync
+
+    torch.set_num_threads(1)
+    results = []
+    for data in datas:
+        spec = moedsl.load_spec(data)
+        model = moedsl.build_model(spec, seed=0, rank=rank, world_size=world, dtype=torch.float32, layout="static")
+        g = torch.Generator().manual_seed(7 + rank)
+        inputs = torch.randint(0, spec.model.vocab_size, (4, 8), generator=g)
+        out = model(inputs)
+        loss = F.cross_entropy(out.output.flatten(0, 1), inputs.flatten()) + out.aux_loss
+        (loss / world).backward()
+        GradSync(model, model.compiled.mesh, rank, mode="after_backward")()
+        results.append((out.output.detach().numpy(), _logical(model, grads=True)))
+    return results
+
+
+def _close(a, b, tol: float = 1e-6) -> bool:
+    """Equal to ``tol`` of the larger of 1 and b's largest value (float32 sums in another order)."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    return bool((a - b).abs().max() <= tol * max(float(b.abs().max()), 1.0))
+
+
+@pytest.mark.slow
+def test_replicas_give_the_outputs_and_gradients_of_the_model_without_them():
+    """2 ranks; capacity (static buffers) and dropless layers; experts 0 and 1 on both ranks:
+    each copy computes one rank's tokens, and only their summed gradients are the logical one."""
+    datas = [tiny(redundant=2), tiny(), tiny(redundant=2, dropless=True), tiny(dropless=True)]
+    per_rank = spawn(_forward_backward, 2, datas)
+    for case in (0, 2):
+        for rank in range(2):
+            (out_r, g_r), (out_b, g_b) = per_rank[rank][case], per_rank[rank][case + 1]
+            assert _close(out_r, out_b)
+        base = {**per_rank[0][case + 1][1], **per_rank[1][case + 1][1]}
+        for rank in range(2):  # every copy of an expert: its logical gradient
+            for key, g in per_rank[rank][case][1].items():
+                assert _close(g, base[key]), (case, rank, key)
+        replicated = [k for k in per_rank[0][case][1] if k in per_rank[1][case][1] and k[1] is not None]
+        assert {k[1] for k in replicated} == {0, 1}
+
+
+def _everywhere(load, info):
+    """A policy placing expert 0 on every rank, whatever the load (4 experts; 3 slots per rank on 2
+    ranks, 2 on 4)."""
+    return {2: (0, 1, 2, 3, 0, 1), 4: (0, 1, 0, 2, 0, 3, 0, 1)}[info.ep]
+
+
+def _swap(load, info):
+    """A policy alternating between two placements of 4 experts on 6 slots: every expert moves."""
+    a, b = (0, 1, 2, 3, 0, 1), (3, 2, 1, 0, 1, 2)
+    return b if tuple(info.phy2log) == a else a
+
+
+def _train(rank: int, world: int, runs: list):
+    from moedsl.runtime.train import RunOptions, Trainer
+
+    torch.set_num_threads(1)
+    results = []
+    for data, policy, out, steps in runs:
+        spec = moedsl.load_spec(data)
+        o = RunOptions.from_spec(spec, steps=steps, out=Path(out), progress=False, compile="off")
+        trainer = Trainer(spec, o, policy=policy)
+        summary = trainer.fit()
+        placements = {n: lp.phy2log for n, lp in trainer.model.compiled.placements.items()}
+        results.append((summary.losses, _logical(trainer.model), placements))
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_parameters_after_20_steps_equal_the_baseline_with_an_expert_on_every_rank(world, tmp_path):
+    redundant = {2: 2, 4: 4}[world]
+    runs = [(tiny(redundant=redundant), _everywhere, str(tmp_path / "replicas"), 20),
+            (tiny(), None, str(tmp_path / "baseline"), 20)]
+    per_rank = spawn(_train, world, runs, timeout=300)
+    placed = per_rank[0][0][2]
+    assert all(sum(1 for e in phy if e == 0) == world for phy in placed.values())
+    base = {k: v for r in range(world) for k, v in per_rank[r][1][1].items()}
+    assert per_rank[0][0][0] == pytest.approx(per_rank[0][1][0], rel=1e-5)
+    for r in range(world):
+        for key, v in per_rank[r][0][1].items():
+            assert _close(v, base[key], 1e-5), (r, key, float(abs(v - base[key]).max()))
