@@ -130,6 +130,7 @@ class Summary:
     losses: list = field(default_factory=list)
     eval_accuracy: Optional[float] = None  # image classifiers: held-out accuracy at the last evaluation
     loss_plot: Optional[str] = None  # loss.png: train and held-out loss over the whole run's steps
+    balancedness: dict = field(default_factory=dict)  # layer -> mean / max tokens per EP rank, last logging step
 
 
 class Trainer:
@@ -314,6 +315,7 @@ class Trainer:
         log = open(metrics_path, "a") if rank == 0 else None
         losses, last_ckpt, eval_loss, first, skipped = [], None, None, None, 0
         balance = dropped = float("nan")
+        balancedness: dict = {}
         t0, tokens = time.perf_counter(), 0
         bar = self.say.progress(o.steps, start)
         # the steps since the last logging step: their figures stay on the device until it
@@ -345,7 +347,7 @@ class Trainer:
                                       "loss scale halved (this repeats quietly; metrics.jsonl marks such steps)")
                     first = f.loss if first is None else first
                     losses.append(f.loss)
-                balance, dropped = m.balance, m.dropped
+                balance, dropped, balancedness = m.balance, m.dropped, m.balancedness
                 dt = time.perf_counter() - window_t  # the steps since the last logging step, this read included
                 row = {"step": step + 1, "loss": m.loss, "aux_loss": m.aux_loss, "lr": lr, "grad_norm": m.grad_norm,
                        "tokens_per_s": len(m.steps) * o.batch * o.seq / dt, "balance": balance, "dropped": dropped,
@@ -392,7 +394,7 @@ class Trainer:
                        checkpoint=str(last_ckpt) if last_ckpt else None, metrics=str(metrics_path),
                        plot=str(plot) if plot else None, world=world, cuda_graphs=self.graphs,
                        skipped_steps=skipped, losses=losses, eval_accuracy=self.eval_accuracy,
-                       loss_plot=str(loss_plot) if loss_plot else None)
+                       loss_plot=str(loss_plot) if loss_plot else None, balancedness=balancedness)
 
     def _overflow(self, m) -> bool:
         """A float16 step whose loss was finite but whose scaled gradient overflowed: expected now

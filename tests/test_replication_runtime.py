@@ -118,12 +118,13 @@ def test_balancedness_is_the_mean_over_the_max_of_the_tokens_each_rank_computes(
 # ----------------------------------------------------------------------------- on gloo processes
 
 
-def _logical(model, grads: bool = False) -> dict:
-    """(parameter, expert id) -> value of each slot this rank holds; replicated parameters by name."""
+def _logical(model, grads: bool = False, optimizer=None, state: str = "") -> dict:
+    """(parameter, expert id) -> value of each slot this rank holds (its gradient with ``grads``,
+    its optimizer state ``state`` with ``optimizer``); replicated parameters by (name, None)."""
     out = {}
     ids = {n: m.expert_ids.tolist() for n, m in model.named_modules() if n.endswith(".experts")}
     for name, p in model.named_parameters():
-        v = p.grad if grads else p.detach()
+        v = p.grad if grads else optimizer.state[p][state] if optimizer is not None else p.detach()
         v = torch.zeros_like(p) if v is None else v.clone()
         owner = name.rsplit(".", 1)[0]
         if owner in ids:
@@ -193,13 +194,14 @@ def _train(rank: int, world: int, runs: list):
 
     torch.set_num_threads(1)
     results = []
-    for data, policy, out, steps in runs:
+    for data, policy, out, steps, *layout in runs:
         spec = moedsl.load_spec(data)
         o = RunOptions.from_spec(spec, steps=steps, out=Path(out), progress=False, compile="off")
-        trainer = Trainer(spec, o, policy=policy)
+        trainer = Trainer(spec, o, layout=layout[0] if layout else "auto", policy=policy)
         summary = trainer.fit()
         placements = {n: lp.phy2log for n, lp in trainer.model.compiled.placements.items()}
-        results.append((summary.losses, _logical(trainer.model), placements))
+        results.append((summary.losses, _logical(trainer.model), placements,
+                        {k: _logical(trainer.model, optimizer=trainer.opt, state=k) for k in ("exp_avg", "exp_avg_sq")}))
     return results
 
 
@@ -217,3 +219,106 @@ def test_parameters_after_20_steps_equal_the_baseline_with_an_expert_on_every_ra
     for r in range(world):
         for key, v in per_rank[r][0][1].items():
             assert _close(v, base[key], 1e-5), (r, key, float(abs(v - base[key]).max()))
+
+
+@pytest.mark.slow
+def test_a_migrating_run_has_the_losses_and_parameters_of_the_fixed_run(tmp_path):
+    """Every expert moves every 3 steps (weights and both AdamW moments: stale moments would
+    change the next updates); the run is the run whose placement never moves, to float32
+    rounding, with the capacity layers' static buffers and with their kept rows grouped."""
+    runs = []
+    for layout in ("static", "grouped"):
+        runs += [(tiny(redundant=2, every=3, window=2), _swap, str(tmp_path / f"moving-{layout}"), 10, layout),
+                 (tiny(redundant=2), _swap, str(tmp_path / f"fixed-{layout}"), 10, layout)]
+    per_rank = spawn(_train, 2, runs, timeout=300)
+    for i in (0, 2):
+        moving, fixed = per_rank[0][i], per_rank[0][i + 1]
+        assert moving[2] != fixed[2]  # 3 moves (at steps 3, 6, 9) from where both started
+        assert moving[0] == pytest.approx(fixed[0], rel=1e-6, abs=1e-6)
+        for r in range(2):
+            fixed_all = {k: v for rr in range(2) for k, v in per_rank[rr][i + 1][1].items()}
+            for key, v in per_rank[r][i][1].items():
+                assert _close(v, fixed_all[key], 1e-5), (r, key)
+            for k in ("exp_avg", "exp_avg_sq"):
+                fixed_m = {key: v for rr in range(2) for key, v in per_rank[rr][i + 1][3][k].items()}
+                for key, v in per_rank[r][i][3][k].items():
+                    assert _close(v, fixed_m[key], 1e-5), (r, k, key)
+    rows = [json.loads(line) for line in (tmp_path / "moving-static" / "metrics.jsonl").read_text().splitlines()]
+    moved = {r["step"]: r["replication"] for r in rows if "replication" in r}
+    assert sorted(moved) == [3, 6, 9]
+    for m in moved.values():
+        assert m["seconds"] > 0 and m["bytes"] > 0
+        assert sorted(m["layers"]) == ["layers.2", "layers.4"]
+        assert all(len(layer["moved"]) == 2 and len(layer["phy2log"]) == 6 for layer in m["layers"].values())
+    assert all(set(r["balancedness"]) == {"layers.2", "layers.4"} and 0.5 <= min(r["balancedness"].values()) <= 1
+               for r in rows)
+
+
+def _checkpoints(rank: int, world: int, tmp: str):
+    """A run with replicas (moved twice) saves; a model without them loads it. A run without
+    replicas saves; a model with them loads it. Both: logical weights and AdamW moments."""
+    from moedsl.runtime import checkpoint as ckpt
+    from moedsl.runtime.optim import make_optimizer
+    from moedsl.runtime.train import RunOptions, Trainer
+
+    torch.set_num_threads(1)
+    out = []
+    for saved, loads in ((tiny(redundant=2, every=2), tiny()), (tiny(), tiny(redundant=2))):
+        spec, other = moedsl.load_spec(saved), moedsl.load_spec(loads)
+        where = Path(tmp) / ("replicas" if saved.get("placement") else "plain")
+        o = RunOptions.from_spec(spec, steps=4, out=where, progress=False, compile="off")
+        trainer = Trainer(spec, o, policy=_swap)
+        trainer.fit()
+        model = moedsl.build_model(other, seed=1, rank=rank, world_size=world, dtype=torch.float32)
+        opt = make_optimizer(model, o, torch.tensor(o.lr), capturable=False)
+        ckpt.load(where / "checkpoints" / "step-00000004", model, opt, other)
+        pair = []
+        for m, optimizer in ((trainer.model, trainer.opt), (model, opt)):
+            pair.append({"weights": _logical(m), **{k: _logical(m, optimizer=optimizer, state=k)
+                                                   for k in ("exp_avg", "exp_avg_sq")},
+                         "placement": [lp.phy2log for lp in m.compiled.placements.values()]})
+        out.append(pair)
+    return out
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_replicas_loads_without_them_and_the_reverse(tmp_path):
+    per_rank = spawn(_checkpoints, 2, str(tmp_path), timeout=300)
+    for case in range(2):
+        trained = {what: {k: v for r in range(2) for k, v in per_rank[r][case][0][what].items()}
+                   for what in ("weights", "exp_avg", "exp_avg_sq")}
+        for r in range(2):
+            loaded = per_rank[r][case][1]
+            for what in ("weights", "exp_avg", "exp_avg_sq"):  # every copy, each expert's values
+                for key, v in loaded[what].items():
+                    assert torch.equal(torch.as_tensor(v), torch.as_tensor(trained[what][key])), (case, r, what, key)
+    assert per_rank[0][0][0]["placement"][0] == (3, 2, 1, 0, 1, 2)  # the policy's, moved away at step 2 and back at 4
+    assert per_rank[0][1][1]["placement"][0] == (0, 1, 2, 3, 0, 1)  # the replicas of a model built to load
+    # and into one process: each logical expert once
+    spec = moedsl.load_spec(tiny())
+    one = moedsl.build_model(spec, seed=1, dtype=torch.float32)
+    from moedsl.runtime import checkpoint as ckpt
+
+    ckpt.load(tmp_path / "replicas" / "checkpoints" / "step-00000004", one, None, spec)
+    trained = {k: v for r in range(2) for k, v in per_rank[r][0][0]["weights"].items()}
+    single = _logical(one)
+    assert set(single) == set(trained)
+    assert all(torch.equal(torch.as_tensor(single[k]), torch.as_tensor(trained[k])) for k in single)
+
+
+def test_the_run_summary_shows_the_least_even_layers_balancedness_beside_the_dropped_share():
+    from rich.console import Console
+
+    from moedsl.runtime.report import summary_table
+    from moedsl.runtime.train import Summary
+
+    s = Summary(spec="tiny", steps=4, tokens=256, seconds=1.0, tokens_per_s=256.0, train_loss=3.0, eval_loss=None,
+                eval_ppl=None, balance=1.5, dropped=0.02, first_loss=3.4, checkpoint=None, metrics="m.jsonl",
+                plot=None, world=2, cuda_graphs=False, balancedness={"layers.2": 0.91, "layers.4": 0.62})
+    console = Console(record=True, width=200)
+    console.print(summary_table(s))
+    text = console.export_text()
+    assert "0.62 mean / max tokens per rank, at layers.4" in text
+    lines = text.splitlines()
+    dropped = next(i for i, line in enumerate(lines) if "dropped" in line)
+    assert "balancedness" in lines[dropped + 1]
