@@ -154,9 +154,10 @@ def _forward_backward(rank: int, world: int, datas: list):
 
 
 def _close(a, b, tol: float = 1e-6) -> bool:
-    """Equal to ``tol`` of the larger of 1 and b's largest value (float32 sums in another order)."""
+    """Equal to ``tol`` of b's largest value: float32 sums in another order (a copy's gradient
+    summed with another's, where one expert computed all rows), never a missing term."""
     a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return bool((a - b).abs().max() <= tol * max(float(b.abs().max()), 1.0))
+    return bool((a - b).abs().max() <= tol * float(b.abs().max()) + 1e-30)
 
 
 @pytest.mark.slow
@@ -215,10 +216,10 @@ def test_parameters_after_20_steps_equal_the_baseline_with_an_expert_on_every_ra
     placed = per_rank[0][0][2]
     assert all(sum(1 for e in phy if e == 0) == world for phy in placed.values())
     base = {k: v for r in range(world) for k, v in per_rank[r][1][1].items()}
-    assert per_rank[0][0][0] == pytest.approx(per_rank[0][1][0], rel=1e-5)
+    assert per_rank[0][0][0] == pytest.approx(per_rank[0][1][0], rel=1e-6)
     for r in range(world):
         for key, v in per_rank[r][0][1].items():
-            assert _close(v, base[key], 1e-5), (r, key, float(abs(v - base[key]).max()))
+            assert _close(v, base[key]), (r, key, float(abs(v - base[key]).max()))
 
 
 @pytest.mark.slow
@@ -234,15 +235,15 @@ def test_a_migrating_run_has_the_losses_and_parameters_of_the_fixed_run(tmp_path
     for i in (0, 2):
         moving, fixed = per_rank[0][i], per_rank[0][i + 1]
         assert moving[2] != fixed[2]  # 3 moves (at steps 3, 6, 9) from where both started
-        assert moving[0] == pytest.approx(fixed[0], rel=1e-6, abs=1e-6)
+        assert moving[0] == pytest.approx(fixed[0], rel=1e-6)
         for r in range(2):
             fixed_all = {k: v for rr in range(2) for k, v in per_rank[rr][i + 1][1].items()}
             for key, v in per_rank[r][i][1].items():
-                assert _close(v, fixed_all[key], 1e-5), (r, key)
+                assert _close(v, fixed_all[key]), (r, key)
             for k in ("exp_avg", "exp_avg_sq"):
                 fixed_m = {key: v for rr in range(2) for key, v in per_rank[rr][i + 1][3][k].items()}
                 for key, v in per_rank[r][i][3][k].items():
-                    assert _close(v, fixed_m[key], 1e-5), (r, k, key)
+                    assert _close(v, fixed_m[key]), (r, k, key)
     rows = [json.loads(line) for line in (tmp_path / "moving-static" / "metrics.jsonl").read_text().splitlines()]
     moved = {r["step"]: r["replication"] for r in rows if "replication" in r}
     assert sorted(moved) == [3, 6, 9]
