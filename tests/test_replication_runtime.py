@@ -323,3 +323,24 @@ def test_the_run_summary_shows_the_least_even_layers_balancedness_beside_the_dro
     lines = text.splitlines()
     dropped = next(i for i, line in enumerate(lines) if "dropped" in line)
     assert "balancedness" in lines[dropped + 1]
+
+
+@pytest.mark.slow
+def test_experts_migrate_inside_each_expert_parallel_group_of_a_data_parallel_mesh(tmp_path):
+    """4 ranks = 2 EP × 2 DP, nearest dispatch: each EP group moves its copies, the copies in
+    the other group take the same gradient sums, and the run is the fixed one's."""
+    def mesh(d):
+        d["placement"]["expert_parallel"] = 2
+        return d
+
+    runs = [(mesh(tiny(redundant=2, every=3, dispatch="nearest")), _swap, str(tmp_path / "moving"), 7),
+            (mesh(tiny(redundant=2, dispatch="nearest")), _swap, str(tmp_path / "fixed"), 7)]
+    per_rank = spawn(_train, 4, runs, timeout=300)
+    assert per_rank[0][0][0] == pytest.approx(per_rank[0][1][0], rel=1e-6)
+    fixed = {k: v for r in range(4) for k, v in per_rank[r][1][1].items()}
+    for r in range(4):
+        assert per_rank[r][0][2] == per_rank[0][0][2]  # one placement in both EP groups
+        for key, v in per_rank[r][0][1].items():
+            assert _close(v, fixed[key]), (r, key)
+    rows = [json.loads(line) for line in (tmp_path / "moving" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("replication", {}).get("bytes")] == [3, 6]
