@@ -21,24 +21,13 @@ from moedsl.mesh import resolve_mesh
 from moedsl.runtime.metrics import rank_tokens, reduce_step
 from moedsl.runtime.replicate import plan_moves
 from moedsl.runtime.spawn import spawn
+from test_checkpoints import TINY as CHECKPOINT_TINY
 
-TINY = {  # 4 experts per MoE layer, two MoE layers; top-1 with a capacity (drops) or top-2 dropless
-    "moedsl": 1,
-    "name": "tiny-replicas",
-    "model": {"vocab_size": 32, "d_model": 16, "max_seq_len": 16},
-    "layers": [
-        {"embedding": {}},
-        {"repeat": 2, "block": [
-            {"attention": {"heads": 2}},
-            {"moe": {"experts": {"count": 4, "hidden": 16},
-                     "gate": {"type": "switch", "capacity_factor": 1.25},
-                     "losses": {"balance": 0.01}}},
-        ]},
-        {"norm": {}},
-        {"head": {}},
-    ],
-    "train": {"batch_size": 8, "seq_len": 8, "steps": 20, "lr": 3.0e-3, "warmup": 2, "eval_every": 1000},
-}
+# the checkpoint tests' tiny model (4 experts in each of 2 MoE layers), without jitter, 2 sequences a rank on 4
+TINY = copy.deepcopy(CHECKPOINT_TINY)
+TINY.update(name="tiny-replicas",
+            train={**TINY["train"], "batch_size": 8, "steps": 20, "warmup": 2, "eval_every": 1000})
+TINY["layers"][1]["block"][1]["moe"]["gate"] = {"type": "switch", "capacity_factor": 1.25}
 
 
 def tiny(redundant=None, dropless=False, every=1000, window=2, dispatch="modulo") -> dict:
@@ -201,8 +190,8 @@ def _train(rank: int, world: int, runs: list):
         trainer = Trainer(spec, o, layout=layout[0] if layout else "auto", policy=policy)
         summary = trainer.fit()
         placements = {n: lp.phy2log for n, lp in trainer.model.compiled.placements.items()}
-        results.append((summary.losses, _logical(trainer.model), placements,
-                        {k: _logical(trainer.model, optimizer=trainer.opt, state=k) for k in ("exp_avg", "exp_avg_sq")}))
+        moments = {k: _logical(trainer.model, optimizer=trainer.opt, state=k) for k in ("exp_avg", "exp_avg_sq")}
+        results.append((summary.losses, _logical(trainer.model), placements, moments))
     return results
 
 
