@@ -55,9 +55,9 @@ def rank_tokens(stats, placements: dict, ep_rank: int) -> list:
         lp = placements.get(s.layer)
         if lp is None or s.tokens_per_expert.numel() != len(lp.hosts):
             continue
-        to = torch.zeros(len(lp.hosts), lp.ep, device=s.tokens_per_expert.device)
-        to[torch.arange(len(lp.hosts)), torch.tensor(_destinations(lp, ep_rank))] = 1.0
-        out.append((s.layer, s.tokens_per_expert.float() @ to))
+        tokens = s.tokens_per_expert.float()
+        to = torch.tensor(_destinations(lp, ep_rank), device=tokens.device)
+        out.append((s.layer, tokens.new_zeros(lp.ep).index_add_(0, to, tokens)))
     return out
 
 

@@ -186,9 +186,9 @@ class Replicator:
         self._gate_groups = {name: getattr(getattr(getattr(modules.get(f"{name}.gate"), "spec", None), "groups", None),
                                            "count", None) for name in self.layers}
         self.ep_group = self.model.groups.topo.ep_group
+        self.device = self.experts[self.layers[0]].expert_ids.device  # NCCL's collectives take device tensors
         # the sync's process groups by ranks, reused by the syncs of later placements
         self._made = {("world" if k == WORLD else k): g for k, g in step.sync._pg.items() if g is not None}
-        self.migrations = 0
 
     @classmethod
     def for_run(cls, step, spec, rank: int, policy: Optional[Policy] = None) -> Optional["Replicator"]:
@@ -218,7 +218,7 @@ class Replicator:
         sizes = [len(self.model.compiled.placements[n].hosts) for n in self.layers]
         if initial:
             return [[1.0] * E for E in sizes]
-        dev = self.experts[self.layers[0]].expert_ids.device
+        dev = self.device
         flat = torch.cat([torch.stack(list(self.window[n])).sum(0) if self.window[n] else torch.zeros(E, device=dev)
                           for n, E in zip(self.layers, sizes)]).to(dev)
         with Traffic.waiting("other"):
@@ -233,11 +233,8 @@ class Replicator:
         if len(phy) != info.slots:
             raise MoedslError(f"{what} has {len(phy)} slots, not {info.slots} ({info.experts} experts + "
                               f"{info.slots - info.experts} redundant)")
-        if any(not 0 <= e < info.experts for e in phy):
-            raise MoedslError(f"{what} names expert {next(e for e in phy if not 0 <= e < info.experts)}, outside "
-                              f"0..{info.experts - 1}")
         try:
-            LayerPlacement.of(phy, self.ep)
+            LayerPlacement.of(phy, self.ep, experts=info.experts)
         except ValueError as e:
             raise MoedslError(f"{what}: {e}") from None
         return phy
@@ -250,7 +247,7 @@ class Replicator:
         loads = self._loads(initial)
         wanted = [self._ask(n, load) for n, load in zip(self.layers, loads)]
         # rank 0's answer for all: a policy that differs by a rounding between ranks cannot split them
-        agreed = torch.tensor([e for phy in wanted for e in phy], dtype=torch.int64)
+        agreed = torch.tensor([e for phy in wanted for e in phy], dtype=torch.int64, device=self.device)
         dist.broadcast(agreed, src=0)
         agreed = agreed.tolist()
         compiled, trips = self.model.compiled, _trips(self.model)
@@ -262,7 +259,7 @@ class Replicator:
             if phy == old.phy2log:
                 out[name] = {"moved": [], "phy2log": list(phy)}
                 continue
-            new = LayerPlacement.of(phy, old.ep, old.dispatch, old.per_node)
+            new = LayerPlacement.of(phy, old.ep, old.dispatch, old.per_node, len(old.hosts))
             mod = self.experts[name]
             moves = move_experts(mod, self.step.opt, old, new, self.ep_rank, self.ep_group)
             row = sum(t[0].numel() * t.element_size() for t in _slot_tensors(mod, self.step.opt))
@@ -277,9 +274,8 @@ class Replicator:
             out[name] = {"moved": [[m.expert, m.src, m.dst] for m in moves], "phy2log": list(phy)}
         if any(compiled.placements[n].phy2log != tuple(before) for n, before in zip(self.layers, previous)):
             self._new_sync()
-        seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=self.device)
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-        self.migrations += 0 if initial else 1
         return {"step": step, "seconds": float(seconds), "bytes": sent * self.mesh.data_parallel, "layers": out}
 
     def _new_sync(self) -> None:

@@ -140,7 +140,9 @@ class Trainer:
     Building it: (1) picks the device and joins the process group, (2) builds this rank's
     share of the model, (3) makes the fused AdamW, the gradient sync, the loss scale
     (float16) and the one ``TrainStep`` both modes run, (4) decides on CUDA graphs and
-    (5) opens the data source. Nothing is written to disk before ``fit``.
+    (5) opens the data source. Nothing is written to disk before ``fit``. With
+    ``placement.replication`` it also places the experts (runtime/replicate.py) by ``policy``
+    (``(load, LayerInfo) -> phy2log``; default: the spec's policy).
     """
 
     def __init__(self, spec, options: RunOptions, layout: str = "auto", policy=None):

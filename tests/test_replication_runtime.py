@@ -48,7 +48,7 @@ def test_a_replicated_layer_has_experts_plus_redundant_slots_spread_evenly_over_
     compiled = moedsl.compiler.compile_graph(spec, rank=0, world_size=2, device="meta")
     for lp in compiled.placements.values():
         assert [len(s) for s in lp.slots] == [3, 3]
-        assert lp.phy2log == initial_phy2log(4, 2, 2) == (0, 1, 2, 3, 0, 1)
+        assert lp.phy2log == initial_phy2log(4, 2) == (0, 1, 2, 3, 0, 1)
         assert lp.hosts == ((0, 1), (0, 1), (0,), (1,))
     one = moedsl.compiler.compile_graph(spec, rank=0, world_size=1, device="meta")
     assert all(lp.slots == ((0, 1, 2, 3),) for lp in one.placements.values())  # one process: one copy of each
@@ -59,6 +59,10 @@ def test_a_placement_that_puts_two_copies_on_one_rank_or_forgets_an_expert_is_re
         LayerPlacement.of((0, 1, 0, 2, 3, 1), ep=2)
     with pytest.raises(ValueError, match="expert 2 has no slot"):
         LayerPlacement.of((0, 1, 3, 0, 1, 3), ep=2)
+    with pytest.raises(ValueError, match="expert 3 has no slot"):  # the last one too, when the count is known
+        LayerPlacement.of((0, 1, 2, 0, 1, 2), ep=2, experts=4)
+    with pytest.raises(ValueError, match=r"slot 5 holds expert 4: the experts are 0\.\.3"):
+        LayerPlacement.of((0, 1, 2, 3, 0, 4), ep=2, experts=4)
 
 
 def test_nearest_dispatch_takes_the_sources_own_copy_then_one_on_its_node():
@@ -333,3 +337,15 @@ def test_experts_migrate_inside_each_expert_parallel_group_of_a_data_parallel_me
             assert _close(v, fixed[key]), (r, key)
     rows = [json.loads(line) for line in (tmp_path / "moving" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("replication", {}).get("bytes")] == [3, 6]
+
+
+def _doubled(load, info):
+    """A wrong policy: two copies of expert 0 on rank 0."""
+    return (0, 0, 1, 2, 3, 1)
+
+
+@pytest.mark.slow
+def test_a_policy_that_doubles_an_expert_on_a_rank_is_refused_naming_the_layer_and_slot(tmp_path):
+    with pytest.raises(RuntimeError, match="MoedslError: placement.replication: the eplb policy's placement of the "
+                                           "MoE layer layers.2: slot 1 puts a second copy of expert 0 on rank 0"):
+        spawn(_train, 2, [(tiny(redundant=2), _doubled, str(tmp_path / "run"), 2)])

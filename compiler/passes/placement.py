@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 from moedsl import spec as S
 from moedsl.mesh import MeshShape
@@ -34,18 +35,20 @@ class LayerPlacement:
     per_node: int = 0  # EP ranks per node (nearest dispatch); 0: all on one node
 
     @staticmethod
-    def of(phy2log, ep: int, dispatch: str = "modulo", per_node: int = 0) -> "LayerPlacement":
-        """The placement of physical slots ``phy2log`` (rank-major, len(phy2log) / ep per rank).
-        Raises ValueError naming the slot when an expert has no slot or a rank holds it twice."""
+    def of(phy2log, ep: int, dispatch: str = "modulo", per_node: int = 0,
+           experts: Optional[int] = None) -> "LayerPlacement":
+        """The placement of physical slots ``phy2log`` (rank-major, len(phy2log) / ep per rank) of
+        ``experts`` logical experts (default: the largest id + 1). Raises ValueError naming the
+        slot or the expert when an expert has no slot, a rank holds it twice or it does not exist."""
         phy2log = [int(e) for e in phy2log]
         if len(phy2log) % ep:
             raise ValueError(f"{len(phy2log)} slots do not divide over {ep} expert-parallel ranks")
         per = len(phy2log) // ep
-        E = max(phy2log) + 1 if phy2log else 0
+        E = experts if experts is not None else max(phy2log) + 1 if phy2log else 0
         hosts = [[] for _ in range(E)]
         for j, e in enumerate(phy2log):
-            if e < 0:
-                raise ValueError(f"slot {j} holds expert {e}: expert ids are 0 or more")
+            if not 0 <= e < E:
+                raise ValueError(f"slot {j} holds expert {e}: the experts are 0..{E - 1}")
             if j // per in hosts[e]:
                 raise ValueError(f"slot {j} puts a second copy of expert {e} on rank {j // per}")
             hosts[e].append(j // per)
@@ -115,7 +118,7 @@ def place_layer(placement: S.Placement, moe_index: int, num_experts: int, ep: in
     rep = placement.replication
     if rep is not None and ep > 1:  # E + R slots; moved while training (runtime/replicate.py)
         per_node = min(ep, placement.mesh.devices_per_node) if placement.mesh else 0  # 0: one node
-        return LayerPlacement.of(initial_phy2log(num_experts, rep.redundant, ep), ep, rep.dispatch, per_node)
+        return LayerPlacement.of(initial_phy2log(num_experts, rep.redundant), ep, rep.dispatch, per_node, num_experts)
     if ep == 1:  # one rank hosts every expert, once
         hosts = [(0,)] * num_experts
     elif strategy == "explicit":
@@ -136,11 +139,10 @@ def place_layer(placement: S.Placement, moe_index: int, num_experts: int, ep: in
     return LayerPlacement(hosts=tuple(hosts), slots=tuple(tuple(s) for s in slots), ep=ep)
 
 
-def initial_phy2log(num_experts: int, redundant: int, ep: int) -> tuple:
+def initial_phy2log(num_experts: int, redundant: int) -> tuple:
     """The placement before any load is measured: slot j holds expert j mod E, so the first R
     experts have a second copy (what a balancing policy makes of an even load, up to order). No
     rank holds two copies while (E + R) / EP <= E (the mesh check asks R <= E · (EP - 1))."""
-    del ep  # the slots are rank-major whatever the rank count
     return tuple(j % num_experts for j in range(num_experts + redundant))
 
 
