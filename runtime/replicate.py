@@ -52,6 +52,7 @@ class LayerInfo:
     """What a policy knows of one MoE layer besides its load."""
 
     name: str  # "layers.3"
+    moe_index: int  # its place among the MoE layers (``spec.moe_layers``' moe_index)
     experts: int  # E logical experts
     slots: int  # E + R physical slots, slots // ep on each rank
     ep: int  # expert-parallel ranks
@@ -64,15 +65,22 @@ class LayerInfo:
 Policy = Callable[[list, LayerInfo], Sequence[int]]
 
 
-def spec_policy(rep: S.Replication) -> Policy:
+def spec_policy(spec) -> Policy:
     """The policy ``placement.replication.policy`` names: compiler/replication.py's ``place``
-    (EPLB, FasterMoE's shadowing) with this layer's mesh and expert groups."""
-    try:
-        from moedsl.compiler.replication import place  # the policies' module, built beside this one
+    (EPLB, FasterMoE's shadowing) with this layer's mesh, expert groups and cost figures."""
+    rep = spec.placement.replication
+    try:  # the policies' module, written beside this one (imported here: the lead wires it at the merge)
+        from moedsl.compiler.replication import layer_cost, place
     except ImportError:
         raise MoedslError(f"placement.replication.policy {rep.policy!r}: this moedsl has no placement policies "
                           "(moedsl.compiler.replication)") from None
-    return lambda load, info: place(rep, load, info.ep, info.nodes, info.groups)
+    layers = sorted(spec.moe_layers, key=lambda layer: layer.moe_index)
+
+    def policy(load: list, info: LayerInfo) -> Sequence[int]:
+        cost = None if rep.policy == "eplb" else \
+            layer_cost(spec, layers[info.moe_index], devices_per_node=info.ep // info.nodes)  # shadow's model
+        return place(rep, load, info.ep, info.nodes, info.groups, cost=cost)
+    return policy
 
 
 @dataclass(frozen=True)
@@ -197,13 +205,13 @@ class Replicator:
         rep = spec.placement.replication
         if rep is None or step.model.compiled.mesh.expert_parallel == 1:
             return None
-        r = cls(step, spec, rank, policy or spec_policy(rep))
+        r = cls(step, spec, rank, policy or spec_policy(spec))
         r.migrate(0, initial=True)
         return r
 
     def info(self, name: str) -> LayerInfo:
         lp = self.model.compiled.placements[name]
-        return LayerInfo(name=name, experts=len(lp.hosts), slots=len(lp.phy2log), ep=self.ep, nodes=self.nodes,
+        return LayerInfo(name=name, moe_index=self.layers.index(name), experts=len(lp.hosts), slots=len(lp.phy2log), ep=self.ep, nodes=self.nodes,
                          groups=self._gate_groups.get(name), phy2log=lp.phy2log, replication=self.rep)
 
     def observe(self, step: int, router_stats) -> bool:
