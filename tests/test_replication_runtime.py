@@ -30,10 +30,12 @@ TINY.update(name="tiny-replicas",
 TINY["layers"][1]["block"][1]["moe"]["gate"] = {"type": "switch", "capacity_factor": 1.25}
 
 
-def tiny(redundant=None, dropless=False, every=1000, window=2, dispatch="modulo") -> dict:
+def tiny(redundant=None, dropless=False, every=1000, window=2, dispatch="modulo", chunks=1) -> dict:
     d = copy.deepcopy(TINY)
     if dropless:
         d["layers"][1]["block"][1]["moe"]["gate"] = {"type": "topk", "k": 2, "drop_policy": "dropless"}
+    if chunks > 1:  # the overlap pass's chunked trips: their modules hold the layer's dispatch tables
+        d["layers"][1]["block"][1]["moe"]["overlap"] = {"chunks": chunks}
     if redundant is not None:
         d["placement"] = {"replication": {"policy": "eplb", "redundant": redundant, "every": every, "window": window,
                                           "dispatch": dispatch}}
@@ -219,13 +221,16 @@ def test_parameters_after_20_steps_equal_the_baseline_with_an_expert_on_every_ra
 def test_a_migrating_run_has_the_losses_and_parameters_of_the_fixed_run(tmp_path):
     """Every expert moves every 3 steps (weights and both AdamW moments: stale moments would
     change the next updates); the run is the run whose placement never moves, to float32
-    rounding, with the capacity layers' static buffers and with their kept rows grouped."""
+    rounding: capacity layers with their static buffers and with their kept rows grouped, and
+    in 2 overlapped chunks; dropless layers in 2 chunks."""
     runs = []
-    for layout in ("static", "grouped"):
-        runs += [(tiny(redundant=2, every=3, window=2), _swap, str(tmp_path / f"moving-{layout}"), 10, layout),
-                 (tiny(redundant=2), _swap, str(tmp_path / f"fixed-{layout}"), 10, layout)]
+    for name, layout, kind in (("static", "static", {}), ("grouped", "grouped", {}),
+                               ("chunks", "static", {"chunks": 2}), ("dropless", "grouped", {"chunks": 2,
+                                                                                             "dropless": True})):
+        runs += [(tiny(redundant=2, every=3, window=2, **kind), _swap, str(tmp_path / f"moving-{name}"), 10, layout),
+                 (tiny(redundant=2, **kind), _swap, str(tmp_path / f"fixed-{name}"), 10, layout)]
     per_rank = spawn(_train, 2, runs, timeout=300)
-    for i in (0, 2):
+    for i in range(0, len(runs), 2):
         moving, fixed = per_rank[0][i], per_rank[0][i + 1]
         assert moving[2] != fixed[2]  # 3 moves (at steps 3, 6, 9) from where both started
         assert moving[0] == pytest.approx(fixed[0], rel=1e-6)
