@@ -281,7 +281,7 @@ def _checkpoints(rank: int, world: int, tmp: str):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_with_replicas_loads_without_them_and_the_reverse(tmp_path):
+def test_a_checkpoint_with_replicas_loads_without_them_and_the_reverse(tmp_path, capsys):
     per_rank = spawn(_checkpoints, 2, str(tmp_path), timeout=300)
     for case in range(2):
         trained = {what: {k: v for r in range(2) for k, v in per_rank[r][case][0][what].items()}
@@ -303,6 +303,13 @@ def test_a_checkpoint_with_replicas_loads_without_them_and_the_reverse(tmp_path)
     single = _logical(one)
     assert set(single) == set(trained)
     assert all(torch.equal(torch.as_tensor(single[k]), torch.as_tensor(trained[k])) for k in single)
+    # inspect reads the run as one process would: each layer's load over its 4 logical experts
+    from moedsl.cli import main
+
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "replicas"), "--data", "synthetic", "--tokens", "64", "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert len(layers) == 2 and all(len(layer["load"]) == 4 for layer in layers)
 
 
 def test_the_run_summary_shows_the_least_even_layers_balancedness_beside_the_dropped_share():
