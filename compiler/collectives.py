@@ -145,6 +145,14 @@ def all_to_all(x: torch.Tensor, counts: list, topo: Topology) -> torch.Tensor:
     return _AllToAll.apply(x, counts, topo)
 
 
+def _same_shape(old: LayerPlacement, new: LayerPlacement) -> None:
+    """A placement the compiled graph can follow: the same ranks and slots per rank, and replicas
+    where there were (the graph's layout of received rows depends on it)."""
+    if [len(s) for s in old.slots] != [len(s) for s in new.slots] or old.uniform != new.uniform:
+        raise ValueError(f"a new placement must keep the slots per rank ({[len(s) for s in old.slots]}) and "
+                         f"{'no ' if old.uniform else ''}replicas")
+
+
 class _Collective(nn.Module):
     """Base: holds the Topology once the runtime binds it."""
 
@@ -169,6 +177,12 @@ class CapacityAllToAll(_Collective):
         self.lp, self.ep_rank = lp, ep_rank
         self._tables = False
         self._cache: dict = {}
+
+    def rebind(self, lp: LayerPlacement) -> None:
+        """Follow a new placement of the same slot counts (experts moved between steps): the
+        tables are made again at the next use."""
+        _same_shape(self.lp, lp)
+        self.lp, self._tables, self._cache = lp, False, {}
 
     def _make_tables(self) -> None:
         """Send and receive tables, made on first use (a compile for inspection never needs them)."""
@@ -280,6 +294,13 @@ class PackedAllToAll(_Collective):
         self.lp, self.ep_rank = lp, ep_rank
         self.n_local = [len(s) for s in lp.slots]
         self.register_buffer("send_slot", torch.tensor(lp.send_slots(ep_rank), dtype=torch.int64), persistent=False)
+
+    def rebind(self, lp: LayerPlacement) -> None:
+        """Follow a new placement of the same slot counts: the send table is rewritten in place
+        (the graph reads it as an attribute)."""
+        _same_shape(self.lp, lp)
+        self.lp = lp
+        self.send_slot.copy_(torch.tensor(lp.send_slots(self.ep_rank), dtype=torch.int64))
 
     def forward(self, p: Packed) -> Received:
         topo = self._need()

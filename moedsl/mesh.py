@@ -79,6 +79,33 @@ def check_mesh(spec, world: int, c: Checks) -> MeshShape | None:
         if n > ep:
             c.error(ex + ("replicas", str(e)), f"{n} copies of expert {e} need {n} distinct ranks; "
                     f"there are {ep} expert-parallel ranks")
+    _check_replication(spec, ep, c)
     if len(c.issues) > before:
         return None
     return MeshShape(world=world, nodes=nodes, devices_per_node=per_node, expert_parallel=ep, data_parallel=dp)
+
+
+def _check_replication(spec, ep: int, c: Checks) -> None:
+    """placement.replication on ``ep`` expert-parallel ranks: E + R slots split evenly, no rank
+    holding two copies of one expert (R <= E · (EP - 1)), and no static replicas beside it. On
+    one rank it does nothing (that rank holds every expert once)."""
+    pl, rep = spec.placement, spec.placement.replication
+    if rep is None or ep == 1:
+        return
+    where = ("placement", "replication")
+    if pl.replicas or pl.strategy == "explicit":
+        c.error(where, "replication places the experts itself; it cannot be combined with "
+                f"{'placement.experts.replicas' if pl.replicas else 'an explicit expert map'}",
+                "remove one of the two")
+        return
+    R = rep.redundant
+    for layer in spec.moe_layers:
+        E, at = layer.config.experts.count, format_path(layer.path)
+        if (E + R) % ep:
+            c.error(where + ("redundant",), f"{E} experts + {R} redundant slots of the MoE layer at {at} do not "
+                    f"divide over {ep} expert-parallel ranks", f"choose redundant so that {E} + redundant is a "
+                    f"multiple of {ep}")
+        elif R > E * (ep - 1):
+            c.error(where + ("redundant",), f"{E + R} slots on {ep} ranks put {(E + R) // ep} slots on each, more "
+                    f"than the {E} experts of the MoE layer at {at}: a rank would hold two copies of one expert",
+                    f"at most {E * (ep - 1)} redundant slots")

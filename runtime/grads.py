@@ -99,9 +99,12 @@ class _Bucket:
 class GradSync:
     """``sync.start()`` before backward (bucketed: arms the hooks), ``sync()`` after it: every
     gradient summed over the ranks that share it. ``mode``: ``bucketed`` or ``after_backward``;
-    ``bucket_mb``: a bucket's size cap in MiB."""
+    ``bucket_mb``: a bucket's size cap in MiB. ``groups``: process groups by their ranks, kept
+    between the syncs of one model whose experts move (runtime/replicate.py rebuilds the sync
+    after each migration; a group is made once, by every rank, the first time a set needs it)."""
 
-    def __init__(self, model, mesh, rank: int, mode: str = "bucketed", bucket_mb: float = DEFAULT_BUCKET_MB):
+    def __init__(self, model, mesh, rank: int, mode: str = "bucketed", bucket_mb: float = DEFAULT_BUCKET_MB,
+                 groups: Optional[dict] = None):
         if mode not in MODES:
             raise ValueError(f"grad_sync {mode!r}: must be one of {', '.join(MODES)}")
         if not bucket_mb > 0:
@@ -143,11 +146,12 @@ class GradSync:
         self.hooked = mode == "bucketed" and self.world > 1 and dist.is_initialized()
         self._pg = {WORLD: None}  # None: the default group, all ranks
         if dist.is_initialized() and self.world > 1:
+            made = {} if groups is None else groups
             if self.hooked:  # a group of its own: launches may fall between the model's backward collectives
-                self._pg[WORLD] = dist.new_group(list(range(self.world)))
+                self._pg[WORLD] = _group(made, "world", range(self.world))
             all_sets = self._all_holder_sets(model, mesh)
             for holders in all_sets:
-                self._pg[holders] = dist.new_group(list(holders))
+                self._pg[holders] = _group(made, holders, holders)
         # bucketed: parameters by their index in registration order (the same list on every rank)
         self._params = [p for _, p in named]
         self._contrib = [sorted(contrib[id(p)], key=lambda c: (c[0], c[1])) for p in self._params]
@@ -331,6 +335,14 @@ class GradSync:
             grads = shared + [p.grad for p, _ in self.experts if p.grad is not None]
             torch._foreach_mul_(grads, coef)
         return norm
+
+
+def _group(made: dict, key, ranks):
+    """The process group of ``ranks`` made under ``key`` before, or made now (collectively: every
+    rank asks for the same keys in the same order)."""
+    if key not in made:
+        made[key] = dist.new_group(list(ranks))
+    return made[key]
 
 
 def capturing(device: torch.device) -> bool:

@@ -8,7 +8,8 @@ the device (a copy: a replayed CUDA graph overwrites its outputs), and ``reduce_
 them all at the logging step, so a non-finite loss is still found at its own step."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -37,6 +38,7 @@ class StepMetrics:
     dropped: float  # assignments dropped past capacity / assignments made, over all layers and ranks
     expert_load: dict  # layer -> share of the layer's computed assignments per expert
     steps: list  # StepFigures of every step since the last logging step, this one last
+    balancedness: dict = field(default_factory=dict)  # layer -> mean / max tokens per EP rank (1 = even)
 
 
 def step_figures(outputs) -> torch.Tensor:
@@ -45,10 +47,33 @@ def step_figures(outputs) -> torch.Tensor:
                         outputs.skipped.float()])
 
 
-def reduce_step(outputs, world: int, history: Optional[list] = None) -> StepMetrics:
+def rank_tokens(stats, placements: dict, ep_rank: int) -> list:
+    """Per MoE layer, the assignments this rank's tokens send to each EP rank [EP]: each expert's
+    computed assignments go to the copy dispatch picks for this source (``host_for``)."""
+    out = []
+    for s in stats:
+        lp = placements.get(s.layer)
+        if lp is None or s.tokens_per_expert.numel() != len(lp.hosts):
+            continue
+        tokens = s.tokens_per_expert.float()
+        to = torch.tensor(_destinations(lp, ep_rank), device=tokens.device)
+        out.append((s.layer, tokens.new_zeros(lp.ep).index_add_(0, to, tokens)))
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _destinations(lp, ep_rank: int) -> tuple:
+    return tuple(lp.host_for(e, ep_rank) for e in range(len(lp.hosts)))
+
+
+def reduce_step(outputs, world: int, history: Optional[list] = None, placements: Optional[dict] = None,
+                ep_rank: int = 0) -> StepMetrics:
     """Read ``outputs`` (the logging step's ``StepOutputs``) and ``history`` (``step_figures`` of
     the steps since the last logging step, this one included; default: this step alone) back to
-    the host, summed over ``world`` ranks where ranks differ.
+    the host, summed over ``world`` ranks where ranks differ. With ``placements`` (layer ->
+    LayerPlacement; this rank is ``ep_rank`` of its EP group), the balancedness of each MoE
+    layer: the mean over the max of the tokens each EP rank's experts computed (summed over the
+    data-parallel groups; 1 = even, 1/EP = one rank does all).
 
     Each rank's router statistics count its own tokens' assignments (a layer routed over the
     gathered batch reports this rank's share), so sums over ranks are the batch's figures."""
@@ -57,7 +82,9 @@ def reduce_step(outputs, world: int, history: Optional[list] = None) -> StepMetr
     rows = torch.stack(history if history else [step_figures(outputs)]).to(dev)  # [steps, 4]
     head = [s.dropped.to(dev).float().reshape(1) for s in stats]
     head += [torch.tensor([float(s.assignments)], device=dev) for s in stats]
-    flat = torch.cat([rows[:, :2].reshape(-1)] + head + [s.tokens_per_expert.to(dev).float() for s in stats])
+    sent = rank_tokens(stats, placements or {}, ep_rank)
+    flat = torch.cat([rows[:, :2].reshape(-1)] + head + [s.tokens_per_expert.to(dev).float() for s in stats]
+                     + [v.to(dev) for _, v in sent])
     if world > 1:
         with Traffic.waiting("other"):
             dist.all_reduce(flat)
@@ -75,7 +102,13 @@ def reduce_step(outputs, world: int, history: Optional[list] = None) -> StepMetr
         offset += row.numel()
         loads[s.layer] = (row / row.sum().clamp(min=1)).tolist()
         balances.append(float(row.max() / row.mean().clamp(min=1e-9)))
+    balancedness = {}
+    for layer, v in sent:
+        per_rank = host[offset:offset + v.numel()]
+        offset += v.numel()
+        balancedness[layer] = float(per_rank.mean() / per_rank.max()) if per_rank.max() > 0 else 1.0
     last = steps[-1]
     return StepMetrics(loss=last.loss, aux_loss=last.aux_loss, grad_norm=last.grad_norm, skipped=last.skipped,
                        balance=sum(balances) / len(balances) if balances else 1.0,
-                       dropped=float(dropped / assigned.clamp(min=1)) if n else 0.0, expert_load=loads, steps=steps)
+                       dropped=float(dropped / assigned.clamp(min=1)) if n else 0.0, expert_load=loads, steps=steps,
+                       balancedness=balancedness)

@@ -164,7 +164,13 @@ def summary_table(s):
         rows.append(("held-out accuracy", f"{s.eval_accuracy:.4f}"))
     rows += [("tokens", f"{s.tokens:,}"), ("time", f"{s.seconds:.1f} s"), ("tokens / s", f"{s.tokens_per_s:,.0f}"),
              ("expert load", f"{s.balance:.2f} max / mean (1 = even)"),
-             ("dropped", f"{s.dropped:.2%} of assignments"), ("CUDA graphs", "on" if s.cuda_graphs else "off")]
+             ("dropped", f"{s.dropped:.2%} of assignments")]
+    per_layer = getattr(s, "balancedness", None) or {}
+    if per_layer and s.world > 1:  # the last logging step's; every step's is in metrics.jsonl
+        worst = min(per_layer, key=per_layer.get)
+        rows.append(("balancedness", f"{per_layer[worst]:.2f} mean / max tokens per rank, at {worst} "
+                                     f"(the least even of {len(per_layer)} MoE layers; 1 = even)"))
+    rows.append(("CUDA graphs", "on" if s.cuda_graphs else "off"))
     for label, path in (("checkpoint", s.checkpoint), ("metrics", s.metrics), ("loss plot", s.loss_plot),
                         ("load plot", s.plot)):
         rows.append((label, shown_path(path) if path else "-"))

@@ -52,6 +52,7 @@ from .optim import lr_at
 from .preflight import check_run
 from .progress import Reporter
 from .recompute import apply_recompute
+from .replicate import Replicator
 from .resolve import resolve
 from .step import TrainStep, masked_count, task_loss
 
@@ -132,6 +133,7 @@ class Summary:
     losses: list = field(default_factory=list)
     eval_accuracy: Optional[float] = None  # image classifiers: held-out accuracy at the last evaluation
     loss_plot: Optional[str] = None  # loss.png: train and held-out loss over the whole run's steps
+    balancedness: dict = field(default_factory=dict)  # layer -> mean / max tokens per EP rank, last logging step
 
 
 class Trainer:
@@ -141,10 +143,12 @@ class Trainer:
     Building it: (1) picks the device and joins the process group, (2) builds this rank's
     share of the model, (3) makes the fused AdamW, the gradient sync, the loss scale
     (float16) and the one ``TrainStep`` both modes run, (4) decides on CUDA graphs and
-    (5) opens the data source. Nothing is written to disk before ``fit``.
+    (5) opens the data source. Nothing is written to disk before ``fit``. With
+    ``placement.replication`` it also places the experts (runtime/replicate.py) by ``policy``
+    (``(load, LayerInfo) -> phy2log``; default: the spec's policy).
     """
 
-    def __init__(self, spec, options: RunOptions, layout: str = "auto"):
+    def __init__(self, spec, options: RunOptions, layout: str = "auto", policy=None):
         o = self.options = options
         self.spec = spec
         self.rank, self.world, local_rank = _env()
@@ -167,6 +171,10 @@ class Trainer:
             use_compile(self.model, o, self.device, self.say, self.world)  # dense segments compiled
         self.amp = dtypes.autocast_dtype(spec.model.dtype)  # None: float32, no autocast
         self.graphs = _use_cuda_graphs(o, self.device, self.model.compiled, self.say)
+        replicating = spec.placement.replication is not None and self.model.compiled.mesh.expert_parallel > 1
+        if self.graphs and replicating:  # a captured step would keep the dispatch tables of its capture
+            self.say.once("placement.replication moves experts between steps: CUDA graphs off")
+            self.graphs = False
         # distillation: the teacher built once here, whole on every rank (runtime/distill.py)
         self.teacher = None if not o.distill_teacher else \
             load_teacher(o.distill_teacher, self.device, o.distill_alpha, o.distill_temperature)
@@ -174,6 +182,10 @@ class Trainer:
                                             capturable=self.graphs, teacher=self.teacher)
         ts = self.train_step
         self.lr, self.opt, self.sync, self.loss_scale = ts.lr, ts.opt, ts.sync, ts.loss_scale
+        # placement.replication (runtime/replicate.py): experts placed for an even load now, moved
+        # every N steps; ``policy`` (load, LayerInfo) -> phy2log replaces the spec's policy (tests)
+        self.replicator = Replicator.for_run(ts, spec, self.rank, policy) if replicating else None
+        self.sync = ts.sync
         self.source = make_source(spec, o.data, o.seed, init=o.init)
         self._graphed = None  # the captured step, made at the first step in graph mode
         self._eval_graph = None
@@ -310,6 +322,7 @@ class Trainer:
         log = open(metrics_path, "a") if rank == 0 else None
         losses, last_ckpt, eval_loss, first, skipped = [], None, None, None, 0
         balance = dropped = float("nan")
+        balancedness: dict = {}
         t0, tokens = time.perf_counter(), 0
         bar = self.say.progress(o.steps, start)
         # the steps since the last logging step: their figures stay on the device until it
@@ -323,13 +336,15 @@ class Trainer:
                 lr = lr_at(step, o)
                 outputs = self.step(b, lr)
                 history.append(step_figures(outputs))
+                migrating = self.replicator is not None and self.replicator.observe(step, outputs.router_stats)
                 tokens += o.batch * o.seq
                 evaluating = (step + 1) % o.eval_every == 0 or step + 1 == o.steps
                 saving = bool(o.checkpoint_every) and (step + 1) % o.checkpoint_every == 0 and step + 1 < o.steps
-                if not (evaluating or saving or (step + 1) % o.log_every == 0):
+                if not (evaluating or saving or migrating or (step + 1) % o.log_every == 0):
                     continue  # no collective and no host read: the next logging step reads this one
                 # a logging step: every step since the last one checked (a checkpoint holds checked weights)
-                m = reduce_step(outputs, world, history)
+                m = reduce_step(outputs, world, history, self.model.compiled.placements,
+                                rank % self.model.compiled.mesh.expert_parallel)
                 for at, f in enumerate(m.steps, start=since):
                     if f.skipped or not (math.isfinite(f.loss) and math.isfinite(f.aux_loss)):
                         if not self._overflow(f):
@@ -339,11 +354,14 @@ class Trainer:
                                       "loss scale halved (this repeats quietly; metrics.jsonl marks such steps)")
                     first = f.loss if first is None else first
                     losses.append(f.loss)
-                balance, dropped = m.balance, m.dropped
+                balance, dropped, balancedness = m.balance, m.dropped, m.balancedness
                 dt = time.perf_counter() - window_t  # the steps since the last logging step, this read included
                 row = {"step": step + 1, "loss": m.loss, "aux_loss": m.aux_loss, "lr": lr, "grad_norm": m.grad_norm,
                        "tokens_per_s": len(m.steps) * o.batch * o.seq / dt, "balance": balance, "dropped": dropped,
-                       "expert_load": m.expert_load, "time": time.time()}
+                       "balancedness": m.balancedness, "expert_load": m.expert_load, "time": time.time()}
+                if migrating:  # after this step's figures: its balancedness is the old placement's
+                    row["replication"] = self.replicator.migrate(step + 1)
+                    self.sync = self.train_step.sync
                 history, since, window_t = [], step + 1, None
                 if self.loss_scale is not None:
                     row.update(loss_scale=float(self.loss_scale.scale), skipped=m.skipped)
@@ -383,7 +401,7 @@ class Trainer:
                        checkpoint=str(last_ckpt) if last_ckpt else None, metrics=str(metrics_path),
                        plot=str(plot) if plot else None, world=world, cuda_graphs=self.graphs,
                        skipped_steps=skipped, losses=losses, eval_accuracy=self.eval_accuracy,
-                       loss_plot=str(loss_plot) if loss_plot else None)
+                       loss_plot=str(loss_plot) if loss_plot else None, balancedness=balancedness)
 
     def _overflow(self, m) -> bool:
         """A float16 step whose loss was finite but whose scaled gradient overflowed: expected now

@@ -216,9 +216,9 @@ def test_metrics_are_read_only_on_logging_steps_and_every_steps_loss_is_kept(tmp
     calls = []
     real = train_mod.reduce_step
 
-    def counted(outputs, world, history=None):
+    def counted(outputs, world, history=None, *placement):
         calls.append(len(history))
-        return real(outputs, world, history)
+        return real(outputs, world, history, *placement)
 
     monkeypatch.setattr(train_mod, "reduce_step", counted)
     monkeypatch.setattr(report, "plot_expert_load", lambda *a, **k: None)  # seconds of matplotlib, not tested here

@@ -6,11 +6,19 @@ layer's experts are sharded over the EP ranks by the spec's strategy; a replicat
 expert ("hot", FasterMoE's shadowing) is on several EP ranks, and source EP rank s sends
 its tokens to copy s mod copies. The pass records a ``LayerPlacement`` per MoE layer and
 makes each layer's ``Experts`` module with the experts this rank hosts.
+
+With ``placement.replication`` a layer holds E + R physical slots, (E + R) / EP on each EP rank,
+described by ``phy2log`` (slot j, on EP rank j // ((E + R) / EP), holds logical expert
+``phy2log[j]``; EPLB's name, DeepSeek's ``rebalance_experts``). The runtime moves experts between
+slots while training (runtime/replicate.py); the compiled graph's shapes do not change, since
+every rank keeps its slot count. ``dispatch`` picks a replica for each source: ``modulo`` (copy
+s mod copies), or ``nearest`` (the source's own copy, else one on its node, else modulo).
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 from moedsl import spec as S
 from moedsl.mesh import MeshShape
@@ -23,6 +31,38 @@ class LayerPlacement:
     hosts: tuple  # per global expert: the EP ranks holding a copy
     slots: tuple  # per EP rank: the global expert ids of its slots, in slot order
     ep: int
+    dispatch: str = "modulo"  # modulo | nearest: which copy a source's tokens go to
+    per_node: int = 0  # EP ranks per node (nearest dispatch); 0: all on one node
+
+    @staticmethod
+    def of(phy2log, ep: int, dispatch: str = "modulo", per_node: int = 0,
+           experts: Optional[int] = None) -> "LayerPlacement":
+        """The placement of physical slots ``phy2log`` (rank-major, len(phy2log) / ep per rank) of
+        ``experts`` logical experts (default: the largest id + 1). Raises ValueError naming the
+        slot or the expert when an expert has no slot, a rank holds it twice or it does not exist."""
+        phy2log = [int(e) for e in phy2log]
+        if len(phy2log) % ep:
+            raise ValueError(f"{len(phy2log)} slots do not divide over {ep} expert-parallel ranks")
+        per = len(phy2log) // ep
+        E = experts if experts is not None else max(phy2log) + 1 if phy2log else 0
+        hosts = [[] for _ in range(E)]
+        for j, e in enumerate(phy2log):
+            if not 0 <= e < E:
+                raise ValueError(f"slot {j} holds expert {e}: the experts are 0..{E - 1}")
+            if j // per in hosts[e]:
+                raise ValueError(f"slot {j} puts a second copy of expert {e} on rank {j // per}")
+            hosts[e].append(j // per)
+        empty = [e for e, h in enumerate(hosts) if not h]
+        if empty:
+            raise ValueError(f"expert {empty[0]} has no slot")
+        slots = tuple(tuple(phy2log[r * per:(r + 1) * per]) for r in range(ep))
+        return LayerPlacement(hosts=tuple(tuple(h) for h in hosts), slots=slots, ep=ep, dispatch=dispatch,
+                              per_node=per_node)
+
+    @property
+    def phy2log(self) -> tuple:
+        """Every rank's slots in rank order: the logical expert of each physical slot."""
+        return tuple(e for s in self.slots for e in s)
 
     def send_slots(self, source: int) -> list:
         """For source EP rank ``source``: per global expert, the global slot id its tokens go to."""
@@ -31,6 +71,13 @@ class LayerPlacement:
     def host_for(self, expert: int, source: int) -> int:
         """The EP rank that takes ``expert``'s tokens from source EP rank ``source``."""
         hosts = self.hosts[expert]
+        if self.dispatch == "nearest" and len(hosts) > 1:
+            if source in hosts:
+                return source
+            if self.per_node:
+                near = [h for h in hosts if h // self.per_node == source // self.per_node]
+                if near:
+                    return near[source % len(near)]
         return hosts[source % len(hosts)]
 
     @functools.cached_property
@@ -68,6 +115,10 @@ class LayerPlacement:
 def place_layer(placement: S.Placement, moe_index: int, num_experts: int, ep: int) -> LayerPlacement:
     """The same for every rank (and cached: a repeated layer is placed once)."""
     strategy = placement.strategy
+    rep = placement.replication
+    if rep is not None and ep > 1:  # E + R slots; moved while training (runtime/replicate.py)
+        per_node = min(ep, placement.mesh.devices_per_node) if placement.mesh else 0  # 0: one node
+        return LayerPlacement.of(initial_phy2log(num_experts, rep.redundant), ep, rep.dispatch, per_node, num_experts)
     if ep == 1:  # one rank hosts every expert, once
         hosts = [(0,)] * num_experts
     elif strategy == "explicit":
@@ -86,6 +137,13 @@ def place_layer(placement: S.Placement, moe_index: int, num_experts: int, ep: in
         for r in hs:
             slots[r].append(e)
     return LayerPlacement(hosts=tuple(hosts), slots=tuple(tuple(s) for s in slots), ep=ep)
+
+
+def initial_phy2log(num_experts: int, redundant: int) -> tuple:
+    """The placement before any load is measured: slot j holds expert j mod E, so the first R
+    experts have a second copy (what a balancing policy makes of an even load, up to order). No
+    rank holds two copies while (E + R) / EP <= E (the mesh check asks R <= E · (EP - 1))."""
+    return tuple(j % num_experts for j in range(num_experts + redundant))
 
 
 @functools.lru_cache(maxsize=4096)
