@@ -42,6 +42,7 @@ import torch.distributed as dist
 from moedsl import spec as S
 from moedsl.compiler.collectives import CapacityAllToAll, PackedAllToAll, Traffic
 from moedsl.compiler.passes.placement import LayerPlacement
+from moedsl.compiler.replication import layer_cost, place
 from moedsl.errors import MoedslError
 
 from .grads import WORLD, GradSync
@@ -69,11 +70,6 @@ def spec_policy(spec) -> Policy:
     """The policy ``placement.replication.policy`` names: compiler/replication.py's ``place``
     (EPLB, FasterMoE's shadowing) with this layer's mesh, expert groups and cost figures."""
     rep = spec.placement.replication
-    try:  # the policies' module, written beside this one (imported here: the lead wires it at the merge)
-        from moedsl.compiler.replication import layer_cost, place
-    except ImportError:
-        raise MoedslError(f"placement.replication.policy {rep.policy!r}: this moedsl has no placement policies "
-                          "(moedsl.compiler.replication)") from None
     layers = sorted(spec.moe_layers, key=lambda layer: layer.moe_index)
 
     def policy(load: list, info: LayerInfo) -> Sequence[int]:
