@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moedsl import dtypes
 from moedsl.schema import defaults
 
 from . import LayerKind, register
@@ -33,7 +34,10 @@ class HeadKind(LayerKind):
         return 2.0 * model.d_model * model.vocab_size  # tied or not, the projection is computed
 
     def activations(self, cfg, model) -> float:
-        return float(model.vocab_size)
+        """Its input, and the loss's log-probabilities over the vocabulary: float32 whatever the
+        model's dtype (the loss upcasts the logits, runtime/step.py ``task_loss``), so counted in
+        elements of the model's dtype."""
+        return model.d_model + model.vocab_size * 4 / dtypes.BYTES[model.dtype]
 
     def target(self, layer) -> str:
         return "head"

@@ -28,5 +28,8 @@ class NormKind(LayerKind):
     def flops(self, cfg, model, seq: int) -> float:
         return 0.0
 
+    def activations(self, cfg, model) -> float:
+        return 2.0 * model.d_model  # its input and the normalised input the scale multiplies
+
 
 NORM = register(NormKind())
