@@ -66,8 +66,8 @@ def plan_tables(plan) -> list:
 
 def fit_table(found) -> Table:
     """The settings under which a training step fits, cheapest first."""
-    t = Table(title=f"settings under which a training step fits {human_bytes(found.budget)} per device, cheapest "
-              "first", box=box.SIMPLE, title_justify="left", padding=(0, 1, 0, 0))
+    t = Table(title=f"settings that fit a step in {human_bytes(found.budget)} per device, cheapest first",
+              box=box.SIMPLE, title_justify="left", padding=(0, 1, 0, 0))
     for col in ("shard", "recompute", "micro", "states", "activations", "step", "+FLOPs"):
         t.add_column(col, justify="left" if col in ("shard", "recompute") else "right")
     for r in found.fitting:

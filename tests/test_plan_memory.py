@@ -149,7 +149,7 @@ def test_plan_device_memory_lists_fitting_settings_cheapest_first(capsys):
                for shard in ("none", "optimizer", "full") for M in (1, 2, 4))
     assert main(["plan", str(ROOT / "specs" / "mixtral-8x7b.yaml"), "--world-size", "16", "--nodes", "2",
                  "--device", "cuda", "--device-memory", "80GiB"]) == 0
-    assert "settings under which a training step fits 80 GiB per device, cheapest" in capsys.readouterr().out
+    assert "settings that fit a step in 80 GiB per device, cheapest first" in capsys.readouterr().out
 
 
 def test_plan_device_memory_says_by_how_much_the_best_misses_and_exits_1(capsys):
@@ -162,7 +162,9 @@ def test_plan_device_memory_says_by_how_much_the_best_misses_and_exits_1(capsys)
 
 
 def test_plan_device_memory_and_micro_batches_mistakes_are_one_line_exit_2(capsys):
-    assert main(["plan", str(ROOT / "specs" / "mixtral.yaml"), "--device-memory", "80 parsecs"]) == 2
+    with pytest.raises(SystemExit) as ei:
+        main(["plan", str(ROOT / "specs" / "mixtral.yaml"), "--device-memory", "80 parsecs"])
+    assert ei.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'80 parsecs' is not a memory size" in err[0]
     assert main(["plan", str(ROOT / "specs" / "mixtral.yaml"), "--micro-batches", "3"]) == 2

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from moedsl.schema import defaults
 
-from . import LayerKind, register
+from . import LayerKind, register, wider
 
 _D = defaults("ffn")
 GLU_ACTIVATIONS = ("swiglu", "geglu")
@@ -45,8 +45,8 @@ class FFNKind(LayerKind):
         return DenseFFN(model.d_model, cfg.hidden, cfg.activation, cfg.bias, cfg.dropout, model.init_std)
 
     def activations(self, cfg: FFN, model) -> float:
-        """Its pre-norm's input and output, its own input (d_model each) and the hidden rows."""
-        return 3.0 * model.d_model + hidden_kept(cfg.activation) * cfg.hidden
+        """Its pre-norm's input and output (float32), its own input (d_model each) and the hidden rows."""
+        return model.d_model * (2.0 * wider(model) + 1.0) + hidden_kept(cfg.activation) * cfg.hidden
 
 
 register(FFNKind())

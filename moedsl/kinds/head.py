@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moedsl import dtypes
 from moedsl.schema import defaults
 
-from . import LayerKind, register
+from . import LayerKind, register, wider
 
 _D = defaults("head")
 
@@ -37,7 +36,7 @@ class HeadKind(LayerKind):
         """Its input, and the loss's log-probabilities over the vocabulary: float32 whatever the
         model's dtype (the loss upcasts the logits, runtime/step.py ``task_loss``), so counted in
         elements of the model's dtype."""
-        return model.d_model + model.vocab_size * 4 / dtypes.BYTES[model.dtype]
+        return model.d_model + model.vocab_size * wider(model)
 
     def target(self, layer) -> str:
         return "head"

@@ -21,7 +21,7 @@ from typing import Optional
 from moedsl.checks import a as _a
 from moedsl.schema import defaults, schema
 
-from . import LayerKind, register, take
+from . import LayerKind, register, take, wider
 from .ffn import GLU_ACTIVATIONS, hidden_kept
 from .gates import Gate, gate_type, gate_types
 
@@ -275,18 +275,20 @@ class MoEKind(LayerKind):
         return 2.0 * (n.router_active + n.shared)
 
     def activations(self, cfg: MoE, model) -> float:
-        """Per token: its pre-norm's input and output and the router's input (d_model each), the
-        router's scores and probabilities (two per expert), ``expert_row`` per routed expert the
-        token goes to, and the shared experts' hidden rows (their input is the router's)."""
+        """Per token: its pre-norm's input and output (float32, d_model each), the router's input
+        and its scores and probabilities (two per expert; in ``model.router_dtype``), ``expert_row``
+        per routed expert the token goes to, and the shared experts' hidden rows (their input is
+        the router's)."""
         e, d = cfg.experts, model.d_model
         shared = 0.0 if e.shared is None else hidden_kept(e.activation) * e.shared.count * e.shared.hidden \
             + (1 if e.shared.gate else 0)
-        return 3.0 * d + 2.0 * e.count + cfg.experts_per_token * self.expert_row(cfg, model) + shared
+        router = (d + 2.0 * e.count) * wider(model, model.router_dtype)
+        return 2.0 * d * wider(model) + router + cfg.experts_per_token * self.expert_row(cfg, model) + shared
 
     def expert_row(self, cfg: MoE, model) -> float:
-        """What one routed row keeps for the backward: its dispatched input and its output (d_model
-        each; the combine weighs the output) and ``expert_hidden``."""
-        return 2.0 * model.d_model + self.expert_hidden(cfg, model)
+        """What one routed row keeps for the backward: its dispatched input, ``expert_hidden``, and
+        its output, which the combine weighs by the router's probability (so in the router's dtype)."""
+        return model.d_model * (1.0 + wider(model, model.router_dtype)) + self.expert_hidden(cfg, model)
 
     def expert_hidden(self, cfg: MoE, model) -> float:
         """The hidden rows of one routed row: what ``train.recompute: experts`` recomputes in the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import LayerKind, register
+from . import LayerKind, register, wider
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class NormKind(LayerKind):
         return 0.0
 
     def activations(self, cfg, model) -> float:
-        return 2.0 * model.d_model  # its input and the normalised input the scale multiplies
+        return 2.0 * model.d_model * wider(model)  # its input and the normalised input, in float32
 
 
 NORM = register(NormKind())
