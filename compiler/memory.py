@@ -229,23 +229,5 @@ def fit(spec: S.Spec, compiled, budget: int) -> Fit:
     return Fit(budget=budget, fitting=listed, best=best)
 
 
-_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-
-
-def parse_bytes(text: str) -> int:
-    """``80GiB``, ``80 GB``, ``81920MiB`` or a number of bytes -> bytes (ValueError naming the text)."""
-    s = text.strip().lower().replace(" ", "")
-    num = s.rstrip("kmgtib")
-    unit = s[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1.0
-    if unit not in _UNITS or not value > 0:
-        raise ValueError(f"{text!r} is not a memory size (e.g. 80GiB, 80GB, 81920MiB)")
-    return int(value * _UNITS[unit])
-
-
 __all__ = ["SHARDS", "RECOMPUTES", "Settings", "RankMemory", "Fit", "rank_memory", "fit", "shard_numel",
-           "micro_batch_choices", "parse_bytes", "is_expert"]
+           "micro_batch_choices", "is_expert"]

@@ -802,7 +802,7 @@ def _positive(text: str) -> int:
 
 
 def _memory_size(text: str) -> int:
-    from .compiler.memory import parse_bytes
+    from .dtypes import parse_bytes
 
     try:
         return parse_bytes(text)
