@@ -11,6 +11,7 @@ import torch
 import yaml
 
 import moedsl
+from moedsl import dtypes
 from moedsl.cli import main
 from moedsl.compiler import compile_graph
 from moedsl.compiler.memory import Settings, fit, is_expert, rank_memory
@@ -172,3 +173,30 @@ def test_plan_device_memory_and_micro_batches_mistakes_are_one_line_exit_2(capsy
     assert len(err) == 1 and "--micro-batches 3 does not split the 16 sequences" in err[0]
     assert main(["plan", str(ROOT / "specs" / "mixtral.yaml"), "--world-size", "4", "--nodes", "3"]) == 2
     assert "--nodes 3 does not divide the 4 processes" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_plan_step_total_is_within_15_percent_of_cuda_max_memory_allocated(dtype):
+    """On a GPU: everything a step holds at its peak (torch.cuda.max_memory_allocated, from the
+    allocator) against the plan's training step (states + working copies + activations)."""
+    from moedsl.runtime.step import TrainStep
+    from moedsl.runtime.train import RunOptions
+
+    data = spec_data("mixtral")
+    data["model"]["dtype"] = dtype
+    spec = moedsl.load_spec(data)
+    model = moedsl.build_model(spec, seed=0, device="cuda", dtype=torch.float32)
+    amp = dtypes.autocast_dtype(dtype)
+    step = TrainStep.for_run(model, spec, RunOptions.from_spec(spec), 0, 1, amp=amp, capturable=False)
+    step.lr.fill_(1e-3)
+    x = torch.randint(0, spec.model.vocab_size, (32, 128), device="cuda")
+    step(x, x)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step(x, x)
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated()
+    step.sync.close()
+    plan = make_plan(spec, compile_graph(spec, 0, 1, device="meta", batch=(32, 128), target="cuda"))
+    assert plan.memory_train_total == pytest.approx(measured, rel=0.15)
