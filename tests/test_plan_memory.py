@@ -89,6 +89,41 @@ def test_activation_estimate_is_within_10_percent_of_the_measured_peak(name, low
     assert low <= plan.memory_activations / peak.activations <= high
 
 
+@pytest.mark.parametrize("name", ["mixtral", "deepseek-v3-small"])
+def test_recompute_experts_estimate_matches_a_step_that_checkpoints_each_experts_module(name):
+    """The plan's ``recompute: experts`` figure (the rows kept, plus one layer's hidden rows made
+    again in its backward) against a step whose experts modules run under torch.utils.checkpoint
+    (non-reentrant): the activations and temporaries MemTracker finds live at its peak."""
+    from torch.utils.checkpoint import checkpoint
+
+    from moedsl.runtime.memory import step_peak
+    from moedsl.runtime.step import TrainStep
+    from moedsl.runtime.train import RunOptions
+
+    def checkpointed(forward):
+        return lambda *a, **k: checkpoint(forward, *a, use_reentrant=False, **k)
+
+    torch.set_num_threads(1)
+    spec = moedsl.load_spec(ROOT / "specs" / f"{name}.yaml")
+    model = moedsl.build_model(spec, seed=0, dtype=torch.float32)
+    wrapped = 0
+    for info in spec.moe_layers:
+        m = model.get_submodule(f"layers.{info.index}.experts")
+        m.forward = checkpointed(m.forward)
+        wrapped += 1
+    assert wrapped == len(spec.moe_layers) > 0
+    step = TrainStep.for_run(model, spec, RunOptions.from_spec(spec), 0, 1, amp=None, capturable=False)
+    step.lr.fill_(1e-3)
+    x = torch.randint(0, spec.model.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
+    step(x, x)
+    peak = step_peak(lambda: step(x, x), model, step.opt)
+    step.sync.close()
+    c = compile_graph(spec, 0, 1, device="meta", batch=(8, 64), target="cpu")
+    planned = make_plan(spec, c, Settings(recompute="experts")).memory_activations
+    assert planned == pytest.approx(peak.activations + peak.temporary, rel=0.10)
+    assert planned < make_plan(spec, c).memory_activations
+
+
 def _meta(name: str, world: int, batch=None, **placement):
     s = moedsl.load_spec(spec_data(name, **placement))
     return s, compile_graph(s, 0, world, device="meta", batch=batch, target="cuda")
