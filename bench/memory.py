@@ -9,7 +9,7 @@ rounding):
 - peak activations: the bytes made in the forward (activations) and in the backward
   (temporaries: a recomputed layer's activations among them) live at the step's peak, from
   torch's MemTracker (moedsl.runtime.memory.step_peak);
-- the plan's figures for the same rank, batch and settings (moedsl.compiler.memory);
+- the plan's figures for the same rank, batch and settings (moedsl.compiler.memory_plan);
 - the step time (median of --steps steps, rank 0), and its ratio to the unsharded run's.
 
 A setting whose field the runtime does not build yet (RunOptions has no such field) is
@@ -65,7 +65,7 @@ def missing(setting: tuple) -> list:
 def _worker(rank: int, world: int, configs: list, steps: int, batch: int, seq: int, threads: int):
     import moedsl
     from moedsl.compiler import compile_graph
-    from moedsl.compiler.memory import Settings
+    from moedsl.compiler.memory_plan import Settings
     from moedsl.compiler.plan import make_plan
     from moedsl.runtime.memory import held_bytes, step_peak
     from moedsl.runtime.train import RunOptions, Trainer

@@ -7,7 +7,7 @@
 - memory per device: weights for inference; for training the float32 master weights,
   gradients and AdamW moments, the 16-bit working copies and the activations kept for the
   backward, under the spec's (or the given) shard mode, recomputation and micro-batches
-  (``moedsl.compiler.memory``);
+  (``moedsl.compiler.memory_plan``);
 - bytes each rank sends and receives per step in the all-to-alls, and separately in the
   token gather of layers routed as one batch, split by link kind (intra-node, inter-node)
   over a networkx model of the mesh; exact for static (capacity) layers, and assuming
@@ -26,7 +26,7 @@ from moedsl.kinds.gates import gate_type
 from moedsl.params import count_parameters, layer_params
 from moedsl.mesh import MeshShape
 
-from .memory import Settings, rank_memory
+from .memory_plan import Settings, rank_memory
 
 
 @dataclass

@@ -88,7 +88,7 @@ def _on_nodes(spec, nodes: int, world):
 
 def _settings(spec, compiled, args):
     """The scale settings the plan's training memory is for: the spec's, or the flags'."""
-    from .compiler.memory import Settings, micro_batch_choices
+    from .compiler.memory_plan import Settings, micro_batch_choices
 
     s = Settings.of(spec)
     flag = getattr(args, "micro_batches", None)
@@ -127,7 +127,7 @@ def _cmd_plan(args) -> int:
     spec, compiled, plan = _compiled(args)
     found = None
     if args.device_memory is not None:
-        from .compiler.memory import fit
+        from .compiler.memory_plan import fit
 
         found = fit(spec, compiled, args.device_memory)
     if args.json:

@@ -1,5 +1,5 @@
 """What a rank holds during training, measured from its tensors: the check of the plan's
-per-rank memory (``moedsl.compiler.memory``).
+per-rank memory (``moedsl.compiler.memory_plan``).
 
 - ``held_bytes(model, optimizer)``: the bytes of the parameters, their gradients and the
   optimizer's state on this rank, counted from the tensors themselves. A DTensor (a sharded

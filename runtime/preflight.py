@@ -31,7 +31,7 @@ import torch
 
 from moedsl import dtypes
 from moedsl.compiler import compile_graph
-from moedsl.compiler.memory import Settings
+from moedsl.compiler.memory_plan import Settings
 from moedsl.compiler.plan import human_bytes, make_plan
 from moedsl.errors import SpecError, UserError
 from moedsl.hf.weights import problems

@@ -1,5 +1,5 @@
-"""The plan's training memory per rank (moedsl/compiler/memory.py) against what a rank holds and
-keeps, measured (moedsl/runtime/memory.py); shard modes, recomputation and micro-batches in its
+"""The plan's training memory per rank (compiler/memory_plan.py) against what a rank holds and
+keeps, measured (runtime/memory.py); shard modes, recomputation and micro-batches in its
 figures; ``moedsl plan --device-memory``."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import moedsl
 from moedsl import dtypes
 from moedsl.cli import main
 from moedsl.compiler import compile_graph
-from moedsl.compiler.memory import Settings, fit, is_expert, rank_memory
+from moedsl.compiler.memory_plan import Settings, fit, is_expert, rank_memory
 from moedsl.compiler.plan import make_plan
 from moedsl.kinds import layer_kind
 from moedsl.runtime.spawn import spawn
