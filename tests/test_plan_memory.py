@@ -66,6 +66,53 @@ def test_plan_per_rank_states_match_the_bytes_each_rank_holds(world, placement, 
             assert held[part] == pytest.approx(planned[part], rel=0.05), (rank, part, held, planned)
 
 
+def test_held_bytes_counts_each_storage_once():
+    """A tied weight is one storage; gradients that are views of one flat buffer are that buffer."""
+    from moedsl.runtime.memory import held_bytes
+
+    emb, head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    m = torch.nn.ModuleDict(dict(emb=emb, head=head, norm=torch.nn.LayerNorm(4)))
+    params = list(m.parameters())
+    flat = torch.zeros(sum(p.numel() for p in params) + 3)  # 3 spare elements: the buffer is what is held
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    held = held_bytes(m)
+    assert held.params == (10 * 4 + 4 + 4) * 4
+    assert held.grads == flat.numel() * 4 and held.optimizer == 0
+
+
+def _fsdp2_worker(rank: int, world: int):
+    from torch.distributed.fsdp import fully_shard
+
+    from moedsl.compiler.memory_plan import shard_numel
+    from moedsl.runtime.memory import held_bytes
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 7))  # 7 rows: uneven pieces
+    planned = 4 * sum(shard_numel(tuple(p.shape), world) for p in m.parameters())
+    for layer in m:
+        fully_shard(layer)
+    fully_shard(m)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    m(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    kinds = {type(p).__name__ for p in m.parameters()}
+    return kinds, held_bytes(m, opt).to_dict(), planned
+
+
+def test_held_bytes_counts_fsdp2_pieces_as_the_plan_splits_them():
+    """fully_shard on 2 gloo processes: each parameter, gradient and AdamW moment is a DTensor;
+    a rank holds its local piece, which for rank 0 is the plan's ``shard_numel``."""
+    (kinds0, held0, planned), (_, held1, _) = spawn(_fsdp2_worker, 2)
+    assert kinds0 == {"DTensor"}
+    assert held0["params"] == held0["grads"] == planned
+    assert held0["optimizer"] == pytest.approx(2 * planned, abs=64)  # m, v and a step scalar per parameter
+    assert held1["optimizer"] <= held0["optimizer"]  # rank 1's pieces are the shorter ones
+
+
 @pytest.mark.parametrize("name,low,high", [("mixtral", 0.9, 1.1), ("deepseek-v3-small", 0.9, 1.1),
                                            ("switch", 1.0, 1.2)])
 def test_activation_estimate_is_within_10_percent_of_the_measured_peak(name, low, high):
