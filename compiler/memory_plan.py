@@ -68,6 +68,7 @@ class RankMemory:
     working: int  # 16-bit casts of the weights (autocast), or under full the gathered layers
     activations: int  # kept for the backward at its peak (one micro-batch)
     extra_flops: float  # recomputation's share of a step's FLOPs (0 without)
+    alone: int = 0  # states of the parameters no other rank holds: no shard mode splits them
 
     @property
     def states(self) -> int:
@@ -104,11 +105,12 @@ def rank_memory(spec: S.Spec, compiled, settings: Settings) -> RankMemory:
     mesh = compiled.mesh
     wb = dtypes.BYTES[spec.model.dtype]
     per_layer: dict = {}  # layer index -> parameters on this rank (the unit FSDP2 gathers)
-    full = held = 0  # elements: on this rank unsharded; rank 0's shards
+    full = held = alone = 0  # elements: on this rank unsharded; rank 0's shards; held by this rank alone
     for name, p in compiled.module.named_parameters():
         group = mesh.data_parallel if is_expert(name) else mesh.world
         numel = p.numel()
         full += numel
+        alone += numel if group == 1 else 0
         held += shard_numel(tuple(p.shape), group)
         parts = name.split(".")
         key = parts[1] if parts[0] == "layers" else parts[0]
@@ -123,7 +125,7 @@ def rank_memory(spec: S.Spec, compiled, settings: Settings) -> RankMemory:
     activations, extra = _activations(spec, compiled, settings, wb)
     return RankMemory(settings=settings, params=4 * weights, grads=4 * weights,
                       optimizer=8 * (held if sharded_states else full), working=working,
-                      activations=activations, extra_flops=extra)
+                      activations=activations, extra_flops=extra, alone=16 * alone)
 
 
 def _activations(spec: S.Spec, compiled, settings: Settings, wb: int) -> tuple[int, float]:

@@ -82,9 +82,13 @@ def miss_line(found) -> str:
     b = found.best
     parts = {"training states": b.states, "working copies": b.working, "activations": b.activations}
     largest = max(parts, key=parts.get)
-    return (f"no setting fits {human_bytes(found.budget)} per device: the best ({b.settings}) needs "
+    line = (f"no setting fits {human_bytes(found.budget)} per device: the best ({b.settings}) needs "
             f"{human_bytes(b.total)}, {human_bytes(b.total - found.budget)} over; its largest part is the "
             f"{largest} ({human_bytes(parts[largest])})")
+    if b.alone:
+        line += (f", of which {human_bytes(b.alone)} are the states of parameters this rank alone holds: no "
+                 "shard mode splits them (ranks holding the same experts, data parallel > 1, would)")
+    return line
 
 
 def print_fit(found, console: Console) -> None:

@@ -15,7 +15,7 @@ from moedsl import dtypes
 from moedsl.cli import main
 from moedsl.compiler import compile_graph
 from moedsl.compiler.memory_plan import Settings, fit, is_expert, rank_memory
-from moedsl.compiler.plan import make_plan
+from moedsl.compiler.plan import human_bytes, make_plan
 from moedsl.kinds import layer_kind
 from moedsl.runtime.spawn import spawn
 
@@ -241,6 +241,9 @@ def test_plan_device_memory_says_by_how_much_the_best_misses_and_exits_1(capsys)
     assert main(["plan", str(ROOT / "specs" / "deepseek-v3.yaml"), "--device", "cuda", "--device-memory", "80GiB"]) == 1
     out = capsys.readouterr().out
     assert f"no setting fits 80 GiB per device: the best ({best.settings}) needs" in out
+    # expert parallel 64 on 64 GPUs: every rank's experts are its own, their 16 bytes a parameter unsplittable
+    alone = human_bytes(16 * make_plan(s, c).expert_params_on_device)
+    assert f"of which {alone} are the states of parameters this rank alone holds" in out
     assert best.settings.shard == "full" and best.total > 80 * GiB
 
 
