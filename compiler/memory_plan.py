@@ -19,12 +19,13 @@ experts it hosts) and the layer kinds' activation estimates (``LayerKind.activat
   one computing and the next, prefetched), plus one layer's unsharded float32 gradient before
   its reduce-scatter;
 - activations: what the forward keeps for the backward, for one micro-batch (the step's
-  sequences on this rank ÷ ``micro_batches``), in the model's dtype. ``recompute: experts``
-  keeps each MoE layer's routed rows but not their hidden activations, recomputed in the
-  backward one layer at a time (Shazeer et al. 2017, appendix C); ``recompute: layers`` keeps
-  each sublayer's input only and recomputes the sublayer in its backward (Chen et al. 2016,
-  "Training Deep Nets with Sublinear Memory Cost"). The layer being recomputed is added back
-  at its largest.
+  sequences on this rank ÷ ``micro_batches``), in the model's dtype (float32 where a 16-bit
+  autocast keeps float32: ``moedsl.kinds.wider``). ``recompute: experts`` keeps each MoE
+  layer's routed rows but not their hidden activations, recomputed in the backward one layer
+  at a time (Shazeer et al. 2017, §3.1, "Increasing Batch Size for a Recurrent MoE");
+  ``recompute: layers`` keeps each sublayer's input only and recomputes the sublayer in its
+  backward (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"). The layer
+  being recomputed is added back at its largest.
 
 Not counted: buffers, the gradients of activations in flight during the backward, the
 all-to-all and gradient-sync buffers, the allocator's fragmentation.
