@@ -103,6 +103,8 @@ def is_expert(name: str) -> bool:
 
 
 def rank_memory(spec: S.Spec, compiled, settings: Settings) -> RankMemory:
+    """What the rank ``compiled`` is for holds in a training step of ``spec`` under ``settings``
+    (rank 0's piece where a shard splits unevenly: the largest)."""
     mesh = compiled.mesh
     wb = dtypes.BYTES[spec.model.dtype]
     per_layer: dict = {}  # layer index -> parameters on this rank (the unit FSDP2 gathers)
