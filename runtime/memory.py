@@ -58,15 +58,16 @@ def _count(tensors, seen: set) -> int:
     return n
 
 
-def held_bytes(model: torch.nn.Module, optimizer=None) -> Held:
-    """This rank's parameter, gradient and optimizer-state bytes, each storage once."""
+def held_bytes(model: torch.nn.Module, optimizer=None, where=None) -> Held:
+    """This rank's parameter, gradient and optimizer-state bytes, each storage once; ``where(name)``:
+    only the parameters (and their gradients and states) whose name it accepts."""
     seen: set = set()
-    params = list(model.parameters())
+    params = [q for name, q in model.named_parameters() if where is None or where(name)]
     p = _count(params, seen)
     g = _count((q.grad for q in params), seen)
     o = 0
     if optimizer is not None:
-        o = _count((v for st in optimizer.state.values() for v in st.values()), seen)
+        o = _count((v for q in params for v in optimizer.state.get(q, {}).values()), seen)
     return Held(params=p, grads=g, optimizer=o)
 
 

@@ -82,6 +82,8 @@ def test_held_bytes_counts_each_storage_once():
     held = held_bytes(m)
     assert held.params == (10 * 4 + 4 + 4) * 4
     assert held.grads == flat.numel() * 4 and held.optimizer == 0
+    norm = held_bytes(m, where=lambda name: name.startswith("norm."))  # the norm's weight and bias alone
+    assert norm.params == (4 + 4) * 4
 
 
 def _fsdp2_worker(rank: int, world: int):
