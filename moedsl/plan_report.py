@@ -38,8 +38,7 @@ def plan_tables(plan) -> list:
         ("training with", f"shard {plan.shard}, recompute {plan.recompute}, micro_batches {plan.micro_batches}"),
         ("training states", f"{human_bytes(plan.memory_train_states)} (fp32 master {human_bytes(plan.memory_params)}, "
                             f"grads {human_bytes(plan.memory_grads)}, AdamW {human_bytes(plan.memory_optimizer)})"),
-        ("working copies", f"{human_bytes(plan.memory_working)} "
-                           f"({'gathered layers' if plan.shard == 'full' else plan.dtype + ' casts'})"),
+        ("working copies", f"{human_bytes(plan.memory_working)} ({_working(plan)})"),
         ("activations", f"{human_bytes(plan.memory_activations)} (kept for backward, estimate)"),
         ("training step", f"{human_bytes(plan.memory_train_total)} per device"),
         ("all-to-all sent", both(plan.a2a_send_bytes) + " per step"),
@@ -62,6 +61,12 @@ def plan_tables(plan) -> list:
                        str(sum(layer.messages.values())))
         out.append(lt)
     return out
+
+
+def _working(plan) -> str:
+    if plan.shard == "full":
+        return "the gathered layers"
+    return f"{plan.dtype} casts of the weights" if plan.memory_working else f"none: {plan.dtype} computes on the master"
 
 
 def fit_table(found) -> Table:
