@@ -91,6 +91,7 @@ class RunOptions:
     distill_teacher: Optional[str] = None  # distillation (runtime/distill.py): the teacher, anything resolve reads
     distill_alpha: float = 0.25  # the soft targets' weight (1 - alpha: the labels')
     distill_temperature: float = 1.0  # T of both softmaxes; the soft term is scaled by T²
+    shard: str = "none"  # none | optimizer | full: training states split over data-parallel groups (runtime/shard.py)
 
     @staticmethod
     def from_spec(spec, **overrides) -> "RunOptions":
@@ -98,7 +99,7 @@ class RunOptions:
         base = dict(steps=t.steps, batch=t.batch_size, seq=t.seq_len, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup,
                     weight_decay=t.weight_decay, grad_clip=t.grad_clip, seed=t.seed, data=spec_data(spec),
                     eval_every=t.eval_every, eval_batches=t.eval_batches, checkpoint_every=t.checkpoint_every,
-                    pack=t.pack)
+                    pack=t.pack, shard=spec.placement.shard)
         if t.distill is not None:
             base.update(distill_teacher=spec_teacher(spec), distill_alpha=t.distill.alpha,
                         distill_temperature=t.distill.temperature)
