@@ -101,7 +101,10 @@ def state_dict(model, optimizer, extra: dict) -> dict:
             for k, v in states.items():
                 sd[f"optim/{key}/{k}"] = v
     for name, b in model.named_buffers():
-        if not name.endswith("expert_ids"):
+        # not the placement's tables (which experts a rank holds, where its all-to-all sends each
+        # slot): the run that loads rebuilds them for its own mesh, and a mesh without expert
+        # parallelism has no all-to-all to hold them
+        if not name.endswith(("expert_ids", "send_slot")):
             sd[f"model/{name}"] = b
     for k, v in extra.items():
         sd[f"extra/{k}"] = v

@@ -57,19 +57,31 @@ def _train(rank: int, world: int, data: dict, amp=None, nan_at: int = -1):
     model = build_model(spec, seed=0, rank=rank, world_size=world, dtype=torch.float32)
     options = RunOptions.from_spec(spec)
     step = TrainStep.for_run(model, spec, options, rank, world, amp=amp, capturable=False)
-    losses, skipped = [], []
+    losses, skipped, still = [], [], []
     for i, x in enumerate(_batches(spec, world, rank)):
+        before = _params(model)
         step.lr.fill_(lr_at(i, options))
         step.opt.zero_grad(set_to_none=True)
-        if i == nan_at:  # a non-finite gradient on one rank: every rank must skip the step
-            hook = next(model.parameters()).register_hook(lambda g: g * float("inf") if rank == 0 else g)
+        if i == nan_at:  # a non-finite gradient on one rank (the embedding's): every rank must skip the step
+            hook = model.get_submodule("embedding").register_forward_hook(_overflow if rank == 0 else _nothing)
         out = step(x, x)
         if i == nan_at:
             hook.remove()
         losses.append(float(out.loss))
         skipped.append(float(out.skipped))
+        after = _params(model)
+        still.append(all(torch.equal(after[k], v) for k, v in before.items()))
     step.sync.close()
+    step.still = still  # per step: whether no parameter moved
     return losses, skipped, _params(model), step
+
+
+def _overflow(module, args, out) -> None:
+    out.register_hook(lambda g: g * float("inf"))
+
+
+def _nothing(module, args, out) -> None:
+    pass
 
 
 def _params(model) -> dict:
@@ -97,8 +109,12 @@ def _compare_worker(rank: int, world: int, plain: dict, sharded: dict, amp_name,
     moved = max((got[k] - v).abs().max().item() for k, v in _params_at_init(rank, world, sharded).items())
     state = sum(_local(v).numel() for st in step.opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
     held = sum(_local(p).numel() for p in step.model.parameters())
+    counted = {int(v) for st in step.opt.state.values() for k, v in st.items() if k == "step"}
     return dict(losses=losses, ref_losses=ref_losses, skipped=skipped, ref_skipped=ref_skipped, worst=worst,
                 moved=moved, state=state, held=held, keys=sorted(ref) == sorted(got), grad=grad,
+                steps_counted=counted.pop() if len(counted) == 1 else counted, still=step.still,
+                scale=None if step.loss_scale is None else float(step.loss_scale.scale),
+                ref_scale=None if ref_step.loss_scale is None else float(ref_step.loss_scale.scale),
                 grads=sorted(ref_grads) == sorted(grads))
 
 
@@ -158,3 +174,78 @@ def test_full_sharding_trains_as_the_unsharded_run(world, ep, dp):
     for what in ("state", "held"):
         total = sum(r[what] for r in results)
         assert max(r[what] for r in results) < 1.5 * total / world, (what, [r[what] for r in results])
+
+
+@pytest.mark.parametrize("shard", ["optimizer", "full"])
+def test_a_skipped_float16_step_is_skipped_alike_when_sharded(shard):
+    """float16 with its loss scale: a gradient made infinite on one rank at the second step is
+    found by the global norm on every rank; the fused AdamW skips it (no weight, moment or step
+    count moves), the scale halves, and the run goes on as the unsharded one does."""
+    plain, sharded = tiny(1, 2, dtype="float16"), tiny(1, 2, shard, dtype="float16")
+    for r in spawn(_compare_worker, 2, plain, sharded, "float16", 1):
+        assert r["skipped"] == r["ref_skipped"] == [0.0, 1.0, 0.0]
+        assert r["still"] == [False, True, False]  # the skipped step moved no weight on any rank
+        assert r["steps_counted"] == STEPS - 1  # nor AdamW's step count
+        assert r["scale"] == r["ref_scale"] == 2.0**15  # the scale halved once
+        if shard == "optimizer":  # the same gradients: bit for bit
+            assert r["losses"] == r["ref_losses"] and r["worst"] == 0.0, r
+        else:  # float16 rounds FSDP's other order of summing gradient contributions at ~1e-4
+            assert r["losses"] == pytest.approx(r["ref_losses"], rel=1e-4)
+
+
+def _state(model, optimizer) -> dict:
+    """The checkpoint's tensors of this rank, whole (a DTensor gathered): key -> numpy array (a
+    tensor's shared memory would not outlive the worker that returns it)."""
+    from moedsl.runtime.ckpt_format import state_dict
+
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).numpy().copy()
+            for k, v in state_dict(model, optimizer, {}).items()}
+
+
+def _save_worker(rank: int, world: int, data: dict, path: str):
+    from moedsl.api import load_spec
+    from moedsl.runtime import checkpoint as ckpt
+
+    torch.set_num_threads(1)
+    _, _, _, step = _train(rank, world, data)
+    ckpt.save(Path(path), STEPS, step.model, step.opt, load_spec(data), {}, rank, world)
+    return _state(step.model, step.opt)
+
+
+def _load_worker(rank: int, world: int, data: dict, path: str, saved: dict):
+    """A fresh model and optimizer of ``data`` on this mesh, filled from the checkpoint at ``path``:
+    the largest difference from what was saved, and the keys compared."""
+    from moedsl.api import build_model, load_spec
+    from moedsl.runtime import checkpoint as ckpt
+    from moedsl.runtime.step import TrainStep
+    from moedsl.runtime.train import RunOptions
+
+    torch.set_num_threads(1)
+    spec = load_spec(data)
+    model = build_model(spec, seed=1, rank=rank, world_size=world, dtype=torch.float32)  # other weights
+    step = TrainStep.for_run(model, spec, RunOptions.from_spec(spec), rank, world, amp=None, capturable=False)
+    meta = ckpt.load(Path(path) / f"step-{STEPS:08d}", model, step.opt, spec)
+    mine = _state(model, step.opt)
+    worst = max(float(abs(mine[k] - saved[k]).max(initial=0.0)) for k in mine)
+    return dict(worst=worst, keys=sorted(mine), world=meta["world"])
+
+
+@pytest.mark.parametrize("saved_as,loads", [
+    (("optimizer", 2, 1, 2), [("none", 1, 1, 1), ("full", 4, 2, 2)]),
+    (("full", 2, 1, 2), [("optimizer", 2, 2, 1), ("none", 1, 1, 1)]),
+])
+def test_a_sharded_checkpoint_loads_at_another_world_size_and_shard_mode(tmp_path, saved_as, loads):
+    """DCP reshards the DTensor rows: the weights, both moments and the step count a sharded run
+    saved are what a run of another shard mode and world size reads back, every key of it."""
+    shard, world, ep, dp = saved_as
+    saved = {}
+    for per_rank in spawn(_save_worker, world, tiny(ep, dp, shard), str(tmp_path)):
+        saved.update(per_rank)
+    assert any(k.endswith("/exp_avg_sq") for k in saved) and any("/e3/" in k for k in saved)
+    for shard2, world2, ep2, dp2 in loads:
+        data = tiny(ep2, dp2, shard2)
+        results = [_load_worker(0, 1, data, str(tmp_path), saved)] if world2 == 1 else \
+            spawn(_load_worker, world2, data, str(tmp_path), saved)
+        assert set().union(*(r["keys"] for r in results)) == set(saved), (shard2, world2)
+        for r in results:
+            assert r["world"] == world and r["worst"] == 0.0, (shard2, world2, r)
