@@ -42,6 +42,7 @@ from . import checkpoint as ckpt
 from .data import pack_problems, source_problems
 from .distill import teacher_problems
 from .grads import MODES
+from .shard import MODES as SHARD_MODES
 from .resolve import IMPORT, is_import_dir, resolve
 
 # the files of a run in its output folder (runtime/train.py writes them)
@@ -178,6 +179,15 @@ def option_problems(spec, o, names: dict) -> list:
             bad("distill_temperature", "the temperature must be a finite number > 0")
         if o.cuda_graphs == "on":
             out.append(_err("--cuda-graphs on: distillation runs the teacher's forward in each step, eagerly"))
+    shard = getattr(o, "shard", "none")
+    if shard not in SHARD_MODES:
+        out.append(_err(f"{names.get('shard', 'placement.shard')} {shard!r}: must be {', '.join(SHARD_MODES)}"))
+    elif shard != "none" and o.cuda_graphs == "on":
+        out.append(_err(f"--cuda-graphs on: a sharded step ({names.get('shard', 'placement.shard')} {shard}) "
+                        "runs eagerly"))
+    if shard == "full" and o.compile == "on":
+        out.append(_err(f"--compile on: {names.get('shard', 'placement.shard')} full gathers each layer's "
+                        "parameters in FSDP's module hooks, which the compiled dense segments are not run with"))
     if o.device == "cuda" or o.cuda_graphs == "on":
         if not torch.cuda.is_available():
             if o.device == "cuda":

@@ -160,7 +160,9 @@ class Trainer:
                                  dtype=torch.float32, layout=layout, init=not o.init)
         if o.init:  # each rank reads only the experts it holds, memory-mapped (moedsl/hf/weights.py)
             fill(self.model, resolve(o.init), spec)
-        self.compile_on = use_compile(self.model, o, self.device, self.say, self.world)  # dense segments compiled
+        # dense segments compiled; not under FSDP (shard full), whose hooks gather each layer's parameters
+        self.compile_on = use_compile(self.model, o, self.device, self.say, self.world) \
+            if o.shard != "full" or self.world == 1 else False
         self.amp = dtypes.autocast_dtype(spec.model.dtype)  # None: float32, no autocast
         self.graphs = _use_cuda_graphs(o, self.device, self.model.compiled, self.say)
         # distillation: the teacher built once here, whole on every rank (runtime/distill.py)
@@ -300,6 +302,7 @@ class Trainer:
         self.say.once(f"{spec.name}: {world} process(es) on {self.device.type}, batch {o.batch} × {o.seq}, "
                       f"steps {start}..{o.steps}, data {self.source.name}, {spec.model.dtype}"
                       f"{', loss scaling' if self.loss_scale is not None else ''}"
+                      f"{f', training states sharded ({o.shard})' if o.shard != 'none' and world > 1 else ''}"
                       f"{', CUDA graphs' if self.graphs else ''}")
         for note in self.source.notes(o.seq):  # what the data is (instruction data: how many examples were cut)
             self.say.once(note)
@@ -444,6 +447,8 @@ def _use_cuda_graphs(o: RunOptions, device, compiled, say) -> bool:
         why = "the run is on the CPU"
     elif o.pack == "documents":  # each batch's own masks; the captured step copies only inputs and targets in
         why = "--pack documents builds each batch's attention masks from its documents"
+    elif o.shard != "none":  # the all-gathers of ZeRO and FSDP2 have not been captured and checked on a GPU
+        why = f"placement.shard {o.shard} runs the step eagerly"
     elif o.distill_teacher:  # the captured step holds the student's graph only
         why = "distillation runs the teacher's forward in each step"
     elif not compiled.static.capturable:
