@@ -97,7 +97,8 @@ def state_dict(model, optimizer, extra: dict) -> dict:
             if sharded:  # runtime/shard.py: this rank's rows of the slot's moments, as DTensors
                 states = optimizer.checkpoint_state(p, slot)
             else:
-                states = {k: v if slot is None or v.dim() == 0 else v[slot] for k, v in st.items() if torch.is_tensor(v)}
+                states = {k: v if slot is None or v.dim() == 0 else v[slot]
+                          for k, v in st.items() if torch.is_tensor(v)}
             for k, v in states.items():
                 sd[f"optim/{key}/{k}"] = v
     for name, b in model.named_buffers():

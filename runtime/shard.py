@@ -35,6 +35,8 @@ import torch.distributed as dist
 
 from moedsl.compiler.collectives import Traffic
 
+from .grads import unscale_and_clip
+
 MODES = ("none", "optimizer", "full")
 
 
@@ -314,17 +316,7 @@ class ShardedSync:
         f32 = torch.float32
         sq = torch.stack(torch._foreach_norm(grads)).to(f32).square().sum() if grads else \
             torch.zeros((), dtype=f32, device=dev)
-        sq = _local(sq)
         if self.world > 1:
             with Traffic.waiting("gradients"):
                 dist.all_reduce(sq)
-        norm = sq.sqrt()
-        if inv_scale is not None:
-            norm = norm * inv_scale
-        clipping = bool(max_norm and max_norm > 0)
-        if clipping or inv_scale is not None:
-            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if clipping else torch.ones_like(norm)
-            if inv_scale is not None:
-                coef = coef * inv_scale
-            torch._foreach_mul_(grads, coef)
-        return norm
+        return unscale_and_clip(grads, sq.sqrt(), max_norm, inv_scale)
