@@ -329,3 +329,38 @@ def test_a_run_resumed_under_another_shard_mode_continues_the_unsharded_trajecto
     resumed = run("split", 4, "full", "--resume")
     assert len(resumed) == 4 and resumed[:2] == whole[:2]  # the optimizer run's steps: bit for bit
     assert resumed[2:] == pytest.approx(whole[2:], rel=1e-5)
+
+
+def _refusal_worker(rank: int, world: int, data: dict):
+    from moedsl.api import build_model, load_spec
+    from moedsl.errors import MoedslError
+    from moedsl.runtime.step import TrainStep
+    from moedsl.runtime.train import RunOptions
+
+    spec = load_spec(data)
+    model = build_model(spec, seed=0, rank=rank, world_size=world, dtype=torch.float32)
+    try:
+        TrainStep.for_run(model, spec, RunOptions.from_spec(spec), rank, world, amp=None, capturable=False)
+    except MoedslError as e:
+        return str(e)
+    return None
+
+
+def test_full_sharding_of_an_expert_copied_inside_an_ep_group_is_refused_naming_the_layer():
+    data = tiny(2, 1, "full")
+    data["placement"]["experts"] = {"strategy": "contiguous", "replicas": {0: 2}}
+    for message in spawn(_refusal_worker, 2, data):
+        assert message is not None and message.startswith("placement.shard full: layers.2 copies expert 0 on 2 ranks")
+        assert "use placement.shard optimizer" in message
+
+
+def test_run_refuses_full_sharding_with_compile_on_in_one_line(tmp_path, capsys):
+    from moedsl.cli import main
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(tiny()))
+    assert main(["run", str(spec), "--shard", "full", "--compile", "on", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["moedsl: error: --compile on: --shard full gathers each layer's parameters in FSDP's module "
+                   "hooks, which the compiled dense segments are not run with"]
+    assert not (tmp_path / "run").exists()
