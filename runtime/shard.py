@@ -19,6 +19,15 @@ float32 on every rank: they are the master weights the model computes with under
 there is no second copy to shard; what 1/N saves is the 8 bytes a parameter of the moments.
 An expert parameter ``[E_local, ...]`` is split per slot (each slot's rows), so a slot's state
 is one global expert's, as the checkpoint stores it (``ckpt_format``: ``optim/<name>/e<id>``).
+An expert copied on several ranks of one EP group (``placement.experts.replicas``) keeps its
+moments on each of them, split over its expert-data-parallel copies only: the copies get the
+same summed gradient, so they make the same update.
+
+Why AdamW runs on plain views and not on DTensor parameters (as FSDP2's optimizer does): the
+weights stay whole for the forward, so only the optimizer sees shards, and torch's fused AdamW
+over plain contiguous rows is the same single kernel as the unsharded run's (bit for bit the
+same update, no DTensor dispatch each step). DTensor is what DCP reads to reshard, so the
+checkpoint gets DTensors over the same storage.
 
 Checkpoints: each moment is handed to DCP as a ``DTensor`` with ``Shard(0)`` over its group
 (``DTensor.from_local`` over the same storage, no copy), with the parameter's (or the slot's)
@@ -49,10 +58,8 @@ class _Piece:
     group: str  # "world" or "experts": the data-parallel group that shares it
     size: int  # ranks in that group (N)
     index: int  # this rank's place in it
-    start: int  # this rank's rows [start, stop) of dim 0 (a 0-dim piece: whole, 0..1)
-    stop: int
     chunk: int  # rows of the largest piece, ceil(rows / N): the all-gather pads every piece to it
-    local: torch.Tensor  # the rows, a view of the parameter: what AdamW updates
+    local: torch.Tensor  # this rank's rows of dim 0, a view of the parameter: what AdamW updates
 
     def whole(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (the parameter, or its gradient) at this piece's slot."""
@@ -74,12 +81,11 @@ class _Piece:
 def _split(param, slot, group: str, size: int, index: int) -> _Piece:
     w = param.detach() if slot is None else param.detach()[slot]
     if w.dim() == 0:  # nothing to split: every rank updates it whole
-        return _Piece(param, slot, group, 1, 0, 0, 1, 1, w)
+        return _Piece(param, slot, group, 1, 0, 1, w)
     rows = w.shape[0]
-    chunk = -(-rows // size)
+    chunk = -(-rows // size)  # torch.chunk's (and DTensor's Shard(0)'s) split: the last pieces shorter or empty
     start = min(index * chunk, rows)
-    stop = min(start + chunk, rows)
-    return _Piece(param, slot, group, size, index, start, stop, chunk, w[start:stop])
+    return _Piece(param, slot, group, size, index, chunk, w[start:min(start + chunk, rows)])
 
 
 class ShardedAdamW:
@@ -96,6 +102,7 @@ class ShardedAdamW:
         self._size = {"world": world, "experts": mesh.data_parallel}
         index = {"world": rank, "experts": rank // P}
         self.pieces: list[_Piece] = []
+        self._of: dict = {}  # (id(parameter), slot) -> its piece
         decay, no_decay = [], []
         for name, p in model.named_parameters():
             if not p.requires_grad:
@@ -106,6 +113,7 @@ class ShardedAdamW:
             for slot in slots:
                 pc = _split(p, slot, group, self._size[group], index[group])
                 self.pieces.append(pc)
+                self._of[(id(p), slot)] = pc
                 # make_optimizer's rule (runtime/optim.py): decay on matrices except the embedding
                 (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(pc.local)
         groups_ = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -184,7 +192,7 @@ class ShardedAdamW:
         sharded on dim 0 over the group, over this rank's own storage; the step count as it is."""
         from torch.distributed.tensor import DTensor, Shard
 
-        pc = next(pc for pc in self.pieces if pc.param is param and pc.slot == slot)
+        pc = self._of[(id(param), slot)]
         out = {}
         for k, v in self.inner.state.get(pc.local, {}).items():
             if not torch.is_tensor(v):
