@@ -152,7 +152,9 @@ class ShardedAdamW:
 
     @torch.no_grad()
     def _gather(self) -> None:
-        """Per group, one all-gather of every piece's rows, each padded to its largest piece."""
+        """Per group, one all-gather of every piece's rows, each padded to its largest piece:
+        rank i's buffer holds its rows of every piece, so a piece's rows from all ranks are one
+        column block of the gathered [N, width] matrix, written back with one strided copy."""
         for group in ("world", "experts"):
             size = self._size[group]
             pieces = [pc for pc in self.pieces if pc.group == group and pc.size > 1]
@@ -162,19 +164,20 @@ class ShardedAdamW:
             mine = torch.zeros(sum(width), dtype=pieces[0].local.dtype, device=pieces[0].local.device)
             offset = 0
             for pc, w in zip(pieces, width):
-                n = pc.local.numel()
-                mine[offset:offset + n].copy_(pc.local.reshape(-1))
+                mine[offset:offset + pc.local.numel()].copy_(pc.local.reshape(-1))
                 offset += w
-            every = [torch.empty_like(mine) for _ in range(size)]
+            every = torch.empty(size, mine.numel(), dtype=mine.dtype, device=mine.device)
             with Traffic.waiting("other"):
-                dist.all_gather(every, mine, group=self._pg[group])
-            for i, flat in enumerate(every):
-                offset = 0
-                for pc, w in zip(pieces, width):
-                    if i != pc.index:
-                        dst = pc.rows(pc.param.detach(), i)
-                        dst.copy_(flat[offset:offset + dst.numel()].view_as(dst))
-                    offset += w
+                dist.all_gather(list(every.unbind(0)), mine, group=self._pg[group])
+            offset = 0
+            for pc, w in zip(pieces, width):
+                flat = pc.whole(pc.param.detach()).view(-1)  # a view: written in place
+                full, rest = divmod(flat.numel(), w) if w else (0, 0)
+                if full:  # the ranks with a whole chunk
+                    flat[:full * w].view(full, w).copy_(every[:full, offset:offset + w])
+                if rest:  # the one with a shorter chunk (those after it have none)
+                    flat[full * w:].copy_(every[full, offset:offset + rest])
+                offset += w
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -222,7 +225,8 @@ def fully_shard_model(model, rank: int, world: int) -> None:
     torchtitan/models/*/infra/parallelize.py): a layer's dense modules form one unit sharded over
     every rank; its experts form their own unit, sharded over the expert-data-parallel mesh
     dimension (the D ranks holding the same experts), on dim 1 of the stacked ``[E_local, d, h]``
-    tensors so that each slot (one global expert, a checkpoint key) is split by rows.
+    tensors (dim 2 where D does not divide dim 1: FSDP2 splits dims past 0 only evenly), so that
+    each slot (one global expert, a checkpoint key) is split within itself.
 
     Each unit's parameters are all-gathered just before the module the graph calls runs
     (forward, and again in backward), and its gradients reduce-scattered after backward, summed:
@@ -263,9 +267,17 @@ def fully_shard_model(model, rank: int, world: int) -> None:
         target = expert_mods if node.target.endswith(".experts") else dense_mods
         if mod not in target:
             target.append(mod)
+    def expert_dim(p):  # FSDP2 splits a dim other than 0 only evenly
+        return Shard(next(i for i in range(1, p.dim()) if p.shape[i] % D == 0))
+
+    for name, p in model.named_parameters():
+        if ".experts." in name and not any(p.shape[i] % D == 0 for i in range(1, p.dim())):
+            raise MoedslError(f"placement.shard full: {name} {list(p.shape)}: no dim of an expert's tensor "
+                              f"divides over its {D} expert-data-parallel copies (FSDP2 splits those evenly); "
+                              "use placement.shard optimizer")
     for dense_mods, expert_mods in units.values():
         for mod in expert_mods:
-            fully_shard(mod, mesh=experts, shard_placement_fn=lambda p: Shard(1) if p.dim() > 1 else Shard(0))
+            fully_shard(mod, mesh=experts, shard_placement_fn=expert_dim)
         if dense_mods:
             fully_shard(dense_mods if len(dense_mods) > 1 else dense_mods[0], mesh=dense)
     fully_shard(model, mesh=dense)
