@@ -4,13 +4,17 @@ another shard mode (runtime/shard.py)."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from hf_helpers import close
+from hf_helpers import exports_as
 from moedsl.runtime.spawn import spawn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,37 +265,29 @@ def test_a_sharded_checkpoint_loads_at_another_world_size_and_shard_mode(tmp_pat
             assert r["world"] == world and r["worst"] == 0.0, (shard2, world2, r)
 
 
+def _moedsl_run(spec: Path, out: Path, shard: str, steps: int, *extra) -> subprocess.CompletedProcess:
+    """``moedsl run SPEC --nproc 2 --shard SHARD`` for ``steps`` steps of 4 × 8 tokens into ``out``."""
+    r = subprocess.run([sys.executable, "-m", "moedsl", "run", str(spec), "--nproc", "2", "--shard", shard,
+                        "--steps", str(steps), "--batch", "4", "--seq", "8", "--eval-batches", "1", "--out", str(out),
+                        "--no-progress", "--ignore-memory-check", *extra], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 @pytest.mark.parametrize("shard", ["optimizer", "full"])
 def test_moedsl_run_shard_trains_on_two_processes_and_its_run_exports_to_hugging_face(tmp_path, shard):
     """``moedsl run --nproc 2 --shard MODE`` (over the spec's placement.shard none): the run says
     its states are sharded, and its checkpoint exports as a Mixtral that transformers loads and
     that computes the run's logits."""
-    import subprocess
-    import sys
-
-    transformers = pytest.importorskip("transformers")
-    import moedsl
-
+    pytest.importorskip("transformers")
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump(tiny(1, 2)))
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "moedsl", "run", str(spec), "--nproc", "2", "--shard", shard,
-                        "--steps", "2", "--batch", "4", "--seq", "8", "--eval-batches", "1", "--out", str(run),
-                        "--ignore-memory-check"], capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = _moedsl_run(spec, run, shard, 2)
     assert f"training states sharded ({shard})" in r.stdout + r.stderr
-    trained = moedsl.load_model(run)
     assert (run / "checkpoints" / "step-00000002").is_dir()
-    from moedsl.cli import main
-
-    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
-    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
-    assert type(back).__name__ == "MixtralForCausalLM"
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    x = torch.randint(0, 63, (2, 12), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        close(trained(x).output, back.eval()(x).logits)
+    exports_as(run, tmp_path / "hf", "MixtralForCausalLM", 63)
 
 
 def test_moedsl_verify_checks_a_sharded_step_against_one_process():
@@ -309,21 +305,11 @@ def test_a_run_resumed_under_another_shard_mode_continues_the_unsharded_trajecto
     """Two steps with --shard optimizer, then a resume with --shard full to step 4: the fourth
     step's loss, which the resumed moments shaped (the third step's update), is the uninterrupted
     unsharded run's (to float32 rounding: full's sums)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump(tiny(1, 2)))
 
     def run(out, steps, shard, *extra):
-        r = subprocess.run([sys.executable, "-m", "moedsl", "run", str(spec), "--nproc", "2", "--shard", shard,
-                            "--steps", str(steps), "--batch", "4", "--seq", "8", "--eval-batches", "1",
-                            "--checkpoint-every", "2", "--out", str(tmp_path / out), "--no-progress",
-                            "--ignore-memory-check", *extra], capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert r.returncode == 0, r.stderr[-3000:]
+        _moedsl_run(spec, tmp_path / out, shard, steps, "--checkpoint-every", "2", *extra)
         return [json.loads(line)["loss"] for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
 
     whole = run("whole", 4, "none")
