@@ -185,6 +185,9 @@ def option_problems(spec, o, names: dict) -> list:
     elif shard != "none" and o.cuda_graphs == "on":
         out.append(_err(f"--cuda-graphs on: a sharded step ({names.get('shard', 'placement.shard')} {shard}) "
                         "runs eagerly"))
+    if shard in ("optimizer", "full") and getattr(spec.placement, "replication", None) is not None:
+        out.append(_err(f"{names.get('shard', 'placement.shard')} {shard}: placement.replication moves experts "
+                        "and their AdamW moments between ranks, which sharded states do not follow yet"))
     if shard == "full" and o.compile == "on":
         out.append(_err(f"--compile on: {names.get('shard', 'placement.shard')} full gathers each layer's "
                         "parameters in FSDP's module hooks, which the compiled dense segments are not run with"))

@@ -36,6 +36,8 @@ shard mode and world size loads into any other: a plain tensor reads every row, 
 """
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Optional
 
@@ -76,6 +78,28 @@ class _Piece:
     def row_numel(self) -> int:
         w = self.whole(self.param)
         return 1 if w.dim() == 0 else w[0].numel() if w.shape[0] else 0
+
+
+class _State(Mapping):
+    """``ShardedAdamW.state``: the inner optimizer's state, keyed by the row views it updates; and
+    under a model parameter, that parameter's moment buffers."""
+
+    def __init__(self, inner: dict, by_param: dict):
+        self._inner, self._by_param = inner, by_param
+
+    def __getitem__(self, key):
+        if key in self._inner:
+            return self._inner[key]
+        return self._by_param[id(key)]
+
+    def __contains__(self, key) -> bool:
+        return key in self._inner or id(key) in self._by_param
+
+    def __iter__(self):
+        return iter(self._inner)
+
+    def __len__(self) -> int:
+        return len(self._inner)
 
 
 def _split(param, slot, group: str, size: int, index: int) -> _Piece:
@@ -119,16 +143,46 @@ class ShardedAdamW:
         groups_ = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.inner = torch.optim.AdamW(groups_, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True,
                                        capturable=capturable)
+        self._by_param = self._make_state(model)
         self.found_inf: Optional[torch.Tensor] = None
         self._meshes: dict = {}
+
+    def _make_state(self, model) -> dict:
+        """AdamW's state made now (step 0, zero moments, as ``prime_optimizer`` makes it): a
+        parameter's moments are one buffer each, its pieces' rows back to back, and each piece's
+        moments views of it. Returns {id(parameter): {"exp_avg": buffer, "exp_avg_sq": buffer}}:
+        what ``state[parameter]`` answers, as torch's AdamW does, so the bytes a rank holds for a
+        parameter are counted from its parameter (runtime/memory.py)."""
+        by_param: dict = {}
+        of_param: dict = defaultdict(list)
+        for pc in self.pieces:
+            of_param[id(pc.param)].append(pc)
+        for p in model.parameters():
+            pieces = of_param.get(id(p))
+            if not pieces:
+                continue
+            n = sum(pc.local.numel() for pc in pieces)
+            m, v = (torch.zeros(n, dtype=p.dtype, device=p.device) for _ in range(2))
+            offset = 0
+            for pc in pieces:
+                k = pc.local.numel()
+                self.inner.state[pc.local] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                    "exp_avg": m[offset:offset + k].view_as(pc.local),
+                    "exp_avg_sq": v[offset:offset + k].view_as(pc.local)}
+                offset += k
+            by_param[id(p)] = {"exp_avg": m, "exp_avg_sq": v}
+        return by_param
 
     @property
     def param_groups(self):
         return self.inner.param_groups
 
     @property
-    def state(self):
-        return self.inner.state
+    def state(self) -> "_State":
+        """The inner AdamW's state (keyed by the row views it updates), and for a model parameter
+        its moments' buffers (this rank's rows of every piece of it)."""
+        return _State(self.inner.state, self._by_param)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for pc in self.pieces:

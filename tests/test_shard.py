@@ -133,8 +133,9 @@ def _grads(model) -> dict:
 
 
 def _moments(step) -> int:
-    """AdamW's moment elements this rank holds (a DTensor's: its rows)."""
-    return sum(_local(v).numel() for st in step.opt.state.values() for v in st.values()
+    """AdamW's moment elements this rank holds (a DTensor's: its rows), found from the model's
+    parameters as runtime/memory.py's held_bytes finds them: ``optimizer.state[parameter]``."""
+    return sum(_local(v).numel() for p in step.model.parameters() for v in step.opt.state.get(p, {}).values()
                if torch.is_tensor(v) and v.dim())
 
 
@@ -164,7 +165,7 @@ def test_optimizer_sharding_trains_as_the_unsharded_run(world, ep, dp):
         assert r["grad"] == 0.0 and r["worst"] == 0.0, r
         assert r["moved"] > 1e-3  # the steps did train
         if world > 1:  # 1/2 of the moments (2 × 2: dense ones 1/4, the experts' 1/2), padding aside
-            assert r["state"] <= 0.55 * r["ref_state"], r
+            assert 0.2 * r["ref_state"] <= r["state"] <= 0.55 * r["ref_state"], r
             assert r["held"] == r["ref_held"]  # the weights stay whole
 
 
@@ -186,7 +187,8 @@ def test_full_sharding_trains_as_the_unsharded_run(world, ep, dp):
         assert r["grad"] <= 1e-3, r  # the last step's, after the weights moved apart by the above
         assert r["moved"] > 1e-3
         # 1/2 of the weights and moments (2 × 2: dense ones 1/4, the experts' 1/2), padding aside
-        assert r["state"] <= 0.55 * r["ref_state"] and r["held"] <= 0.55 * r["ref_held"], r
+        assert 0.2 * r["ref_state"] <= r["state"] <= 0.55 * r["ref_state"], r
+        assert 0.2 * r["ref_held"] <= r["held"] <= 0.55 * r["ref_held"], r
 
 
 @pytest.mark.parametrize("shard", ["optimizer", "full"])
@@ -200,7 +202,7 @@ def test_a_skipped_float16_step_is_skipped_alike_when_sharded(shard):
         assert r["still"] == [False, True, False]  # the skipped step moved no weight on any rank
         assert r["steps_counted"] == STEPS - 1  # nor AdamW's step count
         assert r["scale"] == r["ref_scale"] == 2.0**15  # the scale halved once
-        assert r["state"] <= 0.55 * r["ref_state"], r  # and the states were sharded
+        assert 0.2 * r["ref_state"] <= r["state"] <= 0.55 * r["ref_state"], r  # and the states were sharded
         if shard == "optimizer":  # the same gradients: bit for bit
             assert r["losses"] == r["ref_losses"] and r["worst"] == 0.0, r
         else:  # float16 rounds FSDP's other order of summing gradient contributions at ~1e-4
@@ -351,4 +353,20 @@ def test_run_refuses_full_sharding_with_compile_on_in_one_line(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["moedsl: error: --compile on: --shard full gathers each layer's parameters in FSDP's module "
                    "hooks, which the compiled dense segments are not run with"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_refuses_sharded_states_with_replication_that_moves_experts_in_one_line(tmp_path, capsys):
+    """placement.replication moves experts and their moments between ranks; ZeRO's row views and
+    FSDP2's DTensors do not follow such a move, so the run is refused before it starts."""
+    from moedsl.cli import main
+
+    data = tiny()
+    data["placement"]["replication"] = {"policy": "eplb"}
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["run", str(spec), "--shard", "optimizer", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "moedsl: error: --shard optimizer: placement.replication moves experts and their AdamW moments between "
+        "ranks, which sharded states do not follow yet"]
     assert not (tmp_path / "run").exists()
