@@ -169,11 +169,11 @@ def test_optimizer_sharding_trains_as_the_unsharded_run(world, ep, dp):
             assert r["held"] == r["ref_held"]  # the weights stay whole
 
 
-@pytest.mark.parametrize("world,ep,dp", [(2, 1, 2), (4, 2, 2)])
+@pytest.mark.parametrize("world,ep,dp", [(2, 1, 2), (2, 2, 1), (4, 2, 2)])
 def test_full_sharding_trains_as_the_unsharded_run(world, ep, dp):
-    """FSDP2 over each layer (experts on their expert-data-parallel mesh dimension): loss and every
-    parameter after 3 clipped AdamW steps as the unsharded run's (float32), with about 1/N of the
-    parameters and of the moments on each rank."""
+    """FSDP2 over each layer (experts on their expert-data-parallel mesh dimension, of one rank
+    when each expert is held once): loss and every parameter after 3 clipped AdamW steps as the
+    unsharded run's (float32), with about 1/N of the parameters and of the moments on each rank."""
     results = spawn(_compare_worker, world, tiny(ep, dp), tiny(ep, dp, "full"), None, -1)
     lr = tiny()["train"]["lr"]
     for r in results:
@@ -187,8 +187,11 @@ def test_full_sharding_trains_as_the_unsharded_run(world, ep, dp):
         assert r["grad"] <= 1e-3, r  # the last step's, after the weights moved apart by the above
         assert r["moved"] > 1e-3
         # 1/2 of the weights and moments (2 × 2: dense ones 1/4, the experts' 1/2), padding aside
-        assert 0.2 * r["ref_state"] <= r["state"] <= 0.55 * r["ref_state"], r
-        assert 0.2 * r["ref_held"] <= r["held"] <= 0.55 * r["ref_held"], r
+        if dp > 1:
+            assert 0.2 * r["ref_state"] <= r["state"] <= 0.55 * r["ref_state"], r
+            assert 0.2 * r["ref_held"] <= r["held"] <= 0.55 * r["ref_held"], r
+        else:  # the experts, each on one rank, are not split: only the dense half of the states is
+            assert 0.55 * r["ref_held"] <= r["held"] < 0.95 * r["ref_held"], r
 
 
 @pytest.mark.parametrize("shard", ["optimizer", "full"])
