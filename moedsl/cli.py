@@ -216,7 +216,7 @@ _RUN_FLAGS = {"steps": "--steps", "batch": "--batch", "seq": "--seq", "lr": "--l
               "checkpoint_every": "--checkpoint-every", "timeout": "--timeout", "log_every": "--log-every",
               "pack": "--pack", "distill_teacher": "--distill-teacher", "distill_alpha": "--distill-alpha",
               "distill_temperature": "--distill-temperature", "recompute": "--recompute",
-              "micro_batches": "--micro-batches"}
+              "micro_batches": "--micro-batches", "shard": "--shard"}
 
 
 def _cmd_run(args) -> int:
@@ -244,7 +244,7 @@ def _cmd_run(args) -> int:
         keep_memory=not args.no_keep_memory, init=args.init, compile=args.compile, log_every=args.log_every,
         from_scratch=args.from_scratch, pack=args.pack, distill_teacher=args.distill_teacher,
         distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature, recompute=args.recompute,
-        micro_batches=args.micro_batches)
+        micro_batches=args.micro_batches, shard=args.shard)
     rank = int(os.environ.get("RANK", 0))
     if not launched_worker():  # the launcher has checked for its workers, before starting them
         world = args.nproc if launching else int(os.environ.get("WORLD_SIZE", 1))
@@ -601,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pack", choices=["none", "documents"], default=None,
                    help="documents: a row of a prepared folder packs several documents; each token attends only "
                         "to earlier tokens of its own document, positions restart at each (default: train.pack)")
+    r.add_argument("--shard", choices=["none", "optimizer", "full"], default=None,
+                   help="split training states over each parameter's data-parallel ranks: optimizer (AdamW's "
+                        "moments, ZeRO-1), full (parameters and gradients too, FSDP2) (default: placement.shard)")
     r.add_argument("--eval-every", type=_whole, help="held-out evaluation every N steps")
     r.add_argument("--eval-batches", type=_whole, help="batches per held-out evaluation")
     r.add_argument("--checkpoint-every", type=_whole, help="save a checkpoint every N steps (and at the end)")

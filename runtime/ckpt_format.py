@@ -87,19 +87,25 @@ def state_dict(model, optimizer, extra: dict) -> dict:
     slots = _expert_slots(model)
     sd: dict = {}
     opt_state = optimizer.state if optimizer is not None else {}
+    sharded = hasattr(optimizer, "checkpoint_state")
     for name, p in model.named_parameters():
         owner = name.rsplit(".", 1)[0]
         entries = [(f"{name}/e{e}", i) for i, e in enumerate(slots[owner])] if owner in slots else [(name, None)]
         st = opt_state.get(p, {})
         for key, slot in entries:
             sd[f"model/{key}"] = p.detach() if slot is None else p.detach()[slot]
-            for k, v in st.items():
-                if torch.is_tensor(v) and v.dim() > 0:
-                    sd[f"optim/{key}/{k}"] = v if slot is None else v[slot]
-                elif torch.is_tensor(v):
-                    sd[f"optim/{key}/{k}"] = v
+            if sharded:  # runtime/shard.py: this rank's rows of the slot's moments, as DTensors
+                states = optimizer.checkpoint_state(p, slot)
+            else:
+                states = {k: v if slot is None or v.dim() == 0 else v[slot]
+                          for k, v in st.items() if torch.is_tensor(v)}
+            for k, v in states.items():
+                sd[f"optim/{key}/{k}"] = v
     for name, b in model.named_buffers():
-        if not name.endswith("expert_ids"):
+        # not the placement's tables (which experts a rank holds, where its all-to-all sends each
+        # slot): the run that loads rebuilds them for its own mesh, and a mesh without expert
+        # parallelism has no all-to-all to hold them
+        if not name.endswith(("expert_ids", "send_slot")):
             sd[f"model/{name}"] = b
     for k, v in extra.items():
         sd[f"extra/{k}"] = v

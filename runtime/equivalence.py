@@ -108,9 +108,14 @@ def _step(model, spec, inputs, targets, rank: int, world: int):
     return outputs[0], figures, step.sync
 
 
+def _whole(t):
+    """``t``, or the whole tensor of a DTensor (``placement.shard: full`` holds rows of each)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _after_step(model) -> dict:
     """What the optimizer step and the balancing step moved: every parameter, every balancing bias."""
-    out = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = {n: _whole(p.detach()).clone() for n, p in model.named_parameters()}
     names = {m: n for n, m in model.named_modules()}
     out.update({f"{names[g]}.expert_bias": g.expert_bias.clone() for g in balancing_gates(model)})
     return out
@@ -158,7 +163,7 @@ def _check_one(rank: int, world: int, spec_data, batch: int, seq: int, seed: int
 
     worst, d_grad, checked = "", 0.0, 0
     for name, p in model.named_parameters():
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        g = _whole(p.grad) if p.grad is not None else torch.zeros_like(_whole(p.detach()))
         r = reference(name, g, ref_grads)
         diff = (g - r).abs().max().item() if g.numel() else 0.0
         excess = max(excess, _excess(g, r, rtol))

@@ -324,17 +324,25 @@ class GradSync:
         if self.world > 1 and self.experts and not self._local_expert_norm:
             with Traffic.waiting("gradients"):
                 dist.all_reduce(ex)
-        norm = (sq + ex).sqrt()
+        grads = shared + [p.grad for p, _ in self.experts if p.grad is not None]
+        return unscale_and_clip(grads, (sq + ex).sqrt(), max_norm, inv_scale)
+
+
+@torch.no_grad()
+def unscale_and_clip(grads: list, norm: torch.Tensor, max_norm: float,
+                     inv_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``grads`` (whose global norm is ``norm``) divided by the loss scale (``inv_scale`` = 1/S)
+    and clipped to ``max_norm``, in place, in one multiply; returns the unscaled norm. Without
+    clipping or a loss scale the gradients are left as they are."""
+    if inv_scale is not None:
+        norm = norm * inv_scale
+    clipping = bool(max_norm and max_norm > 0)
+    if clipping or inv_scale is not None:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if clipping else torch.ones_like(norm)
         if inv_scale is not None:
-            norm = norm * inv_scale
-        clipping = bool(max_norm and max_norm > 0)
-        if clipping or inv_scale is not None:
-            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if clipping else torch.ones_like(norm)
-            if inv_scale is not None:
-                coef = coef * inv_scale
-            grads = shared + [p.grad for p, _ in self.experts if p.grad is not None]
-            torch._foreach_mul_(grads, coef)
-        return norm
+            coef = coef * inv_scale
+        torch._foreach_mul_(grads, coef)
+    return norm
 
 
 def _group(made: dict, key, ranks):

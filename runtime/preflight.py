@@ -44,6 +44,7 @@ from .data import pack_problems, source_problems
 from .distill import teacher_problems
 from .grads import MODES
 from .recompute import MODES as RECOMPUTE
+from .shard import MODES as SHARD_MODES
 from .resolve import IMPORT, is_import_dir, resolve
 
 # the files of a run in its output folder (runtime/train.py writes them)
@@ -191,6 +192,18 @@ def option_problems(spec, o, names: dict) -> list:
         field = "recompute" if o.recompute != "none" else "micro_batches"
         out.append(_err(f"--cuda-graphs on: {_name(names, field)} {getattr(o, field)} runs the step eagerly (its "
                         "capture is not checked on a GPU yet)"))
+    shard = getattr(o, "shard", "none")
+    if shard not in SHARD_MODES:
+        out.append(_err(f"{names.get('shard', 'placement.shard')} {shard!r}: must be {', '.join(SHARD_MODES)}"))
+    elif shard != "none" and o.cuda_graphs == "on":
+        out.append(_err(f"--cuda-graphs on: a sharded step ({names.get('shard', 'placement.shard')} {shard}) "
+                        "runs eagerly"))
+    if shard in ("optimizer", "full") and getattr(spec.placement, "replication", None) is not None:
+        out.append(_err(f"{names.get('shard', 'placement.shard')} {shard}: placement.replication moves experts "
+                        "and their AdamW moments between ranks, which sharded states do not follow yet"))
+    if shard == "full" and o.compile == "on":
+        out.append(_err(f"--compile on: {names.get('shard', 'placement.shard')} full gathers each layer's "
+                        "parameters in FSDP's module hooks, which the compiled dense segments are not run with"))
     if o.device == "cuda" or o.cuda_graphs == "on":
         if not torch.cuda.is_available():
             if o.device == "cuda":

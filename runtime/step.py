@@ -35,6 +35,7 @@ from moedsl.nn.moe_ops import RouterStats
 
 from .grads import GradSync, capturing
 from .optim import LossScale, make_optimizer
+from .shard import ShardedAdamW, ShardedSync, full_optimizer, fully_shard_model
 
 
 def task_loss(spec, out, targets, loss_mask=None, count=None) -> torch.Tensor:
@@ -142,14 +143,20 @@ class TrainStep:
     def for_run(cls, model, spec, options, rank: int, world: int, amp, capturable: bool,
                 teacher=None) -> "TrainStep":
         """The step a run executes, built as the ``Trainer`` builds it (and ``moedsl verify``, which
-        checks it): the fused AdamW reading the tensor ``step.lr`` (fill it before each call), the
+        checks it): the fused AdamW reading the tensor ``step.lr`` (fill it before each call; over this
+        rank's rows of each parameter with ``options.shard`` optimizer, runtime/shard.py), the
         gradient sync of ``options.grad_sync`` (bucketed: its hooks registered now, before any
         backward), float16's loss scale (``amp`` float16), the clip at ``options.grad_clip``,
         distillation from ``teacher`` (runtime/distill.py) when given."""
         device = next(model.parameters()).device
         lr = torch.tensor(options.lr, dtype=torch.float32, device=device)
-        optimizer = make_optimizer(model, options, lr, capturable=capturable)
-        sync = GradSync(model, model.compiled.mesh, rank, mode=options.grad_sync, bucket_mb=options.bucket_mb)
+        if options.shard == "full" and world > 1:  # FSDP2: the parameters become DTensors of this rank's rows here
+            fully_shard_model(model, rank, world)
+            optimizer, sync = full_optimizer(model, options, lr, capturable), ShardedSync(model, world)
+        else:
+            optimizer = ShardedAdamW(model, options, lr, rank, world, capturable=capturable) \
+                if options.shard == "optimizer" else make_optimizer(model, options, lr, capturable=capturable)
+            sync = GradSync(model, model.compiled.mesh, rank, mode=options.grad_sync, bucket_mb=options.bucket_mb)
         loss_scale = LossScale(device) if amp == torch.float16 else None
         return cls(model, spec, optimizer, sync, world, amp, options.grad_clip, loss_scale, lr, teacher,
                    micro_batches=options.micro_batches)

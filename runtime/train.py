@@ -95,6 +95,7 @@ class RunOptions:
     distill_temperature: float = 1.0  # T of both softmaxes; the soft term is scaled by T²
     recompute: str = "none"  # none | experts | layers: activations recomputed in backward (runtime/recompute.py)
     micro_batches: int = 1  # M: each rank's batch in M micro-batches, gradients accumulated (runtime/step.py)
+    shard: str = "none"  # none | optimizer | full: training states split over data-parallel groups (runtime/shard.py)
 
     @staticmethod
     def from_spec(spec, **overrides) -> "RunOptions":
@@ -102,7 +103,7 @@ class RunOptions:
         base = dict(steps=t.steps, batch=t.batch_size, seq=t.seq_len, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup,
                     weight_decay=t.weight_decay, grad_clip=t.grad_clip, seed=t.seed, data=spec_data(spec),
                     eval_every=t.eval_every, eval_batches=t.eval_batches, checkpoint_every=t.checkpoint_every,
-                    pack=t.pack, recompute=t.recompute, micro_batches=t.micro_batches)
+                    pack=t.pack, recompute=t.recompute, micro_batches=t.micro_batches, shard=spec.placement.shard)
         if t.distill is not None:
             base.update(distill_teacher=spec_teacher(spec), distill_alpha=t.distill.alpha,
                         distill_temperature=t.distill.temperature)
@@ -167,8 +168,10 @@ class Trainer:
         if o.init:  # each rank reads only the experts it holds, memory-mapped (moedsl/hf/weights.py)
             fill(self.model, resolve(o.init), spec)
         apply_recompute(self.model, o.recompute)  # before compiling: layers refuses --compile on (preflight)
-        self.compile_on = o.recompute != "layers" and \
-            use_compile(self.model, o, self.device, self.say, self.world)  # dense segments compiled
+        # dense segments compiled; not with recompute: layers (each sublayer under checkpoint), nor under
+        # FSDP (shard full), whose hooks gather each layer's parameters
+        self.compile_on = use_compile(self.model, o, self.device, self.say, self.world) \
+            if o.recompute != "layers" and (o.shard != "full" or self.world == 1) else False
         self.amp = dtypes.autocast_dtype(spec.model.dtype)  # None: float32, no autocast
         self.graphs = _use_cuda_graphs(o, self.device, self.model.compiled, self.say)
         replicating = spec.placement.replication is not None and self.model.compiled.mesh.expert_parallel > 1
@@ -316,6 +319,7 @@ class Trainer:
         self.say.once(f"{spec.name}: {world} process(es) on {self.device.type}, batch {o.batch} × {o.seq}, "
                       f"steps {start}..{o.steps}, data {self.source.name}, {spec.model.dtype}"
                       f"{', loss scaling' if self.loss_scale is not None else ''}"
+                      f"{f', training states sharded ({o.shard})' if o.shard != 'none' and world > 1 else ''}"
                       f"{', CUDA graphs' if self.graphs else ''}")
         for note in self.source.notes(o.seq):  # what the data is (instruction data: how many examples were cut)
             self.say.once(note)
@@ -466,6 +470,8 @@ def _use_cuda_graphs(o: RunOptions, device, compiled, say) -> bool:
         why = "the run is on the CPU"
     elif o.pack == "documents":  # each batch's own masks; the captured step copies only inputs and targets in
         why = "--pack documents builds each batch's attention masks from its documents"
+    elif o.shard != "none":  # the all-gathers of ZeRO and FSDP2 have not been captured and checked on a GPU
+        why = f"placement.shard {o.shard} runs the step eagerly"
     elif o.distill_teacher:  # the captured step holds the student's graph only
         why = "distillation runs the teacher's forward in each step"
     elif o.micro_batches > 1 or o.recompute != "none":  # not captured on a GPU yet: eager until it is checked

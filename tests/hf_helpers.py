@@ -72,3 +72,21 @@ def run_init_on_one_and_two_processes(imp: Path, tmp_path: Path, *extra) -> tupl
                            capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stderr[-2000:]
     return _losses(tmp_path / "run1"), _losses(tmp_path / "run2")
+
+
+def exports_as(run: Path, out: Path, model_type: str, vocab: int) -> None:
+    """``moedsl export RUN --out OUT``: transformers loads OUT as ``model_type`` with no missing or
+    unexpected keys, and it computes the run's logits."""
+    import torch
+    import transformers
+
+    import moedsl
+
+    trained = moedsl.load_model(run)
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(back).__name__ == model_type
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    x = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        close(back.eval()(x).logits, trained(x).output)

@@ -14,7 +14,7 @@ import moedsl  # noqa: E402
 from moedsl.cli import main  # noqa: E402
 from moedsl.hf import registered  # noqa: E402
 from hf_helpers import close as _close, refused as _refused  # noqa: E402
-from hf_helpers import run_init_on_one_and_two_processes, save_fused  # noqa: E402
+from hf_helpers import exports_as, run_init_on_one_and_two_processes, save_fused  # noqa: E402
 
 TINY = registered()["deepseek_v3"].tiny_config  # q_lora_rank, a dense first layer, 2 groups, 1 shared expert
 VARIANTS = {
@@ -218,13 +218,7 @@ def test_hand_written_deepseek_spec_trains_and_exports_as_deepseek_v3(tmp_path):
                  "--no-progress", "--eval-batches", "1"]) == 0
     trained = moedsl.load_model(run)
     assert trained.state_dict()["layers.4.gate.expert_bias"].abs().sum() > 0  # the balancing moved it
-    assert main(["export", str(run), "--out", str(tmp_path / "exp")]) == 0
-    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp", output_loading_info=True)
-    assert type(back).__name__ == "DeepseekV3ForCausalLM"
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        _close(back.eval()(x).logits, trained(x).output)
+    exports_as(run, tmp_path / "exp", "DeepseekV3ForCausalLM", 256)
 
 
 def test_spec_that_deepseek_v3_cannot_express_is_refused_on_export_naming_the_field(tmp_path, capsys):
