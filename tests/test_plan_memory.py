@@ -54,8 +54,8 @@ def _held_worker(rank: int, world: int, data: dict, batch: tuple):
                             "optimizer": plan.memory_optimizer}
 
 
-# shard modes join the list as the runtime builds them (placement.shard: optimizer | full)
-@pytest.mark.parametrize("shard", ["none"])
+# every shard mode the runtime builds (placement.shard: none | optimizer | full)
+@pytest.mark.parametrize("shard", ["none", "optimizer", "full"])
 @pytest.mark.parametrize("world,placement", [(1, {}), (2, {}), (2, {"expert_parallel": 1, "data_parallel": 2})],
                          ids=["1", "2-expert-parallel", "2-data-parallel"])
 def test_plan_per_rank_states_match_the_bytes_each_rank_holds(world, placement, shard):
