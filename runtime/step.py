@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
 from moedsl.compiler.collectives import Traffic
 from moedsl.nn.gates import Gate
@@ -137,6 +138,7 @@ class TrainStep:
         self.micro_batches = micro_batches  # M: the rank's batch in M parts, gradients accumulated
         self.gates = balancing_gates(model)
         self.routers = [m for m in model.modules() if isinstance(m, Gate)]
+        self.fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]  # shard full: FSDP2's units
         self.device_type = next(model.parameters()).device.type
 
     @classmethod
@@ -183,6 +185,8 @@ class TrainStep:
                 objective = (loss + out.aux_loss) / (self.world * M)
                 if self.loss_scale is not None:
                     objective = objective * self.loss_scale.scale
+                for unit in self.fsdp:  # FSDP2 reduce-scatters after the last backward only, as the sync does
+                    unit.set_requires_gradient_sync(m == M - 1, recurse=False)
                 if m == M - 1:  # the sync's hooks fire on the last backward only: one sync a step
                     loads = self._sum_loads()  # in flight during backward
                     self.sync.start()
