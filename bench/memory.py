@@ -12,8 +12,8 @@ rounding):
 - the plan's figures for the same rank, batch and settings (moedsl.compiler.memory_plan);
 - the step time (median of --steps steps, rank 0), and its ratio to the unsharded run's.
 
-A setting whose field the runtime does not build yet (RunOptions has no such field) is
-reported as not runnable rather than measured as if it were the default.
+With micro-batches the peak is that of one micro-batch's step (batch / M, same settings):
+torch's MemTracker cannot follow a step that calls the model several times.
 
     python bench/memory.py                                   # mixtral, 1, 2 and 4 processes
     python bench/memory.py --procs 2 --steps 3 --settings none/none/1,optimizer/none/1
@@ -25,7 +25,6 @@ import copy
 import statistics
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -36,7 +35,6 @@ from moedsl.nn import cpu_caps
 ROOT = Path(__file__).resolve().parents[1]
 # shard/recompute/micro-batches; the first is the baseline the others are compared with
 SETTINGS = "none/none/1,optimizer/none/1,full/none/1,none/experts/1,none/layers/1,none/none/2"
-FIELDS = {"shard": "shard", "recompute": "recompute", "micro_batches": "micro_batches"}  # RunOptions names
 
 
 def parse_setting(text: str) -> tuple:
@@ -50,16 +48,6 @@ def with_setting(data: dict, setting: tuple) -> dict:
     d.setdefault("placement", {})["shard"] = shard
     d.setdefault("train", {}).update(recompute=recompute, micro_batches=micro)
     return d
-
-
-def missing(setting: tuple) -> list:
-    """The settings' fields, away from their default, that RunOptions does not carry yet."""
-    from moedsl.runtime.train import RunOptions
-
-    have = {f.name for f in fields(RunOptions)}
-    shard, recompute, micro = setting
-    away = {"shard": shard != "none", "recompute": recompute != "none", "micro_batches": micro != 1}
-    return [name for name, on in away.items() if on and FIELDS[name] not in have]
 
 
 def _worker(rank: int, world: int, configs: list, steps: int, batch: int, seq: int, threads: int):
@@ -87,13 +75,29 @@ def _worker(rank: int, world: int, configs: list, steps: int, batch: int, seq: i
             if step >= 2:
                 times.append(time.perf_counter() - s)
         b = t.source.batch(steps + 2, batch, seq, rank, world)
+        # MemTracker cannot follow a step that calls the model M times (micro-batches): the peak of
+        # such a step is measured on a trainer of the same setting with one micro-batch of batch / M
+        # (a micro-batch's activations are freed by its backward; the gradients it accumulates into
+        # are the same tensors either way)
+        M = spec.train.micro_batches
+        if M > 1:
+            one = moedsl.load_spec({**data, "train": {**data.get("train", {}), "micro_batches": 1}})
+            po = RunOptions.from_spec(one, steps=steps, batch=batch // M, seq=seq, device="cpu", data="synthetic",
+                                      seed=0, progress=False)
+            pt = Trainer(one, po)
+            pt.step(pt.source.batch(0, batch // M, seq, rank, world), po.lr)  # the optimizer's state
+            pb = pt.source.batch(1, batch // M, seq, rank, world)
+        else:
+            pt, po, pb = t, o, b
         try:
-            peak = step_peak(lambda: t.step(b, o.lr), t.model, t.opt).to_dict()
+            peak = step_peak(lambda: pt.step(pb, po.lr), pt.model, pt.opt).to_dict()
         except Exception as e:  # noqa: BLE001 - reported in the table: a tracker that cannot follow the tensors
             peak = {"error": f"{type(e).__name__}: {e}"}
         held = held_bytes(t.model, t.opt).to_dict()
         held["dense_optimizer"] = held_bytes(t.model, t.opt, where=lambda n: not is_expert(n)).optimizer
         t.sync.close()
+        if pt is not t:
+            pt.sync.close()
         plan = make_plan(spec, compile_graph(spec, rank, world, device="meta", batch=(batch, seq), target="cpu"),
                          Settings.of(spec))
         out.append(dict(held=held, peak=peak, step=statistics.median(times),
@@ -120,7 +124,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     data = yaml.safe_load((ROOT / "specs" / f"{a.spec}.yaml").read_text())
     settings = [parse_setting(s) for s in a.settings.split(",")]
-    runnable = [s for s in settings if not missing(s)]
     print(f"{a.spec}, global batch {a.batch} × {a.seq}, float32, {a.threads} torch thread(s) per process, "
           f"{a.steps} timed steps (median, rank 0); bytes of rank 0 in MiB, measured (plan); {cpu_caps.describe()}\n")
     print("| procs | shard | recompute | micro | params + grads | optimizer | peak activations + temporaries | "
@@ -128,34 +131,29 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     targets = []
     for world in map(int, a.procs.split(",")):
-        configs = [with_setting(data, s) for s in runnable]
+        configs = [with_setting(data, s) for s in settings]
         res = spawn(_worker, world, configs, a.steps, a.batch, a.seq, a.threads, timeout=1200) if world > 1 else \
             [_worker(0, 1, configs, a.steps, a.batch, a.seq, a.threads)]
-        base = res[0][0]["step"] if runnable and runnable[0] == settings[0] else None
-        for s in settings:
-            if s not in runnable:
-                print(f"| {world} | {s[0]} | {s[1]} | {s[2]} | not runnable on this branch: RunOptions has no "
-                      f"{', '.join(missing(s))} | | | | |")
-                continue
-            r = res[0][runnable.index(s)]
+        base = res[0][0]["step"]
+        for s, r in zip(settings, res[0]):
             h, p, pk = r["held"], r["plan"], r["peak"]
             act = "n/a: " + pk["error"] if "error" in pk else \
                 f"{_mib(pk['activations'])} + {_mib(pk['temporary'])} ({_mib(p['activations'])})"
             ratio = f"{r['step'] / base:.2f}" if base else "-"
             print(f"| {world} | {s[0]} | {s[1]} | {s[2]} | {_mib(h['params'] + h['grads'])} ({_mib(p['params_grads'])}) "
                   f"| {_mib(h['optimizer'])} ({_mib(p['optimizer'])}) | {act} | {r['step'] * 1e3:.1f} | {ratio} |")
-        targets.extend(_targets(world, settings, runnable, res[0]))
+        targets.extend(_targets(world, settings, res[0]))
     print()
-    for line in targets or ["targets: the settings they compare (optimizer, recompute experts) are not runnable yet"]:
+    for line in targets or ["targets: the settings they compare (optimizer, recompute experts) were not run"]:
         print(line)
     return 0
 
 
-def _targets(world: int, settings: list, runnable: list, res: list) -> list:
+def _targets(world: int, settings: list, res: list) -> list:
     """The issue's targets, as measured: ``optimizer`` holds about 1/N of the optimizer state per rank;
     ``recompute: experts`` lowers the peak activations by at least the experts' share (the plan's)."""
     def of(setting):
-        return res[runnable.index(setting)] if setting in runnable else None
+        return res[settings.index(setting)] if setting in settings else None
 
     base, opt, experts = of(settings[0]), of(("optimizer", "none", 1)), of(("none", "experts", 1))
     out = []

@@ -94,7 +94,8 @@ def step_peak(step, model: torch.nn.Module, optimizer, device=None) -> StepPeak:
 
     device = torch.device(device or next(model.parameters()).device)
     mt = MemTracker()
-    mt.track_external(model, optimizer)
+    # placement.shard optimizer: the torch AdamW inside runtime/shard.py's ShardedAdamW holds the state
+    mt.track_external(model, getattr(optimizer, "inner", optimizer))
     with mt:
         step()
     snap = mt.get_tracker_snapshot("peak").get(device, {})
