@@ -4,8 +4,10 @@
 - FLOPs per token: forward (2 per multiply-add of the active matmuls, plus attention
   scores), training (3 × forward), and with capacity padding (an expert computes all C
   slots of its buffer, filled or not);
-- memory per device: weights, gradients and AdamW state (fp32 master: 16 bytes per
-  parameter when training), and an activation estimate;
+- memory per device: weights for inference; for training the float32 master weights,
+  gradients and AdamW moments, the 16-bit working copies and the activations kept for the
+  backward, under the spec's (or the given) shard mode, recomputation and micro-batches
+  (``moedsl.compiler.memory_plan``);
 - bytes each rank sends and receives per step in the all-to-alls, and separately in the
   token gather of layers routed as one batch, split by link kind (intra-node, inter-node)
   over a networkx model of the mesh; exact for static (capacity) layers, and assuming
@@ -24,6 +26,7 @@ from moedsl.kinds.gates import gate_type
 from moedsl.params import count_parameters, layer_params
 from moedsl.mesh import MeshShape
 
+from .memory_plan import Settings, rank_memory
 
 
 @dataclass
@@ -57,8 +60,8 @@ class Plan:
     flops_per_token_train: float
     flops_per_token_forward_padded: float
     memory_weights: int  # bytes on this device for inference (dtype weights)
-    memory_train_states: int  # fp32 master + grads + AdamW m, v
-    memory_activations: int  # training activations, estimate
+    memory_train_states: int  # fp32 master + grads + AdamW m, v (this rank's shards)
+    memory_activations: int  # training activations kept for the backward, estimate (one micro-batch)
     a2a_send_bytes: dict  # link kind -> all-to-all bytes per training step (forward + backward)
     a2a_recv_bytes: dict
     gather_send_bytes: dict  # link kind -> token all-gather bytes (layers routed as one batch)
@@ -66,6 +69,14 @@ class Plan:
     layout: str = "static"  # static (padded [E, C, d] buffers) | grouped (only the kept rows, packed)
     device: str = "cuda"  # the device type the layout is the one of
     layers: list = field(default_factory=list)  # [LayerTraffic]
+    shard: str = "none"  # the settings the training memory is for
+    recompute: str = "none"
+    micro_batches: int = 1
+    memory_params: int = 0  # float32 master weights held (this rank's shards)
+    memory_grads: int = 0
+    memory_optimizer: int = 0  # AdamW's moments
+    memory_working: int = 0  # 16-bit casts of the weights, or under shard full the gathered layers
+    memory_train_total: int = 0  # a training step: states + working copies + activations
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,7 +95,9 @@ def link(g: nx.Graph, a: int, b: int) -> str:
     return "intra" if g.nodes[a]["node"] == g.nodes[b]["node"] else "inter"
 
 
-def make_plan(spec: S.Spec, compiled) -> Plan:
+def make_plan(spec: S.Spec, compiled, settings: Settings | None = None) -> Plan:
+    """The plan of ``compiled`` (one rank's graph of ``spec``); its training memory under ``settings``
+    (default: the spec's placement.shard, train.recompute and train.micro_batches)."""
     mesh, rank = compiled.mesh, compiled.rank
     B_local, T = compiled.static.batch
     m = spec.model
@@ -92,13 +105,11 @@ def make_plan(spec: S.Spec, compiled) -> Plan:
     total, active = count_parameters(spec)
     flops = padded = 0.0
     on_device = experts_here = 0
-    act_per_token = 0.0
     ep_rank = rank % mesh.expert_parallel
     for layer in spec.layers:
         n, _ = layer_params(spec, layer)
         cfg, kind = layer.config, layer_kind(layer.kind)
         f = kind.flops(cfg, m, T)
-        act_per_token += kind.activations(cfg, m)
         flops += f
         if layer.kind != "moe":
             on_device += n
@@ -117,16 +128,19 @@ def make_plan(spec: S.Spec, compiled) -> Plan:
         else:
             padded += f
     layers, send, recv, gather = _traffic(spec, compiled, B_local, T, wb)
+    mem = rank_memory(spec, compiled, settings or Settings.of(spec))
     return Plan(
         spec=spec.name, world=mesh.world, nodes=mesh.nodes, devices_per_node=mesh.devices_per_node,
         expert_parallel=mesh.expert_parallel, data_parallel=mesh.data_parallel, rank=rank,
         batch=(B_local * mesh.world, T), dtype=m.dtype, params_total=total, params_active_per_token=active,
         params_on_device=on_device, expert_params_on_device=experts_here,
         flops_per_token_forward=flops, flops_per_token_train=3 * flops, flops_per_token_forward_padded=padded,
-        memory_weights=on_device * wb, memory_train_states=on_device * 16,
-        memory_activations=int(act_per_token * B_local * T * wb), a2a_send_bytes=send, a2a_recv_bytes=recv,
-        gather_send_bytes=gather,
-        capturable=compiled.static.capturable, layout=compiled.layout, device=compiled.target, layers=layers)
+        memory_weights=on_device * wb, memory_train_states=mem.states, memory_activations=mem.activations,
+        a2a_send_bytes=send, a2a_recv_bytes=recv, gather_send_bytes=gather,
+        capturable=compiled.static.capturable, layout=compiled.layout, device=compiled.target, layers=layers,
+        shard=mem.settings.shard, recompute=mem.settings.recompute, micro_batches=mem.settings.micro_batches,
+        memory_params=mem.params, memory_grads=mem.grads, memory_optimizer=mem.optimizer,
+        memory_working=mem.working, memory_train_total=mem.total)
 
 
 def _traffic(spec, compiled, B_local, T, wb):

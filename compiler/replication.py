@@ -41,6 +41,7 @@ EPLB's own choice would have made one, so its output is ours, bit for bit.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -48,7 +49,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .passes.placement import position_share
+from .passes.placement import place_layer, position_share
 
 # ----------------------------------------------------------------------------- EPLB, ported
 # Shapes: X = rows (layers, or layers × nodes), n = items, m = packs.
@@ -448,6 +449,7 @@ def replan(spec, compiled, loads: dict, policy_spec) -> list:
     mesh = compiled.mesh
     ep = mesh.expert_parallel
     B_local, T = compiled.static.batch
+    fixed = dataclasses.replace(spec.placement, replication=None)
     nodes = max(1, ep // mesh.devices_per_node) if ep % mesh.devices_per_node == 0 else 1
     out = []
     for layer in spec.moe_layers:
@@ -460,7 +462,9 @@ def replan(spec, compiled, loads: dict, policy_spec) -> list:
         total = sum(raw) or 1.0
         per_step = [x / total * B_local * T * ep * cfg.experts_per_token for x in raw]
         cost = layer_cost(spec, layer, devices_per_node=min(ep, mesh.devices_per_node))
-        lp = compiled.placements[name]
+        # before: the spec's placement without replicas (a replicated spec's compiled placement is
+        # already its initial E + R slots), dispatched as it is (static replicas: source)
+        lp = place_layer(fixed, layer.moe_index, E, ep)
         before = model_step((), per_step, ep, cost, lp.dispatch, hosts=[list(h) for h in lp.hosts])
         groups = getattr(cfg.gate, "groups", None)
         phy2log = place(policy_spec, [x * policy_spec.window for x in per_step], ep, nodes,

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from .errors import MoedslError, SpecError
+from .errors import MoedslError, SpecError, UserError
 
 
 def _cmd_validate(args) -> int:
@@ -60,6 +60,8 @@ def _compiled(args):
     from .compiler.plan import make_plan
 
     spec = load_spec(_spec_path(args.spec))
+    if getattr(args, "nodes", None):
+        spec = _on_nodes(spec, args.nodes, args.world_size)
     batch = None
     if args.batch or args.seq:
         batch = (args.batch or spec.train.batch_size, args.seq or spec.train.seq_len)
@@ -67,7 +69,38 @@ def _compiled(args):
     # that does not fit is a SpecError naming --batch
     compiled = compile_graph(spec, args.rank, args.world_size, device="meta", batch=batch, layout=args.layout,
                              target=args.device, batch_origin="--batch" if args.batch else "train.batch_size")
-    return spec, compiled, make_plan(spec, compiled)
+    return spec, compiled, make_plan(spec, compiled, _settings(spec, compiled, args))
+
+
+def _on_nodes(spec, nodes: int, world):
+    """The spec with its mesh made ``nodes`` × (world ÷ nodes) devices (``moedsl plan --nodes``)."""
+    import dataclasses
+
+    from .spec import Mesh
+
+    pl = spec.placement
+    world = world or (pl.mesh.size if pl.mesh else 1)
+    if world % nodes:
+        raise UserError(f"--nodes {nodes} does not divide the {world} processes of the run (--world-size)")
+    mesh = Mesh(nodes=nodes, devices_per_node=world // nodes)
+    return dataclasses.replace(spec, placement=dataclasses.replace(pl, mesh=mesh))
+
+
+def _settings(spec, compiled, args):
+    """The scale settings the plan's training memory is for: the spec's, or the flags'."""
+    from .compiler.memory_plan import Settings, micro_batch_choices
+
+    s = Settings.of(spec)
+    flag = getattr(args, "micro_batches", None)
+    s = Settings(getattr(args, "shard", None) or s.shard, getattr(args, "recompute", None) or s.recompute,
+                 flag or s.micro_batches)
+    choices = micro_batch_choices(spec, compiled)
+    if s.micro_batches not in choices:
+        B, T = compiled.static.batch
+        raise UserError(f"{'--micro-batches' if flag else 'train.micro_batches'} {s.micro_batches} does not split "
+                        f"the {B} sequences × {T} tokens of rank {compiled.rank} into whole micro-batches whose "
+                        f"tokens every routing group divides (possible: {', '.join(map(str, choices))})")
+    return s
 
 
 def _layout_line(compiled) -> str:
@@ -93,6 +126,11 @@ def _cmd_plan(args) -> int:
 
     spec, compiled, plan = _compiled(args)
     replans = _replan(args, spec, compiled) if args.load else None
+    found = None
+    if args.device_memory is not None:
+        from .compiler.memory_plan import fit
+
+        found = fit(spec, compiled, args.device_memory)
     if args.json:
         out = plan.to_dict()
         if replans is not None:
@@ -100,9 +138,13 @@ def _cmd_plan(args) -> int:
 
             out["replication"] = [dict(asdict(r), balancedness_before=r.before.balancedness,
                                        balancedness_after=r.after.balancedness) for r in replans[0]]
+        if found is not None:
+            out["fit"] = found.to_dict()
         print(json.dumps(out, indent=2))
     else:
         from rich.console import Console
+
+        from .plan_report import print_fit
 
         console = Console()
         print_plan(plan, console)
@@ -113,7 +155,9 @@ def _cmd_plan(args) -> int:
 
             for table in replication_tables(*replans, compiled.mesh.expert_parallel):
                 console.print(table)
-    return 0
+        if found is not None:
+            print_fit(found, console)
+    return 1 if found is not None and not found.fits else 0
 
 
 def _replan(args, spec, compiled):
@@ -524,6 +568,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the spec's placement.replication)")
     p.add_argument("--redundant", type=_nonnegative, metavar="R", help="with --load: redundant slots per MoE "
                    "layer (default: the spec's placement.replication.redundant)")
+    p.add_argument("--nodes", type=_positive, default=None,
+                   help="the run's nodes: the mesh becomes nodes × (world size ÷ nodes) devices (default: the "
+                        "spec's placement.mesh, else one node)")
+    p.add_argument("--shard", choices=["none", "optimizer", "full"], default=None,
+                   help="the training memory under this placement.shard (default: the spec's)")
+    p.add_argument("--recompute", choices=["none", "experts", "layers"], default=None,
+                   help="the training memory under this train.recompute (default: the spec's)")
+    p.add_argument("--micro-batches", type=_positive, default=None,
+                   help="the training memory under this train.micro_batches (default: the spec's)")
+    p.add_argument("--device-memory", type=_memory_size, default=None, metavar="SIZE",
+                   help="list the cheapest settings (shard mode, recompute, micro-batches) under which a training "
+                        "step fits SIZE per device (80GiB, 80GB, 81920MiB), or by how much the best misses "
+                        "(exit status 1)")
     p.set_defaults(func=_cmd_plan)
 
     r = sub.add_parser("run", help="train a spec (CPU, one GPU, or N processes): metrics, plot, checkpoints")
@@ -802,6 +859,13 @@ def _nonnegative(text: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
     return n
+def _memory_size(text: str) -> int:
+    from .dtypes import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _whole(text: str) -> int:

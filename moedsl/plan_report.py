@@ -36,8 +36,12 @@ def plan_tables(plan) -> list:
         ("FLOPs / token, training", human_flops(plan.flops_per_token_train)),
         ("FLOPs / token, padded", f"{human_flops(plan.flops_per_token_forward_padded)} (forward, capacity padding)"),
         ("weights", f"{human_bytes(plan.memory_weights)} ({plan.dtype})"),
-        ("training states", f"{human_bytes(plan.memory_train_states)} (fp32 master, grads, AdamW)"),
-        ("activations", f"{human_bytes(plan.memory_activations)} (training, estimate)"),
+        ("training with", f"shard {plan.shard}, recompute {plan.recompute}, micro_batches {plan.micro_batches}"),
+        ("training states", f"{human_bytes(plan.memory_train_states)} (fp32 master {human_bytes(plan.memory_params)}, "
+                            f"grads {human_bytes(plan.memory_grads)}, AdamW {human_bytes(plan.memory_optimizer)})"),
+        ("working copies", f"{human_bytes(plan.memory_working)} ({_working(plan)})"),
+        ("activations", f"{human_bytes(plan.memory_activations)} (kept for backward, estimate)"),
+        ("training step", f"{human_bytes(plan.memory_train_total)} per device"),
         ("all-to-all sent", both(plan.a2a_send_bytes) + " per step"),
         ("all-to-all received", both(plan.a2a_recv_bytes) + " per step"),
         ("all-gather sent", both(plan.gather_send_bytes) + " per step (tokens)"),
@@ -58,6 +62,46 @@ def plan_tables(plan) -> list:
                        str(sum(layer.messages.values())))
         out.append(lt)
     return out
+
+
+def _working(plan) -> str:
+    if plan.shard == "full":
+        return "the gathered layers"
+    return f"{plan.dtype} casts of the weights" if plan.memory_working else f"none: {plan.dtype} computes on the master"
+
+
+def fit_table(found) -> Table:
+    """The settings under which a training step fits, cheapest first."""
+    t = Table(title=f"settings that fit a step in {human_bytes(found.budget)} per device, cheapest first",
+              box=box.SIMPLE, title_justify="left", padding=(0, 1, 0, 0))
+    for col in ("shard", "recompute", "micro", "states", "activations", "step", "+FLOPs"):
+        t.add_column(col, justify="left" if col in ("shard", "recompute") else "right")
+    for r in found.fitting:
+        s = r.settings
+        t.add_row(s.shard, s.recompute, str(s.micro_batches), human_bytes(r.states), human_bytes(r.activations),
+                  human_bytes(r.total), f"+{r.extra_flops:.0%}")
+    return t
+
+
+def miss_line(found) -> str:
+    """Nothing fits: the best settings, and by how much they miss."""
+    b = found.best
+    parts = {"training states": b.states, "working copies": b.working, "activations": b.activations}
+    largest = max(parts, key=parts.get)
+    line = (f"no setting fits {human_bytes(found.budget)} per device: the best ({b.settings}) needs "
+            f"{human_bytes(b.total)}, {human_bytes(b.total - found.budget)} over; its largest part is the "
+            f"{largest} ({human_bytes(parts[largest])})")
+    if b.alone:
+        line += (f", of which {human_bytes(b.alone)} are the states of parameters this rank alone holds: no "
+                 "shard mode splits them (ranks holding the same experts, data parallel > 1, would)")
+    return line
+
+
+def print_fit(found, console: Console) -> None:
+    if found.fits:
+        console.print(fit_table(found))
+    else:
+        console.print(miss_line(found), highlight=False, soft_wrap=True)
 
 
 def print_plan(plan, console: Console | None = None) -> None:

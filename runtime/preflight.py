@@ -31,6 +31,7 @@ import torch
 
 from moedsl import dtypes
 from moedsl.compiler import compile_graph
+from moedsl.compiler.memory_plan import Settings
 from moedsl.compiler.plan import human_bytes, make_plan
 from moedsl.errors import SpecError, UserError
 from moedsl.hf.weights import problems
@@ -421,13 +422,15 @@ def sixteen_bit_warning(spec, o, caps=None, cuda: bool | None = None, slowdown=N
 
 def memory_needed(spec, o, world: int) -> int:
     """Bytes one process of the run holds at most: fp32 weights, gradients and AdamW's two
-    moments (16 bytes a parameter) and the training activations, from the plan of the rank
-    with the most (compiled on the meta device: nothing is allocated)."""
+    moments, the 16-bit working copies and the training activations under the run's shard
+    mode, recomputation and micro-batches, from the plan of the rank with the most (compiled
+    on the meta device: nothing is allocated)."""
+    settings = Settings(getattr(o, "shard", spec.placement.shard), getattr(o, "recompute", spec.train.recompute),
+                        getattr(o, "micro_batches", spec.train.micro_batches))
     worst = 0
     for rank in range(min(world, 8)):  # ranks differ only by the experts they hold
         compiled = compile_graph(spec, rank, world, device="meta", batch=(o.batch, o.seq), verify_ranks=False)
-        plan = make_plan(spec, compiled)
-        worst = max(worst, plan.memory_train_states + plan.memory_activations)
+        worst = max(worst, make_plan(spec, compiled, settings).memory_train_total)
     return worst
 
 

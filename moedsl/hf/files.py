@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from safetensors import safe_open
 
+from moedsl.dtypes import parse_bytes
 from moedsl.errors import UserError
 from moedsl.paths import HF_CONFIG, apart, side_file, swap_in  # noqa: F401 - here too (moedsl.paths has no torch)
 
@@ -229,18 +230,10 @@ def nbytes(shape, dtype) -> int:
 
 def parse_size(text: str) -> int:
     """'5GB' -> 5·10⁹ bytes (transformers' convention: GB = 10⁹, GiB = 2³⁰), '500MB', '1GiB', '2000000'."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-             "GIB": 2**30, "TIB": 2**40}
-    t = str(text).strip().upper()
-    num = t.rstrip("KMGTIB")
-    unit = t[len(num):]
     try:
-        value = float(num)
+        return parse_bytes(text)
     except ValueError:
-        value = -1
-    if unit not in units or value <= 0:
-        raise UserError(f"--max-shard-size {text!r}: give a size such as 5GB, 500MB or 1GiB")
-    return int(value * units[unit])
+        raise UserError(f"--max-shard-size {text!r}: give a size such as 5GB, 500MB or 1GiB") from None
 
 
 def write_sharded(folder: Path, entries: list, max_shard: int, index_name: str = INDEX,

@@ -24,7 +24,16 @@ import pkgutil
 from dataclasses import fields
 from typing import Any, Optional
 
+from moedsl import dtypes
+
 _KINDS: dict[str, "LayerKind"] = {}
+
+
+def wider(model, dtype: str = "float32") -> float:
+    """Elements of ``model.dtype`` one element of ``dtype`` weighs: what a layer keeps in float32
+    under a 16-bit autocast (norms compute in float32, the router in ``model.router_dtype``, the
+    loss on upcast logits) counts this many times."""
+    return dtypes.BYTES[dtype] / dtypes.BYTES[model.dtype]
 
 
 def take(cls, data: Optional[dict], **resolved):
@@ -86,7 +95,8 @@ class LayerKind:
         return 2.0 * self.parameters(cfg, model)[1]
 
     def activations(self, cfg, model) -> float:
-        """Activation elements per token kept for the backward (the Plan's estimate)."""
+        """Activation elements per token kept for the backward (the Plan's estimate), counted in
+        elements of ``model.dtype``: a float32 tensor under a 16-bit dtype counts ``wider(model)``."""
         return float(model.d_model)
 
     # -- the graph -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Optional
 
 from moedsl.schema import defaults
 
-from . import LayerKind, register
+from . import LayerKind, register, wider
 
 _D = defaults("attention")
 
@@ -90,10 +90,12 @@ class AttentionKind(LayerKind):
         return super().flops(cfg, model, seq) + 2 * 2 * ctx * cfg.heads * cfg.head_dim
 
     def activations(self, cfg: Attention, model) -> float:
-        """The input and output (d_model each), q, k, v and the attention output (heads · head_dim
-        each, counted before the key/value heads are repeated), plus q and k once more normed."""
+        """Its pre-norm's input and output (float32), its input and output (d_model each), q, k, v
+        and the attention output (heads · head_dim each, counted before the key/value heads are
+        repeated), plus q and k once more normed."""
         inner = cfg.heads * cfg.head_dim
-        return 4.0 * model.d_model + 4.0 * inner + (2.0 * inner if cfg.qk_norm != "none" else 0.0)
+        qk_normed = 2.0 * inner if cfg.qk_norm != "none" else 0.0
+        return model.d_model * (2.0 * wider(model) + 2.0) + 4.0 * inner + qk_normed
 
 
     def document_kwargs(self, ctx, layer) -> dict:

@@ -6,10 +6,18 @@ from dataclasses import dataclass
 
 from moedsl.schema import defaults
 
-from . import LayerKind, register
+from . import LayerKind, register, wider
 
 _D = defaults("ffn")
 GLU_ACTIVATIONS = ("swiglu", "geglu")
+
+
+def hidden_kept(activation: str) -> int:
+    """Hidden-width tensors a feed-forward keeps per row for its backward: a gated unit keeps the
+    gate's and the up projection's outputs, the activated gate and their product (the down
+    projection's input); relu keeps its output only (its own backward and the down projection's
+    input are that one tensor); gelu and silu keep their input and their output."""
+    return 4 if activation in GLU_ACTIVATIONS else 1 if activation == "relu" else 2
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,8 @@ class FFNKind(LayerKind):
         return DenseFFN(model.d_model, cfg.hidden, cfg.activation, cfg.bias, cfg.dropout, model.init_std)
 
     def activations(self, cfg: FFN, model) -> float:
-        return 2.0 * model.d_model + (3 if cfg.glu else 2) * cfg.hidden
+        """Its pre-norm's input and output (float32), its own input (d_model each) and the hidden rows."""
+        return model.d_model * (2.0 * wider(model) + 1.0) + hidden_kept(cfg.activation) * cfg.hidden
 
 
 register(FFNKind())

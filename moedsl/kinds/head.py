@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from moedsl.schema import defaults
 
-from . import LayerKind, register
+from . import LayerKind, register, wider
 
 _D = defaults("head")
 
@@ -33,7 +33,10 @@ class HeadKind(LayerKind):
         return 2.0 * model.d_model * model.vocab_size  # tied or not, the projection is computed
 
     def activations(self, cfg, model) -> float:
-        return float(model.vocab_size)
+        """Its input, and the loss's log-probabilities over the vocabulary: float32 whatever the
+        model's dtype (the loss upcasts the logits, runtime/step.py ``task_loss``), so counted in
+        elements of the model's dtype."""
+        return model.d_model + model.vocab_size * wider(model)
 
     def target(self, layer) -> str:
         return "head"

@@ -12,7 +12,7 @@ from typing import Optional
 
 from moedsl.schema import defaults
 
-from . import LayerKind, register
+from . import LayerKind, register, wider
 
 _D = defaults("latent_attention")
 _Y = defaults("yarn")
@@ -88,13 +88,14 @@ class LatentAttentionKind(LayerKind):
         return super().flops(cfg, model, seq) + 2 * ctx * cfg.heads * per_head
 
     def activations(self, cfg: LatentAttention, model) -> float:
-        """Input and output (d_model each); the query path (the low-rank query and its norm);
-        q; the latent with its rotary part and the normed latent; k, v and the attention output."""
+        """Its pre-norm's input and output (float32) and its own input (d_model each); the low-rank query,
+        normed (its input, the normed rows, the scaled rows); the latent likewise, and its rotary
+        key; the up-projected keys and values; q before and after the rotation, and the keys; the
+        attention output."""
         h, qk, v = cfg.heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
-        q_path = 2.0 * cfg.q_lora_rank if cfg.q_lora_rank is not None else 0.0
-        latent = 2.0 * cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        return 2.0 * model.d_model + q_path + h * qk + latent + h * qk + 2.0 * h * v
-
+        q_path = 3.0 * cfg.q_lora_rank if cfg.q_lora_rank is not None else 0.0
+        latent = 3.0 * cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        return model.d_model * (2.0 * wider(model) + 1.0) + q_path + latent + h * (cfg.qk_nope_head_dim + v) + 3.0 * h * qk + h * v
 
     def document_kwargs(self, ctx, layer) -> dict:
         """The documents' mask, and each token's position within its document for the rotary part."""

@@ -21,8 +21,8 @@ from typing import Optional
 from moedsl.checks import a as _a
 from moedsl.schema import defaults, schema
 
-from . import LayerKind, register, take
-from .ffn import GLU_ACTIVATIONS
+from . import LayerKind, register, take, wider
+from .ffn import GLU_ACTIVATIONS, hidden_kept
 from .gates import Gate, gate_type, gate_types
 
 _EXPERTS, _SUB = defaults("experts"), defaults("sub_gate")
@@ -275,8 +275,25 @@ class MoEKind(LayerKind):
         return 2.0 * (n.router_active + n.shared)
 
     def activations(self, cfg: MoE, model) -> float:
-        e = cfg.experts
-        return 3 * model.d_model + cfg.experts_per_token * (2 * model.d_model + (3 if e.glu else 2) * e.hidden)
+        """Per token: its pre-norm's input and output (float32, d_model each), the router's input
+        and its scores and probabilities (two per expert; in ``model.router_dtype``), ``expert_row``
+        per routed expert the token goes to, and the shared experts' hidden rows (their input is
+        the router's)."""
+        e, d = cfg.experts, model.d_model
+        shared = 0.0 if e.shared is None else hidden_kept(e.activation) * e.shared.count * e.shared.hidden \
+            + (1 if e.shared.gate else 0)
+        router = (d + 2.0 * e.count) * wider(model, model.router_dtype)
+        return 2.0 * d * wider(model) + router + cfg.experts_per_token * self.expert_row(cfg, model) + shared
+
+    def expert_row(self, cfg: MoE, model) -> float:
+        """What one routed row keeps for the backward: its dispatched input, ``expert_hidden``, and
+        its output, which the combine weighs by the router's probability (so in the router's dtype)."""
+        return model.d_model * (1.0 + wider(model, model.router_dtype)) + self.expert_hidden(cfg, model)
+
+    def expert_hidden(self, cfg: MoE, model) -> float:
+        """The hidden rows of one routed row: what ``train.recompute: experts`` recomputes in the
+        backward instead of keeping."""
+        return float(hidden_kept(cfg.experts.activation) * cfg.experts.hidden)
 
     # -- the graph -------------------------------------------------------------------------------
     def target(self, layer) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import LayerKind, register
+from . import LayerKind, register, wider
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class NormKind(LayerKind):
 
     def flops(self, cfg, model, seq: int) -> float:
         return 0.0
+
+    def activations(self, cfg, model) -> float:
+        return 2.0 * model.d_model * wider(model)  # its input and the normalised input, in float32
 
 
 NORM = register(NormKind())
