@@ -379,6 +379,15 @@ class PackedAllToAll(_Collective):
                         counts=counts)
 
 
+def keep_tables_out_of_state(gm: nn.Module) -> None:
+    """fx.GraphModule registers each tensor a get_attr node reads as a persistent buffer: the packed
+    trips' send tables (a function of the placement, which a checkpoint never depends on) go back
+    out of the state dict, so a checkpoint loads into any placement and any dispatch."""
+    for mod in gm.modules():
+        if isinstance(mod, PackedAllToAll):
+            mod._non_persistent_buffers_set.update(n for n in ("send_slot", "send_copies") if n in mod._buffers)
+
+
 class PackedAllToAllBack(_Collective):
     def __init__(self, forward_module: PackedAllToAll):
         super().__init__()

@@ -98,8 +98,9 @@ def state_dict(model, optimizer, extra: dict) -> dict:
                     sd[f"optim/{key}/{k}"] = v if slot is None else v[slot]
                 elif torch.is_tensor(v):
                     sd[f"optim/{key}/{k}"] = v
+    persistent = model.state_dict(keep_vars=True).keys()  # not the all-to-alls' send tables: placement, not state
     for name, b in model.named_buffers():
-        if not name.endswith("expert_ids"):
+        if not name.endswith("expert_ids") and name in persistent:
             sd[f"model/{name}"] = b
     for k, v in extra.items():
         sd[f"extra/{k}"] = v

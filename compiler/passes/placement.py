@@ -3,8 +3,9 @@
 Ranks form a mesh of expert_parallel (EP) × data_parallel (DP): rank = dp_index · EP +
 ep_rank, so an EP group is a run of consecutive ranks (inside a node when it fits). A
 layer's experts are sharded over the EP ranks by the spec's strategy; a replicated
-expert ("hot", FasterMoE's shadowing) is on several EP ranks. The pass records a ``LayerPlacement`` per MoE layer and
-makes each layer's ``Experts`` module with the experts this rank hosts.
+expert ("hot", FasterMoE's shadowing) is on several EP ranks. The pass records a
+``LayerPlacement`` per MoE layer and makes each layer's ``Experts`` module with the experts
+this rank hosts.
 
 ``dispatch`` says how a source splits its rows of a replicated expert over the copies:
 
@@ -87,7 +88,14 @@ class LayerPlacement:
     def targets(self, expert: int, source: int) -> tuple:
         """The EP ranks among which source EP rank ``source`` splits its rows of ``expert`` by
         position (its k-th row to ``targets[k mod len(targets)]``); one rank: all of them go there."""
-        return _targets(self, expert, source)
+        key = (expert, source)
+        if key not in self._target_cache:
+            self._target_cache[key] = _targets(self, expert, source)
+        return self._target_cache[key]
+
+    @functools.cached_property
+    def _target_cache(self) -> dict:  # (expert, source) -> targets, filled as asked
+        return {}
 
     def host_for(self, expert: int, source: int) -> int:
         """The EP rank that takes ``expert``'s rows from ``source``, where one takes them all
@@ -177,7 +185,6 @@ def position_share(rows: int, copies: int, copy: int, offset: int = 0) -> int:
     return max(0, (rows - first + copies - 1) // copies)
 
 
-@functools.lru_cache(maxsize=65536)
 def _targets(lp: LayerPlacement, expert: int, source: int) -> tuple:
     hosts = lp.hosts[expert]
     if len(hosts) == 1 or lp.dispatch == "source":
