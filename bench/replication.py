@@ -7,8 +7,10 @@ Routing is a hash gate whose token → expert table gives expert i (by load rank
 exact: the hottest expert carries 1×, 2×, 4× and 8× the mean. Which expert ids are hot is a
 fixed random permutation (hot experts are not neighbours, whom a contiguous placement would put
 on one rank). Each layer has E = 4 experts per rank and, with a policy, R = one redundant slot
-per rank; a policy's placement runs as today's static explicit map with replicas (tokens to
-the copy ``source rank mod copies``, compiler/passes/placement.py).
+per rank; a policy's placement runs as ``placement.replication`` with the default dispatch
+(``position``: each source splits its rows of an expert evenly over the copies,
+compiler/passes/placement.py), the placement fixed from the start (a policy callable returning
+it; no migration).
 
 Measured (4 processes): each rank's expert rows per step (a hook on the experts module), the
 balancedness (mean/max), the step time (all configurations built once in the same processes,
@@ -18,7 +20,7 @@ beside them: it is calibrated in the same processes (the experts' GEMMs' FLOP/s,
 all-to-all latency and bandwidth) and prices the MoE layer only; "predicted step" adds the rest of the step,
 measured once (1×, no replicas) as measured step − modelled layer.
 
-    python bench/replication.py                 # about 2 minutes on 2 cores
+    python bench/replication.py                 # 1 to 3 minutes on 2 cores
     python bench/replication.py --steps 4 --skip-simulated
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 
 import torch
 
-from moedsl.compiler.replication import LayerCost, balancedness, hosts_of, model_step, place
+from moedsl.compiler.replication import LayerCost, balancedness, model_step, place
 from moedsl.nn import cpu_caps
 from moedsl.spec import Replication
 
@@ -76,12 +78,10 @@ def hash_table(vocab: int, E: int, ratio: float) -> torch.Tensor:
     return table[torch.randperm(vocab, generator=torch.Generator().manual_seed(1))]
 
 
-def spec_data(E: int, d: int, hidden: int, vocab: int, batch: int, seq: int, phy2log) -> dict:
+def spec_data(E: int, d: int, hidden: int, vocab: int, batch: int, seq: int, policy: str) -> dict:
     placement = {"mesh": {"nodes": 1, "devices_per_node": WORLD}}
-    if phy2log is not None:
-        hosts = hosts_of(phy2log, WORLD, E)
-        placement["experts"] = {"strategy": "explicit", "map": hosts,
-                                "replicas": {e: len(h) for e, h in enumerate(hosts) if len(h) > 1}}
+    if policy != "none":  # E + R slots; the worker's policy callable puts the bench's placement in them
+        placement["replication"] = {"policy": policy, "redundant": WORLD, "window": 1, "every": 2**30}
     return {"moedsl": 1, "name": "hot-experts", "model": {"vocab_size": vocab, "d_model": d, "max_seq_len": seq},
             "layers": [{"embedding": {}},
                        {"moe": {"experts": {"count": E, "hidden": hidden, "activation": "relu"},
@@ -136,11 +136,11 @@ def _worker(rank: int, world: int, configs: list, steps: int, batch: int, seq: i
 
     torch.set_num_threads(1)
     trainers, rows = [], []
-    for data, table in configs:
+    for data, table, phy2log in configs:
         spec = moedsl.load_spec(data)
         o = RunOptions.from_spec(spec, steps=steps, batch=batch * world, seq=seq, device="cpu", data="synthetic",
                                  seed=0, progress=False)
-        t = Trainer(spec, o)
+        t = Trainer(spec, o, policy=None if phy2log is None else lambda load, info, p=phy2log: p)
         count = [0]
         for m in t.model.modules():
             if isinstance(m, HashGate):
@@ -191,13 +191,18 @@ def measured(args) -> None:
     configs, rows = [], []
     for ratio in SKEWS:
         table = hash_table(args.vocab, E, ratio)
-        exact = torch.bincount(table, minlength=E).double() / args.vocab * tokens * WORLD  # per step, all ranks
-        exact = exact.tolist()
+        counts = torch.bincount(table, minlength=E)
+        exact = (counts.double() / args.vocab * tokens * WORLD).tolist()  # per step, all ranks
+        # each source's rows of each expert: whole counts where every token id appears equally often in
+        # a rank's batch, which the model splits over the copies exactly as position dispatch does
+        per_source = (counts * tokens // args.vocab).tolist() if tokens % args.vocab == 0 else \
+            [x / WORLD for x in exact]
         for policy in POLICIES:
             phy2log = None if policy == "none" else place(Replication(policy=policy, redundant=WORLD, window=1),
                                                           exact, WORLD, 1, None, cost)
-            configs.append((spec_data(E, args.d, args.hidden, args.vocab, args.batch, args.seq, phy2log), table))
-            model = model_step(phy2log or tuple(range(E)), exact, WORLD, cost)
+            configs.append((spec_data(E, args.d, args.hidden, args.vocab, args.batch, args.seq, policy), table,
+                            phy2log))
+            model = model_step(phy2log or tuple(range(E)), [per_source] * WORLD, WORLD, cost)
             rows.append(dict(ratio=ratio, hot=max(exact) / (sum(exact) / E), policy=policy, model=model,
                              copies=WORLD * PER_RANK + (WORLD if phy2log else 0)))
     res = spawn(_worker, WORLD, configs, args.steps, args.batch, args.seq, args.vocab, timeout=1200)
@@ -268,7 +273,7 @@ def simulated(args) -> None:
     print(f"\n## Modelled: nodes of 8 devices at the placement.hardware defaults ({hw.device_flops / 1e12:.0f} "
           f"TFLOP/s, {hw.intra_node_bandwidth / 1e9:.0f} GB/s in a node, {hw.inter_node_bandwidth / 1e9:.0f} GB/s "
           f"across), expert d = {d}, SwiGLU hidden {h}, bf16 rows, {PER_RANK} experts + 1 redundant slot per rank, "
-          f"16,384 assignments per rank per step, EPLB global (no expert groups), dispatch modulo\n")
+          f"16,384 assignments per rank per step, EPLB global (no expert groups), dispatch position\n")
     print("| ranks | hottest / mean | policy | balancedness | layer step ms | compute | all-to-all | replica grads | "
           "speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")

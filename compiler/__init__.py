@@ -21,6 +21,7 @@ from moedsl.errors import MoedslError, SpecError
 from moedsl.mesh import MeshShape, resolve_mesh
 from moedsl.validate import check_batch
 
+from .collectives import keep_tables_out_of_state
 from .decode_graph import compile_decode
 from .lower import Lowered, lower
 from .passes.insert_collectives import insert_collectives
@@ -109,6 +110,7 @@ def compile_graph(spec: S.Spec, rank: int = 0, world_size: Optional[int] = None,
             others.append((r, collective_signature(other.graph)))
     verify(low.graph, others)
     gm = fx.GraphModule(low.modules, low.graph, class_name=_class_name(spec.name))
+    keep_tables_out_of_state(gm)
     gm.meta = {"spec": spec.name, "rank": rank, "world": world_size}
     return Compiled(module=gm, mesh=mesh, rank=rank, placements=placements, comms=comms, static=shapes,
                     layout=layout, target=target)

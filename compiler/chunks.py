@@ -86,6 +86,13 @@ def routing_chunk(r: Routing, j: int, chunks: int) -> Routing:
                    routed=None if r.routed is None else r.routed[mine])
 
 
+def assignments_chunk(t: torch.Tensor, r: Routing, j: int, chunks: int) -> torch.Tensor:
+    """A per-assignment tensor [A] of the whole routing -> chunk j's share, in ``routing_chunk``'s
+    order (a source's positions among its rows of an expert stay those of all its tokens)."""
+    lo, hi = chunk_range(r.num_tokens, j, chunks)
+    return t[(r.token >= lo) & (r.token < hi)]
+
+
 def cat_chunks(parts: tuple) -> torch.Tensor:
     """The packed layer's output: the chunks' tokens [hi_j - lo_j, d], concatenated -> [S, d]."""
     return torch.cat(parts)

@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from moedsl.nn.moe_ops import Packed
 
-from .passes.placement import LayerPlacement
+from .chunks import chunk_range
+from .passes.placement import LayerPlacement, position_share
 
 # ``node.meta["role"]`` of every graph node that calls a collective module of this file, issued or
 # waited for: the collective-insertion pass puts in ``route_gather`` (GatherTokens), ``a2a_dispatch``
@@ -145,6 +146,12 @@ def all_to_all(x: torch.Tensor, counts: list, topo: Topology) -> torch.Tensor:
     return _AllToAll.apply(x, counts, topo)
 
 
+def by_position(lp: LayerPlacement) -> bool:
+    """Whether a packed trip of ``lp`` splits a source's rows of an expert over its copies (needing
+    each row's position), rather than sending them all to one."""
+    return lp.dispatch != "source" and not lp.uniform
+
+
 def _same_shape(old: LayerPlacement, new: LayerPlacement) -> None:
     """A placement the compiled graph can follow: the same ranks and slots per rank, and replicas
     where there were (the graph's layout of received rows depends on it)."""
@@ -170,98 +177,120 @@ class _Collective(nn.Module):
 class CapacityAllToAll(_Collective):
     """Dispatch of a capacity buffer [E, C, d] (global expert order) to the EP ranks hosting the
     experts; returns [E_local, P·C, d] (uniform placement) or rows grouped by local slot.
-    ``back`` is the combine trip. Static shapes: the splits follow from C alone."""
+    ``back`` is the combine trip. Static shapes: the splits follow from C alone.
+
+    With replicas, row i of a source's block of expert e goes to ``targets(e, source)[(o + i)
+    mod copies]`` (o: the block's first slot; an overlap chunk's slots start past 0), so position
+    dispatch splits every block over the copies, each taking ⌈C / copies⌉ or ⌊C / copies⌋ slots
+    of it, and the kept rows, which fill a block from slot 0, ±1 per routing group."""
 
     def __init__(self, lp: LayerPlacement, ep_rank: int):
         super().__init__()
         self.lp, self.ep_rank = lp, ep_rank
-        self._tables = False
+        self.uniform = lp.uniform
+        self._tables: dict = {}  # (C, offset) -> _RowTables
         self._cache: dict = {}
 
     def rebind(self, lp: LayerPlacement) -> None:
         """Follow a new placement of the same slot counts (experts moved between steps): the
         tables are made again at the next use."""
         _same_shape(self.lp, lp)
-        self.lp, self._tables, self._cache = lp, False, {}
+        self.lp, self._tables, self._cache = lp, {}, {}
 
-    def _make_tables(self) -> None:
-        """Send and receive tables, made on first use (a compile for inspection never needs them)."""
-        if self._tables:
-            return
-        self._tables = True
-        lp, ep_rank, P = self.lp, self.ep_rank, self.lp.ep
-        # blocks (experts) each source sends each destination
-        self.blocks = [lp.sends(s) for s in range(P)]
-        # send order: experts by destination rank, then by slot order on that rank
-        self.send_perm = [e for d in range(P) for e in lp.slots[d] if lp.host_for(e, ep_rank) == d]
-        # received blocks, in (source, slot order) order -> local slots
-        local = lp.slots[ep_rank]
-        recv = [(s, e) for s in range(P) for e in local if lp.host_for(e, s) == ep_rank]
-        self.recv_slot = [local.index(e) for _, e in recv]
-        self.uniform = lp.uniform
-        per_slot = [sum(1 for x in self.recv_slot if x == j) for j in range(len(local))]
-        self.per_slot = per_slot  # blocks each local slot receives
-        self.local_order = sorted(range(len(recv)), key=lambda i: (self.recv_slot[i], i))
-        self.inverse_order = [0] * len(self.local_order)
-        for pos, i in enumerate(self.local_order):
-            self.inverse_order[i] = pos
+    def _rows(self, C: int, offset: int) -> "_RowTables":
+        """Send and receive tables of blocks of C rows starting at slot ``offset``, made on first use
+        (a compile for inspection never needs them)."""
+        key = (C, offset)
+        if key not in self._tables:
+            self._tables[key] = _RowTables(self.lp, self.ep_rank, C, offset)
+        return self._tables[key]
 
-    def _index(self, name: str, device) -> torch.Tensor:
+    def _index(self, name: str, t: "_RowTables", device) -> torch.Tensor:
         """An index table as a device tensor, made once (no host-to-device copy in a captured step)."""
-        key = (name, str(device))
+        key = (name, t.C, t.offset, str(device))
         if key not in self._cache:
-            values = {"send": self.send_perm, "local": self.local_order, "inverse": self.inverse_order,
-                      "per_slot": self.per_slot}[name]
-            self._cache[key] = torch.tensor(values, dtype=torch.int64, device=device)
+            self._cache[key] = torch.tensor(getattr(t, name), dtype=torch.int64, device=device)
         return self._cache[key]
 
-    def forward(self, buf: torch.Tensor):
+    def forward(self, buf: torch.Tensor, offset: int = 0):
         topo = self._need()
-        send, counts = self.send_rows(buf)
-        return self.received(all_to_all(send, counts, topo), buf.shape[1])
+        send, counts = self.send_rows(buf, offset)
+        return self.received(all_to_all(send, counts, topo), buf.shape[1], offset)
 
-    def send_rows(self, buf: torch.Tensor) -> tuple:
+    def send_rows(self, buf: torch.Tensor, offset: int = 0) -> tuple:
         """buf [E, C, d] -> (rows [E·C, d] in send order, the trip's count matrix)."""
-        self._make_tables()
         E, C, d = buf.shape
-        send = buf.index_select(0, self._index("send", buf.device)).reshape(E * C, d)
-        return send, [[b * C for b in row] for row in self.blocks]
+        t = self._rows(C, offset)
+        send = buf.reshape(E * C, d).index_select(0, self._index("send", t, buf.device))
+        return send, t.counts
 
-    def received(self, got: torch.Tensor, C: int):
-        """Rows received [(source, slot)·C, d] -> the experts' input: [E_local, P·C, d] (uniform) or
-        rows grouped by local slot."""
+    def received(self, got: torch.Tensor, C: int, offset: int = 0):
+        """Rows received, by source -> the experts' input: [E_local, P·C, d] (uniform) or rows
+        grouped by local slot."""
         d = got.shape[-1]
-        got = got.view(-1, C, d)  # [(source, slot), C, d]
         if self.uniform:
             P, E_local = self.lp.ep, len(self.lp.slots[self.ep_rank])
             return got.view(P, E_local, C, d).transpose(0, 1).reshape(E_local, P * C, d)
-        rows = got.index_select(0, self._index("local", got.device)).reshape(-1, d)
-        return Packed(rows=rows, sizes=self._index("per_slot", got.device) * C,
-                      index=self._index("local", got.device))
+        t = self._rows(C, offset)
+        local = self._index("local", t, got.device)
+        return Packed(rows=got.index_select(0, local), sizes=self._index("per_slot", t, got.device), index=local)
 
-    def back(self, y, capacity: int) -> torch.Tensor:
+    def back(self, y, capacity: int, offset: int = 0) -> torch.Tensor:
         topo = self._need()
-        got, back = self.back_rows(y, capacity)
-        return self.returned(all_to_all(got, back, topo), capacity)
+        got, back = self.back_rows(y, capacity, offset)
+        return self.returned(all_to_all(got, back, topo), capacity, offset)
 
-    def back_rows(self, y: torch.Tensor, C: int) -> tuple:
-        """Expert outputs -> (rows in (source, slot) order, the return trip's count matrix)."""
-        self._make_tables()
-        P = self.lp.ep
+    def back_rows(self, y: torch.Tensor, C: int, offset: int = 0) -> tuple:
+        """Expert outputs -> (rows in the order they were received, the return trip's count matrix)."""
+        t = self._rows(C, offset)
+        P, d = self.lp.ep, y.shape[-1]
         if self.uniform:
-            E_local, d = y.shape[0], y.shape[-1]
+            E_local = y.shape[0]
             got = y.view(E_local, P, C, d).transpose(0, 1).reshape(-1, d)
         else:
-            d = y.shape[-1]
-            got = y.view(-1, C, d).index_select(0, self._index("inverse", y.device)).reshape(-1, d)
-        counts = [[b * C for b in row] for row in self.blocks]
-        return got, [list(col) for col in zip(*counts)]
+            got = y.reshape(-1, d).index_select(0, self._index("inverse", t, y.device))
+        return got, [list(col) for col in zip(*t.counts)]
 
-    def returned(self, sent: torch.Tensor, C: int) -> torch.Tensor:
+    def returned(self, sent: torch.Tensor, C: int, offset: int = 0) -> torch.Tensor:
         """Rows back from the experts (send order) -> [E, C, d] in global expert order."""
-        sent = sent.view(-1, C, sent.shape[-1])  # in send_perm order
-        perm = self._index("send", sent.device)
-        return sent.new_zeros(len(self.send_perm), C, sent.shape[-1]).index_copy(0, perm, sent)
+        t = self._rows(C, offset)
+        d = sent.shape[-1]
+        E = len(self.lp.hosts)
+        return sent.new_zeros(E * C, d).index_copy(0, self._index("send", t, sent.device), sent).view(E, C, d)
+
+
+class _RowTables:
+    """The row tables of one CapacityAllToAll for blocks of C rows from slot ``offset``.
+
+    send: rows of the flat buffer [E·C] in send order (destination rank, its slot order, position);
+    counts: rows each source sends each destination (the whole matrix); local: rows received (by
+    source, then as sent) -> grouped by local slot; inverse: the reverse; per_slot: rows per local slot."""
+
+    def __init__(self, lp: LayerPlacement, me: int, C: int, offset: int):
+        self.C, self.offset = C, offset
+        P = lp.ep
+        self.counts = [lp.sends(s, C, offset) for s in range(P)]
+        send = []
+        for d in range(P):
+            for e in lp.slots[d]:
+                t = lp.targets(e, me)
+                if d in t:  # the positions i with (offset + i) mod copies = its index
+                    send.extend(e * C + i for i in range((t.index(d) - offset) % len(t), C, len(t)))
+        self.send = send
+        if lp.uniform:  # received rows are [P, E_local, C]: a view, no tables
+            return
+        local = lp.slots[me]
+        slot_of_row = []
+        for s in range(P):
+            for j, e in enumerate(local):
+                t = lp.targets(e, s)
+                if me in t:
+                    slot_of_row += [j] * position_share(C, len(t), t.index(me), offset)
+        self.local = sorted(range(len(slot_of_row)), key=lambda i: (slot_of_row[i], i))
+        self.inverse = [0] * len(self.local)
+        for pos, i in enumerate(self.local):
+            self.inverse[i] = pos
+        self.per_slot = [slot_of_row.count(j) for j in range(len(local))]
 
 
 class CapacityAllToAllBack(nn.Module):
@@ -287,20 +316,38 @@ class Received:
 
 class PackedAllToAll(_Collective):
     """Dispatch of packed rows (sorted by global destination slot) to the hosting EP ranks; the
-    counts are exchanged first (a small all-to-all), so the row exchange has data-dependent splits."""
+    counts are exchanged first (a small all-to-all), so the row exchange has data-dependent splits.
+
+    Under ``source`` dispatch (or without replicas) ``send_slot`` [E] is each expert's slot for this
+    source. Else ``send_slot`` [E, EP] holds the slots of the copies the source splits its rows
+    over (-1 padded), ``send_copies`` [E] how many: the graph's ``replica_slots`` node gives the
+    source's k-th row of expert e slot ``send_slot[e, k mod send_copies[e]]``."""
 
     def __init__(self, lp: LayerPlacement, ep_rank: int):
         super().__init__()
         self.lp, self.ep_rank = lp, ep_rank
         self.n_local = [len(s) for s in lp.slots]
-        self.register_buffer("send_slot", torch.tensor(lp.send_slots(ep_rank), dtype=torch.int64), persistent=False)
+        self.by_position = by_position(lp)
+        table, copies = self._tables(lp)
+        self.register_buffer("send_slot", table, persistent=False)
+        if self.by_position:
+            self.register_buffer("send_copies", copies, persistent=False)
+
+    def _tables(self, lp: LayerPlacement) -> tuple:
+        table, copies = lp.send_slots(self.ep_rank)
+        if not self.by_position:
+            return torch.tensor([t[0] for t in table], dtype=torch.int64), None
+        return torch.tensor(table, dtype=torch.int64), torch.tensor(copies, dtype=torch.int64)
 
     def rebind(self, lp: LayerPlacement) -> None:
-        """Follow a new placement of the same slot counts: the send table is rewritten in place
-        (the graph reads it as an attribute)."""
+        """Follow a new placement of the same slot counts: the send tables are rewritten in place
+        (the graph reads them as attributes)."""
         _same_shape(self.lp, lp)
         self.lp = lp
-        self.send_slot.copy_(torch.tensor(lp.send_slots(self.ep_rank), dtype=torch.int64))
+        table, copies = self._tables(lp)
+        self.send_slot.copy_(table)
+        if self.by_position:
+            self.send_copies.copy_(copies)
 
     def forward(self, p: Packed) -> Received:
         topo = self._need()
@@ -330,6 +377,15 @@ class PackedAllToAll(_Collective):
         order = torch.sort(slot_of_row, stable=True).indices
         return Received(rows=got.index_select(0, order), sizes=recv_sizes.sum(0).to(got.device), order=order,
                         counts=counts)
+
+
+def keep_tables_out_of_state(gm: nn.Module) -> None:
+    """fx.GraphModule registers each tensor a get_attr node reads as a persistent buffer: the packed
+    trips' send tables (a function of the placement, which a checkpoint never depends on) go back
+    out of the state dict, so a checkpoint loads into any placement and any dispatch."""
+    for mod in gm.modules():
+        if isinstance(mod, PackedAllToAll):
+            mod._non_persistent_buffers_set.update(n for n in ("send_slot", "send_copies") if n in mod._buffers)
 
 
 class PackedAllToAllBack(_Collective):
@@ -439,42 +495,49 @@ class _ChunkTrip(_Collective):
     """One half of one chunk's trip: holds the layer's all-to-all module (its tables) in a plain
     list (not a submodule: the graph no longer calls it)."""
 
-    def __init__(self, trip: nn.Module, chunk: int):
+    def __init__(self, trip: nn.Module, chunk: int, chunks: int = 1):
         super().__init__()
-        self.trip, self.chunk = [trip], chunk
+        self.trip, self.chunk, self.chunks = [trip], chunk, chunks
+
+    def offset(self, routing) -> int:
+        """The first slot of this chunk in the layer's capacity buffer (position dispatch counts
+        a block's rows from there)."""
+        return chunk_range(routing.capacity, self.chunk, self.chunks)[0]
 
     def extra_repr(self) -> str:
         return f"chunk={self.chunk}"
 
 
 class CapacityDispatchStart(_ChunkTrip):
-    """Issue chunk ``chunk``'s dispatch trip: buf [E, C_j, d] -> InFlight."""
+    """Issue chunk ``chunk``'s dispatch trip: buf [E, C_j, d] (slots from ``offset(routing)``) -> InFlight."""
 
-    def forward(self, buf: torch.Tensor) -> InFlight:
-        send, counts = self.trip[0].send_rows(buf)
-        return start_all_to_all(send, counts, self._need(), extra=buf.shape[1])
+    def forward(self, buf: torch.Tensor, routing) -> InFlight:
+        at = self.offset(routing)
+        send, counts = self.trip[0].send_rows(buf, at)
+        return start_all_to_all(send, counts, self._need(), extra=(buf.shape[1], at))
 
 
 class CapacityDispatchWait(_ChunkTrip):
     """Wait for it: -> the experts' input, [E_local, P·C_j, d] or rows grouped by local slot."""
 
     def forward(self, flight: InFlight):
-        return self.trip[0].received(finish_all_to_all(flight), flight.extra)
+        return self.trip[0].received(finish_all_to_all(flight), *flight.extra)
 
 
 class CapacityCombineStart(_ChunkTrip):
     """Issue the combine trip of chunk ``chunk``'s expert outputs (C_j read off its dispatch buffer)."""
 
-    def forward(self, y: torch.Tensor, buf: torch.Tensor) -> InFlight:
-        got, back = self.trip[0].back_rows(y, buf.shape[1])
-        return start_all_to_all(got, back, self._need(), extra=buf.shape[1])
+    def forward(self, y: torch.Tensor, buf: torch.Tensor, routing) -> InFlight:
+        at = self.offset(routing)
+        got, back = self.trip[0].back_rows(y, buf.shape[1], at)
+        return start_all_to_all(got, back, self._need(), extra=(buf.shape[1], at))
 
 
 class CapacityCombineWait(_ChunkTrip):
     """Wait for it: -> [E, C_j, d] in global expert order."""
 
     def forward(self, flight: InFlight) -> torch.Tensor:
-        return self.trip[0].returned(finish_all_to_all(flight), flight.extra)
+        return self.trip[0].returned(finish_all_to_all(flight), *flight.extra)
 
 
 class PackedChunkCounts(_Collective):

@@ -169,8 +169,8 @@ def _traffic(spec, compiled, B_local, T, wb):
                 n_tok = S_local // comm.groups
                 C = comm.groups * (n_tok if gate_type(cfg.gate.type).dense else cfg.gate.capacity(n_tok, E))
                 t.capacity = C
-                rows_to = [C * n for n in lp.sends(ep_rank)]
-                rows_from = [C * n for n in lp.receives(ep_rank)]
+                rows_to = lp.sends(ep_rank, C)  # position dispatch splits a block over its copies
+                rows_from = lp.receives(ep_rank, C)
             else:  # balanced routing: k·S assignments spread over the experts' hosts
                 k = cfg.experts_per_token
                 slots = max(sum(len(s) for s in lp.slots), 1)

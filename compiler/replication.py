@@ -42,13 +42,14 @@ EPLB's own choice would have made one, so its output is ours, bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from .passes.placement import place_layer
+from .passes.placement import place_layer, position_share
 
 # ----------------------------------------------------------------------------- EPLB, ported
 # Shapes: X = rows (layers, or layers × nodes), n = items, m = packs.
@@ -323,43 +324,57 @@ def hosts_of(phy2log: Sequence[int], ep: int, num_experts: int) -> list:
     return hosts
 
 
-def destination(hosts: Sequence[int], source: int, dispatch: str, devices_per_node: int) -> int:
-    """The rank that computes source rank ``source``'s tokens of an expert held on ``hosts``:
-    modulo, copy ``source mod copies`` (compiler/passes/placement.py ``host_for``); nearest, the
-    source itself if it holds a copy, else a copy on its node (source mod their count), else
-    modulo."""
+def destinations(hosts: Sequence[int], source: int, dispatch: str, devices_per_node: int) -> tuple:
+    """The ranks over which source rank ``source`` splits its tokens of an expert held on
+    ``hosts``, by position (compiler/passes/placement.py ``targets``): position, all the copies;
+    source, the one copy ``source mod copies``; nearest, the source itself if it holds a copy,
+    else the copies on its node, else all."""
+    if len(hosts) == 1 or dispatch == "source":
+        return (hosts[source % len(hosts)],)
     if dispatch == "nearest":
         if source in hosts:
-            return source
-        node = [h for h in hosts if h // devices_per_node == source // devices_per_node]
+            return (source,)
+        node = tuple(h for h in hosts if h // devices_per_node == source // devices_per_node)
         if node:
-            return node[source % len(node)]
-    return hosts[source % len(hosts)]
+            return node
+    return tuple(hosts)
+
+
+def split(n, copies: int) -> list:
+    """A source's ``n`` tokens of an expert over ``copies`` copies by position: a count (an
+    integer: a step's rows, as a run measures them) as position dispatch splits it, the first
+    n mod copies copies one more; a float (a mean, a load split evenly over sources) evenly."""
+    if isinstance(n, numbers.Integral):
+        return [float(position_share(int(n), copies, c)) for c in range(copies)]
+    return [n / copies] * copies
 
 
 def _per_source(load, ep: int) -> list:
     """[P][E] tokens from each source rank: as given, or a [E] total split evenly over sources."""
-    load = [list(map(float, row)) for row in load] if load and isinstance(load[0], (list, tuple)) \
-        else [[float(x) / ep for x in load]] * ep
+    load = [[x if isinstance(x, numbers.Integral) else float(x) for x in row] for row in load] \
+        if load and isinstance(load[0], (list, tuple)) else [[float(x) / ep for x in load]] * ep
     if len(load) != ep:
         raise ValueError(f"the load has {len(load)} source ranks, not the {ep} expert-parallel ranks")
     return load
 
 
-def rank_tokens(phy2log: Sequence[int], load, ep: int, dispatch: str = "modulo",
+def rank_tokens(phy2log: Sequence[int], load, ep: int, dispatch: str = "position",
                 devices_per_node: int = 8) -> list:
     """[P] assignments each rank's experts compute under ``phy2log``. ``load``: [E] tokens per
-    expert (split evenly over the source ranks) or [P][E] per source rank."""
+    expert (split evenly over the source ranks) or [P][E] per source rank (whole numbers: each
+    source's tokens split over the copies exactly as position dispatch splits them)."""
     src = _per_source(load, ep)
     hosts = hosts_of(phy2log, ep, len(src[0]))
     out = [0.0] * ep
     for s in range(ep):
         for e, n in enumerate(src[s]):
-            out[destination(hosts[e], s, dispatch, devices_per_node)] += n
+            to = destinations(hosts[e], s, dispatch, devices_per_node)
+            for d, part in zip(to, split(n, len(to))):
+                out[d] += part
     return out
 
 
-def model_step(phy2log: Sequence[int], load, ep: int, cost: LayerCost, dispatch: str = "modulo",
+def model_step(phy2log: Sequence[int], load, ep: int, cost: LayerCost, dispatch: str = "position",
                hosts: Optional[list] = None) -> Modelled:
     """The modelled training step of one MoE layer: the busiest rank's expert compute (3 × the
     forward GEMMs), 4 all-to-all trips (dispatch and combine, forward and backward; a trip
@@ -375,8 +390,9 @@ def model_step(phy2log: Sequence[int], load, ep: int, cost: LayerCost, dispatch:
     flat = not (load and isinstance(load[0], (list, tuple)))
     E = len(load) if flat else len(load[0])
     hosts = hosts if hosts is not None else hosts_of(phy2log, ep, E)
-    if flat and dispatch == "modulo":  # the even split over sources, counted per copy: O(copies · (E + P))
-        tokens, send, recv = _routed_evenly(hosts, [float(x) for x in load], ep, dpn)
+    if flat and dispatch in ("source", "position"):  # the even split over sources: O(copies · (E + P))
+        routed = _routed_evenly if dispatch == "source" else _routed_by_position
+        tokens, send, recv = routed(hosts, [float(x) for x in load], ep, dpn)
     else:
         src = _per_source(load, ep)
         tokens = [0.0] * ep
@@ -384,12 +400,13 @@ def model_step(phy2log: Sequence[int], load, ep: int, cost: LayerCost, dispatch:
         recv = [[0.0, 0.0] for _ in range(ep)]
         for s in range(ep):
             for e, n in enumerate(src[s]):
-                d = destination(hosts[e], s, dispatch, dpn)
-                tokens[d] += n
-                if d != s:
-                    kind = 0 if d // dpn == s // dpn else 1
-                    send[s][kind] += n
-                    recv[d][kind] += n
+                to = destinations(hosts[e], s, dispatch, dpn)
+                for d, part in zip(to, split(n, len(to))):
+                    tokens[d] += part
+                    if d != s:
+                        kind = 0 if d // dpn == s // dpn else 1
+                        send[s][kind] += part
+                        recv[d][kind] += part
     bw = (cost.intra_node_bandwidth, cost.inter_node_bandwidth)
 
     def seconds(rows):
@@ -446,9 +463,9 @@ def replan(spec, compiled, loads: dict, policy_spec) -> list:
         per_step = [x / total * B_local * T * ep * cfg.experts_per_token for x in raw]
         cost = layer_cost(spec, layer, devices_per_node=min(ep, mesh.devices_per_node))
         # before: the spec's placement without replicas (a replicated spec's compiled placement is
-        # already its initial E + R slots)
+        # already its initial E + R slots), dispatched as it is (static replicas: source)
         lp = place_layer(fixed, layer.moe_index, E, ep)
-        before = model_step((), per_step, ep, cost, policy_spec.dispatch, hosts=[list(h) for h in lp.hosts])
+        before = model_step((), per_step, ep, cost, lp.dispatch, hosts=[list(h) for h in lp.hosts])
         groups = getattr(cfg.gate, "groups", None)
         phy2log = place(policy_spec, [x * policy_spec.window for x in per_step], ep, nodes,
                         groups.count if groups is not None else None, cost)
@@ -458,8 +475,29 @@ def replan(spec, compiled, loads: dict, policy_spec) -> list:
     return out
 
 
+def _routed_by_position(hosts: list, load: list, ep: int, dpn: int) -> tuple:
+    """``model_step``'s routing, for a load split evenly over the sources and position dispatch,
+    without the P × E loop: every source sends each copy of expert e load_e / (P · c). Returns
+    tokens [P], send and recv [P][intra, inter] rows, as the loop computes them."""
+    node = np.arange(ep) // dpn
+    nodes = int(node[-1]) + 1
+    on_node = np.bincount(node, minlength=nodes)  # ranks per node
+    tokens, send, recv = np.zeros(ep), np.zeros((ep, 2)), np.zeros((ep, 2))
+    H = np.array([h for hs in hosts for h in hs], dtype=np.int64)  # every copy's rank
+    L = np.array([load[e] / len(hs) for e, hs in enumerate(hosts) for _ in hs])  # its tokens, from all sources
+    per = L / ep  # from each source
+    np.add.at(tokens, H, L)
+    np.add.at(recv[:, 0], H, (on_node[node[H]] - 1) * per)
+    np.add.at(recv[:, 1], H, (ep - on_node[node[H]]) * per)
+    node_sum = np.bincount(node[H], weights=per, minlength=nodes)  # per source, to the copies on each node
+    own = np.bincount(H, weights=per, minlength=ep)
+    send[:, 0] = node_sum[node] - own
+    send[:, 1] = per.sum() - node_sum[node]
+    return tokens.tolist(), send.tolist(), recv.tolist()
+
+
 def _routed_evenly(hosts: list, load: list, ep: int, dpn: int) -> tuple:
-    """``model_step``'s routing, for a load split evenly over the sources and modulo dispatch,
+    """``model_step``'s routing, for a load split evenly over the sources and source dispatch,
     without the P × E loop (2,048 ranks × 8,192 experts): the sources s ≡ j (mod c) of an
     expert with c copies all send to its copy j. Returns tokens [P], send and recv [P][intra,
     inter] rows, as the loop computes them."""
@@ -490,7 +528,7 @@ def _routed_evenly(hosts: list, load: list, ep: int, dpn: int) -> tuple:
 # ----------------------------------------------------------------------------- the policies
 
 
-def shadow(load: Sequence[float], redundant: int, ep: int, cost: LayerCost, dispatch: str = "modulo") -> tuple:
+def shadow(load: Sequence[float], redundant: int, ep: int, cost: LayerCost, dispatch: str = "position") -> tuple:
     """FasterMoE's rule (§4; ``shadow_policy.global_policy``): sort the experts by load, then
     shadow (copy to every rank) the hottest, the next, ... while the modelled step time falls;
     stop at the first that does not lower it. Shadowing s experts takes s slots on every rank
@@ -555,6 +593,7 @@ def place(policy_spec, load: Sequence[float], ep: int, nodes: int = 1, groups: O
     raise ValueError(f"unknown replication policy {policy_spec.policy!r} (eplb or shadow)")
 
 
-__all__ = ["LayerCost", "LayerReplan", "Modelled", "balanced_packing", "balancedness", "eplb", "hosts_of",
+__all__ = ["LayerCost", "LayerReplan", "Modelled", "balanced_packing", "balancedness", "destinations", "eplb",
+           "hosts_of",
            "layer_cost", "model_step", "place", "rank_tokens", "rebalance_experts_hierarchical", "replan",
            "replicate_experts", "shadow"]

@@ -106,7 +106,7 @@ class Replication:
     redundant: int = _REPLICATION["redundant"]["default"]  # extra physical slots per MoE layer
     window: int = _REPLICATION["window"]["default"]  # steps of load the placement is computed from
     every: int = _REPLICATION["every"]["default"]  # steps between placements (migrations)
-    dispatch: str = _REPLICATION["dispatch"]["default"]  # modulo | nearest
+    dispatch: str = _REPLICATION["dispatch"]["default"]  # position | source | nearest
 
 
 _HARDWARE = schema()["$defs"]["placement"]["properties"]["hardware"]["properties"]

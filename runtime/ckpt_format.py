@@ -101,11 +101,12 @@ def state_dict(model, optimizer, extra: dict) -> dict:
                           for k, v in st.items() if torch.is_tensor(v)}
             for k, v in states.items():
                 sd[f"optim/{key}/{k}"] = v
+    persistent = model.state_dict(keep_vars=True).keys()  # not the all-to-alls' send tables (non-persistent)
     for name, b in model.named_buffers():
         # not the placement's tables (which experts a rank holds, where its all-to-all sends each
         # slot): the run that loads rebuilds them for its own mesh, and a mesh without expert
         # parallelism has no all-to-all to hold them
-        if not name.endswith(("expert_ids", "send_slot")):
+        if not name.endswith(("expert_ids", "send_slot")) and name in persistent:
             sd[f"model/{name}"] = b
     for k, v in extra.items():
         sd[f"extra/{k}"] = v

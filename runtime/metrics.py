@@ -49,21 +49,29 @@ def step_figures(outputs) -> torch.Tensor:
 
 def rank_tokens(stats, placements: dict, ep_rank: int) -> list:
     """Per MoE layer, the assignments this rank's tokens send to each EP rank [EP]: each expert's
-    computed assignments go to the copy dispatch picks for this source (``host_for``)."""
+    computed assignments go to the copies dispatch picks for this source (``targets``), split
+    by position (the first n mod copies one more): what the experts count, exactly, where a
+    source's kept rows of an expert fill positions 0..n-1 (packed rows; a capacity block of one
+    routing group)."""
     out = []
     for s in stats:
         lp = placements.get(s.layer)
         if lp is None or s.tokens_per_expert.numel() != len(lp.hosts):
             continue
         tokens = s.tokens_per_expert.float()
-        to = torch.tensor(_destinations(lp, ep_rank), device=tokens.device)
-        out.append((s.layer, tokens.new_zeros(lp.ep).index_add_(0, to, tokens)))
+        expert, copy, copies, to = (torch.tensor(t, device=tokens.device) for t in _destinations(lp, ep_rank))
+        n = tokens.index_select(0, expert)
+        share = torch.div(n + copies - 1 - copy, copies, rounding_mode="floor")  # positions ≡ copy (mod copies)
+        out.append((s.layer, tokens.new_zeros(lp.ep).index_add_(0, to, share)))
     return out
 
 
 @functools.lru_cache(maxsize=256)
 def _destinations(lp, ep_rank: int) -> tuple:
-    return tuple(lp.host_for(e, ep_rank) for e in range(len(lp.hosts)))
+    """(expert, copy index, copies, EP rank) of every copy this source sends rows of an expert to."""
+    rows = [(e, c, len(t), r) for e in range(len(lp.hosts)) for t in (lp.targets(e, ep_rank),)
+            for c, r in enumerate(t)]
+    return tuple(tuple(col) for col in zip(*rows))
 
 
 def reduce_step(outputs, world: int, history: Optional[list] = None, placements: Optional[dict] = None,

@@ -2,9 +2,10 @@
 
 A layer holds E + R physical slots, (E + R) / EP on each expert-parallel rank; ``phy2log``
 names the logical expert in each slot (compiler/passes/placement.py ``LayerPlacement.of``).
-Replicas of one expert hold the same weights and moments; dispatch sends each source's tokens
-to one of them; their gradients are summed over the ranks holding them (runtime/grads.py),
-so every copy takes the same AdamW step and the model is the model without replicas. What
+Replicas of one expert hold the same weights and moments; dispatch splits each source's tokens
+over them (``placement.replication.dispatch``, compiler/passes/placement.py); their gradients
+are summed over the ranks holding them (runtime/grads.py), so every copy takes the same AdamW
+step and the model is the model without replicas. What
 moves is where an expert computes, never what (FasterMoE, He et al. 2022, §4: shadowed
 experts' gradients are reduced to the owner; DeepSeek's EPLB: redundant experts by load).
 

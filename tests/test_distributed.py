@@ -53,7 +53,11 @@ def test_examples_equal_single_process(world, layout):
 @pytest.mark.slow
 def test_placements_equal_single_process():
     """On 4 ranks: the two-stage all-to-all over 2 nodes × 2 devices; replicated hot experts
-    (uneven slots, static and dropless layouts); expert data parallelism (2 × 2)."""
+    (uneven slots, static and dropless layouts); placement.replication's E + R slots, their rows
+    split by position over copies on both nodes, through the two-stage all-to-all; expert data
+    parallelism (2 × 2)."""
+    two_nodes = {"mesh": {"nodes": 2, "devices_per_node": 2}, "all_to_all": "hierarchical"}
+    replication = {**two_nodes, "replication": {"policy": "eplb", "redundant": 4}}
     specs = {
         "hierarchical-a2a-static": variant("switch", {"mesh": {"nodes": 2, "devices_per_node": 2},
                                                       "all_to_all": "hierarchical"}, routing_groups=4),
@@ -66,6 +70,8 @@ def test_placements_equal_single_process():
                                                        "map": [3, 2, 1, 0, [0, 1], 1, 2, 3],
                                                        "replicas": {4: 2}}}),
         "expert-dp": variant("switch", {"expert_parallel": 2, "data_parallel": 2}, routing_groups=4),
+        "replication-hierarchical-static": variant("switch", replication, routing_groups=4),
+        "replication-hierarchical-packed": variant("mixtral", replication),
     }
     results = check(list(specs.values()), 4, layout="static")
     assert_equal(results, list(specs))

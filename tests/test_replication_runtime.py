@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import moedsl
+from moedsl.compiler import replication
 from moedsl.compiler.passes.placement import LayerPlacement, initial_phy2log
 from moedsl.errors import SpecError
 from moedsl.mesh import resolve_mesh
@@ -30,15 +31,26 @@ TINY.update(name="tiny-replicas",
 TINY["layers"][1]["block"][1]["moe"]["gate"] = {"type": "switch", "capacity_factor": 1.25}
 
 
-def tiny(redundant=None, dropless=False, every=1000, window=2, dispatch="modulo", chunks=1) -> dict:
+def tiny(redundant=None, dropless=False, every=1000, window=2, dispatch=None, chunks=1, groups=None,
+         gate=None) -> dict:
+    """``groups``: the capacity gate's routing groups (2 on 2 ranks: each rank routes its own tokens, so
+    the static layout keeps its [E, C, d] buffers and their capacity all-to-all); ``dispatch``: None
+    for the spec's default; ``gate``: another gate (the losses go: a hash gate has none)."""
     d = copy.deepcopy(TINY)
+    moe = d["layers"][1]["block"][1]["moe"]
     if dropless:
-        d["layers"][1]["block"][1]["moe"]["gate"] = {"type": "topk", "k": 2, "drop_policy": "dropless"}
+        moe["gate"] = {"type": "topk", "k": 2, "drop_policy": "dropless"}
+    if groups:
+        moe["gate"]["routing_groups"] = groups
+    if gate is not None:
+        moe["gate"] = gate
+        moe.pop("losses", None)
     if chunks > 1:  # the overlap pass's chunked trips: their modules hold the layer's dispatch tables
-        d["layers"][1]["block"][1]["moe"]["overlap"] = {"chunks": chunks}
+        moe["overlap"] = {"chunks": chunks}
     if redundant is not None:
-        d["placement"] = {"replication": {"policy": "eplb", "redundant": redundant, "every": every, "window": window,
-                                          "dispatch": dispatch}}
+        d["placement"] = {"replication": {"policy": "eplb", "redundant": redundant, "every": every, "window": window}}
+        if dispatch is not None:
+            d["placement"]["replication"]["dispatch"] = dispatch
     return d
 
 
@@ -67,14 +79,42 @@ def test_a_placement_that_puts_two_copies_on_one_rank_or_forgets_an_expert_is_re
         LayerPlacement.of((0, 1, 2, 3, 0, 4), ep=2, experts=4)
 
 
-def test_nearest_dispatch_takes_the_sources_own_copy_then_one_on_its_node():
+def test_nearest_dispatch_takes_the_sources_own_copy_then_splits_over_those_on_its_node():
     # 4 ranks, 2 per node, 2 slots each; expert 0 on rank 0 (node 0) and rank 3 (node 1)
     phy = (0, 1, 2, 3, 4, 5, 0, 6)
     lp = LayerPlacement.of(phy, ep=4, dispatch="nearest", per_node=2)
     assert lp.hosts[0] == (0, 3)
     assert [lp.host_for(0, s) for s in range(4)] == [0, 0, 3, 3]  # the copy on the source's node
-    modulo = LayerPlacement.of(phy, ep=4)
-    assert [modulo.host_for(0, s) for s in range(4)] == [0, 3, 0, 3]  # copy s mod 2
+    source = LayerPlacement.of(phy, ep=4, dispatch="source")
+    assert [source.host_for(0, s) for s in range(4)] == [0, 3, 0, 3]  # copy s mod 2
+    # 6 ranks, 3 per node; expert 0 on ranks 0, 1 (node 0) and 4 (node 1): rank 2 splits its rows of
+    # expert 0 by position over the two copies of its node, ranks 3 and 5 send theirs to rank 4's
+    lp = LayerPlacement.of((0, 1, 0, 2, 3, 4, 5, 6, 0, 7, 8, 9), ep=6, dispatch="nearest", per_node=3)
+    assert [lp.targets(0, s) for s in range(6)] == [(0,), (1,), (0, 1), (4,), (4,), (4,)]
+
+
+def test_position_dispatch_splits_every_sources_block_over_all_copies():
+    lp = LayerPlacement.of((0, 1, 2, 3, 0, 1), ep=2, dispatch="position")
+    assert [lp.targets(0, s) for s in range(2)] == [(0, 1), (0, 1)] and lp.targets(2, 1) == (0,)
+    with pytest.raises(ValueError, match="position dispatch splits expert 0's rows over ranks"):
+        lp.host_for(0, 1)
+    # a capacity block of 5 slots: copies take 3 and 2 of each replicated expert, the rest whole
+    assert lp.split(0, 1, 5) == [(0, 3), (1, 2)]
+    assert lp.sends(1, 5) == [3 + 3 + 5, 2 + 2 + 5]
+    assert lp.split(0, 1, 2, offset=3) == [(0, 1), (1, 1)]  # an overlap chunk of slots 3..4
+    source = LayerPlacement.of((0, 1, 2, 3, 0, 1), ep=2, dispatch="source")
+    assert source.sends(1, 5) == [5, 15]  # source 1's blocks of experts 0 and 1 to its own copies
+
+
+def test_the_default_dispatch_of_replication_is_position_and_of_static_replicas_source():
+    spec = moedsl.load_spec(tiny(redundant=2))
+    assert spec.placement.replication.dispatch == "position"
+    compiled = moedsl.compiler.compile_graph(spec, rank=0, world_size=2, device="meta")
+    assert {lp.dispatch for lp in compiled.placements.values()} == {"position"}
+    static = tiny()
+    static["placement"] = {"experts": {"replicas": {0: 2}}}
+    compiled = moedsl.compiler.compile_graph(moedsl.load_spec(static), rank=0, world_size=2, device="meta")
+    assert {lp.dispatch for lp in compiled.placements.values()} == {"source"}
 
 
 def test_the_mesh_check_names_redundant_slots_that_do_not_divide_or_that_double_an_expert_on_a_rank():
@@ -98,7 +138,8 @@ def test_a_move_takes_each_expert_a_rank_lacks_from_an_old_holder_and_nothing_it
 
 
 def test_balancedness_is_the_mean_over_the_max_of_the_tokens_each_rank_computes():
-    lp = LayerPlacement.of((0, 1, 2, 3, 0, 1), ep=2)  # experts 0, 1 on both ranks; 2 on rank 0, 3 on rank 1
+    # experts 0, 1 on both ranks; 2 on rank 0, 3 on rank 1
+    lp = LayerPlacement.of((0, 1, 2, 3, 0, 1), ep=2, dispatch="source")
     stats = [SimpleNamespace(layer="layers.2", tokens_per_expert=torch.tensor([6, 2, 4, 0]),
                              expert_load=torch.tensor([6.0, 2, 4, 0]), dropped=torch.tensor(0), assignments=12)]
     # source EP rank 1 sends experts 0 and 1 to its own copies: rank 0 gets expert 2's 4, rank 1 gets 8
@@ -108,6 +149,12 @@ def test_balancedness_is_the_mean_over_the_max_of_the_tokens_each_rank_computes(
     out = SimpleNamespace(loss=zero, aux_loss=zero, grad_norm=zero, skipped=zero, router_stats=stats)
     m = reduce_step(out, 1, placements={"layers.2": lp}, ep_rank=1)
     assert m.balancedness == {"layers.2": pytest.approx(6 / 8)}
+    # position dispatch: expert 0's 7 rows split 4 (copy on rank 0) and 3, expert 1's 2 split 1 and 1
+    stats[0].tokens_per_expert = torch.tensor([7, 2, 4, 0])
+    position = LayerPlacement.of(lp.phy2log, ep=2, dispatch="position")
+    (_, sent), = rank_tokens(stats, {"layers.2": position}, ep_rank=1)
+    assert sent.tolist() == [4.0 + 1 + 4, 3.0 + 1]
+    assert sent.tolist() == replication.rank_tokens(lp.phy2log, [[0, 0, 0, 0], [7, 2, 4, 0]], 2, "position")
 
 
 # ----------------------------------------------------------------------------- on gloo processes
@@ -156,21 +203,85 @@ def _close(a, b, tol: float = 1e-6) -> bool:
 
 
 @pytest.mark.slow
-def test_replicas_give_the_outputs_and_gradients_of_the_model_without_them():
-    """2 ranks; capacity (static buffers) and dropless layers; experts 0 and 1 on both ranks:
-    each copy computes one rank's tokens, and only their summed gradients are the logical one."""
-    datas = [tiny(redundant=2), tiny(), tiny(redundant=2, dropless=True), tiny(dropless=True)]
+@pytest.mark.parametrize("dispatch", ["position", "source", "nearest"])
+def test_replicas_give_the_outputs_and_gradients_of_the_model_without_them(dispatch):
+    """2 ranks; capacity layers (routed over the gathered batch, packed rows; and each rank its own
+    routing group, static [E, C, d] buffers, whole and in 2 overlapped chunks) and dropless ones
+    (whole and in 2 chunks); experts 0 and 1 on both ranks: each copy computes its share of the
+    rows, and only their summed gradients are the logical one."""
+    kinds = [{}, {"groups": 2}, {"groups": 2, "chunks": 2}, {"dropless": True}, {"dropless": True, "chunks": 2}]
+    datas = [d for kind in kinds for d in (tiny(redundant=2, dispatch=dispatch, **kind), tiny(**kind))]
     per_rank = spawn(_forward_backward, 2, datas)
-    for case in (0, 2):
+    for case in range(0, len(datas), 2):
         for rank in range(2):
             (out_r, g_r), (out_b, g_b) = per_rank[rank][case], per_rank[rank][case + 1]
-            assert _close(out_r, out_b)
+            assert _close(out_r, out_b), kinds[case // 2]
         base = {**per_rank[0][case + 1][1], **per_rank[1][case + 1][1]}
         for rank in range(2):  # every copy of an expert: its logical gradient
             for key, g in per_rank[rank][case][1].items():
-                assert _close(g, base[key]), (case, rank, key)
+                assert _close(g, base[key]), (kinds[case // 2], rank, key)
         replicated = [k for k in per_rank[0][case][1] if k in per_rank[1][case][1] and k[1] is not None]
         assert {k[1] for k in replicated} == {0, 1}
+
+
+def _rows_per_copy(rank: int, world: int, datas: list, layout: str):
+    """Rank 0's tokens all hash to expert 0 (a copy on each rank), rank 1's to expert 3 (one copy, on
+    rank 1). Per case: the rows each local slot's expert computed (non-zero rows: a static buffer's
+    empty slots are zero), this rank's kept assignments per expert and the balancedness the run
+    would log."""
+    from moedsl.nn.experts import Experts
+    from moedsl.nn.gates import HashGate
+
+    torch.set_num_threads(1)
+    out = []
+    for data in datas:
+        spec = moedsl.load_spec(data)
+        model = moedsl.build_model(spec, seed=0, rank=rank, world_size=world, dtype=torch.float32, layout=layout)
+        table = next(m for m in model.modules() if isinstance(m, HashGate)).table
+        token = int((table == (0 if rank == 0 else 3)).nonzero()[0])
+        rows = {}
+
+        def count(mod, args, name):
+            x, sizes = args[0], args[1] if len(args) > 1 else None
+            parts = torch.split(x.reshape(-1, x.shape[-1]), sizes.tolist()) if sizes is not None else list(x)
+            for e, part in zip(mod.expert_ids.tolist(), parts):
+                rows[(name, e)] = rows.get((name, e), 0) + int((part.abs().sum(-1) > 0).sum())
+
+        for name, m in model.named_modules():
+            if isinstance(m, Experts):
+                m.register_forward_pre_hook(lambda mod, args, name=name.rsplit(".", 1)[0]: count(mod, args, name))
+        with torch.no_grad():
+            o = model(torch.full((4, 8), token))
+        zero = torch.zeros(())
+        metrics = reduce_step(SimpleNamespace(loss=zero, aux_loss=zero, grad_norm=zero, skipped=zero,
+                                              router_stats=o.router_stats), world,
+                              placements=model.compiled.placements, ep_rank=rank)
+        out.append((rows, {s.layer: s.tokens_per_expert.tolist() for s in o.router_stats}, metrics.balancedness))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["static", "grouped"])
+def test_each_copy_computes_an_equal_share_when_one_source_sends_all_of_its_experts_rows(layout):
+    """Under the default (position) dispatch expert 0's copies on ranks 0 and 1 each compute half
+    of rank 0's rows of it (±1), though rank 1 sends it none (source dispatch: rank 0's copy takes
+    them all); capacity (11 slots of a routing group per rank: 6 and 5; the static layout's
+    buffers and the grouped layout's rows) and dropless. The balancedness the run logs, and the
+    model's from the sources' loads, are those of the rows counted in the experts."""
+    datas = [tiny(redundant=2, groups=2, gate={"type": "hash", "capacity_factor": 1.375, "routing_groups": 2}),
+             tiny(redundant=2, gate={"type": "hash"})]
+    per_rank = spawn(_rows_per_copy, 2, datas, layout)
+    for case, data in enumerate(datas):
+        for layer in ("layers.2", "layers.4"):
+            loads = [per_rank[r][case][1][layer] for r in range(2)]  # [source][expert] kept rows
+            assert loads[1][0] == 0 and loads[0][0] > 0
+            on = [per_rank[r][case][0].get((layer, 0), 0) for r in range(2)]  # expert 0's rows on each copy
+            assert sum(on) == loads[0][0] and abs(on[0] - on[1]) <= 1, (data["layers"][1], layer, on)
+            measured = [sum(n for (name, _), n in per_rank[r][case][0].items() if name == layer) for r in range(2)]
+            model = replication.rank_tokens(initial_phy2log(4, 2), loads, 2, "position")
+            assert measured == model, (layer, measured, model)
+            assert per_rank[0][case][2][layer] == pytest.approx(replication.balancedness(measured), rel=1e-6)
+        assert loads[0][0] % 2 == (1 if case == 0 else 0)  # the capacity case splits an odd count
 
 
 def _everywhere(load, info):
@@ -221,12 +332,13 @@ def test_parameters_after_20_steps_equal_the_baseline_with_an_expert_on_every_ra
 def test_a_migrating_run_has_the_losses_and_parameters_of_the_fixed_run(tmp_path):
     """Every expert moves every 3 steps (weights and both AdamW moments: stale moments would
     change the next updates); the run is the run whose placement never moves, to float32
-    rounding: capacity layers with their static buffers and with their kept rows grouped, and
-    in 2 overlapped chunks; dropless layers in 2 chunks."""
+    rounding: capacity layers with their static buffers (each rank its own routing group: the
+    capacity all-to-all's tables follow the move), and in 2 overlapped chunks, and with their
+    kept rows grouped; dropless layers in 2 chunks. Position dispatch (the default)."""
     runs = []
-    for name, layout, kind in (("static", "static", {}), ("grouped", "grouped", {}),
-                               ("chunks", "static", {"chunks": 2}), ("dropless", "grouped", {"chunks": 2,
-                                                                                             "dropless": True})):
+    for name, layout, kind in (("static", "static", {"groups": 2}), ("grouped", "grouped", {}),
+                               ("chunks", "static", {"chunks": 2, "groups": 2}),
+                               ("dropless", "grouped", {"chunks": 2, "dropless": True})):
         runs += [(tiny(redundant=2, every=3, window=2, **kind), _swap, str(tmp_path / f"moving-{name}"), 10, layout),
                  (tiny(redundant=2, **kind), _swap, str(tmp_path / f"fixed-{name}"), 10, layout)]
     per_rank = spawn(_train, 2, runs, timeout=300)

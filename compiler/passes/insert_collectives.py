@@ -165,11 +165,22 @@ def _insert_packed_a2a(g, low, nodes, lp, ep_rank, name, base) -> None:
         low.modules[f"{name}.a2a_dispatch"] = fwd
         low.modules[f"{name}.a2a_combine"] = C.PackedAllToAllBack(fwd)
         low.modules[f"{name}.a2a_dispatch.send_slot"] = fwd.send_slot  # get_attr targets must be in the root
+        if C.by_position(lp):
+            low.modules[f"{name}.a2a_dispatch.send_copies"] = fwd.send_copies
     disp, experts, combine = nodes["dispatch"], nodes["experts"], nodes["combine"]
+    route, n_slots = disp.args[1], sum(len(s) for s in lp.slots)
     with g.inserting_before(disp):
         slots = g.get_attr(f"{name}.a2a_dispatch.send_slot")
         slots.meta.update(moe_layer=name, role="send_slots")
-    disp.args = (disp.args[0], disp.args[1], slots, sum(len(s) for s in lp.slots))
+        if C.by_position(lp):  # each assignment's copy by its position among the source's rows of its expert
+            copies = g.get_attr(f"{name}.a2a_dispatch.send_copies")
+            copies.meta.update(moe_layer=name, role="send_copies")
+            dest = new_node(g, "call_function", moe_ops.replica_slots, (route, slots, copies), f"{base}_replica_slots",
+                            name, "replica_slots")
+    if C.by_position(lp):
+        disp.args = (disp.args[0], route, None, n_slots, dest)
+    else:
+        disp.args = (disp.args[0], route, slots, n_slots)
     rows_node, sizes_node = nodes["rows"], nodes["sizes"]
     with g.inserting_after(disp):
         a2a = new_node(g, "call_module", f"{name}.a2a_dispatch", (disp,),

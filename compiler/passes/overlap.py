@@ -70,7 +70,7 @@ def _chunk_layer(low: Lowered, name: str, comm, D: int) -> None:
         for j in range(D):
             for what, cls in zip(("a2a_dispatch", "a2a_dispatch_wait", "a2a_combine", "a2a_combine_wait"),
                                  _TRIPS[comm.layout]):
-                low.modules[f"{name}.{what}_c{j}"] = cls(fwd, j)
+                low.modules[f"{name}.{what}_c{j}"] = cls(fwd, j, D)
 
     made: dict = {}  # (what, j) -> node
 
@@ -85,7 +85,11 @@ def _chunk_layer(low: Lowered, name: str, comm, D: int) -> None:
             return new("call_function", K.dispatch_chunk, (flat, route, j, D), "dispatch", j, "dispatch")
         r = new("call_function", K.routing_chunk, (route, j, D), "route", j, "route_chunk")
         x = new("call_function", K.tokens_chunk, (flat, j, D), "tokens", j, "tokens_chunk")
-        return new("call_function", moe_ops.dispatch_packed, (x, r) + extra_args, "dispatch", j, "dispatch")
+        extra = extra_args
+        if len(extra) == 3:  # position dispatch: the chunk's share of each assignment's slot over all tokens
+            extra = extra[:2] + (new("call_function", K.assignments_chunk, (extra[2], route, j, D), "replica_slots", j,
+                                     "replica_slots_chunk"),)
+        return new("call_function", moe_ops.dispatch_packed, (x, r) + extra, "dispatch", j, "dispatch")
 
     def issue(what: str, j, args):
         return new("call_module", f"{name}.{what}_c{j}", args, what, j, what)
@@ -113,7 +117,7 @@ def _chunk_layer(low: Lowered, name: str, comm, D: int) -> None:
             for j in range(D):
                 prepare(j), compute(j), finish(j)
         elif capacity:  # static splits: each chunk dispatched just before its trip
-            issue("a2a_dispatch", 0, (prepare(0),))
+            issue("a2a_dispatch", 0, (prepare(0), route))
         else:  # the row trips' splits: every chunk's counts in one exchange, before the first trip
             packs = tuple(prepare(j) for j in range(D))
             exchanged = new_node(g, "call_module", f"{name}.a2a_counts", (packs,), f"{base}_a2a_counts", name,
@@ -124,13 +128,13 @@ def _chunk_layer(low: Lowered, name: str, comm, D: int) -> None:
             for i in range(D):
                 wait("a2a_dispatch", i)
                 if i + 1 < D:
-                    nxt = (prepare(i + 1),) if capacity else (made["dispatch", i + 1], exchanged)
+                    nxt = (prepare(i + 1), route) if capacity else (made["dispatch", i + 1], exchanged)
                     issue("a2a_dispatch", i + 1, nxt)
                 compute(i)
                 # the combine trip reads C_j off the chunk's dispatch buffer (capacity) or the rows'
                 # order and counts off what its dispatch trip received (packed)
-                issue("a2a_combine", i, (made["experts", i],
-                                         made["dispatch", i] if capacity else made["a2a_dispatch_wait", i]))
+                issue("a2a_combine", i, (made["experts", i], made["dispatch", i], route) if capacity
+                      else (made["experts", i], made["a2a_dispatch_wait", i]))
                 if i >= 1:
                     wait("a2a_combine", i - 1), finish(i - 1)
             wait("a2a_combine", D - 1), finish(D - 1)

@@ -3,16 +3,32 @@
 Ranks form a mesh of expert_parallel (EP) × data_parallel (DP): rank = dp_index · EP +
 ep_rank, so an EP group is a run of consecutive ranks (inside a node when it fits). A
 layer's experts are sharded over the EP ranks by the spec's strategy; a replicated
-expert ("hot", FasterMoE's shadowing) is on several EP ranks, and source EP rank s sends
-its tokens to copy s mod copies. The pass records a ``LayerPlacement`` per MoE layer and
-makes each layer's ``Experts`` module with the experts this rank hosts.
+expert ("hot", FasterMoE's shadowing) is on several EP ranks. The pass records a
+``LayerPlacement`` per MoE layer and makes each layer's ``Experts`` module with the experts
+this rank hosts.
+
+``dispatch`` says how a source splits its rows of a replicated expert over the copies:
+
+- ``position`` (placement.replication's default): the source's k-th row of the expert goes to
+  copy k mod copies (a capacity buffer: slot i of the source's [C] block to copy i mod copies),
+  so every copy takes an equal share of each source's rows (±1), whatever the sources' loads:
+  the share EPLB's placement assumes (DeepSeek's EPLB sizes replicas by load / copies);
+- ``source`` (static ``placement.experts.replicas``): all of source s's rows go to copy
+  s mod copies; a copy's share is the load of the sources it serves;
+- ``nearest``: the source's own copy, else split by position over the copies on its node,
+  else over all copies.
 
 With ``placement.replication`` a layer holds E + R physical slots, (E + R) / EP on each EP rank,
 described by ``phy2log`` (slot j, on EP rank j // ((E + R) / EP), holds logical expert
 ``phy2log[j]``; EPLB's name, DeepSeek's ``rebalance_experts``). The runtime moves experts between
 slots while training (runtime/replicate.py); the compiled graph's shapes do not change, since
-every rank keeps its slot count. ``dispatch`` picks a replica for each source: ``modulo`` (copy
-s mod copies), or ``nearest`` (the source's own copy, else one on its node, else modulo).
+every rank keeps its slot count.
+
+Static replicas keep ``source`` dispatch: a run (and a checkpoint resumed) with a spec written
+before ``position`` existed computes the same rows on the same ranks, bit for bit, and the
+plan prices its trips in whole capacity blocks; its user placed the copies by hand, knowing
+which sources feed them. A placement computed from the load (EPLB, shadowing) is only as even
+as its copies' shares are equal, hence ``position`` there.
 """
 from __future__ import annotations
 
@@ -31,11 +47,11 @@ class LayerPlacement:
     hosts: tuple  # per global expert: the EP ranks holding a copy
     slots: tuple  # per EP rank: the global expert ids of its slots, in slot order
     ep: int
-    dispatch: str = "modulo"  # modulo | nearest: which copy a source's tokens go to
+    dispatch: str = "source"  # position | source | nearest: how a source's rows split over an expert's copies
     per_node: int = 0  # EP ranks per node (nearest dispatch); 0: all on one node
 
     @staticmethod
-    def of(phy2log, ep: int, dispatch: str = "modulo", per_node: int = 0,
+    def of(phy2log, ep: int, dispatch: str = "source", per_node: int = 0,
            experts: Optional[int] = None) -> "LayerPlacement":
         """The placement of physical slots ``phy2log`` (rank-major, len(phy2log) / ep per rank) of
         ``experts`` logical experts (default: the largest id + 1). Raises ValueError naming the
@@ -64,21 +80,36 @@ class LayerPlacement:
         """Every rank's slots in rank order: the logical expert of each physical slot."""
         return tuple(e for s in self.slots for e in s)
 
-    def send_slots(self, source: int) -> list:
-        """For source EP rank ``source``: per global expert, the global slot id its tokens go to."""
+    def send_slots(self, source: int) -> tuple:
+        """For source EP rank ``source``: per global expert, the global slot ids of its copies that
+        take the source's rows ([E][EP], -1 padded; in ``targets`` order), and how many [E]."""
         return _send_slots(self, source)
 
+    def targets(self, expert: int, source: int) -> tuple:
+        """The EP ranks among which source EP rank ``source`` splits its rows of ``expert`` by
+        position (its k-th row to ``targets[k mod len(targets)]``); one rank: all of them go there."""
+        key = (expert, source)
+        if key not in self._target_cache:
+            self._target_cache[key] = _targets(self, expert, source)
+        return self._target_cache[key]
+
+    @functools.cached_property
+    def _target_cache(self) -> dict:  # (expert, source) -> targets, filled as asked
+        return {}
+
     def host_for(self, expert: int, source: int) -> int:
-        """The EP rank that takes ``expert``'s tokens from source EP rank ``source``."""
-        hosts = self.hosts[expert]
-        if self.dispatch == "nearest" and len(hosts) > 1:
-            if source in hosts:
-                return source
-            if self.per_node:
-                near = [h for h in hosts if h // self.per_node == source // self.per_node]
-                if near:
-                    return near[source % len(near)]
-        return hosts[source % len(hosts)]
+        """The EP rank that takes ``expert``'s rows from ``source``, where one takes them all
+        (``source`` dispatch, or an expert with one copy)."""
+        t = self.targets(expert, source)
+        if len(t) != 1:
+            raise ValueError(f"{self.dispatch} dispatch splits expert {expert}'s rows over ranks {t}")
+        return t[0]
+
+    def split(self, expert: int, source: int, rows: int, offset: int = 0) -> list:
+        """[(EP rank, rows)]: how ``source`` splits rows [offset, offset + rows) of ``expert``
+        (positions in its block or its order of rows) over ``targets``."""
+        t = self.targets(expert, source)
+        return [(r, position_share(rows, len(t), c, offset)) for c, r in enumerate(t)]
 
     @functools.cached_property
     def _single_counts(self) -> tuple:
@@ -92,18 +123,19 @@ class LayerPlacement:
     def _replicated(self) -> tuple:
         return tuple(e for e, hosts in enumerate(self.hosts) if len(hosts) > 1)
 
-    def sends(self, source: int) -> list:
-        """Experts source EP rank ``source`` sends to each EP rank (one block of C rows each)."""
-        counts = list(self._single_counts)
+    def sends(self, source: int, rows: int = 1, offset: int = 0) -> list:
+        """Rows source EP rank ``source`` sends to each EP rank from a buffer of ``rows`` rows per
+        expert from slot ``offset`` (a capacity layer's [E, C]; rows = 1 under ``source``
+        dispatch: whole blocks)."""
+        counts = [rows * n for n in self._single_counts]
         for e in self._replicated:
-            counts[self.host_for(e, source)] += 1
+            for r, n in self.split(e, source, rows, offset):
+                counts[r] += n
         return counts
 
-    def receives(self, dest: int) -> list:
-        """Experts EP rank ``dest`` receives from each source EP rank."""
-        single = sum(1 for e in self.slots[dest] if len(self.hosts[e]) == 1)
-        return [single + sum(1 for e in self.slots[dest] if len(self.hosts[e]) > 1 and self.host_for(e, s) == dest)
-                for s in range(self.ep)]
+    def receives(self, dest: int, rows: int = 1) -> list:
+        """Rows EP rank ``dest`` receives from each source EP rank, as ``sends``."""
+        return [self.sends(s, rows)[dest] for s in range(self.ep)]
 
     @functools.cached_property
     def uniform(self) -> bool:
@@ -146,8 +178,31 @@ def initial_phy2log(num_experts: int, redundant: int) -> tuple:
     return tuple(j % num_experts for j in range(num_experts + redundant))
 
 
+def position_share(rows: int, copies: int, copy: int, offset: int = 0) -> int:
+    """How many of positions [offset, offset + rows) are ≡ ``copy`` (mod ``copies``): the rows
+    copy ``copy`` takes under position dispatch (the first ``rows mod copies`` one more)."""
+    first = (copy - offset) % copies  # the first position of the range that goes to this copy
+    return max(0, (rows - first + copies - 1) // copies)
+
+
+def _targets(lp: LayerPlacement, expert: int, source: int) -> tuple:
+    hosts = lp.hosts[expert]
+    if len(hosts) == 1 or lp.dispatch == "source":
+        return (hosts[source % len(hosts)],)
+    if lp.dispatch == "nearest":
+        if source in hosts:
+            return (source,)
+        if lp.per_node:
+            near = tuple(h for h in hosts if h // lp.per_node == source // lp.per_node)
+            if near:
+                return near
+    return tuple(hosts)
+
+
 @functools.lru_cache(maxsize=4096)
 def _send_slots(lp: LayerPlacement, source: int) -> list:
+    """Per global expert, the global slot ids of its ``targets`` for ``source``, padded to the EP
+    size with -1 ([E, EP]: a shape that no placement of the layer changes), and their count [E]."""
     offsets = [0]
     for r in range(lp.ep):
         offsets.append(offsets[-1] + len(lp.slots[r]))
@@ -155,7 +210,12 @@ def _send_slots(lp: LayerPlacement, source: int) -> list:
     for r, slots in enumerate(lp.slots):
         for i, e in enumerate(slots):
             where[(r, e)] = offsets[r] + i
-    return [where[(hosts[source % len(hosts)], e)] for e, hosts in enumerate(lp.hosts)]
+    table, copies = [], []
+    for e in range(len(lp.hosts)):
+        t = [where[(r, e)] for r in lp.targets(e, source)]
+        table.append(t + [-1] * (lp.ep - len(t)))
+        copies.append(len(t))
+    return table, copies
 
 
 def placement_pass(low: Lowered, spec: S.Spec, mesh: MeshShape, rank: int, device, seed: int,

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from . import cpu_gemm
-from .routing import Routing, counts
+from .routing import Routing, bucket_positions, counts
 
 
 def _flat_slot(r: Routing) -> torch.Tensor:
@@ -54,17 +54,21 @@ class Packed:
 
 
 def dispatch_packed(x: torch.Tensor, r: Routing, slot_of_expert: Optional[torch.Tensor] = None,
-                    n_slots: Optional[int] = None) -> Packed:
+                    n_slots: Optional[int] = None, slot_of_assignment: Optional[torch.Tensor] = None) -> Packed:
     """x [S, d] -> rows of the kept assignments sorted by destination slot.
 
     ``slot_of_expert`` [E] maps a global expert to the slot this rank sends it to (ranks'
-    slots numbered rank-major); by default slot = expert (one process)."""
-    if slot_of_expert is None:
+    slots numbered rank-major), or ``slot_of_assignment`` [A] gives each assignment its slot
+    (``replica_slots``); by default slot = expert (one process)."""
+    one_process = slot_of_expert is None and slot_of_assignment is None
+    if slot_of_assignment is not None:
+        dest = slot_of_assignment
+    elif slot_of_expert is None:
         dest, n_slots = r.expert, r.num_experts
     else:
         dest = slot_of_expert.to(r.expert.device)[r.expert]
     if r.all_kept:
-        sizes = r.kept_counts if slot_of_expert is None and r.kept_counts is not None else counts(dest, n_slots)
+        sizes = r.kept_counts if one_process and r.kept_counts is not None else counts(dest, n_slots)
         order = torch.sort(dest, stable=True).indices
     elif cpu_gemm.pack_usable(dest, r.slot):  # the masked sort below as one counting sort
         order, sizes = cpu_gemm.pack_order(dest, r.slot, n_slots)
@@ -74,6 +78,18 @@ def dispatch_packed(x: torch.Tensor, r: Routing, slot_of_expert: Optional[torch.
         order = torch.sort(key, stable=True).indices
         order = order[: int(sizes.sum())]  # drop the dropped (a data-dependent length)
     return Packed(rows=x.index_select(0, r.token.index_select(0, order)), sizes=sizes, index=order)
+
+
+def replica_slots(r: Routing, slots: torch.Tensor, copies: torch.Tensor) -> torch.Tensor:
+    """The slot of each assignment [A] under position dispatch: the k-th kept assignment of
+    expert e (in assignment order) goes to ``slots[e, k mod copies[e]]`` (``slots`` [E, EP]: the
+    copies this source splits e over; ``copies`` [E]: how many), so each copy takes an equal
+    share of this source's rows of e, ±1, whatever their number."""
+    E = r.num_experts
+    key = r.expert if r.all_kept else torch.where(r.kept, r.expert, torch.full_like(r.expert, E))
+    k = bucket_positions(key, E)  # position among the kept assignments of its expert
+    copies = copies.to(r.expert.device)
+    return slots.to(r.expert.device)[r.expert, k % copies[r.expert]]
 
 
 def combine_packed(y: torch.Tensor, p: Packed, r: Routing) -> torch.Tensor:
