@@ -173,8 +173,10 @@ def _replan(args, spec, compiled):
     if policy is None and args.policy is None:
         raise UserError("--load: the spec has no placement.replication; name a policy with --policy eplb|shadow")
     policy = policy or Replication(policy=args.policy)
+    given = ((spec.data or {}).get("placement") or {}).get("replication") or {}
     policy = replace(policy, policy=args.policy or policy.policy,
-                     redundant=policy.redundant if args.redundant is None else args.redundant)
+                     redundant=policy.redundant if args.redundant is None else args.redundant,
+                     dispatch=given.get("dispatch", ""))  # not given: the policy's own default
     loads, source = read_loads(args.load, policy.window)
     names = [f"layers.{layer.index}" for layer in spec.moe_layers]
     if sorted(loads) != sorted(names):

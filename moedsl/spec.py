@@ -106,7 +106,11 @@ class Replication:
     redundant: int = _REPLICATION["redundant"]["default"]  # extra physical slots per MoE layer
     window: int = _REPLICATION["window"]["default"]  # steps of load the placement is computed from
     every: int = _REPLICATION["every"]["default"]  # steps between placements (migrations)
-    dispatch: str = _REPLICATION["dispatch"]["default"]  # position | source | nearest
+    dispatch: str = ""  # position | source | nearest; "" (not given): nearest for shadow, position for eplb
+
+    def __post_init__(self):
+        if not self.dispatch:  # FasterMoE's shadows serve their own rank's tokens; EPLB assumes equal shares
+            object.__setattr__(self, "dispatch", "nearest" if self.policy == "shadow" else "position")
 
 
 _HARDWARE = schema()["$defs"]["placement"]["properties"]["hardware"]["properties"]

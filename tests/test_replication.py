@@ -160,6 +160,17 @@ def test_placement_hardware_has_defaults_and_takes_the_figures_written(tmp_path)
         moedsl.load_spec(hash_spec(tmp_path, hardware={"device_flops": 0}))
 
 
+@pytest.mark.parametrize("policy,given,want", [("shadow", None, "nearest"), ("eplb", None, "position"),
+                                                ("shadow", "position", "position"), ("eplb", "source", "source")])
+def test_a_policy_without_a_dispatch_takes_its_own_shadow_serves_its_rank_eplb_splits_by_position(
+        tmp_path, policy, given, want):
+    """FasterMoE's shadows save all-to-all bytes only if each rank computes its own tokens of the
+    shadowed expert (nearest); EPLB's placement assumes each copy gets an equal share (position)."""
+    replication = {"policy": policy, "redundant": 4, **({"dispatch": given} if given else {})}
+    spec = moedsl.load_spec(hash_spec(tmp_path, expert_parallel=4, replication=replication))
+    assert spec.placement.replication.dispatch == want
+
+
 def plan_spec(tmp_path: Path, **replication) -> Path:
     placement = {"mesh": {"nodes": 1, "devices_per_node": 4}}
     if replication:
