@@ -7,9 +7,9 @@ Routing is a hash gate whose token → expert table gives expert i (by load rank
 exact: the hottest expert carries 1×, 2×, 4× and 8× the mean. Which expert ids are hot is a
 fixed random permutation (hot experts are not neighbours, whom a contiguous placement would put
 on one rank). Each layer has E = 4 experts per rank and, with a policy, R = one redundant slot
-per rank; a policy's placement runs as ``placement.replication`` with the default dispatch
-(``position``: each source splits its rows of an expert evenly over the copies,
-compiler/passes/placement.py), the placement fixed from the start (a policy callable returning
+per rank; a policy's placement runs as ``placement.replication`` with the policy's default
+dispatch (eplb ``position``: each source splits its rows of an expert evenly over the copies;
+shadow ``nearest``: a source with a copy computes its own rows; compiler/passes/placement.py), the placement fixed from the start (a policy callable returning
 it; no migration).
 
 Measured (4 processes): each rank's expert rows per step (a hook on the experts module), the
@@ -42,6 +42,11 @@ SKEWS = (1.0, 2.0, 4.0, 8.0)  # the hottest expert's load over the mean
 POLICIES = ("none", "eplb", "shadow")
 WORLD, PER_RANK = 4, 4  # ranks; logical experts per rank
 TARGET_BALANCE, TARGET_SPEEDUP = 0.9, 1.10
+
+
+def dispatch_of(policy: str) -> str:
+    """The dispatch a run of ``policy`` uses by default (placement.replication without ``dispatch``)."""
+    return "position" if policy == "none" else Replication(policy=policy).dispatch
 
 
 def zipf_exponent(E: int, ratio: float) -> float:
@@ -202,7 +207,7 @@ def measured(args) -> None:
                                                           exact, WORLD, 1, None, cost)
             configs.append((spec_data(E, args.d, args.hidden, args.vocab, args.batch, args.seq, policy), table,
                             phy2log))
-            model = model_step(phy2log or tuple(range(E)), [per_source] * WORLD, WORLD, cost)
+            model = model_step(phy2log or tuple(range(E)), [per_source] * WORLD, WORLD, cost, dispatch_of(policy))
             rows.append(dict(ratio=ratio, hot=max(exact) / (sum(exact) / E), policy=policy, model=model,
                              copies=WORLD * PER_RANK + (WORLD if phy2log else 0)))
     res = spawn(_worker, WORLD, configs, args.steps, args.batch, args.seq, args.vocab, timeout=1200)
@@ -273,7 +278,8 @@ def simulated(args) -> None:
     print(f"\n## Modelled: nodes of 8 devices at the placement.hardware defaults ({hw.device_flops / 1e12:.0f} "
           f"TFLOP/s, {hw.intra_node_bandwidth / 1e9:.0f} GB/s in a node, {hw.inter_node_bandwidth / 1e9:.0f} GB/s "
           f"across), expert d = {d}, SwiGLU hidden {h}, bf16 rows, {PER_RANK} experts + 1 redundant slot per rank, "
-          f"16,384 assignments per rank per step, EPLB global (no expert groups), dispatch position\n")
+          f"16,384 assignments per rank per step, EPLB global (no expert groups), each policy's default "
+          "dispatch (eplb: position, shadow: nearest)\n")
     print("| ranks | hottest / mean | policy | balancedness | layer step ms | compute | all-to-all | replica grads | "
           "speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -286,7 +292,7 @@ def simulated(args) -> None:
                 t = time.perf_counter()
                 phy2log = tuple(range(E)) if policy == "none" else \
                     place(Replication(policy=policy, redundant=P, window=1), load, P, P // 8, None, cost)
-                m = model_step(phy2log, load, P, cost)
+                m = model_step(phy2log, load, P, cost, dispatch_of(policy))
                 rows.append(dict(ratio=ratio, hot=max(load) / (sum(load) / E), policy=policy, model=m,
                                  place_s=time.perf_counter() - t))
         base = {r["ratio"]: r for r in rows if r["policy"] == "none"}
