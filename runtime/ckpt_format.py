@@ -45,15 +45,18 @@ class BrokenCheckpoint(MoedslError):
         super().__init__(f"checkpoint {path} is broken: {reason}")
 
 
-def make_meta(step: int, world: int, spec, options=None) -> dict:
+def make_meta(step: int, world: int, spec, options=None, more: dict | None = None) -> dict:
     """The ``meta.json`` of a checkpoint of ``spec`` at ``step``, written by ``world`` ranks;
-    ``options``: the run's options, their ``TRAJECTORY`` fields kept so a resume can name what changed."""
+    ``options``: the run's options, their ``TRAJECTORY`` fields kept so a resume can name what changed;
+    ``more``: further keys (``replication``: where a run's replicated experts sat, runtime/replicate.py),
+    which readers that do not know them ignore."""
     meta = {"format": FORMAT, "step": step, "world": world, "spec": spec.name, "fingerprint": fingerprint(spec),
             "architecture": architecture(spec), "spec_data": spec.data, "time": time.time()}
     if options is not None:
         meta["train"] = {k: _plain(getattr(options, k)) for k in TRAJECTORY if hasattr(options, k)}
         meta["eval"] = {**{k: _plain(getattr(options, k)) for k in EVALUATION if hasattr(options, k)},
                         "dtype": spec.model.dtype}
+    meta.update(more or {})
     return meta
 
 
@@ -155,7 +158,7 @@ def problem(path: Path) -> str | None:
 
 def load(path: Path, model, optimizer, spec, extra: dict | None = None, options=None) -> dict:
     """Fill ``model`` (and ``optimizer``) from ``path``. ``extra``: this rank's tensors to restore
-    if the checkpoint has them (a checkpoint from another world size has other ranks').
+    if the checkpoint has them with their shapes (a checkpoint from another world size has other ranks').
     Returns the meta data (``step``, ``world``, ...) with the restored ``extra`` keys and
     ``notes`` (``compare``'s). Raises ``BrokenCheckpoint`` if the files cannot be read back,
     having changed nothing: the tensors are read into new host tensors and copied over once all
@@ -175,8 +178,11 @@ def load(path: Path, model, optimizer, spec, extra: dict | None = None, options=
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
 
-        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-        wanted = {k: v for k, v in (extra or {}).items() if f"extra/{k}" in saved}
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        # an extra tensor of another shape belongs to other settings (a load window of another
+        # length): not this run's state, and left as it is
+        wanted = {k: v for k, v in (extra or {}).items()
+                  if f"extra/{k}" in saved and tuple(getattr(saved[f"extra/{k}"], "size", ())) == tuple(v.shape)}
         sd = state_dict(model, optimizer, wanted)
         missing = [k for k in sd if k not in saved]
         if missing:

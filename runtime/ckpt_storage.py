@@ -35,9 +35,10 @@ KEEP = 3  # complete checkpoints kept
 
 
 def save(directory: Path, step: int, model, optimizer, spec, extra: dict, rank: int, world: int,
-         options=None) -> Path:
+         options=None, more: dict | None = None) -> Path:
     """Write step ``step`` to ``directory/step-…`` (every rank its own part); ``options``: the
-    run's options, their ``ckpt_compat.TRAJECTORY`` fields kept so a resume can name what changed.
+    run's options, their ``ckpt_compat.TRAJECTORY`` fields kept so a resume can name what changed;
+    ``more``: rank 0's further ``meta.json`` keys (``ckpt_format.make_meta``).
 
     A save that fails on any rank (``OSError``: a full disk, a quota, an I/O error; or DCP's
     own errors) removes its ``.tmp`` folder, leaves ``latest`` and the checkpoints as they
@@ -69,7 +70,7 @@ def save(directory: Path, step: int, model, optimizer, spec, extra: dict, rank: 
     if rank == 0:
         if failure is None:
             try:
-                _finish(directory, tmp, final, step, spec, world, options)
+                _finish(directory, tmp, final, step, spec, world, options, more)
             except Exception as e:  # noqa: BLE001 - meta.json or the rename failed: the save did not happen
                 reasons = [failure_reason(e, tmp)]
         if reasons:
@@ -84,9 +85,9 @@ def save(directory: Path, step: int, model, optimizer, spec, extra: dict, rank: 
     return final
 
 
-def _finish(directory: Path, tmp: Path, final: Path, step: int, spec, world: int, options) -> None:
+def _finish(directory: Path, tmp: Path, final: Path, step: int, spec, world: int, options, more=None) -> None:
     """Rank 0, once every shard is written: ``meta.json``, the rename, ``latest``, pruning."""
-    (tmp / "meta.json").write_text(json.dumps(make_meta(step, world, spec, options), indent=1))
+    (tmp / "meta.json").write_text(json.dumps(make_meta(step, world, spec, options, more), indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -28,13 +28,19 @@ The slots per rank never change, so the compiled graph, the parameters' shapes a
 optimizer's state keep theirs. Everything logical stays logical: checkpoints store experts by
 id (a checkpoint loads whatever the placement), router statistics and ``inspect`` count
 logical experts, and a run on one process (``inspect``, ``export``, ``eval``) has one copy of
-each. A resumed run starts from the initial placement and measures its load afresh.
+each.
+
+A checkpoint also records where the run stands (``record``, meta.json ``replication``: each
+layer's phy2log, the settings, the world and EP sizes; ``window_state``: each rank's load window
+as ``extra/`` tensors). A resume with the same settings, world and EP size moves the logically
+loaded experts there, as a migration would, and refills the window (``restore``), so its later
+migrations are the uninterrupted run's; any other resume starts from its own initial placement.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -250,7 +256,10 @@ class Replicator:
         the EP group and the seconds it took (the slowest rank's)."""
         t0 = time.perf_counter()
         loads = self._loads(initial)
-        wanted = [self._ask(n, load) for n, load in zip(self.layers, loads)]
+        return self._place([self._ask(n, load) for n, load in zip(self.layers, loads)], step, t0)
+
+    def _place(self, wanted: list, step: int, t0: float) -> dict:
+        """Move every layer's experts to ``wanted`` (a phy2log per layer, ``self.layers``' order)."""
         # rank 0's answer for all: a policy that differs by a rounding between ranks cannot split them
         agreed = torch.tensor([e for phy in wanted for e in phy], dtype=torch.int64, device=self.device)
         dist.broadcast(agreed, src=0)
@@ -289,3 +298,71 @@ class Replicator:
         old.close()
         self.step.sync = GradSync(self.model, self.mesh, self.rank, mode=old.mode, bucket_mb=old.bucket_bytes / 2**20,
                                   groups=self._made)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _window_key(self, name: str) -> str:
+        return f"replication_window_{self.rank}_{name}"  # each rank its own: the loads of its tokens
+
+    def window_state(self) -> dict:
+        """This rank's load window per layer as a checkpoint's ``extra`` tensors: [W, E], the last
+        ``len(window)`` rows the steps kept (oldest first), zeros before them."""
+        out = {}
+        for name in self.layers:
+            rows = torch.zeros(self.rep.window, len(self.model.compiled.placements[name].hosts), device=self.device)
+            if self.window[name]:
+                rows[self.rep.window - len(self.window[name]):] = torch.stack(list(self.window[name]))
+            out[self._window_key(name)] = rows
+        return out
+
+    def record(self, step: int) -> dict:
+        """What meta.json records of the replication at checkpoint step ``step`` (rank 0's; every
+        rank places alike): the settings, the world and EP sizes, each layer's phy2log, the steps
+        the windows hold and the steps since the last migration (the next one comes after
+        ``every`` - that many)."""
+        return {"settings": asdict(self.rep), "world": dist.get_world_size(), "expert_parallel": self.ep,
+                "phy2log": {n: list(self.model.compiled.placements[n].phy2log) for n in self.layers},
+                "window_steps": len(self.window[self.layers[0]]), "steps_since_move": step % self.rep.every}
+
+    def _differs(self, record: dict) -> Optional[str]:
+        """Why the checkpoint's placement cannot be this run's (one phrase), or None."""
+        settings = record.get("settings") or {}
+        for k, v in asdict(self.rep).items():
+            if settings.get(k) != v:
+                return f"placement.replication.{k} {settings.get(k)!r} in the checkpoint, {v!r} now"
+        if record.get("world") != dist.get_world_size():
+            return f"{record.get('world')} processes wrote it, {dist.get_world_size()} run now"
+        if record.get("expert_parallel") != self.ep:
+            return f"{record.get('expert_parallel')} expert-parallel ranks wrote it, {self.ep} now"
+        if sorted(record.get("phy2log") or {}) != sorted(self.layers):
+            return f"its MoE layers {sorted(record.get('phy2log') or {})} are not {sorted(self.layers)}"
+        return None
+
+    def restore(self, record: dict, restored: dict, step: int) -> Optional[str]:
+        """After a logical checkpoint of step ``step`` is loaded into the initial placement: move
+        the experts (weights, both AdamW moments) to the placements its meta.json ``record``s, as
+        a migration moves them, and refill the load windows from ``restored`` (``window_state``'s
+        tensors, as read back). Returns why not, changing nothing, when the checkpoint was written
+        under other settings, world or EP size (every rank decides alike, from meta.json)."""
+        why = self._differs(record)
+        if why is not None:
+            return why
+        wanted = []
+        for name in self.layers:
+            phy = tuple(int(e) for e in record["phy2log"][name])
+            try:
+                LayerPlacement.of(phy, self.ep, experts=len(self.model.compiled.placements[name].hosts))
+            except ValueError as e:
+                raise MoedslError(f"the checkpoint's placement of the MoE layer {name}: {e}") from None
+            wanted.append(phy)
+        missing = [n for n in self.layers if self._window_key(n) not in restored]
+        if missing:
+            raise MoedslError(f"the checkpoint records a replicated placement but not rank {self.rank}'s load window "
+                              f"of {missing[0]} (extra/{self._window_key(missing[0])})")
+        self._place(wanted, step, time.perf_counter())
+        kept = int(record.get("window_steps", 0))
+        for name in self.layers:
+            rows = restored[self._window_key(name)].to(self.device).float()
+            self.window[name].clear()
+            self.window[name].extend(rows[len(rows) - kept:].unbind(0) if kept else ())
+        return None

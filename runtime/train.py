@@ -268,6 +268,8 @@ class Trainer:
             extra[f"rng_cuda_{self.rank}"] = torch.cuda.get_rng_state()
         if self.loss_scale is not None:
             extra.update(self.loss_scale.state())
+        if self.replicator is not None:  # placement.replication: this rank's load window
+            extra.update(self.replicator.window_state())
         return extra
 
     def resume(self, where) -> int:
@@ -288,12 +290,33 @@ class Trainer:
                 if k in restored:
                     v.copy_(restored[k])
         self.start_step = int(meta["step"])
+        self._restore_placement(meta)
         self.say.once(f"resumed from {meta['path']} at step {self.start_step}")
         return self.start_step
 
+    def _restore_placement(self, meta: dict) -> None:
+        """placement.replication: the checkpoint's expert placement and load windows, where it was
+        written by a run like this one (runtime/replicate.py ``restore``); else the experts stay
+        where this run placed them (the checkpoint is logical) and one line says so."""
+        record, name = meta.get("replication"), Path(meta["path"]).name
+        if self.replicator is not None:
+            why = "it records none (saved without placement.replication)" if record is None else \
+                self.replicator.restore(record, meta["extra"], self.start_step)
+            self.sync = self.train_step.sync
+            if why is not None:
+                self.say.once(f"placement.replication: the placement and load window of {name} are not restored "
+                              f"({why}): the experts start from this run's initial placement, the window empty")
+        elif record is not None:
+            now = "no placement.replication" if self.spec.placement.replication is None else \
+                "one expert-parallel rank"
+            self.say.once(f"placement.replication: {name} was saved with replicated experts over "
+                          f"{record.get('expert_parallel')} expert-parallel ranks; this run has {now}: the experts "
+                          "load logically, their placement and load window are reset")
+
     def save(self, step: int) -> Path:
+        more = None if self.replicator is None else {"replication": self.replicator.record(step)}
         return ckpt.save(Path(self.options.out) / "checkpoints", step, self.model, self.opt, self.spec, self._extra(),
-                         self.rank, self.world, options=self.options)
+                         self.rank, self.world, options=self.options, more=more)
 
     # ------------------------------------------------------------------ the loop
 
