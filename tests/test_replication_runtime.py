@@ -463,6 +463,104 @@ def test_experts_migrate_inside_each_expert_parallel_group_of_a_data_parallel_me
     assert [r["step"] for r in rows if r.get("replication", {}).get("bytes")] == [3, 6]
 
 
+_ASKED: list = []  # this process's policy calls: (layer, placement then, load over the window)
+
+
+def _recorded_swap(load, info):
+    """``_swap``, keeping what it was asked: the loads show which steps the window held."""
+    _ASKED.append((info.name, tuple(info.phy2log), [float(x) for x in load]))
+    return _swap(load, info)
+
+
+def _resumed(rank: int, world: int, runs: list):
+    """Each run: (spec data, out, steps, checkpoint to resume or None, checkpoint_every). Its losses,
+    logical weights and moments, placements, the policy's calls and the lines rank 0 said."""
+    from moedsl.runtime.train import RunOptions, Trainer
+
+    torch.set_num_threads(1)
+    results = []
+    for data, out, steps, resume, every in runs:
+        _ASKED.clear()
+        spec = moedsl.load_spec(data)
+        o = RunOptions.from_spec(spec, steps=steps, out=Path(out), progress=False, compile="off",
+                                 checkpoint_every=every, resume=resume)
+        trainer = Trainer(spec, o, policy=_recorded_swap)
+        said, once = [], trainer.say.once
+        trainer.say.once = lambda text: (said.append(text), once(text))
+        summary = trainer.fit()
+        moments = {k: _logical(trainer.model, optimizer=trainer.opt, state=k) for k in ("exp_avg", "exp_avg_sq")}
+        results.append({"losses": summary.losses, "weights": _logical(trainer.model), "moments": moments,
+                        "placement": {n: lp.phy2log for n, lp in trainer.model.compiled.placements.items()},
+                        "asked": list(_ASKED), "said": said})
+    return results
+
+
+def _replication_rows(out: Path) -> dict:
+    """step -> what metrics.jsonl says moved (the seconds aside: they are the clock's)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r["replication"].items() if k != "seconds"} for r in rows if "replication" in r}
+
+
+@pytest.mark.slow
+def test_a_replicated_run_resumed_from_a_checkpoint_continues_the_uninterrupted_run(tmp_path):
+    """12 steps, experts moved every 4 from the last 3 steps' load, checkpointed at step 6 (between
+    two migrations, the window full of steps 4..6); a run resumed there to step 12 moves at steps 8
+    and 12 to the same placements from the same loads, with the same losses, weights and AdamW
+    moments. A resume under other replication settings, or without replication, starts from its
+    own placement and says so in one line."""
+    whole, step6 = tmp_path / "whole", tmp_path / "whole" / "checkpoints" / "step-00000006"
+    data = tiny(redundant=2, every=4, window=3)
+    runs = [(data, str(whole), 12, None, 6),
+            (data, str(tmp_path / "resumed"), 12, str(step6), None),
+            (tiny(redundant=2, every=4, window=4), str(tmp_path / "window4"), 8, str(step6), None),
+            (tiny(), str(tmp_path / "plain"), 8, str(step6), None)]
+    per_rank = spawn(_resumed, 2, runs, timeout=300)
+    (a, b, *_), (a1, b1, *_) = per_rank
+    # the checkpoint's placement (the step-8 call's) is not where a fresh run starts (the step-4 call's):
+    # restoring it is what makes the resumed run go on
+    assert a["asked"][2][0] == a["asked"][4][0] == "layers.2" and a["asked"][2][1] != a["asked"][4][1]
+    assert b["losses"] == a["losses"][6:]
+    for whole_r, resumed_r in ((a, b), (a1, b1)):
+        assert resumed_r["placement"] == whole_r["placement"]
+        for key, v in whole_r["weights"].items():
+            assert torch.equal(torch.as_tensor(resumed_r["weights"][key]), torch.as_tensor(v)), key
+        for k in ("exp_avg", "exp_avg_sq"):
+            for key, v in whole_r["moments"][k].items():
+                assert torch.equal(torch.as_tensor(resumed_r["moments"][k][key]), torch.as_tensor(v)), (k, key)
+    # the policy's calls after the resume's initial placement: those of steps 8 and 12, from the same windows
+    assert b["asked"][2:] == a["asked"][4:] and len(b["asked"]) == 6
+    moved = _replication_rows(whole)
+    assert sorted(moved) == [4, 8, 12]
+    resumed_rows = _replication_rows(tmp_path / "resumed")
+    assert resumed_rows == {8: moved[8], 12: moved[12]} and moved[8]["bytes"] > 0
+    assert not any("not restored" in line for line in b["said"])
+    meta = json.loads((step6 / "meta.json").read_text())
+    assert meta["format"] == 1 and meta["replication"]["window_steps"] == 3  # a new key; the format stays
+    assert meta["replication"]["phy2log"]["layers.2"] == list(a["asked"][4][1])
+    assert meta["replication"]["steps_since_move"] == 2
+    window4, plain = per_rank[0][2], per_rank[0][3]
+    assert [line for line in window4["said"] if "not restored" in line] == [
+        "placement.replication: the placement and load window of step-00000006 are not restored "
+        "(placement.replication.window 3 in the checkpoint, 4 now): the experts start from this run's initial "
+        "placement, the window empty"]
+    assert len(window4["losses"]) == 2
+    assert [line for line in plain["said"] if "replicated experts" in line] == [
+        "placement.replication: step-00000006 was saved with replicated experts over 2 expert-parallel ranks; "
+        "this run has no placement.replication: the experts load logically, their placement and load window "
+        "are reset"]
+    assert len(plain["losses"]) == 2 and plain["placement"]["layers.2"] == (0, 1, 2, 3)
+    # one process (one copy of each expert): the same spec loads the checkpoint logically and goes on
+    threads = torch.get_num_threads()
+    try:
+        one, = _resumed(0, 1, [(data, str(tmp_path / "one"), 8, str(step6), None)])
+    finally:
+        torch.set_num_threads(threads)
+    assert [line for line in one["said"] if "replicated experts" in line] == [
+        "placement.replication: step-00000006 was saved with replicated experts over 2 expert-parallel ranks; "
+        "this run has one expert-parallel rank: the experts load logically, their placement and load window "
+        "are reset"]
+    assert len(one["losses"]) == 2 and one["placement"]["layers.2"] == (0, 1, 2, 3)
+
 def _doubled(load, info):
     """A wrong policy: two copies of expert 0 on rank 0."""
     return (0, 0, 1, 2, 3, 1)
