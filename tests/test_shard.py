@@ -190,7 +190,7 @@ def _params_at_init(rank, world, data):
     return _params(build_model(load_spec(data), seed=0, rank=rank, world_size=world, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("world,ep,dp", [(1, 1, 1), (2, 1, 2), (4, 2, 2)])
+@pytest.mark.parametrize("world,ep,dp", [(1, 1, 1), (2, 1, 2), pytest.param(4, 2, 2, marks=pytest.mark.slow)])
 def test_optimizer_sharding_trains_as_the_unsharded_run(world, ep, dp):
     """Loss and every parameter after 3 clipped AdamW steps equal the unsharded run's on the same
     ranks (float32): dense states split over every rank, experts' over their expert-data-parallel
@@ -210,7 +210,7 @@ def test_optimizer_sharding_trains_as_the_unsharded_run(world, ep, dp):
             assert r["held"] == r["ref_held"]  # the weights stay whole
 
 
-@pytest.mark.parametrize("world,ep,dp", [(2, 1, 2), (2, 2, 1), (4, 2, 2)])
+@pytest.mark.parametrize("world,ep,dp", [(2, 1, 2), (2, 2, 1), pytest.param(4, 2, 2, marks=pytest.mark.slow)])
 def test_full_sharding_trains_as_the_unsharded_run(world, ep, dp):
     """FSDP2 over each layer (experts on their expert-data-parallel mesh dimension, of one rank
     when each expert is held once): loss and every parameter after 3 clipped AdamW steps as the
@@ -290,6 +290,7 @@ def _load_worker(rank: int, world: int, data: dict, path: str, saved: dict):
     return dict(worst=worst, keys=sorted(mine), world=meta["world"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saved_as,loads", [
     (("optimizer", 2, 1, 2), [("none", 1, 1, 1), ("full", 4, 2, 2)]),
     (("full", 2, 1, 2), [("optimizer", 2, 2, 1), ("none", 1, 1, 1)]),
@@ -321,6 +322,7 @@ def _moedsl_run(spec: Path, out: Path, shard: str, steps: int, *extra) -> subpro
     return r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shard", ["optimizer", "full"])
 def test_moedsl_run_shard_trains_on_two_processes_and_its_run_exports_to_hugging_face(tmp_path, shard):
     """``moedsl run --nproc 2 --shard MODE`` (over the spec's placement.shard none): the run says
@@ -336,6 +338,7 @@ def test_moedsl_run_shard_trains_on_two_processes_and_its_run_exports_to_hugging
     exports_as(run, tmp_path / "hf", "MixtralForCausalLM", 63)
 
 
+@pytest.mark.slow
 def test_moedsl_verify_checks_a_sharded_step_against_one_process():
     """``moedsl verify`` of a spec with placement.shard: the two processes' step (ZeRO-1's gathered
     rows, FSDP2's DTensor gradients and parameters made whole) equals one process's."""
@@ -347,6 +350,7 @@ def test_moedsl_verify_checks_a_sharded_step_against_one_process():
             assert d.ok() and d.params_checked > 10, (name, d)
 
 
+@pytest.mark.slow
 def test_a_run_resumed_under_another_shard_mode_continues_the_unsharded_trajectory(tmp_path):
     """Two steps with --shard optimizer, then a resume with --shard full to step 4: the fourth
     step's loss, which the resumed moments shaped (the third step's update), is the uninterrupted
