@@ -49,7 +49,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .passes.placement import place_layer, position_share
+from .passes.placement import LayerPlacement, place_layer, position_share, targets_of
 
 # ----------------------------------------------------------------------------- EPLB, ported
 # Shapes: X = rows (layers, or layers × nodes), n = items, m = packs.
@@ -314,32 +314,6 @@ def balancedness(rank_tokens: Sequence[float]) -> float:
     return sum(rank_tokens) / len(rank_tokens) / top if top > 0 else 1.0
 
 
-def hosts_of(phy2log: Sequence[int], ep: int, num_experts: int) -> list:
-    """Per logical expert, the ranks holding a copy, in slot order (rank-major slots)."""
-    per = len(phy2log) // ep
-    hosts = [[] for _ in range(num_experts)]
-    for j, e in enumerate(phy2log):
-        if j // per not in hosts[e]:
-            hosts[e].append(j // per)
-    return hosts
-
-
-def destinations(hosts: Sequence[int], source: int, dispatch: str, devices_per_node: int) -> tuple:
-    """The ranks over which source rank ``source`` splits its tokens of an expert held on
-    ``hosts``, by position (compiler/passes/placement.py ``targets``): position, all the copies;
-    source, the one copy ``source mod copies``; nearest, the source itself if it holds a copy,
-    else the copies on its node, else all."""
-    if len(hosts) == 1 or dispatch == "source":
-        return (hosts[source % len(hosts)],)
-    if dispatch == "nearest":
-        if source in hosts:
-            return (source,)
-        node = tuple(h for h in hosts if h // devices_per_node == source // devices_per_node)
-        if node:
-            return node
-    return tuple(hosts)
-
-
 def split(n, copies: int) -> list:
     """A source's ``n`` tokens of an expert over ``copies`` copies by position: a count (an
     integer: a step's rows, as a run measures them) as position dispatch splits it, the first
@@ -364,11 +338,11 @@ def rank_tokens(phy2log: Sequence[int], load, ep: int, dispatch: str = "position
     expert (split evenly over the source ranks) or [P][E] per source rank (whole numbers: each
     source's tokens split over the copies exactly as position dispatch splits them)."""
     src = _per_source(load, ep)
-    hosts = hosts_of(phy2log, ep, len(src[0]))
+    hosts = LayerPlacement.of(phy2log, ep, experts=len(src[0])).hosts
     out = [0.0] * ep
     for s in range(ep):
         for e, n in enumerate(src[s]):
-            to = destinations(hosts[e], s, dispatch, devices_per_node)
+            to = targets_of(hosts[e], s, dispatch, devices_per_node)
             for d, part in zip(to, split(n, len(to))):
                 out[d] += part
     return out
@@ -389,7 +363,7 @@ def model_step(phy2log: Sequence[int], load, ep: int, cost: LayerCost, dispatch:
     dpn = max(cost.devices_per_node, 1)
     flat = not (load and isinstance(load[0], (list, tuple)))
     E = len(load) if flat else len(load[0])
-    hosts = hosts if hosts is not None else hosts_of(phy2log, ep, E)
+    hosts = hosts if hosts is not None else LayerPlacement.of(phy2log, ep, experts=E).hosts
     if flat and dispatch in ("source", "position"):  # the even split over sources: O(copies · (E + P))
         routed = _routed_evenly if dispatch == "source" else _routed_by_position
         tokens, send, recv = routed(hosts, [float(x) for x in load], ep, dpn)
@@ -400,7 +374,7 @@ def model_step(phy2log: Sequence[int], load, ep: int, cost: LayerCost, dispatch:
         recv = [[0.0, 0.0] for _ in range(ep)]
         for s in range(ep):
             for e, n in enumerate(src[s]):
-                to = destinations(hosts[e], s, dispatch, dpn)
+                to = targets_of(hosts[e], s, dispatch, dpn)
                 for d, part in zip(to, split(n, len(to))):
                     tokens[d] += part
                     if d != s:
@@ -593,7 +567,6 @@ def place(policy_spec, load: Sequence[float], ep: int, nodes: int = 1, groups: O
     raise ValueError(f"unknown replication policy {policy_spec.policy!r} (eplb or shadow)")
 
 
-__all__ = ["LayerCost", "LayerReplan", "Modelled", "balanced_packing", "balancedness", "destinations", "eplb",
-           "hosts_of",
-           "layer_cost", "model_step", "place", "rank_tokens", "rebalance_experts_hierarchical", "replan",
-           "replicate_experts", "shadow"]
+__all__ = ["LayerCost", "LayerReplan", "Modelled", "balanced_packing", "balancedness", "eplb", "layer_cost",
+           "model_step", "place", "rank_tokens", "rebalance_experts_hierarchical", "replan", "replicate_experts",
+           "shadow"]

@@ -186,14 +186,22 @@ def position_share(rows: int, copies: int, copy: int, offset: int = 0) -> int:
 
 
 def _targets(lp: LayerPlacement, expert: int, source: int) -> tuple:
-    hosts = lp.hosts[expert]
-    if len(hosts) == 1 or lp.dispatch == "source":
+    return targets_of(lp.hosts[expert], source, lp.dispatch, lp.per_node)
+
+
+def targets_of(hosts, source: int, dispatch: str, per_node: int = 0) -> tuple:
+    """The EP ranks over which source rank ``source`` splits its rows of an expert held on
+    ``hosts`` by position: ``position``, all the copies; ``source``, the one copy ``source mod
+    copies``; ``nearest``, the source itself if it holds a copy, else the copies on its node
+    (``per_node`` ranks a node; 0: one node), else all. The runtime's dispatch tables
+    (``LayerPlacement.targets``) and the cost model (compiler/replication.py) both use it."""
+    if len(hosts) == 1 or dispatch == "source":
         return (hosts[source % len(hosts)],)
-    if lp.dispatch == "nearest":
+    if dispatch == "nearest":
         if source in hosts:
             return (source,)
-        if lp.per_node:
-            near = tuple(h for h in hosts if h // lp.per_node == source // lp.per_node)
+        if per_node:
+            near = tuple(h for h in hosts if h // per_node == source // per_node)
             if near:
                 return near
     return tuple(hosts)
