@@ -647,6 +647,9 @@ class DenseLlamaLike(LlamaLike):
 
     routed = False  # so no router_dtype in its spec
     attention_features = {"head_dim"}
+    # the tests' tiny model of every dense family (each adds its own variants)
+    tiny_config = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
     def layer(self, c: Config, i: int) -> tuple:
         attn = self.attention_fields(c, i) + self.attention_extra(c, i)

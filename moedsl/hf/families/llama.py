@@ -25,8 +25,6 @@ class Llama(DenseLlamaLike):
     model_type = "llama"
     architectures = ("LlamaForCausalLM",)
     config_class = "LlamaConfig"
-    tiny_config = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     tiny_variants = (({"attention_bias": True, "head_dim": 16}, "attention_bias, head_dim other than hidden / heads"),
                      ({"tie_word_embeddings": True, "rope_theta": 500000.0}, "tied embeddings, rope_theta"),
                      ({"hidden_act": "gelu", "num_key_value_heads": None}, "hidden_act gelu (GEGLU MLP), no GQA"))

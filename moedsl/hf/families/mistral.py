@@ -23,8 +23,6 @@ class Mistral(DenseLlamaLike):
     model_type = "mistral"
     architectures = ("MistralForCausalLM",)
     config_class = "MistralConfig"
-    tiny_config = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     tiny_variants = (({"sliding_window": 5}, "sliding window on every layer"),
                      ({"sliding_window": None, "head_dim": 16, "tie_word_embeddings": True},
                       "no sliding window, head_dim other than hidden / heads, tied embeddings"))

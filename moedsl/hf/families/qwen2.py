@@ -27,8 +27,6 @@ class Qwen2(DenseLayerTypes):
     model_type = "qwen2"
     architectures = ("Qwen2ForCausalLM",)
     config_class = "Qwen2Config"
-    tiny_config = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     tiny_variants = (
         ({"num_hidden_layers": 4, "use_sliding_window": True, "sliding_window": 5, "max_window_layers": 2},
          "sliding layers from max_window_layers"),

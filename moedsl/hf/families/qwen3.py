@@ -25,8 +25,7 @@ class Qwen3(DenseLayerTypes):
     model_type = "qwen3"
     architectures = ("Qwen3ForCausalLM",)
     config_class = "Qwen3Config"
-    tiny_config = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+    tiny_config = {**DenseLayerTypes.tiny_config, "head_dim": 8}
     tiny_variants = (
         ({"head_dim": 16, "attention_bias": True}, "head_dim other than hidden / heads, attention_bias"),
         ({"num_hidden_layers": 4, "use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1},
