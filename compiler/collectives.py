@@ -380,12 +380,13 @@ class PackedAllToAll(_Collective):
 
 
 def keep_tables_out_of_state(gm: nn.Module) -> None:
-    """fx.GraphModule registers each tensor a get_attr node reads as a persistent buffer: the packed
-    trips' send tables (a function of the placement, which a checkpoint never depends on) go back
-    out of the state dict, so a checkpoint loads into any placement and any dispatch."""
+    """fx.GraphModule registers each tensor a get_attr node reads as a persistent buffer, on the
+    trip's own module or, where the graph reads a table through its path alone (the overlap pass's
+    chunked trips), on a plain module fx makes at that path: the send tables (a function of the
+    placement, which a checkpoint never depends on) go back out of the state dict wherever they
+    sit, so a checkpoint loads into any placement, mesh and dispatch."""
     for mod in gm.modules():
-        if isinstance(mod, PackedAllToAll):
-            mod._non_persistent_buffers_set.update(n for n in ("send_slot", "send_copies") if n in mod._buffers)
+        mod._non_persistent_buffers_set.update(n for n in ("send_slot", "send_copies") if n in mod._buffers)
 
 
 class PackedAllToAllBack(_Collective):

@@ -109,7 +109,7 @@ def state_dict(model, optimizer, extra: dict) -> dict:
         # not the placement's tables (which experts a rank holds, where its all-to-all sends each
         # slot): the run that loads rebuilds them for its own mesh, and a mesh without expert
         # parallelism has no all-to-all to hold them
-        if not name.endswith(("expert_ids", "send_slot")) and name in persistent:
+        if not name.endswith("expert_ids") and name in persistent:
             sd[f"model/{name}"] = b
     for k, v in extra.items():
         sd[f"extra/{k}"] = v

@@ -482,3 +482,33 @@ def test_a_checkpoint_of_an_unknown_format_version_is_refused_naming_it_in_one_l
     assert main(["eval", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"has format version {ckpt.FORMAT + 1}" in err
+
+
+def _send_tables(rank: int, world: int, datas: list) -> list:
+    from moedsl.runtime.ckpt_format import state_dict
+
+    out = []
+    for data in datas:
+        model = moedsl.build_model(moedsl.load_spec(data), seed=0, rank=rank, world_size=world)
+        out.append(sorted(k for k in state_dict(model, None, {}) if "send_" in k))
+    return out
+
+
+@pytest.mark.slow
+def test_no_checkpoint_holds_an_all_to_alls_send_tables_chunked_trips_included():
+    """The send tables are the placement's (a rank's slots on another mesh, dispatch or expert
+    parallel size differ), never the model's state: on 2 expert-parallel ranks no checkpoint key
+    holds one, for capacity and dropless layers, whole or in the overlap pass's chunks (whose
+    trips the graph reads through plain modules fx makes at their paths)."""
+    from moedsl.runtime.spawn import spawn
+
+    def variant(gate: dict, chunks: int) -> dict:
+        def change(d):
+            moe(d)["gate"] = gate
+            moe(d)["overlap"] = {"chunks": chunks}
+        return tiny(change)
+
+    datas = [variant(g, c) for g in ({"type": "switch", "capacity_factor": 1.25}, {"type": "topk", "k": 2})
+             for c in (1, 2)]
+    for keys in spawn(_send_tables, 2, datas):
+        assert keys == [[]] * len(datas), keys
