@@ -404,3 +404,36 @@ def test_a_bfloat16_autocast_step_stays_close_to_float32():
     half, grads = loss(True)
     assert half == pytest.approx(full, rel=2e-2)
     assert all(bool(torch.isfinite(g).all()) for g in grads.values()) and len(grads) > 40
+
+
+def test_relative_positions_in_a_single_stack_decode_as_the_full_forward_does():
+    """positions: relative is the stack's, not only an encoder-decoder's: a decoder-only model's one
+    table (``relative_bias``) over causal self-attention; left-padded prompts decode (the
+    distances are slot minus slot) with the logits the full forward gives each real row."""
+    from moedsl.api import build_model
+    from moedsl.runtime.generate import generate
+
+    text = """\
+moedsl: 1
+name: tiny-relative
+model: {vocab_size: 40, d_model: 16, max_seq_len: 32}
+layers:
+  - embedding: {}
+  - repeat: 2
+    block:
+      - attention: {heads: 2, positions: relative, scaled: false, relative_buckets: 8, relative_max_distance: 16}
+      - ffn: {hidden: 32}
+  - norm: {}
+  - head: {}
+"""
+    spec = load_spec(text)
+    model = build_model(spec, seed=1, dtype=torch.float32).eval()
+    assert "relative_bias.weight" in dict(model.named_parameters())
+    prompts = [[3, 4, 5, 6, 7], [8, 9]]
+    got = generate(model, prompts, max_new_tokens=5, eos_token_id=None)
+    for b, p in enumerate(prompts):  # each row alone, greedy by full forwards
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            for _ in range(5):
+                ids = torch.cat([ids, model(ids).output[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert got[b, -len(p) - 5:].tolist() == ids[0].tolist()
