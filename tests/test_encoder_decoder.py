@@ -437,3 +437,13 @@ layers:
             for _ in range(5):
                 ids = torch.cat([ids, model(ids).output[:, -1].argmax(-1, keepdim=True)], dim=1)
         assert got[b, -len(p) - 5:].tolist() == ids[0].tolist()
+
+
+def test_an_encoder_decoder_fed_plain_token_rows_is_refused_in_one_line(tmp_path):
+    from moedsl.errors import MoedslError
+    from moedsl.runtime.train import RunOptions, Trainer
+
+    spec = load_spec(tiny_encdec())
+    trainer = Trainer(spec, RunOptions.from_spec(spec, steps=1, batch=4, seq=8, out=tmp_path / "run"))
+    with pytest.raises(MoedslError, match="trains on source/target pairs, but the data synthetic gives plain"):
+        trainer.step(trainer.source.batch(0, 4, 8), 1e-3)
