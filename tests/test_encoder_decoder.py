@@ -248,6 +248,7 @@ def test_two_processes_equal_one_for_an_encoder_decoder_moe_with_drops(layout):
     assert diffs[0].dropped > 0  # capacity dropped assignments, padding routed included
 
 
+@pytest.mark.slow
 def test_the_trainers_step_and_evaluation_feed_the_decoder_and_mask_the_padded_labels(tmp_path, capsys):
     """Trainer.step passes Batch.decoder_inputs and source_mask to the model and takes the loss over
     the labels loss_mask marks (its first loss is that of a forward with them); evaluate does the
