@@ -475,3 +475,18 @@ def test_generation_on_two_processes_gives_the_ids_of_one(tmp_path):
     assert len(lines) == 1
     one = moedsl.generate(moedsl.load_model(str(tmp_path / "run")), [[5, 6, 7, 8, 9]] * 2, 6)[:, 1:].tolist()
     assert json.loads(lines[0])["ids"] == one
+
+
+@pytest.mark.parametrize("option, value, flag", [("pack", "documents", "--pack"), ("cuda_graphs", "on", "--cuda-graphs"),
+                                                 ("compile", "on", "--compile"), ("recompute", "layers", "--recompute")])
+def test_what_an_encoder_decoders_step_does_not_do_is_refused_naming_the_option(option, value, flag):
+    from dataclasses import replace
+
+    from moedsl.runtime.preflight import option_problems
+    from moedsl.runtime.train import RunOptions
+
+    spec = load_spec(tiny_encdec())
+    o = replace(RunOptions.from_spec(spec), **{option: value})
+    problems = [p for p in option_problems(spec, o, {option: flag}) if "encoder-decoder" in p]
+    assert len(problems) == 1 and problems[0].startswith(f"moedsl: error: {flag} {value!r}: not for an encoder-decoder")
+    assert option_problems(spec, RunOptions.from_spec(spec), {}) == []
