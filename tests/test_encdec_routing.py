@@ -463,3 +463,24 @@ def test_a_batch_any_size_splits_into_sequence_routing_groups():
     assert check_batch(spec, 7, seq=13) == []
     g = spec.moe_layers[0].config.gate
     assert g.per_sequence and g.group_count(7) == 7 and g.capacity(13, 4) == math.ceil(1.25 * 13 / 4)
+
+
+# ----------------------------------------------------------------------------- processes
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["auto", "static"])
+def test_switch_and_nllb_routing_on_two_processes_equals_one(layout):
+    """Per-sequence groups route on the rank holding the rows; NLLB's one group of the whole batch
+    is gathered, its second choices after every first choice, normalised after the drops. A
+    training step's outputs and every gradient, packed and with static capacity buffers."""
+    switch = vectors_spec({"experts": {"count": 4, "hidden": 8, "activation": "relu"},
+                           "gate": {"type": "switch", "expert_capacity": 3, "routing_groups": "sequence",
+                                    "dropped_tokens": "scaled_input"}}, batch=8)
+    nllb = vectors_spec({"experts": {"count": 4, "hidden": 8, "activation": "relu", "bias": True},
+                         "gate": {"type": "gshard", **nllb_gate(False, True, expert_capacity=24,
+                                                                  eval_capacity_fraction=0.25)}}, batch=8)
+    from moedsl.runtime.equivalence import check
+
+    for name, per_rank in zip(("switch", "nllb"), check([switch, nllb], 2, layout=layout)):
+        for diff in per_rank:
+            assert diff.ok(), f"{name}: {diff}"
