@@ -63,6 +63,9 @@ class Model:
     tie_embeddings: bool = _MODEL["tie_embeddings"]
     image: Optional[Image] = None  # input: image
     classes: Optional[int] = None  # input: image
+    pad_id: int = _MODEL["pad_id"]  # encoder–decoder data: padding, end of sequence, the decoder's first input
+    eos_id: int = _MODEL["eos_id"]
+    decoder_start_id: int = _MODEL["decoder_start_id"]
 
     # what a resume may change (``runtime.checkpoint.training_only``): dropout (training only), the
     # initialisation (the checkpoint replaces it), the autocast precision (weights are kept in float32)
@@ -156,6 +159,17 @@ class Distill:
     temperature: float = _DISTILL["temperature"]["default"]
 
 
+_SPAN = schema()["$defs"]["train"]["properties"]["span_corruption"]["properties"]
+
+
+@dataclass(frozen=True)
+class SpanCorruption:
+    """train.span_corruption: T5's noise (runtime/span_corruption.py)."""
+
+    noise_density: float = _SPAN["noise_density"]["default"]
+    mean_span: float = _SPAN["mean_span"]["default"]
+
+
 @dataclass(frozen=True)
 class Train:
     batch_size: int = _TRAIN["batch_size"]
@@ -175,6 +189,8 @@ class Train:
     recompute: str = _TRAIN["recompute"]  # none | experts | layers: activations recomputed in backward
     micro_batches: int = _TRAIN["micro_batches"]  # gradient accumulation: a step's batch in M pieces
     distill: Optional[Distill] = None  # knowledge distillation from a teacher (training only)
+    objective: str = _TRAIN["objective"]  # lm | span_corruption | seq2seq (runtime/seq2seq.py)
+    span_corruption: SpanCorruption = field(default_factory=SpanCorruption)
 
 
 @dataclass(frozen=True)
