@@ -98,8 +98,9 @@ def noise_mask(length: int, density: float, mean_span: float, g: torch.Generator
     noise_lengths = segmentation(noise, spans, g)
     plain_lengths = segmentation(length - noise, spans, g)
     interleaved = torch.stack([plain_lengths, noise_lengths], 1).flatten()  # [2k]
-    is_noise = torch.tensor([False, True]).repeat(spans)
-    return is_noise.repeat_interleave(interleaved)
+    starts = interleaved.cumsum(0)[:-1]  # where spans 1..2k−1 start
+    span = torch.zeros(length, dtype=torch.int64).index_fill_(0, starts, 1).cumsum(0)
+    return span % 2 == 1
 
 
 def _spans_to_sentinels(tokens: torch.Tensor, spans: torch.Tensor, sentinels: torch.Tensor) -> torch.Tensor:
