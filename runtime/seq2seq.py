@@ -52,13 +52,9 @@ def _at(spec, path: tuple, message: str) -> str:
     return located.issue(path, message).format(spec.source)
 
 
-def encoder_decoder(spec) -> bool:
-    return bool(getattr(spec, "encoder_decoder", False))
-
-
 def encoder_decoder_data(spec) -> bool:
     """Whether ``spec`` trains on encoder–decoder batches (runtime/data.py sends its data here)."""
-    return spec.model.input == "tokens" and (spec.train.objective != "lm" or encoder_decoder(spec))
+    return spec.model.input == "tokens" and (spec.train.objective != "lm" or spec.encoder_decoder)
 
 
 def _objective_problem(spec) -> Optional[str]:
@@ -67,7 +63,7 @@ def _objective_problem(spec) -> Optional[str]:
         return _at(spec, ("train", "objective"), "lm (the default) is a decoder-only stack's next-token loss; an "
                    "encoder–decoder spec trains on span_corruption (text) or seq2seq (source/target pairs): set "
                    "train.objective")
-    if not encoder_decoder(spec):
+    if not spec.encoder_decoder:
         return _at(spec, ("train", "objective"), f"{objective} trains an encoder–decoder, and this spec is "
                    "decoder-only")
     return None
@@ -93,10 +89,7 @@ def specials(spec, data: str, init=None) -> Specials:
     ``UserError`` naming the model field where one collides with the text."""
     m = spec.model
     what, tokenizer = _text_ids(spec, data, init)
-    ids = {name: getattr(m, name) for name in SPECIAL_FIELDS}
-    for name, i in ids.items():
-        if i >= m.vocab_size:
-            raise UserError(_at(spec, ("model", name), f"{i} is outside model.vocab_size {m.vocab_size}"))
+    ids = {name: getattr(m, name) for name in SPECIAL_FIELDS}  # each < vocab_size (validate.py)
     if tokenizer is None:
         for name, i in ids.items():
             if i < BYTES:
