@@ -2,16 +2,26 @@
 and from source/target pairs (runtime/span_corruption.py, runtime/seq2seq.py)."""
 from __future__ import annotations
 
+import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moedsl.runtime.data import Bytes, seeded_generator
+import moedsl
+from encdec_helpers import tiny_encdec
+from moedsl.errors import SpecError, UserError
+from moedsl.runtime.data import Bytes, make_source, pack_problems, seeded_generator, source_problems
+from moedsl.spec import Spec
 from moedsl.runtime.span_corruption import (SpanCorruption, Specials, corrupt, corrupted_lengths, lengths,
                                             noise_counts, noise_mask, shift_right)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 VOCAB = 384
 BYTE_IDS = Specials(pad=256, eos=257, start=256, sentinels=tuple(range(VOCAB - 1, 257, -1)))
@@ -174,3 +184,163 @@ def test_a_span_batch_restores_its_text_window_and_its_decoder_reads_the_targets
     assert torch.equal(b.decoder_inputs[:, 1:], b.targets[:, :-1])
     assert torch.equal(shift_right(b.targets, BYTE_IDS.start), b.decoder_inputs)
     assert b.loss_mask.all()  # every row's targets have one length: no padding to leave out
+
+
+# ----------------------------------------------------------------------------- specs, sources, errors
+
+TEXT = ("def add(a, b):\n    return a + b\n\n" * 40 + "class Point:\n    x: int = 0\n\n" * 40) * 8
+
+
+def encdec_spec(tmp_path: Path, objective: str = "span_corruption", vocab: int = 384, ids=(256, 257, 256),
+                extra: str = "", tokenizer: str = "") -> Spec:
+    """The tiny encoder–decoder of tests/encdec_helpers.py as a spec file in ``tmp_path`` (its
+    errors name the file and line), over bytes by default: vocab 384, pad 256, eos 257, start 256."""
+    pad, eos, start = ids
+    text = tiny_encdec(**{
+        "vocab_size: 40": f"vocab_size: {vocab}" + (f", tokenizer: {tokenizer}" if tokenizer else ""),
+        "pad_id: 0, eos_id: 1, decoder_start_id: 0": f"pad_id: {pad}, eos_id: {eos}, decoder_start_id: {start}",
+        "seq_len: 12,": f"seq_len: 32, objective: {objective},{extra}"})
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return moedsl.load_spec(path)
+
+
+def text_file(tmp_path: Path) -> str:
+    path = tmp_path / "code.py"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def write_pairs(path: Path, pairs: list) -> str:
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return str(path)
+
+
+def test_span_corruption_on_a_decoder_only_spec_is_an_error_at_its_line(tmp_path):
+    data = yaml.safe_load((ROOT / "specs" / "mixtral.yaml").read_text())
+    data.setdefault("train", {})["objective"] = "span_corruption"
+    path = tmp_path / "decoder-only.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(SpecError, match=rf"{path}:\d+:\d+: train.objective: objective span_corruption trains an "
+                                        "encoder–decoder, and this spec is decoder-only"):
+        moedsl.load_spec(path)
+
+
+def test_an_encoder_decoder_spec_left_on_objective_lm_is_told_to_choose_one(tmp_path):
+    spec = encdec_spec(tmp_path, objective="lm")
+    (found,) = source_problems(spec, text_file(tmp_path), 32)
+    assert "train.objective: lm (the default) is a decoder-only stack's next-token loss" in found
+    with pytest.raises(UserError, match="set train.objective"):
+        make_source(spec, text_file(tmp_path), 0)
+
+
+@pytest.mark.parametrize("field,ids", [("pad_id", (0, 257, 256)), ("eos_id", (256, 10, 256)),
+                                       ("decoder_start_id", (256, 257, 255))])
+def test_byte_text_refuses_special_ids_that_are_bytes_naming_the_field_and_its_line(tmp_path, field, ids):
+    spec = encdec_spec(tmp_path, ids=ids)
+    value = dict(zip(("pad_id", "eos_id", "decoder_start_id"), ids))[field]
+    for data in ("pystdlib", text_file(tmp_path)):
+        (found,) = source_problems(spec, data, 32)
+        assert re.match(rf"{tmp_path / 'spec.yaml'}:\d+:\d+: model.{field}: {value} is byte {value} of the text", found)
+    with pytest.raises(UserError, match=f"model.{field}"):
+        make_source(spec, text_file(tmp_path), 0)
+
+
+@pytest.mark.parametrize("seq", [32, 64])
+def test_a_vocabulary_too_small_for_the_sentinels_is_refused_with_the_size_that_fits(tmp_path, seq):
+    needed = lengths(seq, 0.15, 3.0).spans
+    assert needed >= 2
+    spec = encdec_spec(tmp_path, vocab=258 + needed - 1)  # pad 256, eos 257: one sentinel short
+    (found,) = source_problems(spec, text_file(tmp_path), seq)
+    assert f"model.vocab_size: {258 + needed - 1} has room for {needed - 1} sentinels" in found
+    fits = int(re.search(r"use vocab_size >= (\d+)", found).group(1))
+    assert fits == 258 + needed
+    assert source_problems(encdec_spec(tmp_path, vocab=fits), text_file(tmp_path), seq) == []
+
+
+def test_seq2seq_without_a_jsonl_file_is_refused(tmp_path):
+    spec = encdec_spec(tmp_path, objective="seq2seq")
+    for data in ("pystdlib", str(tmp_path / "missing.jsonl")):
+        (found,) = source_problems(spec, data, 32)
+        assert found.startswith(f"--data {data!r}: train.objective seq2seq reads a JSONL file")
+    (found,) = source_problems(encdec_spec(tmp_path), write_pairs(tmp_path / "p.jsonl", [{"source": "a",
+                                                                                         "target": "b"}] * 3), 32)
+    assert "holds source/target pairs: train them with train.objective seq2seq" in found
+
+
+@pytest.mark.parametrize("record,why", [({"source": "a"}, "no 'target'"), ({"target": "b"}, "no 'source'"),
+                                        ({"source": "a", "target": 3}, "'target' is a JSON number, not a string")])
+def test_a_jsonl_line_missing_source_or_target_names_the_file_and_line(tmp_path, record, why):
+    spec = encdec_spec(tmp_path, objective="seq2seq")
+    good = {"source": "x = 1", "target": "y = 2"}
+    data = write_pairs(tmp_path / "pairs.jsonl", [good, good, record, good])
+    (found,) = source_problems(spec, data, 32)
+    assert found.startswith(f"{data}:3: {why}")
+    with pytest.raises(UserError, match=re.escape(f"{data}:3: {why}")):
+        make_source(spec, data, 0)
+
+
+def test_seq2seq_pairs_become_padded_batches_with_the_loss_mask_false_exactly_on_padding(tmp_path):
+    pairs = [{"source": "x" * (i % 7 + 1), "target": "yz" * (i % 5) + "é"} for i in range(60)]
+    pairs[0] = {"source": "s" * 50, "target": "t" * 50}  # longer than seq: cut, eos kept
+    spec = encdec_spec(tmp_path, objective="seq2seq")
+    data = write_pairs(tmp_path / "pairs.jsonl", pairs)
+    assert source_problems(spec, data, 32) == []
+    src = make_source(spec, data, seed=0)
+    known = {(p["source"].encode(), p["target"].encode()) for p in pairs}
+    for split in ("train", "eval"):
+        b = src.batch(0, 8, 32, split=split)
+        assert b.inputs.shape == b.source_mask.shape == (8, 32)
+        assert b.targets.shape == b.loss_mask.shape == b.decoder_inputs.shape == (8, 32)
+        for r in range(8):
+            s, t = b.inputs[r][b.source_mask[r]].tolist(), b.targets[r][b.loss_mask[r]].tolist()
+            assert s[-1] == t[-1] == 257  # eos ends both, also when cut
+            assert (b.inputs[r][~b.source_mask[r]] == 256).all() and (b.targets[r][~b.loss_mask[r]] == 256).all()
+            assert b.source_mask[r].tolist() == sorted(b.source_mask[r].tolist(), reverse=True)  # padding on the right
+            assert b.loss_mask[r].tolist() == sorted(b.loss_mask[r].tolist(), reverse=True)
+            whole = (bytes(s[:-1]), bytes(t[:-1]))
+            assert whole in known or (whole == (b"s" * 31, b"t" * 31))
+        assert torch.equal(b.decoder_inputs, shift_right(b.targets, 256))
+
+
+def test_seq2seq_batches_are_a_function_of_seed_step_and_row_and_the_held_out_pairs_never_train(tmp_path):
+    pairs = [{"source": f"s{i}", "target": f"t{i}"} for i in range(80)]
+    spec = encdec_spec(tmp_path, objective="seq2seq")
+    data = write_pairs(tmp_path / "pairs.jsonl", pairs)
+    a, b = make_source(spec, data, seed=1), make_source(spec, data, seed=1)
+    whole = a.batch(3, 8, 16)
+    assert torch.equal(whole.inputs, b.batch(3, 8, 16).inputs)
+    halves = [a.batch(3, 8, 16, rank=r, world=2) for r in range(2)]
+    for name in ("inputs", "targets", "decoder_inputs", "source_mask", "loss_mask"):
+        assert torch.equal(torch.cat([getattr(h, name) for h in halves]), getattr(whole, name))
+    assert not torch.equal(halves[0].inputs, halves[1].inputs)
+
+    def sources(src, split, steps):
+        return {bytes(row[m].tolist()[:-1]) for s in range(steps) for row, m in
+                zip(src.batch(s, 8, 16, split=split).inputs, src.batch(s, 8, 16, split=split).source_mask)}
+
+    held = sources(a, "eval", 1)
+    assert held == sources(make_source(spec, data, seed=7), "eval", 1)  # whatever the training seed
+    assert held and not held & sources(a, "train", 20)  # 20 steps of 8 rows: two epochs of the training pairs
+
+
+def test_span_corruption_of_a_text_file_through_make_source_restores_each_window(tmp_path):
+    spec = encdec_spec(tmp_path)
+    data = text_file(tmp_path)
+    assert source_problems(spec, data, 32) == []
+    src = make_source(spec, data, seed=0)
+    n = src.lengths(32)
+    b = src.batch(1, 4, 32)
+    window = src.text.rows(1, range(4), n.raw - 1, "train")
+    text = torch.cat([window.inputs[:, :1], window.targets], 1)
+    sentinels = list(range(383, 383 - n.spans, -1))
+    for r in range(4):
+        assert restore(b.inputs[r][b.source_mask[r]].tolist(), b.targets[r].tolist(), sentinels, 257) == \
+            text[r].tolist()
+    assert src.bytes_per_token(1, range(4), 32, "eval") is None
+
+
+def test_packing_documents_is_refused_for_encoder_decoder_objectives(tmp_path):
+    spec = encdec_spec(tmp_path)
+    (found,) = pack_problems(spec, text_file(tmp_path), "documents")
+    assert "train.objective span_corruption builds one example per row" in found
