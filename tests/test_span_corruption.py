@@ -344,3 +344,96 @@ def test_packing_documents_is_refused_for_encoder_decoder_objectives(tmp_path):
     spec = encdec_spec(tmp_path)
     (found,) = pack_problems(spec, text_file(tmp_path), "documents")
     assert "train.objective span_corruption builds one example per row" in found
+
+
+# ----------------------------------------------------------------------------- text through a tokenizer
+
+def t5_like_tokenizer(folder: Path, extra_ids: int = 10) -> Path:
+    """A word-level tokenizer.json laid out as T5's: <pad> 0, </s> 1, <unk> 2, the words, then
+    ``extra_ids`` sentinels with <extra_id_0> the highest id (none: no sentinels of its own)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    words = sorted(set(TEXT.split()) | {"hello", "world", "bonjour", "monde"})
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: 3 + i for i, w in enumerate(words)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"] + [f"<extra_id_{i}>" for i in reversed(range(extra_ids))])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEDSL_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_a_tokenizer_with_extra_ids_gives_its_sentinels_below_the_padded_vocabulary(tmp_path, cache):
+    """T5's tokenizer names <extra_id_0> at its own vocabulary's top (32099), below the model's
+    padded 32128: the sentinels are those tokens, as T5 pretrained with."""
+    path = t5_like_tokenizer(tmp_path, extra_ids=10)
+    top = int(json.loads(path.read_text())["added_tokens"][-1]["id"])  # <extra_id_0>
+    spec = encdec_spec(tmp_path, vocab=top + 1 + 6, ids=(0, 1, 0), tokenizer="tokenizer.json")
+    data = text_file(tmp_path)
+    assert source_problems(spec, data, 32) == []
+    src = make_source(spec, data, seed=0)
+    n = src.lengths(32)
+    b = src.batch(0, 4, 32)
+    sentinels = list(range(top, top - n.spans, -1))
+    assert b.targets[:, 0].tolist() == [top] * 4  # every target starts with <extra_id_0>
+    window = src.text.rows(0, range(4), n.raw - 1, "train")
+    text = torch.cat([window.inputs[:, :1], window.targets], 1)
+    for r in range(4):
+        assert restore(b.inputs[r][b.source_mask[r]].tolist(), b.targets[r].tolist(), sentinels, 1) == \
+            text[r].tolist()
+    (found,) = source_problems(spec, data, 200)  # 200 tokens need more than the tokenizer's 10 sentinels
+    assert f"span corruption at seq_len 200 needs {lengths(200, 0.15, 3.0).spans} sentinels" in found
+    assert "names 10 (<extra_id_0>..)" in found
+
+
+def test_a_tokenizer_without_extra_ids_takes_sentinels_above_its_largest_id(tmp_path, cache):
+    path = t5_like_tokenizer(tmp_path, extra_ids=0)
+    largest = max(json.loads(path.read_text())["model"]["vocab"].values())
+    k = lengths(32, 0.15, 3.0).spans
+    spec = encdec_spec(tmp_path, vocab=largest + k, ids=(0, 1, 0), tokenizer="tokenizer.json")  # one short
+    (found,) = source_problems(spec, text_file(tmp_path), 32)
+    assert f"use vocab_size >= {largest + 1 + k}" in found
+    spec = encdec_spec(tmp_path, vocab=largest + 1 + k, ids=(0, 1, 0), tokenizer="tokenizer.json")
+    assert source_problems(spec, text_file(tmp_path), 32) == []
+    b = make_source(spec, text_file(tmp_path), seed=0).batch(0, 2, 32)
+    assert b.targets[:, 0].tolist() == [largest + k] * 2  # sentinel 0: vocab_size - 1
+
+
+def test_a_pad_id_that_is_an_ordinary_token_of_the_tokenizer_is_refused(tmp_path, cache):
+    t5_like_tokenizer(tmp_path)
+    spec = encdec_spec(tmp_path, vocab=64, ids=(5, 1, 0), tokenizer="tokenizer.json")
+    (found,) = source_problems(spec, text_file(tmp_path), 32)
+    assert re.search(r"model.pad_id: 5 is an ordinary token of its tokenizer .*tokenizer.json", found)
+
+
+def test_span_corruption_reads_a_prepared_folder_with_its_tokenizers_sentinels(tmp_path):
+    from moedsl.runtime.prepare import prepare
+
+    path = t5_like_tokenizer(tmp_path / "tok", extra_ids=10)
+    files = [tmp_path / "a.py", tmp_path / "b.py"]
+    for f in files:
+        f.write_text(TEXT)
+    folder = prepare([str(f) for f in files], path, tmp_path / "prepared", held_out=0.5)  # a file a split
+    top = int(json.loads(path.read_text())["added_tokens"][-1]["id"])
+    spec = encdec_spec(tmp_path, vocab=top + 1, ids=(0, 1, 0))  # no tokenizer of its own: the folder's
+    assert source_problems(spec, str(folder), 32) == []
+    b = make_source(spec, str(folder), seed=0).batch(0, 2, 32)
+    assert b.targets[:, 0].tolist() == [top] * 2
+
+
+def test_seq2seq_tokenizes_source_and_target_with_the_models_tokenizer_then_eos(tmp_path):
+    pytest.importorskip("tokenizers")
+    path = t5_like_tokenizer(tmp_path)
+    vocab = json.loads(path.read_text())["model"]["vocab"]
+    spec = encdec_spec(tmp_path, objective="seq2seq", vocab=64 + len(vocab), ids=(0, 1, 0),
+                       tokenizer="tokenizer.json")
+    data = write_pairs(tmp_path / "pairs.jsonl", [{"source": "hello world", "target": "bonjour monde"}] * 30)
+    assert source_problems(spec, data, 16) == []
+    b = make_source(spec, data, seed=0).batch(0, 2, 16)
+    assert b.inputs[0][b.source_mask[0]].tolist() == [vocab["hello"], vocab["world"], 1]
+    assert b.targets[0][b.loss_mask[0]].tolist() == [vocab["bonjour"], vocab["monde"], 1]
+    assert b.decoder_inputs[0, :3].tolist() == [0, vocab["bonjour"], vocab["monde"]]
