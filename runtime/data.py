@@ -187,7 +187,8 @@ class Bytes(Source):
         out = torch.empty(len(rows), seq + 1, dtype=torch.int64)
         seed = self.seed if split == "train" else 0  # one held-out set, whatever the training seed
         for i, row in enumerate(rows):
-            start = int(torch.randint(0, data.numel() - seq - 1, (1,), generator=seeded_generator(seed, split, step, row)))
+            g = seeded_generator(seed, split, step, row)
+            start = int(torch.randint(0, data.numel() - seq - 1, (1,), generator=g))
             out[i] = data[start:start + seq + 1].long()
         return Batch(out[:, :-1], out[:, 1:])
 
@@ -305,7 +306,7 @@ class Images(Source):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, seed: int, name: str):
         n = images.shape[0]
-        order = torch.randperm(n, generator=seeded_generator(0, "image-split", name, n))  # the data's own, not the run's
+        order = torch.randperm(n, generator=seeded_generator(0, "image-split", name, n))  # the data's, not the run's
         held = n // 6
         self.data = {"train": (images[order[held:]], labels[order[held:]]),
                      "eval": (images[order[:held]], labels[order[:held]])}

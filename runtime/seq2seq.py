@@ -25,6 +25,7 @@ decoder_start_id 256); a tokenizer's pad and eos are its special tokens or ids a
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -33,12 +34,12 @@ import torch
 
 from moedsl.errors import UserError, format_path
 
-from .data import (Epochs, Source, is_prepared, not_bytes, vocabulary_not_bytes, data_items, text_problems,
-                   text_source)
+from .data import (Epochs, Source, data_items, is_prepared, not_bytes, text_problems, text_source,
+                   vocabulary_not_bytes)
 from .instruct import PAIRS, SNIFF_BYTES, held_out, kind_of, read_records
 from .span_corruption import Specials, SpanCorruption, lengths, seq2seq_batch
 from .tokenizer_train import load_tokenizer
-from .tokens import TOKENIZER, tokenizer_json, model_tokenizer, open_tokens, tokenizer_max_id
+from .tokens import TOKENIZER, model_tokenizer, open_tokens, tokenizer_json, tokenizer_max_id
 
 BYTES = 256  # text read as bytes: ids 0..255
 SPECIAL_FIELDS = ("pad_id", "eos_id", "decoder_start_id")
@@ -90,46 +91,50 @@ def specials(spec, data: str, init=None) -> Specials:
     m = spec.model
     what, tokenizer = _text_ids(spec, data, init)
     ids = {name: getattr(m, name) for name in SPECIAL_FIELDS}  # each < vocab_size (validate.py)
+    top = _top(tokenizer)
     if tokenizer is None:
         for name, i in ids.items():
-            if i < BYTES:
+            if i <= top:
                 raise UserError(_at(spec, ("model", name), f"{i} is byte {i} of the text (--data {data} is read as "
                                     "bytes, ids 0..255): put pad_id, eos_id and decoder_start_id above 255 (e.g. "
                                     "vocab_size 384, pad_id 256, eos_id 257, decoder_start_id 256)"))
     else:
-        specials_of = {t["id"]: t.get("content") for t in tokenizer_json(tokenizer).get("added_tokens") or ()
-                       if isinstance(t, dict) and t.get("special") and isinstance(t.get("id"), int)}
+        named = _named_ids(tokenizer)
         for name, i in ids.items():
-            if i <= _top(tokenizer) and i not in specials_of:
-                raise UserError(_at(spec, ("model", name), f"{i} is an ordinary token of {what}: use one of its special "
-                                    f"tokens ({sorted(specials_of)[:8]}) or an id above its largest, {_top(tokenizer)}"))
-        named = _extra_ids(tokenizer)
-        if named:
-            return Specials(ids["pad_id"], ids["eos_id"], ids["decoder_start_id"], named)
+            if i <= top and i not in named.special:
+                raise UserError(_at(spec, ("model", name), f"{i} is an ordinary token of {what}: use one of its "
+                                    f"special tokens ({sorted(named.special)[:8]}) or an id above its largest, {top}"))
+        if named.extra:
+            return Specials(ids["pad_id"], ids["eos_id"], ids["decoder_start_id"], named.extra)
     taken = set(ids.values())
     sentinels = []
-    for i in range(m.vocab_size - 1, _top(tokenizer), -1):  # vocab_size - 1 - k for k = 0, 1, ... while free
+    for i in range(m.vocab_size - 1, top, -1):  # vocab_size - 1 - k for k = 0, 1, ... while free
         if i in taken:
             break
         sentinels.append(i)
     return Specials(ids["pad_id"], ids["eos_id"], ids["decoder_start_id"], tuple(sentinels))
 
 
-def _extra_ids(tokenizer: Path) -> tuple:
-    """The ids of ``<extra_id_0>``, ``<extra_id_1>``, ... in ``tokenizer`` (T5's sentinels), as
-    many as it names in a row from 0; () where it names none."""
-    named = {t.get("content"): t["id"] for t in tokenizer_json(tokenizer).get("added_tokens") or ()
-             if isinstance(t, dict) and isinstance(t.get("id"), int)}
-    model = tokenizer_json(tokenizer).get("model") or {}
-    vocab = model.get("vocab") if isinstance(model, dict) else None
+@dataclass(frozen=True)
+class _Named:
+    special: frozenset  # the ids of the tokenizer's special tokens
+    extra: tuple  # the ids of <extra_id_0>, <extra_id_1>, ... (T5's sentinels), as many as it names in a row
+
+
+def _named_ids(tokenizer: Path) -> _Named:
+    """The special tokens and T5 sentinels of ``tokenizer`` (a tokenizer.json), read once."""
+    data = tokenizer_json(tokenizer)
+    added = [t for t in data.get("added_tokens") or () if isinstance(t, dict) and isinstance(t.get("id"), int)]
+    named = {t.get("content"): t["id"] for t in added}
+    vocab = (data.get("model") or {}).get("vocab") if isinstance(data.get("model"), dict) else None
     if isinstance(vocab, dict):
         named = {**vocab, **named}
     elif isinstance(vocab, list):  # Unigram: [token, score] in id order
         named = {**{t[0]: i for i, t in enumerate(vocab) if isinstance(t, list) and t}, **named}
-    out = []
-    while f"<extra_id_{len(out)}>" in named:
-        out.append(named[f"<extra_id_{len(out)}>"])
-    return tuple(out)
+    extra = []
+    while f"<extra_id_{len(extra)}>" in named:
+        extra.append(named[f"<extra_id_{len(extra)}>"])
+    return _Named(frozenset(t["id"] for t in added if t.get("special")), tuple(extra))
 
 
 def _top(tokenizer: Optional[Path]) -> int:
@@ -143,7 +148,7 @@ def sentinel_problem(spec, ids: Specials, needed: int, seq: int, data: str, init
         return None
     m = spec.model
     what, tokenizer = _text_ids(spec, data, init)
-    if ids.sentinels and ids.sentinels[0] != m.vocab_size - 1:  # a tokenizer's <extra_id_i>
+    if tokenizer is not None and _named_ids(tokenizer).extra:  # the tokenizer's <extra_id_i>
         return _at(spec, ("train", "span_corruption"), f"span corruption at seq_len {seq} needs {needed} sentinels, "
                    f"and {what} names {len(ids.sentinels)} (<extra_id_0>..): a shorter seq_len or a lower "
                    "noise_density")
