@@ -192,7 +192,7 @@ class Train:
     recompute: str = _TRAIN["recompute"]  # none | experts | layers: activations recomputed in backward
     micro_batches: int = _TRAIN["micro_batches"]  # gradient accumulation: a step's batch in M pieces
     distill: Optional[Distill] = None  # knowledge distillation from a teacher (training only)
-    objective: str = _TRAIN["objective"]  # lm | span_corruption | seq2seq (runtime/seq2seq.py)
+    objective: str = _TRAIN["objective"]  # lm | span_corruption | seq2seq (an encoder-decoder's default)
     span_corruption: SpanCorruption = field(default_factory=SpanCorruption)
 
 

@@ -4,7 +4,8 @@ builds the rows and batches).
 - ``span_corruption``: any text moedsl reads as a language model's (pystdlib, a text file, a
   prepared folder or a mixture; read as bytes by a model with a byte vocabulary and no tokenizer,
   else as its tokenizer's ids), each row's window corrupted as T5 corrupts it.
-- ``seq2seq``: a JSONL file of ``{"source": str, "target": str}`` records, one example a row: the
+- ``seq2seq`` (an encoder–decoder's default): ``synthetic``, a copy task (``CopyPairs``), or a
+  JSONL file of ``{"source": str, "target": str}`` records, one example a row: the
   source and the target each tokenized with the model's tokenizer (without its added special
   tokens), or as UTF-8 bytes for a byte model, each then ``model.eos_id`` (T5 appends eos to both
   features). A source or target longer than ``seq`` is cut to ``seq − 1`` tokens and keeps its
@@ -34,7 +35,7 @@ import torch
 
 from moedsl.errors import UserError, format_path
 
-from .data import (Epochs, Source, data_items, is_prepared, not_bytes, text_problems, text_source,
+from .data import (Epochs, Source, data_items, is_prepared, not_bytes, seeded_generator, text_problems, text_source,
                    vocabulary_not_bytes)
 from .instruct import PAIRS, SNIFF_BYTES, held_out, kind_of, read_records
 from .span_corruption import Specials, SpanCorruption, lengths, seq2seq_batch
@@ -54,20 +55,9 @@ def _at(spec, path: tuple, message: str) -> str:
 
 
 def encoder_decoder_data(spec) -> bool:
-    """Whether ``spec`` trains on encoder–decoder batches (runtime/data.py sends its data here)."""
-    return spec.model.input == "tokens" and (spec.train.objective != "lm" or spec.encoder_decoder)
-
-
-def _objective_problem(spec) -> Optional[str]:
-    objective = spec.train.objective
-    if objective == "lm":
-        return _at(spec, ("train", "objective"), "lm (the default) is a decoder-only stack's next-token loss; an "
-                   "encoder–decoder spec trains on span_corruption (text) or seq2seq (source/target pairs): set "
-                   "train.objective")
-    if not spec.encoder_decoder:
-        return _at(spec, ("train", "objective"), f"{objective} trains an encoder–decoder, and this spec is "
-                   "decoder-only")
-    return None
+    """Whether ``spec`` trains on encoder–decoder batches (runtime/data.py sends its data here):
+    an encoder–decoder, whose objective is span_corruption or seq2seq (validate.py)."""
+    return spec.model.input == "tokens" and spec.train.objective != "lm"
 
 
 # ----------------------------------------------------------------------------- the special ids
@@ -162,9 +152,6 @@ def sentinel_problem(spec, ids: Specials, needed: int, seq: int, data: str, init
 
 def problems(spec, data: str, seq: int, init=None) -> list:
     """``source_problems`` of an encoder–decoder's data (runtime/data.py): one message per problem."""
-    problem = _objective_problem(spec)
-    if problem:
-        return [problem]
     if spec.train.objective == "seq2seq":
         return _pair_problems(spec, data, seq, init)
     refused = _not_text(data)
@@ -211,11 +198,15 @@ def _is_pairs(data: str) -> bool:
 
 
 def _pair_problems(spec, data: str, seq: int, init) -> list:
-    """``problems`` of train.objective seq2seq: a JSONL file of source/target records, sound."""
+    """``problems`` of train.objective seq2seq: a JSONL file of source/target records, sound; or
+    the synthetic copy task, with two ids besides the pad, eos and start ids to copy."""
+    if data == "synthetic":
+        free = spec.model.vocab_size - len({getattr(spec.model, name) for name in SPECIAL_FIELDS})
+        return [] if free >= 2 else [_at(spec, ("model", "vocab_size"), f"{spec.model.vocab_size} leaves {free} "
+                                         "ids besides pad_id, eos_id and decoder_start_id: the copy task needs 2")]
     if not Path(data).is_file():
         return [f"--data {data!r}: train.objective seq2seq reads a JSONL file of {{\"source\": ..., \"target\": ...}} "
-                "records" + ("" if Path(data).exists() or data in ("pystdlib", "synthetic") else
-                             ": no such file")]
+                "records (or synthetic)" + ("" if Path(data).exists() or data == "pystdlib" else ": no such file")]
     try:
         _encoder(spec, data, init)
         specials(spec, data, init)
@@ -239,9 +230,12 @@ def _encoder(spec, data: str, init):
 
 def make(spec, data: str, seed: int, init=None) -> Source:
     """The source of an encoder–decoder's ``data`` (``problems`` has refused what cannot work)."""
-    problem = _objective_problem(spec) or (_not_text(data) if spec.train.objective == "span_corruption" else None)
-    if problem:
-        raise UserError(problem)
+    refused = _not_text(data) if spec.train.objective == "span_corruption" else None
+    if refused:
+        raise UserError(refused)
+    if spec.train.objective == "seq2seq" and data == "synthetic":
+        m = spec.model
+        return CopyPairs(m.vocab_size, Specials(m.pad_id, m.eos_id, m.decoder_start_id), seed)
     ids = specials(spec, data, init)
     if spec.train.objective == "seq2seq":
         return Pairs(data, ids, _encoder(spec, data, init), spec.model.vocab_size, seed, model_tokenizer(spec, init))
@@ -287,3 +281,28 @@ class Pairs(Source):
         pairs = [self.examples[split][i] for i in index]
         return seq2seq_batch([self._cut(s, seq) for s, _ in pairs], [self._cut(t, seq) for _, t in pairs], seq, seq,
                              self.ids)
+
+
+class CopyPairs(Source):
+    """``--data synthetic`` for train.objective seq2seq: the copy task. Row r of step s is a source
+    of n ids (n uniform in [seq/2 − 1, seq − 1], at least 1) drawn uniformly from the vocabulary
+    less the pad, eos and start ids, from ``seeded_generator(seed, "copy", split, s, r)`` (held
+    out: seed 0); source and target are those ids, then eos."""
+
+    name = "synthetic-copy"
+
+    def __init__(self, vocab: int, ids: Specials, seed: int):
+        self.ids, self.seed = ids, seed
+        taken = {ids.pad, ids.eos, ids.start}
+        self.free = torch.tensor([i for i in range(vocab) if i not in taken], dtype=torch.int64)
+        self._notes = (f"synthetic copy task: the target is the source, ids from {len(self.free)} of {vocab}",)
+
+    def rows(self, step, rows, seq, split):
+        seed = self.seed if split == "train" else 0
+        end = torch.tensor([self.ids.eos])
+        sources = []
+        for row in rows:
+            g = seeded_generator(seed, "copy", split, step, row)
+            n = int(torch.randint(max(1, seq // 2 - 1), max(2, seq), (1,), generator=g))
+            sources.append(torch.cat([self.free[torch.randint(0, len(self.free), (n,), generator=g)], end]))
+        return seq2seq_batch(sources, sources, seq, seq, self.ids)

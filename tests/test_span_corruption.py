@@ -230,12 +230,28 @@ def test_span_corruption_on_a_decoder_only_spec_is_an_error_at_its_line(tmp_path
         moedsl.load_spec(path)
 
 
-def test_an_encoder_decoder_spec_left_on_objective_lm_is_told_to_choose_one(tmp_path):
-    spec = encdec_spec(tmp_path, objective="lm")
-    (found,) = source_problems(spec, text_file(tmp_path), 32)
-    assert "train.objective: lm (the default) is a decoder-only stack's next-token loss" in found
-    with pytest.raises(UserError, match="set train.objective"):
-        make_source(spec, text_file(tmp_path), 0)
+def test_an_encoder_decoder_defaults_to_seq2seq_and_refuses_objective_lm_at_its_line(tmp_path):
+    path = tmp_path / "lm.yaml"
+    path.write_text(tiny_encdec(**{"seq_len: 12,": "seq_len: 12, objective: lm,"}))
+    with pytest.raises(SpecError, match=rf"{path}:\d+:\d+: train.objective: objective lm is a decoder-only stack's "
+                                        "next-token loss; an encoder–decoder learns span_corruption"):
+        moedsl.load_spec(path)
+    assert moedsl.load_spec(tiny_encdec()).train.objective == "seq2seq"
+
+
+def test_synthetic_seq2seq_is_a_copy_task_over_the_ids_that_are_not_special(tmp_path):
+    spec = moedsl.load_spec(tiny_encdec())  # vocab 40, pad 0, eos 1, start 0; data synthetic by default
+    assert source_problems(spec, "synthetic", 12) == []
+    src = make_source(spec, "synthetic", seed=0)
+    b = src.batch(0, 8, 12)
+    assert torch.equal(b.inputs, b.targets) and torch.equal(b.source_mask, b.loss_mask)
+    for r in range(8):
+        ids = b.inputs[r][b.source_mask[r]].tolist()
+        assert ids[-1] == 1 and all(i > 1 for i in ids[:-1]) and 5 <= len(ids) <= 12
+    assert torch.equal(b.decoder_inputs, shift_right(b.targets, 0))
+    halves = [src.batch(0, 8, 12, rank=r, world=2) for r in range(2)]
+    assert torch.equal(torch.cat([h.inputs for h in halves]), b.inputs)
+    assert not torch.equal(b.inputs, make_source(spec, "synthetic", seed=1).batch(0, 8, 12).inputs)
 
 
 @pytest.mark.parametrize("field,ids", [("pad_id", (0, 257, 256)), ("eos_id", (256, 10, 256)),
