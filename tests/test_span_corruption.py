@@ -466,6 +466,7 @@ def _eval_losses(out: Path) -> list:
     return [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
 
 
+@pytest.mark.slow
 def test_moedsl_run_pretrains_a_tiny_encoder_decoder_with_span_corruption_on_pystdlib(tmp_path):
     """40 steps of the tiny Switch-shaped encoder–decoder over bytes (vocab 384): the held-out loss
     starts near ln 384 (5.95, uniform over the vocabulary) and falls by more than 0.8; ``moedsl
@@ -487,6 +488,7 @@ def test_moedsl_run_pretrains_a_tiny_encoder_decoder_with_span_corruption_on_pys
     assert held["loss"] == pytest.approx(losses[-1][1], rel=1e-6) and held["bits_per_byte"] is None
 
 
+@pytest.mark.slow
 def test_the_trainer_learns_seq2seq_pairs_and_the_held_out_loss_falls(tmp_path):
     """A byte-level task (the target: the source's three words reversed): 60 steps of the Trainer bring
     the held-out loss down by more than 1 nat."""
