@@ -498,6 +498,7 @@ def vocabulary_not_bytes(spec, init) -> Optional[str]:
 
 
 def not_bytes(data: str, why: str) -> str:
+    """The refusal of raw text ``data`` for a model whose vocabulary is not bytes (``why``)."""
     return (f"--data {data!r}: raw text for a model with no tokenizer whose vocabulary is not bytes ({why}): give "
             f"a folder prepared with the model's tokenizer (moedsl data prepare --tokenizer), or put its {TOKENIZER} "
             "beside the weights")

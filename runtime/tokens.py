@@ -43,6 +43,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def tokenizer_json(path):
+    """The parsed JSON of the tokenizer.json ``path``; one that cannot be read or parsed is a
+    ``UserError`` naming it."""
     p = Path(path)
     try:
         return json.loads(p.read_text(encoding="utf-8"))
