@@ -3,6 +3,7 @@ positions (Vaswani et al. 2017, §3.5's learned variant)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from moedsl.schema import defaults
 
@@ -14,6 +15,10 @@ _D = defaults("embedding")
 @dataclass(frozen=True)
 class Embedding:
     positions: str = _D["positions"]  # none | learned
+    # the token table's init std (None: model.init_std). T5 and Switch draw it from N(0, 1): the
+    # embedding then dominates the residual stream at init, so tokens route apart (with 0.02, the
+    # bidirectional attention's row means dominate instead and most tokens pick the same experts)
+    init_std: Optional[float] = None
 
 
 class EmbeddingKind(LayerKind):
@@ -25,7 +30,8 @@ class EmbeddingKind(LayerKind):
     def module(self, cfg: Embedding, model):
         from moedsl.nn.layers import Embedding as Module
 
-        return Module(model.vocab_size, model.d_model, model.max_seq_len, cfg.positions, model.init_std)
+        return Module(model.vocab_size, model.d_model, model.max_seq_len, cfg.positions, model.init_std,
+                      token_std=cfg.init_std)
 
     def parameters(self, cfg, model) -> tuple[int, int]:
         n = super().parameters(cfg, model)[0]
@@ -40,6 +46,9 @@ class EmbeddingKind(LayerKind):
     def shared(self, layer, model) -> dict:
         """An encoder-decoder's two stacks embed with one table (T5's and NLLB's ``shared``)."""
         return {"embedding": layer.config}
+
+    # the initialisation: a resume or --init replaces it
+    training_only = LayerKind.training_only | {"init_std"}
 
     def shared_field(self, layer, settings, other) -> tuple:
         return ("positions",), "positions"

@@ -17,11 +17,16 @@ def init_normal(module: nn.Module, std: float) -> None:
 
 
 class Embedding(nn.Module):
-    def __init__(self, vocab_size: int, d_model: int, max_seq_len: int, positions: str, init_std: float):
+    def __init__(self, vocab_size: int, d_model: int, max_seq_len: int, positions: str, init_std: float,
+                 token_std: float | None = None):
+        """``token_std``: the token table's init std, when it differs from ``init_std`` (T5: 1.0)."""
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
         self.positions = nn.Parameter(torch.empty(max_seq_len, d_model)) if positions == "learned" else None
         init_normal(self, init_std)
+        if token_std is not None:
+            with torch.no_grad():
+                self.weight.normal_(0.0, token_std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``positions`` [B, T] (decoding): each token's position, negative for left padding."""
