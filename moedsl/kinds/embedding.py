@@ -1,8 +1,11 @@
 """``embedding``: the token embedding (model.input: tokens), optionally with learned absolute
-positions (Vaswani et al. 2017, §3.5's learned variant)."""
+positions (Vaswani et al. 2017, §3.5's learned variant) or its fixed sinusoids (§3.5, in
+tensor2tensor's layout: fairseq, M2M100, NLLB), numbered from 0 or as fairseq's make_positions
+(``pad_id``), and optionally scaled (``scale``: NLLB-MoE's sqrt(d_model))."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from moedsl.schema import defaults
 
@@ -13,7 +16,9 @@ _D = defaults("embedding")
 
 @dataclass(frozen=True)
 class Embedding:
-    positions: str = _D["positions"]  # none | learned
+    positions: str = _D["positions"]  # none | learned | sinusoidal
+    pad_id: Optional[int] = _D["pad_id"]  # sinusoidal: fairseq's numbering around this pad id (None: 0, 1, ...)
+    scale: float = _D["scale"]  # the token embedding × scale (NLLB-MoE: sqrt(d_model))
 
 
 class EmbeddingKind(LayerKind):
@@ -25,7 +30,8 @@ class EmbeddingKind(LayerKind):
     def module(self, cfg: Embedding, model):
         from moedsl.nn.layers import Embedding as Module
 
-        return Module(model.vocab_size, model.d_model, model.max_seq_len, cfg.positions, model.init_std)
+        return Module(model.vocab_size, model.d_model, model.max_seq_len, cfg.positions, model.init_std,
+                      pad_id=cfg.pad_id, scale=cfg.scale)
 
     def parameters(self, cfg, model) -> tuple[int, int]:
         n = super().parameters(cfg, model)[0]
@@ -39,7 +45,7 @@ class EmbeddingKind(LayerKind):
 
     def lower(self, ctx, layer, x):
         target = ctx.module("embedding", lambda: self.module(layer.config, ctx.model))
-        learned = layer.config.positions == "learned"
+        learned = layer.config.positions != "none"  # learned or sinusoidal: each token's position
         if ctx.decode and learned:
             args = (x, ctx.positions)
         elif ctx.documents is not None and learned:  # packed rows: each document's positions from 0
