@@ -50,7 +50,8 @@ class Lowered:
     input_kind: str = "tokens"
     graph_only: bool = False  # no modules made (to check another rank's graph cheaply)
     d_model: int = 0
-    decode: bool = False  # a decode graph: forward(tokens, cache, start)
+    decode: bool = False  # a decode graph: forward(tokens, cache, start) (+ memory, source_mask)
+    part: str = "all"  # an encoder-decoder's graph of both stacks, or of its "encoder" only
 
 
 def _node_name(layer: str, what: str) -> str:
@@ -79,10 +80,41 @@ class LowerContext:
         self._document_nodes: dict = {}
         self.aux: list = []  # each MoE layer's aux loss node
         self.stats: list = []  # each MoE layer's router statistics node
+        # the stack being lowered ("" for a spec's layers; an encoder-decoder's "encoder" / "decoder")
+        self.stack = None
+        self.stack_tokens: Optional[fx.Node] = tokens  # its [B, T] token ids
+        self._stack_anchor: Optional[fx.Node] = None
+        self._stack_nodes: dict = {}
+        self.memory: Optional[fx.Node] = None  # an encoder-decoder's encoder output [B, S, d] (the decoder's)
+        self.source_mask: Optional[fx.Node] = None  # its [B, S] bool real source tokens (its value may be None)
+
+    def begin_stack(self, stack: str, tokens: Optional[fx.Node]) -> None:
+        """The layers that follow are stack ``stack``'s, over the token ids ``tokens``: the nodes it
+        shares (``stack_node``) start anew, before its first layer's."""
+        self.stack, self.stack_tokens, self.tokens = stack, tokens, tokens
+        self._token_ids = None
+        self._stack_anchor = next(reversed(self.graph.nodes))
+        self._stack_nodes = {}
+
+    def stack_node(self, name: str, make) -> fx.Node:
+        """The node ``make()`` makes, made once per stack and shared by its layers (T5's relative
+        position bias), placed before the stack's first layer: outside every sublayer's block."""
+        if name not in self._stack_nodes:
+            with self.graph.inserting_after(self._stack_anchor):
+                node = self._stack_nodes[name] = make()
+            self._stack_anchor = node
+        return self._stack_nodes[name]
+
+    def padding(self, layer) -> Optional[fx.Node]:
+        """The [B, T] bool mask of the real tokens of ``layer``'s input, where its stack's rows may be
+        padded with keys a query must not see: an encoder's source (right-padded). A decoder's rows
+        are right-padded too, but its causal queries never see what comes after them."""
+        return self.source_mask if layer.stack == "encoder" else None
 
     def module(self, name: str, make) -> str:
-        """Register the module ``make()`` under ``name`` (not made for a graph-only lowering)."""
-        if not self.low.graph_only:
+        """Register the module ``make()`` under ``name`` (not made for a graph-only lowering); a
+        module already registered (one that two layers share) is not made again."""
+        if not self.low.graph_only and name not in self.modules:
             self.modules[name] = make()
         return name
 
@@ -147,8 +179,11 @@ class LowerContext:
         raise UserError(f"{where}: {format_path(path)} (layers.{layer.index}): {why}")
 
 
+PARTS = ("all", "encoder")
+
+
 def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph_only: bool = False,
-          static: bool = True, decode: bool = False) -> Lowered:
+          static: bool = True, decode: bool = False, part: str = "all") -> Lowered:
     """``static``: capacity layers use the padded [E, C, d] buffer (fixed shapes, capturable as a
     CUDA graph); otherwise they compute only their kept rows, grouped by expert (less work,
     data-dependent shapes). The routing, drops included, is the same either way.
@@ -165,23 +200,46 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
     start)`` (``moedsl.nn.decode``): a layer with state across positions (attention, a recurrent layer) gets
     the cache, the tokens' positions and ``start`` as extra arguments (its kind's
     ``decode_args``), and every MoE layer routes each token as its own group. Its modules'
-    names are the training graph's, so a GraphModule over it shares a trained model's."""
+    names are the training graph's, so a GraphModule over it shares a trained model's.
+
+    An encoder-decoder (``spec.encoder_decoder``): both stacks in one graph, ``forward(tokens
+    [B, S], decoder_tokens [B, T], source_mask=None)``, the source's ids, the decoder's input
+    ids and the source's real tokens [B, S] bool (None: all real); the encoder's output is what
+    the decoder's cross-attention reads; the output is the decoder's (logits [B, T, V]), the aux
+    losses and router statistics both stacks'. ``part="encoder"``: the encoder alone,
+    ``forward(tokens, source_mask=None)``, its output [B, S, d]. ``decode``: the decoder alone,
+    ``forward(tokens [B, t], cache, start, memory [B, S, d], source_mask)``."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, not {part!r}")
     device = torch.device(device)
     m = spec.model
     g = fx.Graph()
+    encdec = spec.encoder_decoder
+    if part != "all" and not encdec:
+        raise UserError(f"{spec.source}: part={part!r} is for an encoder-decoder; this spec has one stack")
+    if part != "all" and decode:
+        raise ValueError("an encoder graph does not decode")
     low = Lowered(graph=g, modules={}, input_kind=m.input, graph_only=graph_only, d_model=m.d_model,
-                  decode=decode)
+                  decode=decode, part=part)
     if decode and m.input != "tokens":
         raise UserError(f"{spec.source}: model.input: {m.input}: only a model over tokens generates")
     # dense weights come from the global RNG: seed it, without disturbing the caller's state
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         rows = documents = None
+        decoder_tokens = source_mask = None
         if m.input == "tokens":
             tokens = g.placeholder("tokens")
-            tokens.meta["doc"] = "[B, T] int64 token ids"
+            tokens.meta["doc"] = "[B, T] int64 token ids" if not encdec else \
+                "[B, t] int64 the decoder's new token ids" if decode else "[B, S] int64 the source's token ids"
             h = tokens
-            if not decode:  # packed rows (--pack documents): attention and positions keep to each document
+            if encdec and not decode:
+                if part == "all":
+                    decoder_tokens = g.placeholder("decoder_tokens")
+                    decoder_tokens.meta["doc"] = "[B, T] int64 the decoder's input ids (the labels shifted right)"
+                source_mask = g.placeholder("source_mask", default_value=None)
+                source_mask.meta["doc"] = "[B, S] bool or None: the real source tokens (None: all; False: padding)"
+            elif not decode:  # packed rows (--pack documents): attention and positions keep to each document
                 documents = g.placeholder("documents", default_value=None)
                 documents.meta["doc"] = ("[B, T] int64 or None: each token's document within its row, from 0 "
                                          "(None: each row one sequence)")
@@ -202,10 +260,26 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", seed: int = 0, graph
             cache, start = g.placeholder("cache"), g.placeholder("start")
             cache.meta["doc"] = "moedsl.nn.decode.DecodeCache: per-layer keys, values, recurrent states"
             start.meta["doc"] = "int: the cache slot of tokens[:, 0]"
+            memory = None
+            if encdec:
+                memory = g.placeholder("memory")
+                memory.meta["doc"] = "[B, S, d_model] the encoder's output (the cross-attention's keys and values)"
+                source_mask = g.placeholder("source_mask", default_value=None)
+                source_mask.meta["doc"] = "[B, S] bool or None: the real source tokens"
             pos = g.create_node("call_function", decode_ops.positions, (tokens, cache, start), {}, name="positions")
             state = (cache, start, pos)
         ctx = LowerContext(spec, low, seed, static, tokens, decode=state, rows=rows, documents=documents)
-        for layer in spec.layers:
+        ctx.source_mask = source_mask
+        if decode and encdec:
+            ctx.memory = memory
+        layers = spec.layers
+        if encdec and (decode or part == "encoder"):
+            layers = spec.stack("decoder" if decode else "encoder")
+        for layer in layers:
+            if layer.stack != ctx.stack:  # a stack begins: the decoder's reads the encoder's output
+                if layer.stack == "decoder" and not decode:
+                    ctx.memory, h = h, decoder_tokens
+                ctx.begin_stack(layer.stack, h if m.input == "tokens" else None)
             kind, cfg, name = layer_kind(layer.kind), layer.config, f"layers.{layer.index}"
             if not kind.sublayer:
                 h = kind.lower(ctx, layer, h)

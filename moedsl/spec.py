@@ -63,6 +63,11 @@ class Model:
     tie_embeddings: bool = _MODEL["tie_embeddings"]
     image: Optional[Image] = None  # input: image
     classes: Optional[int] = None  # input: image
+    # an encoder-decoder's special ids (T5's pad 0, eos 1, decoder start = pad): its data pads
+    # with pad_id, ends targets with eos_id, starts the decoder input with decoder_start_id
+    pad_id: int = _MODEL["pad_id"]
+    eos_id: int = _MODEL["eos_id"]
+    decoder_start_id: int = _MODEL["decoder_start_id"]
 
     # what a resume may change (``runtime.checkpoint.training_only``): dropout (training only), the
     # initialisation (the checkpoint replaces it), the autocast precision (weights are kept in float32)
@@ -79,6 +84,7 @@ class Layer:
     index: int  # position in the expanded stack
     path: tuple  # JSON path of the YAML item it came from
     moe_index: Optional[int] = None  # 0, 1, ... over the MoE layers of the stack
+    stack: str = ""  # "" (a spec's `layers`), or an encoder-decoder's "encoder" / "decoder"
 
     @property
     def name(self) -> str:
@@ -182,7 +188,7 @@ class Spec:
     version: int
     name: str
     model: Model
-    layers: tuple  # tuple[Layer, ...], expanded
+    layers: tuple  # tuple[Layer, ...], expanded (an encoder-decoder's: the encoder's, then the decoder's)
     placement: Placement = field(default_factory=Placement)
     train: Train = field(default_factory=Train)
     description: str = ""
@@ -193,6 +199,16 @@ class Spec:
     @property
     def moe_layers(self) -> tuple:
         return tuple(layer for layer in self.layers if layer.kind == "moe")
+
+    @property
+    def encoder_decoder(self) -> bool:
+        """An encoder-decoder (the spec states ``encoder`` and ``decoder``): ``layers`` holds the
+        encoder's layers, then the decoder's, numbered on (``Layer.stack`` says which)."""
+        return bool(self.layers) and self.layers[0].stack == "encoder"
+
+    def stack(self, name: str) -> tuple:
+        """The layers of stack ``name`` ("" for a spec's ``layers``; "encoder" / "decoder")."""
+        return tuple(layer for layer in self.layers if layer.stack == name)
 
     def summary(self) -> str:
         from .params import count_parameters, human

@@ -39,6 +39,7 @@ def build_spec(data: dict, located, schema_issues=()) -> Spec:
     if any(p in ((), ("model",)) or (p[0] == "model" and p[1] in needed) or _structural(p) for p in bad):
         c.raise_if_any()
     model = _model(data["model"], c)
+    _stacks(data, model, c)
     layers = _layers(data, model, c, skip=bad)
     if schema_issues:
         c.raise_if_any()  # what follows needs the whole spec sound
@@ -116,6 +117,11 @@ def _model(d: dict, c: _Checks) -> Model:
             if key in d:
                 c.error(("model", key), f"{key!r} does not apply to input: {m.input} (there are no token ids)",
                         key=True)
+    if m.vocab_size is not None:
+        for key in ("pad_id", "eos_id", "decoder_start_id"):
+            if getattr(m, key) >= m.vocab_size:
+                c.error(("model", key), f"{key} {getattr(m, key)} is not an id of the vocabulary of {m.vocab_size}",
+                        f"use an id below {m.vocab_size}")
     if m.input == "image":
         _image(d, m, c)
     else:
@@ -206,18 +212,47 @@ def _mixed_items(items: list, path: tuple, c: _Checks) -> bool:
     return found
 
 
+STACK_KEYS = ("layers", "encoder", "decoder")  # the top-level keys that hold layer lists
+
+
 def _structural(path: tuple) -> bool:
     """A schema issue in the shape of the layer list (not inside one layer's settings)."""
-    return bool(path) and path[0] == "layers" and not any(part in layer_kinds() for part in path[1:])
+    return bool(path) and path[0] in STACK_KEYS and not any(part in layer_kinds() for part in path[1:])
+
+
+def _stacks(data: dict, model: Model, c: _Checks) -> None:
+    """The spec states one stack (``layers``) or an encoder-decoder's two (``encoder`` and
+    ``decoder``), never both, never a decoder alone; raises at once otherwise (no stack to build)."""
+    before = len(c.issues)
+    if "layers" in data:
+        for key in ("encoder", "decoder"):
+            if key in data:
+                c.error((key,), f"{key!r} and 'layers' cannot both be given: 'layers' states a single stack, "
+                        "'encoder' and 'decoder' an encoder-decoder's two", "keep one of the two forms", key=True)
+    elif "encoder" in data and "decoder" not in data:
+        c.error((), "missing required key 'decoder'", "an encoder-decoder states its decoder stack beside "
+                "'encoder'", key=True)
+    elif "decoder" in data and "encoder" not in data:
+        c.error(("decoder",), "a decoder needs an encoder: its cross-attention reads the encoder's output",
+                "add 'encoder:' (or write a decoder-only model's stack as 'layers:')", key=True)
+    elif "encoder" not in data:
+        c.error((), "missing required key 'layers'", "the layer stack, bottom to top (or 'encoder' and "
+                "'decoder' for an encoder-decoder)", key=True)
+    elif model.input != "tokens":
+        c.error(("model", "input"), f"an encoder-decoder reads token ids, not input: {model.input}",
+                "set model.input: tokens")
+    if len(c.issues) > before:
+        c.raise_if_any()
 
 
 def _layers(data: dict, model: Model, c: _Checks, skip=()) -> tuple:
-    items = data["layers"]
-    if _mixed_items(items, ("layers",), c):
-        c.raise_if_any()
-    total = _count_expanded(items)
+    stacks = ("layers",) if "layers" in data else ("encoder", "decoder")
+    for key in stacks:
+        if _mixed_items(data[key], (key,), c):
+            c.raise_if_any()
+    total = sum(_count_expanded(data[key]) for key in stacks)
     if total > MAX_LAYERS:
-        c.error(("layers",), f"the stack expands to more than {MAX_LAYERS:,} layers")
+        c.error((stacks[-1],), f"the stack expands to more than {MAX_LAYERS:,} layers")
         c.raise_if_any()
     configs: dict[tuple, Any] = {}  # one config per YAML item, however often it repeats
     expanded: list[tuple[str, tuple]] = []
@@ -245,31 +280,66 @@ def _layers(data: dict, model: Model, c: _Checks, skip=()) -> tuple:
             configs[p] = None if broken else layer_kind(kind).build(item[kind] or {}, p + (kind,), model, c)
         expanded.append((kind, p))
 
-    walk(items, ("layers",), 0)
+    for key in stacks:
+        walk(data[key], (key,), 0)
     layers = []
     moe_index = 0
     for index, (kind, p) in enumerate(expanded):
         layers.append(Layer(kind=kind, config=configs[p], index=index, path=p,
-                            moe_index=moe_index if kind == "moe" else None))
+                            moe_index=moe_index if kind == "moe" else None,
+                            stack="" if p[0] == "layers" else p[0]))
         moe_index += kind == "moe"
     if not skip:
-        _check_stack(layers, model, c)
+        reported: set = set()
+
+        def once(path, message, hint=None):
+            if path not in reported:
+                reported.add(path)
+                c.error(path, message, hint)
+
+        for key in stacks:
+            name = "" if key == "layers" else key
+            _check_stack([layer for layer in layers if layer.stack == name], model, c, once)
+        if model.tie_embeddings and not (layers[0].kind == "embedding" and layers[-1].kind == "head"):
+            c.error(("model", "tie_embeddings"), "tie_embeddings needs an embedding first and a head last")
+        _check_shared(layers, model, once)
     return tuple(layers)
 
 
-def _check_stack(layers: list, model: Model, c: _Checks) -> None:
-    """Where each kind may stand (first, last, only with token ids), then each kind's own checks."""
-    reported: set = set()
+def _check_shared(layers: list, model: Model, once) -> None:
+    """Layers that use one module (``LayerKind.shared``: an encoder-decoder's one embedding table,
+    a stack's relative position bias) state the same settings for it."""
+    first: dict = {}
+    for layer in layers:
+        if layer.config is None:
+            continue
+        for name, settings in layer_kind(layer.kind).shared(layer, model).items():
+            if name not in first:
+                first[name] = (layer, settings)
+                continue
+            other, was = first[name]
+            if settings != was:
+                where, what = layer_kind(layer.kind).shared_field(layer, settings, was)
+                once(layer.path + (layer.kind,) + where, f"{what} differs from {format_path(other.path)}'s, "
+                     f"which uses the same {name} module", "the layers sharing it state it alike")
 
-    def once(path, message, hint=None):
-        if path not in reported:
-            reported.add(path)
-            c.error(path, message, hint)
 
+def _check_stack(layers: list, model: Model, c: _Checks, once) -> None:
+    """Where each kind may stand in its stack (first, last, only with token ids, only in an
+    encoder or a decoder), then each kind's own checks."""
+    stack = layers[0].stack
+    where = f"the {stack}" if stack else "the stack"
     for layer in layers:
         kind = layer_kind(layer.kind)
         p = layer.path + (layer.kind,)
-        if not kind.accepts(model.input):
+        if stack not in kind.stacks:
+            if stack:
+                once(p, f"{_a(layer.kind)} layer cannot stand in the {stack}",
+                     f"it stands in {' or '.join('the ' + s for s in kind.stacks if s)} only")
+            else:
+                once(p, f"{_a(layer.kind)} layer needs an encoder-decoder",
+                     "state the stacks as 'encoder' and 'decoder' instead of 'layers'")
+        elif not kind.accepts(model.input):
             if kind.needs_tokens:
                 once(p, f"input: {model.input} has no token ids, so no {layer.kind} layer",
                      "set model.input: tokens, or remove this layer" if model.input != "image" else
@@ -277,18 +347,20 @@ def _check_stack(layers: list, model: Model, c: _Checks) -> None:
             else:
                 once(p, f"{_a(layer.kind)} layer needs model.input: {' or '.join(kind.inputs)} (this model's "
                      f"input is {model.input})", "remove this layer, or change model.input")
-        elif kind.place == "first" and layer.index != 0:
-            once(p, f"{_a(layer.kind)} can only be the first layer of the stack")
-        elif kind.place == "last" and layer.index != len(layers) - 1:
-            once(p, f"{_a(layer.kind)} can only be the last layer of the stack")
+        elif kind.place == "first" and layer is not layers[0]:
+            once(p, f"{_a(layer.kind)} can only be the first layer of {where}")
+        elif kind.place == "last" and layer is not layers[-1]:
+            once(p, f"{_a(layer.kind)} can only be the last layer of {where}")
         kind.check_stack(layer, model, once)
+    key = stack or "layers"
     if model.input == "tokens" and layers[0].kind != "embedding":
-        once(layers[0].path, "input: tokens needs an embedding as the first layer",
-             "add '- embedding: {}' at the top of layers")
+        once(layers[0].path, f"input: tokens needs an embedding as the first layer{' of the ' + stack if stack else ''}",
+             f"add '- embedding: {{}}' at the top of {key}")
+    if stack == "decoder" and layers[-1].kind != "head":
+        once(layers[-1].path, "the decoder needs a head as its last layer (its logits are the model's output)",
+             "add '- head: {}' at the end of decoder")
     if model.input == "image":
         _check_image_stack(layers, model, once)
-    if model.tie_embeddings and not (layers[0].kind == "embedding" and layers[-1].kind == "head"):
-        c.error(("model", "tie_embeddings"), "tie_embeddings needs an embedding first and a head last")
 
 
 def _check_image_stack(layers: list, model: Model, once) -> None:

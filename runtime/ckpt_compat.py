@@ -28,8 +28,9 @@ TRAJECTORY = ("steps", "batch", "seq", "lr", "min_lr", "warmup", "weight_decay",
 
 
 def architecture(spec) -> dict:
-    """The model and the layer stack as written in the spec (kept in ``meta.json``)."""
-    return {"model": spec.data["model"], "layers": spec.data["layers"]}
+    """The model and the layer stack (an encoder-decoder's two) as written in the spec (kept in ``meta.json``)."""
+    stacks = ("layers",) if "layers" in spec.data else ("encoder", "decoder")
+    return {"model": spec.data["model"], **{key: spec.data[key] for key in stacks}}
 
 
 def fingerprint(spec) -> str:

@@ -54,6 +54,8 @@ class LayerKind:
     place: Optional[str] = None  # "first" / "last": the only place in the stack it may stand
     needs_tokens: bool = False  # only with model.input: tokens
     inputs: Optional[tuple] = None  # the model.input values it works with (None: see ``accepts``)
+    # the stacks it may stand in: a spec's ``layers`` (""), an encoder-decoder's encoder or decoder
+    stacks: tuple = ("", "encoder", "decoder")
     # the fields of its config a resume may change, keeping the checkpoint's weights meaning the same
     # (``runtime.checkpoint.training_only``): dropout, which applies in training only, for every kind
     training_only: frozenset = frozenset({"dropout"})
@@ -73,6 +75,19 @@ class LayerKind:
 
     def check_stack(self, layer, model, once) -> None:
         """Checks that need the layer's neighbours or the model; ``once(path, message, hint)``."""
+
+    def shared(self, layer, model) -> dict:
+        """The modules it uses that other layers use too, {module name: settings}: an
+        encoder-decoder's one embedding table, a stack's relative position bias. The spec's
+        layers that name one module state equal settings (checked); it is made once, and counted
+        once (a settings value with ``parameters(model)`` holds parameters of its own, beside the
+        layer's module)."""
+        return {}
+
+    def shared_field(self, layer, settings, other) -> tuple:
+        """(the path below the layer's kind, what) of the field where ``settings`` differ from
+        ``other``'s, for the error that says so."""
+        return (), "its settings"
 
     def resume_may_change(self, names: tuple, old, new, gate: Optional[str] = None) -> bool:
         """Whether a resume may change the field at ``names`` (keys below the layer's config) from

@@ -1,5 +1,6 @@
 """``attention``: causal multi-head self-attention (Vaswani et al. 2017, §3.2) with grouped-query
-heads (Ainslie et al. 2023), rotary positions (Su et al. 2021), an explicit head width, q/k
+heads (Ainslie et al. 2023), rotary positions (Su et al. 2021) or T5's relative position bias
+(Raffel et al. 2020, §2.1; one table per stack, ``RelativeBias``), unscaled logits (T5), an explicit head width, q/k
 RMSNorms (per head: Qwen3-MoE; over the projection: OLMoE), OLMoE's q/k/v clamp, per-group
 biases (Qwen2-MoE: q/k/v only) and a causal sliding window (Mixtral, Qwen2/3-MoE), as a residual
 sublayer. The module is ``moedsl.nn.attention.Attention``."""
@@ -33,6 +34,34 @@ class Attention:
     sliding_window: Optional[int] = _D["sliding_window"]
     residual: bool = _D["residual"]
     prenorm: bool = _D["prenorm"]
+    relative_buckets: int = _D["relative_buckets"]
+    relative_max_distance: int = _D["relative_max_distance"]
+    scaled: bool = _D["scaled"]
+
+
+@dataclass(frozen=True)
+class RelativeBias:
+    """A stack's relative position bias table (positions: relative), shared by the self-attention
+    layers of the stack that state it: ``moedsl.nn.attention.RelativeBias``."""
+
+    buckets: int
+    max_distance: int
+    heads: int
+    bidirectional: bool  # an encoder's (causal: false); a decoder's looks back only
+
+    def parameters(self, model) -> int:
+        return self.buckets * self.heads
+
+    def module(self, model):
+        from moedsl.nn.attention import RelativeBias as Module
+
+        return Module(self.buckets, self.max_distance, self.heads, self.bidirectional, model.init_std)
+
+
+def relative_bias_name(layer) -> str:
+    """The module of a stack's relative position bias: ``encoder_relative_bias``,
+    ``decoder_relative_bias``, or ``relative_bias`` (a spec's ``layers``)."""
+    return f"{layer.stack}_relative_bias" if layer.stack else "relative_bias"
 
 
 def mean_keys(seq: int, causal: bool, window: Optional[int]) -> float:
@@ -74,7 +103,36 @@ class AttentionKind(LayerKind):
         if a.sliding_window is not None and not a.causal:
             checks.error(path + ("sliding_window",), f"sliding_window {a.sliding_window} needs causal: true "
                          "(the window is the keys before each query)")
+        if a.positions != "relative":
+            for key in ("relative_buckets", "relative_max_distance"):
+                if key in data:
+                    checks.error(path + (key,), f"{key!r} applies to positions: relative (here positions: "
+                                 f"{a.positions})", key=True)
+        elif a.relative_buckets < (4 if not a.causal else 2):
+            checks.error(path + ("relative_buckets",), f"{a.relative_buckets} buckets leave no exact distance "
+                         f"bucket{' per direction' if not a.causal else ''}", "T5 uses 32")
         return a
+
+    def check_stack(self, layer, model, once) -> None:
+        """A decoder's self-attention looks back only: its tokens are predicted from the earlier ones."""
+        if layer.stack == "decoder" and not layer.config.causal:
+            once(layer.path + (self.name, "causal"), "a decoder's self-attention must be causal: a target "
+                 "token would see the one it predicts", "set causal: true (the encoder's is causal: false)")
+
+    def shared(self, layer, model) -> dict:
+        """positions: relative: the stack's bias table, bidirectional where the attention is."""
+        cfg = layer.config
+        if cfg.positions != "relative":
+            return {}
+        return {relative_bias_name(layer): RelativeBias(cfg.relative_buckets, cfg.relative_max_distance,
+                                                        cfg.heads, not cfg.causal)}
+
+    def shared_field(self, layer, settings, other) -> tuple:
+        for field, key in (("buckets", "relative_buckets"), ("max_distance", "relative_max_distance"),
+                           ("heads", "heads"), ("bidirectional", "causal")):
+            if getattr(settings, field) != getattr(other, field):
+                return (key,), key
+        return (), "its relative bias"  # pragma: no cover - the settings differ in one of those
 
     def module(self, cfg: Attention, model):
         from moedsl.nn.attention import Attention as Module
@@ -82,7 +140,23 @@ class AttentionKind(LayerKind):
         return Module(model.d_model, cfg.heads, cfg.kv_heads, cfg.positions, cfg.rope_theta, cfg.causal,
                       cfg.dropout, cfg.qkv_bias, model.init_std, head_dim=cfg.head_dim, out_bias=cfg.out_bias,
                       qk_norm=cfg.qk_norm, qk_norm_eps=cfg.qk_norm_eps, clip_qkv=cfg.clip_qkv,
-                      sliding_window=cfg.sliding_window)
+                      sliding_window=cfg.sliding_window, scaled=cfg.scaled)
+
+    def lower(self, ctx, layer, x):
+        """Its module's node; with positions: relative the stack's bias node (made once, shared by
+        the stack's layers) and, over a padded source (the encoder), the source mask."""
+        node = super().lower(ctx, layer, x)
+        cfg = layer.config
+        if cfg.positions == "relative":
+            name = relative_bias_name(layer)
+            settings = self.shared(layer, ctx.model)[name]
+            ctx.module(name, lambda: settings.module(ctx.model))
+            args = (ctx.stack_tokens,) + ((ctx.cache, ctx.start) if ctx.decode else ())
+            node.update_kwarg("bias", ctx.stack_node(name, lambda: ctx.call_module(name, args, name)))
+        padding = ctx.padding(layer)
+        if padding is not None:
+            node.update_kwarg("keys", padding)
+        return node
 
     def flops(self, cfg: Attention, model, seq: int) -> float:
         """The projections, plus QKᵀ and AV over the keys a query attends to on average."""

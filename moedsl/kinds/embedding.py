@@ -43,6 +43,13 @@ class EmbeddingKind(LayerKind):
     def target(self, layer) -> str:
         return "embedding"
 
+    def shared(self, layer, model) -> dict:
+        """An encoder-decoder's two stacks embed with one table (T5's and NLLB's ``shared``)."""
+        return {"embedding": layer.config}
+
+    def shared_field(self, layer, settings, other) -> tuple:
+        return ("positions",), "positions"
+
     def lower(self, ctx, layer, x):
         target = ctx.module("embedding", lambda: self.module(layer.config, ctx.model))
         learned = layer.config.positions != "none"  # learned or sinusoidal: each token's position
@@ -52,7 +59,7 @@ class EmbeddingKind(LayerKind):
             args = (x, ctx.document_positions())
         else:
             args = (x,)
-        return ctx.call_module(target, args, "embedding")
+        return ctx.call_module(target, args, f"{layer.stack}_embedding" if layer.stack else "embedding")
 
 
 register(EmbeddingKind())

@@ -163,14 +163,97 @@ def sliding_window_mask(T: int, window: int, device) -> torch.Tensor:
     return torch.ones(T, T, dtype=torch.bool, device=device).tril().triu(1 - window)
 
 
+def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, buckets: int,
+                             max_distance: int) -> torch.Tensor:
+    """T5's bucket of each relative position key - query (Raffel et al. 2020, §2.1; Mesh TensorFlow
+    transformer_layers.py _relative_position_bucket, as transformers' T5Attention and
+    SwitchTransformersAttention compute it): half the buckets hold the distances 0..n/2-1 one each,
+    the other half logarithmically wider ranges up to ``max_distance``, past which all share the
+    last. ``bidirectional`` (an encoder): half the buckets for keys after the query, half for
+    those at or before it; otherwise (a decoder) keys after the query all fall in bucket 0."""
+    out = torch.zeros_like(relative)
+    n = buckets
+    if bidirectional:
+        n //= 2
+        out = out + (relative > 0).to(torch.long) * n
+        distance = torch.abs(relative)
+    else:
+        distance = -torch.min(relative, torch.zeros_like(relative))
+    exact = n // 2
+    small = distance < exact
+    large = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact)
+                     * (n - exact)).to(torch.long)
+    large = torch.min(large, torch.full_like(large, n - 1))
+    return out + torch.where(small, distance, large)
+
+
+class RelativeBias(nn.Module):
+    """A stack's T5 relative position bias (Raffel et al. 2020, §2.1): one learned scalar per
+    bucket of the distance key - query and per head, ``weight`` [buckets, heads] (transformers'
+    ``relative_attention_bias``, held by the stack's first layer there), computed once per
+    forward and added to the logits of every self-attention of the stack."""
+
+    def __init__(self, buckets: int, max_distance: int, heads: int, bidirectional: bool, init_std: float):
+        super().__init__()
+        self.buckets, self.max_distance, self.bidirectional = buckets, max_distance, bidirectional
+        self.weight = nn.Parameter(torch.empty(buckets, heads))
+        init_normal(self, init_std)
+
+    def forward(self, tokens: torch.Tensor, cache=None, start=0) -> torch.Tensor:
+        """The bias [1, H, t, L] of the queries at slots start..start+t-1 (tokens [B, t]) over the
+        keys at slots 0..L-1: L = t in a whole forward; decoding (``cache``), L = start + t, or the
+        cache's T_max when it is static. Left padding shifts a row's queries and keys alike, so the
+        distances, slot minus slot, are the positions'."""
+        t = tokens.shape[1]
+        device = self.weight.device
+        if cache is None:
+            L = t
+        else:
+            L = cache.max_len if cache.static else start + t
+        query = start + torch.arange(t, device=device)[:, None]  # [t, 1]
+        key = torch.arange(L, device=device)[None, :]  # [1, L]
+        bucket = relative_position_bucket(key - query, self.bidirectional, self.buckets, self.max_distance)
+        return F.embedding(bucket, self.weight).permute(2, 0, 1).unsqueeze(0)  # [1, H, t, L]
+
+
+def _masked_logits_bias(q: torch.Tensor, T: int, L: int, causal: bool, window: Optional[int], bias=None,
+                        keys=None, offset=0) -> torch.Tensor:
+    """The float mask SDPA adds to the logits [B or 1, H or 1, T, L]: ``bias`` (a relative position
+    bias), with the keys a query may not see (later keys where ``causal``; outside the ``window``;
+    the False of ``keys`` [B, L], the padding) at the dtype's lowest value, as transformers adds
+    its masks (a row that sees no key averages them all instead of giving NaN)."""
+    allowed = None
+    if causal or window is not None:
+        s = offset + torch.arange(T, device=q.device)[:, None]
+        j = torch.arange(L, device=q.device)[None, :]
+        allowed = j <= s if causal else torch.ones(T, L, dtype=torch.bool, device=q.device)
+        if window is not None:
+            allowed = allowed & (s - j < window)
+        allowed = allowed[None, None]
+    if keys is not None:
+        real = keys.to(torch.bool)[:, None, None, :]  # [B, 1, 1, L]
+        allowed = real if allowed is None else allowed & real
+    mask = bias.to(q.dtype) if bias is not None else q.new_zeros(1, 1, T, L)
+    if allowed is not None:
+        mask = mask.masked_fill(~allowed, torch.finfo(q.dtype).min)
+    return mask
+
+
 def _attend(q, k, v, causal: bool, window: Optional[int], dropout: float, scale: Optional[float] = None,
-            gqa: bool = False, documents=None):
+            gqa: bool = False, documents=None, bias=None, keys=None):
     """Softmax attention of q [B, H, T, D] over k [B, H, T, D], v [B, H, T, Dv]; with ``gqa``, k and v
     have K heads (H divisible by K) and query head h attends with key/value head h // (H / K).
     ``documents``: packed rows' mask (``moedsl.nn.documents.document_mask``): each query keeps to
-    its document."""
+    its document. ``bias`` [1, H, T, L]: added to the logits (T5's relative positions); ``keys``
+    [B, L] bool: the keys that are real (False: padding, never attended to)."""
     if documents is not None:
+        if bias is not None or keys is not None:
+            raise ValueError("packed documents with a position bias or padded keys are not supported")
         return attend_in_documents(q, k, v, documents, causal, window, dropout, scale, gqa)
+    if bias is not None or keys is not None:
+        mask = _masked_logits_bias(q, q.shape[-2], k.shape[-2], causal, window, bias, keys)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                              enable_gqa=gqa)
     mask = sliding_window_mask(q.shape[-2], window, q.device) if window is not None else None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                           dropout_p=dropout, scale=scale, enable_gqa=gqa)
@@ -189,10 +272,11 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, heads: int, kv_heads: int, positions: str, rope_theta: float,
                  causal: bool, dropout: float, bias: bool, init_std: float, *, head_dim: Optional[int] = None,
                  out_bias: Optional[bool] = None, qk_norm: str = "none", qk_norm_eps: float = 1e-5,
-                 clip_qkv: Optional[float] = None, sliding_window: Optional[int] = None):
+                 clip_qkv: Optional[float] = None, sliding_window: Optional[int] = None, scaled: bool = True):
         super().__init__()
         self.heads, self.kv_heads = heads, kv_heads
         self.head_dim = head_dim if head_dim is not None else d_model // heads
+        self.scale = None if scaled else 1.0  # None: SDPA's 1/sqrt(head_dim); T5 does not scale
         self.rotary = positions == "rotary"
         self.rope_theta, self.causal, self.dropout = rope_theta, causal, dropout
         self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
@@ -217,14 +301,17 @@ class Attention(nn.Module):
         return rope
 
     def forward(self, x: torch.Tensor, cache=None, positions: Optional[torch.Tensor] = None, start: int = 0,
-                key: Optional[str] = None, documents=None) -> torch.Tensor:
+                key: Optional[str] = None, documents=None, bias: Optional[torch.Tensor] = None,
+                keys: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``cache`` (a ``moedsl.nn.decode.DecodeCache``): decode x, the tokens at slots
         start..start+T-1 at ``positions`` [B, T], against the keys and values cached under ``key``.
         Packed rows (no cache): ``positions`` [B, T] each token's within its document and
-        ``documents`` the rows' document mask (``moedsl.nn.documents``)."""
+        ``documents`` the rows' document mask (``moedsl.nn.documents``). ``bias`` [1, H, T, L]: the
+        stack's relative position bias (``RelativeBias``), added to the logits; ``keys`` [B, T]
+        bool (an encoder's source mask; None: all real): the padding no query attends to."""
         B, T, _ = x.shape
         if cache is not None and not torch.is_grad_enabled() and self.qk_norm == "none" and self.clip_qkv is None:
-            return self._decode(x, cache, positions, start, key)
+            return self._decode(x, cache, positions, start, key, bias)
         q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [B, T, H·Dh], [B, T, K·Dh], [B, T, K·Dh]
         if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -241,12 +328,12 @@ class Attention(nn.Module):
             cos, sin = self._rope().cos_sin(q, positions)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            y = attend_cached(q, k, v, cache, key, start, self.sliding_window)
+            y = attend_cached(q, k, v, cache, key, start, self.sliding_window, self.scale, bias)
             return self.wo(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
         # grouped-query heads: SDPA reads each key/value head for its H/K query heads (enable_gqa),
         # with no repeated copy of k and v and no sum over the copies in backward
         y = _attend(q, k, v, self.causal, self.sliding_window, self.dropout if self.training else 0.0,
-                    gqa=self.kv_heads != self.heads, documents=documents)
+                    scale=self.scale, gqa=self.kv_heads != self.heads, documents=documents, bias=bias, keys=keys)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
     def _qkv(self) -> tuple:
@@ -263,7 +350,7 @@ class Attention(nn.Module):
             got = self._qkv_stacked = (stamp, torch.cat(ps[:3]), torch.cat(ps[3:]) if len(ps) > 3 else None)
         return got[1], got[2]
 
-    def _decode(self, x: torch.Tensor, cache, positions: Optional[torch.Tensor], start: int, key: str):
+    def _decode(self, x: torch.Tensor, cache, positions: Optional[torch.Tensor], start: int, key: str, bias=None):
         """``forward`` with a cache and no gradient (no q/k norm, no clamp): the same values with
         fewer ops: one projection for q, k and v, and one rotation for the queries and keys
         together (their heads side by side: the same cos and sin apply to every head)."""
@@ -275,8 +362,49 @@ class Attention(nn.Module):
         if self.rotary:
             cos, sin = self._rope().cos_sin(qk, positions)
             qk = apply_rope(qk, cos, sin)
-        y = attend_cached(qk[:, :H], qk[:, H:], v, cache, key, start, self.sliding_window)
+        y = attend_cached(qk[:, :H], qk[:, H:], v, cache, key, start, self.sliding_window, self.scale, bias)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * Dh))
+
+
+class CrossAttention(nn.Module):
+    """Encoder-decoder attention (Vaswani et al. 2017, §3.2.3): queries from the decoder's stream
+    x [B, T, d], keys and values from the encoder's output ``memory`` [B, S, d], the source's
+    padding masked, no position information (transformers' SwitchTransformersLayerCrossAttention,
+    NllbMoeAttention over encoder_hidden_states). Decoding, the keys and values are computed from
+    ``memory`` on a sequence's first step and kept in its cache."""
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, bias: bool, scaled: bool, dropout: float,
+                 init_std: float):
+        super().__init__()
+        self.heads, self.head_dim, self.dropout = heads, head_dim, dropout
+        self.scale = None if scaled else 1.0
+        inner = heads * head_dim
+        self.wq = nn.Linear(d_model, inner, bias=bias)
+        self.wk = nn.Linear(d_model, inner, bias=bias)
+        self.wv = nn.Linear(d_model, inner, bias=bias)
+        self.wo = nn.Linear(inner, d_model, bias=bias)
+        for lin in (self.wq, self.wk, self.wv, self.wo):
+            init_normal(lin, init_std)
+
+    def _kv(self, memory: torch.Tensor) -> tuple:
+        B, S, _ = memory.shape
+        k = self.wk(memory).view(B, S, self.heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
+        v = self.wv(memory).view(B, S, self.heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, source_mask: Optional[torch.Tensor] = None,
+                cache=None, key: Optional[str] = None) -> torch.Tensor:
+        """``source_mask`` [B, S] bool: the real source tokens (None: all). ``cache``: decoding,
+        the keys and values of ``memory`` kept under ``key`` (made on the sequence's first step)."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        if cache is not None:
+            k, v = cache.state(key, lambda: self._kv(memory))
+        else:
+            k, v = self._kv(memory)
+        y = _attend(q, k, v, False, None, self.dropout if self.training else 0.0, scale=self.scale,
+                    keys=source_mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
 class LatentAttention(nn.Module):

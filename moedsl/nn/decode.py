@@ -85,19 +85,24 @@ def key_mask(cache: DecodeCache, start, t: int, window: Optional[int], device, k
 
 
 def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: DecodeCache, key: str, start: int,
-                  window: Optional[int] = None, scale: Optional[float] = None) -> torch.Tensor:
+                  window: Optional[int] = None, scale: Optional[float] = None,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Write k [B, K, t, D], v [B, K, t, Dv] at slots start..start+t-1 of layer ``key``'s cache,
-    then attend q [B, H, t, D] over the L = start + t cached keys: [B, H, t, Dv]."""
+    then attend q [B, H, t, D] over the L = start + t cached keys: [B, H, t, Dv]. ``bias``
+    [1, H, t, L] (L: T_max in a static cache) is added to the logits (T5's relative positions)."""
     t = q.shape[-2]
     ck, cv = cache.kv(key, k.shape[1], k.shape[-1], v.shape[-1], k)
     if cache.static:
-        return _attend_static(q, k, v, ck, cv, cache, start, window, scale)
+        return _attend_static(q, k, v, ck, cv, cache, start, window, scale, bias)
     if start + t > cache.max_len:
         raise ValueError(f"{key}: slots {start}..{start + t - 1} past the cache's {cache.max_len}")
     ck[:, :, start:start + t] = k
     cv[:, :, start:start + t] = v
     keys, values = ck[:, :, :start + t], cv[:, :, :start + t]  # [B, K, L, D]
     B, H, K = q.shape[0], q.shape[1], keys.shape[1]
+    if bias is not None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=_with_bias(
+            bias, key_mask(cache, start, t, window, q.device), q.dtype), scale=scale, enable_gqa=H != K)
     if t == 1 and H != K and not cache.padded and (window is None or start < window):
         # one token seeing every key: the rep = H / K query heads of a key head are rep queries
         # against its keys [B, K, rep, D] (no copies of the keys and values, as repeat_interleave makes)
@@ -113,7 +118,13 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Deco
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
 
-def _attend_static(q, k, v, ck, cv, cache: DecodeCache, start, window: Optional[int], scale: Optional[float]):
+def _with_bias(bias: torch.Tensor, mask: torch.Tensor, dtype) -> torch.Tensor:
+    """``bias`` [1, H, t, L] with the keys ``mask`` [B, 1, t, L] hides at the dtype's lowest value."""
+    return bias.to(dtype).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def _attend_static(q, k, v, ck, cv, cache: DecodeCache, start, window: Optional[int], scale: Optional[float],
+                   bias: Optional[torch.Tensor] = None):
     """``attend_cached`` on a static cache: the same shapes at every slot, nothing read back to
     the host (``start``: an int or a 0-dim tensor on q's device). Slots past start + t hold
     zeros or stale keys; the mask hides them."""
@@ -122,6 +133,8 @@ def _attend_static(q, k, v, ck, cv, cache: DecodeCache, start, window: Optional[
     ck.index_copy_(2, slots, k)
     cv.index_copy_(2, slots, v)
     mask = key_mask(cache, start, t, window, q.device, keys=T_max)
+    if bias is not None:
+        mask = _with_bias(bias, mask, q.dtype)
     return F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != ck.shape[1])
 
 

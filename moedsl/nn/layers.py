@@ -147,9 +147,11 @@ def make_norm(kind: str, d: int, eps: float) -> nn.Module:
 class Head(nn.Module):
     """Logits over the vocabulary; with ``tied`` the embedding's weight is used."""
 
-    def __init__(self, d_model: int, vocab_size: int, bias: bool, init_std: float, tied: nn.Module | None = None):
+    def __init__(self, d_model: int, vocab_size: int, bias: bool, init_std: float, tied: nn.Module | None = None,
+                 scale: float | None = None):
         super().__init__()
         self.tied = tied is not None
+        self.scale = scale  # multiplies x before the projection (T5's d_model^-0.5 with tied embeddings)
         self.weight = None if self.tied else nn.Parameter(torch.empty(vocab_size, d_model))
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
         if not self.tied:
@@ -158,4 +160,6 @@ class Head(nn.Module):
                 nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.scale is not None:
+            x = x * self.scale
         return F.linear(x, self.weight if weight is None else weight, self.bias)

@@ -1,0 +1,230 @@
+"""Encoder-decoder specs (T5, Switch Transformer, NLLB-MoE): the two stacks in one graph, T5's
+relative position bias, cross-attention, the located errors of a malformed encoder-decoder."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from encdec_helpers import copy_batch, tiny_encdec
+from moedsl.compiler import compile_graph
+from moedsl.errors import SpecError
+from moedsl.nn.attention import relative_position_bucket
+from moedsl.spec_loader import load_spec
+
+
+def _model(text: str, seed: int = 0):
+    spec = load_spec(text)
+    return spec, compile_graph(spec, device="cpu", seed=seed).module
+
+
+# ------------------------------------------------------------------ T5's relative position buckets
+
+@pytest.mark.parametrize("buckets,max_distance", [(32, 128), (8, 16), (64, 300)])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_relative_position_bucket_is_transformers_for_every_distance_up_to_300(buckets, max_distance, bidirectional):
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersAttention
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    relative = torch.arange(-300, 301)[None, :]  # key - query, both directions
+    ours = relative_position_bucket(relative, bidirectional, buckets, max_distance)
+    switch = SwitchTransformersAttention._relative_position_bucket(relative, bidirectional, buckets, max_distance)
+    t5 = T5Attention._relative_position_bucket(relative, bidirectional, buckets, max_distance)
+    assert torch.equal(ours, switch) and torch.equal(ours, t5)
+    assert int(ours.min()) >= 0 and int(ours.max()) == buckets - 1  # every bucket reachable up to the far end
+
+
+# ------------------------------------------------------------------ the spec
+
+def test_an_encoder_decoder_spec_numbers_both_stacks_on_in_one_layer_tuple():
+    spec = load_spec(tiny_encdec())
+    assert spec.encoder_decoder
+    assert [layer.index for layer in spec.layers] == list(range(len(spec.layers)))
+    enc, dec = spec.stack("encoder"), spec.stack("decoder")
+    assert len(enc) + len(dec) == len(spec.layers) and spec.layers[:len(enc)] == enc
+    assert [layer.moe_index for layer in spec.moe_layers] == [0, 1]
+    assert [layer.stack for layer in spec.moe_layers] == ["encoder", "decoder"]
+    assert dec[0].path == ("decoder", 0) and enc[1].path == ("encoder", 1, "block", 0)
+    assert not load_spec("tests/../specs/switch.yaml").encoder_decoder
+
+
+def test_the_decoders_embedding_is_the_encoders_table_counted_once():
+    spec, model = _model(tiny_encdec())
+    names = [n for n, _ in model.named_parameters()]
+    assert sum(n.startswith("embedding.") for n in names) == 1
+    assert "encoder_relative_bias.weight" in names and "decoder_relative_bias.weight" in names
+    from moedsl.params import count_parameters
+
+    assert count_parameters(spec)[0] == sum(p.numel() for p in model.parameters())
+
+
+def _issues(text: str) -> list:
+    with pytest.raises(SpecError) as e:
+        load_spec(text)
+    return [(p, i.message) for p, i in zip(e.value.paths, e.value.issues)]
+
+
+def _first(issues, path):
+    found = [m for p, m in issues if p == path]
+    assert found, issues
+    return found[0]
+
+
+def test_layers_beside_an_encoder_is_a_located_error():
+    text = tiny_encdec().replace("train:", "layers:\n  - embedding: {}\ntrain:")
+    assert "cannot both be given" in _first(_issues(text), "encoder")
+
+
+def test_a_decoder_without_an_encoder_is_a_located_error():
+    text = tiny_encdec()
+    text = text[:text.index("encoder:")] + text[text.index("decoder:"):]
+    assert "needs an encoder" in _first(_issues(text), "decoder")
+
+
+def test_cross_attention_in_the_encoder_is_a_located_error():
+    text = tiny_encdec(**{"  - norm: {}\ndecoder:": "  - cross_attention: {heads: 2}\n  - norm: {}\ndecoder:"})
+    assert "cannot stand in the encoder" in _first(_issues(text), "encoder[2].cross_attention")
+
+
+def test_cross_attention_in_a_single_stack_asks_for_an_encoder_decoder():
+    text = open("specs/switch.yaml").read().replace("  - norm: {}\n  - head: {}",
+                                                     "  - cross_attention: {heads: 4}\n  - norm: {}\n  - head: {}")
+    assert "layers:" in text and "cross_attention" in text
+    issues = _issues(text)
+    assert any("needs an encoder-decoder" in m for _, m in issues), issues
+
+
+def test_a_head_in_the_encoder_and_a_decoder_without_one_are_located_errors():
+    text = tiny_encdec(**{"  - norm: {}\ndecoder:": "  - head: {}\ndecoder:", "  - head: {rescale: true}\n": ""})
+    issues = _issues(text)
+    assert "cannot stand in the encoder" in _first(issues, "encoder[2].head")
+    assert "needs a head" in _first(issues, "decoder[2]")
+
+
+def test_a_bidirectional_decoder_self_attention_is_a_located_error():
+    text = tiny_encdec(**{"{heads: 2, causal: true,": "{heads: 2, causal: false,"})
+    assert "must be causal" in _first(_issues(text), "decoder[1].block[0].attention.causal")
+
+
+def test_the_layers_of_a_stack_share_one_relative_bias_and_must_agree_on_it():
+    text = tiny_encdec(**{"  - norm: {}\ndecoder:": "  - attention: {heads: 2, causal: false, positions: relative, "
+                                                     "relative_buckets: 16}\n  - norm: {}\ndecoder:"})
+    assert "relative_buckets differs" in _first(_issues(text), "encoder[2].attention.relative_buckets")
+
+
+def test_an_id_outside_the_vocabulary_is_a_located_error():
+    assert "not an id of the vocabulary" in _first(_issues(tiny_encdec(**{"eos_id: 1": "eos_id: 40"})),
+                                                    "model.eos_id")
+
+
+# ------------------------------------------------------------------ the graph
+
+def test_one_graph_holds_both_stacks_and_the_relative_bias_is_made_once_per_stack():
+    spec, model = _model(tiny_encdec())
+    g = model.graph
+    placeholders = [n.target for n in g.nodes if n.op == "placeholder"]
+    assert placeholders == ["tokens", "decoder_tokens", "source_mask"]
+    bias_nodes = [n for n in g.nodes if n.op == "call_module" and n.target.endswith("relative_bias")]
+    assert [n.target for n in bias_nodes] == ["encoder_relative_bias", "decoder_relative_bias"]
+    for node in bias_nodes:  # every self-attention of its stack reads it, and none of the other's
+        stack = node.target.split("_")[0]
+        readers = {u.target for u in node.users}
+        assert readers == {f"layers.{layer.index}.attention" for layer in spec.stack(stack)
+                           if layer.kind == "attention"}
+        assert "block" not in node.meta  # outside every sublayer (recomputation keeps it)
+    embeds = {n.name: n.args[0].name for n in g.nodes if n.op == "call_module" and n.target == "embedding"}
+    assert embeds == {"encoder_embedding": "tokens", "decoder_embedding": "decoder_tokens"}  # one table, two reads
+
+
+def test_a_tiny_encoder_decoder_moe_runs_forward_and_backward():
+    spec, model = _model(tiny_encdec(capacity_factor=1.0))
+    source, source_mask, dec_in, labels, loss_mask = copy_batch(4, 10, seed=1)
+    out = model(source, dec_in, source_mask)
+    assert out.output.shape == (4, 11, 40)
+    assert len(out.router_stats) == 2 and {s.layer for s in out.router_stats} == {"layers.4", "layers.12"}
+    loss = torch.nn.functional.cross_entropy(out.output.flatten(0, 1), labels.flatten())
+    (loss + out.aux_loss).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for name in ("encoder_relative_bias.weight", "decoder_relative_bias.weight", "layers.8.cross_attention.wk.weight",
+                 "layers.4.experts.w_in", "embedding.weight"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+
+
+def test_the_sources_padding_reaches_neither_the_encoders_real_tokens_nor_the_decoder():
+    spec, model = _model(tiny_encdec(capacity_factor=8.0))  # nothing dropped: routing cannot couple tokens
+    model.eval()
+    source, source_mask, dec_in, _, _ = copy_batch(4, 10, seed=2)
+    assert not bool(source_mask.all())
+    other = source.masked_fill(~source_mask, 7)  # other ids where the source is padding
+    with torch.no_grad():
+        a = model(source, dec_in, source_mask).output
+        b = model(other, dec_in, source_mask).output
+        c = model(other, dec_in).output  # without the mask the padding counts
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.allclose(a, c, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the computation: transformers' Switch
+
+def _tiny_switch(seed: int = 0):
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = SwitchTransformersConfig(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2,
+                                   num_heads=2, num_experts=4, expert_capacity=64, num_sparse_encoder_layers=1,
+                                   num_sparse_decoder_layers=1, relative_attention_num_buckets=8,
+                                   relative_attention_max_distance=16, dropout_rate=0.0, router_jitter_noise=0.0,
+                                   decoder_start_token_id=0)
+    ref = SwitchTransformersForConditionalGeneration(cfg).eval()
+    return ref
+
+
+def _copy_switch_weights(ref, model) -> None:
+    """transformers' tiny Switch weights into the tiny spec's modules (layers 0-5 the encoder's:
+    embedding, attention, ffn, attention, moe, norm; 6-14 the decoder's)."""
+    sd = ref.state_dict()
+    ours = dict(model.named_parameters())
+
+    def put(name, value):
+        assert ours[name].shape == value.shape, name
+        ours[name].data.copy_(value)
+
+    put("embedding.weight", sd["shared.weight"])
+    for stack, first, blocks in (("encoder", 1, (1, 3)), ("decoder", 7, (7, 10))):
+        put(f"{stack}_relative_bias.weight", sd[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"])
+        for i, at in enumerate(blocks):
+            pre = f"{stack}.block.{i}.layer"
+            put(f"layers.{at}.norm.weight", sd[f"{pre}.0.layer_norm.weight"])
+            for a, b in (("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "o")):
+                put(f"layers.{at}.attention.{a}.weight", sd[f"{pre}.0.SelfAttention.{b}.weight"])
+            ff = at + 1
+            if stack == "decoder":
+                put(f"layers.{ff}.norm.weight", sd[f"{pre}.1.layer_norm.weight"])
+                for a, b in (("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "o")):
+                    put(f"layers.{ff}.cross_attention.{a}.weight", sd[f"{pre}.1.EncDecAttention.{b}.weight"])
+                ff += 1
+            j = 2 if stack == "decoder" else 1
+            put(f"layers.{ff}.norm.weight", sd[f"{pre}.{j}.layer_norm.weight"])
+            if i == 0:
+                put(f"layers.{ff}.ffn.w_in.weight", sd[f"{pre}.{j}.mlp.wi.weight"])
+                put(f"layers.{ff}.ffn.w_out.weight", sd[f"{pre}.{j}.mlp.wo.weight"])
+            else:
+                put(f"layers.{ff}.gate.weight", sd[f"{pre}.{j}.mlp.router.classifier.weight"])
+                for e in range(4):
+                    ours[f"layers.{ff}.experts.w_in"].data[e] = sd[f"{pre}.{j}.mlp.experts.expert_{e}.wi.weight"].T
+                    ours[f"layers.{ff}.experts.w_out"].data[e] = sd[f"{pre}.{j}.mlp.experts.expert_{e}.wo.weight"].T
+        put(f"layers.{5 if stack == 'encoder' else 13}.norm.weight", sd[f"{stack}.final_layer_norm.weight"])
+
+
+def test_logits_equal_transformers_switch_with_a_padded_source():
+    """Relative bias on unscaled logits, one table per stack, the source mask in the encoder and
+    the cross-attention, the final norms, the tied head scaled by d_model^-0.5: with every token
+    within capacity, the tiny spec computes what transformers' Switch computes."""
+    ref = _tiny_switch()
+    spec, model = _model(tiny_encdec(capacity_factor=8.0))
+    model.eval()
+    _copy_switch_weights(ref, model)
+    source, source_mask, dec_in, _, _ = copy_batch(4, 10, seed=3)
+    with torch.no_grad():
+        theirs = ref(input_ids=source, attention_mask=source_mask.long(), decoder_input_ids=dec_in).logits
+        ours = model(source, dec_in, source_mask).output
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
