@@ -61,7 +61,7 @@ from moedsl.errors import UserError
 from .. import Tensor, register, same
 from ..encdec import EncDecFamily, at, blocks, changed, fmt, one, stack_lines
 from ..llama_like import spec_header, stack_t, transposed
-from .switch_transformers import torch_equal
+from .switch_transformers import option, torch_equal
 
 ACTS = ("relu", "gelu", "silu")
 POLICIES = ("all", "sampling", "random")
@@ -141,7 +141,8 @@ class NllbMoe(EncDecFamily):
     def _attention(self, c, heads: str, causal: Optional[bool]) -> list:
         lines = [f"heads: {c[heads]}  # {c.where(heads)}"]
         if causal is not None:
-            lines.append(f"causal: {fmt(causal)}  # {'decoder: causal' if causal else 'encoder: bidirectional'}")
+            lines += [f"causal: {fmt(causal)}  # {'decoder: causal' if causal else 'encoder: bidirectional'}",
+                      "positions: none  # the positions are the embedding's"]
         lines.append("bias: true  # q_proj, k_proj, v_proj, out_proj have biases")
         if c["attention_dropout"]:
             lines.append(f"dropout: {fmt(float(c['attention_dropout']))}  # {c.where('attention_dropout')} "
@@ -342,7 +343,7 @@ class NllbMoe(EncDecFamily):
             for i, group in enumerate(s["blocks"]):
                 for L in group[:-1]:
                     c = L.config
-                    if not (c.qkv_bias and c.out_bias):
+                    if not (c.bias if L.kind == "cross_attention" else c.qkv_bias and c.out_bias):
                         return f"{at(L, 'bias')} false (NLLB-MoE's attention has biases)", None
                     if not getattr(c, "scaled", True):
                         return f"{at(L, 'scaled')} false (NLLB-MoE scales by 1/sqrt(head_dim))", None
@@ -389,17 +390,17 @@ class NllbMoe(EncDecFamily):
         return None
 
     def gate_config(self, g) -> dict:
-        """config.json's router fields from a gshard gate's options."""
-        out = {"second_expert_policy": g.second_expert,
+        """config.json's router fields from a gshard gate's options (those it has)."""
+        out = {"second_expert_policy": {"always": "all"}.get(g.second_expert, g.second_expert),
                "batch_prioritized_routing": g.drop_priority == "score"}
         for key, name in (("normalize_router_prob_before_dropping", "normalize_before_drop"),
-                          ("expert_capacity", "capacity"),
+                          ("expert_capacity", "expert_capacity"),
                           ("moe_eval_capacity_token_fraction", "eval_capacity_fraction"),
-                          ("moe_token_dropout", "token_dropout")):
-            if hasattr(g, name):
-                out[key] = getattr(g, name)
-        if hasattr(g, "route_padding"):
-            out["router_ignore_padding_tokens"] = g.route_padding
+                          ("moe_token_dropout", "token_dropout"),
+                          ("router_ignore_padding_tokens", "route_padding")):
+            value = option(g, name)
+            if value is not None:
+                out[key] = value
         return out
 
     def architecture_problem(self, spec) -> Optional[str]:

@@ -170,7 +170,7 @@ class SwitchTransformers(EncDecFamily):
 
     def head_lines(self, tie: bool) -> list:
         if tie:
-            return ["  - head: {tied_scale: true}  # lm_head, tied to shared: the decoder's output × d_model^-0.5 "
+            return ["  - head: {rescale: true}  # lm_head, tied to shared: the decoder's output × d_model^-0.5 "
                     "first (tie_word_embeddings)"]
         return ["  - head: {}  # lm_head (untied: no scaling)"]
 
@@ -387,7 +387,7 @@ class SwitchTransformers(EncDecFamily):
                 return f"{at(L, 'gate', 'type')} {g.type} (Switch's router is top-1: switch)"
             seen.setdefault("num_experts", []).append((x.count, L))
             seen.setdefault("router_jitter_noise", []).append((g.jitter, L))
-            seen.setdefault("expert_capacity", []).append((getattr(g, "capacity", None), L))
+            seen.setdefault("expert_capacity", []).append((option(g, "expert_capacity"), L))
             seen.setdefault("router_aux_loss_coef", []).append((c.losses.balance, L))
             seen.setdefault("router_z_loss_coef", []).append((c.losses.z_loss, L))
         return None
@@ -420,6 +420,12 @@ class SwitchTransformers(EncDecFamily):
                     "pad_token_id": getattr(m, "pad_id", 0), "eos_token_id": getattr(m, "eos_id", 1),
                     "decoder_start_token_id": getattr(m, "decoder_start_id", 0)})
         return out
+
+
+def option(g, name: str):
+    """The gate option ``name`` (a value, not one of the options' methods), or None."""
+    v = getattr(g, name, None)
+    return None if callable(v) else v
 
 
 def torch_equal(a, b) -> bool:
