@@ -7,6 +7,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import moedsl  # noqa: E402
+from moedsl.cli import main  # noqa: E402
+from moedsl.hf import registered  # noqa: E402
+from moedsl.hf.reference import tiny_reference  # noqa: E402
 from moedsl.nn.layers import Embedding  # noqa: E402
 
 
@@ -26,3 +30,118 @@ def test_sinusoidal_positions_with_a_pad_id_equal_nllb_moes_including_padding_an
         assert torch.equal(ours(step, torch.tensor([[3], [7]]))[1:], ref(step, None, cache_length=7)[1:])
         ours.weight.normal_()
         assert torch.allclose(ours(tokens) - ref(tokens, None), 3.0 * ours.weight[tokens])
+
+
+# ------------------------------------------------------------------ the references
+
+def _chosen_experts(self, hidden_states, router_mask, router_probs):
+    """NllbMoeExperts.forward as fairseq's MOELayer computes it: each token through the experts its
+    router kept, weighted by their combine weights (router_probs [tokens, E], zero elsewhere), × (1 -
+    moe_token_dropout) in evaluation."""
+    out = torch.zeros_like(hidden_states)
+    for e in range(self.num_experts):
+        rows = router_probs[:, e].nonzero().squeeze(-1)
+        if rows.numel():
+            y = self[f"expert_{e}"](hidden_states[rows]) * router_probs[rows, e, None]
+            if self.moe_token_dropout > 0:
+                y = self.token_dropout(y) if self.training else y * (1 - self.moe_token_dropout)
+            out.index_add_(0, rows, y.to(hidden_states.dtype))
+    return out
+
+
+@pytest.fixture
+def chosen_experts(monkeypatch):
+    """transformers' NLLB-MoE computing the experts its router chose (see the nllb_moe family's
+    docstring and test_installed_nllb_moe_runs_experts_0_and_1_whatever_its_router_chose)."""
+    from transformers.models.nllb_moe import modeling_nllb_moe
+
+    monkeypatch.setattr(modeling_nllb_moe.NllbMoeExperts, "forward", _chosen_experts)
+
+
+def _reference(model_type: str, over: dict):
+    """The family's tiny model (``tiny_reference``: norms and biases moved off 1 and 0), fp32, eval;
+    untied, the decoder's table set equal to the encoder's, as moedsl's one embedding needs."""
+    ref, cfg = tiny_reference(transformers, model_type, over)
+    if not cfg.tie_word_embeddings:
+        base = ref.model if model_type == "nllb-moe" else ref
+        with torch.no_grad():
+            base.decoder.embed_tokens.weight.copy_(base.encoder.embed_tokens.weight)
+    return ref, cfg
+
+
+def _batch(cfg, rows: int = 3, source: int = 9, target: int = 7, seed: int = 1):
+    """Source ids [rows, source] right-padded with pad_token_id (rows 1 and 2 shorter), their mask,
+    and decoder ids [rows, target] (no pad among them)."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(3, cfg.vocab_size, (rows, source), generator=g)
+    lengths = torch.tensor([source, source - 3, source - 5][:rows] + [source] * max(0, rows - 3))
+    mask = torch.arange(source)[None, :] < lengths[:, None]
+    src[~mask] = cfg.pad_token_id
+    dec = torch.randint(3, cfg.vocab_size, (rows, target), generator=g)
+    return src, mask, dec
+
+
+def _rel(ours, theirs) -> float:
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+def _cases() -> list:
+    out = []
+    for model_type, fam in sorted(registered().items()):
+        if not fam.encoder_decoder:
+            continue
+        out.append(pytest.param(model_type, {}, id=model_type))
+        for over, what in fam.tiny_variants:
+            out.append(pytest.param(model_type, over, id=f"{model_type}-{what.replace(' ', '_')}"))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type,over", _cases())
+def test_every_encoder_decoder_variant_imports_to_transformers_logits_and_exports_back(tmp_path, chosen_experts,
+                                                                                      model_type, over):
+    """Each variant the family's config expresses, built by transformers and saved: ``moedsl import``,
+    ``load_model`` and the logits of a padded batch (fp32, eval) within 1e-4 of transformers'
+    largest; ``moedsl export`` loads back in transformers with no missing or unexpected keys and
+    computes the same logits."""
+    fam = registered()[model_type]
+    ref, cfg = _reference(model_type, over)
+    ref.save_pretrained(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")]) == 0
+    assert f"d_model: {cfg.d_model}  # d_model" in (tmp_path / "imp" / "spec.yaml").read_text()
+    model = moedsl.load_model(tmp_path / "imp").eval()
+    src, mask, dec = _batch(cfg)
+    with torch.no_grad():
+        theirs = ref(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
+        ours = model(src, dec, mask).output
+    assert _rel(ours, theirs) <= 1e-4, _rel(ours, theirs)
+    assert main(["export", str(tmp_path / "imp"), "--out", str(tmp_path / "exp")]) == 0
+    back, info = type(ref).from_pretrained(tmp_path / "exp", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert type(back).__name__ == fam.architectures[0]
+    with torch.no_grad():
+        again = back.eval()(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
+    assert _rel(again, theirs) <= 1e-4
+
+
+def test_installed_nllb_moe_runs_experts_0_and_1_whatever_its_router_chose():
+    """Why the NLLB-MoE parity runs transformers with ``_chosen_experts``: 5.25's NllbMoeExperts
+    one-hot encodes the 0/1 dispatch mask as if it held expert ids, so each token goes through
+    expert_1 (its first choice's weight) and expert_0 (its second's). If a release fixes it, this
+    fails, and the parity tests can drop the fixture."""
+    from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeSparseMLP
+
+    torch.manual_seed(0)
+    cfg = transformers.NllbMoeConfig(**{**registered()["nllb-moe"].tiny_config, "num_experts": 4})
+    mlp = NllbMoeSparseMLP(cfg, 24).eval()
+    h = torch.randn(8, cfg.d_model)
+    with torch.no_grad():
+        top = mlp.router.classifier(h).softmax(-1).topk(2, -1)
+        w = top.values / top.values.sum(-1, keepdim=True)
+        chosen = torch.stack([sum(w[n, j] * mlp.experts[f"expert_{int(top.indices[n, j])}"](h[n]) for j in range(2))
+                              for n in range(8)])
+        zero_one = w[:, :1] * mlp.experts["expert_1"](h) + w[:, 1:] * mlp.experts["expert_0"](h)
+        installed = mlp(h[None])[0]
+    assert bool((top.indices >= 2).any())  # some token chose an expert other than 0 and 1
+    assert torch.allclose(installed, zero_one, atol=1e-6)
+    assert not torch.allclose(installed, chosen, atol=1e-3)
