@@ -2,6 +2,9 @@
 nllb-moe) against the installed transformers (tiny random models, fp32, eval mode)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +15,7 @@ from moedsl.cli import main  # noqa: E402
 from moedsl.hf import registered  # noqa: E402
 from moedsl.hf.reference import tiny_reference  # noqa: E402
 from moedsl.nn.layers import Embedding  # noqa: E402
+from hf_helpers import refused  # noqa: E402
 
 
 @pytest.mark.parametrize("d_model", [16, 15])
@@ -145,3 +149,42 @@ def test_installed_nllb_moe_runs_experts_0_and_1_whatever_its_router_chose():
     assert bool((top.indices >= 2).any())  # some token chose an expert other than 0 and 1
     assert torch.allclose(installed, zero_one, atol=1e-6)
     assert not torch.allclose(installed, chosen, atol=1e-3)
+
+
+def _saved(tmp_path, model_type: str, over: dict | None = None, **edit) -> Path:
+    """The family's tiny model saved in tmp_path/hf, its config.json then given ``edit``."""
+    ref, _ = _reference(model_type, over or {})
+    ref.save_pretrained(tmp_path / "hf")
+    if edit:
+        cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+        cfg.update(edit)
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    return tmp_path / "hf"
+
+
+@pytest.mark.parametrize("model_type,field,value,needle", [
+    ("switch_transformers", "router_bias", True, "moedsl's router has no bias"),
+    ("switch_transformers", "dense_act_fn", "gelu_new", "relu, gelu, silu"),
+    ("switch_transformers", "is_gated_act", True, "ungated experts"),
+    ("switch_transformers", "feed_forward_proj", "gated-gelu", "ungated experts"),
+    ("switch_transformers", "relative_attention_bias_style", "alibi", "SwitchTransformersConfig"),
+    ("nllb-moe", "second_expert_policy", "best", "all, sampling, random"),
+    ("nllb-moe", "activation_function", "gelu_new", "relu, gelu, silu"),
+    ("nllb-moe", "encoder_sparse_step", -1, "0 (no sparse layer) or a positive integer"),
+])
+def test_a_config_value_moedsl_cannot_express_is_refused_naming_field_and_value(tmp_path, capsys, model_type,
+                                                                                 field, value, needle):
+    src = _saved(tmp_path, model_type, **{field: value})
+    err = refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", field, repr(value),
+                  needle)
+    assert model_type in err
+
+
+@pytest.mark.parametrize("model_type,prefix", [("switch_transformers", ""), ("nllb-moe", "model.")])
+def test_untied_checkpoint_whose_two_stacks_embed_differently_is_refused(tmp_path, capsys, model_type, prefix):
+    """transformers 5 untied gives each stack its own table; moedsl's stacks share one, so unequal
+    tables are refused by name rather than one of them silently dropped."""
+    ref, _ = tiny_reference(transformers, model_type, {"tie_word_embeddings": False})
+    ref.save_pretrained(tmp_path / "hf")
+    refused(capsys, ["import", str(tmp_path / "hf"), "--out", str(tmp_path / "o")], tmp_path / "o",
+            f"{prefix}encoder.embed_tokens.weight differs from {prefix}decoder.embed_tokens.weight")
