@@ -83,7 +83,7 @@ class SwitchTransformers(EncDecFamily):
     encoder_decoder = True
     tiny_config = dict(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=2, num_heads=2,
                        num_experts=4, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, expert_capacity=64,
-                       relative_attention_num_buckets=8, relative_attention_max_distance=16)
+                       relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0)
     tiny_variants = (
         ({"num_layers": 4, "num_sparse_encoder_layers": 4, "num_decoder_layers": 4, "num_sparse_decoder_layers": 2},
          "sparse steps 1 and 2"),
