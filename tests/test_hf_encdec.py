@@ -188,3 +188,23 @@ def test_untied_checkpoint_whose_two_stacks_embed_differently_is_refused(tmp_pat
     ref.save_pretrained(tmp_path / "hf")
     refused(capsys, ["import", str(tmp_path / "hf"), "--out", str(tmp_path / "o")], tmp_path / "o",
             f"{prefix}encoder.embed_tokens.weight differs from {prefix}decoder.embed_tokens.weight")
+
+
+@pytest.mark.parametrize("model_type,drops", [
+    ("switch_transformers", {"expert_capacity": 2, "num_sparse_encoder_layers": 2, "num_sparse_decoder_layers": 2}),
+    ("nllb-moe", {"moe_eval_capacity_token_fraction": 0.3}),
+    ("nllb-moe", {"normalize_router_prob_before_dropping": True, "moe_eval_capacity_token_fraction": 0.3}),
+    ("nllb-moe", {"batch_prioritized_routing": True, "moe_eval_capacity_token_fraction": 0.3}),
+])
+def test_the_dropping_variants_drop_tokens_in_transformers_on_the_parity_batch(chosen_experts, model_type, drops):
+    """The capacity variants of the parity test do exercise drops: on its batch transformers' logits
+    move when the capacity no longer holds every token."""
+    assert any(over == drops for over, _ in registered()[model_type].tiny_variants)
+    ref, cfg = _reference(model_type, drops)
+    roomy = {"expert_capacity": 64} if model_type == "switch_transformers" else {"moe_eval_capacity_token_fraction": 1.0}
+    ref2, _ = _reference(model_type, {**drops, **roomy})
+    src, mask, dec = _batch(cfg)
+    with torch.no_grad():
+        a = ref(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
+        b = ref2(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
+    assert _rel(a, b) > 1e-3

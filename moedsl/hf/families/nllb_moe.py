@@ -91,6 +91,7 @@ class NllbMoe(EncDecFamily):
                        encoder_sparse_step=2, decoder_sparse_step=1, max_position_embeddings=64,
                        moe_token_dropout=0.0)
     tiny_variants = (
+        ({"moe_eval_capacity_token_fraction": 0.3}, "eval capacity drops, position order, normalised after"),
         ({"normalize_router_prob_before_dropping": True, "moe_eval_capacity_token_fraction": 0.3},
          "normalised before drops, eval capacity drops"),
         ({"batch_prioritized_routing": True, "moe_eval_capacity_token_fraction": 0.3},

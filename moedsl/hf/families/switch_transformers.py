@@ -91,6 +91,8 @@ class SwitchTransformers(EncDecFamily):
          "num_decoder_layers other than num_layers, steps 3 and 0"),
         ({"tie_word_embeddings": False}, "untied embeddings"),
         ({"d_kv": 12, "dense_act_fn": "gelu"}, "heads wider than d_model / num_heads, gelu"),
+        ({"expert_capacity": 2, "num_sparse_encoder_layers": 2, "num_sparse_decoder_layers": 2},
+         "a capacity that drops"),
     )
     # SwitchTransformersConfig's fields and defaults (configuration_switch_transformers.py)
     defaults = {"vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 2048, "expert_capacity": 64,
