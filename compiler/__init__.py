@@ -65,7 +65,7 @@ def _build(spec: S.Spec, mesh: MeshShape, rank: int, device, seed: int, init: bo
            static: bool = True):
     low: Lowered = lower(spec, device=device, seed=seed, graph_only=graph_only, static=static)
     placements = placement_pass(low, spec, mesh, rank, device, seed, init)
-    comms = insert_collectives(low, spec, mesh, rank, placements)
+    comms = insert_collectives(low, spec, mesh, rank, placements, rows=batch[0] if batch else None)
     overlap_pass(low, comms)
     static = None if graph_only else static_shapes_pass(low.graph, low, comms, placements, mesh, rank, batch)
     return low, placements, comms, static

@@ -40,6 +40,7 @@ class MoEInfo:
     layout: str  # capacity | packed
     groups: int  # routing groups in the whole batch
     per_token: bool = False  # a decode graph's: every token its own routing group (the route's groups is a node)
+    per_sequence: bool = False  # routing_groups: sequence: every row its own routing group (a node, too)
 
 
 @dataclass
@@ -76,6 +77,10 @@ class LowerContext:
         self._token_ids: Optional[fx.Node] = None
         self.rows = rows  # the [B] rows-that-count placeholder (images only; its value may be None)
         self._token_mask: Optional[fx.Node] = None
+        # the [B, T] bool node of the tokens that are not padding, for the layers being lowered (an
+        # encoder-decoder's source_mask while its encoder is lowered; None: no padding known)
+        self.padding: Optional[fx.Node] = None
+        self._padding_flat: dict = {}
         self.documents = documents  # the [B, T] documents placeholder (token training graphs; its value may be None)
         self._document_nodes: dict = {}
         self.aux: list = []  # each MoE layer's aux loss node
@@ -144,6 +149,17 @@ class LowerContext:
         if self._token_mask is None and self.rows is not None:
             self._token_mask = self.call_function(moe_ops.token_mask, (self.rows, x), "token_mask")
         return self._token_mask
+
+    def padding_mask(self, x: fx.Node) -> Optional[fx.Node]:
+        """The tokens of x [B, T, d] that are not padding, flattened to [B·T] in the order the gate
+        sees them (made once per padding node; its value None when nothing is padding); None
+        while no padding is known. A gate with ``route_padding: false`` routes only these."""
+        if self.padding is None:
+            return None
+        if self.padding not in self._padding_flat:
+            self._padding_flat[self.padding] = self.call_function(moe_ops.padding_tokens, (self.padding,),
+                                                                  f"{self.padding.name}_flat")
+        return self._padding_flat[self.padding]
 
     def document_positions(self) -> Optional[fx.Node]:
         """Each token's position within its document [B, T] (``moedsl.nn.documents``; made once,

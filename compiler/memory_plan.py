@@ -181,7 +181,8 @@ def micro_batch_choices(spec: S.Spec, compiled) -> list:
         if B_local % M:
             continue
         tokens = B_local // M * T
-        if all(tokens % compiled.comms[f"layers.{info.index}"].groups == 0 for info in spec.moe_layers):
+        comms = [compiled.comms[f"layers.{info.index}"] for info in spec.moe_layers]
+        if all(c.per_sequence or tokens % c.groups == 0 for c in comms):
             out.append(M)
     return out
 

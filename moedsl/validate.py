@@ -67,6 +67,8 @@ def routing_groups_issue(layer, batch: int, seq: int | None = None) -> str | Non
     groups of whole sequences (GShard's local groups); with ``seq`` (a batch a run or a
     forward actually routes) the rule is the gate's own: its batch·seq tokens split evenly."""
     groups = layer.config.gate.routing_groups
+    if layer.config.gate.per_sequence:  # each sequence its own group: any batch splits
+        return None
     if seq is None:
         if batch % groups == 0:
             return None

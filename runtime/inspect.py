@@ -245,11 +245,12 @@ def _with_capacity(gate_spec, factor: Optional[float]):
     if factor is None or not gate_type(gate_spec.type).capacity_is_budget:
         return gate_spec
     if factor == 0:
-        return replace(gate_spec, capacity_factor=None, eval_capacity_factor=None, drop_policy="dropless")
+        return replace(gate_spec, capacity_factor=None, eval_capacity_factor=None, expert_capacity=None,
+                       eval_capacity_fraction=None, drop_policy="dropless")
     if not gate_spec.has_capacity:
         return replace(gate_spec, capacity_factor=float(factor), eval_capacity_factor=float(factor),
                        drop_policy="drop")
-    return replace(gate_spec, eval_capacity_factor=float(factor))
+    return replace(gate_spec, eval_capacity_factor=float(factor), eval_capacity_fraction=None)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Optional
 
 import torch.fx as fx
 
@@ -34,12 +35,15 @@ class LayerComm:
     groups: int  # routing groups in the batch this rank's gate sees
     expert_parallel: bool  # all-to-alls present
     algorithm: str  # flat | hierarchical
+    per_sequence: bool = False  # routing_groups: sequence: ``groups`` is this rank's rows of the compiled batch
 
 
 def routing_scope(info, world: int) -> tuple[str, int]:
     g = info.config.gate
     lw = info.config.losses
     per_token = not g.has_capacity and not (lw.importance or lw.load or lw.balance)  # (expert choice: a capacity)
+    if g.per_sequence:  # a rank's rows are whole sequences: each routes its own
+        return "local", 1
     if world == 1:
         return "local", g.routing_groups
     if g.routing_groups % world == 0:
@@ -61,7 +65,10 @@ def new_node(graph: fx.Graph, op: str, target, args, name: str, layer: str, role
     return node
 
 
-def insert_collectives(low: Lowered, spec, mesh: MeshShape, rank: int, placements: dict) -> dict:
+def insert_collectives(low: Lowered, spec, mesh: MeshShape, rank: int, placements: dict,
+                       rows: Optional[int] = None) -> dict:
+    """The collectives of every MoE layer on this rank; ``rows``: the sequences of this rank's
+    batch (the groups of a layer routing each sequence alone; default 1)."""
     g = low.graph
     out = {}
     ep, world = mesh.expert_parallel, mesh.world
@@ -70,7 +77,7 @@ def insert_collectives(low: Lowered, spec, mesh: MeshShape, rank: int, placement
         name, base = info.name, info.name.replace(".", "_")
         nodes = layer_nodes(g, name)
         scope, groups = routing_scope(info, world)
-        if info.per_token:  # a decode graph: each token its own group, counted when it runs
+        if info.per_token or info.per_sequence:  # each token / row its own group, counted when it runs
             scope, groups = "local", nodes["route"].args[3]
         layout = info.layout if scope == "local" else "packed"
         tokens = nodes["tokens"]  # the batch check counts the sequences of every rank
@@ -111,7 +118,8 @@ def insert_collectives(low: Lowered, spec, mesh: MeshShape, rank: int, placement
                 _insert_capacity_a2a(g, low, nodes, local_route, lp, ep_rank, name, base)
             else:
                 _insert_packed_a2a(g, low, nodes, lp, ep_rank, name, base)
-        comm = LayerComm(scope=scope, layout=layout, groups=groups, expert_parallel=spread, algorithm=algorithm)
+        comm = LayerComm(scope=scope, layout=layout, groups=(rows or 1) if info.per_sequence else groups,
+                         expert_parallel=spread, algorithm=algorithm, per_sequence=info.per_sequence)
         out[name] = comm
         for node in g.nodes:
             if node.meta.get("moe_layer") == name:

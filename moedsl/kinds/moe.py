@@ -46,6 +46,7 @@ class Experts:
     dropout: float = _EXPERTS["dropout"]
     init_scale: float = _EXPERTS["init_scale"]
     shared: Optional[SharedExperts] = None
+    token_dropout: float = _EXPERTS["token_dropout"]  # NLLB-MoE's moe_token_dropout on each routed output row
 
     # what a resume may change: the dropout (training only), the initialisation (the checkpoint replaces it)
     training_only = frozenset({"dropout", "init_scale"})
@@ -127,25 +128,38 @@ def _capacity(g: dict, p, t: str, c) -> dict:
     gt = gate_type(t)
     policy = g.get("drop_policy")
     factor = g.get("capacity_factor")
+    absolute = g.get("expert_capacity")
+    if absolute is not None and factor is not None:
+        c.error(p + ("expert_capacity",), "expert_capacity and capacity_factor both set the capacity",
+                "keep one: expert_capacity (slots per expert) or capacity_factor (relative to the tokens)", key=True)
+    if g.get("dropped_tokens") == "never":  # the capacity is not enforced: dropless routing
+        if policy == "drop":
+            c.error(p + ("dropped_tokens",), "dropped_tokens: never conflicts with drop_policy: drop",
+                    "remove one of them", key=True)
+        policy = "dropless"
     if gt.dense:
         policy = "dropless"
     elif policy is None:
-        policy = "drop" if (factor is not None or gt.default_capacity is not None) else "dropless"
+        has = factor is not None or absolute is not None or gt.default_capacity is not None
+        policy = "drop" if has else "dropless"
     if policy == "dropless":
         if not gt.can_be_dropless:
             c.error(p + ("drop_policy",), f"{_a(t)} gate is defined by its capacity: it cannot be dropless")
         for key in ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_priority",
-                    "capacity_rounding"):
+                    "capacity_rounding", "expert_capacity", "eval_capacity_fraction"):
             if key in g:
                 c.error(p + (key,), f"{key} conflicts with dropless routing (no capacity, nothing dropped)",
                         "remove it, or set drop_policy: drop", key=True)
-        factor = None
-    elif factor is None:
+        if g.get("dropped_tokens") == "scaled_input":
+            c.error(p + ("dropped_tokens",), "dropped_tokens: scaled_input needs a capacity: dropless routing "
+                    "drops nothing", "add capacity_factor or expert_capacity, or remove dropped_tokens", key=True)
+        factor = absolute = None
+    elif factor is None and absolute is None:
         factor = gt.default_capacity
         if factor is None:
-            c.error(p + ("drop_policy",), "drop_policy: drop needs a capacity_factor",
+            c.error(p + ("drop_policy",), "drop_policy: drop needs a capacity_factor or an expert_capacity",
                     "add capacity_factor (e.g. 1.25), or use drop_policy: dropless")
-    return dict(capacity_factor=factor, drop_policy=policy)
+    return dict(capacity_factor=factor, expert_capacity=absolute, drop_policy=policy)
 
 
 def _gate(g: dict, p, experts: Experts, c) -> Gate:
@@ -256,7 +270,7 @@ class MoEKind(LayerKind):
 
         e = cfg.experts
         return Module(model.d_model, e.hidden, e.activation, expert_ids, bias=e.bias, dropout=e.dropout,
-                      init_scale=e.init_scale, seed=seed, layer=layer, init=init)
+                      init_scale=e.init_scale, seed=seed, layer=layer, init=init, token_dropout=e.token_dropout)
 
     def parts(self, cfg: MoE, model) -> MoEParams:
         return _parts(self, cfg, model)
@@ -318,18 +332,27 @@ class MoEKind(LayerKind):
         # decoding routes each token as its own routing group (GShard's local groups at their smallest):
         # a token's experts depend neither on the other rows, their padding, nor how the sequence is
         # split into steps, and a lone token is never past a capacity of at least one slot
-        groups = 1 if ctx.decode else cfg.gate.routing_groups
+        # routing_groups: sequence routes each sequence as a group of its own: as many groups as
+        # the batch has rows, counted when it runs (so always this rank's own rows)
+        per_sequence = cfg.gate.per_sequence and not ctx.decode
+        groups = 1 if (ctx.decode or per_sequence) else cfg.gate.routing_groups
         ctx.add_moe(name=name, index=layer.index, moe_index=layer.moe_index, config=cfg, layout=layout,
-                    groups=cfg.gate.routing_groups, per_token=ctx.decode)
+                    groups=1 if cfg.gate.per_sequence else cfg.gate.routing_groups, per_token=ctx.decode,
+                    per_sequence=per_sequence)
         ctx.module(f"{name}.gate", lambda: self.gate_module(cfg, m, ctx.seed, layer.index))
         owner = "hierarchy" if cfg.hierarchy is not None else "gate"
         flat = ctx.call_function(routing_tokens, (x, f"{name}.moe.{owner}", groups, 1),
                                  ctx.node_name(layer, "tokens"), **meta, role="tokens")
+        if per_sequence:
+            groups = ctx.call_function(sequence_count, (x,), ctx.node_name(layer, "groups"), **meta, role="groups")
         token_ids = ctx.token_ids() if gt.needs_tokens else None
         kwargs = {}
         mask = ctx.token_mask(x)
         if mask is not None:  # the tokens that count (images that only fill a batch do not)
             kwargs["mask"] = mask
+        padding = None if cfg.gate.route_padding else ctx.padding_mask(x)
+        if padding is not None:  # route_padding: false: the padding (an encoder's source padding) is not routed
+            kwargs["padding"] = padding
         if ctx.decode:
             groups = ctx.call_function(token_count, (flat,), ctx.node_name(layer, "groups"), **meta, role="groups")
             kwargs["gidx"] = ctx.call_function(decode_token_keys, (ctx.positions, m.max_seq_len),
@@ -352,6 +375,9 @@ class MoEKind(LayerKind):
                                  role="experts")
             y = ctx.call_function(moe_ops.combine_packed, (ye, disp, route), ctx.node_name(layer, "combine"),
                                   **meta, role="combine")
+        if cfg.gate.dropped_tokens == "scaled_input":  # a dropped token passes as p·x
+            y = ctx.call_function(moe_ops.pass_dropped, (y, flat, route), ctx.node_name(layer, "pass_dropped"),
+                                  **meta, role="pass_dropped")
         if cfg.experts.shared is not None:  # shared experts: one FFN of count × hidden (the sum of count FFNs)
             ctx.module(f"{name}.shared", lambda: self.shared_module(cfg, m))
             sh = ctx.call_module(f"{name}.shared", (flat,), ctx.node_name(layer, "shared"), **meta, role="shared")
@@ -371,8 +397,8 @@ def overlap_issue(cfg: MoE, batch: int, seq: int, world: int = 1) -> Optional[st
     rank's routing group (packed), or of the slots of its buffer (capacity): more chunks than
     tokens would leave chunks empty, all-to-alls with nothing to carry."""
     D = cfg.overlap.chunks
-    groups = cfg.gate.routing_groups
-    per = batch * seq // max(groups, world)
+    groups = cfg.gate.group_count(batch)
+    per = seq if cfg.gate.per_sequence else batch * seq // max(groups, world)
     if D <= per:
         return None
     split = f"{groups} routing groups" if groups >= world else f"{world} processes"
@@ -393,6 +419,11 @@ def routing_tokens(x, gate: str, groups: int, world: int):
         raise BatchError(f"{gate}.routing_groups = {groups} does not divide the batch of {ranks}{B} sequences "
                          f"× {T} tokens ({B * T * world} tokens)")
     return x.flatten(0, 1)
+
+
+def sequence_count(x) -> int:
+    """x [B, T, d] -> B: the routing groups of ``routing_groups: sequence``, one per row."""
+    return x.shape[0]
 
 
 def token_count(flat) -> int:

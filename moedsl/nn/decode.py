@@ -169,7 +169,7 @@ class DecodeMoE(torch.nn.Module):
         S, d = x.shape
         cap = gate.spec.capacity(1, gate.num_experts, False) if gate.spec.has_capacity else None  # a lone token's
         if (torch.is_grad_enabled() or x.device.type != "cpu" or grouped.static() or torch.is_autocast_enabled("cpu")
-                or gate.training or S * gate.spec.k > experts.SMALL_ROWS or S != groups
+                or gate.training or S * gate.spec.k > experts.SMALL_ROWS or S != groups or experts.token_dropout
                 or len(experts.expert_ids) != gate.num_experts or gate_type(gate.spec.type).dense or experts.training
                 or x.dtype != experts.w_in.dtype):
             return None

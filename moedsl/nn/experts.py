@@ -28,13 +28,17 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swiglu": F.silu,
 class Experts(nn.Module):
     def __init__(self, d_model: int, hidden: int, activation: str, expert_ids: Sequence[int], *,
                  bias: bool = False, dropout: float = 0.0, init_scale: float = 1.0, seed: int = 0,
-                 layer: int = 0, init: bool = True):
+                 layer: int = 0, init: bool = True, token_dropout: float = 0.0):
         super().__init__()
         E = len(expert_ids)
         self.d_model, self.hidden, self.activation = d_model, hidden, activation
         self.glu = activation in ("swiglu", "geglu")
         self.act = ACTIVATIONS[activation]
         self.dropout = dropout
+        # dropout on each output row while training, rows × (1 − p) otherwise: fairseq's and NLLB-MoE's
+        # moe_token_dropout (transformers' NllbMoeExperts drops expert(x)·weight; a row's weight is a
+        # scalar, so dropping the row before the combine weighs it is the same)
+        self.token_dropout = token_dropout
         self.init_scale, self.seed, self.layer = init_scale, seed, layer
         # which global experts the slots hold: real even on the meta device (it is metadata)
         here = torch.get_default_device()
@@ -234,8 +238,12 @@ class Experts(nn.Module):
         """x [E_local, T, d] (a capacity buffer) -> [E_local, T, d]; or x [N, d] rows grouped
         by local expert with ``sizes`` [E_local] -> [N, d]."""
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, sizes, use_reentrant=False)
-        return self._forward(x, sizes)
+            y = checkpoint(self._forward, x, sizes, use_reentrant=False)
+        else:
+            y = self._forward(x, sizes)
+        if self.token_dropout:
+            y = F.dropout(y, self.token_dropout, True) if self.training else y * (1 - self.token_dropout)
+        return y
 
     def _forward(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         w = self.w_in

@@ -42,6 +42,9 @@ class Choice:
     # [G, n, k] the chosen experts' router probabilities before any renormalisation over the k
     # (None: ``weight`` is them): batch prioritized routing ranks a token by their maximum
     prob: Optional[torch.Tensor] = None
+    # the weights are divided by their sum over the token's kept choices once the drops are known
+    # (fairseq's top2gating with normalize_gate_prob_before_dropping false)
+    normalize_kept: bool = False
 
     def priority(self) -> torch.Tensor:
         """[G, n] V-MoE's priority score (Riquelme et al. 2021, §4.1): max_i g_i(x), the largest
@@ -218,7 +221,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None, rank: int = 0,
                 groups: int = 1, gidx: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> Routing:
+                mask: Optional[torch.Tensor] = None, padding: Optional[torch.Tensor] = None) -> Routing:
         """Route the S tokens of ``x`` [S, d] in ``groups`` groups. ``rank``: this batch is the
         rank-th of equal shares of the global batch (its tokens start at rank · S there).
         ``gidx`` [S]: each token's key for the routing's random draws instead (a decode graph's:
@@ -226,7 +229,14 @@ class Gate(nn.Module):
         tokens that count (None: all); the others (images that only fill a held-out batch) are
         routed nowhere: no slot, no drop, no load, and a group's capacity is that of its tokens
         that count, as if the others were not in the batch. (The auxiliary losses still see every
-        token: a batch with such rows is evaluated, and evaluation reports no auxiliary loss.)"""
+        token: a batch with such rows is evaluated, and evaluation reports no auxiliary loss.)
+        ``padding`` [S] bool: the tokens that are not padding (None: all), for ``route_padding:
+        false``: padding takes no expert and no slot, and unlike ``mask`` the group's capacity
+        still counts it (fairseq's top2gating ``input_mask``; transformers' NllbMoeTop2Router
+        computes its capacity from every token and zeroes the padding's masks before the cumsum).
+
+        ``dropped_tokens: scaled_input``: ``Routing.passthrough`` [S] is the sum of each token's
+        dropped weights, which ``moe_ops.pass_dropped`` adds times its input."""
         Sn, d = x.shape
         G, n = groups, Sn // groups
         E = self.num_experts
@@ -243,7 +253,11 @@ class Gate(nn.Module):
         real = None if mask is None else mask.view(G, n, 1).expand_as(choice.expert)  # [G, n, k]
         if real is not None:
             choice.routed = real if choice.routed is None else choice.routed & real
+        if padding is not None:
+            pad = padding.view(G, n, 1).expand_as(choice.expert)
+            choice.routed = pad if choice.routed is None else choice.routed & pad
         all_kept = cap is None and choice.routed is None
+        passthrough = None
         if all_kept:  # dropless and every choice routed: slot 0 each, nothing dropped (fewer ops)
             slot, weight = torch.zeros_like(choice.expert), choice.weight
             kept_counts = counts(choice.expert.reshape(-1), E)  # also the dispatch's group sizes
@@ -257,6 +271,12 @@ class Gate(nn.Module):
                 slot = self._within_real_capacity(slot, mask.view(G, n), cap)
             routed = choice.routed if choice.routed is not None else torch.ones_like(slot, dtype=torch.bool)
             weight = torch.where(slot >= 0, choice.weight, torch.zeros_like(choice.weight))
+            if choice.normalize_kept:  # fairseq: denominator clamped at the float's eps (both dropped: 0)
+                total = weight.sum(-1, keepdim=True)
+                weight = weight / total.clamp(min=torch.finfo(total.dtype).eps)
+            if self.spec.dropped_tokens == "scaled_input":
+                lost = routed & (slot < 0)
+                passthrough = torch.where(lost, choice.weight, torch.zeros_like(choice.weight)).sum(-1)
             load = counts(choice.expert.reshape(-1), E, routed.reshape(-1)).float()
             dropped = (routed & (slot < 0)).sum()
         if self.training and self.spec.bias_balancing_rate is not None:
@@ -270,7 +290,8 @@ class Gate(nn.Module):
             aux_loss=self.weigh(choice.losses, x), losses={k_: v.detach() for k_, v in choice.losses.items()},
             expert_load=load.detach(), dropped=dropped, all_kept=all_kept,
             kept_counts=kept_counts, routed=None if choice.routed is None else choice.routed.reshape(-1),
-            real=None if real is None else real.reshape(-1))
+            real=None if real is None else real.reshape(-1),
+            passthrough=None if passthrough is None else passthrough.reshape(-1))
 
     def _within_real_capacity(self, slot: torch.Tensor, real: torch.Tensor, cap: int) -> torch.Tensor:
         """slot [G, n, k] assigned under the capacity ``cap`` of n tokens a group -> the slots under
@@ -304,7 +325,8 @@ class Gate(nn.Module):
 
     def extra_repr(self) -> str:
         g = self.spec
-        cap = f"capacity_factor={g.capacity_factor}" if g.has_capacity else "dropless"
+        cap = (f"expert_capacity={g.expert_capacity}" if g.expert_capacity is not None else
+               f"capacity_factor={g.capacity_factor}" if g.has_capacity else "dropless")
         groups = f", groups={g.groups.count} (top {g.groups.top})" if g.groups is not None else ""
         return f"type={g.type}, experts={self.num_experts}, k={g.k}{groups}, {cap}"
 
@@ -429,14 +451,32 @@ class SwitchGate(RouterGate):
 
 class GShardGate(RouterGate):
     """GShard top-2: g1, g2 the two largest probabilities, normalised by g1 + g2; the second
-    expert is used only with probability min(1, 2·g2) (second_expert: random)."""
+    expert is used only with probability min(1, 2·g2) (second_expert: random).
+
+    fairseq's top2gating (NLLB-MoE; transformers' NllbMoeTop2Router, route_tokens) with
+    ``second_expert: sampling``: the second expert is the argmax of the logits plus Gumbel(0, 1)
+    noise over the experts other than the first (a draw from their softmax: the Gumbel-max
+    trick), in training and evaluation alike, as fairseq and transformers draw it; its weight is
+    its probability. ``normalize_after_drops``: g1, g2 stay the raw probabilities until the
+    capacity drops are known, then are divided by the sum of the kept ones, clamped at float32's
+    eps (``normalize_router_prob_before_dropping: false``). ``random`` compares 2·g2 as it
+    stands then: normalised (GShard, Algorithm 1; fairseq normalising before the drops), or the
+    raw probability (fairseq and transformers normalising after)."""
 
     def choose(self, x, ids, gidx):
         logits = self.logits(x, gidx)
         probs = torch.softmax(logits, dim=-1)
-        expert = self.select(probs, 2, logits)
+        if self.spec.second_expert == "sampling":
+            first = self.select(probs, 1, logits)
+            E = self.num_experts
+            u = rng.uniform(self.seed, self.stream("sampling"), gidx[..., None] * E + torch.arange(E, device=x.device))
+            noisy = (logits.detach() - torch.log(-torch.log(u))).scatter(-1, first, float("-inf"))
+            expert = torch.cat([first, noisy.argmax(dim=-1, keepdim=True)], dim=-1)
+        else:
+            expert = self.select(probs, 2, logits)
         weight = prob = probs.gather(-1, expert)
-        if self.spec.normalize:
+        after = self.spec.normalize_after_drops
+        if self.spec.normalize and not after:
             weight = weight / weight.sum(-1, keepdim=True)
         routed = torch.ones_like(expert, dtype=torch.bool)
         if self.spec.second_expert == "random":
@@ -444,7 +484,7 @@ class GShardGate(RouterGate):
             routed = torch.stack([routed[..., 0], 2 * weight[..., 1].detach() > u], dim=-1)
         # the balance loss's c_e counts the tokens whose first choice is e
         losses = self.losses(logits, probs, weight * routed, expert, counted=expert[..., :1])
-        return Choice(expert, weight, routed=routed, losses=losses, prob=prob)
+        return Choice(expert, weight, routed=routed, losses=losses, prob=prob, normalize_kept=after)
 
 
 class HashGate(Gate):

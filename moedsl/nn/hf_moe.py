@@ -70,3 +70,31 @@ def moe_state_dict(block: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     if "shared_expert_gate.weight" in block:
         out["shared.gate.weight"] = block["shared_expert_gate.weight"]  # [1, d]
     return out
+
+
+# the two projections of one expert of transformers' encoder-decoder MoE blocks: (in, out)
+_ENCDEC_EXPERT = {"switch_transformers": ("wi", "wo"), "nllb_moe": ("fc1", "fc2")}
+
+
+def encdec_moe_state_dict(block: Mapping[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """The weights of transformers' SwitchTransformersSparseMLP (``family`` "switch_transformers":
+    ``router.classifier.weight``, ``experts.expert_{e}.wi/wo.weight``, no biases) or
+    NllbMoeSparseMLP ("nllb_moe": ``experts.expert_{e}.fc1/fc2.weight`` and ``.bias``) as moedsl's
+    MoE sublayer weights, keys relative to ``layers.{i}.``: ``gate.weight`` [E, d] as it is,
+    ``experts.w_in`` [E, d, h] = the stacked first projections transposed, ``experts.w_out``
+    [E, h, d] the second's, and with biases ``experts.b_in`` [E, h], ``experts.b_out`` [E, d]."""
+    if "router.classifier.bias" in block:  # router_bias: true (neither family's published checkpoints)
+        raise ValueError("the router has a bias (router_bias: true): moedsl's routers have none")
+    first, second = _ENCDEC_EXPERT[family]
+    count = len({k.split(".")[1] for k in block if re.fullmatch(rf"experts\.expert_\d+\.{first}\.weight", k)})
+
+    def stacked(name: str, part: str) -> torch.Tensor:
+        return torch.stack([block[f"experts.expert_{e}.{name}.{part}"] for e in range(count)])
+
+    out = {"gate.weight": block["router.classifier.weight"],
+           "experts.w_in": stacked(first, "weight").transpose(1, 2).contiguous(),
+           "experts.w_out": stacked(second, "weight").transpose(1, 2).contiguous()}
+    if f"experts.expert_0.{first}.bias" in block:
+        out["experts.b_in"] = stacked(first, "bias")
+        out["experts.b_out"] = stacked(second, "bias")
+    return out

@@ -105,6 +105,22 @@ def weighted_sum(y: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, num_tokens
     return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, tok, y * w[:, None])
 
 
+def pass_dropped(y: torch.Tensor, x: torch.Tensor, r: Routing) -> torch.Tensor:
+    """y [S, d] the combined expert outputs + each token's dropped weight times its input x [S, d]:
+    a dropped token passes as p·x (``dropped_tokens: scaled_input``; transformers'
+    SwitchTransformersSparseMLP before dropped tokens were zeroed: ``router_probs * next_states``,
+    next_states the input where no expert took the token)."""
+    if r.passthrough is None:
+        return y
+    return y + r.passthrough.to(y.dtype)[:, None] * x.to(y.dtype)
+
+
+def padding_tokens(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """[B, T] True where a token is not padding (None: none is) -> [B·T] bool, in the order the
+    gate sees the tokens (None stays None)."""
+    return None if mask is None else mask.to(torch.bool).reshape(-1)
+
+
 def token_mask(rows: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
     """The rows that count [B] (None: all) -> the tokens that count [B·T] of x [B, T, d], in the
     order the gate sees them (None: all)."""

@@ -37,6 +37,9 @@ class Routing:
     # [A] bool: the assignment is a token that counts (None: every token does); one that does not
     # (an image that only fills a held-out batch) is never routed, dropped, or counted
     real: Optional[torch.Tensor] = None
+    # [S] per token, the sum of the weights of its dropped assignments, which the layer adds times
+    # the token's input (``dropped_tokens: scaled_input``; None: a dropped assignment adds 0)
+    passthrough: Optional[torch.Tensor] = None
 
     def assignments(self):
         """The assignments the router made for tokens that count: A, or a 0-dim tensor."""
@@ -65,7 +68,8 @@ class Routing:
                        slot=slot, num_tokens=count, num_experts=self.num_experts,
                        capacity=self.capacity, aux_loss=self.aux_loss, losses=self.losses,
                        expert_load=counts(expert, self.num_experts, routed).float(), dropped=dropped.sum(),
-                       all_kept=self.all_kept, routed=routed, real=real)
+                       all_kept=self.all_kept, routed=routed, real=real,
+                       passthrough=None if self.passthrough is None else self.passthrough[start:start + count])
 
 
 def counts(index: torch.Tensor, n: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

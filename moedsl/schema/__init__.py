@@ -265,6 +265,16 @@ def _one_of(err, path, inst, located) -> Iterator[Issue]:
             yield located.issue(path, "missing required key 'gate' (or 'hierarchy' for a hierarchical MoE)",
                                 key=True)
         return
+    # a count or a named value (routing_groups: N or sequence): an integer's own bound, or both choices
+    named = [b["const"] for b in branches if "const" in b]
+    if named:
+        if isinstance(inst, int) and not isinstance(inst, bool):
+            for sub in err.context:
+                if sub.relative_schema_path and sub.relative_schema_path[0] == 0:
+                    yield from _translate(sub, located)
+            return
+        yield located.issue(path, f"expected a positive integer or {_choices(named)}, got {_what(inst)}")
+        return
     # a rank list in an expert map: say what is wrong inside the list
     if isinstance(inst, list):
         for sub in err.context:

@@ -19,7 +19,8 @@ from .common import Gate
 
 # capacity and dropping: options of every gate with a router that drops (and of `hierarchy`)
 CAPACITY_KEYS = frozenset({"capacity_factor", "eval_capacity_factor", "min_capacity", "drop_policy",
-                           "drop_priority", "routing_groups", "capacity_rounding"})
+                           "drop_priority", "routing_groups", "capacity_rounding", "expert_capacity",
+                           "eval_capacity_fraction", "dropped_tokens", "route_padding"})
 
 # the options a resume may change (``runtime.checkpoint.training_only``): the capacity is a compute
 # budget that drops overflow tokens, each token's experts stay the same (Switch Transformer, Fedus

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from moedsl.schema import defaults
 
@@ -33,19 +33,38 @@ class Gate:
     min_capacity: int = _GATE["min_capacity"]
     drop_policy: str = "dropless"  # drop | dropless (resolved per type: see moedsl.kinds.moe)
     drop_priority: str = _GATE["drop_priority"]  # position | score
-    capacity_rounding: str = _GATE["capacity_rounding"]  # ceil | round (V-MoE)
-    routing_groups: int = _GATE["routing_groups"]
+    capacity_rounding: str = _GATE["capacity_rounding"]  # ceil | round (V-MoE) | ceil_per_choice (fairseq)
+    routing_groups: Union[int, str] = _GATE["routing_groups"]  # a count, or "sequence": one per sequence
     jitter: float = 0.0  # resolved per type (switch: 0.01)
     bias_balancing_rate: Optional[float] = None  # 0: a fixed choice bias (loaded, never moved)
+    expert_capacity: Optional[int] = None  # an absolute C per routing group, instead of capacity_factor
+    eval_capacity_fraction: Optional[float] = None  # not training: C = ceil(fraction · tokens)
+    dropped_tokens: str = _GATE["dropped_tokens"]  # residual | scaled_input | never (resolved: dropless)
+    route_padding: bool = _GATE["route_padding"]  # false: padding takes no expert, the capacity counts it
 
     @property
     def has_capacity(self) -> bool:
-        return self.capacity_factor is not None
+        return self.capacity_factor is not None or self.expert_capacity is not None
+
+    @property
+    def per_sequence(self) -> bool:
+        """Each sequence is a routing group of its own (``routing_groups: sequence``)."""
+        return self.routing_groups == "sequence"
+
+    def group_count(self, sequences: int) -> int:
+        """The routing groups of a batch of ``sequences`` sequences."""
+        return sequences if self.per_sequence else self.routing_groups
 
     def capacity(self, tokens: int, experts: int, training: bool = True) -> int:
         """C = ceil(capacity_factor · k · tokens / experts), at least min_capacity; with
         ``capacity_rounding: round``, C = round(k · tokens · capacity_factor / experts) (V-MoE,
-        Riquelme et al. 2021, §2.2; Python's round, halves to the even neighbour).
+        Riquelme et al. 2021, §2.2; Python's round, halves to the even neighbour); with
+        ``ceil_per_choice``, C = k · ceil(capacity_factor · tokens / experts) (fairseq's
+        top2gating: 2 · ceil(S / E)). ``expert_capacity`` gives C whatever the group's size
+        (transformers' SwitchTransformers and NLLB-MoE), and when not training
+        ``eval_capacity_fraction`` gives C = ceil(fraction · tokens) (fairseq's
+        moe_eval_capacity_token_fraction) in place of either; an ``eval_capacity_factor`` is the
+        factor of an evaluation's capacity with either (a capacity sweep's).
 
         A lone token (a routing group of one: a decode graph routes each token alone) always
         fits: at least one slot in each expert, where round(capacity_factor · k / E) would be 0
@@ -55,12 +74,20 @@ class Gate:
         For expert choice k is 1 (each expert takes capacity_factor · tokens / E), and no
         expert can take more tokens than there are; without a capacity, every token fits.
         """
-        if self.capacity_factor is None:
+        if not self.has_capacity:
             return tokens
-        factor = self.capacity_factor if training else (self.eval_capacity_factor or self.capacity_factor)
         k = self.k if self.k > 0 else 1
-        exact = factor * k * tokens / experts
-        whole = round(exact) if self.capacity_rounding == "round" else math.ceil(exact - 1e-9)
+        if not training and self.eval_capacity_fraction is not None:  # fairseq: ceil(fraction · tokens)
+            whole = math.ceil(self.eval_capacity_fraction * tokens - 1e-9)
+        elif self.expert_capacity is not None and (training or self.eval_capacity_factor is None):
+            whole = self.expert_capacity
+        else:
+            factor = self.capacity_factor if training else (self.eval_capacity_factor or self.capacity_factor)
+            if self.capacity_rounding == "ceil_per_choice":
+                whole = k * math.ceil(factor * tokens / experts - 1e-9)
+            else:
+                exact = factor * k * tokens / experts
+                whole = round(exact) if self.capacity_rounding == "round" else math.ceil(exact - 1e-9)
         c = max(whole, self.min_capacity, 1 if tokens == 1 else 0)
         if self.k == 0:  # experts choose: an expert cannot take more tokens than there are
             c = min(c, tokens)
