@@ -77,10 +77,7 @@ class LowerContext:
         self._token_ids: Optional[fx.Node] = None
         self.rows = rows  # the [B] rows-that-count placeholder (images only; its value may be None)
         self._token_mask: Optional[fx.Node] = None
-        # the [B, T] bool node of the tokens that are not padding, for the layers being lowered (an
-        # encoder-decoder's source_mask while its encoder is lowered; None: no padding known)
-        self.padding: Optional[fx.Node] = None
-        self._padding_flat: dict = {}
+        self._padding_flat: dict = {}  # padding_mask's flattened masks, one per [B, T] mask node
         self.documents = documents  # the [B, T] documents placeholder (token training graphs; its value may be None)
         self._document_nodes: dict = {}
         self.aux: list = []  # each MoE layer's aux loss node
@@ -150,16 +147,18 @@ class LowerContext:
             self._token_mask = self.call_function(moe_ops.token_mask, (self.rows, x), "token_mask")
         return self._token_mask
 
-    def padding_mask(self, x: fx.Node) -> Optional[fx.Node]:
-        """The tokens of x [B, T, d] that are not padding, flattened to [B·T] in the order the gate
-        sees them (made once per padding node; its value None when nothing is padding); None
-        while no padding is known. A gate with ``route_padding: false`` routes only these."""
-        if self.padding is None:
+    def padding_mask(self, x: fx.Node, layer) -> Optional[fx.Node]:
+        """The tokens of x [B, T, d] that are not padding (``padding(layer)``: an encoder's source
+        mask), flattened to [B·T] in the order the gate sees them (made once per mask node; its
+        value None when nothing is padding); None while no padding is known. A gate with
+        ``route_padding: false`` routes only these."""
+        padding = self.padding(layer)
+        if padding is None:
             return None
-        if self.padding not in self._padding_flat:
-            self._padding_flat[self.padding] = self.call_function(moe_ops.padding_tokens, (self.padding,),
-                                                                  f"{self.padding.name}_flat")
-        return self._padding_flat[self.padding]
+        if padding not in self._padding_flat:
+            self._padding_flat[padding] = self.call_function(moe_ops.padding_tokens, (padding,),
+                                                             f"{padding.name}_flat")
+        return self._padding_flat[padding]
 
     def document_positions(self) -> Optional[fx.Node]:
         """Each token's position within its document [B, T] (``moedsl.nn.documents``; made once,

@@ -55,8 +55,9 @@ def _chosen_experts(self, hidden_states, router_mask, router_probs):
 
 @pytest.fixture
 def chosen_experts(monkeypatch):
-    """transformers' NLLB-MoE computing the experts its router chose (see the nllb_moe family's
-    docstring and test_installed_nllb_moe_runs_experts_0_and_1_whatever_its_router_chose)."""
+    """transformers' NLLB-MoE computing the experts its router chose (the nllb_moe family's docstring;
+    tests/test_encdec_routing.py::test_installed_nllb_sparse_mlp_computes_experts_0_and_1_whatever_the_router_chose
+    pins what 5.25 computes instead)."""
     from transformers.models.nllb_moe import modeling_nllb_moe
 
     monkeypatch.setattr(modeling_nllb_moe.NllbMoeExperts, "forward", _chosen_experts)
@@ -126,29 +127,6 @@ def test_every_encoder_decoder_variant_imports_to_transformers_logits_and_export
     with torch.no_grad():
         again = back.eval()(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
     assert _rel(again, theirs) <= 1e-4
-
-
-def test_installed_nllb_moe_runs_experts_0_and_1_whatever_its_router_chose():
-    """Why the NLLB-MoE parity runs transformers with ``_chosen_experts``: 5.25's NllbMoeExperts
-    one-hot encodes the 0/1 dispatch mask as if it held expert ids, so each token goes through
-    expert_1 (its first choice's weight) and expert_0 (its second's). If a release fixes it, this
-    fails, and the parity tests can drop the fixture."""
-    from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeSparseMLP
-
-    torch.manual_seed(0)
-    cfg = transformers.NllbMoeConfig(**{**registered()["nllb-moe"].tiny_config, "num_experts": 4})
-    mlp = NllbMoeSparseMLP(cfg, 24).eval()
-    h = torch.randn(8, cfg.d_model)
-    with torch.no_grad():
-        top = mlp.router.classifier(h).softmax(-1).topk(2, -1)
-        w = top.values / top.values.sum(-1, keepdim=True)
-        chosen = torch.stack([sum(w[n, j] * mlp.experts[f"expert_{int(top.indices[n, j])}"](h[n]) for j in range(2))
-                              for n in range(8)])
-        zero_one = w[:, :1] * mlp.experts["expert_1"](h) + w[:, 1:] * mlp.experts["expert_0"](h)
-        installed = mlp(h[None])[0]
-    assert bool((top.indices >= 2).any())  # some token chose an expert other than 0 and 1
-    assert torch.allclose(installed, zero_one, atol=1e-6)
-    assert not torch.allclose(installed, chosen, atol=1e-3)
 
 
 def _saved(tmp_path, model_type: str, over: dict | None = None, **edit) -> Path:

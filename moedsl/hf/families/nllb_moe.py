@@ -40,7 +40,7 @@ pre-norm residual sublayers. Each of the model's details, with the place it come
 The installed transformers (5.25) does not compute what its router chooses: NllbMoeExperts.forward
 one-hot encodes the router's 0/1 dispatch mask as if it held expert ids, so every token runs
 through ``expert_1`` weighted by its first choice's weight and ``expert_0`` weighted by its second
-choice's, whatever experts were chosen (tests/test_hf_encdec.py shows it). moedsl computes each
+choice's, whatever experts were chosen (tests/test_encdec_routing.py pins it). moedsl computes each
 token with the experts its router chose, as fairseq's MOELayer and the paper do; its parity tests
 compare against transformers' model with that one method computing the chosen experts.
 
@@ -61,7 +61,7 @@ from moedsl.errors import UserError
 from .. import Tensor, register, same
 from ..encdec import EncDecFamily, at, blocks, changed, fmt, one, stack_lines
 from ..llama_like import spec_header, stack_t, transposed
-from .switch_transformers import option, torch_equal
+from .switch_transformers import torch_equal
 
 ACTS = ("relu", "gelu", "silu")
 POLICIES = ("all", "sampling", "random")
@@ -160,6 +160,8 @@ class NllbMoe(EncDecFamily):
                 f"  hidden: {c[width]}  # {c.where(width)}",
                 f"  {act}",
                 "  bias: true  # fc1, fc2 have biases",
+                *([f"  token_dropout: {fmt(float(c['moe_token_dropout']))}  # {c.where('moe_token_dropout')}: expert "
+                   "output masking, × (1 - p) in evaluation"] if c["moe_token_dropout"] else []),
                 "gate:",
                 *[f"  {x}" for x in self.gate_lines(c)],
                 f"losses: {{balance: {fmt(float(c['router_aux_loss_coef']))}, "
@@ -169,25 +171,23 @@ class NllbMoe(EncDecFamily):
     def gate_lines(self, c) -> list:
         """The gate of a sparse layer: NllbMoeTop2Router's options, capacity over the whole batch."""
         frac = float(c["moe_eval_capacity_token_fraction"])
+        policy = {"all": "always"}.get(c["second_expert_policy"], c["second_expert_policy"])
         out = ["type: gshard  # NllbMoeTop2Router: softmax, the top expert and the second best",
-               f"second_expert: {c['second_expert_policy']}  # {c.where('second_expert_policy')}",
+               f"second_expert: {policy}  # second_expert_policy {c['second_expert_policy']}",
                "normalize: true  # the two weights normalised to sum to 1",
-               f"normalize_before_drop: {fmt(bool(c['normalize_router_prob_before_dropping']))}  "
-               f"# {c.where('normalize_router_prob_before_dropping')}",
+               f"normalize_after_drops: {fmt(not c['normalize_router_prob_before_dropping'])}  "
+               f"# not {c.where('normalize_router_prob_before_dropping')}",
                f"drop_priority: {'score' if c['batch_prioritized_routing'] else 'position'}  "
                f"# {c.where('batch_prioritized_routing')}",
-               "drop_policy: drop",
-               f"capacity: {c['expert_capacity']}  # {c.where('expert_capacity')}: tokens per expert (training)"]
+               f"expert_capacity: {c['expert_capacity']}  # {c.where('expert_capacity')}: tokens per expert "
+               "(training)"]
         if frac > 0:
             out.append(f"eval_capacity_fraction: {fmt(frac)}  # {c.where('moe_eval_capacity_token_fraction')}: "
                        "ceil(fraction × tokens) per expert in evaluation")
-        out += ["routing_groups: batch  # capacity counted over all the batch's tokens (the batch's rows interact)",
+        out += ["routing_groups: 1  # the capacity counts over all the batch's tokens (its rows interact)",
                 f"route_padding: {fmt(bool(c['router_ignore_padding_tokens']))}  # router_ignore_padding_tokens: "
                 "false = the source's pad tokens are not routed",
-                "dropped: residual  # a dropped choice adds nothing; the residual carries the token"]
-        if c["moe_token_dropout"]:
-            out.append(f"token_dropout: {fmt(float(c['moe_token_dropout']))}  # {c.where('moe_token_dropout')}: "
-                       "expert output masking, × (1 - p) in evaluation")
+                "dropped_tokens: residual  # a dropped choice adds nothing; the residual carries the token"]
         return out
 
     def spec_text(self, config: dict, source: str, name: str = "") -> str:
@@ -383,6 +383,12 @@ class NllbMoe(EncDecFamily):
             g = c.gate
             if g.type != "gshard":
                 return f"{at(L, 'gate', 'type')} {g.type} (NLLB-MoE's router is top-2: gshard)"
+            if g.expert_capacity is None or g.routing_groups != 1 or g.dropped_tokens != "residual" or \
+                    not g.normalize:
+                return (f"{at(L, 'gate')}: expert_capacity {g.expert_capacity}, routing_groups {g.routing_groups}, "
+                        f"dropped_tokens {g.dropped_tokens}, normalize {g.normalize} (NLLB-MoE: an expert_capacity "
+                        "over the whole batch, dropped choices add nothing, weights normalised)")
+            seen.setdefault("moe_token_dropout", []).append((x.token_dropout, L))
             seen.setdefault("num_experts", []).append((x.count, L))
             seen.setdefault("router_aux_loss_coef", []).append((c.losses.balance, L))
             seen.setdefault("router_z_loss_coef", []).append((c.losses.z_loss, L))
@@ -391,18 +397,13 @@ class NllbMoe(EncDecFamily):
         return None
 
     def gate_config(self, g) -> dict:
-        """config.json's router fields from a gshard gate's options (those it has)."""
-        out = {"second_expert_policy": {"always": "all"}.get(g.second_expert, g.second_expert),
-               "batch_prioritized_routing": g.drop_priority == "score"}
-        for key, name in (("normalize_router_prob_before_dropping", "normalize_before_drop"),
-                          ("expert_capacity", "expert_capacity"),
-                          ("moe_eval_capacity_token_fraction", "eval_capacity_fraction"),
-                          ("moe_token_dropout", "token_dropout"),
-                          ("router_ignore_padding_tokens", "route_padding")):
-            value = option(g, name)
-            if value is not None:
-                out[key] = value
-        return out
+        """config.json's router fields from a gshard gate's options."""
+        return {"second_expert_policy": {"always": "all"}.get(g.second_expert, g.second_expert),
+                "batch_prioritized_routing": g.drop_priority == "score",
+                "normalize_router_prob_before_dropping": not g.normalize_after_drops,
+                "expert_capacity": g.expert_capacity,
+                "moe_eval_capacity_token_fraction": g.eval_capacity_fraction or 0.0,
+                "router_ignore_padding_tokens": g.route_padding}
 
     def architecture_problem(self, spec) -> Optional[str]:
         return self.layout(spec)[0]

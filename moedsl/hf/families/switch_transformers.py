@@ -164,11 +164,11 @@ class SwitchTransformers(EncDecFamily):
         the installed release's treatment of a dropped token."""
         return ["type: switch  # SwitchTransformersTop1Router: softmax, the top expert, scaled by its probability",
                 f"jitter: {fmt(float(c['router_jitter_noise']))}  # {c.where('router_jitter_noise')} (training only)",
-                "drop_policy: drop  # a token past the capacity is dropped",
-                f"capacity: {c['expert_capacity']}  # {c.where('expert_capacity')}: tokens per expert in each "
-                "sequence, in order of position, padding included",
+                f"expert_capacity: {c['expert_capacity']}  # {c.where('expert_capacity')}: tokens per expert in "
+                "each sequence, in order of position, padding included",
                 "routing_groups: sequence  # the capacity counts per sequence (the router's cumsum over positions)",
-                "dropped: residual  # transformers 5.25: a dropped token's MoE output is zero; the residual carries it"]
+                "dropped_tokens: residual  # transformers 5.25: a dropped token's MoE output is zero; the residual "
+                "carries it"]
 
     def head_lines(self, tie: bool) -> list:
         if tie:
@@ -387,9 +387,18 @@ class SwitchTransformers(EncDecFamily):
             g = c.gate
             if g.type != "switch":
                 return f"{at(L, 'gate', 'type')} {g.type} (Switch's router is top-1: switch)"
+            if g.expert_capacity is None or g.routing_groups != "sequence":
+                return (f"{at(L, 'gate')}: capacity_factor {g.capacity_factor}, routing_groups {g.routing_groups} "
+                        "(transformers' Switch: expert_capacity per sequence, routing_groups: sequence)")
+            for name, want in (("dropped_tokens", "residual"), ("route_padding", True), ("drop_priority", "position"),
+                               ("eval_capacity_fraction", None)):
+                if getattr(g, name) != want:
+                    return f"{at(L, 'gate', name)} {getattr(g, name)!r} (transformers 5.25's Switch: {want!r})"
+            if x.token_dropout:
+                return f"{at(L, 'experts', 'token_dropout')} {x.token_dropout} (Switch has no expert output masking)"
             seen.setdefault("num_experts", []).append((x.count, L))
             seen.setdefault("router_jitter_noise", []).append((g.jitter, L))
-            seen.setdefault("expert_capacity", []).append((option(g, "expert_capacity"), L))
+            seen.setdefault("expert_capacity", []).append((g.expert_capacity, L))
             seen.setdefault("router_aux_loss_coef", []).append((c.losses.balance, L))
             seen.setdefault("router_z_loss_coef", []).append((c.losses.z_loss, L))
         return None
@@ -422,12 +431,6 @@ class SwitchTransformers(EncDecFamily):
                     "pad_token_id": getattr(m, "pad_id", 0), "eos_token_id": getattr(m, "eos_id", 1),
                     "decoder_start_token_id": getattr(m, "decoder_start_id", 0)})
         return out
-
-
-def option(g, name: str):
-    """The gate option ``name`` (a value, not one of the options' methods), or None."""
-    v = getattr(g, name, None)
-    return None if callable(v) else v
 
 
 def torch_equal(a, b) -> bool:
