@@ -3,6 +3,7 @@ nllb-moe) against the installed transformers (tiny random models, fp32, eval mod
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,30 @@ def test_the_dropping_variants_drop_tokens_in_transformers_on_the_parity_batch(c
         a = ref(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
         b = ref2(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
     assert _rel(a, b) > 1e-3
+
+
+def test_imported_switch_names_the_installed_releases_dropped_token_behaviour(tmp_path):
+    """The spec says what transformers 5.25 does with a token past the capacity (its MoE output is
+    zero, the residual carries it: ``dropped_tokens: residual``) and that is what matches its
+    logits: the same import with the older releases' p·x (``scaled_input``) or with no drops
+    (``never``) does not."""
+    over = {"expert_capacity": 2, "num_sparse_encoder_layers": 2, "num_sparse_decoder_layers": 2}
+    ref, cfg = _reference("switch_transformers", over)
+    ref.save_pretrained(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")]) == 0
+    spec = tmp_path / "imp" / "spec.yaml"
+    text = spec.read_text()
+    assert text.count("dropped_tokens: residual  # transformers 5.25") == text.count("type: switch") > 0
+    src, mask, dec = _batch(cfg)
+    with torch.no_grad():
+        theirs = ref(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
+    errors = {}
+    for behaviour in ("residual", "scaled_input", "never"):
+        edited = text.replace("dropped_tokens: residual", f"dropped_tokens: {behaviour}")
+        if behaviour == "never":  # no capacity then
+            edited = re.sub(r"\n *expert_capacity: .*", "", edited)
+        spec.write_text(edited)
+        with torch.no_grad():
+            errors[behaviour] = _rel(moedsl.load_model(tmp_path / "imp").eval()(src, dec, mask).output, theirs)
+    assert errors["residual"] <= 1e-4, errors
+    assert errors["scaled_input"] > 1e-3 and errors["never"] > 1e-3, errors
