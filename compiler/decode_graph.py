@@ -9,6 +9,10 @@
 ``forward(tokens [B, t], cache, start)`` (``moedsl.nn.decode``): the prompt in one call, then a
 token a step. Every MoE layer routes each token as its own routing group, so a token's experts
 depend neither on the other rows nor on how the sequence is split into steps.
+
+An encoder-decoder's decode graph is its decoder's, ``forward(tokens, cache, start, memory,
+source_mask)``; its encoder graph (``compile_encoder``: lower(part="encoder") -> placement ->
+collective insertion) computes ``memory`` once per batch of sources, routing as training does.
 """
 from __future__ import annotations
 
@@ -41,6 +45,22 @@ def compile_decode(spec: S.Spec, compiled, model: nn.Module, static: bool = Fals
     share_token_keys(low.graph)
     fuse_decode_moe(low.graph, modules)
     return fx.GraphModule(_flat(modules, low.graph), low.graph, class_name="Decode")
+
+
+def compile_encoder(spec: S.Spec, compiled, model: nn.Module) -> fx.GraphModule:
+    """An encoder-decoder's encoder ``GraphModule`` over ``model``'s own submodules (built by
+    ``compile_graph`` as ``compiled``): ``forward(tokens [B, S], source_mask [B, S] or None)`` ->
+    ``model_output`` whose output is the encoder's [B, S, d]; its MoE layers route as in training
+    (the batch's routing groups, capacity). Collectives come unbound, as ``compile_decode``'s."""
+    low = lower(spec, device="meta", graph_only=True, static=compiled.layout == "static", part="encoder")
+    placements = placement_pass(low, spec, compiled.mesh, compiled.rank, "meta", 0, False)
+    low.graph_only = False
+    insert_collectives(low, spec, compiled.mesh, compiled.rank, placements)
+    modules = dict(low.modules)
+    for node in low.graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in modules:
+            modules[node.target] = _resolve(model, node.target)
+    return fx.GraphModule(_flat(modules, low.graph), low.graph, class_name="Encode")
 
 
 def _resolve(model: nn.Module, target: str):

@@ -63,8 +63,22 @@ class Batch:
     # (prepared corpora under ``--pack documents``: attention stays inside a document, positions restart)
     documents: Optional[torch.Tensor] = None
     # token models, optional: [B, T] bool, the targets that count in the loss (instruction data: the
-    # completion's or the assistant's tokens only)
+    # completion's or the assistant's tokens only; an encoder-decoder's: the labels that are not padding)
     loss_mask: Optional[torch.Tensor] = None
+    # an encoder-decoder's (spec.encoder_decoder): ``inputs`` are the source ids [B, S] (padded with
+    # model.pad_id), ``targets`` the labels [B, T]; the decoder reads ``decoder_inputs`` [B, T] int64, the
+    # labels shifted right behind model.decoder_start_id (T5's _shift_right); ``source_mask`` [B, S] bool
+    # marks the real source tokens (None: all real)
+    decoder_inputs: Optional[torch.Tensor] = None
+    source_mask: Optional[torch.Tensor] = None
+
+    def model_args(self, device=None) -> tuple:
+        """What the model is called with after ``inputs``: an encoder-decoder's (decoder inputs, source
+        mask), else nothing (packed documents come from ``packed``); on ``device`` when given."""
+        if self.decoder_inputs is None:
+            return ()
+        return tuple(None if t is None else t if device is None else t.to(device, non_blocking=True)
+                     for t in (self.decoder_inputs, self.source_mask))
 
 
 class Source:

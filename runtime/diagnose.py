@@ -14,7 +14,7 @@ def _bad(obj) -> bool:
     return False
 
 
-def first_nonfinite(model, inputs: torch.Tensor, amp) -> str:
+def first_nonfinite(model, inputs: torch.Tensor, amp, extra: tuple = ()) -> str:
     """The first module (in execution order) whose output has a NaN or inf, else the first
     non-finite parameter, else "the loss". Every module is hooked; a module's hook runs when
     its forward returns, after those of the modules it called, so the first to see a
@@ -31,7 +31,7 @@ def first_nonfinite(model, inputs: torch.Tensor, amp) -> str:
             hooks.append(mod.register_forward_hook(lambda m, a, out, name=name: hook(m, a, out, name)))
     try:
         with torch.no_grad(), torch.autocast(inputs.device.type, dtype=amp, enabled=amp is not None):
-            model(inputs)
+            model(inputs, *extra)  # extra: an encoder-decoder's decoder inputs and source mask
     finally:
         for h in hooks:
             h.remove()

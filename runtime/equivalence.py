@@ -76,21 +76,35 @@ def _router_counts(stats) -> dict:
 
 
 def _batch(spec, batch: int, seq: int, seed: int):
-    """(inputs, targets) of the global batch. Token models predict their input tokens, images get
-    random labels, vectors random regression targets: what the step's task loss compares with."""
+    """(inputs, targets, the step's other arguments {name: [B, ...]}) of the global batch. Token
+    models predict their input tokens, images get random labels, vectors random regression
+    targets: what the step's task loss compares with. An encoder-decoder copies its source: a
+    source of ``seq`` tokens, its rows right-padded to random lengths (the padding is routed and
+    takes capacity), its labels the source's first seq/2 tokens and padding, the loss over the
+    labels that are not padding."""
     g = torch.Generator().manual_seed(seed + 1)
+    if spec.encoder_decoder:
+        m = spec.model
+        lengths = torch.randint(1, seq + 1, (batch,), generator=g)
+        source_mask = torch.arange(seq)[None, :] < lengths[:, None]  # [B, S]
+        source = torch.randint(0, m.vocab_size, (batch, seq), generator=g).masked_fill(~source_mask, m.pad_id)
+        T = max(seq // 2, 1)
+        loss_mask = source_mask[:, :T]
+        labels = source[:, :T]
+        decoder_inputs = torch.cat([torch.full((batch, 1), m.decoder_start_id), labels[:, :-1]], dim=1)
+        return source, labels, {"loss_mask": loss_mask, "decoder_inputs": decoder_inputs, "source_mask": source_mask}
     if spec.model.input == "image":  # [B, H, W, C] pixels in [0, 1); ``seq`` follows from model.image
         im = spec.model.image
         inputs = torch.rand(batch, im.size, im.size, im.channels, generator=g)
-        return inputs, torch.randint(0, spec.model.classes, (batch,), generator=g)
+        return inputs, torch.randint(0, spec.model.classes, (batch,), generator=g), {}
     if spec.model.input == "tokens":
         inputs = torch.randint(0, spec.model.vocab_size, (batch, seq), generator=g)
-        return inputs, inputs
+        return inputs, inputs, {}
     inputs = torch.randn(batch, seq, spec.model.d_model, generator=g)
-    return inputs, torch.randn(batch, seq, spec.model.d_model, generator=g)
+    return inputs, torch.randn(batch, seq, spec.model.d_model, generator=g), {}
 
 
-def _step(model, spec, inputs, targets, rank: int, world: int):
+def _step(model, spec, inputs, targets, rank: int, world: int, extra: dict):
     """One training step of ``model`` as a run's first step: (output, StepOutputs, sync). The
     gradients it leaves are the synced, clipped ones AdamW stepped with."""
     from .train import RunOptions
@@ -101,7 +115,7 @@ def _step(model, spec, inputs, targets, rank: int, world: int):
     outputs = []
     hook = model.register_forward_hook(lambda _m, _a, out: outputs.append(out.output.detach()))
     try:
-        figures = step(inputs, targets)
+        figures = step(inputs, targets, **extra)
     finally:
         hook.remove()
         step.sync.close()
@@ -121,9 +135,9 @@ def _after_step(model) -> dict:
     return out
 
 
-def _single(spec, inputs, targets, seed, layout):
+def _single(spec, inputs, targets, extra, seed, layout):
     model = build_model(spec, seed=seed, dtype=torch.float32, layout=layout)
-    output, figures, _ = _step(model, spec, inputs, targets, 0, 1)
+    output, figures, _ = _step(model, spec, inputs, targets, 0, 1, extra)
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return output, figures, grads, _after_step(model)
 
@@ -137,13 +151,14 @@ def _worker(rank: int, world: int, spec_datas: list, batch: int, seq: int, seed:
 def _check_one(rank: int, world: int, spec_data, batch: int, seq: int, seed: int, layout: str, atol: float,
                rtol: float, compile: bool = False):
     spec = load_spec(spec_data)
-    inputs, targets = _batch(spec, batch, seq, seed)
-    ref_out, ref, ref_grads, ref_after = _single(spec, inputs, targets, seed, layout)
+    inputs, targets, extra = _batch(spec, batch, seq, seed)
+    ref_out, ref, ref_grads, ref_after = _single(spec, inputs, targets, extra, seed, layout)
     model = build_model(spec, seed=seed, rank=rank, world_size=world, dtype=torch.float32, layout=layout,
                         compile=compile)
     share = batch // world
     mine = slice(rank * share, (rank + 1) * share)
-    output, figures, sync = _step(model, spec, inputs[mine], targets[mine], rank, world)
+    output, figures, sync = _step(model, spec, inputs[mine], targets[mine], rank, world,
+                                  {k: v[mine] for k, v in extra.items()})
     d_out = (output - ref_out[mine]).abs().max().item()
     excess = _excess(output, ref_out[mine], rtol)
     aux = figures.aux_loss.clone()

@@ -147,7 +147,7 @@ def _held_out_sequences(model, spec, source, batch: int, seq: int, batches: int,
         b = source.batch(i, batch, seq, split="eval")
         documents = packed(b, pack, source)
         with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-            out = model(b.inputs) if documents is None else model(b.inputs, documents)
+            out = model(b.inputs, *b.model_args(), *(() if documents is None else (documents,)))
         total += float(task_loss(spec, out, b.targets, b.loss_mask))  # instruction data: the answers' tokens
         per_token = source.bytes_per_token(i, range(batch), seq, "eval")  # [B] bytes per token of each row
         if per_token is not None:

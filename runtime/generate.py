@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from moedsl.compiler.collectives import bind
-from moedsl.compiler.decode_graph import compile_decode
+from moedsl.compiler.decode_graph import compile_decode, compile_encoder
 from moedsl.errors import UserError
 from moedsl.nn.decode import DecodeCache
 
@@ -52,6 +52,19 @@ def decode_module(model, static: bool = False) -> fx.GraphModule:
             bind(gm, groups.topo)
         made[static] = gm.eval()
     return made[static]
+
+
+def encoder_module(model) -> fx.GraphModule:
+    """An encoder-decoder's encoder GraphModule over ``model``'s submodules (``compile_encoder``):
+    ``forward(tokens [B, S], source_mask)``, its output the encoder's [B, S, d]. Made once per model."""
+    made = model.__dict__.setdefault("_moedsl_decode", {})
+    if "encoder" not in made:
+        gm = compile_encoder(model.spec, model.compiled, model)
+        groups = getattr(model, "groups", None)
+        if groups is not None:
+            bind(gm, groups.topo)
+        made["encoder"] = gm.eval()
+    return made["encoder"]
 
 
 # ----------------------------------------------------------------------------- generation config
@@ -133,6 +146,43 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.T
     return ids, mask
 
 
+def right_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An encoder-decoder's sources of any lengths -> (ids [B, S] right-padded with ``pad_id``, their
+    mask [B, S]), as T5's tokenizers pad."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("generate: every source needs at least one token")
+    S = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), S), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), S), dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.as_tensor(list(p), dtype=torch.int64)
+        mask[b, :len(p)] = 1
+    return ids, mask
+
+
+def check_source(spec, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> None:
+    """Refuses (``UserError``, one line) an encoder-decoder's sources that cannot be encoded, or
+    more new tokens than the decoder takes. Any padding is masked (right padding, T5's, is usual)."""
+    m = spec.model
+    if ids.dim() != 2:
+        raise UserError(f"generate: input_ids must be [batch, tokens], got shape {list(ids.shape)}")
+    if max_new_tokens < 1:
+        raise UserError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
+    real = mask.bool()
+    empty = (~real.any(dim=1)).nonzero()
+    if len(empty):
+        raise UserError(f"generate: source {int(empty[0])} is empty (its attention_mask is all 0)")
+    bad = real & ((ids < 0) | (ids >= m.vocab_size))
+    if bool(bad.any()):
+        b, t = (int(v) for v in bad.nonzero()[0])
+        raise UserError(f"generate: source {b} has token id {int(ids[b, t])} at position {t}, outside the "
+                        f"vocabulary 0..{m.vocab_size - 1} ({spec.source}: model.vocab_size = {m.vocab_size})")
+    for what, n in (("a source", ids.shape[1]), ("the decoder start and the new tokens", 1 + max_new_tokens)):
+        if n > m.max_seq_len:
+            raise UserError(f"generate: {what}: {n} tokens, past the model's {m.max_seq_len} "
+                            f"({spec.source}: model.max_seq_len = {m.max_seq_len})")
+
+
 def check_generates(spec) -> None:
     """Refuses (``UserError``, one line) a model that does not continue token sequences."""
     if spec.model.input != "tokens":
@@ -182,6 +232,16 @@ def generate(model, input_ids, max_new_tokens: int, temperature: Optional[float]
     """Continue each prompt by ``max_new_tokens`` tokens; returns ids [B, T + N] (the prompts as
     given, left-padded, then the new tokens; N fewer when every row stops first, see below).
 
+    An encoder-decoder (``spec.encoder_decoder``): ``input_ids`` are the sources (a list of any
+    lengths is RIGHT-padded with model.pad_id, T5's way; a tensor's ``attention_mask`` marks the
+    real tokens, any padding masked, though the padding is routed and takes capacity in the
+    encoder's MoE layers, as in transformers' Switch). The encoder runs once; the decoder starts
+    from model.decoder_start_id and decodes with self-attention and cross-attention caches (the
+    cross-attention's keys and values computed from the encoder's output at the first step).
+    Returns the decoder's ids [B, 1 + N], decoder_start_id first, as transformers' generate
+    does; eos and pad default to the generation config's, else the spec's model.eos_id and
+    pad_id. No CUDA graph (``graphs`` "on" is refused).
+
     ``input_ids``: a tensor [B, T] (with ``attention_mask`` [B, T]: left padding, 0 on padding,
     as transformers' generate takes it), or a list of prompts (lists of ids) of any lengths,
     left-padded here with id 0. The prompt block is prefilled in one forward, then one token
@@ -217,11 +277,12 @@ def generate(model, input_ids, max_new_tokens: int, temperature: Optional[float]
     if spec is None:
         raise UserError("generate: give a model made by moedsl.load_model or moedsl.build_model")
     config = getattr(model, "generation_config", None) or {}
-    if eos_token_id is MODEL:
-        eos_token_id = config.get("eos_token_id")
+    encdec = spec.encoder_decoder
+    if eos_token_id is MODEL:  # an encoder-decoder without a generation config: the spec's ids
+        eos_token_id = config.get("eos_token_id", spec.model.eos_id if encdec else None)
     eos = _ids(eos_token_id, "eos_token_id")
     if pad_token_id is MODEL:
-        pad_token_id = config.get("pad_token_id")
+        pad_token_id = config.get("pad_token_id", spec.model.pad_id if encdec else None)
     pads = _ids(pad_token_id, "pad_token_id")
     pad_id = pads[0] if pads else (eos[0] if eos else 0)
     stops = [[s] if isinstance(s, int) else list(s) for s in ([stop] if isinstance(stop, int) else stop)]
@@ -235,22 +296,43 @@ def generate(model, input_ids, max_new_tokens: int, temperature: Optional[float]
         if ids.dim() == 1:
             ids = ids[None]
         mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).to("cpu")
+    elif encdec:
+        ids, mask = right_pad([list(p) for p in input_ids], spec.model.pad_id)
     else:
         ids, mask = left_pad([list(p) for p in input_ids])
-    pad = check_prompt(spec, ids, mask, max_new_tokens)
     device = next(iter(model.parameters())).device
-    use_graphs = _use_graphs(graphs, device)
-    dec = decode_module(model, static=use_graphs)
-    B, T = ids.shape
-    cache = DecodeCache(B, T + max_new_tokens, pad, device=device, static=use_graphs)
+    B = ids.shape[0]
     generator = torch.Generator(device="cpu").manual_seed(seed) if temperature > 0 else None
+    if encdec:
+        check_source(spec, ids, mask, max_new_tokens)
+        if _use_graphs(graphs, device) and graphs == "on":
+            raise UserError("generate: CUDA graphs on: an encoder-decoder decodes eagerly (its capture is not "
+                            "checked on a GPU yet)")
+    else:
+        pad = check_prompt(spec, ids, mask, max_new_tokens)
     was = model.training
     model.eval()
+    if encdec:  # encode once; the decoder starts from decoder_start_id, its cross-attention reads memory
+        use_graphs = False
+        dec = decode_module(model)
+        t0 = time.perf_counter()
+        source_mask = mask.bool().to(device)
+        memory = encoder_module(model)(ids.to(device), source_mask).output  # [B, S, d]
+        extra = (memory, source_mask)
+        prompt = torch.full((B, 1), spec.model.decoder_start_id, dtype=torch.int64)
+        cache = DecodeCache(B, 1 + max_new_tokens, device=device)
+        tokens = prompt.to(device)
+    else:
+        use_graphs = _use_graphs(graphs, device)
+        dec = decode_module(model, static=use_graphs)
+        extra, prompt = (), ids
+        cache = DecodeCache(B, ids.shape[1] + max_new_tokens, pad, device=device, static=use_graphs)
+        t0 = time.perf_counter()
+        tokens = torch.where(mask.bool(), ids, torch.zeros_like(ids)).to(device)
+    T = prompt.shape[1]
     out = torch.empty(B, T + max_new_tokens, dtype=torch.int64)
-    out[:, :T] = ids
-    t0 = time.perf_counter()
-    tokens = torch.where(mask.bool(), ids, torch.zeros_like(ids)).to(device)
-    logits = dec(tokens, cache, 0).output[:, -1]  # [B, V]
+    out[:, :T] = prompt
+    logits = dec(tokens, cache, 0, *extra).output[:, -1]  # [B, V]
     t1 = time.perf_counter()
     graphed = None
     eos_t = torch.tensor(eos, dtype=torch.int64)
@@ -281,7 +363,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: Optional[float]
             if graphed is not None:
                 logits = graphed(tokens, T + step)
             else:
-                logits = dec(tokens, cache, T + step).output[:, -1]
+                logits = dec(tokens, cache, T + step, *extra).output[:, -1]
     t2 = time.perf_counter()
     model.train(was)
     if timings is not None:

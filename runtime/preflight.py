@@ -188,6 +188,16 @@ def option_problems(spec, o, names: dict) -> list:
                         "dense segments whole; recomputing layers runs each sublayer under checkpoint)"))
     if not _whole(o.micro_batches) or o.micro_batches < 1:
         bad("micro_batches", "must be a whole number >= 1")
+    if spec.encoder_decoder:  # what its step does not do (yet): refused in one line each
+        for field, allowed, why in (("pack", ("none",), "packed documents are a decoder-only model's rows"),
+                                    ("cuda_graphs", ("off", "auto"), "its step runs eagerly"),
+                                    ("compile", ("off", "auto"), "its step runs eagerly"),
+                                    ("recompute", ("none", "experts"), "its sublayers read the stack's shared "
+                                     "relative bias, not checked under recomputation")):
+            if getattr(o, field, allowed[0]) not in allowed:
+                bad(field, f"not for an encoder-decoder: {why}")
+        if getattr(o, "distill_teacher", None):
+            out.append(_err(f"{_name(names, 'distill_teacher')}: distillation is not for an encoder-decoder (yet)"))
     if o.cuda_graphs == "on" and (o.recompute != "none" or o.micro_batches != 1):
         field = "recompute" if o.recompute != "none" else "micro_batches"
         out.append(_err(f"--cuda-graphs on: {_name(names, field)} {getattr(o, field)} runs the step eagerly (its "

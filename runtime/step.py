@@ -165,19 +165,26 @@ class TrainStep:
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor,
                  loss_mask: Optional[torch.Tensor] = None,
-                 documents: Optional[torch.Tensor] = None) -> StepOutputs:
-        """``loss_mask`` [B, T]: the targets that count (instruction data); ``documents`` [B, T]: packed
-        rows (--pack documents), each token's document in its row."""
+                 documents: Optional[torch.Tensor] = None, decoder_inputs: Optional[torch.Tensor] = None,
+                 source_mask: Optional[torch.Tensor] = None) -> StepOutputs:
+        """``loss_mask`` [B, T]: the targets that count (instruction data; an encoder-decoder's labels
+        that are not padding); ``documents`` [B, T]: packed rows (--pack documents), each token's
+        document in its row. An encoder-decoder: ``inputs`` the source ids [B, S], ``decoder_inputs``
+        [B, T] the decoder's, ``source_mask`` [B, S] the real source tokens (None: all);
+        ``model(inputs, decoder_inputs, source_mask)``."""
         self.model.train()
         M = self.micro_batches
         # with a loss mask: each micro-batch's share of the step's marked targets (÷ M more)
         count = None if loss_mask is None else masked_count(loss_mask, self.world) / M
-        parts = zip(*(_split(t, M) for t in (inputs, targets, loss_mask, documents)))
+        parts = zip(*(_split(t, M) for t in (inputs, targets, loss_mask, documents, decoder_inputs, source_mask)))
         losses, aux, stats = [], [], []
-        for m, (x, y, mask, docs) in enumerate(parts):
+        for m, (x, y, mask, docs, dec, src) in enumerate(parts):
             with _routing_share(self.routers, m, M):
                 with torch.autocast(self.device_type, dtype=self.amp, enabled=self.amp is not None):
-                    out = self.model(x) if docs is None else self.model(x, docs)
+                    if dec is not None:
+                        out = self.model(x, dec, src)
+                    else:
+                        out = self.model(x) if docs is None else self.model(x, docs)
                     loss = task_loss(self.spec, out, y, mask, count)
                     if self.teacher is not None:  # the same inputs, forward only; the same mask and count
                         soft = self.teacher.logits(x, docs)

@@ -170,10 +170,12 @@ class Trainer:
         apply_recompute(self.model, o.recompute)  # before compiling: layers refuses --compile on (preflight)
         # dense segments compiled; not with recompute: layers (each sublayer under checkpoint), nor under
         # FSDP (shard full), whose hooks gather each layer's parameters
+        # (not an encoder-decoder's: its step runs eagerly until its compilation is checked)
         self.compile_on = use_compile(self.model, o, self.device, self.say, self.world) \
-            if o.recompute != "layers" and (o.shard != "full" or self.world == 1) else False
+            if o.recompute != "layers" and (o.shard != "full" or self.world == 1) and not spec.encoder_decoder \
+            else False
         self.amp = dtypes.autocast_dtype(spec.model.dtype)  # None: float32, no autocast
-        self.graphs = _use_cuda_graphs(o, self.device, self.model.compiled, self.say)
+        self.graphs = _use_cuda_graphs(o, self.device, self.model.compiled, self.say, spec.encoder_decoder)
         replicating = spec.placement.replication is not None and self.model.compiled.mesh.expert_parallel > 1
         if self.graphs and replicating:  # a captured step would keep the dispatch tables of its capture
             self.say.once("placement.replication moves experts between steps: CUDA graphs off")
@@ -210,12 +212,13 @@ class Trainer:
         targets = batch.targets.to(self.device, non_blocking=True)
         mask = None if batch.loss_mask is None else batch.loss_mask.to(self.device, non_blocking=True)
         documents = packed(batch, self.options.pack, self.source, self.device)  # None unless --pack (no CUDA graphs then)
+        seq2seq = batch.model_args(self.device)  # an encoder-decoder's (decoder inputs, source mask): eager
         if self.graphs and self._graphed is None:
             self._graphed = self._capture(inputs, targets, mask)
         if self._graphed is not None:
             return self._graphed(inputs, targets, mask)
         self.opt.zero_grad(set_to_none=True)  # the last step's gradients stay readable until now
-        return self.train_step(inputs, targets, mask, documents)
+        return self.train_step(inputs, targets, mask, documents, *seq2seq)
 
     def _capture(self, inputs, targets, mask=None):
         try:
@@ -251,7 +254,8 @@ class Trainer:
                 out = self._eval_graph(inputs)
             else:
                 with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                    out = model(inputs) if documents is None else model(inputs, documents)
+                    args = b.model_args(self.device) + (() if documents is None else (documents,))
+                    out = model(inputs, *args)
             mask = None if b.loss_mask is None else b.loss_mask.to(self.device)  # instruction data: the answers
             count = None if mask is None else masked_count(mask, self.world)
             total += float(task_loss(self.spec, out, b.targets.to(self.device), mask, count))
@@ -441,7 +445,7 @@ class Trainer:
         the step), with the weights as they are now."""
         o = self.options
         batch = self.source.batch(at, o.batch, o.seq, self.rank, self.world)
-        where = first_nonfinite(self.model, batch.inputs.to(self.device), self.amp)
+        where = first_nonfinite(self.model, batch.inputs.to(self.device), self.amp, batch.model_args(self.device))
         what, value = next((w, v) for w, v in (("loss", f.loss), ("aux loss", f.aux_loss),
                                                 ("gradient norm", f.grad_norm)) if not math.isfinite(v))
         found = "" if at == step else f" (read at step {step + 1}: --log-every {o.log_every})"
@@ -485,12 +489,14 @@ def _mean(x: float, world: int, device) -> float:
     return float(t) / world
 
 
-def _use_cuda_graphs(o: RunOptions, device, compiled, say) -> bool:
+def _use_cuda_graphs(o: RunOptions, device, compiled, say, encoder_decoder: bool = False) -> bool:
     if o.cuda_graphs == "off":
         return False
     why = None
     if device.type != "cuda":
         why = "the run is on the CPU"
+    elif encoder_decoder:  # the captured step copies in inputs and targets only
+        why = "an encoder-decoder's step (decoder inputs, source mask) runs eagerly"
     elif o.pack == "documents":  # each batch's own masks; the captured step copies only inputs and targets in
         why = "--pack documents builds each batch's attention masks from its documents"
     elif o.shard != "none":  # the all-gathers of ZeRO and FSDP2 have not been captured and checked on a GPU

@@ -15,7 +15,8 @@ encoder:
                     relative_max_distance: 16}
       - cycle:
           - ffn: {hidden: 32}
-          - moe: {experts: {count: 4, hidden: 32}, gate: {type: switch, capacity_factor: CF}}
+          - moe: {experts: {count: 4, hidden: 32}, gate: {type: switch, capacity_factor: CF},
+                 losses: {balance: 0.01, z_loss: 0.001}}
   - norm: {}
 decoder:
   - embedding: {}
@@ -26,7 +27,8 @@ decoder:
       - cross_attention: {heads: 2, scaled: false}
       - cycle:
           - ffn: {hidden: 32}
-          - moe: {experts: {count: 4, hidden: 32}, gate: {type: switch, capacity_factor: CF}}
+          - moe: {experts: {count: 4, hidden: 32}, gate: {type: switch, capacity_factor: CF},
+                 losses: {balance: 0.01, z_loss: 0.001}}
   - norm: {}
   - head: {rescale: true}
 train: {batch_size: 4, seq_len: 12, lr: 0.003, warmup: 0}
@@ -51,7 +53,8 @@ def copy_batch(rows: int, source_len: int, seed: int, vocab: int = 40, pad: int 
 
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(max(1, source_len // 2), source_len + 1, (rows,), generator=g)
-    lengths[0] = source_len  # the longest row fills the source
+    if rows > 1:
+        lengths[0] = source_len  # the longest row fills the source
     source = torch.full((rows, source_len), pad, dtype=torch.int64)
     labels = torch.full((rows, source_len + 1), pad, dtype=torch.int64)
     for b, n in enumerate(lengths.tolist()):
@@ -63,3 +66,23 @@ def copy_batch(rows: int, source_len: int, seed: int, vocab: int = 40, pad: int 
     loss_mask = torch.arange(source_len + 1)[None, :] <= lengths[:, None]
     decoder_inputs = torch.cat([torch.full((rows, 1), start, dtype=torch.int64), labels[:, :-1]], dim=1)
     return source, source_mask, decoder_inputs, labels, loss_mask
+
+
+def copy_source():
+    """A ``runtime.data.Source`` of the copy task's seq2seq batches (``Batch.decoder_inputs``,
+    ``source_mask``, ``loss_mask`` filled), a pure function of (split, step, row)."""
+    import torch
+
+    from moedsl.runtime.data import Batch, Source
+
+    class CopySource(Source):
+        name = "copy"
+
+        def rows(self, step, rows, seq, split):
+            rows = list(rows)
+            parts = [copy_batch(1, seq, seed=(step * 7919 + r) * 2 + (split == "eval")) for r in rows]
+            source, source_mask, dec_in, labels, loss_mask = (torch.cat(p) for p in zip(*parts))
+            return Batch(inputs=source, targets=labels, loss_mask=loss_mask, decoder_inputs=dec_in,
+                         source_mask=source_mask)
+
+    return CopySource()
