@@ -620,11 +620,13 @@ class GatherTokens(_Collective):
         super().__init__()
         self.world, self.rank = world, rank
 
-    def forward(self, x: torch.Tensor, ids: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
-        """-> (every rank's x, ids, and mask, the tokens that count: None where not given)."""
+    def forward(self, x: torch.Tensor, ids: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                padding: Optional[torch.Tensor] = None):
+        """-> (every rank's x, ids, mask (the tokens that count) and padding (the tokens that are
+        not padding): None where not given)."""
         topo = self._need()
         xs = _GatherRows.apply(x, topo.world_group, self.rank, self.world)
-        return (xs,) + tuple(None if t is None else self._gather(t, topo) for t in (ids, mask))
+        return (xs,) + tuple(None if t is None else self._gather(t, topo) for t in (ids, mask, padding))
 
     def _gather(self, t: torch.Tensor, topo) -> torch.Tensor:
         parts = [torch.empty_like(t) for _ in range(self.world)]

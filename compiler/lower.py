@@ -77,7 +77,7 @@ class LowerContext:
         self._token_ids: Optional[fx.Node] = None
         self.rows = rows  # the [B] rows-that-count placeholder (images only; its value may be None)
         self._token_mask: Optional[fx.Node] = None
-        self._padding_flat: dict = {}  # padding_mask's flattened masks, one per [B, T] mask node
+        self._padding_flat: dict = {}  # padding node -> its [B·T] flattening (``padding_mask``)
         self.documents = documents  # the [B, T] documents placeholder (token training graphs; its value may be None)
         self._document_nodes: dict = {}
         self.aux: list = []  # each MoE layer's aux loss node
@@ -147,18 +147,16 @@ class LowerContext:
             self._token_mask = self.call_function(moe_ops.token_mask, (self.rows, x), "token_mask")
         return self._token_mask
 
-    def padding_mask(self, x: fx.Node, layer) -> Optional[fx.Node]:
-        """The tokens of x [B, T, d] that are not padding (``padding(layer)``: an encoder's source
-        mask), flattened to [B·T] in the order the gate sees them (made once per mask node; its
-        value None when nothing is padding); None while no padding is known. A gate with
-        ``route_padding: false`` routes only these."""
-        padding = self.padding(layer)
-        if padding is None:
+    def padding_mask(self, layer) -> Optional[fx.Node]:
+        """``padding(layer)`` flattened to [B·T] in the order a gate sees the tokens (made once per
+        mask, where first needed; its value None when nothing is padding); None where the layer's
+        rows have no padding mask. A gate with ``route_padding: false`` routes only these."""
+        mask = self.padding(layer)
+        if mask is None:
             return None
-        if padding not in self._padding_flat:
-            self._padding_flat[padding] = self.call_function(moe_ops.padding_tokens, (padding,),
-                                                             f"{padding.name}_flat")
-        return self._padding_flat[padding]
+        if mask not in self._padding_flat:
+            self._padding_flat[mask] = self.call_function(moe_ops.padding_tokens, (mask,), f"{mask.name}_flat")
+        return self._padding_flat[mask]
 
     def document_positions(self) -> Optional[fx.Node]:
         """Each token's position within its document [B, T] (``moedsl.nn.documents``; made once,

@@ -463,3 +463,56 @@ def test_a_batch_any_size_splits_into_sequence_routing_groups():
     assert check_batch(spec, 7, seq=13) == []
     g = spec.moe_layers[0].config.gate
     assert g.per_sequence and g.group_count(7) == 7 and g.capacity(13, 4) == math.ceil(1.25 * 13 / 4)
+
+
+# ----------------------------------------------------------------------------- processes
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["auto", "static"])
+def test_switch_and_nllb_routing_on_two_processes_equals_one(layout):
+    """Per-sequence groups route on the rank holding the rows; NLLB's one group of the whole batch
+    is gathered, its second choices after every first choice, normalised after the drops. A
+    training step's outputs and every gradient, packed and with static capacity buffers."""
+    switch = vectors_spec({"experts": {"count": 4, "hidden": 8, "activation": "relu"},
+                           "gate": {"type": "switch", "expert_capacity": 3, "routing_groups": "sequence",
+                                    "dropped_tokens": "scaled_input"}}, batch=8)
+    nllb = vectors_spec({"experts": {"count": 4, "hidden": 8, "activation": "relu", "bias": True},
+                         "gate": {"type": "gshard", **nllb_gate(False, True, expert_capacity=24,
+                                                                  eval_capacity_fraction=0.25)}}, batch=8)
+    from moedsl.runtime.equivalence import check
+
+    for name, per_rank in zip(("switch", "nllb"), check([switch, nllb], 2, layout=layout)):
+        for diff in per_rank:
+            assert diff.ok(), f"{name}: {diff}"
+
+
+# ----------------------------------------------------------------------------- in an encoder-decoder
+
+@pytest.mark.parametrize("route_padding", [False, True])
+def test_unrouted_padding_cannot_take_a_real_source_tokens_slot(route_padding):
+    """The enc-dec graph hands its source_mask to the encoder's gates (``LowerContext.padding``):
+    with route_padding false the padding's ids change nothing (it takes no slot, so no real token
+    is dropped for it); routed (transformers' Switch), the padding competes for the capacity."""
+    from encdec_helpers import copy_batch, tiny_encdec
+
+    gate = ("{type: gshard, second_expert: always, expert_capacity: 3, normalize_after_drops: true, "
+            f"route_padding: {'true' if route_padding else 'false'}}}")
+    spec = moedsl.load_spec(tiny_encdec(**{"{type: switch, capacity_factor: 2.0}": gate}))
+    model = moedsl.build_model(spec, seed=0).eval()
+    source, source_mask, decoder_inputs, _, _ = copy_batch(4, 12, seed=3)
+    assert (~source_mask).sum() >= 6
+    other_ids = torch.randint(2, 40, source.shape, generator=torch.Generator().manual_seed(4))
+    other = torch.where(source_mask, source, other_ids)  # the same real tokens, other padding
+    with torch.no_grad():
+        a = model(source, decoder_inputs, source_mask)
+        b = model(other, decoder_inputs, source_mask)
+    encoder = [s for s in a.router_stats if s.layer == "layers.4"][0]  # the encoder's MoE layer
+    assert int(encoder.dropped) > 0
+    routed = int(encoder.expert_load.sum())
+    real = int(source_mask.sum())
+    if route_padding:
+        assert routed == 2 * source.numel()
+        assert not torch.allclose(a.output, b.output)
+    else:
+        assert routed == 2 * real
+        torch.testing.assert_close(a.output, b.output, rtol=0, atol=0)

@@ -91,9 +91,10 @@ def insert_collectives(low: Lowered, spec, mesh: MeshShape, rank: int, placement
             if not low.graph_only:
                 low.modules[f"{name}.route_gather"] = C.GatherTokens(world, rank)
             mask = route.kwargs.get("mask")  # the tokens that count, gathered with them
+            padding = route.kwargs.get("padding")  # the tokens that are not padding, too
             with g.inserting_before(route):
-                gathered = new_node(g, "call_module", f"{name}.route_gather", (flat, ids, mask), f"{base}_route_gather",
-                                name, "route_gather")
+                gathered = new_node(g, "call_module", f"{name}.route_gather", (flat, ids, mask, padding),
+                                    f"{base}_route_gather", name, "route_gather")
                 gx = new_node(g, "call_function", operator.getitem, (gathered, 0), f"{base}_gathered_tokens",
                           name, "gathered")
                 gids = new_node(g, "call_function", operator.getitem, (gathered, 1), f"{base}_gathered_ids",
@@ -101,6 +102,10 @@ def insert_collectives(low: Lowered, spec, mesh: MeshShape, rank: int, placement
                 if mask is not None:
                     route.kwargs = {**route.kwargs, "mask": new_node(g, "call_function", operator.getitem, (gathered, 2),
                                                                  f"{base}_gathered_mask", name, "gathered_mask")}
+                if padding is not None:
+                    route.kwargs = {**route.kwargs, "padding": new_node(
+                        g, "call_function", operator.getitem, (gathered, 3), f"{base}_gathered_padding", name,
+                        "gathered_padding")}
             route.args = (gx, gids, 0, groups)
             with g.inserting_after(route):
                 local_route = new_node(g, "call_function", C.localize, (route, flat, rank), f"{base}_route_local",

@@ -350,7 +350,7 @@ class MoEKind(LayerKind):
         mask = ctx.token_mask(x)
         if mask is not None:  # the tokens that count (images that only fill a batch do not)
             kwargs["mask"] = mask
-        padding = None if cfg.gate.route_padding else ctx.padding_mask(x, layer)
+        padding = None if cfg.gate.route_padding else ctx.padding_mask(layer)
         if padding is not None:  # route_padding: false: the padding (an encoder's source padding) is not routed
             kwargs["padding"] = padding
         if ctx.decode:
