@@ -214,3 +214,37 @@ def test_imported_switch_names_the_installed_releases_dropped_token_behaviour(tm
             errors[behaviour] = _rel(moedsl.load_model(tmp_path / "imp").eval()(src, dec, mask).output, theirs)
     assert errors["residual"] <= 1e-4, errors
     assert errors["scaled_input"] > 1e-3 and errors["never"] > 1e-3, errors
+
+
+SWITCH_DROPS = {"expert_capacity": 2, "num_sparse_encoder_layers": 2, "num_sparse_decoder_layers": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type,over,lengths", [
+    ("switch_transformers", {}, [7]),
+    ("switch_transformers", {**SWITCH_DROPS, "tie_word_embeddings": False}, [7]),
+    ("switch_transformers", {**SWITCH_DROPS, "tie_word_embeddings": False}, [7, 5, 3, 6]),
+    ("switch_transformers", {**SWITCH_DROPS, "expert_capacity": 64, "tie_word_embeddings": False}, [7, 5, 3, 6]),
+    ("nllb-moe", {"init_std": 1.0}, [7]),
+    ("nllb-moe", {"init_std": 1.0, "scale_embedding": False, "moe_eval_capacity_token_fraction": 0.3}, [7]),
+], ids=["switch-b1", "switch-b1-drops-eos", "switch-b4-drops", "switch-b4", "nllb-b1", "nllb-b1-drops-eos"])
+def test_greedy_ids_equal_transformers_generate(tmp_path, chosen_experts, model_type, over, lengths):
+    """``moedsl.generate`` of the import (encode once, decode with self- and cross-attention caches,
+    greedy) gives transformers' ``generate(do_sample=False, num_beams=1, max_new_tokens=12)`` ids,
+    decoder_start first, rows that reach eos padded after it and generation ending when all have.
+    Sources of different lengths are padded on the RIGHT with pad_token_id and an attention_mask,
+    as both take them; the padding is routed by Switch's encoder and takes expert capacity there
+    (SWITCH_DROPS: 2 per sequence, so it displaces real tokens), as in transformers."""
+    ref, cfg = _reference(model_type, over)
+    ref.save_pretrained(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")]) == 0
+    model = moedsl.load_model(tmp_path / "imp")
+    g = torch.Generator().manual_seed(5)
+    src = torch.randint(3, cfg.vocab_size, (len(lengths), max(lengths)), generator=g)
+    mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
+    src[~mask] = cfg.pad_token_id
+    with torch.no_grad():
+        theirs = ref.generate(input_ids=src, attention_mask=mask.long(), max_new_tokens=12, do_sample=False,
+                              num_beams=1)
+    ours = moedsl.generate(model, src, 12, attention_mask=mask.long(), temperature=0)
+    assert ours.tolist() == theirs.tolist()
