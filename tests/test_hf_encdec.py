@@ -248,3 +248,23 @@ def test_greedy_ids_equal_transformers_generate(tmp_path, chosen_experts, model_
                               num_beams=1)
     ours = moedsl.generate(model, src, 12, attention_mask=mask.long(), temperature=0)
     assert ours.tolist() == theirs.tolist()
+
+
+def test_nllb_moe_rows_share_the_capacity_of_the_whole_batch_as_in_transformers(tmp_path, chosen_experts):
+    """NLLB-MoE counts the capacity over all the batch's tokens, so a row's logits depend on the rows
+    beside it; the imported spec says so (one routing group) and moedsl's rows move exactly as
+    transformers' do."""
+    ref, cfg = _reference("nllb-moe", {"moe_eval_capacity_token_fraction": 0.3})
+    ref.save_pretrained(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")]) == 0
+    assert "routing_groups: 1  # the capacity counts over all the batch's tokens" in \
+        (tmp_path / "imp" / "spec.yaml").read_text()
+    model = moedsl.load_model(tmp_path / "imp").eval()
+    src, mask, dec = _batch(cfg)
+    with torch.no_grad():
+        theirs_alone = ref(input_ids=src[:1], attention_mask=mask[:1].long(), decoder_input_ids=dec[:1]).logits
+        theirs_batched = ref(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits[:1]
+        ours_alone = model(src[:1], dec[:1], mask[:1]).output
+        ours_batched = model(src, dec, mask).output[:1]
+    assert _rel(theirs_alone, theirs_batched) > 1e-3  # the rows interact
+    assert _rel(ours_alone, theirs_alone) <= 1e-4 and _rel(ours_batched, theirs_batched) <= 1e-4
