@@ -268,3 +268,26 @@ def test_nllb_moe_rows_share_the_capacity_of_the_whole_batch_as_in_transformers(
         ours_batched = model(src, dec, mask).output[:1]
     assert _rel(theirs_alone, theirs_batched) > 1e-3  # the rows interact
     assert _rel(ours_alone, theirs_alone) <= 1e-4 and _rel(ours_batched, theirs_batched) <= 1e-4
+
+
+@pytest.mark.parametrize("model_type,over", [("switch_transformers", SWITCH_DROPS),
+                                             ("nllb-moe", {"batch_prioritized_routing": True,
+                                                           "moe_eval_capacity_token_fraction": 0.3,
+                                                           "moe_token_dropout": 0.2})])
+def test_export_without_the_recorded_config_writes_every_field_from_the_spec(tmp_path, chosen_experts, model_type,
+                                                                             over):
+    """A spec with no hf_config.json beside it (written by hand, or the record removed): the
+    export's config.json comes from the spec alone and transformers computes the same logits."""
+    ref, cfg = _reference(model_type, over)
+    ref.save_pretrained(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")]) == 0
+    (tmp_path / "imp" / "hf_config.json").unlink()
+    (tmp_path / "imp" / "generation_config.json").unlink()
+    assert main(["export", str(tmp_path / "imp"), "--out", str(tmp_path / "exp")]) == 0
+    back, info = type(ref).from_pretrained(tmp_path / "exp", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    src, mask, dec = _batch(cfg)
+    with torch.no_grad():
+        theirs = ref(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
+        again = back.eval()(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
+    assert _rel(again, theirs) <= 1e-4
