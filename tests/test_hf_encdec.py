@@ -16,7 +16,7 @@ from moedsl.cli import main  # noqa: E402
 from moedsl.hf import registered  # noqa: E402
 from moedsl.hf.reference import tiny_reference  # noqa: E402
 from moedsl.nn.layers import Embedding  # noqa: E402
-from hf_helpers import refused  # noqa: E402
+from hf_helpers import family_cases, refused  # noqa: E402
 
 
 @pytest.mark.parametrize("d_model", [16, 15])
@@ -91,19 +91,8 @@ def _rel(ours, theirs) -> float:
     return ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
 
-def _cases() -> list:
-    out = []
-    for model_type, fam in sorted(registered().items()):
-        if not fam.encoder_decoder:
-            continue
-        out.append(pytest.param(model_type, {}, id=model_type))
-        for over, what in fam.tiny_variants:
-            out.append(pytest.param(model_type, over, id=f"{model_type}-{what.replace(' ', '_')}"))
-    return out
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type,over", _cases())
+@pytest.mark.parametrize("model_type,over", family_cases(encoder_decoder=True))
 def test_every_encoder_decoder_variant_imports_to_transformers_logits_and_exports_back(tmp_path, chosen_experts,
                                                                                       model_type, over):
     """Each variant the family's config expresses, built by transformers and saved: ``moedsl import``,
@@ -180,7 +169,8 @@ def test_the_dropping_variants_drop_tokens_in_transformers_on_the_parity_batch(c
     move when the capacity no longer holds every token."""
     assert any(over == drops for over, _ in registered()[model_type].tiny_variants)
     ref, cfg = _reference(model_type, drops)
-    roomy = {"expert_capacity": 64} if model_type == "switch_transformers" else {"moe_eval_capacity_token_fraction": 1.0}
+    roomy = {"expert_capacity": 64} if model_type == "switch_transformers" else \
+        {"moe_eval_capacity_token_fraction": 1.0}
     ref2, _ = _reference(model_type, {**drops, **roomy})
     src, mask, dec = _batch(cfg)
     with torch.no_grad():

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from moedsl.errors import UserError
 
-from . import Family
-from .llama_like import IGNORED, _periodic, at, changed, yaml_float  # noqa: F401 - re-exported to the families
+from . import Family, Tensor, same
+from .llama_like import IGNORED, _periodic, at, changed, stack_t, transposed, yaml_float  # noqa: F401 - re-exported
 
 
 class Config(dict):
@@ -57,6 +59,125 @@ class EncDecFamily(Family):
 
     def read(self, c: Config, config: dict) -> None:
         """Family-specific fields: derive, and refuse what is not expressible."""
+
+    # -- tensors: the family's ``pairs``, plus the shared embedding and the experts done here --
+
+    base = ""  # the checkpoint's prefix of shared, encoder and decoder ("model." for NLLB-MoE)
+    # per expert e of an MoE layer: (moedsl's stacked tensor, the checkpoint's name after "expert_{e}.")
+    expert_tensors: tuple = ()
+
+    def pairs(self, spec) -> tuple:
+        """([(moedsl name, checkpoint name)] of every tensor but the embedding's, the head's and the
+        experts', [(moedsl MoE layer index, checkpoint prefix of its "expert_{e}." tensors, experts)])."""
+        raise NotImplementedError
+
+    def _pairs(self, spec) -> tuple:
+        why, _ = blocks(spec, self.model_type)
+        if why:
+            raise UserError(f"spec {spec.source}: {why}: no Hugging Face {self.model_type} equivalent")
+        return self.pairs(spec)
+
+    def import_tensors(self, spec, config: dict, names: set) -> list:
+        """Tied: ``shared`` is the embedding (and the head). Untied, transformers 5 gives each stack
+        its own table and keeps ``shared`` unused: the two tables must be equal (one_table)."""
+        pairs, moes = self._pairs(spec)
+        b = self.base
+        out = [Tensor(ours, (theirs,), same) for ours, theirs in pairs]
+        if spec.model.tie_embeddings:
+            out.append(Tensor("embedding.weight", (f"{b}shared.weight",), same))
+        else:
+            out += [Tensor("embedding.weight", (f"{b}encoder.embed_tokens.weight", f"{b}decoder.embed_tokens.weight"),
+                           lambda ts: one_table(ts, b)),
+                    Tensor("head.weight", ("lm_head.weight",), same)]
+        for m, hf, E in moes:  # per expert [out, in] -> stacked [E, in, out]; biases stacked [E, n]
+            out += [Tensor(f"layers.{m}.experts.{ours}", tuple(f"{hf}expert_{e}.{theirs}" for e in range(E)),
+                           stack_t if theirs.endswith(".weight") else stack_rows)
+                    for ours, theirs in self.expert_tensors]
+        return out
+
+    def skipped_tensors(self, config: dict, names: set) -> set:
+        return {f"{self.base}shared.weight"} if not config.get("tie_word_embeddings", True) else set()
+
+    def export_tensors(self, spec) -> list:
+        pairs, moes = self._pairs(spec)
+        b = self.base
+        out = [Tensor(theirs, (ours,), same) for ours, theirs in pairs]
+        out.append(Tensor(f"{b}shared.weight", ("embedding.weight",), same))
+        if not spec.model.tie_embeddings:
+            out += [Tensor(f"{b}encoder.embed_tokens.weight", ("embedding.weight",), same),
+                    Tensor(f"{b}decoder.embed_tokens.weight", ("embedding.weight",), same),
+                    Tensor("lm_head.weight", ("head.weight",), same)]
+        for m, hf, E in moes:
+            out += [Tensor(f"{hf}expert_{e}.{theirs}", ((f"layers.{m}.experts.{ours}", e),),
+                           (lambda ts: transposed(ts[0])) if theirs.endswith(".weight") else same)
+                    for e in range(E) for ours, theirs in self.expert_tensors]
+        return out
+
+    # -- the spec's structure and config.json ---------------------------------------------
+
+    new_config: dict = {}  # the bookkeeping fields of a config.json written without one recorded at import
+    stale: tuple = ("transformers_version", "_name_or_path", "torch_dtype")  # dropped from a recorded one
+
+    def layout(self, spec) -> tuple:
+        """(problem or None, the config.json fields the spec sets): ``model_config`` from
+        ``spec.model``, then each stack's layers (``walk``), then ``stack_config`` of each stack's
+        sparse layers; the fields every layer reports (``seen``) must agree."""
+        why, st = blocks(spec, self.model_type)
+        cfg = None if why else self.model_config(spec.model)
+        if isinstance(cfg, str):
+            why = cfg
+        seen: dict = {}
+        for stack in ("encoder", "decoder"):
+            if why:
+                return why, None
+            why, flags = self.walk(st[stack], stack, seen, spec.model)
+            if why is None:
+                out = self.stack_config(stack, flags)
+                why = out if isinstance(out, str) else cfg.update(out)
+        why = why or one(seen, self.model_type)
+        if why:
+            return why, None
+        cfg.update({k: v[0][0] for k, v in seen.items()})
+        return None, cfg
+
+    def walk(self, s: dict, stack: str, seen: dict, model) -> tuple:
+        """(problem or None, which blocks are sparse) of one stack ``s`` (``blocks``), each layer
+        checked by the family (``layer_problem``, which records its config fields in ``seen``)."""
+        for L in (s["embedding"], s["norm"], *(L for group in s["blocks"] for L in group)):
+            why = self.layer_problem(L, stack, seen, model)
+            if why:
+                return why, None
+        return None, [group[-1].kind == "moe" for group in s["blocks"]]
+
+    def model_config(self, m) -> dict | str:
+        """config.json's fields from ``spec.model``, or a problem."""
+        raise NotImplementedError
+
+    def layer_problem(self, L, stack: str, seen: dict, model) -> Optional[str]:
+        """What keeps layer ``L`` of ``stack`` (in a spec of ``model``) from being the family's, or
+        None (recording the config fields it sets in ``seen``: field -> [(value, layer)])."""
+        raise NotImplementedError
+
+    def stack_config(self, stack: str, flags: list) -> dict | str:
+        """config.json's layer-count and sparse-layer fields of ``stack`` from its sparse ``flags``,
+        or a problem."""
+        raise NotImplementedError
+
+    def architecture_problem(self, spec) -> Optional[str]:
+        return self.layout(spec)[0]
+
+    def export_config(self, spec, recorded: Optional[dict]) -> dict:
+        why, cfg = self.layout(spec)
+        if why:
+            raise UserError(f"spec {spec.source}: {why}: no Hugging Face {self.model_type} equivalent")
+        out = dict(recorded or self.new_config)
+        for key in self.stale:
+            out.pop(key, None)
+        out.update({k: v for k, v in cfg.items() if v is not None})
+        m = spec.model
+        out.update({"architectures": list(self.architectures), "model_type": self.model_type,
+                    "pad_token_id": m.pad_id, "eos_token_id": m.eos_id, "decoder_start_token_id": m.decoder_start_id})
+        return out
 
 
 def stack_lines(blocks: list, indent: str, count_note: str) -> list:
@@ -112,6 +233,20 @@ def blocks(spec, fam: str) -> tuple:
         out[stack] = {"embedding": layers[0], "blocks": groups, "norm": layers[-tail],
                       "head": layers[-1] if want_head else None}
     return None, out
+
+
+def one_table(ts, base: str):
+    """The embedding of an untied checkpoint: its encoder's and decoder's tables, which must be equal."""
+    enc, dec = ts
+    if enc.device.type != "meta" and not (enc.shape == dec.shape and bool(torch.equal(enc, dec))):
+        raise UserError(f"{base}encoder.embed_tokens.weight differs from {base}decoder.embed_tokens.weight "
+                        "(tie_word_embeddings false): moedsl's encoder and decoder share one embedding")
+    return enc
+
+
+def stack_rows(ts):
+    """Per-expert vectors -> [E, n]."""
+    return torch.stack(list(ts)).contiguous()
 
 
 def one(values: dict, fam: str) -> Optional[str]:

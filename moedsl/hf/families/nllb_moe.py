@@ -56,12 +56,9 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from moedsl.errors import UserError
-
-from .. import Tensor, register, same
-from ..encdec import EncDecFamily, at, blocks, changed, fmt, one, stack_lines
-from ..llama_like import spec_header, stack_t, transposed
-from .switch_transformers import torch_equal
+from .. import register
+from ..encdec import EncDecFamily, at, blocks, fmt, one, stack_lines
+from ..llama_like import spec_header
 
 ACTS = ("relu", "gelu", "silu")
 POLICIES = ("all", "sampling", "random")
@@ -246,10 +243,11 @@ class NllbMoe(EncDecFamily):
 
     # -- tensors ---------------------------------------------------------------------------
 
-    def _pairs(self, spec) -> tuple:
-        why, st = blocks(spec, self.model_type)
-        if why:
-            raise UserError(f"spec {spec.source}: {why}: no Hugging Face {self.model_type} equivalent")
+    base = "model."
+    expert_tensors = (("w_in", "fc1.weight"), ("w_out", "fc2.weight"), ("b_in", "fc1.bias"), ("b_out", "fc2.bias"))
+
+    def pairs(self, spec) -> tuple:
+        st = blocks(spec, self.model_type)[1]
         pairs, moes = [], []
 
         def norm(layer, hf):
@@ -281,92 +279,43 @@ class NllbMoe(EncDecFamily):
             norm(s["norm"], f"model.{stack}.layer_norm")
         return pairs, moes
 
-    def import_tensors(self, spec, config: dict, names: set) -> list:
-        pairs, moes = self._pairs(spec)
-        out = [Tensor(ours, (theirs,), same) for ours, theirs in pairs]
-        if spec.model.tie_embeddings:
-            out.append(Tensor("embedding.weight", ("model.shared.weight",), same))
-        else:
-            out.append(Tensor("embedding.weight", ("model.encoder.embed_tokens.weight",
-                                                   "model.decoder.embed_tokens.weight"), _one_table))
-            out.append(Tensor("head.weight", ("lm_head.weight",), same))
-        for m, hf, E in moes:
-            for ours, theirs, make in (("w_in", "fc1.weight", stack_t), ("w_out", "fc2.weight", stack_t),
-                                       ("b_in", "fc1.bias", _stack), ("b_out", "fc2.bias", _stack)):
-                out.append(Tensor(f"layers.{m}.experts.{ours}",
-                                  tuple(f"{hf}expert_{e}.{theirs}" for e in range(E)), make))
-        return out
-
-    def skipped_tensors(self, config: dict, names: set) -> set:
-        return {"model.shared.weight"} if not config.get("tie_word_embeddings", True) else set()
-
-    def export_tensors(self, spec) -> list:
-        pairs, moes = self._pairs(spec)
-        out = [Tensor(theirs, (ours,), same) for ours, theirs in pairs]
-        out.append(Tensor("model.shared.weight", ("embedding.weight",), same))
-        if not spec.model.tie_embeddings:
-            out += [Tensor("model.encoder.embed_tokens.weight", ("embedding.weight",), same),
-                    Tensor("model.decoder.embed_tokens.weight", ("embedding.weight",), same),
-                    Tensor("lm_head.weight", ("head.weight",), same)]
-        for m, hf, E in moes:
-            for e in range(E):
-                out += [Tensor(f"{hf}expert_{e}.fc1.weight", ((f"layers.{m}.experts.w_in", e),),
-                               lambda ts: transposed(ts[0])),
-                        Tensor(f"{hf}expert_{e}.fc2.weight", ((f"layers.{m}.experts.w_out", e),),
-                               lambda ts: transposed(ts[0])),
-                        Tensor(f"{hf}expert_{e}.fc1.bias", ((f"layers.{m}.experts.b_in", e),), same),
-                        Tensor(f"{hf}expert_{e}.fc2.bias", ((f"layers.{m}.experts.b_out", e),), same)]
-        return out
-
     # -- the spec's structure and config.json ---------------------------------------------
 
-    def layout(self, spec):
-        why, st = blocks(spec, self.model_type)
-        if why:
-            return why, None
-        m = spec.model
+    def model_config(self, m):
         if m.norm != "layernorm" or m.norm_eps != LN_EPS:
-            return f"model.norm {m.norm} eps {m.norm_eps} (NLLB-MoE: LayerNorm, eps {LN_EPS})", None
-        seen: dict = {}
-        cfg = {"vocab_size": m.vocab_size, "d_model": m.d_model, "max_position_embeddings": m.max_seq_len,
-               "tie_word_embeddings": m.tie_embeddings, "router_dtype": m.router_dtype, "dtype": m.dtype,
-               "dropout": m.dropout}
-        for stack in ("encoder", "decoder"):
-            s = st[stack]
-            e = s["embedding"].config
-            if e.positions != "sinusoidal" or e.pad_id != getattr(m, "pad_id", e.pad_id):
-                return f"{at(s['embedding'], 'positions')} {e.positions}, pad_id {e.pad_id} (NLLB-MoE: sinusoidal " \
-                       "around model.pad_id)", None
-            if e.scale not in (1.0, math.sqrt(m.d_model)):
-                return f"{at(s['embedding'], 'scale')} {e.scale} (NLLB-MoE: 1 or sqrt(d_model))", None
-            seen.setdefault("scale_embedding", []).append((e.scale != 1.0, s["embedding"]))
-            flags = []
-            for i, group in enumerate(s["blocks"]):
-                for L in group[:-1]:
-                    c = L.config
-                    if not (c.bias if L.kind == "cross_attention" else c.qkv_bias and c.out_bias):
-                        return f"{at(L, 'bias')} false (NLLB-MoE's attention has biases)", None
-                    if not getattr(c, "scaled", True):
-                        return f"{at(L, 'scaled')} false (NLLB-MoE scales by 1/sqrt(head_dim))", None
-                    if L.kind == "attention" and c.positions != "none":
-                        return f"{at(L, 'positions')} {c.positions} (NLLB-MoE's positions are in the embedding)", None
-                    seen.setdefault(f"{stack}_attention_heads", []).append((c.heads, L))
-                    seen.setdefault("attention_dropout", []).append((c.dropout, L))
-                mlp = group[-1]
-                why = self._mlp_problem(mlp, stack, seen)
-                if why:
-                    return why, None
-                flags.append(mlp.kind == "moe")
-            step = step_of(flags)
-            if step is None:
-                return (f"{stack}: sparse layers {[i for i, f in enumerate(flags) if f]} (NLLB-MoE makes layer i "
-                        f"sparse when (i + 1) % {stack}_sparse_step == 0)"), None
-            cfg.update({f"{stack}_layers": len(flags), f"{stack}_sparse_step": step})
-        why = one(seen, self.model_type)
-        if why:
-            return why, None
-        cfg.update({k: v[0][0] for k, v in seen.items()})
-        return None, cfg
+            return f"model.norm {m.norm} eps {m.norm_eps} (NLLB-MoE: LayerNorm, eps {LN_EPS})"
+        return {"vocab_size": m.vocab_size, "d_model": m.d_model, "max_position_embeddings": m.max_seq_len,
+                "tie_word_embeddings": m.tie_embeddings, "router_dtype": m.router_dtype, "dtype": m.dtype,
+                "dropout": m.dropout}
+
+    def stack_config(self, stack: str, flags: list):
+        step = step_of(flags)
+        if step is None:
+            return (f"{stack}: sparse layers {[i for i, f in enumerate(flags) if f]} (NLLB-MoE makes layer i "
+                    f"sparse when (i + 1) % {stack}_sparse_step == 0)")
+        return {f"{stack}_layers": len(flags), f"{stack}_sparse_step": step}
+
+    def layer_problem(self, L, stack: str, seen: dict, model) -> Optional[str]:
+        c = L.config
+        if L.kind == "embedding":
+            if c.positions != "sinusoidal" or c.pad_id != model.pad_id:
+                return f"{at(L, 'positions')} {c.positions}, pad_id {c.pad_id} (NLLB-MoE: sinusoidal around " \
+                       "model.pad_id)"
+            if c.scale not in (1.0, math.sqrt(model.d_model)):
+                return f"{at(L, 'scale')} {c.scale} (NLLB-MoE: 1 or sqrt(d_model))"
+            seen.setdefault("scale_embedding", []).append((c.scale != 1.0, L))
+        elif L.kind in ("moe", "ffn"):
+            return self._mlp_problem(L, stack, seen)
+        elif L.kind != "norm":
+            if not (c.bias if L.kind == "cross_attention" else c.qkv_bias and c.out_bias):
+                return f"{at(L, 'bias')} false (NLLB-MoE's attention has biases)"
+            if not c.scaled:
+                return f"{at(L, 'scaled')} false (NLLB-MoE scales by 1/sqrt(head_dim))"
+            if L.kind == "attention" and c.positions != "none":
+                return f"{at(L, 'positions')} {c.positions} (NLLB-MoE's positions are in the embedding)"
+            seen.setdefault(f"{stack}_attention_heads", []).append((c.heads, L))
+            seen.setdefault("attention_dropout", []).append((c.dropout, L))
+        return None
 
     def _mlp_problem(self, L, stack: str, seen: dict) -> Optional[str]:
         c = L.config
@@ -405,41 +354,9 @@ class NllbMoe(EncDecFamily):
                 "moe_eval_capacity_token_fraction": g.eval_capacity_fraction or 0.0,
                 "router_ignore_padding_tokens": g.route_padding}
 
-    def architecture_problem(self, spec) -> Optional[str]:
-        return self.layout(spec)[0]
-
     new_config = {"is_encoder_decoder": True, "use_cache": True, "init_std": 0.02, "router_bias": False,
                   "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0, "activation_dropout": 0.0, "bos_token_id": 0,
                   "output_router_logits": False}
-
-    def export_config(self, spec, recorded: Optional[dict]) -> dict:
-        why, cfg = self.layout(spec)
-        if why:
-            raise UserError(f"spec {spec.source}: {why}: no Hugging Face {self.model_type} equivalent")
-        out = dict(recorded or self.new_config)
-        for stale in ("transformers_version", "_name_or_path", "torch_dtype"):
-            out.pop(stale, None)
-        out.update({k: v for k, v in cfg.items() if v is not None})
-        m = spec.model
-        out.update({"architectures": list(self.architectures), "model_type": self.model_type,
-                    "pad_token_id": getattr(m, "pad_id", 1), "eos_token_id": getattr(m, "eos_id", 2),
-                    "decoder_start_token_id": getattr(m, "decoder_start_id", 2)})
-        return out
-
-
-def _stack(ts):
-    """Per-expert vectors -> [E, n]."""
-    import torch
-
-    return torch.stack(list(ts)).contiguous()
-
-
-def _one_table(ts):
-    enc, dec = ts
-    if enc.device.type != "meta" and not torch_equal(enc, dec):
-        raise UserError("model.encoder.embed_tokens.weight differs from model.decoder.embed_tokens.weight "
-                        "(tie_word_embeddings false): moedsl's encoder and decoder share one embedding")
-    return enc
 
 
 register(NllbMoe())

@@ -53,9 +53,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .. import Tensor, register, same
+from .. import register
 from ..encdec import EncDecFamily, at, blocks, changed, fmt, one, stack_lines
-from ..llama_like import spec_header, stack_t, transposed
+from ..llama_like import spec_header
 
 ACTS = ("relu", "gelu", "silu")  # dense_act_fn values moedsl's experts compute as transformers' ACT2FN does
 
@@ -229,14 +229,11 @@ class SwitchTransformers(EncDecFamily):
 
     # -- tensors ---------------------------------------------------------------------------
 
-    def _pairs(self, spec) -> list:
-        """[(moedsl prefix or name, checkpoint name)] of every tensor but the experts', and the MoE layers
-        [(moedsl layer index, checkpoint prefix of its mlp, expert count)]."""
-        why, st = blocks(spec, self.model_type)
-        if why:
-            from moedsl.errors import UserError
-            raise UserError(f"spec {spec.source}: {why}: no Hugging Face {self.model_type} equivalent")
-        pairs, moes = [("embedding.weight", "shared.weight")], []
+    expert_tensors = (("w_in", "wi.weight"), ("w_out", "wo.weight"))
+
+    def pairs(self, spec) -> tuple:
+        st = blocks(spec, self.model_type)[1]
+        pairs, moes = [], []
         for stack in ("encoder", "decoder"):
             s = st[stack]
             for i, group in enumerate(s["blocks"]):
@@ -246,7 +243,8 @@ class SwitchTransformers(EncDecFamily):
                 for p in ("q", "k", "v", "o"):
                     pairs.append((f"layers.{a.index}.attention.w{p}.weight", f"{hf}0.SelfAttention.{p}.weight"))
                 if i == 0:
-                    pairs.append((f"{stack}_relative_bias.weight", hf + "0.SelfAttention.relative_attention_bias.weight"))
+                    pairs.append((f"{stack}_relative_bias.weight",
+                                  hf + "0.SelfAttention.relative_attention_bias.weight"))
                 j = 1
                 if stack == "decoder":
                     x = group[1]
@@ -262,102 +260,39 @@ class SwitchTransformers(EncDecFamily):
                               (f"layers.{m.index}.ffn.w_out.weight", f"{hf}{j}.mlp.wo.weight")]
                 else:
                     pairs.append((f"layers.{m.index}.gate.weight", f"{hf}{j}.mlp.router.classifier.weight"))
-                    moes.append((m.index, f"{hf}{j}.mlp.", m.config.experts.count))
+                    moes.append((m.index, f"{hf}{j}.mlp.experts.", m.config.experts.count))
             pairs.append((f"layers.{s['norm'].index}.norm.weight", f"{stack}.final_layer_norm.weight"))
         return pairs, moes
 
-    def import_tensors(self, spec, config: dict, names: set) -> list:
-        pairs, moes = self._pairs(spec)
-        out = [Tensor(ours, (theirs,), same) for ours, theirs in pairs if ours != "embedding.weight"]
-        if spec.model.tie_embeddings:
-            out.append(Tensor("embedding.weight", ("shared.weight",), same))
-        else:  # transformers 5 untied: the stacks' own tables (equal, checked), lm_head
-            out.append(Tensor("embedding.weight", ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
-                              self._one_table))
-            out.append(Tensor("head.weight", ("lm_head.weight",), same))
-        for m, hf, E in moes:
-            out += [Tensor(f"layers.{m}.experts.w_in", tuple(f"{hf}experts.expert_{e}.wi.weight" for e in range(E)),
-                           stack_t),
-                    Tensor(f"layers.{m}.experts.w_out", tuple(f"{hf}experts.expert_{e}.wo.weight" for e in range(E)),
-                           stack_t)]
-        return out
-
-    @staticmethod
-    def _one_table(ts):
-        enc, dec = ts
-        if enc.device.type != "meta" and not torch_equal(enc, dec):
-            from moedsl.errors import UserError
-            raise UserError("encoder.embed_tokens.weight differs from decoder.embed_tokens.weight (untied "
-                            "tie_word_embeddings false): moedsl's encoder and decoder share one embedding")
-        return enc
-
-    def skipped_tensors(self, config: dict, names: set) -> set:
-        # untied, transformers 5 keeps ``shared`` but computes with the stacks' own tables
-        return {"shared.weight"} if not config.get("tie_word_embeddings", True) else set()
-
-    def export_tensors(self, spec) -> list:
-        pairs, moes = self._pairs(spec)
-        out = [Tensor(theirs, (ours,), same) for ours, theirs in pairs]
-        if not spec.model.tie_embeddings:
-            out += [Tensor("encoder.embed_tokens.weight", ("embedding.weight",), same),
-                    Tensor("decoder.embed_tokens.weight", ("embedding.weight",), same),
-                    Tensor("lm_head.weight", ("head.weight",), same)]
-        for m, hf, E in moes:
-            for e in range(E):
-                out += [Tensor(f"{hf}experts.expert_{e}.wi.weight", ((f"layers.{m}.experts.w_in", e),),
-                               lambda ts: transposed(ts[0])),
-                        Tensor(f"{hf}experts.expert_{e}.wo.weight", ((f"layers.{m}.experts.w_out", e),),
-                               lambda ts: transposed(ts[0]))]
-        return out
-
     # -- the spec's structure and config.json ---------------------------------------------
 
-    def layout(self, spec):
-        """(problem or None, the config.json fields the spec sets)."""
-        why, st = blocks(spec, self.model_type)
-        if why:
-            return why, None
-        m = spec.model
+    def model_config(self, m):
         if m.norm != "rmsnorm":
-            return f"model.norm {m.norm} (T5's layer norm is an RMSNorm)", None
-        seen: dict = {}
-        cfg = {"vocab_size": m.vocab_size, "d_model": m.d_model, "layer_norm_epsilon": m.norm_eps,
-               "tie_word_embeddings": m.tie_embeddings, "router_dtype": m.router_dtype, "dtype": m.dtype,
-               "dropout_rate": m.dropout}
-        for stack in ("encoder", "decoder"):
-            s = st[stack]
-            for L in (s["embedding"], s["norm"]):
-                ch = changed(L.config, {"type", "eps"})
-                if ch:
-                    return f"{at(L, ch[0])} {ch[1]!r}", None
-            flags = []
-            for i, group in enumerate(s["blocks"]):
-                for L in group[:-1]:
-                    why = self._attention_problem(L, i, seen)
-                    if why:
-                        return why, None
-                mlp = group[-1]
-                why = self._mlp_problem(mlp, seen)
-                if why:
-                    return why, None
-                flags.append(mlp.kind == "moe")
-            count = sparse_count(flags)
-            if count is None:
-                return (f"{stack}: sparse layers {[i for i, f in enumerate(flags) if f]} (transformers makes layer i "
-                        "sparse when i % step == 1 or step == 1)"), None
-            if stack == "encoder":
-                cfg.update({"num_layers": len(flags), "num_sparse_encoder_layers": count})
-            else:
-                cfg.update({"num_decoder_layers": len(flags), "num_sparse_decoder_layers": count})
-        why = one(seen, self.model_type)
-        if why:
-            return why, None
-        cfg.update({k: v[0][0] for k, v in seen.items()})
-        return None, cfg
+            return f"model.norm {m.norm} (T5's layer norm is an RMSNorm)"
+        return {"vocab_size": m.vocab_size, "d_model": m.d_model, "layer_norm_epsilon": m.norm_eps,
+                "tie_word_embeddings": m.tie_embeddings, "router_dtype": m.router_dtype, "dtype": m.dtype,
+                "dropout_rate": m.dropout}
 
-    def _attention_problem(self, L, i: int, seen: dict) -> Optional[str]:
+    def stack_config(self, stack: str, flags: list):
+        count = sparse_count(flags)
+        if count is None:
+            return (f"{stack}: sparse layers {[i for i, f in enumerate(flags) if f]} (transformers makes layer i "
+                    "sparse when i % step == 1 or step == 1)")
+        if stack == "encoder":
+            return {"num_layers": len(flags), "num_sparse_encoder_layers": count}
+        return {"num_decoder_layers": len(flags), "num_sparse_decoder_layers": count}
+
+    def layer_problem(self, L, stack: str, seen: dict, model) -> Optional[str]:
+        if L.kind in ("embedding", "norm"):
+            ch = changed(L.config, {"type", "eps"})
+            return f"{at(L, ch[0])} {ch[1]!r}" if ch else None
+        if L.kind in ("moe", "ffn"):
+            return self._mlp_problem(L, seen)
+        return self._attention_problem(L, seen)
+
+    def _attention_problem(self, L, seen: dict) -> Optional[str]:
         c = L.config
-        if getattr(c, "scaled", True):
+        if c.scaled:
             return f"{at(L, 'scaled')} true (T5 does not scale attention logits)"
         if getattr(c, "bias", False) or getattr(c, "qkv_bias", False) or getattr(c, "out_bias", False):
             return f"{at(L, 'bias')} true (T5's attention has no bias)"
@@ -403,40 +338,10 @@ class SwitchTransformers(EncDecFamily):
             seen.setdefault("router_z_loss_coef", []).append((c.losses.z_loss, L))
         return None
 
-    def architecture_problem(self, spec) -> Optional[str]:
-        return self.layout(spec)[0]
-
     new_config = {"is_encoder_decoder": True, "use_cache": True, "initializer_factor": 1.0, "router_bias": False,
                   "router_ignore_padding_tokens": False, "add_router_probs": False, "is_decoder": False,
-                  "add_cross_attention": False, "bos_token_id": None}
-
-    def export_config(self, spec, recorded: Optional[dict]) -> dict:
-        why, cfg = self.layout(spec)
-        if why:
-            from moedsl.errors import UserError
-            raise UserError(f"spec {spec.source}: {why}: no Hugging Face {self.model_type} equivalent")
-        out = dict(recorded or self.new_config)
-        for stale in ("transformers_version", "_name_or_path", "torch_dtype", "encoder_sparse_step",
-                      "decoder_sparse_step"):
-            out.pop(stale, None)
-        out.update(cfg)
-        if out.get("d_kv") is None:
-            out["d_kv"] = spec.model.d_model // out["num_heads"]
-        if "num_experts" not in out:  # no sparse layer: keep config.json's (unused) expert settings
-            out.setdefault("num_experts", 8)
-        if out.get("expert_capacity") is None:
-            out.pop("expert_capacity", None)
-        m = spec.model
-        out.update({"architectures": list(self.architectures), "model_type": self.model_type,
-                    "pad_token_id": getattr(m, "pad_id", 0), "eos_token_id": getattr(m, "eos_id", 1),
-                    "decoder_start_token_id": getattr(m, "decoder_start_id", 0)})
-        return out
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return a.shape == b.shape and bool(torch.equal(a, b))
+                  "add_cross_attention": False, "bos_token_id": None, "num_experts": 8}
+    stale = EncDecFamily.stale + ("encoder_sparse_step", "decoder_sparse_step")  # recomputed by __post_init__
 
 
 register(SwitchTransformers())
