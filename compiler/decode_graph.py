@@ -36,12 +36,7 @@ def compile_decode(spec: S.Spec, compiled, model: nn.Module, static: bool = Fals
     model's process groups (``moedsl.compiler.collectives.bind``)."""
     low = lower(spec, device="meta", graph_only=True, static=static or compiled.layout == "static", decode=True)
     placements = placement_pass(low, spec, compiled.mesh, compiled.rank, "meta", 0, False)
-    low.graph_only = False  # the collectives' modules (no weights) are made for this graph
-    insert_collectives(low, spec, compiled.mesh, compiled.rank, placements)
-    modules = dict(low.modules)
-    for node in low.graph.nodes:
-        if node.op in ("call_module", "get_attr") and node.target not in modules:
-            modules[node.target] = _resolve(model, node.target)
+    modules = _with_collectives(low, spec, compiled, placements, model)
     share_token_keys(low.graph)
     fuse_decode_moe(low.graph, modules)
     return fx.GraphModule(_flat(modules, low.graph), low.graph, class_name="Decode")
@@ -54,13 +49,20 @@ def compile_encoder(spec: S.Spec, compiled, model: nn.Module) -> fx.GraphModule:
     (the batch's routing groups, capacity). Collectives come unbound, as ``compile_decode``'s."""
     low = lower(spec, device="meta", graph_only=True, static=compiled.layout == "static", part="encoder")
     placements = placement_pass(low, spec, compiled.mesh, compiled.rank, "meta", 0, False)
+    modules = _with_collectives(low, spec, compiled, placements, model)
+    return fx.GraphModule(_flat(modules, low.graph), low.graph, class_name="Encode")
+
+
+def _with_collectives(low, spec, compiled, placements, model: nn.Module) -> dict:
+    """The collectives put into ``low``'s graph (their modules, no weights, made for it), and every
+    module its nodes call: those, else ``model``'s own."""
     low.graph_only = False
     insert_collectives(low, spec, compiled.mesh, compiled.rank, placements)
     modules = dict(low.modules)
     for node in low.graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target not in modules:
             modules[node.target] = _resolve(model, node.target)
-    return fx.GraphModule(_flat(modules, low.graph), low.graph, class_name="Encode")
+    return modules
 
 
 def _resolve(model: nn.Module, target: str):

@@ -764,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.set_defaults(func=_cmd_distill_init)
 
     gn = sub.add_parser("generate", help="continue a prompt with a trained or imported model (KV cache; greedy or "
-                        "sampled)")
+                        "sampled); an encoder-decoder's prompt is its source, encoded once")
     gn.add_argument("model", metavar="MODEL", help="a `moedsl run` output folder, an import folder, or a spec with "
                     "--checkpoint")
     what = gn.add_mutually_exclusive_group(required=True)

@@ -133,41 +133,42 @@ def pick(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: 
 
 # ----------------------------------------------------------------------------- prompts
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts of any lengths -> (ids [B, T] left-padded with ``pad_id``, attention_mask [B, T])."""
+def _pad(prompts: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise UserError("generate: every prompt needs at least one token")
+        raise UserError(f"generate: every {'prompt' if left else 'source'} needs at least one token")
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.int64)
     mask = torch.zeros((len(prompts), T), dtype=torch.int64)
     for b, p in enumerate(prompts):
-        ids[b, T - len(p):] = torch.as_tensor(list(p), dtype=torch.int64)
-        mask[b, T - len(p):] = 1
+        at = slice(T - len(p), T) if left else slice(0, len(p))
+        ids[b, at] = torch.as_tensor(list(p), dtype=torch.int64)
+        mask[b, at] = 1
     return ids, mask
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of any lengths -> (ids [B, T] left-padded with ``pad_id``, attention_mask [B, T])."""
+    return _pad(prompts, pad_id, left=True)
 
 
 def right_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An encoder-decoder's sources of any lengths -> (ids [B, S] right-padded with ``pad_id``, their
     mask [B, S]), as T5's tokenizers pad."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise UserError("generate: every source needs at least one token")
-    S = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), S), pad_id, dtype=torch.int64)
-    mask = torch.zeros((len(prompts), S), dtype=torch.int64)
-    for b, p in enumerate(prompts):
-        ids[b, :len(p)] = torch.as_tensor(list(p), dtype=torch.int64)
-        mask[b, :len(p)] = 1
-    return ids, mask
+    return _pad(prompts, pad_id, left=False)
+
+
+def _check_shape(ids: torch.Tensor, max_new_tokens: int) -> None:
+    if ids.dim() != 2:
+        raise UserError(f"generate: input_ids must be [batch, tokens], got shape {list(ids.shape)}")
+    if max_new_tokens < 1:
+        raise UserError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
 
 
 def check_source(spec, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> None:
     """Refuses (``UserError``, one line) an encoder-decoder's sources that cannot be encoded, or
     more new tokens than the decoder takes. Any padding is masked (right padding, T5's, is usual)."""
     m = spec.model
-    if ids.dim() != 2:
-        raise UserError(f"generate: input_ids must be [batch, tokens], got shape {list(ids.shape)}")
-    if max_new_tokens < 1:
-        raise UserError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
+    _check_shape(ids, max_new_tokens)
     real = mask.bool()
     empty = (~real.any(dim=1)).nonzero()
     if len(empty):
@@ -194,10 +195,7 @@ def check_prompt(spec, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
     """The left padding of each row [B]; refuses (``UserError``, one line) what cannot be generated."""
     check_generates(spec)
     m = spec.model
-    if ids.dim() != 2:
-        raise UserError(f"generate: input_ids must be [batch, tokens], got shape {list(ids.shape)}")
-    if max_new_tokens < 1:
-        raise UserError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
+    _check_shape(ids, max_new_tokens)
     real = mask.bool()
     lengths = real.sum(dim=1)
     pad = ids.shape[1] - lengths

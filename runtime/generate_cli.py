@@ -15,7 +15,7 @@ from moedsl.hf.files import read_generation_config, read_tokenizer
 
 from moedsl.mesh import resolve_mesh
 
-from .generate import check_generates, check_prompt, generate, left_pad, sampling
+from .generate import check_generates, check_prompt, check_source, generate, left_pad, right_pad, sampling
 from .load import build
 from .resolve import resolve
 
@@ -116,8 +116,11 @@ def precheck(args) -> None:
     _device(getattr(args, "device", "auto"), args.nproc)  # --device cuda with --nproc: refused before any worker
     source = resolve(args.model, args.checkpoint)
     codec, prompt = _prompt(args, source)
-    ids, mask = left_pad([prompt])
-    check_prompt(source.spec, ids, mask, args.max_new_tokens)
+    if source.spec.encoder_decoder:  # the prompt is the encoder's source
+        check_source(source.spec, *right_pad([prompt], source.spec.model.pad_id), args.max_new_tokens)
+    else:
+        ids, mask = left_pad([prompt])
+        check_prompt(source.spec, ids, mask, args.max_new_tokens)
     stops(args, codec)
     sampling(read_generation_config(source.folders), args.temperature, args.top_k, args.top_p)
     resolve_mesh(source.spec, args.nproc)  # a placement error is a SpecError, once, before any worker starts
@@ -140,7 +143,7 @@ def run_cli(args, on_text=None) -> dict:
     ids = generate(model, [prompt] * args.batch, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, timings=timings, graphs=getattr(args, "cuda_graphs", "auto"),
                    stop=stops(args, codec), on_token=stream)
-    new = ids[:, len(prompt):].tolist()
+    new = ids[:, 1 if spec.encoder_decoder else len(prompt):].tolist()  # an encoder-decoder's: after decoder_start
     elapsed = timings["prefill_s"] + timings["decode_s"]
     result = {"ids": new, "tokens_per_s": args.batch * timings["new_tokens"] / max(elapsed, 1e-9),
               "prefill_s": timings["prefill_s"], "decode_s": timings["decode_s"], "processes": world,

@@ -272,10 +272,17 @@ def capture(model, batches, vocab: int, capacity_factor: Optional[float] = None)
                 inner = l.gate.choose
                 l.gate.choose = (lambda inner, l: lambda *a, **kw: l.on_choose(inner(*a, **kw)))(inner, l)
             hooks.append(l.gate.register_forward_hook(lambda m, args, out, l=l: l.on_route(out)))
+        spec = getattr(model, "spec", None)
+        encdec = spec is not None and spec.encoder_decoder
         for ids in batches:
+            args = ()
+            if encdec:  # the text is the source; the decoder reads it back, shifted right (its denoising target)
+                start = torch.full_like(ids[:, :1], spec.model.decoder_start_id)
+                args = (torch.cat([start, ids[:, :-1]], dim=1), None)
             for l in layers:
-                l.shape, l.ids = tuple(ids.shape), ids
-            model(ids)
+                decoder = encdec and spec.layers[int(l.name.split(".")[1])].stack == "decoder"
+                l.shape, l.ids = tuple(ids.shape), args[0] if decoder else ids
+            model(ids, *args)
     finally:
         for h in hooks:
             h.remove()

@@ -212,13 +212,22 @@ class Trainer:
         targets = batch.targets.to(self.device, non_blocking=True)
         mask = None if batch.loss_mask is None else batch.loss_mask.to(self.device, non_blocking=True)
         documents = packed(batch, self.options.pack, self.source, self.device)  # None unless --pack (no CUDA graphs then)
-        seq2seq = batch.model_args(self.device)  # an encoder-decoder's (decoder inputs, source mask): eager
+        seq2seq = self._seq2seq(batch)  # an encoder-decoder's (decoder inputs, source mask): eager
         if self.graphs and self._graphed is None:
             self._graphed = self._capture(inputs, targets, mask)
         if self._graphed is not None:
             return self._graphed(inputs, targets, mask)
         self.opt.zero_grad(set_to_none=True)  # the last step's gradients stay readable until now
         return self.train_step(inputs, targets, mask, documents, *seq2seq)
+
+    def _seq2seq(self, batch) -> tuple:
+        """``batch``'s (decoder inputs, source mask) on the device for an encoder-decoder; () for a
+        model of one stack. An encoder-decoder fed plain token rows is refused in one line."""
+        args = batch.model_args(self.device)
+        if self.spec.encoder_decoder and not args:
+            raise MoedslError(f"{self.spec.name} is an encoder-decoder: it trains on source/target pairs, but the "
+                              f"data {self.source.name} gives plain token rows (no decoder inputs)")
+        return args
 
     def _capture(self, inputs, targets, mask=None):
         try:
@@ -254,7 +263,7 @@ class Trainer:
                 out = self._eval_graph(inputs)
             else:
                 with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                    args = b.model_args(self.device) + (() if documents is None else (documents,))
+                    args = self._seq2seq(b) + (() if documents is None else (documents,))
                     out = model(inputs, *args)
             mask = None if b.loss_mask is None else b.loss_mask.to(self.device)  # instruction data: the answers
             count = None if mask is None else masked_count(mask, self.world)

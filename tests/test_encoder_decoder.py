@@ -248,7 +248,7 @@ def test_two_processes_equal_one_for_an_encoder_decoder_moe_with_drops(layout):
     assert diffs[0].dropped > 0  # capacity dropped assignments, padding routed included
 
 
-def test_the_trainers_step_and_evaluation_feed_the_decoder_and_mask_the_padded_labels(tmp_path):
+def test_the_trainers_step_and_evaluation_feed_the_decoder_and_mask_the_padded_labels(tmp_path, capsys):
     """Trainer.step passes Batch.decoder_inputs and source_mask to the model and takes the loss over
     the labels loss_mask marks (its first loss is that of a forward with them); evaluate does the
     same; steps on one batch drive its loss down (gradients reach both stacks); the run's
@@ -285,6 +285,20 @@ def test_the_trainers_step_and_evaluation_feed_the_decoder_and_mask_the_padded_l
     trainer.fit()
     meta = next((tmp_path / "run").rglob("meta.json")).read_text()
     assert '"encoder"' in meta and '"decoder"' in meta
+
+    # moedsl generate on the run: the prompt is the source; it prints the decoder's new ids
+    import moedsl
+    from moedsl.cli import main
+
+    model = moedsl.load_model(str(tmp_path / "run"))
+    want = moedsl.generate(model, [[5, 6, 7, 8]], max_new_tokens=4)[0, 1:].tolist()  # eos: the spec's
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "4",
+                 "--temperature", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ids"] == [want]
+    # moedsl inspect: the text is the source and, shifted right, the decoder's input: both stacks' layers
+    figures = moedsl.inspect(str(tmp_path / "run"), data="synthetic", tokens=32, seq=8, batch=4)
+    assert [(f["layer"], f["assignments"]) for f in figures["layers"]] == [("layers.4", 32), ("layers.12", 32)]
 
 
 def test_the_plan_counts_both_stacks_and_the_shared_table_once():
@@ -368,3 +382,68 @@ def test_generation_stops_at_the_specs_eos_and_refuses_a_bad_source():
         generate(model, [[5, 99]], max_new_tokens=2)
     with pytest.raises(UserError, match="is empty"):
         generate(model, torch.tensor([[5, 6]]), max_new_tokens=2, attention_mask=torch.tensor([[0, 0]]))
+
+
+def test_a_bfloat16_autocast_step_stays_close_to_float32():
+    """Under bfloat16 autocast (model.dtype: bfloat16 runs so) the relative bias, the float masks and
+    the cross-attention compute in the autocast dtype: the loss within 2% of float32's, and every
+    gradient finite."""
+    spec, model = _model(tiny_encdec(capacity_factor=8.0))
+    source, source_mask, dec_in, labels, loss_mask = copy_batch(4, 10, seed=7)
+
+    def loss(amp):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = model(source, dec_in, source_mask)
+        each = torch.nn.functional.cross_entropy(out.output.float().flatten(0, 1), labels.flatten(), reduction="none")
+        value = each[loss_mask.flatten()].mean()
+        value.backward()
+        return float(value.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, _ = loss(False)
+    half, grads = loss(True)
+    assert half == pytest.approx(full, rel=2e-2)
+    assert all(bool(torch.isfinite(g).all()) for g in grads.values()) and len(grads) > 40
+
+
+def test_relative_positions_in_a_single_stack_decode_as_the_full_forward_does():
+    """positions: relative is the stack's, not only an encoder-decoder's: a decoder-only model's one
+    table (``relative_bias``) over causal self-attention; left-padded prompts decode (the
+    distances are slot minus slot) with the logits the full forward gives each real row."""
+    from moedsl.api import build_model
+    from moedsl.runtime.generate import generate
+
+    text = """\
+moedsl: 1
+name: tiny-relative
+model: {vocab_size: 40, d_model: 16, max_seq_len: 32}
+layers:
+  - embedding: {}
+  - repeat: 2
+    block:
+      - attention: {heads: 2, positions: relative, scaled: false, relative_buckets: 8, relative_max_distance: 16}
+      - ffn: {hidden: 32}
+  - norm: {}
+  - head: {}
+"""
+    spec = load_spec(text)
+    model = build_model(spec, seed=1, dtype=torch.float32).eval()
+    assert "relative_bias.weight" in dict(model.named_parameters())
+    prompts = [[3, 4, 5, 6, 7], [8, 9]]
+    got = generate(model, prompts, max_new_tokens=5, eos_token_id=None)
+    for b, p in enumerate(prompts):  # each row alone, greedy by full forwards
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            for _ in range(5):
+                ids = torch.cat([ids, model(ids).output[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert got[b, -len(p) - 5:].tolist() == ids[0].tolist()
+
+
+def test_an_encoder_decoder_fed_plain_token_rows_is_refused_in_one_line(tmp_path):
+    from moedsl.errors import MoedslError
+    from moedsl.runtime.train import RunOptions, Trainer
+
+    spec = load_spec(tiny_encdec())
+    trainer = Trainer(spec, RunOptions.from_spec(spec, steps=1, batch=4, seq=8, out=tmp_path / "run"))
+    with pytest.raises(MoedslError, match="trains on source/target pairs, but the data synthetic gives plain"):
+        trainer.step(trainer.source.batch(0, 4, 8), 1e-3)
