@@ -48,8 +48,9 @@ class Experts:
     shared: Optional[SharedExperts] = None
     token_dropout: float = _EXPERTS["token_dropout"]  # NLLB-MoE's moe_token_dropout on each routed output row
 
-    # what a resume may change: the dropout (training only), the initialisation (the checkpoint replaces it)
-    training_only = frozenset({"dropout", "init_scale"})
+    # what a resume may change: the dropouts (training only; token_dropout's evaluation scale moves
+    # with it), the initialisation (the checkpoint replaces it)
+    training_only = frozenset({"dropout", "token_dropout", "init_scale"})
 
     @property
     def glu(self) -> bool:
