@@ -162,6 +162,17 @@ class Distill:
     temperature: float = _DISTILL["temperature"]["default"]
 
 
+_SPAN = schema()["$defs"]["train"]["properties"]["span_corruption"]["properties"]
+
+
+@dataclass(frozen=True)
+class SpanCorruption:
+    """train.span_corruption: T5's noise (runtime/span_corruption.py)."""
+
+    noise_density: float = _SPAN["noise_density"]["default"]
+    mean_span: float = _SPAN["mean_span"]["default"]
+
+
 @dataclass(frozen=True)
 class Train:
     batch_size: int = _TRAIN["batch_size"]
@@ -181,6 +192,8 @@ class Train:
     recompute: str = _TRAIN["recompute"]  # none | experts | layers: activations recomputed in backward
     micro_batches: int = _TRAIN["micro_batches"]  # gradient accumulation: a step's batch in M pieces
     distill: Optional[Distill] = None  # knowledge distillation from a teacher (training only)
+    objective: str = _TRAIN["objective"]  # lm | span_corruption | seq2seq (an encoder-decoder's default)
+    span_corruption: SpanCorruption = field(default_factory=SpanCorruption)
 
 
 @dataclass(frozen=True)

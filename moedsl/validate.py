@@ -16,7 +16,7 @@ from .kinds import layer_kind, layer_kinds, take
 from .kinds.moe import overlap_issue
 from .kinds.patch_embed import tokens_per_image
 from .mesh import check_mesh
-from .spec import Distill, Hardware, Image, Layer, Mesh, Model, Placement, Replication, Spec, Train
+from .spec import Distill, Hardware, Image, Layer, Mesh, Model, Placement, Replication, Spec, SpanCorruption, Train
 
 MAX_LAYERS = 10_000  # after repeat expansion
 
@@ -449,12 +449,21 @@ def _train(d: dict, model: Model, c: _Checks, layers: tuple = ()) -> Train:
     if batch % micro:
         c.error(("train", "micro_batches"), f"micro_batches {micro} does not split batch_size {batch} into equal "
                 "micro-batches", f"use a divisor of {batch}")
+    encoder_decoder = bool(layers) and layers[0].stack == "encoder"
+    objective = d.get("objective", "seq2seq" if encoder_decoder else Train.objective)
+    if objective != "lm" and layers and not encoder_decoder:
+        c.error(("train", "objective"), f"objective {objective} trains an encoder–decoder, and this spec is "
+                "decoder-only (layers)", "state encoder: and decoder: stacks, or use objective: lm")
+    if objective == "lm" and encoder_decoder:
+        c.error(("train", "objective"), "objective lm is a decoder-only stack's next-token loss; an "
+                "encoder–decoder learns span_corruption (text) or seq2seq (source/target pairs)")
     if model.input == "image" and model.image is not None:
         return _image_train(d, model, c, layers)
     seq = d.get("seq_len", min(model.max_seq_len, 64))
     if seq > model.max_seq_len:
         c.error(("train", "seq_len"), f"seq_len {seq} exceeds model.max_seq_len {model.max_seq_len}")
-    return _take(Train, d, seq_len=seq, distill=_take(Distill, d["distill"]) if "distill" in d else None)
+    return _take(Train, d, seq_len=seq, distill=_take(Distill, d["distill"]) if "distill" in d else None,
+                 objective=objective, span_corruption=_take(SpanCorruption, d.get("span_corruption") or {}))
 
 
 def _image_train(d: dict, model: Model, c: _Checks, layers: tuple) -> Train:

@@ -105,7 +105,9 @@ class Source:
         return list(self._notes)
 
 
-def _gen(seed: int, *parts) -> torch.Generator:
+def seeded_generator(seed: int, *parts) -> torch.Generator:
+    """A generator seeded by a hash of (seed, *parts) (say the split, step and row): the draws of
+    one row of one batch, the same on every rank and across a resume."""
     h = hashlib.blake2b(repr((seed,) + parts).encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(h, "little") & (2**63 - 1))
 
@@ -121,7 +123,7 @@ class Synthetic(Source):
             raise MoedslError(f"the synthetic data needs vocab_size >= 16, the spec has {vocab}")
         self.vocab, self.seed = vocab, seed
         self.region = max((vocab - len(self.TASKS)) // len(self.TASKS), 2)  # tokens of one task's alphabet
-        g = _gen(seed, "markov")
+        g = seeded_generator(seed, "markov")
         probs = torch.rand(self.region, self.region, generator=g) ** 8  # peaked transitions
         self.markov_cdf = (probs / probs.sum(-1, keepdim=True)).cumsum(-1).tolist()
 
@@ -155,7 +157,7 @@ class Synthetic(Source):
     def rows(self, step, rows, seq, split):
         out = torch.empty(len(rows), seq + 1, dtype=torch.int64)
         for i, row in enumerate(rows):
-            g = _gen(self.seed, split, step, row)
+            g = seeded_generator(self.seed, split, step, row)
             task = int(torch.randint(0, len(self.TASKS), (1,), generator=g))
             out[i, 0] = task
             out[i, 1:] = self._one(g, task, seq)
@@ -185,7 +187,8 @@ class Bytes(Source):
         out = torch.empty(len(rows), seq + 1, dtype=torch.int64)
         seed = self.seed if split == "train" else 0  # one held-out set, whatever the training seed
         for i, row in enumerate(rows):
-            start = int(torch.randint(0, data.numel() - seq - 1, (1,), generator=_gen(seed, split, step, row)))
+            g = seeded_generator(seed, split, step, row)
+            start = int(torch.randint(0, data.numel() - seq - 1, (1,), generator=g))
             out[i] = data[start:start + seq + 1].long()
         return Batch(out[:, :-1], out[:, 1:])
 
@@ -212,7 +215,7 @@ def pystdlib_bytes(limit: int = PYSTDLIB_MAX_BYTES) -> tuple[bytes, bytes, int]:
 class Tokens(Source):
     """Random windows of prepared folders (runtime/tokens.py), mixed by weight.
 
-    Row r of step s draws, from ``_gen(seed, split, s, r)``, a folder (folder k with probability
+    Row r of step s draws, from ``seeded_generator(seed, split, s, r)``, a folder (folder k with probability
     ``weights[k]``) and then a uniform start in that folder's split, and reads the ``seq + 1``
     tokens there: inputs are the first ``seq``, targets the last ``seq``, and ``documents`` numbers
     each input token's document within the row (a window crosses document ends: each document
@@ -263,13 +266,13 @@ class Regression(Source):
     name = "synthetic-regression"
 
     def __init__(self, d: int, seed: int, clusters: int = 8):
-        g = _gen(seed, "teacher")
+        g = seeded_generator(seed, "teacher")
         self.keys = torch.randn(d, clusters, generator=g)
         self.maps = torch.randn(clusters, d, d, generator=g) / d ** 0.5
         self.d, self.seed = d, seed
 
     def rows(self, step, rows, seq, split):
-        x = torch.stack([torch.randn(seq, self.d, generator=_gen(self.seed, split, step, r)) for r in rows])
+        x = torch.stack([torch.randn(seq, self.d, generator=seeded_generator(self.seed, split, step, r)) for r in rows])
         c = (x @ self.keys).argmax(-1)
         y = torch.einsum("btd,bted->bte", x, self.maps[c])
         return Batch(x, y)
@@ -289,7 +292,7 @@ class Epochs:
         if epoch not in self._perms:
             if len(self._perms) > 4:
                 self._perms.clear()
-            self._perms[epoch] = torch.randperm(self.n, generator=_gen(self.seed, self.name, epoch))
+            self._perms[epoch] = torch.randperm(self.n, generator=seeded_generator(self.seed, self.name, epoch))
         return int(self._perms[epoch][i % self.n])
 
     @staticmethod
@@ -303,7 +306,7 @@ class Images(Source):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, seed: int, name: str):
         n = images.shape[0]
-        order = torch.randperm(n, generator=_gen(0, "image-split", name, n))  # the data's own, not the run's
+        order = torch.randperm(n, generator=seeded_generator(0, "image-split", name, n))  # the data's, not the run's
         held = n // 6
         self.data = {"train": (images[order[held:]], labels[order[held:]]),
                      "eval": (images[order[:held]], labels[order[:held]])}
@@ -475,12 +478,12 @@ def spec_data(spec) -> str:
     return ",".join(f"{path}:{it.weight!r}" for path, it in zip(rebased, items))
 
 
-def _is_prepared(path) -> bool:
+def is_prepared(path) -> bool:
     """A folder with a manifest: prepared tokens (``open_tokens`` checks it), not raw text."""
     return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
 
 
-def _vocabulary_not_bytes(spec, init) -> Optional[str]:
+def vocabulary_not_bytes(spec, init) -> Optional[str]:
     """Why a model with no tokenizer must still not read text as bytes: its vocabulary is a Hugging
     Face model's (the spec is an import's, or the weights come from ``init``: either folder keeps
     the checkpoint's config as hf_config.json). None: a spec of moedsl's own (hand-written, or
@@ -494,7 +497,7 @@ def _vocabulary_not_bytes(spec, init) -> Optional[str]:
     return None
 
 
-def _not_bytes(data: str, why: str) -> str:
+def not_bytes(data: str, why: str) -> str:
     return (f"--data {data!r}: raw text for a model with no tokenizer whose vocabulary is not bytes ({why}): give "
             f"a folder prepared with the model's tokenizer (moedsl data prepare --tokenizer), or put its {TOKENIZER} "
             "beside the weights")
@@ -515,13 +518,21 @@ def source_problems(spec, data: str, seq: int, *, init=None) -> list:
             return [f"--data {data!r}: a spec over vectors (model.input: vectors) trains on the built-in "
                     "regression task: use synthetic"]
         return []
+    from . import instruct, seq2seq  # here, not at the top: they build on this module's Source
+
+    if seq2seq.encoder_decoder_data(spec):  # span corruption, source/target pairs
+        return seq2seq.problems(spec, data, seq, init)
     if data == "synthetic":
         return [] if m.vocab_size >= 16 else [
             f"--data synthetic needs model.vocab_size >= 16, the spec has {m.vocab_size}"]
-    from . import instruct  # here, not at the top: it builds on this module's Source
-
     if instruct.kind_of(data):  # JSONL of prompt/completion pairs or chat messages
         return instruct.problems(spec, data, init)
+    return text_problems(spec, data, seq, init=init)
+
+
+def text_problems(spec, data: str, seq: int, *, init=None) -> list:
+    """``source_problems`` for text (a prepared folder, a mixture of them, raw text) read in windows
+    of ``seq + 1`` tokens."""
     try:
         items = data_items(data)
         tokenizer = model_tokenizer(spec, init)
@@ -529,7 +540,7 @@ def source_problems(spec, data: str, seq: int, *, init=None) -> list:
         return [str(e)]
     problems, folders = [], []
     for it in items:
-        if _is_prepared(it.path):
+        if is_prepared(it.path):
             try:
                 folders.append((it, open_tokens(it.path)))
             except UserError as e:
@@ -543,8 +554,8 @@ def source_problems(spec, data: str, seq: int, *, init=None) -> list:
             problems.append(f"--data {data}: item {it.given!r} is raw text, not a prepared folder (no {MANIFEST}), "
                             "and the model has no tokenizer to prepare it with: moedsl data prepare it first")
         else:
-            why = _vocabulary_not_bytes(spec, init)
-            problems += [_not_bytes(data, why)] if why else _byte_text_problems(spec, data, seq)
+            why = vocabulary_not_bytes(spec, init)
+            problems += [not_bytes(data, why)] if why else _byte_text_problems(spec, data, seq)
     try:
         problems += _folder_problems(spec, folders, tokenizer, seq)
     except UserError as e:  # the model's tokenizer.json cannot be read
@@ -653,23 +664,32 @@ def make_source(spec, data: str, seed: int, *, init=None) -> Source:
         if data not in ("synthetic", "synthetic-regression"):
             raise MoedslError(f"a spec over vectors trains on the built-in regression task, not {data!r}")
         return Regression(m.d_model, seed)
+    from . import seq2seq
+    from .instruct import Instructions, kind_of  # here: they build on this module's Source
+
+    if seq2seq.encoder_decoder_data(spec):  # span corruption, source/target pairs
+        return seq2seq.make(spec, data, seed, init)
     if data == "synthetic":
         return Synthetic(m.vocab_size, seed)
-    from .instruct import Instructions, kind_of  # here: it builds on this module's Source
-
     if kind_of(data):  # JSONL of prompt/completion pairs or chat messages
         return Instructions(data, spec, seed, init)
+    return text_source(spec, data, seed, init=init)
+
+
+def text_source(spec, data: str, seed: int, *, init=None) -> Source:
+    """The source of text ``data`` (a prepared folder, a mixture of them, raw text): windows of
+    ``seq + 1`` tokens (``make_source``)."""
     items = data_items(data)
     tokenizer = model_tokenizer(spec, init)
-    if tokenizer is None and not all(_is_prepared(it.path) for it in items):
-        why = _vocabulary_not_bytes(spec, init)
+    if tokenizer is None and not all(is_prepared(it.path) for it in items):
+        why = vocabulary_not_bytes(spec, init)
         if why or len(items) > 1:
-            raise UserError(_not_bytes(data, why or "a mixture takes prepared folders"))
+            raise UserError(not_bytes(data, why or "a mixture takes prepared folders"))
         return _byte_text(spec, data, seed)
     folders = []
     for it in items:
         path = it.path
-        if not _is_prepared(path):  # raw text for a model with a tokenizer: prepared once, then read from a cache
+        if not is_prepared(path):  # raw text for a model with a tokenizer: prepared once, then read from a cache
             from .prepare import cached_prepare
 
             path = cached_prepare(it.path, tokenizer)
@@ -742,6 +762,9 @@ def pack_problems(spec, data: str, pack: str, init=None, name: str = "--pack") -
         return [f"{name} {pack!r}: must be {' or '.join(PACKS)}"]
     if pack == "none":
         return []
+    if spec.train.objective != "lm":
+        return [f"{name} documents: train.objective {spec.train.objective} builds one example per row (an "
+                "encoder–decoder's source and target): there is nothing to pack"]
     if spec.model.input != "tokens":
         return [f"{name} documents: a spec over {spec.model.input} (model.input) has no documents to pack"]
     if data == "synthetic":

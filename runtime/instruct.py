@@ -50,6 +50,7 @@ from .tokens import model_tokenizer
 HOLD_OUT = 20  # one example in 20 (5%) held out, by the hash of its line; at least one
 SNIFF_BYTES = 1 << 26  # detection reads at most this much of a file for its first record (one line)
 PROMPT, MESSAGES = "prompt/completion", "messages"
+PAIRS = "source/target"  # train.objective seq2seq's records (runtime/seq2seq.py)
 # eos by name, where the tokenizer's config names none (byte-level BPE tokenizers and the like)
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "<|im_end|>")
 PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
@@ -122,17 +123,28 @@ def read_records(path, kind: str) -> list:
     return records
 
 
+def held_out(records: list, examples: list) -> dict:
+    """{"train": [...], "eval": [...]}: ``examples`` (one per record) split by their records' line
+    hashes, one in ``HOLD_OUT`` held out (at least one, never all)."""
+    held = [i for i, r in enumerate(records) if r.key % HOLD_OUT == 0]
+    if not held or len(held) == len(records):
+        held = [min(range(len(records)), key=lambda i: records[i].key)]
+    held_set = set(held)
+    return {"eval": [examples[i] for i in held], "train": [e for i, e in enumerate(examples) if i not in held_set]}
+
+
 def _json_type(v) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
         type(v), "number")
 
 
 def _check_record(value: dict, kind: str, where: str) -> None:
-    if kind == PROMPT:
-        for key in ("prompt", "completion"):
+    if kind in (PROMPT, PAIRS):
+        why = ("the file's first record is a prompt/completion pair" if kind == PROMPT else
+               "train.objective seq2seq")
+        for key in kind.split("/"):
             if key not in value:
-                raise UserError(f"{where}: no {key!r} (the file's first record is a prompt/completion pair: every "
-                                "record needs both)")
+                raise UserError(f"{where}: no {key!r} ({why}: every record needs both {' and '.join(kind.split('/'))})")
             if not isinstance(value[key], str):
                 raise UserError(f"{where}: {key!r} is a JSON {_json_type(value[key])}, not a string")
         return
@@ -272,12 +284,7 @@ class Instructions(Source):
             raise UserError(problem)
         records = read_records(self.path, self.kind)
         examples = tokenize(records, self.kind, self.codec, self.path)
-        held = [i for i, r in enumerate(records) if r.key % HOLD_OUT == 0]
-        if not held or len(held) == len(records):
-            held = [min(range(len(records)), key=lambda i: records[i].key)]
-        held_set = set(held)
-        self.examples = {"eval": [examples[i] for i in held],
-                         "train": [e for i, e in enumerate(examples) if i not in held_set]}
+        self.examples = held_out(records, examples)
         hi = max(int(ids.max()) for ids, _ in examples if ids.size)
         if hi >= spec.model.vocab_size:
             raise UserError(f"--data {path}: token id {hi} from {tokenizer} is outside model.vocab_size "

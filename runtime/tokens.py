@@ -42,7 +42,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-def _tokenizer_json(path):
+def tokenizer_json(path):
     p = Path(path)
     try:
         return json.loads(p.read_text(encoding="utf-8"))
@@ -55,7 +55,7 @@ def _tokenizer_json(path):
 def tokenizer_sha256(path) -> str:
     """The hash that names a tokenizer: sha256 of its tokenizer.json as canonical JSON (keys
     sorted, no spaces), so the same tokenizer saved with other formatting hashes the same."""
-    canon = json.dumps(_tokenizer_json(path), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canon = json.dumps(tokenizer_json(path), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
 
@@ -63,7 +63,7 @@ def tokenizer_max_id(path) -> int:
     """The largest id a tokenizer.json can give, read from the JSON alone (no ``tokenizers``):
     its model's vocabulary ({token: id} of BPE, WordPiece and WordLevel; Unigram's list of
     [token, score] in id order) and its added tokens. -1 where it has none."""
-    data = _tokenizer_json(path)
+    data = tokenizer_json(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a tokenizer.json (a JSON {type(data).__name__}, not an object)")
     vocab = (data.get("model") or {}).get("vocab") if isinstance(data.get("model"), dict) else None

@@ -443,7 +443,10 @@ def test_an_encoder_decoder_fed_plain_token_rows_is_refused_in_one_line(tmp_path
     from moedsl.errors import MoedslError
     from moedsl.runtime.train import RunOptions, Trainer
 
+    from moedsl.runtime.data import Synthetic
+
     spec = load_spec(tiny_encdec())
     trainer = Trainer(spec, RunOptions.from_spec(spec, steps=1, batch=4, seq=8, out=tmp_path / "run"))
+    trainer.source = Synthetic(40, 0)  # a decoder-only model's rows (an enc-dec's own synthetic data is pairs)
     with pytest.raises(MoedslError, match="trains on source/target pairs, but the data synthetic gives plain"):
         trainer.step(trainer.source.batch(0, 4, 8), 1e-3)
