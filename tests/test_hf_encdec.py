@@ -281,3 +281,47 @@ def test_export_without_the_recorded_config_writes_every_field_from_the_spec(tmp
         theirs = ref(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
         again = back.eval()(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
     assert _rel(again, theirs) <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["switch_transformers", "nllb-moe"])
+def test_fine_tuned_import_exports_to_transformers_with_the_runs_logits(tmp_path, chosen_experts, model_type):
+    """``moedsl run --init IMPORT`` (2 steps of the encoder-decoder's synthetic seq2seq data), then
+    ``moedsl export RUN``: transformers loads it with no missing or unexpected keys and computes the
+    fine-tuned model's logits, not the imported ones."""
+    ref, cfg = _reference(model_type, {})
+    ref.save_pretrained(tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")]) == 0
+    assert main(["run", str(tmp_path / "imp" / "spec.yaml"), "--init", str(tmp_path / "imp"), "--steps", "2",
+                 "--batch", "4", "--seq", "8", "--no-progress", "--eval-batches", "1", "--ignore-memory-check",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exp")]) == 0
+    back, info = type(ref).from_pretrained(tmp_path / "exp", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    tuned = moedsl.load_model(tmp_path / "run").eval()
+    src, mask, dec = _batch(cfg)
+    with torch.no_grad():
+        theirs = back.eval()(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
+        before = ref(input_ids=src, attention_mask=mask.long(), decoder_input_ids=dec).logits
+        ours = tuned(src, dec, mask).output
+    assert _rel(ours, theirs) <= 1e-4
+    assert _rel(before, theirs) > 1e-3
+
+
+def test_an_encoder_decoder_spec_no_family_computes_is_refused_naming_each_familys_reason():
+    """A hand-written T5-shaped spec whose gates count a capacity_factor over the batch is not
+    transformers' Switch (an expert_capacity per sequence): the export names that, and why
+    NLLB-MoE is not it either, rather than writing a config.json that computes something else."""
+    from encdec_helpers import tiny_encdec
+
+    from moedsl.errors import UserError
+    from moedsl.hf import family_of_spec
+    from moedsl.spec_loader import load_spec
+
+    spec = load_spec(tiny_encdec(), source="t.yaml")
+    with pytest.raises(UserError) as e:
+        family_of_spec(spec)
+    assert "switch_transformers: encoder[1].block[1].cycle[1].moe.gate: capacity_factor 2.0" in str(e.value)
+    assert "nllb-moe: model.norm rmsnorm" in str(e.value)
+    fixed = tiny_encdec().replace("capacity_factor: 2.0", "expert_capacity: 4, routing_groups: sequence")
+    assert family_of_spec(load_spec(fixed, source="t.yaml")).model_type == "switch_transformers"
