@@ -31,7 +31,9 @@ pre-norm residual sublayers. Each of the model's details, with the place it come
   the queue before second ones; the capacity is ``expert_capacity`` in training and
   ceil(``moe_eval_capacity_token_fraction`` × tokens) in evaluation (a fraction ≤ 0: expert_capacity
   again), counted over all the tokens of the batch (the router flattens [batch, seq]) — so the
-  batch's rows interact, and moedsl follows that: its routing group is the whole batch; pad tokens
+  batch's rows interact, and moedsl follows that: its routing group is the whole batch (but a
+  decode step routes each new token alone: transformers' decode step shares the capacity among the
+  batch's new tokens, so batched greedy decoding with a fraction below 1 may pick otherwise); pad tokens
   of the source are not routed unless ``router_ignore_padding_tokens`` (the encoder passes its
   padding mask to the router; in the decoder the causal mask's last row marks no token as pad);
 * ``moe_token_dropout``: expert output masking, a dropout of each token's expert output in
@@ -201,7 +203,9 @@ class NllbMoe(EncDecFamily):
             *spec_header(source, self.model_type, config.get("architectures") or self.architectures[:1]),
             "# Routing groups: the whole batch, as transformers counts the capacity over all its tokens: a",
             "# row's routing depends on the other rows (with moe_eval_capacity_token_fraction 1.0, nothing is",
-            "# dropped in evaluation, so it does not).",
+            "# dropped in evaluation, so it does not). Decoding differs: moedsl routes each new token alone,",
+            "# where transformers' decode step shares ceil(fraction x B) slots among the B rows' new tokens;",
+            "# the greedy ids agree at batch 1, and at any batch with the fraction at 1.0 (nothing dropped).",
             "moedsl: 1",
             f"name: {name}",
             f"description: {name} imported from Hugging Face ({self.model_type})",
