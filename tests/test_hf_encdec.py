@@ -136,6 +136,8 @@ def _saved(tmp_path, model_type: str, over: dict | None = None, **edit) -> Path:
     ("switch_transformers", "is_gated_act", True, "ungated experts"),
     ("switch_transformers", "feed_forward_proj", "gated-gelu", "ungated experts"),
     ("switch_transformers", "relative_attention_bias_style", "alibi", "SwitchTransformersConfig"),
+    ("switch_transformers", "num_selected_experts", 2, "what transformers 5's Switch computes"),
+    ("switch_transformers", "router_type", "experts_masked", "'tokens_masked'"),
     ("nllb-moe", "second_expert_policy", "best", "all, sampling, random"),
     ("nllb-moe", "activation_function", "gelu_new", "relu, gelu, silu"),
     ("nllb-moe", "encoder_sparse_step", -1, "0 (no sparse layer) or a positive integer"),
@@ -146,6 +148,16 @@ def test_a_config_value_moedsl_cannot_express_is_refused_naming_field_and_value(
     err = refused(capsys, ["import", str(src), "--out", str(tmp_path / "o")], tmp_path / "o", field, repr(value),
                   needle)
     assert model_type in err
+
+
+def test_released_switch_config_fields_of_transformers_4_import_with_the_values_5_computes(tmp_path):
+    """google/switch-base-8's config.json (transformers 4) also has num_selected_experts 1, router_type
+    tokens_masked, batch_prioritized_routing false, feed_forward_proj relu, is_gated_act false and the
+    derived sparse steps: fields transformers 5 reads nowhere, with the values it computes."""
+    src = _saved(tmp_path, "switch_transformers", num_selected_experts=1, router_type="tokens_masked",
+                 batch_prioritized_routing=False, feed_forward_proj="relu", is_gated_act=False,
+                 encoder_sparse_step=2, decoder_sparse_step=2)
+    assert main(["import", str(src), "--out", str(tmp_path / "imp")]) == 0
 
 
 @pytest.mark.parametrize("model_type,prefix", [("switch_transformers", ""), ("nllb-moe", "model.")])
@@ -329,3 +341,16 @@ def test_an_encoder_decoder_spec_no_family_computes_is_refused_naming_each_famil
     assert "nllb-moe: model.norm rmsnorm" in str(e.value)
     fixed = tiny_encdec().replace("capacity_factor: 2.0", "expert_capacity: 4, routing_groups: sequence")
     assert family_of_spec(load_spec(fixed, source="t.yaml")).model_type == "switch_transformers"
+
+
+@pytest.mark.parametrize("policy", ["sampling", "random"])
+def test_nllb_moes_random_second_expert_policies_import_as_the_gates_and_export_back(tmp_path, policy):
+    """second_expert_policy sampling and random draw at random in evaluation too (NllbMoeTop2Router
+    does not look at ``training``), so no two runs give the same logits: the import carries them as
+    the gshard gate's ``second_expert`` and the export writes them back."""
+    src = _saved(tmp_path, "nllb-moe", {"second_expert_policy": policy})
+    assert main(["import", str(src), "--out", str(tmp_path / "imp")]) == 0
+    assert f"second_expert: {policy}  # second_expert_policy {policy}" in (tmp_path / "imp" / "spec.yaml").read_text()
+    (tmp_path / "imp" / "hf_config.json").unlink()
+    assert main(["export", str(tmp_path / "imp"), "--out", str(tmp_path / "exp")]) == 0
+    assert json.loads((tmp_path / "exp" / "config.json").read_text())["second_expert_policy"] == policy

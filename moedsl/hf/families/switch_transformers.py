@@ -104,8 +104,12 @@ class SwitchTransformers(EncDecFamily):
                 "dense_act_fn": "relu", "pad_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": True,
                 "decoder_start_token_id": None}
     # recomputed by __post_init__ (the sparse steps), initialisation, outputs, older releases' names
+    # (the released checkpoints' config.json, written by transformers 4, also holds num_selected_experts,
+    # router_type and batch_prioritized_routing, which transformers 5.25 reads nowhere: ``read`` accepts
+    # the values it computes — top-1, tokens choosing, by position — and refuses others by name)
     ignored = {"encoder_sparse_step", "decoder_sparse_step", "initializer_factor", "add_router_probs",
-               "feed_forward_proj", "is_gated_act", "n_positions"}
+               "feed_forward_proj", "is_gated_act", "n_positions", "num_selected_experts", "router_type",
+               "batch_prioritized_routing"}
 
     def read(self, c, config) -> None:
         if c["num_decoder_layers"] is None:  # __post_init__: symmetric
@@ -121,6 +125,11 @@ class SwitchTransformers(EncDecFamily):
             field = "is_gated_act" if config.get("is_gated_act") else "feed_forward_proj"
             self.refuse(field, config[field], "ungated experts (dense_act_fn alone; transformers 5 ignores "
                         "this field)")
+        for field, value in (("num_selected_experts", 1), ("router_type", "tokens_masked"),
+                             ("batch_prioritized_routing", False)):
+            if config.get(field, value) != value:
+                self.refuse(field, config[field], f"{value!r} (what transformers 5's Switch computes; it reads "
+                            "no such field)")
         if c["eos_token_id"] is None or isinstance(c["eos_token_id"], list):
             self.refuse("eos_token_id", c["eos_token_id"], "one token id")
         if c["decoder_start_token_id"] is None:  # T5 starts from the pad token (_shift_right)
