@@ -230,7 +230,9 @@ SWITCH_DROPS = {"expert_capacity": 2, "num_sparse_encoder_layers": 2, "num_spars
     ("nllb-moe", {"init_std": 1.0}, [7]),
     ("nllb-moe", {"init_std": 1.0, "scale_embedding": False, "moe_eval_capacity_token_fraction": 0.3}, [7]),
     ("nllb-moe", {"init_std": 1.0}, [7, 5, 3]),
-], ids=["switch-b1", "switch-b1-drops-eos", "switch-b4-drops", "switch-b4", "nllb-b1", "nllb-b1-drops-eos", "nllb-b3"])
+    ("nllb-moe", {"init_std": 1.0, "moe_token_dropout": 0.2}, [7]),
+], ids=["switch-b1", "switch-b1-drops-eos", "switch-b4-drops", "switch-b4", "nllb-b1", "nllb-b1-drops-eos", "nllb-b3",
+        "nllb-b1-token-dropout"])
 def test_greedy_ids_equal_transformers_generate(tmp_path, chosen_experts, model_type, over, lengths):
     """``moedsl.generate`` of the import (encode once, decode with self- and cross-attention caches,
     greedy) gives transformers' ``generate(do_sample=False, num_beams=1, max_new_tokens=12)`` ids,
