@@ -15,10 +15,11 @@ from typing import Optional
 
 import torch
 
+from moedsl.dtypes import NAMES
 from moedsl.errors import UserError
 
 from . import Family, Tensor, same
-from .llama_like import IGNORED, _periodic, at, changed, stack_t, transposed, yaml_float  # noqa: F401 - re-exported
+from .llama_like import IGNORED, at, changed, periodic, stack_t, transposed, yaml_float  # noqa: F401 - re-exported
 
 
 class Config(dict):
@@ -50,9 +51,9 @@ class EncDecFamily(Family):
             if key not in self.defaults and key not in IGNORED and key not in self.ignored:
                 self.refuse(key, config[key], f"the fields of transformers' {self.config_class}")
         c = Config({k: config.get(k, v) for k, v in self.defaults.items()}, set(config), self.config_class)
-        dtype = config.get("dtype", config.get("torch_dtype", "float32"))
-        if dtype not in ("float32", "bfloat16", "float16"):
-            self.refuse("dtype", dtype, "float32, bfloat16, float16")
+        dtype = config.get("dtype", config.get("torch_dtype", NAMES[0]))
+        if dtype not in NAMES:
+            self.refuse("dtype", dtype, ", ".join(NAMES))
         c["dtype"] = dtype
         self.read(c, config)
         return c
@@ -186,7 +187,7 @@ def stack_lines(blocks: list, indent: str, count_note: str) -> list:
     keys = [tuple((k, c, tuple(b)) for k, c, b in block[1]) for block in blocks]
     out, i, n = [], 0, len(blocks)
     while i < n:
-        p, r = _periodic(keys, i)
+        p, r = periodic(keys, i)
         if r > 1:
             span = count_note if p * r == n else f"blocks {i}-{i + p * r - 1}"
             out += [f"{indent}- repeat: {r}  # {span}", f"{indent}  block:"]

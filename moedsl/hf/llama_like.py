@@ -144,7 +144,7 @@ def spec_tail(tie: bool) -> list:
             ""]
 
 
-def _periodic(layers: list, i: int) -> tuple:
+def periodic(layers: list, i: int) -> tuple:
     """(period p, repeats r) covering the most layers from ``i`` with layers[i:i+p·r] periodic."""
     best = (1, 1)
     for p in range(1, (len(layers) - i) // 2 + 1):
@@ -380,7 +380,7 @@ class LlamaLike(Family):
         keys = [(tuple(a), (m[0], m[1], tuple(m[2]))) for a, m in per]
         i = 0
         while i < n:
-            p, r = _periodic(keys, i)
+            p, r = periodic(keys, i)
             span = f"model.layers.{i}" if p * r == 1 else \
                 "model.layers.*" if p * r == n else f"model.layers.{i}-{i + p * r - 1}"
             if r > 1:

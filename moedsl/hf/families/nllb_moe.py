@@ -58,6 +58,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from moedsl.kinds.gates.gshard import GShard
+
 from .. import register
 from ..encdec import EncDecFamily, at, blocks, fmt, one, stack_lines
 from ..llama_like import spec_header
@@ -334,7 +336,7 @@ class NllbMoe(EncDecFamily):
         seen.setdefault("activation_function", []).append((x.activation, L))
         if L.kind == "moe":
             g = c.gate
-            if g.type != "gshard":
+            if not isinstance(g, GShard.Options):
                 return f"{at(L, 'gate', 'type')} {g.type} (NLLB-MoE's router is top-2: gshard)"
             if g.expert_capacity is None or g.routing_groups != 1 or g.dropped_tokens != "residual" or \
                     not g.normalize:

@@ -53,6 +53,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+from moedsl.kinds.gates import gate_type
+from moedsl.kinds.gates.switch import Switch
+
 from .. import register
 from ..encdec import EncDecFamily, at, blocks, changed, fmt, one, stack_lines
 from ..llama_like import spec_header
@@ -329,7 +332,7 @@ class SwitchTransformers(EncDecFamily):
         seen.setdefault("dense_act_fn", []).append((x.activation, L))
         if L.kind == "moe":
             g = c.gate
-            if g.type != "switch":
+            if type(gate_type(g.type)) is not Switch:
                 return f"{at(L, 'gate', 'type')} {g.type} (Switch's router is top-1: switch)"
             if g.expert_capacity is None or g.routing_groups != "sequence":
                 return (f"{at(L, 'gate')}: capacity_factor {g.capacity_factor}, routing_groups {g.routing_groups} "
