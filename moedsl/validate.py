@@ -301,7 +301,7 @@ def _layers(data: dict, model: Model, c: _Checks, skip=()) -> tuple:
 
         for key in stacks:
             name = "" if key == "layers" else key
-            _check_stack([layer for layer in layers if layer.stack == name], model, c, once)
+            _check_stack([layer for layer in layers if layer.stack == name], model, once)
         if model.tie_embeddings and not (layers[0].kind == "embedding" and layers[-1].kind == "head"):
             c.error(("model", "tie_embeddings"), "tie_embeddings needs an embedding first and a head last")
         _check_shared(layers, model, once)
@@ -326,7 +326,7 @@ def _check_shared(layers: list, model: Model, once) -> None:
                      f"which uses the same {name} module", "the layers sharing it state it alike")
 
 
-def _check_stack(layers: list, model: Model, c: _Checks, once) -> None:
+def _check_stack(layers: list, model: Model, once) -> None:
     """Where each kind may stand in its stack (first, last, only with token ids, only in an
     encoder or a decoder), then each kind's own checks."""
     stack = layers[0].stack

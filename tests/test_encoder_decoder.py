@@ -248,6 +248,7 @@ def test_two_processes_equal_one_for_an_encoder_decoder_moe_with_drops(layout):
     assert diffs[0].dropped > 0  # capacity dropped assignments, padding routed included
 
 
+@pytest.mark.slow
 def test_the_trainers_step_and_evaluation_feed_the_decoder_and_mask_the_padded_labels(tmp_path, capsys):
     """Trainer.step passes Batch.decoder_inputs and source_mask to the model and takes the loss over
     the labels loss_mask marks (its first loss is that of a forward with them); evaluate does the
@@ -450,3 +451,45 @@ def test_an_encoder_decoder_fed_plain_token_rows_is_refused_in_one_line(tmp_path
     trainer.source = Synthetic(40, 0)  # a decoder-only model's rows (an enc-dec's own synthetic data is pairs)
     with pytest.raises(MoedslError, match="trains on source/target pairs, but the data synthetic gives plain"):
         trainer.step(trainer.source.batch(0, 4, 8), 1e-3)
+
+
+@pytest.mark.slow
+def test_generation_on_two_processes_gives_the_ids_of_one(tmp_path):
+    """moedsl generate --nproc 2: the experts split over two gloo processes, the encoder graph's and
+    the decode graph's all-to-alls bound; rank 0 prints the ids one process generates."""
+    import json
+    import subprocess
+    import sys
+
+    import moedsl
+    from encdec_helpers import copy_source
+    from moedsl.runtime.train import RunOptions, Trainer
+
+    spec = load_spec(tiny_encdec(capacity_factor=8.0))
+    trainer = Trainer(spec, RunOptions.from_spec(spec, steps=3, batch=4, seq=8, lr=1e-2, warmup=0, eval_every=3,
+                                                 eval_batches=1, out=tmp_path / "run", checkpoint_every=3))
+    trainer.source = copy_source()
+    trainer.fit()
+    p = subprocess.run([sys.executable, "-m", "moedsl", "generate", str(tmp_path / "run"), "--prompt-ids",
+                        "5,6,7,8,9", "--max-new-tokens", "6", "--batch", "2", "--json", "--nproc", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1
+    one = moedsl.generate(moedsl.load_model(str(tmp_path / "run")), [[5, 6, 7, 8, 9]] * 2, 6)[:, 1:].tolist()
+    assert json.loads(lines[0])["ids"] == one
+
+
+@pytest.mark.parametrize("option, value, flag", [("pack", "documents", "--pack"), ("cuda_graphs", "on", "--cuda-graphs"),
+                                                 ("compile", "on", "--compile"), ("recompute", "layers", "--recompute")])
+def test_what_an_encoder_decoders_step_does_not_do_is_refused_naming_the_option(option, value, flag):
+    from dataclasses import replace
+
+    from moedsl.runtime.preflight import option_problems
+    from moedsl.runtime.train import RunOptions
+
+    spec = load_spec(tiny_encdec())
+    o = replace(RunOptions.from_spec(spec), **{option: value})
+    problems = [p for p in option_problems(spec, o, {option: flag}) if "encoder-decoder" in p]
+    assert len(problems) == 1 and problems[0].startswith(f"moedsl: error: {flag} {value!r}: not for an encoder-decoder")
+    assert option_problems(spec, RunOptions.from_spec(spec), {}) == []
