@@ -15,23 +15,11 @@ from typing import Optional
 
 import torch
 
-from moedsl.dtypes import NAMES
 from moedsl.errors import UserError
 
 from . import Family, Tensor, same
-from .llama_like import IGNORED, at, changed, periodic, stack_t, transposed, yaml_float  # noqa: F401 - re-exported
-
-
-class Config(dict):
-    """config.json's fields with the config class's defaults filled in; ``where(key)`` names the
-    source of a value (the field, or the class's default)."""
-
-    def __init__(self, values: dict, given: set, class_name: str):
-        super().__init__(values)
-        self.given, self.class_name = given, class_name
-
-    def where(self, key: str) -> str:
-        return key if key in self.given else f"{key} ({self.class_name}'s default)"
+from .llama_like import (Config, at, changed, known_fields, periodic, stack_t, transposed,  # noqa: F401
+                         yaml_float)
 
 
 class EncDecFamily(Family):
@@ -47,14 +35,7 @@ class EncDecFamily(Family):
                         f"(supported: {supported})")
 
     def read_config(self, config: dict) -> Config:
-        for key in sorted(config):
-            if key not in self.defaults and key not in IGNORED and key not in self.ignored:
-                self.refuse(key, config[key], f"the fields of transformers' {self.config_class}")
-        c = Config({k: config.get(k, v) for k, v in self.defaults.items()}, set(config), self.config_class)
-        dtype = config.get("dtype", config.get("torch_dtype", NAMES[0]))
-        if dtype not in NAMES:
-            self.refuse("dtype", dtype, ", ".join(NAMES))
-        c["dtype"] = dtype
+        c = known_fields(self, config, set(self.defaults), self.defaults)
         self.read(c, config)
         return c
 
