@@ -16,6 +16,24 @@ def close(ours, theirs):
     assert (ours - theirs).abs().max().item() <= 1e-4 * scale, (ours - theirs).abs().max().item()
 
 
+def family_cases(encoder_decoder: bool) -> list:
+    """pytest params (model_type, config overrides) of every registered family that is (or is not)
+    an encoder-decoder: its ``tiny_config`` and each of its ``tiny_variants`` (the config.json
+    variants the family supports)."""
+    import pytest
+
+    from moedsl.hf import registered
+
+    out = []
+    for model_type, fam in sorted(registered().items()):
+        if fam.encoder_decoder != encoder_decoder:
+            continue
+        out.append(pytest.param(model_type, {}, id=model_type))
+        for over, what in fam.tiny_variants:
+            out.append(pytest.param(model_type, over, id=f"{model_type}-{what.replace(' ', '_')}"))
+    return out
+
+
 def refused(capsys, argv, out: Path, *needles):
     """``moedsl argv`` exits 2 with one line holding every needle, and leaves ``out`` empty (no
     temporary folder beside it either); returns the line."""

@@ -14,7 +14,7 @@ from moedsl.cli import main  # noqa: E402
 from moedsl.hf import registered  # noqa: E402
 from moedsl.hf.reference import tiny_reference  # noqa: E402
 from hf_helpers import close as _close, refused as _refused  # noqa: E402
-from hf_helpers import run_init_on_one_and_two_processes, save_fused  # noqa: E402
+from hf_helpers import family_cases, run_init_on_one_and_two_processes, save_fused  # noqa: E402
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128)  # Mixtral
@@ -47,19 +47,8 @@ def _import(src, out, *extra) -> int:
     return main(["import", str(src), "--out", str(out), *extra])
 
 
-def _cases() -> list:
-    """(model_type, config overrides) for every registered family: its ``tiny_config`` and each of
-    its ``tiny_variants`` (the config.json variants the family supports)."""
-    out = []
-    for model_type, fam in sorted(registered().items()):
-        out.append(pytest.param(model_type, {}, id=model_type))
-        for over, what in fam.tiny_variants:
-            out.append(pytest.param(model_type, over, id=f"{model_type}-{what.replace(' ', '_')}"))
-    return out
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type,over", _cases())
+@pytest.mark.parametrize("model_type,over", family_cases(encoder_decoder=False))  # test_hf_encdec.py: the others
 def test_every_family_imports_to_transformers_logits_and_exports_back(tmp_path, model_type, over):
     """Each registered family's ``tiny_config`` (and its variants), built by transformers, through
     import, load_model and export: the same logits (over 16 positions: longer than the tiny sliding

@@ -63,6 +63,9 @@ class Family:
     # the export writes them float32
     float32_tensors: Sequence[str] = ()
     routed = True  # False: a dense family (Llama, ...): no router, every layer's MLP dense
+    # True: an encoder-decoder (XForConditionalGeneration: tests/test_hf_encdec.py runs its tiny
+    # model and variants with source and decoder ids; tests/test_hf_import.py the decoder-only ones)
+    encoder_decoder = False
 
     def keeps_float32(self, name: str) -> bool:
         """Whether the checkpoint tensor ``name`` stays float32 in a 16-bit model (``float32_tensors``)."""

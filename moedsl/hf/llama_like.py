@@ -75,6 +75,20 @@ class Config(dict):
         return key if key in self.given else f"{key} ({self.class_name}'s default)"
 
 
+def known_fields(fam, config: dict, known: set, defaults: dict) -> Config:
+    """config.json's fields with ``defaults`` filled in and its ``dtype`` (``c["dtype"]``); a field
+    neither ``known`` nor bookkeeping (IGNORED, ``fam.ignored``) is refused by name (``fam.refuse``),
+    as is a dtype moedsl has no name for."""
+    for key in sorted(config):
+        if key not in known and key not in IGNORED and key not in fam.ignored:
+            fam.refuse(key, config[key], f"the fields of transformers' {fam.config_class}")
+    c = Config({k: config.get(k, v) for k, v in defaults.items()}, set(config), fam.config_class)
+    c["dtype"] = config.get("dtype", config.get("torch_dtype", NAMES[0]))
+    if c["dtype"] not in NAMES:
+        fam.refuse("dtype", c["dtype"], ", ".join(NAMES))
+    return c
+
+
 def changed(cfg, handled: set) -> Optional[tuple]:
     """The first field of the dataclass ``cfg`` outside ``handled`` whose value is not its
     default: a feature the family has no equivalent for (fields added to the spec language
@@ -144,7 +158,7 @@ def spec_tail(tie: bool) -> list:
             ""]
 
 
-def _periodic(layers: list, i: int) -> tuple:
+def periodic(layers: list, i: int) -> tuple:
     """(period p, repeats r) covering the most layers from ``i`` with layers[i:i+p·r] periodic."""
     best = (1, 1)
     for p in range(1, (len(layers) - i) // 2 + 1):
@@ -261,10 +275,7 @@ class LlamaLike(Family):
         """The architecture fields of config.json, defaults filled in; refuses (one line, naming
         the field) what the spec language cannot express."""
         known = set(self.config_defaults) | self.understood | {"rope_parameters", "rope_scaling", "rope_theta"}
-        for key in sorted(config):
-            if key not in known and key not in IGNORED and key not in self.ignored:
-                self.refuse(key, config[key], f"the fields of transformers' {self.config_class}")
-        c = Config({k: config.get(k, v) for k, v in self.config_defaults.items()}, set(config), self.config_class)
+        c = known_fields(self, config, known, self.config_defaults)
         rope = config.get("rope_parameters") or {}
         if config.get("rope_scaling"):
             self.refuse("rope_scaling", config["rope_scaling"], "none (default rotary positions)")
@@ -281,10 +292,6 @@ class LlamaLike(Family):
         if c["hidden_act"] not in GLU:
             self.refuse("hidden_act", c["hidden_act"], "'silu' (SwiGLU experts) or 'gelu' (exact GELU: GEGLU experts)")
         c["activation"] = GLU[c["hidden_act"]]
-        dtype = config.get("dtype", config.get("torch_dtype", NAMES[0]))
-        if dtype not in NAMES:
-            self.refuse("dtype", dtype, ", ".join(NAMES))
-        c["dtype"] = dtype
         self.read(c, config)
         return c
 
@@ -380,7 +387,7 @@ class LlamaLike(Family):
         keys = [(tuple(a), (m[0], m[1], tuple(m[2]))) for a, m in per]
         i = 0
         while i < n:
-            p, r = _periodic(keys, i)
+            p, r = periodic(keys, i)
             span = f"model.layers.{i}" if p * r == 1 else \
                 "model.layers.*" if p * r == n else f"model.layers.{i}-{i + p * r - 1}"
             if r > 1:

@@ -1,5 +1,7 @@
 """``embedding``: the token embedding (model.input: tokens), optionally with learned absolute
-positions (Vaswani et al. 2017, §3.5's learned variant)."""
+positions (Vaswani et al. 2017, §3.5's learned variant) or its fixed sinusoids (§3.5, in
+tensor2tensor's layout: fairseq, M2M100, NLLB), numbered from 0 or as fairseq's make_positions
+(``pad_id``), and optionally scaled (``scale``: NLLB-MoE's sqrt(d_model))."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +16,9 @@ _D = defaults("embedding")
 
 @dataclass(frozen=True)
 class Embedding:
-    positions: str = _D["positions"]  # none | learned
+    positions: str = _D["positions"]  # none | learned | sinusoidal
+    pad_id: Optional[int] = _D["pad_id"]  # sinusoidal: fairseq's numbering around this pad id (None: 0, 1, ...)
+    scale: float = _D["scale"]  # the token embedding × scale (NLLB-MoE: sqrt(d_model))
     # the token table's init std (None: model.init_std). T5 and Switch draw it from N(0, 1): the
     # embedding then dominates the residual stream at init, so tokens route apart (with 0.02, the
     # bidirectional attention's row means dominate instead and most tokens pick the same experts)
@@ -31,7 +35,7 @@ class EmbeddingKind(LayerKind):
         from moedsl.nn.layers import Embedding as Module
 
         return Module(model.vocab_size, model.d_model, model.max_seq_len, cfg.positions, model.init_std,
-                      token_std=cfg.init_std)
+                      pad_id=cfg.pad_id, scale=cfg.scale, token_std=cfg.init_std)
 
     def parameters(self, cfg, model) -> tuple[int, int]:
         n = super().parameters(cfg, model)[0]
@@ -55,7 +59,7 @@ class EmbeddingKind(LayerKind):
 
     def lower(self, ctx, layer, x):
         target = ctx.module("embedding", lambda: self.module(layer.config, ctx.model))
-        learned = layer.config.positions == "learned"
+        learned = layer.config.positions != "none"  # learned or sinusoidal: each token's position
         if ctx.decode and learned:
             args = (x, ctx.positions)
         elif ctx.documents is not None and learned:  # packed rows: each document's positions from 0

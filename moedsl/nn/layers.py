@@ -1,6 +1,8 @@
 """The dense layer kinds of a spec: embedding, LSTM, norms, head (self-attention: moedsl.nn.attention)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,23 +20,61 @@ def init_normal(module: nn.Module, std: float) -> None:
 
 class Embedding(nn.Module):
     def __init__(self, vocab_size: int, d_model: int, max_seq_len: int, positions: str, init_std: float,
-                 token_std: float | None = None):
+                 pad_id: int | None = None, scale: float = 1.0, token_std: float | None = None):
         """``token_std``: the token table's init std, when it differs from ``init_std`` (T5: 1.0)."""
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
         self.positions = nn.Parameter(torch.empty(max_seq_len, d_model)) if positions == "learned" else None
+        self.sinusoidal, self.pad_id, self.scale = positions == "sinusoidal", pad_id, scale
         init_normal(self, init_std)
         if token_std is not None:
             with torch.no_grad():
                 self.weight.normal_(0.0, token_std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """``positions`` [B, T] (decoding): each token's position, negative for left padding."""
+        """``positions`` [B, T] (decoding, packed documents): each token's position, negative for
+        left padding."""
         x = F.embedding(tokens, self.weight)
+        if self.scale != 1.0:
+            x = x * self.scale
         if self.positions is not None:
             x = x + (self.positions[: tokens.shape[-1]] if positions is None else
                      F.embedding(positions.clamp(min=0), self.positions))
+        elif self.sinusoidal:
+            numbers = self._numbers(tokens, positions)
+            wave = sinusoids(numbers, x.shape[-1])
+            if self.pad_id is not None:  # fairseq zeroes the pad position's row of its table
+                wave = wave * (numbers != self.pad_id).unsqueeze(-1)
+            x = x + wave.to(x.dtype)
         return x
+
+    def _numbers(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """[B, T] the position each token's sinusoid is taken at. Without ``pad_id``: 0, 1, ... (or
+        ``positions``). With it, fairseq's ``utils.make_positions`` (M2M100's and NLLB's
+        ``create_position_ids_from_input_ids``): pad_id + how many non-pad tokens there are up to and
+        including this one, pad_id for a pad token; given ``positions`` (decoding: transformers
+        adds the cache's length to a one-token count), pad_id + 1 + the position."""
+        if self.pad_id is None:
+            if positions is None:
+                return torch.arange(tokens.shape[-1], device=tokens.device).expand(tokens.shape)
+            return positions.clamp(min=0)
+        real = tokens != self.pad_id
+        count = torch.cumsum(real.long(), dim=-1) if positions is None else positions + 1
+        return torch.where(real, count + self.pad_id, torch.full_like(count, self.pad_id))
+
+
+def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """[..., dim] the fixed sinusoids at ``positions`` in tensor2tensor's layout (fairseq's
+    ``SinusoidalPositionalEmbedding.get_embedding``: sin(p·f_i) for i < dim/2, then cos(p·f_i),
+    f_i = 10000^(-i / (dim/2 - 1)), a zero column if dim is odd), computed at the positions rather
+    than looked up in a table, so no length is fixed."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, device=positions.device).float() * -(math.log(10000) / (half - 1)))
+    angle = positions.float().unsqueeze(-1) * freq
+    out = torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)
+    if dim % 2:
+        out = torch.cat([out, out.new_zeros(*out.shape[:-1], 1)], dim=-1)
+    return out
 
 
 class LSTMBlock(nn.Module):
