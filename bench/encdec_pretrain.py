@@ -8,6 +8,7 @@ token, sentinels and eos included) at equal steps, for several seeds, whatever t
 
     python bench/encdec_pretrain.py                      # 1000 steps, seeds 0, 1, 2
     python bench/encdec_pretrain.py --steps 100 --seeds 0
+    python bench/encdec_pretrain.py --reuse              # the table again from finished runs under --out
 """
 from __future__ import annotations
 
@@ -25,9 +26,16 @@ SPECS = {"switch": "switch-t5-small", "dense": "t5-small-dense"}
 def run(name: str, seed: int, a) -> tuple:
     """One training run in a child process: (its summary, [(step, held-out loss)])."""
     out = Path(a.out) / f"{name}-{seed}"
+    if a.reuse and (out / "metrics.jsonl").exists():
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        if rows and rows[-1]["step"] == a.steps and rows[-1].get("eval_loss") is not None:
+            # wall time from the metrics' clock: the first step's end to the last's (the summary's
+            # seconds also count the first step and the final evaluation)
+            return ({"eval_loss": rows[-1]["eval_loss"], "seconds": rows[-1]["time"] - rows[0]["time"]},
+                    [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None])
     cmd = [sys.executable, "-m", "moedsl", "run", str(ROOT / "specs" / f"{SPECS[name]}.yaml"), "--data", "pystdlib",
            "--steps", str(a.steps), "--eval-every", str(max(a.steps // 4, 1)), "--eval-batches",
-           str(a.eval_batches), "--seed", str(seed), "--out", str(out), "--no-progress", "--json"]
+           str(a.eval_batches), "--seed", str(seed), "--out", str(out), "--no-progress", "--json", "--overwrite"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode:
         print(res.stderr[-3000:], file=sys.stderr)
@@ -43,6 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--eval-batches", type=int, default=16)
     ap.add_argument("--out", default="runs/encdec-pretrain")
+    ap.add_argument("--reuse", action="store_true", help="take a run already finished under --out (same steps) "
+                    "instead of training it again")
     a = ap.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     results: dict = {}
