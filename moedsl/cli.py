@@ -769,7 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "--checkpoint")
     what = gn.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="text (a tokenizer.json beside the weights, or UTF-8 bytes for a byte-level "
-                      "vocabulary)")
+                      "vocabulary); an encoder-decoder's source, which gets model.eos_id at its end as in training")
     what.add_argument("--prompt-ids", metavar="IDS", help="token ids, comma-separated: 1,2,3")
     gn.add_argument("--max-new-tokens", type=_positive, required=True, metavar="N")
     gn.add_argument("--temperature", type=_number, default=None, help="0: greedy; else sample (default: the "

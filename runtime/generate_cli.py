@@ -107,7 +107,12 @@ def _prompt(args, source) -> tuple:
     if codec is None:
         raise UserError(f"--prompt: {spec.source} has a vocabulary of {spec.model.vocab_size} ids and no "
                         "tokenizer.json: give --prompt-ids")
-    return codec, codec.encode(args.prompt)
+    ids = codec.encode(args.prompt)
+    if spec.encoder_decoder and ids[-1:] != [spec.model.eos_id]:
+        # the source ends with eos, as the encoder saw its sources in training (runtime/seq2seq.py) and
+        # as T5's tokenizer writes them; --prompt-ids are taken as given
+        ids = ids + [spec.model.eos_id]
+    return codec, ids
 
 
 def precheck(args) -> None:

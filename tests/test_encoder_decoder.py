@@ -557,3 +557,23 @@ def test_t5s_unit_embedding_init_routes_random_tokens_apart_where_the_default_in
     first = model(source, target, None).router_stats[0]  # the encoder's first MoE layer
     dropped = float(first.dropped) / source.numel()
     assert dropped < most if most else dropped > 0.3
+
+
+def test_a_text_prompt_is_an_encoder_decoders_source_ending_with_eos_as_in_training(tmp_path):
+    """``moedsl generate --prompt TEXT`` on an encoder-decoder: the source is the text's ids then
+    model.eos_id, as every training source ends (runtime/seq2seq.py) and as T5's tokenizer writes
+    them; a prompt already ending with eos gets no second one, and --prompt-ids are taken as given."""
+    from types import SimpleNamespace
+
+    from moedsl.runtime.generate_cli import _prompt
+
+    spec = load_spec(tiny_encdec(**{"vocab_size: 40": "vocab_size: 384", "pad_id: 0, eos_id: 1, decoder_start_id: 0":
+                                    "pad_id: 256, eos_id: 257, decoder_start_id: 256"}))
+    source = SimpleNamespace(spec=spec, folders=[])
+
+    def ids(prompt=None, prompt_ids=None):
+        return _prompt(SimpleNamespace(prompt=prompt, prompt_ids=prompt_ids), source)[1]
+
+    assert ids(prompt="ab") == [97, 98, 257]
+    assert ids(prompt_ids="97,98") == [97, 98]
+    assert ids(prompt_ids="97,98,257") == [97, 98, 257]
