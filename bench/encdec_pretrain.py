@@ -81,6 +81,12 @@ def main(argv=None) -> int:
     print(f"\nswitch below dense at step {a.steps} in {wins} of {len(seeds)} seeds (dense − switch: "
           + ", ".join(f"{g:+.4f}" for g in gaps) + f"); mean wall time switch {times['switch']:.0f} s, "
           f"dense {times['dense']:.0f} s")
+    drops = []
+    for s in seeds:
+        rows = [json.loads(line) for line in (Path(a.out) / f"switch-{s}" / "metrics.jsonl").read_text().splitlines()]
+        drops.append(statistics.mean(r["dropped"] for r in rows[-100:]))
+    print("switch's dropped assignments, mean over the last 100 training steps: "
+          + ", ".join(f"s{s} {d:.1%}" for s, d in zip(seeds, drops)))
     return 0
 
 
