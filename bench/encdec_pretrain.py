@@ -62,18 +62,12 @@ def main(argv=None) -> int:
             summary = results[(name, seed)][0]
             print(f"{SPECS[name]} seed {seed}: held-out {summary['eval_loss']:.4f} after {a.steps} steps "
                   f"({summary['seconds']:.0f} s)", flush=True)
-    steps = [s for s, _ in results[("switch", seeds[0])][1]]
     from moedsl.nn import cpu_caps  # here, not at the top: only the children time anything
+    from switch_vs_dense import loss_table  # its neighbour in bench/: the same table
 
     print(f"\nheld-out span-corruption loss (nats per target token) on --data pystdlib, seeds {seeds}; "
           f"{cpu_caps.describe()}:\n")
-    print("| step | " + " | ".join(f"switch s{s} | dense s{s}" for s in seeds) + " | switch mean | dense mean |")
-    print("|---|" + "---|---|" * len(seeds) + "---|---|")
-    for i, step in enumerate(steps):
-        sw = [results[("switch", s)][1][i][1] for s in seeds]
-        de = [results[("dense", s)][1][i][1] for s in seeds]
-        cells = " | ".join(f"{x:.4f} | {y:.4f}" for x, y in zip(sw, de))
-        print(f"| {step} | {cells} | {statistics.mean(sw):.4f} | {statistics.mean(de):.4f} |")
+    print("\n".join(loss_table(results, seeds)))
     last = {k: v[0]["eval_loss"] for k, v in results.items()}
     wins = sum(last[("switch", s)] < last[("dense", s)] for s in seeds)
     gaps = [last[("dense", s)] - last[("switch", s)] for s in seeds]

@@ -42,24 +42,31 @@ def main(argv=None) -> int:
             print(f"{name} seed {seed}: held-out {summary['eval_loss']:.4f} after {a.steps} steps "
                   f"({summary['seconds']:.0f} s)", flush=True)
     seeds = sorted({s for _, s in results})
-    steps = [s for s, _ in results[("switch", seeds[0])][1]]
     from moedsl.nn import cpu_caps  # here, not at the top: only the children time anything
 
     print(f"\nheld-out loss (bytes, nats/token) on --data pystdlib, batch 16 × 64, seeds {seeds}; "
           f"{cpu_caps.describe()}:\n")
-    print("| step | " + " | ".join(f"switch s{s} | dense s{s}" for s in seeds) + " | switch mean | dense mean |")
-    print("|---|" + "---|---|" * len(seeds) + "---|---|")
-    for i, step in enumerate(steps):
-        sw = [results[("switch", s)][1][i][1] for s in seeds]
-        de = [results[("dense", s)][1][i][1] for s in seeds]
-        cells = " | ".join(f"{a_:.4f} | {b_:.4f}" for a_, b_ in zip(sw, de))
-        print(f"| {step} | {cells} | {statistics.mean(sw):.4f} | {statistics.mean(de):.4f} |")
+    print("\n".join(loss_table(results, seeds)))
     wins = sum(results[("switch", s)][0]["eval_loss"] < results[("dense", s)][0]["eval_loss"] for s in seeds)
     sw_t = statistics.mean(results[("switch", s)][0]["seconds"] for s in seeds)
     de_t = statistics.mean(results[("dense", s)][0]["seconds"] for s in seeds)
     print(f"\nswitch below dense at the last step in {wins} of {len(seeds)} seeds; "
           f"mean wall time switch {sw_t:.0f} s, dense {de_t:.0f} s")
     return 0
+
+
+def loss_table(results: dict, seeds: list) -> list:
+    """The markdown rows of the held-out losses at each evaluation step, switch and dense side by
+    side per seed, then their means; ``results[(name, seed)]`` = (summary, [(step, loss), ...])."""
+    steps = [s for s, _ in results[("switch", seeds[0])][1]]
+    rows = ["| step | " + " | ".join(f"switch s{s} | dense s{s}" for s in seeds) + " | switch mean | dense mean |",
+            "|---|" + "---|---|" * len(seeds) + "---|---|"]
+    for i, step in enumerate(steps):
+        sw = [results[("switch", s)][1][i][1] for s in seeds]
+        de = [results[("dense", s)][1][i][1] for s in seeds]
+        cells = " | ".join(f"{x:.4f} | {y:.4f}" for x, y in zip(sw, de))
+        rows.append(f"| {step} | {cells} | {statistics.mean(sw):.4f} | {statistics.mean(de):.4f} |")
+    return rows
 
 
 if __name__ == "__main__":
