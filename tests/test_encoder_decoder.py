@@ -577,3 +577,33 @@ def test_a_text_prompt_is_an_encoder_decoders_source_ending_with_eos_as_in_train
     assert ids(prompt="ab") == [97, 98, 257]
     assert ids(prompt_ids="97,98") == [97, 98]
     assert ids(prompt_ids="97,98,257") == [97, 98, 257]
+
+
+@pytest.mark.parametrize("name", ["switch-t5-small", "t5-small-dense"])
+def test_the_example_encoder_decoders_decode_with_caches_as_their_full_forward(name):
+    """The CPU-sized example specs (T5's N(0, 1) embedding): the decode graph fed the decoder's
+    tokens (a prefill of 4, then one a step) gives the full forward's logits within 1e-5 (relative
+    to their size). The evaluation capacity is raised to 8 (no drop): a decode step routes each new
+    token on its own, where the full forward's tokens share the capacity. The larger published
+    specs compile only on the meta device (tests/test_spec_language.py)."""
+    from pathlib import Path
+
+    from moedsl.api import build_model
+    from moedsl.nn.decode import DecodeCache
+    from moedsl.runtime.generate import decode_module, encoder_module
+
+    text = (Path(__file__).resolve().parents[1] / "specs" / f"{name}.yaml").read_text()
+    spec = load_spec(text.replace("eval_capacity_factor: 2.0", "eval_capacity_factor: 8.0"))
+    model = build_model(spec, seed=0, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    source, dec_in = torch.randint(0, 256, (2, 24), generator=g), torch.randint(0, 256, (2, 10), generator=g)
+    source_mask = torch.ones_like(source, dtype=torch.bool)
+    source_mask[1, 17:] = False  # a padded second row
+    with torch.no_grad():
+        full = model(source, dec_in, source_mask).output
+        memory = encoder_module(model)(source, source_mask).output
+        dec, cache = decode_module(model), DecodeCache(2, dec_in.shape[1])
+        steps = [dec(dec_in[:, :4], cache, 0, memory, source_mask).output]
+        steps += [dec(dec_in[:, t:t + 1], cache, t, memory, source_mask).output for t in range(4, dec_in.shape[1])]
+    stepped = torch.cat(steps, dim=1)
+    assert (stepped - full).abs().max().item() <= 1e-5 * max(1.0, full.abs().max().item())
