@@ -110,6 +110,12 @@ def check_batch(spec: Spec, batch: int, world: int = 1, origin: str = "the batch
 
 # ----------------------------------------------------------------------------- model
 
+def _whole(x) -> bool:
+    """An integer the schema accepts (not a bool): what a comparison needs, where the schema's own
+    error names any other value."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _model(d: dict, c: _Checks) -> Model:
     m = _take(Model, d, image=_take(Image, d["image"]) if "image" in d else None)
     if m.input == "tokens" and m.vocab_size is None:
@@ -121,7 +127,8 @@ def _model(d: dict, c: _Checks) -> Model:
                         key=True)
     if m.vocab_size is not None:
         for key in ("pad_id", "eos_id", "decoder_start_id"):
-            if getattr(m, key) >= m.vocab_size:
+            value = getattr(m, key)  # the schema's error already names a value that is not an integer
+            if _whole(value) and _whole(m.vocab_size) and value >= m.vocab_size:
                 c.error(("model", key), f"{key} {getattr(m, key)} is not an id of the vocabulary of {m.vocab_size}",
                         f"use an id below {m.vocab_size}")
     if m.input == "image":

@@ -116,6 +116,13 @@ def test_an_id_outside_the_vocabulary_is_a_located_error():
                                                     "model.eos_id")
 
 
+def test_an_id_that_is_not_an_integer_is_the_schemas_located_error_not_a_crash():
+    """Found by tests/test_spec_fuzz.py: `pad_id: null` reached the vocabulary check, which compared
+    None with an int (TypeError); the schema's own error is the one line said."""
+    assert "expected an integer, got null" in _first(_issues(tiny_encdec(**{"pad_id: 0": "pad_id: null"})),
+                                                     "model.pad_id")
+
+
 # ------------------------------------------------------------------ the graph
 
 def test_one_graph_holds_both_stacks_and_the_relative_bias_is_made_once_per_stack():
