@@ -23,7 +23,7 @@ from moedsl import dtypes
 from moedsl import spec as S
 from moedsl.kinds import layer_kind
 from moedsl.kinds.gates import gate_type
-from moedsl.params import count_parameters, layer_params
+from moedsl.params import count_parameters, layer_counts
 from moedsl.mesh import MeshShape
 
 from .memory_plan import Settings, rank_memory
@@ -106,8 +106,7 @@ def make_plan(spec: S.Spec, compiled, settings: Settings | None = None) -> Plan:
     flops = padded = 0.0
     on_device = experts_here = 0
     ep_rank = rank % mesh.expert_parallel
-    for layer in spec.layers:
-        n, _ = layer_params(spec, layer)
+    for layer, (n, _) in zip(spec.layers, layer_counts(spec)):
         cfg, kind = layer.config, layer_kind(layer.kind)
         f = kind.flops(cfg, m, T)
         flops += f

@@ -16,40 +16,34 @@ def prenorm_params(spec: Spec, layer) -> int:
     return norm_numel(spec.model.norm, spec.model) if kind.sublayer and layer.config.prenorm else 0
 
 
-def _owns(spec: Spec, layer) -> bool:
-    """Whether ``layer`` holds its module: not when an earlier layer uses the same one (an
-    encoder-decoder's decoder embeds with the encoder's table)."""
-    kind = layer_kind(layer.kind)
-    target = kind.target(layer)
-    return next(other for other in spec.layers if layer_kind(other.kind).target(other) == target) is layer
-
-
-def layer_params(spec: Spec, layer) -> tuple[int, int]:
-    """(parameters, parameters one token uses) of one expanded layer, its pre-norm included (a
-    module it shares with an earlier layer counted there), and the stack's shared modules
-    (``LayerKind.shared``: a relative position bias) with the first layer that uses them."""
-    kind = layer_kind(layer.kind)
-    n, active = kind.parameters(layer.config, spec.model) if _owns(spec, layer) else (0, 0)
-    pre = prenorm_params(spec, layer)
-    extra = sum(settings.parameters(spec.model) for name, settings in kind.shared(layer, spec.model).items()
-                if hasattr(settings, "parameters") and _first_to_share(spec, name) is layer)
-    return n + pre + extra, active + pre + extra
-
-
-def _first_to_share(spec: Spec, name: str):
-    return next(other for other in spec.layers if name in layer_kind(other.kind).shared(other, spec.model))
+def layer_counts(spec: Spec) -> list:
+    """Each expanded layer's (parameters, parameters one token uses), in one pass, its pre-norm
+    included. A module several layers use is counted with the first of them: a layer whose
+    module (its kind's ``target``) an earlier layer holds (an encoder-decoder's decoder embeds with
+    the encoder's table), and a stack's shared modules (``LayerKind.shared``: a relative position
+    bias, its parameters from ``settings.parameters(model)``)."""
+    held, shared = set(), set()
+    out = []
+    for layer in spec.layers:
+        kind = layer_kind(layer.kind)
+        target = kind.target(layer)
+        n, active = (0, 0) if target in held else kind.parameters(layer.config, spec.model)
+        held.add(target)
+        extra = prenorm_params(spec, layer)
+        for name, settings in kind.shared(layer, spec.model).items():
+            if name not in shared and hasattr(settings, "parameters"):
+                extra += settings.parameters(spec.model)
+            shared.add(name)
+        out.append((n + extra, active + extra))
+    return out
 
 
 def count_parameters(spec: Spec) -> tuple[int, int]:
     """(total parameters, active parameters per token) of the whole model. An encoder-decoder's
     token passes through one of the two stacks: its parameters active per token are both stacks'
     (as Switch counts FLOPs per token of both), the shared embedding once."""
-    total = active = 0
-    for layer in spec.layers:
-        n, a = layer_params(spec, layer)
-        total += n
-        active += a
-    return total, active
+    counts = layer_counts(spec)
+    return sum(n for n, _ in counts), sum(a for _, a in counts)
 
 
 def human(n: float) -> str:
