@@ -111,6 +111,15 @@ def test_the_layers_of_a_stack_share_one_relative_bias_and_must_agree_on_it():
     assert "relative_buckets differs" in _first(_issues(text), "encoder[2].attention.relative_buckets")
 
 
+@pytest.mark.parametrize("field,value", [("positions", "learned"), ("scale", "2.0"), ("init_std", "1.0")])
+def test_a_decoder_embedding_stating_other_settings_than_the_encoders_names_the_field_that_differs(field, value):
+    """The two stacks embed with one table: the decoder's embedding states the encoder's settings, and
+    where it does not, the error points at the field that differs (it named `positions` whatever
+    differed)."""
+    text = tiny_encdec(**{"decoder:\n  - embedding: {}": f"decoder:\n  - embedding: {{{field}: {value}}}"})
+    assert f"{field} differs" in _first(_issues(text), f"decoder[0].embedding.{field}")
+
+
 def test_an_id_outside_the_vocabulary_is_a_located_error():
     assert "not an id of the vocabulary" in _first(_issues(tiny_encdec(**{"eos_id: 1": "eos_id: 40"})),
                                                     "model.eos_id")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from typing import Any, Optional
 
 from moedsl import dtypes
@@ -86,7 +86,12 @@ class LayerKind:
 
     def shared_field(self, layer, settings, other) -> tuple:
         """(the path below the layer's kind, what) of the field where ``settings`` differ from
-        ``other``'s, for the error that says so."""
+        ``other``'s, for the error that says so: by default the first field of the settings (a
+        dataclass: the layer's own config, as the embedding's) that differs, named as in the YAML."""
+        if is_dataclass(settings):
+            for f in fields(settings):
+                if getattr(settings, f.name) != getattr(other, f.name):
+                    return (f.name,), f.name
         return (), "its settings"
 
     def resume_may_change(self, names: tuple, old, new, gate: Optional[str] = None) -> bool:

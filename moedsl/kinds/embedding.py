@@ -54,9 +54,6 @@ class EmbeddingKind(LayerKind):
     # the initialisation: a resume or --init replaces it
     training_only = LayerKind.training_only | {"init_std"}
 
-    def shared_field(self, layer, settings, other) -> tuple:
-        return ("positions",), "positions"
-
     def lower(self, ctx, layer, x):
         target = ctx.module("embedding", lambda: self.module(layer.config, ctx.model))
         learned = layer.config.positions != "none"  # learned or sinusoidal: each token's position
