@@ -58,6 +58,19 @@ class RelativeBias:
         return Module(self.buckets, self.max_distance, self.heads, self.bidirectional, model.init_std)
 
 
+def head_width(data: dict, path: tuple, model, checks) -> tuple:
+    """(the heads' width, whether it fits) of an attention's YAML mapping: its ``head_dim``, else
+    d_model // heads, where a d_model the heads do not divide is reported at ``heads``."""
+    explicit = data.get("head_dim")
+    if explicit is not None:
+        return explicit, True
+    if model.d_model % data["heads"]:
+        checks.error(path + ("heads",), f"d_model {model.d_model} is not divisible by {data['heads']} heads",
+                     "set head_dim to give the heads another width")
+        return model.d_model // data["heads"], False
+    return model.d_model // data["heads"], True
+
+
 def relative_bias_name(layer) -> str:
     """The module of a stack's relative position bias: ``encoder_relative_bias``,
     ``decoder_relative_bias``, or ``relative_bias`` (a spec's ``layers``)."""
@@ -84,14 +97,11 @@ class AttentionKind(LayerKind):
         heads = data["heads"]
         explicit = data.get("head_dim")
         bias = data.get("bias", _D["bias"])
-        a = take(Attention, data, kv_heads=data.get("kv_heads", heads),
-                 head_dim=explicit if explicit is not None else model.d_model // heads,
+        width, fits = head_width(data, path, model, checks)
+        a = take(Attention, data, kv_heads=data.get("kv_heads", heads), head_dim=width,
                  qkv_bias=data.get("qkv_bias", bias), out_bias=data.get("out_bias", bias),
                  qk_norm_eps=data.get("qk_norm_eps", model.norm_eps))
-        if explicit is None and model.d_model % a.heads:
-            checks.error(path + ("heads",), f"d_model {model.d_model} is not divisible by {a.heads} heads",
-                         "set head_dim to give the heads another width")
-        elif a.positions == "rotary" and a.head_dim % 2:
+        if fits and a.positions == "rotary" and a.head_dim % 2:
             if explicit is None:
                 checks.error(path + ("positions",), f"rotary positions need an even head width, got "
                              f"{model.d_model} / {a.heads} = {a.head_dim}")

@@ -33,13 +33,9 @@ class CrossAttentionKind(LayerKind):
 
     def build(self, data, path, model, checks) -> CrossAttention:
         from . import take
+        from .attention import head_width
 
-        explicit = data.get("head_dim")
-        a = take(CrossAttention, data, head_dim=explicit if explicit is not None else model.d_model // data["heads"])
-        if explicit is None and model.d_model % a.heads:
-            checks.error(path + ("heads",), f"d_model {model.d_model} is not divisible by {a.heads} heads",
-                         "set head_dim to give the heads another width")
-        return a
+        return take(CrossAttention, data, head_dim=head_width(data, path, model, checks)[0])
 
     def module(self, cfg: CrossAttention, model):
         from moedsl.nn.attention import CrossAttention as Module
