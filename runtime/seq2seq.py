@@ -40,7 +40,7 @@ from .data import (Epochs, Source, data_items, is_prepared, not_bytes, seeded_ge
 from .instruct import PAIRS, SNIFF_BYTES, held_out, kind_of, read_records
 from .span_corruption import Specials, SpanCorruption, lengths, seq2seq_batch
 from .tokenizer_train import load_tokenizer
-from .tokens import TOKENIZER, model_tokenizer, open_tokens, tokenizer_json, tokenizer_max_id
+from .tokens import TOKENIZER, model_tokenizer, open_tokens, tokenizer_entries, tokenizer_max_id
 
 BYTES = 256  # text read as bytes: ids 0..255
 SPECIAL_FIELDS = ("pad_id", "eos_id", "decoder_start_id")
@@ -113,18 +113,12 @@ class _Named:
 
 def _named_ids(tokenizer: Path) -> _Named:
     """The special tokens and T5 sentinels of ``tokenizer`` (a tokenizer.json), read once."""
-    data = tokenizer_json(tokenizer)
-    added = [t for t in data.get("added_tokens") or () if isinstance(t, dict) and isinstance(t.get("id"), int)]
-    named = {t.get("content"): t["id"] for t in added}
-    vocab = (data.get("model") or {}).get("vocab") if isinstance(data.get("model"), dict) else None
-    if isinstance(vocab, dict):
-        named = {**vocab, **named}
-    elif isinstance(vocab, list):  # Unigram: [token, score] in id order
-        named = {**{t[0]: i for i, t in enumerate(vocab) if isinstance(t, list) and t}, **named}
+    entries, added = tokenizer_entries(tokenizer)
+    named = {**{token: i for token, i in entries if token is not None}, **{a.get("content"): a["id"] for a in added}}
     extra = []
     while f"<extra_id_{len(extra)}>" in named:
         extra.append(named[f"<extra_id_{len(extra)}>"])
-    return _Named(frozenset(t["id"] for t in added if t.get("special")), tuple(extra))
+    return _Named(frozenset(a["id"] for a in added if a.get("special")), tuple(extra))
 
 
 def _top(tokenizer: Optional[Path]) -> int:

@@ -61,21 +61,30 @@ def tokenizer_sha256(path) -> str:
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
 
-def tokenizer_max_id(path) -> int:
-    """The largest id a tokenizer.json can give, read from the JSON alone (no ``tokenizers``):
-    its model's vocabulary ({token: id} of BPE, WordPiece and WordLevel; Unigram's list of
-    [token, score] in id order) and its added tokens. -1 where it has none."""
+def tokenizer_entries(path) -> tuple:
+    """(the model's vocabulary [(token, id)], its added tokens [{"id": int, "content": ..., ...}])
+    of a tokenizer.json, read from the JSON alone (no ``tokenizers``): {token: id} of BPE,
+    WordPiece and WordLevel, Unigram's list of [token, score] in id order (an entry that is not
+    one: token None). A file that is not a JSON object is a ``UserError`` naming it."""
     data = tokenizer_json(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a tokenizer.json (a JSON {type(data).__name__}, not an object)")
     vocab = (data.get("model") or {}).get("vocab") if isinstance(data.get("model"), dict) else None
-    ids = [-1]
     if isinstance(vocab, dict):
-        ids += [v for v in vocab.values() if isinstance(v, int)]
+        entries = [(token, i) for token, i in vocab.items() if isinstance(i, int)]
     elif isinstance(vocab, list):
-        ids.append(len(vocab) - 1)
-    ids += [t["id"] for t in data.get("added_tokens") or () if isinstance(t, dict) and isinstance(t.get("id"), int)]
-    return max(ids)
+        entries = [(e[0] if isinstance(e, list) and e else None, i) for i, e in enumerate(vocab)]
+    else:
+        entries = []
+    added = [a for a in data.get("added_tokens") or () if isinstance(a, dict) and isinstance(a.get("id"), int)]
+    return entries, added
+
+
+def tokenizer_max_id(path) -> int:
+    """The largest id a tokenizer.json can give (``tokenizer_entries``: its model's vocabulary and
+    its added tokens). -1 where it has none."""
+    entries, added = tokenizer_entries(path)
+    return max([-1] + [i for _, i in entries] + [a["id"] for a in added])
 
 
 # ---------------------------------------------------------------------------------------- writing
