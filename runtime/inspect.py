@@ -59,6 +59,7 @@ from moedsl.validate import BatchError
 from .data import HELD_OUT, data_items, make_source, pystdlib_bytes, source_problems
 from .load import build
 from .resolve import DCP, resolve
+from .span_corruption import shift_right
 from .tokens import is_token_folder
 
 DEFAULT_TOKENS = 65536
@@ -277,8 +278,7 @@ def capture(model, batches, vocab: int, capacity_factor: Optional[float] = None)
         for ids in batches:
             args = ()
             if encdec:  # the text is the source; the decoder reads it back, shifted right (its denoising target)
-                start = torch.full_like(ids[:, :1], spec.model.decoder_start_id)
-                args = (torch.cat([start, ids[:, :-1]], dim=1), None)
+                args = (shift_right(ids, spec.model.decoder_start_id), None)
             for l in layers:
                 decoder = encdec and spec.layers[int(l.name.split(".")[1])].stack == "decoder"
                 l.shape, l.ids = tuple(ids.shape), args[0] if decoder else ids
