@@ -29,6 +29,7 @@ from moedsl.errors import UserError
 
 from .optim import lr_at
 from .spawn import spawn
+from .span_corruption import shift_right
 from .step import TrainStep, balancing_gates
 
 
@@ -91,7 +92,7 @@ def _batch(spec, batch: int, seq: int, seed: int):
         T = max(seq // 2, 1)
         loss_mask = source_mask[:, :T]
         labels = source[:, :T]
-        decoder_inputs = torch.cat([torch.full((batch, 1), m.decoder_start_id), labels[:, :-1]], dim=1)
+        decoder_inputs = shift_right(labels, m.decoder_start_id)
         return source, labels, {"loss_mask": loss_mask, "decoder_inputs": decoder_inputs, "source_mask": source_mask}
     if spec.model.input == "image":  # [B, H, W, C] pixels in [0, 1); ``seq`` follows from model.image
         im = spec.model.image
